@@ -1,0 +1,45 @@
+# Two commands for a new user: `make demo` and `make test`. Each installs what it needs.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MLBUS_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
+
+.PHONY: install test unit integration demo lint schemas bench clean
+
+install: $(STAMP)
+
+# Re-installs only when the dependency list changes. torch goes first, pinned, so that no
+# other package can pull a newer (CUDA) build.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mlbus needs Python >= 3.11")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -m "unit or integration" -q
+
+unit: install
+	$(BIN)/python -m pytest -m unit -q
+
+integration: install
+	$(BIN)/python -m pytest -m integration -q
+
+demo: install
+	$(BIN)/mlbus demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+schemas: install
+	$(BIN)/python -m schemas.generate
+
+bench: install
+	$(BIN)/python bench/bus.py
+
+clean:
+	rm -rf $(VENV) .mlbus .pytest_cache

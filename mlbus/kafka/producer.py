@@ -1,0 +1,138 @@
+"""The event producer: typed payloads in, CloudEvents on their topics out.
+
+Idempotent with acks=all (kafka/config.py). Records are queued by `publish()` and confirmed
+by `flush()`, which raises `DeliveryError` if the broker did not take every record — so a
+command reports success only after the broker has the events. Only failed deliveries call
+back into Python (`delivery.report.only.error`), which keeps the hot path in librdkafka.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from mlbus.errors import DeliveryError, TransientError
+from mlbus.kafka.config import KafkaConfig
+from schemas.base import Payload
+from schemas.codec import STRUCTURED_HEADERS, Cause, EventRef, encode, encode_new
+from schemas.envelope import Event
+
+log = logging.getLogger(__name__)
+
+RawHeaders = Sequence[tuple[str, bytes | None]]
+
+
+class EventProducer:
+    """Publishes typed events. `source` names the producing service (CloudEvents `source`)."""
+
+    def __init__(self, kafka: KafkaConfig, *, source: str, **overrides: Any) -> None:
+        self.kafka = kafka
+        self.source = source
+        conf = kafka.producer(**overrides)
+        conf["delivery.report.only.error"] = True
+        conf["on_delivery"] = self._on_delivery
+        conf["error_cb"] = self._on_error
+        try:
+            self._producer = Producer(conf)
+        except KafkaException as e:
+            raise TransientError(f"cannot create a Kafka producer: {e}") from None
+        self._failures: list[str] = []
+        self._fatal: str | None = None
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def publish(
+        self,
+        data: Payload,
+        *,
+        key: str | bytes | None = None,
+        subject: str | None = None,
+        causation: Cause | None = None,
+        correlationid: str | None = None,
+        event_id: str | None = None,
+        time: datetime | None = None,
+    ) -> EventRef:
+        """Queue one event on its topic (the payload's type decides which); key defaults to
+        the topic's key field. Call `flush()` to confirm delivery."""
+        ref, value = encode_new(
+            data,
+            source=self.source,
+            subject=subject,
+            causation=causation,
+            correlationid=correlationid,
+            event_id=event_id,
+            time=time,
+        )
+        self.produce(self.kafka.topic(ref.type), value, key if key is not None else ref.key)
+        return ref
+
+    def send(self, event: Event, *, key: str | bytes | None = None) -> None:
+        """Queue an already-built event as it is (its id, source and time are kept)."""
+        from schemas.catalog import TOPICS
+
+        if key is None:
+            key = TOPICS[event.type].key_of(event.data)
+        self.produce(self.kafka.topic(event.type), encode(event), key)
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: str | bytes | None,
+        headers: RawHeaders | None = None,
+    ) -> None:
+        """Queue one raw record; waits for room when librdkafka's local queue is full."""
+        if self._fatal:
+            raise DeliveryError(f"the producer is unusable: {self._fatal}")
+        headers = STRUCTURED_HEADERS if headers is None else headers
+        while True:
+            try:
+                self._producer.produce(topic, value, key, headers=headers)
+                return
+            except BufferError:
+                self._producer.poll(0.05)  # serve delivery reports to make room
+            except KafkaException as e:
+                raise DeliveryError(f"cannot produce to {topic}: {e.args[0].str()}") from None
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every queued record is confirmed; raise `DeliveryError` otherwise."""
+        remaining = self._producer.flush(timeout)
+        failures, self._failures = self._failures, []
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise DeliveryError(f"{len(failures)} record(s) not delivered: {failures[0]}{more}")
+        if remaining:
+            raise DeliveryError(
+                f"{remaining} record(s) not confirmed by the broker within {timeout:.0f}s "
+                f"(is it reachable at {self.kafka.bootstrap}?)"
+            )
+
+    def poll(self, timeout: float = 0.0) -> None:
+        self._producer.poll(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.flush(timeout)
+
+    def __enter__(self) -> EventProducer:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.flush()
+        else:  # do not hide the original error behind a delivery error
+            self._producer.flush(5.0)
+
+    # -- callbacks (run inside poll/flush on this thread) -----------------------------------
+
+    def _on_delivery(self, error: KafkaError | None, message: Any) -> None:
+        if error is not None:
+            self._failures.append(f"{message.topic()}: {error.str()}")
+
+    def _on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self._fatal = error.str()
+        log.warning("kafka producer: %s", error.str())

@@ -1,0 +1,97 @@
+"""Group-less reading of whole topics (`mlbus tail`, `mlbus deadletters`, audits): assigns
+every partition directly, so it joins no consumer group and changes nobody's offsets.
+
+The end of a partition is detected with `enable.partition.eof` (the fetch response's
+high-water mark), which is right on Apache Kafka and on the embedded broker alike. Starting
+"at the end" uses the list-offsets high-water mark on a real cluster (production path) and,
+on the embedded broker whose list-offsets answer is wrong (shared/BROKER.md), reads to the
+end without yielding (correct on both, slower on long topics).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+
+from mlbus.errors import TransientError, UnknownTopic
+from mlbus.kafka.config import KafkaConfig
+
+
+class TopicReader:
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        topics: Sequence[str],
+        *,
+        start: Literal["beginning", "end"] = "beginning",
+        follow: bool = False,
+        poll_timeout: float = 0.2,
+    ) -> None:
+        self.kafka = kafka
+        self.topics = list(topics)
+        self.start = start
+        self.follow = follow
+        self.poll_timeout = poll_timeout
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def __iter__(self) -> Iterator[Message]:
+        consumer = Consumer(self.kafka.consumer(None, **{"enable.partition.eof": True}))
+        try:
+            partitions = self._partitions(consumer)
+            skipping: set[tuple[str, int]] = set()
+            if self.start == "end" and not self.kafka.embedded:
+                for tp in partitions:
+                    _, high = consumer.get_watermark_offsets(tp, timeout=10)
+                    tp.offset = high
+            elif self.start == "end":
+                skipping = {(tp.topic, tp.partition) for tp in partitions}
+            consumer.assign(partitions)
+            remaining = {(tp.topic, tp.partition) for tp in partitions}
+            while not self._stop.is_set() and (remaining or self.follow):
+                for message in consumer.consume(500, self.poll_timeout):
+                    error = message.error()
+                    key = (message.topic(), message.partition())
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            remaining.discard(key)
+                            skipping.discard(key)
+                        elif error.fatal():
+                            raise TransientError(f"reading {key[0]}: {error.str()}")
+                        continue
+                    if key in skipping:
+                        continue
+                    yield message
+                    if self._stop.is_set():
+                        return
+        finally:
+            consumer.close()
+
+    def _partitions(self, consumer: Consumer) -> list[TopicPartition]:
+        try:
+            metadata = consumer.list_topics(timeout=10)
+        except KafkaException as e:
+            raise TransientError(
+                f"cannot reach Kafka at {self.kafka.bootstrap}: {e.args[0].str()}"
+            ) from None
+        partitions = []
+        for topic in self.topics:
+            found = metadata.topics.get(topic)
+            if found is None or found.error is not None:
+                raise UnknownTopic(f"topic {topic!r} does not exist (run `mlbus topics apply`)")
+            partitions += [
+                TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(found.partitions)
+            ]
+        return partitions

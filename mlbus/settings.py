@@ -1,0 +1,137 @@
+"""All configuration of mlbus in one pydantic-settings object (env prefix `MLBUS_`).
+
+Only entry points (the CLI, app composition) read the environment; components receive a
+`Settings` (or the part of it they need) as an argument.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mlbus.errors import ConfigError
+
+_HOSTPORT = re.compile(r"^\[?[A-Za-z0-9.\-:_]+\]?:\d{1,5}$")
+_SECRET = re.compile(r"password|secret|token|key$", re.IGNORECASE)
+
+
+class Settings(BaseSettings):
+    """mlbus settings. Every field can be set as `MLBUS_<FIELD>`; extra librdkafka settings
+    as `MLBUS_KAFKA__SECURITY_PROTOCOL=SASL_SSL` (becomes `security.protocol`) or as JSON in
+    `MLBUS_KAFKA='{"sasl.mechanism": "PLAIN"}'`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MLBUS_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(default=Path(".mlbus"), description="local state: broker, db, objects")
+    kafka_bootstrap_servers: str = Field(
+        default="", description="host:port[,host:port…] of a Kafka cluster; empty = embedded"
+    )
+    kafka: dict[str, str] = Field(
+        default_factory=dict, description="extra librdkafka settings, passed through"
+    )
+    topic_prefix: str = Field(
+        default="", description="prepended to every topic name (several stacks on one cluster)"
+    )
+    metadata_url: str = Field(default="", description="SQLAlchemy URL; empty = SQLite in data_dir")
+    object_store_url: str = Field(
+        default="", description="file:// folder or s3://bucket/prefix; empty = data_dir/objects"
+    )
+    s3_endpoint_url: str = Field(default="", description="S3 API endpoint (MinIO, moto)")
+    max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _bootstrap(cls, value: str) -> str:
+        value = value.strip()
+        for server in filter(None, (s.strip() for s in value.split(","))):
+            host = server.split("://", 1)[-1]
+            if not _HOSTPORT.match(host):
+                raise ValueError(f"{server!r} is not host:port")
+        return value
+
+    @field_validator("kafka", mode="before")
+    @classmethod
+    def _librdkafka_keys(cls, value: Any) -> Any:
+        # MLBUS_KAFKA__SASL_MECHANISM arrives as {"sasl_mechanism": ...}: librdkafka's names
+        # use dots, never underscores.
+        if isinstance(value, dict):
+            return {str(k).lower().replace("_", "."): str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if value and not re.match(r"^[A-Za-z0-9._-]+$", value):
+            raise ValueError("may contain only letters, digits, '.', '_' and '-'")
+        return value
+
+    @field_validator("object_store_url")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        if value and not re.match(r"^(file|s3|memory)://", value):
+            raise ValueError(f"{value!r} must start with file://, s3:// or memory://")
+        return value
+
+    @field_validator("metadata_url")
+    @classmethod
+    def _db(cls, value: str) -> str:
+        if not value:
+            return value
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(f"{value!r} is not a database URL") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("only sqlite:// and postgresql:// are supported")
+        if url.drivername == "postgresql":  # the driver mlbus ships with
+            value = url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+        return value
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        data_dir = self.data_dir.expanduser()
+        object.__setattr__(self, "data_dir", data_dir)
+        if not self.metadata_url:
+            object.__setattr__(self, "metadata_url", f"sqlite:///{data_dir.resolve()}/metadata.db")
+        if not self.object_store_url:
+            object.__setattr__(self, "object_store_url", (data_dir.resolve() / "objects").as_uri())
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when no cluster is configured and the embedded broker is used."""
+        return not self.kafka_bootstrap_servers
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings for display, with secrets masked."""
+        out = self.model_dump(mode="json")
+        out["kafka"] = {k: ("***" if _SECRET.search(k) else v) for k, v in self.kafka.items()}
+        for name in ("metadata_url",):
+            out[name] = re.sub(r"://([^:/@]+):[^@]+@", r"://\1:***@", out[name])
+        return out
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment; a wrong one raises `ConfigError` with one line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        env = "MLBUS_" + field.split(".")[0].upper()
+        message = first["msg"].removeprefix("Value error, ")
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise ConfigError(f"invalid setting {env}: {message}{more}") from None

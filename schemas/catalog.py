@@ -1,0 +1,135 @@
+"""The topic catalog: the public contract of mlbus. One entry per topic — its payload model,
+record key, partitions and retention — and the registry derived from it that maps an event
+`type` to its typed event model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, TypeAdapter, create_model
+
+from mlbus.errors import UnknownTopic
+from schemas.base import Payload
+from schemas.datasets import DatasetCreated
+from schemas.deadletter import DeadLetter
+from schemas.envelope import Event
+from schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
+from schemas.serving import (
+    InferenceLogged,
+    InferenceRequest,
+    InferenceResult,
+    ServingAlert,
+    ServingMetrics,
+)
+from schemas.training import (
+    TrainingCompleted,
+    TrainingFailed,
+    TrainingProgress,
+    TrainingRequested,
+    TrainingStarted,
+)
+
+FOREVER = -1
+DAY_MS = 24 * 3600 * 1000
+DEADLETTER = "mlbus.deadletter"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    payload: type[Payload]
+    key: str | None
+    """payload field whose value is the record key; None = the original record's key"""
+    partitions: int
+    description: str
+    published_by: str
+    retention_ms: int = FOREVER
+    cleanup_policy: str = "delete"
+    replication: int = 3
+    max_message_bytes: int | None = None
+
+    def configs(self) -> dict[str, str]:
+        """Topic-level configs as Kafka names them."""
+        out = {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy}
+        if self.max_message_bytes:
+            out["max.message.bytes"] = str(self.max_message_bytes)
+        return out
+
+    def key_of(self, data: Payload) -> str | None:
+        return None if self.key is None else str(getattr(data, self.key))
+
+
+# Lineage topics are kept forever: the log is the source of truth (the archive keeps a copy).
+CATALOG: tuple[TopicSpec, ...] = (
+    TopicSpec("dataset.created", DatasetCreated, "name", 3,
+              "a new immutable dataset version exists", "datasets, upstream systems"),
+    TopicSpec("training.requested", TrainingRequested, "model", 6,
+              "train this spec on this dataset version", "workflow, CLI/API"),
+    TopicSpec("training.started", TrainingStarted, "model", 6,
+              "a worker took a request", "trainer"),
+    TopicSpec("training.progress", TrainingProgress, "model", 6,
+              "per-epoch metrics of a run", "trainer", retention_ms=30 * DAY_MS),
+    TopicSpec("training.completed", TrainingCompleted, "model", 6,
+              "artifact, metrics and provenance of a finished run", "trainer"),
+    TopicSpec("training.failed", TrainingFailed, "model", 6,
+              "a run failed (reason, retryable)", "trainer"),
+    TopicSpec("model.promoted", ModelPromoted, "model", 3,
+              "this version now serves (policy, evidence; rollbacks too)", "workflow, CLI/API"),
+    TopicSpec("model.rejected", ModelRejected, "model", 3,
+              "a candidate failed the policy", "workflow"),
+    TopicSpec("deployment.updated", DeploymentUpdated, "model", 3,
+              "a replica loaded (or failed to load) a version", "serving"),
+    TopicSpec("inference.requests", InferenceRequest, "request_id", 6,
+              "stream inference requests", "clients", retention_ms=7 * DAY_MS),
+    TopicSpec("inference.results", InferenceResult, "request_id", 6,
+              "stream inference results", "serving", retention_ms=7 * DAY_MS),
+    TopicSpec("inference.logged", InferenceLogged, "model", 6,
+              "sampled prediction records", "serving", retention_ms=7 * DAY_MS),
+    TopicSpec("serving.metrics", ServingMetrics, "model", 3,
+              "windowed metrics per model version", "streams", retention_ms=90 * DAY_MS),
+    TopicSpec("serving.alert", ServingAlert, "model", 3,
+              "threshold breaches and recoveries", "streams"),
+    TopicSpec(DEADLETTER, DeadLetter, None, 3,
+              "records a consumer could not process, kept whole with the reason", "any consumer",
+              retention_ms=90 * DAY_MS, max_message_bytes=16 * 1024 * 1024),
+)  # fmt: skip
+
+TOPICS: dict[str, TopicSpec] = {spec.name: spec for spec in CATALOG}
+_BY_PAYLOAD: dict[type[Payload], TopicSpec] = {spec.payload: spec for spec in CATALOG}
+
+
+def _event_model(spec: TopicSpec) -> type[Event]:
+    class_name = "".join(part.title() for part in spec.name.replace(".", "_").split("_"))
+    return create_model(  # type: ignore[call-overload]
+        f"{class_name}Event",
+        __base__=Event[spec.payload],  # type: ignore[name-defined]
+        __module__=__name__,
+        type=(Literal[spec.name], Field(description="equals the topic name")),
+    )
+
+
+EVENT_MODELS: dict[str, type[Event]] = {spec.name: _event_model(spec) for spec in CATALOG}
+
+#: Validates any event of the contract in one pass, choosing the model by `type`.
+ANY_EVENT: TypeAdapter[Event] = TypeAdapter(
+    Annotated[Union[tuple(EVENT_MODELS.values())], Field(discriminator="type")]  # noqa: UP007
+)
+
+
+def topic(name: str) -> TopicSpec:
+    try:
+        return TOPICS[name]
+    except KeyError:
+        raise UnknownTopic(
+            f"unknown topic {name!r}; the contract has: {', '.join(TOPICS)}"
+        ) from None
+
+
+def spec_for_payload(payload: Payload | type[Payload]) -> TopicSpec:
+    cls = payload if isinstance(payload, type) else type(payload)
+    try:
+        return _BY_PAYLOAD[cls]
+    except KeyError:
+        raise UnknownTopic(f"{cls.__name__} is not the payload of any topic") from None

@@ -1,0 +1,235 @@
+"""The one codec of the contract: typed events to record bytes and back.
+
+Writes CloudEvents JSON structured mode. Reads structured mode, and binary mode (`ce_*`
+headers with the payload as the value) as other systems emit it. Every failure to read is
+an `InvalidEvent` whose reason names the field, so the consumer loop can dead-letter it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+import orjson
+from pydantic import ValidationError
+
+from mlbus.errors import InvalidEvent
+from schemas.base import Payload
+from schemas.catalog import ANY_EVENT, EVENT_MODELS, TOPICS, spec_for_payload
+from schemas.envelope import (
+    STRUCTURED_CONTENT_TYPE,
+    Event,
+    dataschema_for,
+    new_event_id,
+    utcnow,
+)
+
+#: Records larger than this are refused before parsing (the contract's events are small;
+#: tensors and datasets travel by URI).
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+STRUCTURED_HEADERS = [("content-type", STRUCTURED_CONTENT_TYPE.encode())]
+
+Headers = Sequence[tuple[str, bytes | None]] | None
+
+
+class Cause(Protocol):
+    """What a follow-up event needs of its cause: an `Event` or an `EventRef`."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def correlationid(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EventRef:
+    """Identity of an event the caller published (what `encode_new` returns beside bytes)."""
+
+    id: str
+    type: str
+    key: str | None
+    correlationid: str
+    causationid: str | None
+
+
+def wrap(
+    data: Payload,
+    *,
+    source: str,
+    subject: str | None = None,
+    causation: Cause | None = None,
+    correlationid: str | None = None,
+    event_id: str | None = None,
+    time: datetime | None = None,
+) -> Event:
+    """Put a payload in its envelope. The correlation id is inherited from the causing event;
+    an event with no cause starts a new correlation (its own id)."""
+    event_type = spec_for_payload(data).name
+    event_id = event_id or new_event_id()
+    if causation is not None:
+        correlationid = correlationid or causation.correlationid or causation.id
+    return EVENT_MODELS[event_type](
+        id=event_id,
+        source=source,
+        type=event_type,
+        time=time or utcnow(),
+        subject=subject,
+        dataschema=dataschema_for(event_type),
+        correlationid=correlationid or event_id,
+        causationid=causation.id if causation is not None else None,
+        data=data,
+    )
+
+
+def encode(event: Event) -> bytes:
+    """Structured-mode JSON; absent optional attributes are omitted, as CloudEvents asks."""
+    return event.__pydantic_serializer__.to_json(event, exclude_none=True)
+
+
+def encode_new(
+    data: Payload,
+    *,
+    source: str,
+    subject: str | None = None,
+    causation: Cause | None = None,
+    correlationid: str | None = None,
+    event_id: str | None = None,
+    time: datetime | None = None,
+) -> tuple[EventRef, bytes]:
+    """`encode(wrap(...))` without building the envelope model: the producer's hot path.
+
+    The payload was validated when it was constructed and the envelope attributes are ours,
+    so only serialization is left. Byte-identical to `encode(wrap(...))` (a property test
+    holds it to that).
+    """
+    spec = spec_for_payload(data)
+    event_id = event_id or new_event_id()
+    causationid = None
+    if causation is not None:
+        correlationid = correlationid or causation.correlationid or causation.id
+        causationid = causation.id
+    correlationid = correlationid or event_id
+    head = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": source,
+        "type": spec.name,
+        "time": time or utcnow(),
+        "subject": subject,
+        "datacontenttype": "application/json",
+        "dataschema": dataschema_for(spec.name),
+        "correlationid": correlationid,
+        "causationid": causationid,
+    }
+    head = {k: v for k, v in head.items() if v is not None}
+    body = data.__pydantic_serializer__.to_json(data, exclude_none=True)
+    value = orjson.dumps(head, option=orjson.OPT_UTC_Z)[:-1] + b',"data":' + body + b"}"
+    return EventRef(event_id, spec.name, spec.key_of(data), correlationid, causationid), value
+
+
+def decode(
+    value: bytes | None,
+    headers: Headers = None,
+    *,
+    expected_type: str | None = None,
+    max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+) -> Event:
+    """Validate a record into its typed event, or raise `InvalidEvent` saying why.
+
+    `expected_type` is the event type the record's topic carries (`type` equals the topic).
+    """
+    if value is None:
+        raise InvalidEvent("record has no value (a tombstone is not an event)")
+    if len(value) > max_bytes:
+        raise InvalidEvent(f"record value is {len(value)} bytes, over the {max_bytes}-byte limit")
+    try:
+        event = ANY_EVENT.validate_json(value)
+    except ValidationError as structured_error:
+        ce_headers = _ce_headers(headers)
+        if ce_headers is None:
+            raise InvalidEvent(describe(structured_error)) from None
+        event = _decode_binary(value, ce_headers)
+    if expected_type is not None and event.type != expected_type:
+        raise InvalidEvent(f"event type {event.type!r} does not belong on topic {expected_type!r}")
+    return event
+
+
+def decode_payload(event_type: str, data: bytes | str) -> Payload:
+    """Validate JSON `data` as the payload of `event_type` (used by `mlbus publish`)."""
+    if event_type not in TOPICS:
+        raise InvalidEvent(f"unknown event type {event_type!r}; known: {', '.join(TOPICS)}")
+    model = TOPICS[event_type].payload
+    try:
+        payload = model.model_validate_json(data)
+    except ValidationError as e:
+        raise InvalidEvent(describe(e, prefix="data")) from None
+    unknown = sorted(set(orjson.loads(data)) - set(model.model_fields))
+    if unknown:
+        raise InvalidEvent(
+            f"data.{unknown[0]}: not a field of {event_type} "
+            f"(fields: {', '.join(model.model_fields)})"
+        )
+    return payload
+
+
+def _ce_headers(headers: Headers) -> dict[str, str] | None:
+    if not headers:
+        return None
+    found = {}
+    for key, raw in headers:
+        lowered = key.lower()
+        if lowered.startswith("ce_") or lowered == "content-type":
+            found[lowered] = (raw or b"").decode("utf-8", "replace")
+    return found if "ce_specversion" in found else None
+
+
+def _decode_binary(value: bytes, ce_headers: dict[str, str]) -> Event:
+    attributes: dict[str, str] = {k[3:]: v for k, v in ce_headers.items() if k.startswith("ce_")}
+    content_type = ce_headers.get("content-type", "application/json")
+    if "json" not in content_type:
+        raise InvalidEvent(f"binary-mode event with non-JSON content type {content_type!r}")
+    attributes["datacontenttype"] = content_type
+    # Splice the raw payload in, so that one strict JSON validation covers both parts.
+    document = orjson.dumps(attributes)[:-1] + b',"data":' + value + b"}"
+    try:
+        return ANY_EVENT.validate_json(document)
+    except ValidationError as e:
+        raise InvalidEvent("binary mode: " + describe(e)) from None
+
+
+def describe(error: ValidationError, prefix: str = "", limit: int = 3) -> str:
+    """One line naming each failing field, e.g. `data.num_rows: Input should be ...`."""
+    parts = []
+    for item in error.errors(include_url=False)[:limit]:
+        kind = item["type"]
+        loc = [str(p) for p in item["loc"]]
+        if kind == "json_invalid":
+            parts.append(f"value is not valid JSON ({item['ctx'].get('error', '')})")
+            continue
+        if kind == "union_tag_invalid":
+            tag = item["ctx"]["tag"]
+            parts.append(f"type: unknown event type {tag!r}")
+            continue
+        if kind == "union_tag_not_found":
+            parts.append("type: missing (a CloudEvent needs 'type')")
+            continue
+        if kind == "model_attributes_type" and not loc:
+            parts.append("value is not a JSON object")
+            continue
+        if loc and loc[0] in EVENT_MODELS:
+            loc = loc[1:]  # the discriminator's branch, not a field
+        where = ".".join(([prefix] if prefix else []) + loc) or "value"
+        got = item.get("input")
+        shown = "" if kind == "missing" else f" (got {_short(got)})"
+        parts.append(f"{where}: {item['msg']}{shown}")
+    more = error.error_count() - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,56 @@
+"""Payload of `dataset.created`: a new immutable dataset version exists."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.base import DatasetRef, Name, NonEmpty, Part, Payload, Sha256
+
+
+class ColumnSchema(Part):
+    name: NonEmpty
+    type: NonEmpty = Field(description="Arrow type, as pyarrow prints it (int64, float32, string)")
+    nullable: bool = True
+
+
+class Histogram(Part):
+    edges: list[float] = Field(description="bin edges, one more than counts")
+    counts: list[int]
+
+
+class ValueCount(Part):
+    value: str
+    count: int = Field(ge=0)
+
+
+class ColumnStats(Part):
+    """Per-column statistics: the training baseline drift detection compares against."""
+
+    kind: Literal["numeric", "categorical", "other"]
+    null_count: int = Field(ge=0)
+    min: float | None = None
+    max: float | None = None
+    mean: float | None = None
+    std: float | None = None
+    histogram: Histogram | None = None
+    distinct_count: int | None = None
+    top_values: list[ValueCount] | None = None
+
+
+class DatasetCreated(Payload):
+    name: Name
+    version: NonEmpty = Field(description="content id: sha256 of the canonical content")
+    uri: NonEmpty = Field(description="where the Parquet data lives (file://, s3://)")
+    format: Literal["parquet"] = "parquet"
+    content_hash: Sha256 = Field(description="sha256 of the stored bytes at `uri`")
+    arrow_schema: list[ColumnSchema]
+    num_rows: int = Field(ge=0)
+    num_bytes: int = Field(ge=0)
+    columns: dict[str, ColumnStats] = {}
+    label_column: str | None = None
+    tags: dict[str, str] = {}
+    description: str | None = None
+    parents: list[DatasetRef] = []
+    created_by: str | None = None

@@ -1,0 +1,111 @@
+"""Payloads of the `training.*` topics: requests, and what a training worker reports."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.base import DatasetRef, Name, NonEmpty, Part, Payload, Sha256
+
+HyperValue = float | int | str | bool
+
+
+class EarlyStopping(Part):
+    metric: NonEmpty = "validation.loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(default=3, ge=1)
+    min_delta: float = Field(default=0.0, ge=0.0)
+
+
+class Split(Part):
+    """Fractions of the rows held out for validation and test (deterministic by seed)."""
+
+    validation: float = Field(default=0.15, ge=0.0, lt=1.0)
+    test: float = Field(default=0.15, ge=0.0, lt=1.0)
+
+
+class SweepPoint(Part):
+    sweep_id: NonEmpty
+    index: int = Field(ge=0)
+    size: int = Field(ge=1)
+
+
+class TrainingRequested(Payload):
+    model: Name
+    dataset: DatasetRef
+    family: NonEmpty = Field(description="model family from the trainer's registry (mlp, cnn…)")
+    hyperparameters: dict[str, HyperValue] = {}
+    seed: int = 0
+    max_epochs: int = Field(default=10, ge=1)
+    early_stopping: EarlyStopping | None = None
+    split: Split = Split()
+    device: str | None = Field(default=None, description="cpu, cuda, cuda:N; None = automatic")
+    requested_by: str | None = None
+    pipeline: str | None = None
+    sweep: SweepPoint | None = None
+
+
+class TrainingStarted(Payload):
+    run_id: NonEmpty
+    model: Name
+    request_id: NonEmpty = Field(description="event id of the training.requested")
+    dataset: DatasetRef
+    worker: NonEmpty
+    attempt: int = Field(default=1, ge=1)
+    resumed_from_epoch: int | None = None
+
+
+class TrainingProgress(Payload):
+    run_id: NonEmpty
+    model: Name
+    epoch: int = Field(ge=0)
+    max_epochs: int = Field(ge=1)
+    metrics: dict[str, float]
+    samples_per_second: float = Field(ge=0.0)
+
+
+class Artifact(Part):
+    uri: NonEmpty
+    sha256: Sha256
+    format: NonEmpty = "safetensors"
+    model_card_uri: str | None = None
+    size_bytes: int | None = None
+
+
+class CodeVersion(Part):
+    package_version: NonEmpty
+    git_commit: str | None = None
+
+
+class TrainingCompleted(Payload):
+    run_id: NonEmpty
+    model: Name
+    version: NonEmpty = Field(description="the model version this run produced")
+    request_id: NonEmpty
+    family: NonEmpty
+    dataset: DatasetRef
+    artifact: Artifact
+    metrics: dict[str, dict[str, float]] = Field(
+        description="split (train, validation, test) → metric → value"
+    )
+    confusion_matrix: list[list[int]] | None = None
+    labels: list[str] | None = None
+    hyperparameters: dict[str, HyperValue] = {}
+    seed: int = 0
+    epochs: int = Field(ge=0)
+    code: CodeVersion
+    torch_version: str | None = None
+    device: str | None = None
+    duration_seconds: float = Field(ge=0.0)
+    peak_memory_bytes: int | None = None
+
+
+class TrainingFailed(Payload):
+    run_id: NonEmpty
+    model: Name
+    request_id: NonEmpty
+    reason: NonEmpty
+    retryable: bool
+    error_type: str | None = None
+    epoch: int | None = None
