@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 from pydantic import ValidationError
@@ -54,8 +54,8 @@ class EventRef:
     causationid: str | None
 
 
-def wrap(
-    data: Payload,
+def attributes(
+    event_type: str,
     *,
     source: str,
     subject: str | None = None,
@@ -63,24 +63,32 @@ def wrap(
     correlationid: str | None = None,
     event_id: str | None = None,
     time: datetime | None = None,
-) -> Event:
-    """Put a payload in its envelope. The correlation id is inherited from the causing event;
-    an event with no cause starts a new correlation (its own id)."""
-    event_type = spec_for_payload(data).name
+) -> dict[str, Any]:
+    """The envelope attributes of a new event, absent ones left out. The correlation id is
+    inherited from the causing event; an event with no cause starts a new correlation (its
+    own id)."""
     event_id = event_id or new_event_id()
     if causation is not None:
         correlationid = correlationid or causation.correlationid or causation.id
-    return EVENT_MODELS[event_type](
-        id=event_id,
-        source=source,
-        type=event_type,
-        time=time or utcnow(),
-        subject=subject,
-        dataschema=dataschema_for(event_type),
-        correlationid=correlationid or event_id,
-        causationid=causation.id if causation is not None else None,
-        data=data,
-    )
+    attrs = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": source,
+        "type": event_type,
+        "time": time or utcnow(),
+        "subject": subject,
+        "datacontenttype": "application/json",
+        "dataschema": dataschema_for(event_type),
+        "correlationid": correlationid or event_id,
+        "causationid": causation.id if causation is not None else None,
+    }
+    return {k: v for k, v in attrs.items() if v is not None}
+
+
+def wrap(data: Payload, *, source: str, **envelope: Any) -> Event:
+    """Put a payload in its envelope (keyword arguments as for `attributes`)."""
+    event_type = spec_for_payload(data).name
+    return EVENT_MODELS[event_type](**attributes(event_type, source=source, **envelope), data=data)
 
 
 def encode(event: Event) -> bytes:
@@ -88,16 +96,7 @@ def encode(event: Event) -> bytes:
     return event.__pydantic_serializer__.to_json(event, exclude_none=True)
 
 
-def encode_new(
-    data: Payload,
-    *,
-    source: str,
-    subject: str | None = None,
-    causation: Cause | None = None,
-    correlationid: str | None = None,
-    event_id: str | None = None,
-    time: datetime | None = None,
-) -> tuple[EventRef, bytes]:
+def encode_new(data: Payload, *, source: str, **envelope: Any) -> tuple[EventRef, bytes]:
     """`encode(wrap(...))` without building the envelope model: the producer's hot path.
 
     The payload was validated when it was constructed and the envelope attributes are ours,
@@ -105,28 +104,13 @@ def encode_new(
     holds it to that).
     """
     spec = spec_for_payload(data)
-    event_id = event_id or new_event_id()
-    causationid = None
-    if causation is not None:
-        correlationid = correlationid or causation.correlationid or causation.id
-        causationid = causation.id
-    correlationid = correlationid or event_id
-    head = {
-        "specversion": "1.0",
-        "id": event_id,
-        "source": source,
-        "type": spec.name,
-        "time": time or utcnow(),
-        "subject": subject,
-        "datacontenttype": "application/json",
-        "dataschema": dataschema_for(spec.name),
-        "correlationid": correlationid,
-        "causationid": causationid,
-    }
-    head = {k: v for k, v in head.items() if v is not None}
+    attrs = attributes(spec.name, source=source, **envelope)
     body = data.__pydantic_serializer__.to_json(data, exclude_none=True)
-    value = orjson.dumps(head, option=orjson.OPT_UTC_Z)[:-1] + b',"data":' + body + b"}"
-    return EventRef(event_id, spec.name, spec.key_of(data), correlationid, causationid), value
+    value = orjson.dumps(attrs, option=orjson.OPT_UTC_Z)[:-1] + b',"data":' + body + b"}"
+    ref = EventRef(
+        attrs["id"], spec.name, spec.key_of(data), attrs["correlationid"], attrs.get("causationid")
+    )
+    return ref, value
 
 
 def decode(
@@ -215,7 +199,7 @@ def describe(error: ValidationError, prefix: str = "", limit: int = 3) -> str:
         if kind == "union_tag_not_found":
             parts.append("type: missing (a CloudEvent needs 'type')")
             continue
-        if kind == "model_attributes_type" and not loc:
+        if kind in ("dict_type", "model_attributes_type", "model_type") and not loc:
             parts.append("value is not a JSON object")
             continue
         if loc and loc[0] in EVENT_MODELS:

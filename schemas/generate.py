@@ -21,6 +21,8 @@ from schemas.compat import incompatibilities
 from schemas.envelope import SCHEMA_MAJOR, dataschema_for
 
 JSON_DIR = Path(__file__).parent / "json"
+README = Path(__file__).parent.parent / "README.md"
+TABLE_BEGIN, TABLE_END = "<!-- topics:begin -->", "<!-- topics:end -->"
 
 
 def schema_of(spec: TopicSpec) -> dict[str, Any]:
@@ -83,6 +85,31 @@ def write(spec: TopicSpec) -> bool:
     return True
 
 
+def topic_table() -> str:
+    """The contract as a Markdown table (the README embeds it between markers)."""
+
+    def retention(ms: int) -> str:
+        return "forever" if ms < 0 else f"{ms // 86_400_000} days"
+
+    rows = [
+        "| topic | key | partitions | retention | published by | meaning | schema |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for spec in CATALOG:
+        rows.append(
+            f"| `{spec.name}` | {spec.key or 'original key'} | {spec.partitions} | "
+            f"{retention(spec.retention_ms)} | {spec.published_by} | {spec.description} | "
+            f"[json](schemas/json/{current_path(spec).name}) |"
+        )
+    return "\n".join(rows)
+
+
+def readme_with_table(text: str) -> str:
+    head, _, rest = text.partition(TABLE_BEGIN)
+    _, _, tail = rest.partition(TABLE_END)
+    return f"{head}{TABLE_BEGIN}\n{topic_table()}\n{TABLE_END}{tail}"
+
+
 def main(argv: list[str]) -> int:
     if "--check" in argv:
         found = [p for spec in CATALOG for p in problems(spec)]
@@ -93,6 +120,8 @@ def main(argv: list[str]) -> int:
     for spec in CATALOG:
         if write(spec):
             print(f"wrote {current_path(spec).name}")
+    if README.exists() and TABLE_BEGIN in README.read_text():
+        README.write_text(readme_with_table(README.read_text()))
     return 0
 
 

@@ -1,0 +1,3 @@
+"""Model server: Open Inference Protocol over HTTP and Kafka; publishes inference.logged, deployment.updated.
+
+Imports mlbus/ and schemas/ only; talks to other components through topics."""

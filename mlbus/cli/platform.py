@@ -22,7 +22,9 @@ def topic_table(statuses: list[TopicStatus]) -> Table:
     table = Table("topic", "status", "partitions", "replication", "detail")
     capped = sorted({s.replication for s in statuses if s.replication and s.replication < 3})
     if capped:
-        table.caption = f"replication {capped[0]}: the cluster has fewer brokers than the catalog's 3"
+        table.caption = (
+            f"replication {capped[0]}: the cluster has fewer brokers than the catalog's 3"
+        )
     for s in statuses:
         style = _STYLE.get(s.status, "")
         table.add_row(

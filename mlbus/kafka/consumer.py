@@ -204,6 +204,8 @@ class ConsumerLoop:
                 tp = (topic, message.partition())
                 if tp not in self._assigned:
                     continue  # revoked while this batch was in hand: the new owner reads it
+                if stop_at_end:
+                    self._at_end.discard(tp)  # records after an end-of-partition: not at end
                 if not self._process(message, topic, types[topic], tp):
                     continue  # abandoned (stopping or revoked during retries): not done
                 pending[tp] = message.offset() + 1

@@ -43,6 +43,8 @@ class TopicReader:
         self.follow = follow
         self.poll_timeout = poll_timeout
         self._stop = threading.Event()
+        #: Set once every partition has been read to its end (what "now" was at the start).
+        self.caught_up = threading.Event()
 
     def stop(self) -> None:
         self._stop.set()
@@ -60,6 +62,8 @@ class TopicReader:
                 skipping = {(tp.topic, tp.partition) for tp in partitions}
             consumer.assign(partitions)
             remaining = {(tp.topic, tp.partition) for tp in partitions}
+            if not remaining:
+                self.caught_up.set()
             while not self._stop.is_set() and (remaining or self.follow):
                 for message in consumer.consume(500, self.poll_timeout):
                     error = message.error()
@@ -68,6 +72,8 @@ class TopicReader:
                         if error.code() == KafkaError._PARTITION_EOF:
                             remaining.discard(key)
                             skipping.discard(key)
+                            if not remaining:
+                                self.caught_up.set()
                         elif error.fatal():
                             raise TransientError(f"reading {key[0]}: {error.str()}")
                         continue

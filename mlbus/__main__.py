@@ -1,0 +1,5 @@
+"""`python -m mlbus` is the `mlbus` command."""
+
+from mlbus.cli import main
+
+main()
