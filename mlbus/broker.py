@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO
@@ -46,11 +47,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Resolved in the parent: nothing but the prctl call itself may run between fork and exec.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # If the parent is SIGKILLed, the kernel sends the broker SIGTERM: no orphan broker.
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    # If mlbus is SIGKILLed, the kernel sends the broker SIGTERM: no orphan broker. The
+    # signal fires when the *thread* that forked exits, so this is armed only for brokers
+    # started from the main thread (see EmbeddedBroker.start).
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EmbeddedBroker:
@@ -73,8 +79,12 @@ class EmbeddedBroker:
     def log_path(self) -> Path:
         return self.data_dir / LOG_FILE
 
-    def start(self, timeout: float = 20.0) -> str:
-        """Start the broker and wait until it answers metadata requests; returns host:port."""
+    def start(self, timeout: float = 20.0, *, announce: bool = True) -> str:
+        """Start the broker and wait until it answers metadata requests; returns host:port.
+
+        With `record`, its address is written to the data dir (`announce`) for other mlbus
+        commands to find — pass `announce=False` and call `announce()` once the topics exist.
+        """
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.record:
             running = running_broker(self.data_dir)
@@ -84,6 +94,12 @@ class EmbeddedBroker:
                     f"(pid {_read_state(self.data_dir).get('pid')}); stop that `mlbus up` first"
                 )
         binary = broker_binary()
+        # A broker started from a short-lived thread would die with that thread.
+        guard = (
+            _die_with_parent
+            if _prctl is not None and threading.current_thread() is threading.main_thread()
+            else None
+        )
         attempts = 1 if self.port else 3
         for attempt in range(attempts):
             port = self.port or free_port()
@@ -95,7 +111,7 @@ class EmbeddedBroker:
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches mlbus, which stops the broker last
-                preexec_fn=_die_with_parent,
+                preexec_fn=guard,
             )
             self.port = port
             try:
@@ -106,10 +122,18 @@ class EmbeddedBroker:
                 if attempt == attempts - 1:
                     raise
                 self.port = None
-        if self.record:
-            _write_state(self.data_dir, {"bootstrap": self.bootstrap, "pid": self.process.pid})
+        if self.record and announce:
+            self.announce()
         log.info("embedded broker listening on %s (pid %s)", self.bootstrap, self.process.pid)
         return self.bootstrap
+
+    def announce(self) -> None:
+        """Record this broker's address in the data dir for other mlbus commands."""
+        assert self.process is not None
+        _write_state(
+            self.data_dir,
+            {"bootstrap": self.bootstrap, "pid": self.process.pid, "binary": broker_binary()},
+        )
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -125,7 +149,9 @@ class EmbeddedBroker:
             time.sleep(0.02)
         raise BrokerError(f"the embedded broker did not answer within {timeout:.0f}s")
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop the broker. Tansu defers SIGTERM while clients are connected, and memory
+        storage has nothing to flush, so it gets a short grace before SIGKILL."""
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.terminate()
@@ -174,16 +200,32 @@ def answers_metadata(bootstrap: str, timeout: float = 1.0) -> bool:
 
 
 def running_broker(data_dir: Path) -> str | None:
-    """Address of the embedded broker recorded in `data_dir`, if its process still runs."""
+    """Address of the embedded broker recorded in `data_dir`, if that broker still runs."""
     state = _read_state(data_dir)
     pid, bootstrap = state.get("pid"), state.get("bootstrap")
-    if not pid or not bootstrap:
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, PermissionError, ValueError):
+    if not isinstance(pid, int) or not bootstrap or not _is_broker_process(pid):
         return None
     return str(bootstrap)
+
+
+def _is_broker_process(pid: int) -> bool:
+    """True when `pid` is a live (not zombie) Tansu process: a pid recorded by an earlier
+    run may since belong to a dead broker awaiting reaping, or to anything else."""
+    proc = Path(f"/proc/{pid}")
+    if proc.parent.exists():  # Linux: look at the process itself
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            return False
+        return (
+            state != "Z" and bool(cmdline) and b"tansu" in Path(cmdline[0].decode()).name.encode()
+        )
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def resolve_bootstrap(settings: Settings) -> tuple[str, bool]:

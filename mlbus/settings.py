@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from mlbus.errors import ConfigError
 
 _HOSTPORT = re.compile(r"^\[?[A-Za-z0-9.\-:_]+\]?:\d{1,5}$")
-_SECRET = re.compile(r"password|secret|token|key$", re.IGNORECASE)
+_SECRET = re.compile(r"password|secret|token|key$|\.pem$|jaas|credential", re.IGNORECASE)
 
 
 class Settings(BaseSettings):
@@ -55,7 +55,7 @@ class Settings(BaseSettings):
         value = value.strip()
         for server in filter(None, (s.strip() for s in value.split(","))):
             host = server.split("://", 1)[-1]
-            if not _HOSTPORT.match(host):
+            if not _HOSTPORT.match(host) or not 0 < int(host.rsplit(":", 1)[1]) < 65536:
                 raise ValueError(f"{server!r} is not host:port")
         return value
 
@@ -119,8 +119,9 @@ class Settings(BaseSettings):
         """The settings for display, with secrets masked."""
         out = self.model_dump(mode="json")
         out["kafka"] = {k: ("***" if _SECRET.search(k) else v) for k, v in self.kafka.items()}
-        for name in ("metadata_url",):
-            out[name] = re.sub(r"://([^:/@]+):[^@]+@", r"://\1:***@", out[name])
+        from sqlalchemy.engine import make_url
+
+        out["metadata_url"] = make_url(self.metadata_url).render_as_string(hide_password=True)
         return out
 
 
@@ -128,6 +129,10 @@ def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment; a wrong one raises `ConfigError` with one line."""
     try:
         return Settings(**overrides)
+    except SettingsError as e:  # a value pydantic-settings could not parse (bad JSON)
+        field = re.search(r'field "(\w+)"', str(e))
+        env = "MLBUS_" + (field.group(1).upper() if field else "?")
+        raise ConfigError(f"invalid setting {env}: not valid JSON") from None
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         field = ".".join(str(p) for p in first["loc"]) or "settings"

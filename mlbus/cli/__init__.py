@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from mlbus.cli.app import app, err_console
+from mlbus.cli.common import app, err_console
 from mlbus.errors import ConfigError, MlbusError
 
 

@@ -9,6 +9,7 @@ started.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from confluent_kafka import Producer
 from rich.panel import Panel
 
 from mlbus.broker import EmbeddedBroker
-from mlbus.cli.app import app, console, settings
+from mlbus.cli.common import app, console, settings
 from mlbus.cli.platform import topic_table
 from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
@@ -106,8 +107,9 @@ def demo() -> None:
         ok = len(received) == 1 and received[0].id == ref.id and len(letters) == 1
     console.print(f"7. broker stopped; demo took {time.monotonic() - started:.1f}s")
     if not ok:
-        console.print("[red]demo failed: the event did not come back as published[/]")
+        console.print(f"[red]demo failed: the event did not come back as published[/] ({workdir})")
         raise SystemExit(1)
+    shutil.rmtree(workdir, ignore_errors=True)
     console.rule("[green]demo passed")
 
 

@@ -10,7 +10,7 @@ import orjson
 import typer
 from rich.table import Table
 
-from mlbus.cli.app import app, console, kafka_config, settings
+from mlbus.cli.common import app, console, kafka_config, settings
 from mlbus.cli.render import as_json, as_line, decode_record
 from mlbus.errors import InvalidEvent, MlbusError
 from mlbus.kafka.producer import EventProducer

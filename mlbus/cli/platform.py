@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from mlbus.broker import EmbeddedBroker
-from mlbus.cli.app import app, console, kafka_config, settings, topics_app
+from mlbus.cli.common import app, console, kafka_config, settings, topics_app
 from mlbus.kafka.admin import TopicStatus, apply_topics, list_topics
 from mlbus.kafka.config import KafkaConfig
 
@@ -74,11 +74,15 @@ def up() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     broker = EmbeddedBroker(cfg.data_dir) if cfg.embedded else None
+    started = False
     try:
         if broker is not None:
-            broker.start()
-        kafka = KafkaConfig.from_settings(cfg)
+            broker.start(announce=False)
+            started = True
+        kafka = KafkaConfig.from_settings(cfg, bootstrap=broker.bootstrap if broker else None)
         statuses = apply_topics(kafka)
+        if broker is not None:
+            broker.announce()  # only now may other commands find it: the topics exist
         console.print(topic_table(statuses))
         services = Table("service", "pid", "address")
         if broker is not None and broker.process is not None:
@@ -93,7 +97,7 @@ def up() -> None:
             if broker is not None and not broker.alive():
                 raise typer.Exit(_broker_died(broker))
     finally:
-        if broker is not None:
+        if broker is not None and started:
             broker.stop()
             console.print("embedded broker stopped")
 

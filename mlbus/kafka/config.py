@@ -7,12 +7,15 @@ real cluster keeps Kafka's defaults.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from mlbus.settings import Settings
 
+#: Python logger that receives librdkafka's own log lines (instead of raw stderr).
+LIBRDKAFKA_LOGGER = "mlbus.librdkafka"
 #: Largest record mlbus produces (a dead letter carrying a large original, base64).
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 
@@ -26,12 +29,15 @@ class KafkaConfig:
     max_event_bytes: int = 1024 * 1024
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> KafkaConfig:
-        """Connection for `settings`; with no cluster configured, the embedded broker running
-        in the data dir (raises `BrokerNotRunning` when there is none)."""
+    def from_settings(cls, settings: Settings, *, bootstrap: str | None = None) -> KafkaConfig:
+        """Connection for `settings`; with no cluster configured, the embedded broker at
+        `bootstrap`, or else the one running in the data dir (`BrokerNotRunning` if none)."""
         from mlbus.broker import resolve_bootstrap
 
-        bootstrap, embedded = resolve_bootstrap(settings)
+        if bootstrap is not None and settings.embedded:
+            embedded = True
+        else:
+            bootstrap, embedded = resolve_bootstrap(settings)
         return cls(
             bootstrap=bootstrap,
             embedded=embedded,
@@ -51,7 +57,10 @@ class KafkaConfig:
     # -- client configs --------------------------------------------------------------------
 
     def common(self) -> dict[str, Any]:
-        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap}
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap,
+            "logger": logging.getLogger(LIBRDKAFKA_LOGGER),
+        }
         if self.embedded:
             # The embedded broker is restarted often; connection-close logs are noise there.
             conf["log.connection.close"] = False

@@ -368,7 +368,7 @@ class ConsumerLoop:
     def _close(self) -> None:
         if self._deadletters is not None:
             try:
-                self._deadletters.flush()
+                self._deadletters.close()
             except TransientError as e:
                 log.error("%s: dead letters not confirmed at shutdown: %s", self.name, e)
             self._deadletters = None

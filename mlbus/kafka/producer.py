@@ -115,16 +115,21 @@ class EventProducer:
         self._producer.poll(timeout)
 
     def close(self, timeout: float = 30.0) -> None:
-        self.flush(timeout)
+        """Confirm what is queued, then release the connections."""
+        try:
+            self.flush(timeout)
+        finally:
+            self._producer.close()
 
     def __enter__(self) -> EventProducer:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is None:
-            self.flush()
+            self.close()
         else:  # do not hide the original error behind a delivery error
             self._producer.flush(5.0)
+            self._producer.close()
 
     # -- callbacks (run inside poll/flush on this thread) -----------------------------------
 

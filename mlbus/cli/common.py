@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.config import LIBRDKAFKA_LOGGER, KafkaConfig
 from mlbus.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -24,7 +24,7 @@ topics_app = typer.Typer(help="Kafka topics of the contract.", no_args_is_help=T
 app.add_typer(topics_app, name="topics")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 _overrides: dict[str, object] = {}
 
@@ -46,6 +46,9 @@ def _global(
         format="%(name)s: %(message)s",
         handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=True)],
     )
+    # librdkafka retries and logs every failed connection; mlbus reports the failure itself
+    # in one line, so its own log is shown only with --verbose.
+    logging.getLogger(LIBRDKAFKA_LOGGER).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 def settings() -> Settings:
