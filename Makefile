@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MLBUS_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
-.PHONY: install test unit integration demo lint schemas bench clean
+.PHONY: install tools test unit integration demo lint schemas bench clean
 
 install: $(STAMP)
 
@@ -19,13 +19,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-test: install
+# kcat (a plain Kafka client) is what the interop tests publish and read with.
+tools:
+	@command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kcat >/dev/null; } \
+	  || { echo "kcat is needed by the tests: install it (Debian/Ubuntu: apt-get install kcat)"; exit 1; }
+
+test: install tools
 	$(BIN)/python -m pytest -m "unit or integration" -q
 
 unit: install
 	$(BIN)/python -m pytest -m unit -q
 
-integration: install
+integration: install tools
 	$(BIN)/python -m pytest -m integration -q
 
 demo: install

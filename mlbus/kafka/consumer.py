@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from mlbus.errors import InvalidEvent, TransientError
+from mlbus.errors import DeliveryError, InvalidEvent, TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.deadletter import dead_letter
 from mlbus.kafka.producer import EventProducer
@@ -36,6 +36,16 @@ from schemas.envelope import Event
 log = logging.getLogger(__name__)
 
 _EOF = KafkaError._PARTITION_EOF
+
+
+def next_batch(consumer: Consumer, size: int, timeout: float) -> list[Message]:
+    """Up to `size` records, returning as soon as one is there: `consume(size, timeout)`
+    alone waits out the whole timeout unless `size` records are ready, which adds up to
+    `timeout` of latency per record on a quiet topic."""
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first, *consumer.consume(size - 1, 0)] if size > 1 else [first]
 
 
 class Record:
@@ -193,7 +203,7 @@ class ConsumerLoop:
             if self._backlog:
                 batch, self._backlog = self._backlog, []
             else:
-                batch = consumer.consume(self.batch_size, 0.5)
+                batch = next_batch(consumer, self.batch_size, 0.5)
             for message in batch:
                 if self._stopping.is_set():
                     break
@@ -289,11 +299,20 @@ class ConsumerLoop:
     def _deadletter(self, message: Message, reason: str, error_type: str) -> None:
         if self._deadletters is None:
             self._deadletters = EventProducer(self.kafka, source=f"mlbus/{self.name}")
-        letter = dead_letter(
-            message, reason=reason, error_type=error_type, consumer_group=self.group,
-            consumer=self.name,
-        )  # fmt: skip
-        self._deadletters.publish(letter, key=message.key())
+        for copy in (True, False):
+            letter = dead_letter(
+                message, reason=reason, error_type=error_type, consumer_group=self.group,
+                consumer=self.name, copy=copy,
+            )  # fmt: skip
+            try:
+                self._deadletters.publish(letter, key=message.key())
+                break
+            except DeliveryError as e:  # e.g. too large for the producer: keep the metadata
+                if not copy:
+                    raise
+                log.warning(
+                    "%s: dead letter refused with its copy (%s); sending without", self.name, e
+                )
         self.stats.deadlettered += 1
         log.warning(
             "%s: dead-lettered %s/%s@%s: %s",
@@ -315,18 +334,10 @@ class ConsumerLoop:
         keys = list(self._pending) if only is None else [k for k in only if k in self._pending]
         if not keys or self._consumer is None:
             return
-        if self._deadletters is not None:
-            # A dead-lettered record's offset is committed only once its dead letter is
-            # confirmed; retried until the broker takes it (nothing is lost).
-            attempt = 0
-            while True:
-                try:
-                    self._deadletters.flush()
-                    break
-                except TransientError as e:
-                    attempt += 1
-                    log.warning("%s: dead letters not confirmed, retrying: %s", self.name, e)
-                    time.sleep(self.backoff.delay(attempt))
+        # Inside a rebalance callback there is no waiting: what is not confirmed now is
+        # handed over uncommitted, and the new owner reads those records again.
+        if self._deadletters is not None and not self._confirm_deadletters(patient=only is None):
+            return  # not confirmed: these records are redelivered next time
         offsets = [TopicPartition(t, p, self._pending.pop((t, p))) for t, p in keys]
         try:
             self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
@@ -337,6 +348,25 @@ class ConsumerLoop:
         if only is None:
             self._uncommitted = 0
             self._last_commit = time.monotonic()
+
+    def _confirm_deadletters(self, *, patient: bool) -> bool:
+        """Wait until every dead letter is confirmed, re-sending those the broker did not
+        take: a dead-lettered record's offset is committed only after its letter is safe.
+        False if that did not happen (not `patient`, or the loop is asked to stop)."""
+        assert self._deadletters is not None
+        attempt = 0
+        while True:
+            try:
+                self._deadletters.flush(timeout=10.0)
+                return True
+            except TransientError as e:
+                attempt += 1
+                log.warning("%s: dead letters not confirmed (%s)", self.name, e)
+                self._deadletters.retry_undelivered()
+                if not patient or self._stopping.is_set():
+                    return False
+                if not self._wait_in_group(self.backoff.delay(attempt)):
+                    return False
 
     def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if error is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +27,41 @@ log = logging.getLogger(__name__)
 RawHeaders = Sequence[tuple[str, bytes | None]]
 
 
+@dataclass(frozen=True, slots=True)
+class Undelivered:
+    """A record the broker did not take (librdkafka gave up on it): kept for a retry."""
+
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: RawHeaders | None
+    error: str
+
+
+class _Outcomes:
+    """Delivery outcomes. librdkafka's callbacks point here, not at the EventProducer, so
+    that no reference cycle keeps a dropped producer (and its threads) alive."""
+
+    __slots__ = ("failed", "fatal")
+
+    def __init__(self) -> None:
+        self.failed: list[Undelivered] = []
+        self.fatal: str | None = None
+
+    def on_delivery(self, error: KafkaError | None, message: Any) -> None:
+        if error is not None:
+            self.failed.append(
+                Undelivered(
+                    message.topic(), message.value(), message.key(), message.headers(), error.str()
+                )
+            )
+
+    def on_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self.fatal = error.str()
+        log.warning("kafka producer: %s", error.str())
+
+
 class EventProducer:
     """Publishes typed events. `source` names the producing service (CloudEvents `source`)."""
 
@@ -34,14 +70,15 @@ class EventProducer:
         self.source = source
         conf = kafka.producer(**overrides)
         conf["delivery.report.only.error"] = True
-        conf["on_delivery"] = self._on_delivery
-        conf["error_cb"] = self._on_error
+        self._outcomes = _Outcomes()
+        conf["on_delivery"] = self._outcomes.on_delivery
+        conf["error_cb"] = self._outcomes.on_error
         try:
             self._producer = Producer(conf)
         except KafkaException as e:
             raise TransientError(f"cannot create a Kafka producer: {e}") from None
-        self._failures: list[str] = []
-        self._fatal: str | None = None
+        #: Records the broker did not take, as of the last `flush()`; see `retry_undelivered`.
+        self.undelivered: list[Undelivered] = []
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -86,9 +123,9 @@ class EventProducer:
         headers: RawHeaders | None = None,
     ) -> None:
         """Queue one raw record; waits for room when librdkafka's local queue is full."""
-        if self._fatal:
-            raise DeliveryError(f"the producer is unusable: {self._fatal}")
-        headers = STRUCTURED_HEADERS if headers is None else headers
+        if self._outcomes.fatal:
+            raise DeliveryError(f"the producer is unusable: {self._outcomes.fatal}")
+        headers = STRUCTURED_HEADERS if headers is None else list(headers)
         while True:
             try:
                 self._producer.produce(topic, value, key, headers=headers)
@@ -99,17 +136,32 @@ class EventProducer:
                 raise DeliveryError(f"cannot produce to {topic}: {e.args[0].str()}") from None
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every queued record is confirmed; raise `DeliveryError` otherwise."""
+        """Wait until every queued record is confirmed; raise `DeliveryError` otherwise.
+
+        Records librdkafka gave up on are kept in `undelivered` (it has dropped them), so a
+        caller that must not lose them can `retry_undelivered()`."""
         remaining = self._producer.flush(timeout)
-        failures, self._failures = self._failures, []
-        if failures:
-            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-            raise DeliveryError(f"{len(failures)} record(s) not delivered: {failures[0]}{more}")
+        failed, self._outcomes.failed = self._outcomes.failed, []
+        self.undelivered.extend(failed)
+        if self.undelivered:
+            first = self.undelivered[0]
+            more = f" (and {len(self.undelivered) - 1} more)" if len(self.undelivered) > 1 else ""
+            raise DeliveryError(
+                f"{len(self.undelivered)} record(s) not delivered: {first.topic}: "
+                f"{first.error}{more}"
+            )
         if remaining:
             raise DeliveryError(
                 f"{remaining} record(s) not confirmed by the broker within {timeout:.0f}s "
                 f"(is it reachable at {self.kafka.bootstrap}?)"
             )
+
+    def retry_undelivered(self) -> int:
+        """Queue again every record the broker did not take; returns how many."""
+        records, self.undelivered = self.undelivered, []
+        for record in records:
+            self.produce(record.topic, record.value, record.key, record.headers)
+        return len(records)
 
     def poll(self, timeout: float = 0.0) -> None:
         self._producer.poll(timeout)
@@ -130,14 +182,3 @@ class EventProducer:
         else:  # do not hide the original error behind a delivery error
             self._producer.flush(5.0)
             self._producer.close()
-
-    # -- callbacks (run inside poll/flush on this thread) -----------------------------------
-
-    def _on_delivery(self, error: KafkaError | None, message: Any) -> None:
-        if error is not None:
-            self._failures.append(f"{message.topic()}: {error.str()}")
-
-    def _on_error(self, error: KafkaError) -> None:
-        if error.fatal():
-            self._fatal = error.str()
-        log.warning("kafka producer: %s", error.str())

@@ -25,6 +25,7 @@ from confluent_kafka import (
 
 from mlbus.errors import TransientError, UnknownTopic
 from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.consumer import next_batch
 
 
 class TopicReader:
@@ -65,7 +66,7 @@ class TopicReader:
             if not remaining:
                 self.caught_up.set()
             while not self._stop.is_set() and (remaining or self.follow):
-                for message in consumer.consume(500, self.poll_timeout):
+                for message in next_batch(consumer, 500, self.poll_timeout):
                     error = message.error()
                     key = (message.topic(), message.partition())
                     if error is not None:

@@ -19,9 +19,13 @@ def _publish(kafka, n: int, start: int = 0) -> list[str]:
         return [
             producer.publish(
                 TrainingProgress(
-                    run_id=f"r{i}", model=f"m{i % 3}", epoch=i, max_epochs=100,
-                    metrics={}, samples_per_second=1.0,
-                )  # fmt: skip
+                    run_id=f"r{i}",
+                    model=f"m{i % 3}",
+                    epoch=i,
+                    max_epochs=100,
+                    metrics={},
+                    samples_per_second=1.0,
+                )
             ).id
             for i in range(start, start + n)
         ]
