@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from mlbus.errors import ConfigError
 
@@ -46,6 +46,11 @@ class Settings(BaseSettings):
         default="", description="file:// folder or s3://bucket/prefix; empty = data_dir/objects"
     )
     s3_endpoint_url: str = Field(default="", description="S3 API endpoint (MinIO, moto)")
+    allowed_roots: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="local folders and URI prefixes datasets may be read from, besides the "
+        "object store (comma-separated or JSON); empty = the working directory and data_dir",
+    )
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -66,6 +71,20 @@ class Settings(BaseSettings):
         # use dots, never underscores.
         if isinstance(value, dict):
             return {str(k).lower().replace("_", "."): str(v) for k, v in value.items()}
+        return value
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                import json
+
+                try:
+                    return json.loads(value)
+                except json.JSONDecodeError:
+                    raise ValueError("not valid JSON") from None
+            return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
     @field_validator("topic_prefix")
@@ -106,6 +125,9 @@ class Settings(BaseSettings):
         object.__setattr__(self, "data_dir", data_dir)
         if not self.metadata_url:
             object.__setattr__(self, "metadata_url", f"sqlite:///{data_dir.resolve()}/metadata.db")
+        if not self.allowed_roots:
+            roots = [str(Path.cwd()), str(data_dir.resolve())]
+            object.__setattr__(self, "allowed_roots", roots)
         if not self.object_store_url:
             object.__setattr__(self, "object_store_url", (data_dir.resolve() / "objects").as_uri())
         return self

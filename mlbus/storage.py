@@ -102,7 +102,37 @@ class ObjectStore:
 
     @classmethod
     def from_settings(cls, settings: Any) -> ObjectStore:
-        return cls(settings.object_store_url, s3_endpoint_url=settings.s3_endpoint_url or None)
+        store = cls(settings.object_store_url, s3_endpoint_url=settings.s3_endpoint_url or None)
+        store.allowed_roots = list(settings.allowed_roots)
+        return store
+
+    #: Folders and URI prefixes outside the store that data may be read from.
+    allowed_roots: list[str] = []
+
+    def resolve(self, uri: str) -> tuple[Any, str]:
+        """(filesystem, path) of a URI inside the store or an allowed root; refuses the rest
+        (`../../etc/passwd`, `file:///etc/`)."""
+        if uri.startswith(self.url + "/"):
+            return self.fs, self.path(self.key_of(uri))
+        parsed = urlparse(uri)
+        if parsed.scheme in ("", "file"):
+            local = [r for r in self.allowed_roots if "://" not in r or r.startswith("file://")]
+            path = check_local_path(
+                uri, [Path(urlparse(r).path if "://" in r else r) for r in local]
+            )
+            return fsspec.filesystem("file"), str(path)
+        if ".." in parsed.path.split("/"):
+            raise StorageError(f"{uri} leaves its root")
+        for root in self.allowed_roots:
+            if uri.startswith(root.rstrip("/") + "/"):
+                options = self.storage_options if parsed.scheme == self.scheme else {}
+                with translated(f"opening {uri}"):
+                    fs, path = fsspec.core.url_to_fs(uri, **options)
+                return fs, path
+        raise StorageError(
+            f"{uri} is outside the object store {self.url} and the allowed roots; "
+            f"set MLBUS_ALLOWED_ROOTS"
+        )
 
     # -- naming -----------------------------------------------------------------------------
 
@@ -169,6 +199,10 @@ class ObjectStore:
             yield target
             with translated(f"writing {self.uri(staging_key)}"):
                 target.handle.close()
+            if target.abandoned:
+                with translated(f"removing {self.uri(staging_key)}"):
+                    self.fs.rm(self.path(staging_key))
+                return
             if target.key is None:
                 raise StorageError("staged write finished without a final key")
             with translated(f"committing {self.uri(target.key)}"):
@@ -192,6 +226,7 @@ class Staged:
         self.key = None if key is None else clean_key(key)
         self.handle: Any = None
         self.written = 0
+        self.abandoned = False
 
     def write(self, data: bytes | memoryview) -> int:
         self.written += len(data)
@@ -199,6 +234,10 @@ class Staged:
 
     def set_key(self, key: str) -> None:
         self.key = clean_key(key)
+
+    def abandon(self) -> None:
+        """Throw the written bytes away instead of committing them."""
+        self.abandoned = True
 
 
 def check_local_path(path: str | os.PathLike[str], allowed_roots: Sequence[Path]) -> Path:

@@ -12,7 +12,7 @@ from pydantic import Field, TypeAdapter, create_model
 
 from mlbus.errors import UnknownTopic
 from schemas.base import Payload
-from schemas.datasets import DatasetCreated
+from schemas.datasets import DatasetCreated, DatasetValidated
 from schemas.deadletter import DeadLetter
 from schemas.envelope import Event
 from schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
@@ -65,6 +65,8 @@ class TopicSpec:
 CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("dataset.created", DatasetCreated, "name", 3,
               "a new immutable dataset version exists", "datasets, upstream systems"),
+    TopicSpec("dataset.validated", DatasetValidated, "name", 3,
+              "a dataset.created checked against its bytes (hash, schema, rows)", "datasets"),
     TopicSpec("training.requested", TrainingRequested, "model", 6,
               "train this spec on this dataset version", "workflow, CLI/API"),
     TopicSpec("training.started", TrainingStarted, "model", 6,

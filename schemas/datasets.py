@@ -54,3 +54,17 @@ class DatasetCreated(Payload):
     description: str | None = None
     parents: list[DatasetRef] = []
     created_by: str | None = None
+
+
+class DatasetValidated(Payload):
+    """A `dataset.created` was checked against the bytes it points at: readable Parquet,
+    the content hash, the schema and the row count all match. Downstream consumers (the
+    training trigger) act on this, so a bad announcement never reaches them."""
+
+    name: Name
+    version: NonEmpty
+    uri: NonEmpty
+    content_hash: Sha256
+    num_rows: int = Field(ge=0)
+    validator: NonEmpty
+    checks: list[str] = []

@@ -1,0 +1,114 @@
+"""HTTP routes of the dataset manager (mounted by the control-plane app):
+
+POST /datasets                  multipart upload (file, name, label, tags, parents)
+                                or JSON {"uri": ..., "name": ...}; 201 created, 200 known
+GET  /datasets                  every version (summary)
+GET  /datasets/{name}/{version} one version's dataset.created event (a version prefix will do)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import PurePosixPath
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from datasets.registry import DatasetRegistry, Registered
+from datasets.sources import FORMATS, InvalidDataset, open_source, open_stream
+
+
+def _summary(result: Registered) -> dict[str, Any]:
+    return {k: v for k, v in result.__dict__.items() if k != "payload"}
+
+
+def _strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def _tags(value: Any) -> dict[str, str]:
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        return {str(k): str(v) for k, v in orjson.loads(value).items()}
+    tags = {}
+    for item in _strings(value):
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise InvalidDataset(f"tag {item!r}: use key=value")
+        tags[key] = val
+    return tags
+
+
+def create_router(registry: Callable[[], DatasetRegistry]) -> APIRouter:
+    router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+    @router.post("", status_code=201, summary="Register a dataset version")
+    async def register(request: Request) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form()  # files are spooled to disk, never whole in memory
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise InvalidDataset("multipart request without a 'file' part")
+            fields: dict[str, Any] = dict(form)
+            kind = PurePosixPath(upload.filename or "").suffix.lstrip(".").lower() or "parquet"
+            if kind not in FORMATS:
+                raise InvalidDataset(f"{upload.filename}: unknown format (parquet, csv or npz)")
+
+            def run() -> Registered:
+                source = open_stream(upload.file, upload.size, upload.filename or "upload", kind)
+                return _register(registry(), source, fields)
+
+        else:
+            try:
+                fields = orjson.loads(await request.body())
+            except orjson.JSONDecodeError:
+                raise InvalidDataset("the body is neither multipart nor JSON") from None
+            if not isinstance(fields, dict) or "uri" not in fields:
+                raise InvalidDataset("JSON body needs 'uri' and 'name'")
+
+            def run() -> Registered:
+                reg = registry()
+                fs, path = reg.store.resolve(str(fields["uri"]))
+                return _register(reg, open_source(path, fs), fields)
+
+        result = await run_in_threadpool(run)
+        return JSONResponse(_summary(result), status_code=201 if result.created else 200)
+
+    @router.get("", summary="Every dataset version")
+    def list_versions() -> list[dict[str, Any]]:
+        return [
+            e.data.model_dump(mode="json", exclude={"columns"}) | {"event_id": e.id}
+            for e in registry().versions()
+        ]
+
+    @router.get("/{name}/{version}", summary="One dataset version (its dataset.created event)")
+    def get_version(name: str, version: str) -> dict[str, Any]:
+        return registry().get(f"{name}@{version}").model_dump(mode="json", exclude_none=True)
+
+    return router
+
+
+def _register(reg: DatasetRegistry, source: Any, fields: dict[str, Any]) -> Registered:
+    name = fields.get("name")
+    if not name:
+        raise InvalidDataset("'name' is required")
+    return reg.register(
+        source,
+        name=str(name),
+        label=fields.get("label") or None,
+        tags=_tags(fields.get("tags")),
+        parents=_strings(fields.get("parents")),
+        description=fields.get("description") or None,
+        created_by=fields.get("created_by") or "http",
+    )

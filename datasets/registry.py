@@ -1,0 +1,185 @@
+"""Registering dataset versions and finding them again.
+
+A version is the sha256 of its canonical Parquet bytes (datasets/writer.py), stored under
+`datasets/<name>/<version>/data.parquet` on the object store. Registration writes to a
+staging key, commits only once the bytes are complete, and then publishes `dataset.created`;
+if publishing fails the committed object is removed again, so a failed registration leaves
+nothing behind and announces nothing. Registering data that is already a version of the
+dataset publishes nothing and says so.
+
+Which versions exist is read from the log (`dataset.created`), not from the object store:
+the event, not the file, is what makes a version visible.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets.sources import InvalidDataset, Source, open_source
+from datasets.writer import write_canonical
+from mlbus.errors import DeliveryError, MlbusError
+from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.producer import EventProducer
+from mlbus.kafka.reader import TopicReader
+from mlbus.storage import ObjectStore
+from schemas.base import DatasetRef
+from schemas.codec import EventRef, decode
+from schemas.datasets import ColumnSchema, DatasetCreated
+from schemas.envelope import Event
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SOURCE = "mlbus/datasets"
+Progress = Callable[[int, int], None]
+
+
+class UnknownDataset(MlbusError):
+    """No such dataset or version in the log."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: str
+    uri: str
+    content_hash: str
+    num_rows: int
+    num_bytes: int
+    created: bool
+    event_id: str | None = None
+    payload: DatasetCreated | None = field(default=None, compare=False)
+
+    @classmethod
+    def of(cls, data: DatasetCreated, *, created: bool, event_id: str | None) -> Registered:
+        return cls(data.name, data.version, data.uri, data.content_hash, data.num_rows,
+                   data.num_bytes, created=created, event_id=event_id, payload=data)  # fmt: skip
+
+
+def parse_ref(text: str) -> tuple[str, str | None]:
+    """`name` or `name@version` (a version may be given by a unique prefix)."""
+    name, _, version = text.partition("@")
+    return name, (version.removeprefix("sha256:") or None)
+
+
+def object_key(name: str, version: str) -> str:
+    return f"datasets/{name}/{version}/data.parquet"
+
+
+class DatasetRegistry:
+    def __init__(self, store: ObjectStore, kafka: KafkaConfig, *, source: str = SOURCE) -> None:
+        self.store = store
+        self.kafka = kafka
+        self.source = source
+
+    # -- registering ------------------------------------------------------------------------
+
+    def register_path(self, path: str | Path, *, name: str, **options) -> Registered:  # type: ignore[no-untyped-def]
+        """Register a local file or a URI inside the store or an allowed root."""
+        fs, resolved = self.store.resolve(str(path))
+        return self.register(open_source(resolved, fs), name=name, **options)
+
+    def register(
+        self,
+        source: Source,
+        *,
+        name: str,
+        label: str | None = None,
+        tags: dict[str, str] | None = None,
+        description: str | None = None,
+        parents: Sequence[str] = (),
+        created_by: str | None = None,
+        progress: Progress | None = None,
+    ) -> Registered:
+        if not _NAME.match(name):
+            raise InvalidDataset(
+                f"dataset name {name!r}: use letters, digits, '.', '_' or '-' (at most 128)"
+            )
+        if label is not None and label not in source.schema.names:
+            raise InvalidDataset(
+                f"label column {label!r} is not in the data "
+                f"(columns: {', '.join(source.schema.names)})"
+            )
+        known = self.versions()
+        parent_refs = [self._resolve_parent(p, known) for p in parents]
+        with self.store.staged() as staged:
+            written = write_canonical(source.schema, source.batches, staged, progress=progress)
+            version = written.content_hash.removeprefix("sha256:")
+            key = object_key(name, version)
+            existing = next(
+                (e for e in known if e.data.name == name and e.data.version == version), None
+            )
+            if existing is not None:
+                staged.abandon()
+                return Registered.of(existing.data, created=False, event_id=existing.id)
+            staged.set_key(key)
+        payload = DatasetCreated(
+            name=name,
+            version=version,
+            uri=self.store.uri(key),
+            content_hash=written.content_hash,
+            arrow_schema=[
+                ColumnSchema(name=f.name, type=str(f.type), nullable=f.nullable)
+                for f in written.schema
+            ],
+            num_rows=written.num_rows,
+            num_bytes=written.num_bytes,
+            columns=written.columns,
+            label_column=label,
+            tags=dict(tags or {}),
+            description=description,
+            parents=parent_refs,
+            created_by=created_by,
+        )
+        try:
+            ref = self._announce(payload)
+        except (DeliveryError, MlbusError):
+            self.store.delete(key)  # nothing announced: leave nothing behind
+            raise
+        return Registered.of(payload, created=True, event_id=ref.id)
+
+    def _announce(self, payload: DatasetCreated) -> EventRef:
+        with EventProducer(self.kafka, source=self.source) as producer:
+            return producer.publish(payload, subject=f"{payload.name}@sha256:{payload.version}")
+
+    def _resolve_parent(self, text: str, known: list[Event]) -> DatasetRef:
+        name, version = parse_ref(text)
+        if version is None:
+            raise InvalidDataset(f"parent {text!r}: give NAME@VERSION")
+        event = self._pick(name, version, known)
+        return DatasetRef(name=event.data.name, version=event.data.version)
+
+    # -- finding ----------------------------------------------------------------------------
+
+    def versions(self, name: str | None = None) -> list[Event]:
+        """Every `dataset.created` in the log (of `name`), oldest first, one per version."""
+        seen: dict[tuple[str, str], Event] = {}
+        reader = TopicReader(self.kafka, [self.kafka.topic("dataset.created")])
+        for message in reader:
+            try:
+                event = decode(message.value(), message.headers(), expected_type="dataset.created")
+            except MlbusError:
+                continue  # invalid announcements are the dead-letter topic's business
+            data = event.data
+            if name is None or data.name == name:
+                seen.setdefault((data.name, data.version), event)
+        return sorted(seen.values(), key=lambda e: (e.time is None, e.time))
+
+    def get(self, text: str) -> Event:
+        """`name` (the newest version) or `name@version` (a unique prefix will do)."""
+        name, version = parse_ref(text)
+        return self._pick(name, version, self.versions(name))
+
+    def _pick(self, name: str, version: str | None, known: Iterable[Event]) -> Event:
+        candidates = [e for e in known if e.data.name == name]
+        if not candidates:
+            raise UnknownDataset(f"no dataset named {name!r}")
+        if version is None:
+            return candidates[-1]
+        matches = [e for e in candidates if e.data.version.startswith(version)]
+        if not matches:
+            raise UnknownDataset(f"dataset {name!r} has no version {version!r}")
+        if len({e.data.version for e in matches}) > 1:
+            raise UnknownDataset(f"version prefix {version!r} of {name!r} is ambiguous")
+        return matches[0]

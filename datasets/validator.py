@@ -1,0 +1,89 @@
+"""The dataset validator: consumes `dataset.created` (from mlbus or any upstream system),
+re-reads what the event points at — the Parquet footer and the sha256 of the bytes — and
+publishes `dataset.validated` when everything matches. A mismatch raises `InvalidEvent`,
+so the consumer loop dead-letters the announcement with the reason; nothing is published
+downstream and the training trigger (which acts on `dataset.validated`) never sees it.
+
+Exactly-once effect: the `dataset.validated` event id is derived from the `dataset.created`
+id (uuid5), so a redelivered announcement re-publishes the same event, which consumers
+drop as a duplicate by id.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mlbus.errors import InvalidEvent, TransientError
+from mlbus.kafka.consumer import Record
+from mlbus.kafka.producer import EventProducer
+from mlbus.storage import ObjectStore, StorageError
+from mlbus.tables import sha256_of
+from schemas.datasets import DatasetCreated, DatasetValidated
+from schemas.envelope import Event
+
+_NAMESPACE = uuid.UUID("6f1c7d1e-5a8b-4c55-9d52-0d3f1f7a9a11")
+CHECKS = ["readable", "num_rows", "schema", "content_hash"]
+
+
+def validated_id(created_id: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, created_id))
+
+
+def check(store: ObjectStore, data: DatasetCreated) -> None:
+    """Raise `InvalidEvent` naming the first thing that does not match the bytes."""
+    try:
+        fs, path = store.resolve(data.uri)
+    except StorageError as e:
+        raise InvalidEvent(f"uri: {e}") from None
+    try:
+        with fs.open(path, "rb") as handle:
+            metadata = pq.ParquetFile(handle).metadata
+            schema = metadata.schema.to_arrow_schema()
+    except (FileNotFoundError, StorageError):
+        raise InvalidEvent(f"uri: nothing readable at {data.uri}") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        if type(e).__name__ in ("EndpointConnectionError", "ConnectionError"):
+            raise TransientError(f"object store unreachable reading {data.uri}") from e
+        raise InvalidEvent(f"uri: {data.uri} is not readable Parquet ({e})") from None
+    if metadata.num_rows != data.num_rows:
+        raise InvalidEvent(
+            f"num_rows: the event says {data.num_rows}, the file has {metadata.num_rows}"
+        )
+    actual = [(f.name, str(f.type)) for f in schema]
+    claimed = [(c.name, c.type) for c in data.arrow_schema]
+    if actual != claimed:
+        raise InvalidEvent(f"arrow_schema: the event says {claimed}, the file has {actual}")
+    digest = sha256_of(fs, path)
+    if digest != data.content_hash:
+        raise InvalidEvent(
+            f"content_hash: the event says {data.content_hash}, the bytes hash to {digest}"
+        )
+
+
+class Validator:
+    """Handler for `dataset.created` (run it in a ConsumerLoop)."""
+
+    def __init__(
+        self, store: ObjectStore, producer: EventProducer, name: str = "validator"
+    ) -> None:
+        self.store = store
+        self.producer = producer
+        self.name = name
+
+    def __call__(self, event: Event, record: Record) -> None:
+        data: DatasetCreated = event.data  # type: ignore[assignment]
+        check(self.store, data)
+        self.producer.publish(
+            DatasetValidated(
+                name=data.name, version=data.version, uri=data.uri,
+                content_hash=data.content_hash, num_rows=data.num_rows,
+                validator=self.name, checks=CHECKS,
+            ),
+            causation=event,
+            event_id=validated_id(event.id),
+            subject=event.subject,
+        )  # fmt: skip
+        self.producer.flush()  # confirmed before the loop may commit the announcement
