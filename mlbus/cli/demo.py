@@ -49,7 +49,8 @@ def demo() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="demo-", dir=cfg.data_dir)).resolve()
     console.rule("[bold]mlbus demo")
     with EmbeddedBroker(workdir, record=False) as broker:
-        _step(1, f"embedded broker up at [bold]{broker.bootstrap}[/]")
+        pid = broker.process.pid if broker.process else "?"
+        _step(1, f"embedded broker up at [bold]{broker.bootstrap}[/] (pid {pid})")
         kafka = KafkaConfig(bootstrap=broker.bootstrap, embedded=True)
         statuses = apply_topics(kafka)
         _step(2, f"{len(statuses)} topics created from the catalog")
