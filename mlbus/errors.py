@@ -6,6 +6,7 @@ translated into these where they are called, so callers only ever handle these.
     ├── TransientError            may succeed if retried (broker or store down): retry with backoff
     │   └── DeliveryError         the broker did not confirm a produced record
     ├── InvalidEvent              a record cannot be decoded or validated: dead-letter it
+    ├── Abandon                   a handler stopped before finishing (shutdown): not committed
     ├── UnknownTopic              a name that is not in the topic catalog
     └── BrokerError               the embedded broker cannot be started or found
         └── BrokerNotRunning      no broker configured and none running in the data dir
@@ -36,6 +37,12 @@ class InvalidEvent(MlbusError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Abandon(MlbusError):
+    """Raised by a handler that stops before finishing its record because the loop is
+    stopping (`record.stopping`): the record is neither committed nor dead-lettered, the loop
+    stops, and the record is delivered again (to this group) later."""
 
 
 class UnknownTopic(MlbusError):

@@ -16,6 +16,7 @@ Guarantees (DESIGN.md, "Processing guarantees"):
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import Any, Literal
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from mlbus.errors import DeliveryError, InvalidEvent, TransientError
+from mlbus.errors import Abandon, DeliveryError, InvalidEvent, TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.deadletter import dead_letter
 from mlbus.kafka.producer import EventProducer
@@ -51,10 +52,17 @@ def next_batch(consumer: Consumer, size: int, timeout: float) -> list[Message]:
 class Record:
     """Where an event came from: a read-only view of the Kafka record (no copies)."""
 
-    __slots__ = ("_message",)
+    __slots__ = ("_message", "_stopping")
 
-    def __init__(self, message: Message) -> None:
+    def __init__(self, message: Message, stopping: threading.Event | None = None) -> None:
         self._message = message
+        self._stopping = stopping
+
+    @property
+    def stopping(self) -> bool:
+        """True once the loop has been asked to stop: a long-running handler checks this,
+        saves what it can and raises `Abandon`."""
+        return self._stopping is not None and self._stopping.is_set()
 
     @property
     def topic(self) -> str:
@@ -112,6 +120,11 @@ class ConsumerLoop:
 
     `on_handler_error` decides what an unexpected exception from a handler does: dead-letter
     the record and go on (default), or stop the loop and re-raise.
+
+    `long_running` handlers (training a model, say) run in a worker thread while the loop
+    keeps polling with its assignment paused, so the consumer stays in its group however
+    long a record takes; such a handler watches `record.stopping` and raises `Abandon` to
+    give its record back on shutdown.
     """
 
     def __init__(
@@ -127,6 +140,7 @@ class ConsumerLoop:
         backoff: Backoff = Backoff(),
         on_handler_error: Literal["deadletter", "raise"] = "deadletter",
         consumer_overrides: Mapping[str, Any] | None = None,
+        long_running: bool = False,
     ) -> None:
         unknown = [t for t in handlers if t not in TOPICS]
         if unknown:
@@ -139,6 +153,7 @@ class ConsumerLoop:
         self.commit_interval = commit_interval
         self.backoff = backoff
         self.on_handler_error = on_handler_error
+        self.long_running = long_running
         self.stats = LoopStats()
         self._handlers = dict(handlers)
         self._types = {kafka.topic(t): t for t in handlers}  # topic → the type it carries
@@ -218,6 +233,8 @@ class ConsumerLoop:
                     self._at_end.discard(tp)  # records after an end-of-partition: not at end
                 if not self._process(message, topic, types[topic], tp):
                     continue  # abandoned (stopping or revoked during retries): not done
+                if tp not in self._assigned:
+                    continue  # revoked while a long handler ran: the new owner redelivers it
                 pending[tp] = message.offset() + 1
                 self._uncommitted += 1
                 if self.stats.handled == limit:
@@ -251,9 +268,14 @@ class ConsumerLoop:
         attempt = 0
         while True:
             try:
-                handler(event, Record(message))
+                self._call(handler, event, Record(message, self._stopping))
                 self.stats.handled += 1
                 return True
+            except Abandon:
+                log.info("%s: %s@%s/%s given back unfinished", self.name, topic, tp[1],
+                         message.offset())  # fmt: skip
+                self._stopping.set()
+                return False
             except TransientError as e:
                 attempt += 1
                 self.stats.retries += 1
@@ -274,20 +296,46 @@ class ConsumerLoop:
                 self._deadletter(message, f"handler failed: {e!r}", type(e).__name__)
                 return True
 
-    def _wait_in_group(self, seconds: float) -> bool:
-        """Sleep for a retry while staying in the group: the assignment is paused, so polling
-        serves heartbeats and rebalances but returns no records. False when stopping."""
+    def _call(self, handler: Handler, event: Event, record: Record) -> None:
+        if not self.long_running:
+            handler(event, record)
+            return
+        raised: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                handler(event, record)
+            except BaseException as e:  # re-raised on the loop's thread
+                raised.append(e)
+
+        worker = threading.Thread(target=work, name=f"{self.name}-handler", daemon=True)
+        worker.start()
+        self._wait_in_group(math.inf, until=lambda: not worker.is_alive(), interruptible=False)
+        worker.join()
+        if raised:
+            raise raised[0]
+
+    def _wait_in_group(
+        self,
+        seconds: float,
+        *,
+        until: Callable[[], bool] | None = None,
+        interruptible: bool = True,
+    ) -> bool:
+        """Wait (for a retry, or for a long-running handler: `until`) while staying in the
+        group: the assignment is paused, so polling serves heartbeats, rebalances and the
+        poll interval but returns no records. False when interrupted by a stop."""
         consumer = self._consumer
         assert consumer is not None
         paused = [TopicPartition(t, p) for t, p in self._assigned]
         consumer.pause(paused)
         try:
             deadline = time.monotonic() + seconds
-            while not self._stopping.is_set():
+            while not (interruptible and self._stopping.is_set()):
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or (until is not None and until()):
                     return True
-                message = consumer.poll(min(remaining, 0.2))
+                message = consumer.poll(min(remaining, 0.1))
                 if message is not None:  # fetched before the pause took effect
                     self._backlog.append(message)
             return False
