@@ -14,8 +14,11 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from mlbus.errors import MlbusError
+from mlbus.tables import iter_row_groups
 
-READ_BATCH_ROWS = 65_536
+#: Rows per batch read from inputs: the writer's row-group size, so that re-cutting input
+#: into canonical row groups is zero-copy.
+READ_BATCH_ROWS = 131_072
 
 
 class InvalidDataset(MlbusError):
@@ -46,6 +49,10 @@ def open_source(path: str | Path, fs: Any = None, format: str | None = None) -> 
         raise InvalidDataset(f"{name}: the file is empty")
     if kind not in FORMATS:
         raise InvalidDataset(f"{name}: unknown format {kind!r} (parquet, csv or npz)")
+    local = fs is None or "file" in getattr(fs, "protocol", ())
+    if local and kind != "npz":
+        # pyarrow's native file reader: no Python file object, no copies into Python bytes.
+        return open_stream(pa.OSFile(name, "rb"), size, name, kind)
     return open_stream(opener(name, "rb"), size, name, kind)
 
 
@@ -76,14 +83,14 @@ def open_stream(handle: Any, size: int | None, name: str, kind: str) -> Source:
 
 def _parquet(handle: Any, size: int, name: str) -> Source:
     try:
-        file = pq.ParquetFile(handle)
+        file = pq.ParquetFile(handle, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as e:
         handle.close()
         raise InvalidDataset(f"{name}: not a Parquet file ({e})") from None
 
     def batches() -> Iterator[pa.RecordBatch]:
         try:
-            yield from file.iter_batches(batch_size=READ_BATCH_ROWS)
+            yield from iter_row_groups(file, batch_size=READ_BATCH_ROWS)
         except pa.ArrowInvalid as e:
             raise InvalidDataset(f"{name}: corrupt Parquet ({e})") from None
         finally:

@@ -3,9 +3,10 @@
 They are the training baseline that drift detection compares serving inputs against, so
 they are deterministic: the same data gives the same figures. min, max, mean, std and null
 counts are exact. Histograms (numeric) are exact over the data's [min, max] when the column
-has at most SAMPLE_SIZE values, and otherwise estimated from a deterministic uniform sample
-of SAMPLE_SIZE values, scaled to the column's count. Categorical columns get their distinct
-count and top values, exactly up to MAX_DISTINCT distinct values.
+has at most 2 * SAMPLE_SIZE values, and otherwise estimated from a systematic sample (every
+k-th value, SAMPLE_SIZE to 2 * SAMPLE_SIZE of them), scaled to the column's count.
+Categorical columns get their distinct count and top values, exactly up to MAX_DISTINCT
+distinct values.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 from schemas.datasets import ColumnStats, Histogram, ValueCount
 
 BINS = 20
-SAMPLE_SIZE = 200_000
+SAMPLE_SIZE = 65_536
 MAX_DISTINCT = 100_000
 TOP = 10
 
@@ -47,13 +48,13 @@ class _Numeric:
         self.m2 = 0.0
         self.min = math.inf
         self.max = -math.inf
-        self.rng = np.random.default_rng(seed)
-        # Bottom-k sampling by random key: the SAMPLE_SIZE values with the smallest keys are
-        # a uniform sample of everything seen. Candidates pool up and are trimmed in bulk.
-        self.threshold = 1.0
-        self.pool_values: list[np.ndarray] = []
-        self.pool_keys: list[np.ndarray] = []
-        self.pooled = 0
+        # Systematic sample: every `step`-th finite value. When it grows past twice its
+        # size, every other value is dropped and the step doubles: deterministic, no random
+        # numbers, memory bounded by 2 * SAMPLE_SIZE values.
+        self.step = 1
+        self.seen = 0
+        self.parts: list[np.ndarray] = []
+        self.kept = 0
 
     def add(self, column: pa.Array) -> None:
         self.nulls += column.null_count
@@ -76,29 +77,20 @@ class _Numeric:
         self.count = total
         self.min = min(self.min, float(finite.min()))
         self.max = max(self.max, float(finite.max()))
-        if self.threshold < 1.0:
-            # Same distribution as drawing a key per value and keeping those under the
-            # threshold, at the cost of the few kept rather than of all n.
-            k = int(self.rng.binomial(n, self.threshold))
-            finite = finite[self.rng.choice(n, size=k, replace=False)] if k else finite[:0]
-            keys = self.rng.random(k) * self.threshold
-        else:
-            keys = self.rng.random(n)
-        self.pool_values.append(finite)
-        self.pool_keys.append(keys)
-        self.pooled += len(keys)
-        if self.pooled > 2 * SAMPLE_SIZE:
-            self._trim()
+        offset = (-self.seen) % self.step  # continue the global stride across batches
+        self.seen += n
+        part = finite[offset :: self.step].copy()  # a copy: no batch is kept alive
+        self.parts.append(part)
+        self.kept += len(part)
+        if self.kept > 2 * SAMPLE_SIZE:
+            # The sample holds global indices 0, step, 2*step, ...: keeping every other one
+            # leaves exactly the indices of the doubled step.
+            self.parts = [np.concatenate(self.parts)[::2].copy()]
+            self.kept = len(self.parts[0])
+            self.step *= 2
 
-    def _trim(self) -> np.ndarray:
-        values = np.concatenate(self.pool_values) if self.pool_values else np.empty(0)
-        keys = np.concatenate(self.pool_keys) if self.pool_keys else np.empty(0)
-        if len(keys) > SAMPLE_SIZE:
-            keep = np.argpartition(keys, SAMPLE_SIZE - 1)[:SAMPLE_SIZE]
-            values, keys = values[keep], keys[keep]
-            self.threshold = float(keys.max())
-        self.pool_values, self.pool_keys, self.pooled = [values], [keys], len(keys)
-        return values
+    def _sample(self) -> np.ndarray:
+        return np.concatenate(self.parts) if self.parts else np.empty(0)
 
     def result(self) -> ColumnStats:
         if self.count == 0:
@@ -109,7 +101,7 @@ class _Numeric:
             edges = np.array([low, high])
             counts = np.array([self.count])
         else:
-            sample = self._trim()
+            sample = self._sample()
             counts, edges = np.histogram(sample, bins=BINS, range=(low, high))
             if len(sample) < self.count:
                 counts = _scale(counts, self.count)

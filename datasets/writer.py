@@ -18,11 +18,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datasets.sources import InvalidDataset
+from datasets.sources import READ_BATCH_ROWS, InvalidDataset
 from datasets.stats import StatsBuilder
 from schemas.datasets import ColumnStats
 
-ROW_GROUP_ROWS = 131_072
+ROW_GROUP_ROWS = READ_BATCH_ROWS
 WRITER_OPTIONS = dict(
     compression="snappy",
     version="2.6",

@@ -24,6 +24,21 @@ from mlbus.storage import ObjectStore, StorageError, translated
 CHUNK = 8 * 1024 * 1024
 
 
+def iter_row_groups(
+    file: pq.ParquetFile, *, columns: Sequence[str] | None = None, batch_size: int = 65_536
+) -> Iterator[pa.RecordBatch]:
+    """Batches of a Parquet file, one row group in memory at a time.
+
+    `ParquetFile.iter_batches` with pyarrow's default `pre_buffer=True` caches the compressed
+    bytes of every row group it has read until the iteration ends, i.e. the whole file;
+    reading row group by row group bounds memory by the largest row group.
+    """
+    for index in range(file.num_row_groups):
+        group = file.read_row_group(index, columns=columns, use_threads=True)
+        yield from group.to_batches(max_chunksize=batch_size)
+        del group
+
+
 class IntegrityError(MlbusError):
     """Stored bytes do not hash to the content hash their event claims."""
 
@@ -78,7 +93,8 @@ class DatasetReader:
         local = "file" in getattr(self.fs, "protocol", ())
         with translated(f"reading {uri}"):  # local files through pyarrow's native reader
             source = self.path if local else self.fs.open(self.path, "rb", block_size=CHUNK)
-            self._file = pq.ParquetFile(source)
+            # Pre-buffering (coalesced reads) pays off on object stores, not on local disks.
+            self._file = pq.ParquetFile(source, pre_buffer=not local)
         missing = [c for c in self.columns or [] if c not in self._file.schema_arrow.names]
         if missing:
             raise StorageError(f"{uri} has no column(s) {', '.join(missing)}")
@@ -101,8 +117,8 @@ class DatasetReader:
         finished = False
         try:
             with translated(f"reading {self.uri}"):
-                yield from self._file.iter_batches(
-                    batch_size=self.batch_size, columns=self.columns, use_threads=True
+                yield from iter_row_groups(
+                    self._file, columns=self.columns, batch_size=self.batch_size
                 )
             finished = True
         finally:
