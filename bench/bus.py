@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
+from bench.common import render_table
 from mlbus.broker import EmbeddedBroker
 from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
@@ -638,16 +639,7 @@ def table(report: Report) -> str:
             f.target,
             "" if f.ok is None else ("PASS" if f.ok else "FAIL"),
         ))  # fmt: skip
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    right = {1, 2, 3}
-
-    def fmt(row: tuple[str, ...]) -> str:
-        pairs = enumerate(zip(row, widths, strict=True))
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in pairs]
-        return "  ".join(cells).rstrip()
-
-    lines += ["", fmt(header), fmt(tuple("-" * w for w in widths))]
-    lines += [fmt(r) for r in rows]
+    lines += ["", *render_table(header, rows)]
     lines.append("")
     for key in ("raw_produce", "mlbus_produce"):
         d = report.figures[key].detail

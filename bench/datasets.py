@@ -106,6 +106,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import datasets.registry as registry_module
+from bench.common import render_table
 from datasets.registry import DatasetRegistry, object_key
 from datasets.sources import READ_BATCH_ROWS, from_table, open_source
 from datasets.stats import StatsBuilder
@@ -691,14 +692,7 @@ def table_text(report: Report) -> str:
             f.target,
             "" if f.ok is None else ("PASS" if f.ok else "FAIL"),
         ))  # fmt: skip
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    right = {1, 2, 3}
-
-    def fmt(row: tuple[str, ...]) -> str:
-        pairs = enumerate(zip(row, widths, strict=True))
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in pairs).rstrip()
-
-    lines += [fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows), ""]
+    lines += [*render_table(header, rows), ""]
     for key in ("raw_write", "mlbus_register", "raw_read", "mlbus_read"):
         f = report.figures[key]
         d = f.detail
