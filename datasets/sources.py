@@ -4,7 +4,9 @@ Unreadable or malformed input raises `InvalidDataset` naming the problem."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,7 @@ def open_stream(handle: Any, size: int | None, name: str, kind: str) -> Source:
         with handle:
             try:
                 arrays = dict(np.load(handle, allow_pickle=False))
-            except (ValueError, OSError) as e:
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
                 raise InvalidDataset(f"{name}: not a readable .npz ({e})") from None
         return from_table(npz_table(arrays, name), name, size)
     handle.close()
@@ -101,7 +103,9 @@ def _parquet(handle: Any, size: int, name: str) -> Source:
 
 def _csv(handle: Any, size: int, name: str) -> Source:
     try:
-        reader = pcsv.open_csv(handle, read_options=pcsv.ReadOptions(block_size=16 << 20))
+        # Small blocks: pyarrow reads ahead many blocks in the background, so the block size
+        # bounds memory. Types are inferred from the first block.
+        reader = pcsv.open_csv(handle, read_options=pcsv.ReadOptions(block_size=1 << 20))
     except pa.ArrowInvalid as e:
         handle.close()
         raise InvalidDataset(f"{name}: not a readable CSV ({_csv_reason(e)})") from None
@@ -116,7 +120,7 @@ def _csv(handle: Any, size: int, name: str) -> Source:
                 yield batch
         except pa.ArrowInvalid as e:
             # Types are inferred from the first block; a later value of another type fails.
-            raise InvalidDataset(f"{name}: {_csv_reason(e)}") from None
+            raise InvalidDataset(f"{name}: {_csv_reason(e, reader.schema.names)}") from None
         finally:
             handle.close()
 
@@ -145,8 +149,11 @@ def _refuse_mixed(column: pa.Array, column_name: str, name: str) -> None:
         )
 
 
-def _csv_reason(error: Exception) -> str:
+def _csv_reason(error: Exception, names: Sequence[str] = ()) -> str:
     text = str(error)
+    found = re.search(r"In CSV column #(\d+)", text)
+    if found and int(found.group(1)) < len(names):
+        text = text.replace(found.group(0), f"column {names[int(found.group(1))]!r}")
     if "conversion error" in text:
         return text.replace("In CSV column", "column") + " (a column with mixed types)"
     return text

@@ -61,7 +61,8 @@ class _Numeric:
         values = column.drop_null() if column.null_count else column
         if len(values) == 0:
             return
-        data = np.asarray(values.cast(pa.float64()), dtype=np.float64)
+        # Statistics in float64: integers beyond 2**53 lose precision here, nothing else.
+        data = np.asarray(values.cast(pa.float64(), safe=False), dtype=np.float64)
         ok = np.isfinite(data)
         finite = data if ok.all() else data[ok]
         n = len(finite)

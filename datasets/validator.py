@@ -16,10 +16,10 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlbus.errors import InvalidEvent, TransientError
+from mlbus.errors import InvalidEvent
 from mlbus.kafka.consumer import Record
 from mlbus.kafka.producer import EventProducer
-from mlbus.storage import ObjectStore, StorageError
+from mlbus.storage import ObjectStore, StorageError, translated
 from mlbus.tables import sha256_of
 from schemas.datasets import DatasetCreated, DatasetValidated
 from schemas.envelope import Event
@@ -39,15 +39,14 @@ def check(store: ObjectStore, data: DatasetCreated) -> None:
     except StorageError as e:
         raise InvalidEvent(f"uri: {e}") from None
     try:
-        with fs.open(path, "rb") as handle:
-            metadata = pq.ParquetFile(handle).metadata
+        with translated(f"reading {data.uri}"), fs.open(path, "rb") as handle:
+            try:
+                metadata = pq.ParquetFile(handle).metadata
+            except (pa.ArrowInvalid, OSError) as e:
+                raise InvalidEvent(f"uri: {data.uri} is not readable Parquet ({e})") from None
             schema = metadata.schema.to_arrow_schema()
-    except (FileNotFoundError, StorageError):
-        raise InvalidEvent(f"uri: nothing readable at {data.uri}") from None
-    except (pa.ArrowInvalid, OSError) as e:
-        if type(e).__name__ in ("EndpointConnectionError", "ConnectionError"):
-            raise TransientError(f"object store unreachable reading {data.uri}") from e
-        raise InvalidEvent(f"uri: {data.uri} is not readable Parquet ({e})") from None
+    except StorageError as e:  # missing, forbidden...; an outage is a TransientError: retried
+        raise InvalidEvent(f"uri: nothing readable at {data.uri} ({e})") from None
     if metadata.num_rows != data.num_rows:
         raise InvalidEvent(
             f"num_rows: the event says {data.num_rows}, the file has {metadata.num_rows}"
@@ -56,7 +55,8 @@ def check(store: ObjectStore, data: DatasetCreated) -> None:
     claimed = [(c.name, c.type) for c in data.arrow_schema]
     if actual != claimed:
         raise InvalidEvent(f"arrow_schema: the event says {claimed}, the file has {actual}")
-    digest = sha256_of(fs, path)
+    with translated(f"hashing {data.uri}"):
+        digest = sha256_of(fs, path)
     if digest != data.content_hash:
         raise InvalidEvent(
             f"content_hash: the event says {data.content_hash}, the bytes hash to {digest}"

@@ -208,13 +208,25 @@ class ObjectStore:
             with translated(f"committing {self.uri(target.key)}"):
                 self.fs.mv(self.path(staging_key), self.path(target.key))
         except BaseException:
-            with contextlib.suppress(Exception):
-                if target.handle is not None and not target.handle.closed:
-                    discard = getattr(target.handle, "discard", None)
-                    discard() if discard else target.handle.close()
+            _discard(target.handle)
             with contextlib.suppress(Exception):
                 self.fs.rm(self.path(staging_key))
             raise
+
+
+def _discard(handle: Any) -> None:
+    """Close a half-written file without committing it. s3fs's `discard()` aborts the
+    multipart upload but leaves the file open (its finalizer would then try to upload);
+    a local autocommit file refuses `discard()`."""
+    if handle is None or handle.closed:
+        return
+    with contextlib.suppress(Exception):
+        handle.discard()
+    with contextlib.suppress(Exception):
+        handle.closed = True  # s3fs: nothing left to upload
+    with contextlib.suppress(Exception):
+        if not handle.closed:
+            handle.close()
 
 
 class Staged:

@@ -3,6 +3,7 @@ with one error body for every failure: {"error": {"type": ..., "message": ...}}.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
@@ -22,6 +23,8 @@ from mlbus.errors import (
 from mlbus.kafka.config import KafkaConfig
 from mlbus.settings import Settings
 from mlbus.storage import ObjectStore, StorageError
+
+log = logging.getLogger(__name__)
 
 
 def _status(error: MlbusError) -> int:
@@ -61,6 +64,11 @@ def create_app(cfg: Settings) -> FastAPI:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         return error_body("InvalidRequest", f"{where}: {first['msg']}", 422)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return error_body("InternalError", f"{type(error).__name__}: {error}", 500)
 
     @api.get("/health", tags=["meta"])
     def health() -> dict[str, str]:
