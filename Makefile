@@ -45,6 +45,7 @@ schemas: install
 
 bench: install
 	$(BIN)/python bench/bus.py
+	$(BIN)/python bench/datasets.py
 
 clean:
 	rm -rf $(VENV) .mlbus .pytest_cache
