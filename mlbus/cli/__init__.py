@@ -21,6 +21,6 @@ def main() -> None:
 
 
 # Commands register themselves on `app` when their modules are imported.
-from mlbus.cli import api, datasets, demo, events, platform  # noqa: E402, F401
+from mlbus.cli import api, datasets, demo, events, platform, training  # noqa: E402, F401
 
 __all__ = ["app", "main"]

@@ -1,0 +1,174 @@
+"""`mlbus trainer` (the training worker service) and `mlbus train` (experiments: one
+request per sweep point under one correlation id, followed live until they finish)."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import sys
+import threading
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from mlbus.cli.common import app, console, kafka_config, settings
+from mlbus.errors import MlbusError
+from mlbus.kafka.consumer import ConsumerLoop
+from mlbus.kafka.producer import EventProducer
+from mlbus.kafka.reader import TopicReader
+from mlbus.storage import ObjectStore
+from schemas.base import DatasetRef
+from schemas.codec import decode
+from schemas.envelope import new_event_id
+from schemas.training import SweepPoint, TrainingRequested
+
+FOLLOWED = ("training.started", "training.progress", "training.completed", "training.failed")
+
+
+@app.command("trainer")
+def trainer() -> None:
+    """Run a training worker (several share training.requested through one group)."""
+    from trainer.worker import TrainingWorker
+
+    cfg = settings()
+    kafka = kafka_config(cfg)
+    with EventProducer(kafka, source="mlbus/trainer") as producer:
+        worker = TrainingWorker(kafka, ObjectStore.from_settings(cfg), producer)
+        console.print(f"training worker {worker.worker} waiting for training.requested")
+        ConsumerLoop(
+            kafka, group="mlbus-trainer", name="trainer", long_running=True,
+            handlers={"training.requested": worker},
+        ).run()  # fmt: skip
+
+
+def _value(text: str) -> float | int | str | bool:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _pairs(items: list[str], option: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MlbusError(f"{option} {item!r}: use KEY=VALUE")
+        out[key] = value
+    return out
+
+
+@app.command("train")
+def train(
+    model: Annotated[str, typer.Argument(help="model name")],
+    dataset: Annotated[str, typer.Option(help="NAME@VERSION (a unique version prefix will do)")],
+    family: Annotated[str, typer.Option(help="model family: mlp, cnn, ...")] = "mlp",
+    param: Annotated[list[str], typer.Option(help="KEY=VALUE hyperparameter")] = [],  # noqa: B006
+    sweep: Annotated[list[str], typer.Option(help="KEY=V1,V2,... one run per combination")] = [],  # noqa: B006
+    epochs: Annotated[int, typer.Option(help="max epochs")] = 10,
+    seed: Annotated[int, typer.Option()] = 0,
+    wait: Annotated[bool, typer.Option(help="follow the runs until they finish")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="completed runs as JSON lines")] = False,
+) -> None:
+    """Request training runs (a sweep is one run per combination, one correlation id)."""
+    name, _, version = dataset.partition("@")
+    if not version:
+        raise MlbusError("--dataset needs NAME@VERSION")
+    fixed = {k: _value(v) for k, v in _pairs(param, "--param").items()}
+    axes = {
+        k: [_value(v) for v in vs.split(",") if v] for k, vs in _pairs(sweep, "--sweep").items()
+    }
+    points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+    requests = [
+        TrainingRequested(
+            model=model, dataset=DatasetRef(name=name, version=version), family=family,
+            hyperparameters=fixed | point, seed=seed, max_epochs=epochs, requested_by="cli",
+            sweep=SweepPoint(sweep_id=correlation, index=i, size=len(points)) if axes else None,
+        )
+        for correlation in [new_event_id()]
+        for i, point in enumerate(points)
+    ]  # fmt: skip
+    kafka = kafka_config()
+    events: queue.Queue[Any] = queue.Queue()
+    reader = TopicReader(kafka, [kafka.topic(t) for t in FOLLOWED], start="end", follow=True)
+    if wait or json_out:
+        threading.Thread(target=lambda: [events.put(m) for m in reader], daemon=True).start()
+        reader.caught_up.wait(30)
+    correlation = requests[0].sweep.sweep_id if requests[0].sweep else None
+    with EventProducer(kafka, source="mlbus/cli") as producer:
+        ids = [producer.publish(r, correlationid=correlation).id for r in requests]
+    if not (wait or json_out):
+        for event_id, request in zip(ids, requests, strict=True):
+            console.print(f"requested {model} {request.hyperparameters} → {event_id}")
+        return
+    try:
+        failed = _follow(ids, requests, events, kafka.event_type, json_out)
+    finally:
+        reader.stop()
+    raise typer.Exit(1 if failed else 0)
+
+
+def _follow(ids: list[str], requests: list[TrainingRequested], events: queue.Queue[Any],
+            event_type: Any, json_out: bool) -> int:  # fmt: skip
+    results: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  console=console if not json_out else None, disable=json_out) as bars:  # fmt: skip
+        tasks = {
+            i: bars.add_task(f"run {n + 1} {r.hyperparameters}", total=r.max_epochs, info="queued")
+            for n, (i, r) in enumerate(zip(ids, requests, strict=True))
+        }
+        while len(results) < len(ids):
+            message = events.get()
+            try:
+                event = decode(
+                    message.value(), message.headers(), expected_type=event_type(message.topic())
+                )
+            except MlbusError:
+                continue
+            request = event.causationid
+            if request not in tasks:
+                continue
+            if event.type == "training.progress":
+                accuracy = event.data.metrics.get("validation.accuracy")
+                info = f"epoch {event.data.epoch}"
+                if accuracy is not None:
+                    info += f", validation accuracy {accuracy:.3f}"
+                bars.update(tasks[request], completed=event.data.epoch, info=info)
+            elif event.type == "training.started":
+                bars.update(tasks[request], info=f"started on {event.data.worker}")
+            elif event.type in ("training.completed", "training.failed"):
+                results[request] = event
+                if event.type == "training.completed":
+                    bars.update(tasks[request], completed=event.data.epochs, info="[green]done")
+                else:
+                    bars.update(tasks[request], info=f"[red]failed: {event.data.reason}")
+    failed = sum(e.type == "training.failed" for e in results.values())
+    if json_out:
+        for i in ids:
+            e = results[i]
+            if e.type == "training.completed":
+                d = e.data
+                sys.stdout.write(orjson.dumps({
+                    "run_id": d.run_id, "version": d.version, "hyperparameters": d.hyperparameters,
+                    "metrics": d.metrics, "artifact_uri": d.artifact.uri,
+                    "artifact_sha256": d.artifact.sha256,
+                }).decode() + "\n")  # fmt: skip
+        return failed
+    table = Table("run", "hyperparameters", "epochs", "test accuracy", "test loss", "status")
+    for n, i in enumerate(ids):
+        e = results[i]
+        if e.type == "training.completed":
+            test = e.data.metrics.get("test", {})
+            table.add_row(e.data.run_id[:12], str(requests[n].hyperparameters), str(e.data.epochs),
+                          f"{test.get('accuracy', float('nan')):.4f}",
+                          f"{test.get('loss', float('nan')):.4f}", "[green]completed")  # fmt: skip
+        else:
+            table.add_row(e.data.run_id[:12], str(requests[n].hyperparameters), "-", "-", "-",
+                          f"[red]failed[/]: {e.data.reason}")  # fmt: skip
+    console.print(table)
+    return failed

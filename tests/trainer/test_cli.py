@@ -1,0 +1,53 @@
+"""`mlbus trainer` and `mlbus train`: a sweep published from the CLI is trained by a worker
+process and reported as JSON lines; a failed run makes `--wait` exit non-zero."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+
+from tests.mlbus.test_cli import MLBUS, env, json_lines, mlbus, ok  # noqa: F401 - env is a fixture
+
+FAST = {  # the embedded broker's settings (a configured bootstrap keeps Kafka's defaults)
+    "MLBUS_KAFKA__FETCH_WAIT_MAX_MS": "10",
+    "MLBUS_KAFKA__SESSION_TIMEOUT_MS": "2000",
+    "MLBUS_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
+}
+
+
+@pytest.fixture
+def worker(env):  # noqa: F811
+    env = env | FAST
+    process = subprocess.Popen([MLBUS, "trainer"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    yield env
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(30) == 0, process.stdout.read() if process.stdout else ""
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_a_sweep_from_the_cli_is_trained_and_reported(worker):
+    sample = json_lines(ok(mlbus("datasets", "sample", "digits", "--json", env=worker)).stdout)[0]
+    result = ok(mlbus(
+        "train", "digits", "--dataset", f"digits@{sample['version'][:10]}", "--family", "mlp",
+        "--epochs", "3", "--sweep", "hidden=16,32", "--wait", "--json", env=worker, timeout=180,
+    ))  # fmt: skip
+    runs = json_lines(result.stdout)
+    assert sorted(r["hyperparameters"]["hidden"] for r in runs) == [16, 32]
+    assert len({r["run_id"] for r in runs}) == 2
+    for run in runs:
+        assert run["artifact_sha256"].startswith("sha256:")
+        assert run["metrics"]["test"]["accuracy"] > 0.5
+
+
+def test_wait_exits_non_zero_when_a_run_fails(worker):
+    ok(mlbus("datasets", "sample", "iris", "--json", env=worker))
+    result = mlbus("train", "iris", "--dataset", "iris@0000", "--wait", "--json", env=worker,
+                   timeout=120)  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.strip() == ""  # no completed run to report
