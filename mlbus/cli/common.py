@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from mlbus.errors import MlbusError
 from mlbus.kafka.config import LIBRDKAFKA_LOGGER, KafkaConfig
 from mlbus.settings import Settings, load_settings
 
@@ -49,6 +50,17 @@ def _global(
     # librdkafka retries and logs every failed connection; mlbus reports the failure itself
     # in one line, so its own log is shown only with --verbose.
     logging.getLogger(LIBRDKAFKA_LOGGER).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+
+
+def key_values(items: list[str], option: str) -> dict[str, str]:
+    """`KEY=VALUE` options (`--tag`, `--param`, `--sweep`) as a dict; one-line error if not."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MlbusError(f"{option} {item!r}: use KEY=VALUE")
+        out[key] = value
+    return out
 
 
 def settings() -> Settings:

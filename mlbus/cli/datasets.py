@@ -9,8 +9,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from mlbus.cli.common import app, console, kafka_config, settings
-from mlbus.errors import MlbusError
+from mlbus.cli.common import app, console, kafka_config, key_values, settings
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import EventProducer
 from mlbus.storage import ObjectStore
@@ -26,16 +25,6 @@ def _registry():  # type: ignore[no-untyped-def]
 
     cfg = settings()
     return DatasetRegistry(ObjectStore.from_settings(cfg), kafka_config(cfg))
-
-
-def _tags(items: list[str]) -> dict[str, str]:
-    tags = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise MlbusError(f"--tag {item!r}: use KEY=VALUE")
-        tags[key] = value
-    return tags
 
 
 def _report(result, json_out: bool) -> None:  # type: ignore[no-untyped-def]
@@ -67,10 +56,17 @@ def register(
     """Register a dataset version (content-addressed; the same data twice is one version)."""
     from datasets.sources import open_source
 
+    tags = key_values(tag, "--tag")  # bad options fail before anything is contacted
     registry = _registry()
     fs, resolved = registry.store.resolve(path)
     source = open_source(resolved, fs)
-    options = dict(name=name, label=label, tags=_tags(tag), parents=parent, description=description)
+    options = dict(
+        name=name,
+        label=label,
+        tags=tags,
+        parents=parent,
+        description=description,
+    )
     if (source.size or 0) < PROGRESS_ABOVE or json_out:
         _report(registry.register(source, **options), json_out)
         return

@@ -14,7 +14,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from mlbus.cli.common import app, console, kafka_config, settings
+from mlbus.cli.common import app, console, kafka_config, key_values, settings
 from mlbus.errors import MlbusError
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import EventProducer
@@ -53,16 +53,6 @@ def _value(text: str) -> float | int | str | bool:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def _pairs(items: list[str], option: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise MlbusError(f"{option} {item!r}: use KEY=VALUE")
-        out[key] = value
-    return out
-
-
 @app.command("train")
 def train(
     model: Annotated[str, typer.Argument(help="model name")],
@@ -79,9 +69,9 @@ def train(
     name, _, version = dataset.partition("@")
     if not version:
         raise MlbusError("--dataset needs NAME@VERSION")
-    fixed = {k: _value(v) for k, v in _pairs(param, "--param").items()}
+    fixed = {k: _value(v) for k, v in key_values(param, "--param").items()}
     axes = {
-        k: [_value(v) for v in vs.split(",") if v] for k, vs in _pairs(sweep, "--sweep").items()
+        k: [_value(v) for v in vs.split(",") if v] for k, vs in key_values(sweep, "--sweep").items()
     }
     points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
     requests = [
