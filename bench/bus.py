@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
-from bench.common import render_table
+from bench.common import Figure, Figures, render_table
 from mlbus.broker import EmbeddedBroker
 from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
@@ -133,32 +133,11 @@ def payload_pool(event_type: str, size: int, seed: int = 7) -> list[Payload]:
 
 
 @dataclass
-class Figure:
-    key: str
-    label: str
-    value: float  # events (messages) per second
-    baseline_key: str | None = None
-    target: str = ""
-    ok: bool | None = None  # None: no target
-    detail: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Report:
+class Report(Figures):
     events: int
     repeat: int
     setup: dict[str, Any]
     figures: dict[str, Figure] = field(default_factory=dict)
-
-    def add(self, figure: Figure) -> Figure:
-        self.figures[figure.key] = figure
-        return figure
-
-    def ratio(self, figure: Figure) -> float | None:
-        if figure.baseline_key is None:
-            return None
-        base = self.figures[figure.baseline_key].value
-        return figure.value / base if base else None
 
 
 def cpu_seconds() -> float:

@@ -106,7 +106,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import datasets.registry as registry_module
-from bench.common import render_table
+from bench.common import Figure, Figures, render_table
 from datasets.registry import DatasetRegistry, object_key
 from datasets.sources import READ_BATCH_ROWS, from_table, open_source
 from datasets.stats import StatsBuilder
@@ -179,33 +179,10 @@ def largest_writer_batch(table: pa.Table) -> int:
 
 
 @dataclass
-class Figure:
-    key: str
-    label: str
-    value: float
-    unit: str = "MB/s"
-    baseline_key: str | None = None
-    target: str = ""
-    ok: bool | None = None  # None: no target
-    detail: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Report:
+class Report(Figures):
     setup: dict[str, Any]
     figures: dict[str, Figure] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-    def add(self, figure: Figure) -> Figure:
-        self.figures[figure.key] = figure
-        return figure
-
-    def baseline(self, figure: Figure) -> float | None:
-        return self.figures[figure.baseline_key].value if figure.baseline_key else None
-
-    def ratio(self, figure: Figure) -> float | None:
-        base = self.baseline(figure)
-        return figure.value / base if base else None
 
 
 def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -602,7 +579,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Report:
         top = reg.detail
         report.add(Figure(
             "mlbus_write_canonical", "  of which write_canonical alone",
-            nbytes / MB / top["parts"]["write_canonical"], baseline_key=rw.key,
+            nbytes / MB / top["parts"]["write_canonical"], baseline_key=rw.key, unit="MB/s",
             detail={"seconds": top["parts"]["write_canonical"]}))  # fmt: skip
         rr = report.add(Figure("raw_read", "raw pyarrow iter_batches", **_fig(runs["rr"])))
         mr = report.add(Figure(
@@ -612,7 +589,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Report:
 
         batch = report.add(Figure(
             "largest_batch", f"largest writer batch ({ROW_GROUP_ROWS:,} rows)",
-            batch_bytes / MB, "MB"))  # fmt: skip
+            batch_bytes / MB, unit="MB"))  # fmt: skip
         for kind, arg, what in (
             ("table", f"{args.mb:g}", "in-memory table"),
             ("file", str(raw_path), "Parquet file"),
@@ -628,8 +605,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Report:
                 (f"memory_{kind}_rss", f"register from {what}: RSS peak +",
                  mem["rss_peak_increase"]),
             ):  # fmt: skip
-                fig = report.add(Figure(key, label, value / MB, "MB", batch.key,
-                                        f"< {MEMORY_TARGET_RATIO}x", detail=mem))  # fmt: skip
+                fig = report.add(Figure(
+                    key, label, value / MB, batch.key, f"< {MEMORY_TARGET_RATIO}x", detail=mem,
+                    unit="MB",
+                ))  # fmt: skip
                 fig.ok = value < MEMORY_TARGET_RATIO * batch_bytes
 
         explain: list[str] = []
@@ -652,7 +631,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Report:
 
 def _fig(rs: list[dict[str, Any]]) -> dict[str, Any]:
     top = best(rs)
-    return {"value": top["rate"], "detail": top}
+    return {"value": top["rate"], "detail": top, "unit": "MB/s"}
 
 
 def _type_summary(schema: pa.Schema) -> str:
