@@ -20,13 +20,12 @@ from pathlib import Path
 
 from datasets.sources import InvalidDataset, Source, open_source
 from datasets.writer import write_canonical
-from mlbus.errors import DeliveryError, MlbusError
+from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
-from mlbus.kafka.reader import TopicReader
+from mlbus.kafka.reader import read_events
 from mlbus.storage import ObjectStore
 from schemas.base import DatasetRef
-from schemas.codec import decode
 from schemas.datasets import ColumnSchema, DatasetCreated
 from schemas.envelope import Event
 
@@ -106,49 +105,42 @@ class DatasetRegistry:
         # Created first: an idempotent producer's initialisation (~0.5 s on the embedded
         # broker) overlaps the write instead of following it.
         with EventProducer(self.kafka, source=self.source) as producer:
-            return self._register(source, producer, name, label, tags, description,
-                                  parent_refs, created_by, progress, known)  # fmt: skip
-
-    def _register(  # type: ignore[no-untyped-def]
-        self, source, producer, name, label, tags, description, parent_refs, created_by,
-        progress, known,
-    ) -> Registered:  # fmt: skip
-        with self.store.staged() as staged:
-            written = write_canonical(source.schema, source.batches, staged, progress=progress)
-            version = written.content_hash.removeprefix("sha256:")
-            key = object_key(name, version)
-            existing = next(
-                (e for e in known if e.data.name == name and e.data.version == version), None
+            with self.store.staged() as staged:
+                written = write_canonical(source.schema, source.batches, staged, progress=progress)
+                version = written.content_hash.removeprefix("sha256:")
+                key = object_key(name, version)
+                existing = next(
+                    (e for e in known if e.data.name == name and e.data.version == version), None
+                )
+                if existing is not None:
+                    staged.abandon()
+                    return Registered.of(existing.data, created=False, event_id=existing.id)
+                staged.set_key(key)
+            payload = DatasetCreated(
+                name=name,
+                version=version,
+                uri=self.store.uri(key),
+                content_hash=written.content_hash,
+                arrow_schema=[
+                    ColumnSchema(name=f.name, type=str(f.type), nullable=f.nullable)
+                    for f in written.schema
+                ],
+                num_rows=written.num_rows,
+                num_bytes=written.num_bytes,
+                columns=written.columns,
+                label_column=label,
+                tags=dict(tags or {}),
+                description=description,
+                parents=parent_refs,
+                created_by=created_by,
             )
-            if existing is not None:
-                staged.abandon()
-                return Registered.of(existing.data, created=False, event_id=existing.id)
-            staged.set_key(key)
-        payload = DatasetCreated(
-            name=name,
-            version=version,
-            uri=self.store.uri(key),
-            content_hash=written.content_hash,
-            arrow_schema=[
-                ColumnSchema(name=f.name, type=str(f.type), nullable=f.nullable)
-                for f in written.schema
-            ],
-            num_rows=written.num_rows,
-            num_bytes=written.num_bytes,
-            columns=written.columns,
-            label_column=label,
-            tags=dict(tags or {}),
-            description=description,
-            parents=parent_refs,
-            created_by=created_by,
-        )
-        try:
-            ref = producer.publish(payload, subject=f"{payload.name}@sha256:{payload.version}")
-            producer.flush()
-        except (DeliveryError, MlbusError):
-            self.store.delete(key)  # nothing announced: leave nothing behind
-            raise
-        return Registered.of(payload, created=True, event_id=ref.id)
+            try:
+                ref = producer.publish(payload, subject=f"{payload.name}@sha256:{payload.version}")
+                producer.flush()
+            except MlbusError:
+                self.store.delete(key)  # nothing announced: leave nothing behind
+                raise
+            return Registered.of(payload, created=True, event_id=ref.id)
 
     def _resolve_parent(self, text: str, known: list[Event]) -> DatasetRef:
         name, version = parse_ref(text)
@@ -162,12 +154,7 @@ class DatasetRegistry:
     def versions(self, name: str | None = None) -> list[Event]:
         """Every `dataset.created` in the log (of `name`), oldest first, one per version."""
         seen: dict[tuple[str, str], Event] = {}
-        reader = TopicReader(self.kafka, [self.kafka.topic("dataset.created")])
-        for message in reader:
-            try:
-                event = decode(message.value(), message.headers(), expected_type="dataset.created")
-            except MlbusError:
-                continue  # invalid announcements are the dead-letter topic's business
+        for event in read_events(self.kafka, "dataset.created"):
             data = event.data
             if name is None or data.name == name:
                 seen.setdefault((data.name, data.version), event)

@@ -24,10 +24,9 @@ from mlbus.errors import Abandon, MlbusError, TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Record
 from mlbus.kafka.producer import EventProducer
-from mlbus.kafka.reader import TopicReader
+from mlbus.kafka.reader import read_events
 from mlbus.storage import ObjectStore, StorageError
 from mlbus.tables import DatasetReader, IntegrityError
-from schemas.codec import decode
 from schemas.datasets import DatasetCreated
 from schemas.envelope import Event
 from schemas.training import (
@@ -58,13 +57,10 @@ class DatasetNotFound(MlbusError):
 def find_dataset(kafka: KafkaConfig, name: str, version: str) -> DatasetCreated:
     """The `dataset.created` of name@version (a unique version prefix will do)."""
     found: dict[str, DatasetCreated] = {}
-    for message in TopicReader(kafka, [kafka.topic("dataset.created")]):
-        try:
-            data = decode(message.value(), message.headers(), expected_type="dataset.created").data
-        except MlbusError:
-            continue
+    for event in read_events(kafka, "dataset.created"):
+        data: DatasetCreated = event.data  # type: ignore[assignment]
         if data.name == name and data.version.startswith(version):
-            found[data.version] = data  # type: ignore[assignment]
+            found[data.version] = data
     if len(found) != 1:
         problem = "no version" if not found else "an ambiguous version prefix"
         raise DatasetNotFound(f"dataset {name}@{version}: {problem} in the log")

@@ -23,9 +23,11 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from mlbus.errors import TransientError, UnknownTopic
+from mlbus.errors import MlbusError, TransientError, UnknownTopic
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import next_batch
+from schemas.codec import decode
+from schemas.envelope import Event
 
 
 class TopicReader:
@@ -102,3 +104,13 @@ class TopicReader:
                 TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(found.partitions)
             ]
         return partitions
+
+
+def read_events(kafka: KafkaConfig, event_type: str) -> Iterator[Event]:
+    """Every valid event of one topic, read to its end (in order within each partition).
+    Records that do not validate are skipped: they are the dead-letter topic's business."""
+    for message in TopicReader(kafka, [kafka.topic(event_type)]):
+        try:
+            yield decode(message.value(), message.headers(), expected_type=event_type)
+        except MlbusError:
+            continue
