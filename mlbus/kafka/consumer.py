@@ -174,10 +174,6 @@ class ConsumerLoop:
         """Ask the loop to stop after the current record (safe from signals and threads)."""
         self._stopping.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping.is_set()
-
     def run(
         self,
         *,
