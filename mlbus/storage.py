@@ -237,9 +237,11 @@ class Staged:
         self.staging_key = staging_key
         self.key = None if key is None else clean_key(key)
         self.handle: Any = None
+        self.written = 0
         self.abandoned = False
 
     def write(self, data: bytes | memoryview) -> int:
+        self.written += len(data)
         return self.handle.write(data)
 
     def set_key(self, key: str) -> None:
