@@ -1,3 +1,4 @@
-"""Model server: Open Inference Protocol over HTTP and Kafka; publishes inference.logged, deployment.updated.
+"""Model server: Open Inference Protocol over HTTP and Kafka; publishes inference.logged
+and deployment.updated.
 
 Imports mlbus/ and schemas/ only; talks to other components through topics."""

@@ -12,7 +12,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from trainer.models import InvalidTrainingRequest
+from mlbus.errors import MlbusError
+
+
+class InvalidTrainingRequest(MlbusError):
+    """A request that can never succeed on its data (nulls, one class, bad split): not
+    retryable."""
 
 
 @dataclass

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mlbus.families import build
 from trainer.data import Prepared
-from trainer.models import build
 
 EpochCallback = Callable[[int, dict[str, float], float], None]  # epoch, metrics, samples/s
 

@@ -20,7 +20,9 @@ import uuid
 import torch
 
 import mlbus
+from mlbus import artifacts
 from mlbus.errors import Abandon, MlbusError, TransientError
+from mlbus.families import InvalidModelSpec, hyperparameters
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Record
 from mlbus.kafka.producer import EventProducer
@@ -38,9 +40,7 @@ from schemas.training import (
     TrainingRequested,
     TrainingStarted,
 )
-from trainer import artifacts
-from trainer.data import load_arrays, prepare
-from trainer.models import InvalidTrainingRequest, hyperparameters
+from trainer.data import InvalidTrainingRequest, load_arrays, prepare
 from trainer.training import fit
 
 _NAMESPACE = uuid.UUID("0d6f3b8e-3c1e-4a7e-9a55-7f2d8c1b6e42")
@@ -52,6 +52,12 @@ def run_id_for(request_id: str) -> str:
 
 class DatasetNotFound(MlbusError):
     """The requested dataset version is not in the log."""
+
+
+#: Failures that a retry cannot fix: the run is reported failed, not retried.
+_PERMANENT = (
+    InvalidTrainingRequest, InvalidModelSpec, DatasetNotFound, IntegrityError, StorageError,
+)  # fmt: skip
 
 
 def find_dataset(kafka: KafkaConfig, name: str, version: str) -> DatasetCreated:
@@ -94,7 +100,7 @@ class TrainingWorker:
             completed = self._train(request, event, run_id, record)
         except (TransientError, Abandon):
             raise  # retried / given back: not a failure of the run
-        except (InvalidTrainingRequest, DatasetNotFound, IntegrityError, StorageError) as e:
+        except _PERMANENT as e:
             self._fail(request, event, run_id, str(e), type(e).__name__, retryable=False)
             return
         self.store.write_bytes(marker, completed.model_dump_json().encode())

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from datasets.samples import sample_table
+from mlbus import artifacts
+from mlbus.families import FAMILIES, InvalidModelSpec, build, hyperparameters
 from mlbus.storage import ObjectStore
 from mlbus.tables import IntegrityError
 from schemas.training import EarlyStopping
-from trainer import artifacts
 from trainer.data import load_arrays, prepare, split_indices
-from trainer.models import FAMILIES, InvalidTrainingRequest, build, hyperparameters
 from trainer.training import evaluate, fit
 
 
@@ -47,12 +47,12 @@ def test_built_in_families_are_registered():
     ],
 )
 def test_bad_requests_are_refused_with_the_reason(family, given, problem):
-    with pytest.raises(InvalidTrainingRequest, match=problem):
+    with pytest.raises(InvalidModelSpec, match=problem):
         hyperparameters(family, given)
 
 
 def test_cnn_needs_square_images():
-    with pytest.raises(InvalidTrainingRequest, match="not a square"):
+    with pytest.raises(InvalidModelSpec, match="not a square"):
         build("cnn", 30, 2, hyperparameters("cnn", {}))
 
 

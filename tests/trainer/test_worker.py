@@ -4,13 +4,13 @@ matches its sha256 and loads back to the same accuracy; bad requests fail, not c
 
 from __future__ import annotations
 
+from mlbus import artifacts
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import EventProducer
 from mlbus.storage import ObjectStore
 from schemas.base import DatasetRef
 from schemas.training import TrainingRequested
 from tests.mlbus.kafka.support import read_events, run_to_end
-from trainer import artifacts
 from trainer.worker import TrainingWorker, run_id_for
 
 

@@ -12,9 +12,9 @@ from safetensors.torch import load as load_weights
 from safetensors.torch import save as save_weights
 from torch import nn
 
+from mlbus.families import build
 from mlbus.storage import ObjectStore
 from mlbus.tables import IntegrityError
-from trainer.models import build
 
 WEIGHTS = "model.safetensors"
 CARD = "model_card.json"

@@ -1,6 +1,8 @@
-"""Model families the trainer can build, by name. A family turns the dataset's input shape,
-the number of classes and the request's hyperparameters into a torch module; users add one
-with `@family("name")` without touching the worker.
+"""Model families, by name: the trainer builds a family's module to train it, the model
+server builds the same module to load an artifact's weights into (so both live in the
+kernel). A family turns the dataset's input shape, the number of classes and the request's
+hyperparameters into a torch module; users add one with `@family("name")` without touching
+the worker or the server.
 
 Built in: `mlp` (tabular) and `cnn` (square grey images given as pixel columns: 8x8 digits,
 28x28 MNIST-like; the side is the square root of the feature count).
@@ -19,8 +21,8 @@ from torch import nn
 from mlbus.errors import MlbusError
 
 
-class InvalidTrainingRequest(MlbusError):
-    """A request that can never succeed (unknown family, bad hyperparameters): not retryable."""
+class InvalidModelSpec(MlbusError):
+    """A model that can never be built (unknown family, bad hyperparameters): not retryable."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def family(
 def hyperparameters(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
     """The family's defaults overridden by `given`, checked against its bounds."""
     if name not in FAMILIES:
-        raise InvalidTrainingRequest(
+        raise InvalidModelSpec(
             f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}"
         )
     spec = FAMILIES[name]
@@ -66,7 +68,7 @@ def hyperparameters(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
     bounds |= spec.bounds
     unknown = sorted(set(given) - set(merged))
     if unknown:
-        raise InvalidTrainingRequest(
+        raise InvalidModelSpec(
             f"hyperparameter {unknown[0]!r} is not one of {name}'s: {', '.join(sorted(merged))}"
         )
     for key, value in given.items():
@@ -76,7 +78,7 @@ def hyperparameters(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
             or not isinstance(value, int | float)
             or not low <= value <= high
         ):
-            raise InvalidTrainingRequest(
+            raise InvalidModelSpec(
                 f"hyperparameter {key}={value!r} is out of range [{low:g}, {high:g}]"
             )
         merged[key] = type(merged[key])(value) if isinstance(merged[key], int) else float(value)
@@ -131,7 +133,7 @@ class _ImageCNN(nn.Module):
 def _cnn(n_features: int, n_classes: int, p: Mapping[str, Any]) -> nn.Module:
     side = math.isqrt(n_features)
     if side * side != n_features or side < 4:
-        raise InvalidTrainingRequest(
+        raise InvalidModelSpec(
             f"cnn needs square images as pixel columns; {n_features} features is not a square"
         )
     return _ImageCNN(side, n_classes, int(p["channels"]), float(p["dropout"]))
