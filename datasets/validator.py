@@ -80,7 +80,8 @@ class Validator:
             DatasetValidated(
                 name=data.name, version=data.version, uri=data.uri,
                 content_hash=data.content_hash, num_rows=data.num_rows,
-                validator=self.name, checks=CHECKS,
+                validator=self.name, checks=CHECKS, tags=data.tags,
+                label_column=data.label_column,
             ),
             causation=event,
             event_id=validated_id(event.id),

@@ -30,6 +30,7 @@ from schemas.training import (
     TrainingRequested,
     TrainingStarted,
 )
+from schemas.workflow import PipelineDefined
 
 FOREVER = -1
 DAY_MS = 24 * 3600 * 1000
@@ -77,6 +78,9 @@ CATALOG: tuple[TopicSpec, ...] = (
               "artifact, metrics and provenance of a finished run", "trainer"),
     TopicSpec("training.failed", TrainingFailed, "model", 6,
               "a run failed (reason, retryable)", "trainer"),
+    TopicSpec("pipeline.defined", PipelineDefined, "name", 1,
+              "a pipeline definition (trigger, sweep, promotion policy) as applied",
+              "workflow CLI/API"),
     TopicSpec("model.promoted", ModelPromoted, "model", 3,
               "this version now serves (policy, evidence; rollbacks too)", "workflow, CLI/API"),
     TopicSpec("model.rejected", ModelRejected, "model", 3,

@@ -68,3 +68,5 @@ class DatasetValidated(Payload):
     num_rows: int = Field(ge=0)
     validator: NonEmpty
     checks: list[str] = []
+    tags: dict[str, str] = Field(default={}, description="copied from the dataset.created")
+    label_column: str | None = None

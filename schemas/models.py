@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import Field, JsonValue
 
-from schemas.base import Name, NonEmpty, Payload, PolicyRef, Sha256
+from schemas.base import DatasetRef, Name, NonEmpty, Payload, PolicyRef, Sha256
+from schemas.training import Artifact
 
 
 class ModelPromoted(Payload):
@@ -21,6 +22,10 @@ class ModelPromoted(Payload):
     evidence: dict[str, JsonValue] = {}
     rollback: bool = False
     cause: str | None = Field(default=None, description="id of the event that caused this one")
+    artifact: Artifact | None = Field(
+        default=None, description="what to load: copied from the run's training.completed"
+    )
+    dataset: DatasetRef | None = Field(default=None, description="the version it was trained on")
 
 
 class ModelRejected(Payload):

@@ -1,0 +1,65 @@
+"""Payload of `pipeline.defined`: a pipeline definition as applied (`mlbus pipelines apply`).
+The workflow manager acts on the newest revision of each pipeline, so the policy in force at
+any time is itself in the log."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.base import Name, NonEmpty, Part, Payload
+from schemas.training import EarlyStopping, HyperValue, Split
+
+
+class Threshold(Part):
+    """An absolute bar a candidate must clear: `metric op value`, e.g. test.accuracy >= 0.95.
+    Metrics are the trainer's `split.metric` names, or `latency_p95_ms` from the model card."""
+
+    metric: NonEmpty
+    op: Literal[">=", "<="] = ">="
+    value: float
+
+
+class PromotionPolicy(Part):
+    name: NonEmpty
+    version: int = Field(default=1, ge=1)
+    metric: NonEmpty = Field(default="test.accuracy", description="compared with the champion's")
+    mode: Literal["max", "min"] = "max"
+    margin: float = Field(default=0.0, ge=0.0, description="how much better than the champion")
+    thresholds: list[Threshold] = []
+
+
+class RollbackPolicy(Part):
+    enabled: bool = True
+    alerts: list[NonEmpty] = Field(
+        default=[], description="alert names that trigger a rollback; empty = every alert"
+    )
+    min_interval_seconds: float = Field(
+        default=600.0, ge=0.0, description="at most one automatic rollback per model per interval"
+    )
+
+
+class PipelineDefined(Payload):
+    name: Name
+    revision: int = Field(ge=1, description="1 for the first definition, +1 per change")
+    enabled: bool = Field(default=True, description="False: the pipeline was removed")
+    dataset: Name = Field(description="train when this dataset gets a new validated version")
+    tags: dict[str, str] = Field(default={}, description="only versions carrying these tags")
+    model: Name
+    family: NonEmpty
+    hyperparameters: dict[str, HyperValue] = {}
+    sweep: dict[str, list[HyperValue]] = Field(
+        default={}, description="hyperparameter → values; one request per point of the grid"
+    )
+    seed: int = 0
+    max_epochs: int = Field(default=10, ge=1)
+    early_stopping: EarlyStopping | None = None
+    split: Split = Split()
+    debounce_seconds: float = Field(
+        default=0.0, ge=0.0, description="versions within this window trigger one run, newest"
+    )
+    policy: PromotionPolicy
+    rollback: RollbackPolicy = RollbackPolicy()
+    actor: NonEmpty = Field(description="who applied it")
+    source: str | None = Field(default=None, description="the definition file as applied")
