@@ -10,13 +10,57 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from mlbus.errors import ConfigError
 
 _HOSTPORT = re.compile(r"^\[?[A-Za-z0-9.\-:_]+\]?:\d{1,5}$")
 _SECRET = re.compile(r"password|secret|token|key$|\.pem$|jaas|credential", re.IGNORECASE)
+
+
+class _Section(BaseModel):
+    model_config = {"frozen": True, "extra": "forbid"}
+
+
+class ApiSettings(_Section):
+    """The control-plane HTTP API (`mlbus api`)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, lt=65536)
+
+
+class ServingSettings(_Section):
+    """The model server (`mlbus serve`); env `MLBUS_SERVING__<FIELD>`."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, lt=65536)
+    replica: str = Field(default="", description="replica id; empty = hostname:pid")
+    max_batch_size: int = Field(default=64, ge=1)
+    max_wait_us: int = Field(default=2000, ge=0, description="micro-batching wait, microseconds")
+    log_sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+
+class StreamsSettings(_Section):
+    """The stream processors (`mlbus streams`); env `MLBUS_STREAMS__<FIELD>`."""
+
+    metrics_port: int = Field(default=9108, ge=0, lt=65536, description="Prometheus; 0 = off")
+    web_port: int = Field(default=0, ge=0, lt=65536, description="faust's web server; 0 = off")
+    window_seconds: float = Field(default=10.0, gt=0)
+    hopping_seconds: float = Field(default=60.0, gt=0, description="the hopping view's size")
+    grace_seconds: float = Field(default=5.0, ge=0)
+    alert_windows: int = Field(default=3, ge=1, description="consecutive breached windows")
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    max_latency_p99_seconds: float = Field(default=0.5, gt=0)
+    max_psi: float = Field(default=0.2, gt=0)
+
+
+class ArchiveSettings(_Section):
+    """The archiver (`mlbus archive run`); env `MLBUS_ARCHIVE__<FIELD>`."""
+
+    flush_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    flush_seconds: float = Field(default=60.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -52,6 +96,13 @@ class Settings(BaseSettings):
         "object store (comma-separated or JSON); empty = the working directory and data_dir",
     )
     max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
+    api_token: SecretStr | None = Field(
+        default=None, description="bearer token for mutating/control HTTP endpoints; None = open"
+    )
+    api: ApiSettings = ApiSettings()
+    serving: ServingSettings = ServingSettings()
+    streams: StreamsSettings = StreamsSettings()
+    archive: ArchiveSettings = ArchiveSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("kafka_bootstrap_servers")
@@ -158,7 +209,7 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         field = ".".join(str(p) for p in first["loc"]) or "settings"
-        env = "MLBUS_" + field.split(".")[0].upper()
+        env = "MLBUS_" + "__".join(str(p) for p in first["loc"][:2]).upper()
         message = first["msg"].removeprefix("Value error, ")
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise ConfigError(f"invalid setting {env}: {message}{more}") from None

@@ -21,6 +21,18 @@ def main() -> None:
 
 
 # Commands register themselves on `app` when their modules are imported.
-from mlbus.cli import api, datasets, demo, events, platform, training  # noqa: E402, F401
+from mlbus.cli import (  # noqa: E402, F401
+    api,
+    archive,
+    datasets,
+    demo,
+    events,
+    lineage,
+    platform,
+    serving,
+    streams,
+    training,
+    workflow,
+)
 
 __all__ = ["app", "main"]
