@@ -1,6 +1,12 @@
 """Group-less reading of whole topics (`mlbus tail`, `mlbus deadletters`, audits): assigns
 every partition directly, so it joins no consumer group and changes nobody's offsets.
 
+`since_ms` starts at a time: on a real cluster `offsets_for_times` finds the first offsets
+(production path); the embedded broker answers 0 for every time (shared/BROKER.md), so
+there the reader starts at the beginning. Either way, records older than `since_ms` are
+skipped, so the answer is right on both (CreateTime is not monotonic within a partition,
+so the hint is only a hint).
+
 The end of a partition is detected with `enable.partition.eof` (the fetch response's
 high-water mark), which is right on Apache Kafka and on the embedded broker alike. Starting
 "at the end" uses the list-offsets high-water mark on a real cluster (production path) and,
@@ -12,10 +18,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    OFFSET_END,
     Consumer,
     KafkaError,
     KafkaException,
@@ -30,6 +38,34 @@ from schemas.codec import decode
 from schemas.envelope import Event
 
 
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One record of the log as stored, whatever it is read from (Kafka or the archive):
+    what replays, rebuilds, audits and restores work on. `topic` is the contract's name
+    (without the deployment's topic prefix), so an archive restores into any cluster."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+    key: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+    value: bytes | None
+
+    @classmethod
+    def from_message(cls, message: Message, kafka: KafkaConfig) -> LogRecord:
+        kind, ts = message.timestamp()
+        return cls(
+            topic=kafka.event_type(message.topic()),
+            partition=message.partition(),
+            offset=message.offset(),
+            timestamp_ms=ts if kind else None,
+            key=message.key(),
+            headers=tuple(message.headers() or ()),
+            value=message.value(),
+        )
+
+
 class TopicReader:
     def __init__(
         self,
@@ -39,10 +75,12 @@ class TopicReader:
         start: Literal["beginning", "end"] = "beginning",
         follow: bool = False,
         poll_timeout: float = 0.2,
+        since_ms: int | None = None,
     ) -> None:
         self.kafka = kafka
         self.topics = list(topics)
         self.start = start
+        self.since_ms = since_ms
         self.follow = follow
         self.poll_timeout = poll_timeout
         self._stop = threading.Event()
@@ -63,6 +101,14 @@ class TopicReader:
                     tp.offset = high
             elif self.start == "end":
                 skipping = {(tp.topic, tp.partition) for tp in partitions}
+            elif self.since_ms is not None and not self.kafka.embedded:
+                for tp in partitions:
+                    tp.offset = self.since_ms
+                found = consumer.offsets_for_times(partitions, timeout=10)
+                # -1: no record at or after that time in the partition
+                for tp in found:
+                    tp.offset = OFFSET_END if tp.offset < 0 else tp.offset
+                partitions = found
             consumer.assign(partitions)
             remaining = {(tp.topic, tp.partition) for tp in partitions}
             if not remaining:
@@ -82,6 +128,10 @@ class TopicReader:
                         continue
                     if key in skipping:
                         continue
+                    if self.since_ms is not None:
+                        kind, ts = message.timestamp()
+                        if kind and ts < self.since_ms:
+                            continue
                     yield message
                     if self._stop.is_set():
                         return
@@ -114,3 +164,22 @@ def read_events(kafka: KafkaConfig, event_type: str) -> Iterator[Event]:
             yield decode(message.value(), message.headers(), expected_type=event_type)
         except MlbusError:
             continue
+
+
+def read_log(
+    kafka: KafkaConfig,
+    topics: Sequence[str],
+    *,
+    since_ms: int | None = None,
+    until_ms: int | None = None,
+) -> Iterator[LogRecord]:
+    """Every record of the contract `topics` (names without prefix) from `since_ms` (or the
+    beginning) to the end of each partition as it was when reading started, raw and in
+    order within each partition; joins no group, commits nothing."""
+    names = [kafka.topic(t) for t in topics]
+    for message in TopicReader(kafka, names, since_ms=since_ms):
+        if until_ms is not None:
+            kind, ts = message.timestamp()
+            if kind and ts > until_ms:
+                continue
+        yield LogRecord.from_message(message, kafka)

@@ -9,7 +9,7 @@ import time
 from confluent_kafka import Consumer
 
 from mlbus.kafka.producer import EventProducer
-from mlbus.kafka.reader import TopicReader
+from mlbus.kafka.reader import TopicReader, read_log
 from schemas.codec import decode
 from schemas.training import TrainingProgress
 
@@ -74,3 +74,22 @@ def test_reading_changes_no_consumer_offsets(kafka, group):
         assert "mlbus-reader-unused" not in {g.group_id for g in groups.valid}
     finally:
         consumer.close()
+
+
+def test_read_log_keeps_records_whole_and_filters_by_time(kafka):
+    from confluent_kafka import Producer
+
+    topic = kafka.topic("serving.alert")
+    producer = Producer(kafka.producer())
+    for i, ts in enumerate([1_000, 5_000, 9_000]):  # CreateTime set by the producer
+        producer.produce(topic, value=b"v%d" % i, key=b"k", timestamp=ts, headers=[("h", b"x")])
+    producer.flush(10)
+    everything = list(read_log(kafka, ["serving.alert"]))
+    assert [(r.topic, r.key, r.value, r.headers) for r in everything] == [
+        ("serving.alert", b"k", b"v0", (("h", b"x"),)),
+        ("serving.alert", b"k", b"v1", (("h", b"x"),)),
+        ("serving.alert", b"k", b"v2", (("h", b"x"),)),
+    ]  # the contract name, without the test's topic prefix
+    assert [r.offset for r in everything] == [0, 1, 2]
+    window = list(read_log(kafka, ["serving.alert"], since_ms=5_000, until_ms=8_999))
+    assert [(r.value, r.timestamp_ms) for r in window] == [(b"v1", 5_000)]
