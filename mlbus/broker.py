@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -53,10 +54,19 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # If mlbus is SIGKILLed, the kernel sends the broker SIGTERM: no orphan broker. The
-    # signal fires when the *thread* that forked exits, so this is armed only for brokers
-    # started from the main thread (see EmbeddedBroker.start).
+    # If mlbus is SIGKILLed, the kernel sends the child SIGTERM: no orphan broker or service.
+    # The signal fires when the *thread* that forked exits, so this is armed only for
+    # children started from the main thread (see die_with_parent_guard).
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def die_with_parent_guard() -> Callable[[], None] | None:
+    """`preexec_fn` that ties a child's life to this process, when it can be done safely:
+    on Linux, from the main thread (a child forked by a short-lived thread would die with
+    that thread)."""
+    if _prctl is not None and threading.current_thread() is threading.main_thread():
+        return _die_with_parent
+    return None
 
 
 class EmbeddedBroker:
@@ -94,12 +104,7 @@ class EmbeddedBroker:
                     f"(pid {_read_state(self.data_dir).get('pid')}); stop that `mlbus up` first"
                 )
         binary = broker_binary()
-        # A broker started from a short-lived thread would die with that thread.
-        guard = (
-            _die_with_parent
-            if _prctl is not None and threading.current_thread() is threading.main_thread()
-            else None
-        )
+        guard = die_with_parent_guard()
         attempts = 1 if self.port else 3
         for attempt in range(attempts):
             port = self.port or free_port()

@@ -42,11 +42,15 @@ def _global(
         _overrides["data_dir"] = data_dir
     settings = load_settings(**_overrides)
     level = logging.DEBUG if verbose else getattr(logging, settings.log_level)
-    logging.basicConfig(
-        level=level,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=True)],
-    )
+    if err_console.is_terminal:
+        handler: logging.Handler = RichHandler(
+            console=err_console, show_path=False, rich_tracebacks=True
+        )
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:  # piped (under `mlbus up`, in a container): one plain line per record
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     # librdkafka retries and logs every failed connection; mlbus reports the failure itself
     # in one line, so its own log is shown only with --verbose.
     logging.getLogger(LIBRDKAFKA_LOGGER).setLevel(logging.DEBUG if verbose else logging.CRITICAL)

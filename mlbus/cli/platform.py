@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Annotated
 
 import orjson
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mlbus.broker import EmbeddedBroker
 from mlbus.cli.common import app, console, kafka_config, settings, topics_app
 from mlbus.kafka.admin import TopicStatus, apply_topics, list_topics
 from mlbus.kafka.config import KafkaConfig
+from mlbus.settings import Settings
+from mlbus.supervisor import Supervisor, catalog, select
 
 _STYLE = {"created": "green", "ok": "green", "differs": "yellow", "missing": "red"}
 
@@ -65,16 +70,59 @@ def show_settings() -> None:
     console.print_json(orjson.dumps(settings().redacted()).decode())
 
 
+_COLORS = ("cyan", "magenta", "green", "yellow", "blue", "bright_cyan", "bright_magenta",
+           "bright_green", "bright_yellow", "bright_blue")  # fmt: skip
+
+
+def service_output(names: list[str]) -> Callable[[str, str], None]:
+    """One log stream: every line prefixed with its service's name, in the service's colour."""
+    width = max(len(n) for n in [*names, "mlbus"])
+    colours = {name: _COLORS[i % len(_COLORS)] for i, name in enumerate(names)}
+    colours["mlbus"] = "bold white"
+    lock = threading.Lock()
+
+    def show(name: str, line: str) -> None:
+        with lock:
+            console.print(
+                f"[{colours.get(name, 'white')}]{name:<{width}}[/] | {escape(line)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+    return show
+
+
+def service_env(cfg: Settings) -> dict[str, str]:
+    """The services' environment: the caller's, with the data dir made absolute (they find
+    the embedded broker through it) and output that suits a merged log."""
+    env = dict(os.environ)
+    env["MLBUS_DATA_DIR"] = str(cfg.data_dir.resolve())
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("COLUMNS", "160")  # rich wraps piped output at 80 columns otherwise
+    return env
+
+
 @app.command()
-def up() -> None:
+def up(
+    trainers: Annotated[int, typer.Option(min=0, help="training workers to run")] = 1,
+    only: Annotated[
+        str | None,
+        typer.Option(help="comma-separated services to run (e.g. serve,trainer); default all"),
+    ] = None,
+) -> None:
     """Run the platform: the embedded broker (unless MLBUS_KAFKA_BOOTSTRAP_SERVERS names a
-    cluster) with the catalog's topics, until Ctrl-C or SIGTERM."""
+    cluster) with the catalog's topics, and every service supervised, until Ctrl-C or
+    SIGTERM."""
     cfg = settings()
+    services = select(catalog(cfg, trainers=trainers), only)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
     broker = EmbeddedBroker(cfg.data_dir) if cfg.embedded else None
     started = False
+    supervisor: Supervisor | None = None
+    show = service_output([s.name for s in services])
     try:
         if broker is not None:
             broker.start(announce=False)
@@ -84,22 +132,42 @@ def up() -> None:
         if broker is not None:
             broker.announce()  # only now may other commands find it: the topics exist
         console.print(topic_table(statuses))
-        services = Table("service", "pid", "address")
+        supervisor = Supervisor(services, env=service_env(cfg), output=show, data_dir=cfg.data_dir)
+        supervisor.start()
+        table = Table("service", "pid", "address", title="mlbus services")
         if broker is not None and broker.process is not None:
-            services.add_row(
-                "broker (embedded, memory storage)", str(broker.process.pid), broker.bootstrap
-            )
+            table.add_row("broker (embedded)", str(broker.process.pid), broker.bootstrap)
         else:
-            services.add_row("kafka (external)", "-", kafka.bootstrap)
-        console.print(services)
+            table.add_row("kafka (external)", "-", kafka.bootstrap)
+        for row in supervisor.status():
+            table.add_row(str(row["service"]), str(row["pid"]), str(row["url"] or "-"))
+        console.print(table)
         console.print(f"[green]mlbus is up[/] (data dir {cfg.data_dir}); Ctrl-C stops it.")
-        while not stop.wait(0.5):
-            if broker is not None and not broker.alive():
-                raise typer.Exit(_broker_died(broker))
+        watcher = threading.Thread(target=_watch_broker, args=(broker, stop), daemon=True)
+        watcher.start()
+        supervisor.watch(stop)
     finally:
+        if supervisor is not None:
+            show("mlbus", "stopping services…")
+            codes = supervisor.stop()
+            unclean = [f"{name} ({code})" for name, code in codes if code not in (0, -15)]
+            show("mlbus", "all services stopped" + (
+                f"; unclean exits: {', '.join(unclean)}" if unclean else " cleanly"))  # fmt: skip
         if broker is not None and started:
             broker.stop()
             console.print("embedded broker stopped")
+    if broker is not None and not broker_ok(broker):
+        raise typer.Exit(_broker_died(broker))
+
+
+def _watch_broker(broker: EmbeddedBroker | None, stop: threading.Event) -> None:
+    while broker is not None and not stop.wait(0.5):
+        if not broker.alive():
+            stop.set()
+
+
+def broker_ok(broker: EmbeddedBroker) -> bool:
+    return broker.process is None or broker.process.returncode in (None, 0, -15)
 
 
 def _broker_died(broker: EmbeddedBroker) -> int:
