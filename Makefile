@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MLBUS_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
-.PHONY: install tools test unit integration demo lint schemas bench clean
+.PHONY: install tools test unit integration demo lint schemas infra bench clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ lint: install
 
 schemas: install
 	$(BIN)/python -m schemas.generate
+
+infra: install  ## regenerate infra/'s topic definitions from the catalog
+	$(BIN)/mlbus topics export --format yaml > infra/kafka/topics.yaml
+	$(BIN)/mlbus topics export --format sh > infra/kafka/create-topics.sh
+	$(BIN)/mlbus topics export --format strimzi > infra/k8s/topics.yaml
 
 bench: install
 	$(BIN)/python bench/bus.py

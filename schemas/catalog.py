@@ -51,9 +51,16 @@ class TopicSpec:
     replication: int = 3
     max_message_bytes: int | None = None
 
-    def configs(self) -> dict[str, str]:
-        """Topic-level configs as Kafka names them."""
-        out = {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy}
+    def configs(self, replication: int | None = None) -> dict[str, str]:
+        """Topic-level configs as Kafka names them, for a topic with `replication` replicas
+        (default the catalog's): acks=all then needs `min.insync.replicas` of them, which is
+        2 of 3 (one broker may be down) and 1 where there are fewer than 3."""
+        replicas = replication or self.replication
+        out = {
+            "retention.ms": str(self.retention_ms),
+            "cleanup.policy": self.cleanup_policy,
+            "min.insync.replicas": str(2 if replicas >= 3 else 1),
+        }
         if self.max_message_bytes:
             out["max.message.bytes"] = str(self.max_message_bytes)
         return out

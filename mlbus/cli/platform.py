@@ -15,7 +15,15 @@ from rich.table import Table
 
 from mlbus.broker import EmbeddedBroker
 from mlbus.cli.common import app, console, kafka_config, settings, topics_app
-from mlbus.kafka.admin import TopicStatus, apply_topics, list_topics
+from mlbus.errors import MlbusError
+from mlbus.kafka.admin import (
+    TopicStatus,
+    apply_topics,
+    create_topics_script,
+    list_topics,
+    strimzi_topics,
+    topic_definitions,
+)
 from mlbus.kafka.config import KafkaConfig
 from mlbus.settings import Settings
 from mlbus.supervisor import Supervisor, catalog, select
@@ -62,6 +70,28 @@ def topics_list(
     console.print(topic_table(statuses))
     if others:
         console.print("other topics: " + ", ".join(others))
+
+
+@topics_app.command("export")
+def topics_export(
+    fmt: Annotated[str, typer.Option("--format", help="yaml, sh or strimzi")] = "yaml",
+    replication: Annotated[int, typer.Option(min=1, help="replication factor")] = 3,
+) -> None:
+    """The catalog's topics for a real cluster (RF 3, min.insync.replicas 2): definitions
+    (yaml), a kafka-topics.sh script (sh) or Strimzi KafkaTopic resources (strimzi);
+    `infra/` holds all three (`make infra`)."""
+    import yaml
+
+    definitions = topic_definitions(replication, prefix=settings().topic_prefix)
+    if fmt == "yaml":
+        header = "# Generated from schemas/catalog.py by `mlbus topics export`; do not edit.\n"
+        print(header + yaml.safe_dump({"topics": definitions}, sort_keys=False), end="")
+    elif fmt == "sh":
+        print(create_topics_script(definitions), end="")
+    elif fmt == "strimzi":
+        print(strimzi_topics(definitions), end="")
+    else:
+        raise MlbusError(f"--format {fmt!r}: use yaml or sh")
 
 
 @app.command("settings")
@@ -122,6 +152,7 @@ def up(
     broker = EmbeddedBroker(cfg.data_dir) if cfg.embedded else None
     started = False
     supervisor: Supervisor | None = None
+    died = threading.Event()
     show = service_output([s.name for s in services])
     try:
         if broker is not None:
@@ -143,7 +174,7 @@ def up(
             table.add_row(str(row["service"]), str(row["pid"]), str(row["url"] or "-"))
         console.print(table)
         console.print(f"[green]mlbus is up[/] (data dir {cfg.data_dir}); Ctrl-C stops it.")
-        watcher = threading.Thread(target=_watch_broker, args=(broker, stop), daemon=True)
+        watcher = threading.Thread(target=_watch_broker, args=(broker, stop, died), daemon=True)
         watcher.start()
         supervisor.watch(stop)
     finally:
@@ -156,18 +187,17 @@ def up(
         if broker is not None and started:
             broker.stop()
             console.print("embedded broker stopped")
-    if broker is not None and not broker_ok(broker):
+    if broker is not None and died.is_set():
         raise typer.Exit(_broker_died(broker))
 
 
-def _watch_broker(broker: EmbeddedBroker | None, stop: threading.Event) -> None:
+def _watch_broker(
+    broker: EmbeddedBroker | None, stop: threading.Event, died: threading.Event
+) -> None:
     while broker is not None and not stop.wait(0.5):
         if not broker.alive():
+            died.set()
             stop.set()
-
-
-def broker_ok(broker: EmbeddedBroker) -> bool:
-    return broker.process is None or broker.process.returncode in (None, 0, -15)
 
 
 def _broker_died(broker: EmbeddedBroker) -> int:

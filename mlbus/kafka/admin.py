@@ -56,7 +56,7 @@ def apply_topics(
     if to_create:
         futures = admin.create_topics(
             [
-                NewTopic(name, spec.partitions, replication, config=spec.configs())
+                NewTopic(name, spec.partitions, replication, config=spec.configs(replication))
                 for name, (spec, replication) in to_create.items()
             ],
             operation_timeout=timeout,
@@ -90,7 +90,7 @@ def _compare(
         configs = admin.describe_configs([resource], request_timeout=timeout)[resource].result()
     except KafkaException:
         configs = {}
-    for key, wanted in spec.configs().items():
+    for key, wanted in spec.configs(replication).items():
         entry = configs.get(key)
         have = entry.value if entry is not None else None
         if have is not None and have != wanted:
@@ -122,3 +122,70 @@ def list_topics(
         if t not in names and t.startswith(kafka.topic_prefix) and not t.startswith("__")
     )  # fmt: skip
     return statuses, others
+
+
+def topic_definitions(
+    replication: int = 3, catalog: tuple[TopicSpec, ...] = CATALOG, prefix: str = ""
+) -> list[dict[str, object]]:
+    """The catalog as topic definitions for a cluster of at least `replication` brokers
+    (what `infra/` provisions with: `mlbus topics export`)."""
+    return [
+        {
+            "name": prefix + spec.name,
+            "partitions": spec.partitions,
+            "replication_factor": replication,
+            "configs": spec.configs(replication),
+            "key": spec.key or "(original key)",
+            "description": spec.description,
+        }
+        for spec in catalog
+    ]
+
+
+def create_topics_script(definitions: list[dict[str, object]]) -> str:
+    """A POSIX shell script creating `definitions` with Apache Kafka's `kafka-topics.sh`,
+    idempotently (`--if-not-exists`); `$BOOTSTRAP` names the cluster."""
+    lines = [
+        "#!/bin/sh",
+        "# Generated from the topic catalog (schemas/catalog.py) by `mlbus topics export",
+        "# --format sh`; do not edit. Creates every contract topic that is missing.",
+        "set -eu",
+        ': "${BOOTSTRAP:=kafka-1:9092}"',
+        ': "${KAFKA_TOPICS:=/opt/kafka/bin/kafka-topics.sh}"',
+    ]
+    for d in definitions:
+        configs = " ".join(f"--config {k}={v}" for k, v in d["configs"].items())  # type: ignore[attr-defined]
+        lines.append(
+            f'"$KAFKA_TOPICS" --bootstrap-server "$BOOTSTRAP" --create --if-not-exists '
+            f"--topic {d['name']} --partitions {d['partitions']} "
+            f"--replication-factor {d['replication_factor']} {configs}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def strimzi_topics(definitions: list[dict[str, object]], cluster: str = "mlbus") -> str:
+    """`definitions` as Strimzi `KafkaTopic` resources (Kubernetes), one YAML document each."""
+    import yaml
+
+    docs = [
+        {
+            "apiVersion": "kafka.strimzi.io/v1beta2",
+            "kind": "KafkaTopic",
+            "metadata": {
+                # Kubernetes names allow no '.' at the ends and no '_': the real name is in
+                # spec.topicName.
+                "name": str(d["name"]).replace(".", "-").replace("_", "-").lower(),
+                "namespace": "mlbus",
+                "labels": {"strimzi.io/cluster": cluster},
+            },
+            "spec": {
+                "topicName": d["name"],
+                "partitions": d["partitions"],
+                "replicas": d["replication_factor"],
+                "config": d["configs"],
+            },
+        }
+        for d in definitions
+    ]
+    header = "# Generated from schemas/catalog.py by `mlbus topics export --format strimzi`.\n"
+    return header + yaml.safe_dump_all(docs, sort_keys=False)

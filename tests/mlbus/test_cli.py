@@ -569,8 +569,9 @@ class Up:
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self.broker_pid: int | None = None
+        # One light service: these tests are about the broker and the process's life.
         self.proc = subprocess.Popen(
-            [MLBUS, "up"],
+            [MLBUS, "up", "--only", "validator"],
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
