@@ -1,15 +1,27 @@
 """The control-plane HTTP API (`mlbus api`): the routers of the components under one app,
-with one error body for every failure: {"error": {"type": ..., "message": ...}}."""
+with one error body for every failure: {"error": {"type": ..., "message": ...}}, optional
+bearer-token auth on every mutating endpoint (`MLBUS_API_TOKEN`), and `/metrics`."""
 
 from __future__ import annotations
 
+import hmac
 import logging
-from typing import Annotated
+import time
+from typing import Annotated, Any
 
 import typer
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 
 import mlbus
 from mlbus.cli.common import app, settings
@@ -21,8 +33,10 @@ from mlbus.errors import (
     UnknownTopic,
 )
 from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.producer import EventProducer
 from mlbus.settings import Settings
 from mlbus.storage import ObjectStore, StorageError
+from schemas.training import TrainingRequested
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +54,95 @@ def _status(error: MlbusError) -> int:
     return 500
 
 
-def error_body(kind: str, message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
+def error_body(kind: str, message: str, status: int, **headers: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": kind, "message": message}}, status_code=status, headers=headers or None
+    )
+
+
+class Unauthorized(MlbusError):
+    """A mutating request without the configured bearer token."""
+
+
+_READ_ONLY = frozenset({"GET", "HEAD", "OPTIONS"})
+_bearer = HTTPBearer(auto_error=False, description="MLBUS_API_TOKEN (mutating endpoints)")
+
+
+def token_guard(cfg: Settings) -> Any:
+    """Dependency: with `MLBUS_API_TOKEN` set, every mutating request needs
+    `Authorization: Bearer <token>`; reading stays open."""
+    expected = cfg.api_token.get_secret_value().encode() if cfg.api_token else None
+
+    def guard(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        if expected is None or request.method in _READ_ONLY:
+            return
+        given = credentials.credentials.encode() if credentials else b""
+        if not hmac.compare_digest(given, expected):
+            raise Unauthorized(
+                "this endpoint changes state: send Authorization: Bearer <MLBUS_API_TOKEN>"
+            )
+
+    return guard
+
+
+def training_router(cfg: Settings) -> APIRouter:
+    """POST /training/requests: request a run (the same event `mlbus train` publishes)."""
+    router = APIRouter(prefix="/training", tags=["training"])
+
+    @router.post("/requests", status_code=202, summary="Request a training run")
+    async def request_training(request: TrainingRequested) -> dict[str, str]:
+        def publish() -> str:
+            with EventProducer(KafkaConfig.from_settings(cfg), source="mlbus/api") as producer:
+                ref = producer.publish(request.model_copy(update={"requested_by": "api"}))
+                producer.flush()
+                return ref.id
+
+        return {"event_id": await run_in_threadpool(publish), "topic": "training.requested"}
+
+    return router
 
 
 def create_app(cfg: Settings) -> FastAPI:
     from datasets.api import create_router as datasets_router
     from datasets.registry import DatasetRegistry
 
-    api = FastAPI(title="mlbus", version=mlbus.__version__, description=__doc__)
+    api = FastAPI(
+        title="mlbus", version=mlbus.__version__, description=__doc__,
+        dependencies=[Depends(token_guard(cfg))],
+    )  # fmt: skip
+    registry_ = CollectorRegistry()
+    requests = Counter(
+        "mlbus_api_requests", "control-plane API requests", ["method", "route", "status"],
+        registry=registry_,
+    )  # fmt: skip
+    latency = Histogram(
+        "mlbus_api_request_duration_seconds", "control-plane API latency", ["method", "route"],
+        registry=registry_,
+    )  # fmt: skip
+
+    @api.middleware("http")
+    async def _measure(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "(unmatched)")
+        requests.labels(request.method, path, str(response.status_code)).inc()
+        latency.labels(request.method, path).observe(time.perf_counter() - started)
+        return response
 
     def registry() -> DatasetRegistry:
         return DatasetRegistry(ObjectStore.from_settings(cfg), KafkaConfig.from_settings(cfg))
 
     api.include_router(datasets_router(registry))
+    api.include_router(training_router(cfg))
 
     @api.exception_handler(MlbusError)
     async def _mlbus_error(request: Request, error: MlbusError) -> JSONResponse:
+        if isinstance(error, Unauthorized):
+            return error_body("Unauthorized", str(error), 401, **{"WWW-Authenticate": "Bearer"})
         return error_body(type(error).__name__, str(error), _status(error))
 
     @api.exception_handler(RequestValidationError)
@@ -74,15 +160,28 @@ def create_app(cfg: Settings) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok", "version": mlbus.__version__}
 
+    @api.get("/services", tags=["meta"], summary="What `mlbus up` runs, if it runs")
+    def services() -> dict[str, Any]:
+        from mlbus.supervisor import read_status
+
+        return read_status(cfg.data_dir) or {"pid": None, "services": []}
+
+    @api.get("/metrics", tags=["meta"], include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry_), media_type=CONTENT_TYPE_LATEST)
+
     return api
 
 
 @app.command("api")
 def serve_api(
-    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port")] = 8000,
+    host: Annotated[str | None, typer.Option(help="interface [env: MLBUS_API__HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="port [env: MLBUS_API__PORT]")] = None,
 ) -> None:
     """Run the control-plane HTTP API (OpenAPI document at /docs and /openapi.json)."""
     import uvicorn
 
-    uvicorn.run(create_app(settings()), host=host, port=port, log_level="info")
+    cfg = settings()
+    uvicorn.run(
+        create_app(cfg), host=host or cfg.api.host, port=port or cfg.api.port, log_level="info"
+    )

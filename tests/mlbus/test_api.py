@@ -1,0 +1,70 @@
+"""The control plane's own parts (create_app): bearer-token auth on mutating endpoints only,
+training requests published as events, /metrics and the supervisor's status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from mlbus.cli.api import create_app
+from mlbus.kafka.config import KafkaConfig
+from mlbus.settings import Settings
+from tests.mlbus.kafka.support import read_events
+
+REQUEST = {"model": "digits-cnn", "dataset": {"name": "digits", "version": "abc"}, "family": "cnn"}
+
+
+def settings_for(kafka: KafkaConfig, tmp_path: Path, **changes: object) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data", kafka_bootstrap_servers=kafka.bootstrap,
+        topic_prefix=kafka.topic_prefix, kafka={"fetch.wait.max.ms": "10"}, **changes,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def guarded(kafka: KafkaConfig, tmp_path: Path) -> TestClient:
+    return TestClient(create_app(settings_for(kafka, tmp_path, api_token="s3cret")))
+
+
+def test_a_mutating_request_without_the_token_is_refused_and_publishes_nothing(guarded, kafka):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        response = guarded.post("/training/requests", json=REQUEST, headers=headers)
+        assert response.status_code == 401, headers
+        assert response.json()["error"]["type"] == "Unauthorized"
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert read_events(kafka, "training.requested") == []
+
+
+def test_with_the_token_a_training_request_becomes_an_event(guarded, kafka):
+    response = guarded.post(
+        "/training/requests", json=REQUEST, headers={"Authorization": "Bearer s3cret"}
+    )
+    assert response.status_code == 202, response.text
+    [event] = read_events(kafka, "training.requested")
+    assert event.id == response.json()["event_id"]
+    assert event.data.model == "digits-cnn" and event.data.requested_by == "api"
+
+
+def test_reading_needs_no_token(guarded):
+    assert guarded.get("/health").status_code == 200
+    assert guarded.get("/services").json() == {"pid": None, "services": []}
+
+
+def test_an_invalid_training_request_names_the_field(kafka, tmp_path):
+    client = TestClient(create_app(settings_for(kafka, tmp_path)))
+    response = client.post("/training/requests", json=REQUEST | {"seed": "zero"})
+    assert response.status_code == 422
+    assert "seed" in response.json()["error"]["message"]
+
+
+def test_metrics_count_requests_by_route_and_status(kafka, tmp_path):
+    client = TestClient(create_app(settings_for(kafka, tmp_path)))
+    client.get("/health")
+    client.get("/nowhere")
+    text = client.get("/metrics").text
+    assert 'mlbus_api_requests_total{method="GET",route="/health",status="200"} 1.0' in text
+    assert 'route="(unmatched)",status="404"' in text
+    assert "mlbus_api_request_duration_seconds_bucket" in text
+    assert "/metrics" not in client.get("/openapi.json").json()["paths"]
