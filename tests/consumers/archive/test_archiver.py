@@ -1,0 +1,205 @@
+"""The archiver: every record of every contract topic lands in Parquet on the object store
+(file:// and s3://) exactly once, across re-runs, SIGKILLs and restarts, with its offsets
+committed only after the file is durable."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from consumers.archive.layout import ROOT, list_files
+from consumers.archive.reader import read_archive
+from consumers.archive.writer import Archiver
+from mlbus.kafka.config import KafkaConfig
+from mlbus.storage import ObjectStore
+from tests.consumers.archive.support import (
+    assert_exactly_once,
+    produce,
+    stored_rows,
+    the_log,
+    wait_for_archive,
+)
+from tests.mlbus.kafka.support import committed_offset, dataset, publish, wait_until
+from tests.mlbus.test_cli import MLBUS
+
+
+def archive(kafka: KafkaConfig, store: ObjectStore, group: str, **kwargs: object) -> Archiver:
+    archiver = Archiver(kafka, store, group=group, **kwargs)  # type: ignore[arg-type]
+    archiver.run(stop_at_end=True, install_signal_handlers=False)
+    return archiver
+
+
+def test_every_record_is_archived_once_with_its_columns(log, store, group):
+    archiver = archive(log, store, group, flush_bytes=4000)
+    records = assert_exactly_once(log, store)
+    assert archiver.stats.records == len(records)
+    assert archiver.stats.files > 3  # flushed by size, not in one go
+
+    keys = store.list(ROOT)
+    assert all(k.split("/")[2].startswith("date=") for k in keys), keys[:3]
+    table = pq.read_table(store.open(keys[0]))
+    assert table.column_names == [
+        "topic", "partition", "offset", "timestamp", "key", "headers", "value", "event_id",
+        "event_type",
+    ]  # fmt: skip
+    rows = [
+        row
+        for f in list_files(store, ["training.progress", "dataset.created"])
+        for row in pq.read_table(store.open(f.key)).to_pylist()
+    ]
+    binary = [r for r in rows if r["key"] == b"binary"]
+    assert [(r["event_id"], r["event_type"]) for r in binary] == [
+        ("binary-mode-id", "training.progress")
+    ]
+    garbage = [r for r in rows if r["value"].startswith(b"\x00")]
+    assert len(garbage) == 1 and garbage[0]["event_id"] is None
+    valid = [r for r in rows if r["value"].startswith(b'{"specversion"')]
+    assert valid and all(r["event_id"] and r["event_type"] == r["topic"] for r in valid)
+    assert all(r["topic"] in ("training.progress", "dataset.created") for r in rows)
+
+    # Offsets are committed after the files: the group's position is the archive's end.
+    last = {}
+    for r in records:
+        last[(r.topic, r.partition)] = r.offset + 1
+    for (name, partition), end in last.items():
+        assert committed_offset(log, group, log.topic(name), partition) == end
+
+
+def test_a_rerun_archives_only_what_is_new_even_under_another_group(log, local, group):
+    store = local
+    archive(log, store, group)
+    before = set(store.list(ROOT))
+    publish(log, [dataset(name="later", version=f"v{i}") for i in range(5)])
+    archive(log, store, group)
+    added = set(store.list(ROOT)) - before
+    assert added and all("/dataset.created/" in k for k in added)
+    # A group that never committed anything still starts where the archive ends: the
+    # files are the position, so a crash between a write and its commit duplicates nothing.
+    second = archive(log, store, group + "-fresh")
+    assert second.stats.records == 0 and set(store.list(ROOT)) == before | added
+    assert_exactly_once(log, store)
+
+
+def test_records_are_filed_under_the_date_of_their_timestamp(kafka, local, group):
+    day = 24 * 3600 * 1000
+    base = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+    stamps = [base - 1, base, base + 1, base + day, base - 1]  # back across midnight too
+    produce(kafka, "serving.alert", [(b"same-key", b"{}", ts) for ts in stamps])
+    archive(kafka, local, group)
+    files = list_files(local, ["serving.alert"])
+    assert [(f.day, f.first, f.last) for f in files] == [
+        ("2025-12-31", 0, 0), ("2026-01-01", 1, 2), ("2026-01-02", 3, 3), ("2025-12-31", 4, 4),
+    ]  # fmt: skip
+    assert [r.timestamp_ms for r in read_archive(local, ["serving.alert"])] == stamps
+    window = read_archive(local, ["serving.alert"], since_ms=base, until_ms=base + day - 1)
+    assert [r.offset for r in window] == [1, 2]
+
+
+# -- as a service: SIGKILL, restart, SIGTERM ---------------------------------------------------
+
+
+class Producing:
+    """Publishes dataset.created events in a thread until stopped."""
+
+    def __init__(self, kafka: KafkaConfig) -> None:
+        self.kafka = kafka
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            publish(self.kafka, [dataset(name=f"d{self.sent + i}") for i in range(20)])
+            self.sent += 20
+            time.sleep(0.02)
+
+    def __enter__(self) -> Producing:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def start_archiver(cli_env: dict[str, str], tmp_path: Path, name: str, **env: str):
+    out = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(
+        [MLBUS, "archive", "run", "--group", "archiver"], env=cli_env | env, stdout=out,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    process.log_path = tmp_path / f"{name}.log"  # type: ignore[attr-defined]
+    return process
+
+
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+    if process.poll() is None:
+        process.send_signal(sig)
+    try:
+        return process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_sigkill_and_restart_while_producing_loses_and_duplicates_nothing(
+    kafka, local, cli_env, tmp_path
+):
+    often = {"MLBUS_ARCHIVE__FLUSH_SECONDS": "0.1", "MLBUS_ARCHIVE__FLUSH_BYTES": "3000"}
+    processes = []
+    try:
+        with Producing(kafka):
+            for run in range(2):
+                process = start_archiver(cli_env | often, tmp_path, f"run{run}")
+                processes.append(process)
+                had = len(local.list(ROOT))
+                wait_until(
+                    lambda had=had: len(local.list(ROOT)) > had + 3,
+                    f"archiver run {run} writing files (had {had})",
+                )
+                assert stop(process, signal.SIGKILL) == -signal.SIGKILL
+        last = start_archiver(cli_env | often, tmp_path, "last")
+        processes.append(last)
+        wait_for_archive(kafka, local)
+        code = stop(last)
+        assert code == 0, (tmp_path / "last.log").read_text()[-3000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    log = assert_exactly_once(kafka, local)
+    assert len(log) > 100
+    assert len(list_files(local)) > 10
+
+
+def test_sigterm_flushes_what_is_buffered_and_exits_0(log, local, cli_env, tmp_path):
+    never = {"MLBUS_ARCHIVE__FLUSH_SECONDS": "3600", "MLBUS_ARCHIVE__FLUSH_BYTES": "1000000000"}
+    process = start_archiver(cli_env | never, tmp_path, "term")
+    try:
+        wait_until(lambda: "caught up" in process.log_path.read_text(), "the archiver catching up")
+        assert not local.list(ROOT)  # everything is still buffered
+        assert stop(process) == 0, process.log_path.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert_exactly_once(log, local)
+    assert stored_rows(local)
+
+
+@pytest.mark.parametrize("store", ["file", "s3"], indirect=True)
+def test_the_archive_reads_back_as_the_log(log, store, group):
+    archive(log, store, group, flush_bytes=2000)
+    topics = ["training.progress", "dataset.created"]
+    assert list(read_archive(store, topics)) == [
+        r for r in sorted(the_log(log, topics),
+                          key=lambda r: (topics.index(r.topic), r.partition, r.offset))
+    ]  # fmt: skip
