@@ -1,0 +1,319 @@
+"""Throughput of the stream processors against hand-written aiokafka loops, in one run, on
+one broker.
+
+    .venv/bin/python bench/streams.py [--events N] [--json]
+
+Measures, against the same broker (an embedded Tansu broker started in a temp dir, or the
+one at MLBUS_BENCH_BOOTSTRAP), over the same pre-produced `inference.logged` topic:
+
+1. raw consume      plain `AIOKafkaConsumer.getmany`, partitions assigned (no group), values
+                    not looked at: the ceiling of any aiokafka-based processor
+2. hand-written     the same consumer + `orjson.loads` + the same window aggregates in plain
+                    dicts (count, errors, latency sketch buckets, classes, per-feature bins
+                    against the training histogram): the baseline of the faust app
+3. faust app        `streams.app.StreamsApp` in this process: faust agent with take_events,
+                    the codec's validated decode, the window engine, its table changelog
+                    (producer_max_batch_size=1), outputs through the EventProducer
+4. breakdown        without a broker: codec decode alone, engine apply alone (where the
+                    faust app's time goes)
+
+Rates are timed from the first batch in hand to the last record processed, so the group
+join and table recovery are excluded. The end is known by count, never by end offsets
+(wrong on the embedded broker, shared/BROKER.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import orjson
+from confluent_kafka import Producer
+
+from bench.common import Figure, Figures, render_table
+from mlbus.broker import EmbeddedBroker
+from mlbus.kafka.admin import apply_topics
+from mlbus.kafka.config import KafkaConfig
+from mlbus.settings import StreamsSettings
+from schemas.base import DatasetRef
+from schemas.codec import STRUCTURED_HEADERS, decode, encode_new, wrap
+from schemas.datasets import ColumnSchema, ColumnStats, DatasetCreated, Histogram
+from schemas.models import ModelPromoted
+from schemas.serving import InferenceLogged
+from streams import sketch
+from streams.drift import Baselines
+
+TARGET_RATE = 20_000
+TARGET_RATIO = 0.5
+EDGES = [float(i) for i in range(11)]
+COUNTS = [10, 40, 90, 160, 200, 200, 160, 90, 40, 10]
+FEATURES = ("f0", "f1", "f2", "f3")
+BASE_MS = 1_767_225_600_000
+WINDOW_MS = 10_000
+
+
+def baseline() -> list[Any]:
+    hist = ColumnStats(
+        kind="numeric", null_count=0, histogram=Histogram(edges=EDGES, counts=COUNTS)
+    )
+    dataset = DatasetCreated(
+        name="bench", version="ds1", uri="file:///tmp/bench.parquet",
+        content_hash="sha256:" + "ab" * 32,
+        arrow_schema=[ColumnSchema(name=f, type="double") for f in FEATURES], num_rows=1000,
+        num_bytes=1, columns={f: hist for f in FEATURES},
+    )  # fmt: skip
+    promoted = [
+        ModelPromoted(model=f"m{i}", version="v1", reason="bench", actor="bench",
+                      dataset=DatasetRef(name="bench", version="ds1"))
+        for i in range(4)
+    ]  # fmt: skip
+    return [dataset, *promoted]
+
+
+def records(n: int, seed: int = 1) -> list[tuple[str, bytes]]:
+    """`n` inference.logged records of 4 models, ~2,000 per 10-second window."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        model = f"m{i % 4}"
+        t = BASE_MS + i * 5  # 200 records per second of event time
+        payload = InferenceLogged(
+            request_id=f"r{i}", model=model, version="v1", replica="bench",
+            latency_seconds=round(math.exp(rng.gauss(-3, 0.6)), 6), ok=i % 50 != 0,
+            predictions=[rng.choice("abc")], feature_names=list(FEATURES),
+            inputs=[[round(rng.uniform(0, 10), 3) for _ in FEATURES]],
+        )  # fmt: skip
+        _, value = encode_new(payload, source="bench", time=datetime.fromtimestamp(t / 1000, UTC))
+        out.append((model, value))
+    return out
+
+
+def produce(kafka: KafkaConfig, topic: str, data: list[tuple[str, bytes]]) -> None:
+    producer = Producer(kafka.producer(**{"linger.ms": 20, "enable.idempotence": False}))
+    for key, value in data:
+        while True:
+            try:
+                producer.produce(topic, value, key, headers=STRUCTURED_HEADERS)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    if producer.flush(60):
+        raise SystemExit("records not delivered")
+
+
+# -- 1 and 2: aiokafka, raw and hand-written -------------------------------------------------
+
+
+async def aiokafka_rate(kafka: KafkaConfig, topic: str, n: int, aggregate: bool) -> float:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap, enable_auto_commit=False, group_id=None,
+        max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
+        fetch_max_wait_ms=10,
+    )  # fmt: skip
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        windows: dict[tuple[str, str, int], dict[str, Any]] = {}
+        seen, started = 0, None
+        while seen < n:
+            batches = await consumer.getmany(timeout_ms=500, max_records=5000)
+            if started is None and batches:
+                started = time.perf_counter()
+            for messages in batches.values():
+                seen += len(messages)
+                if aggregate:
+                    for message in messages:
+                        _aggregate(windows, message.value)
+        return n / (time.perf_counter() - (started or time.perf_counter()))
+    finally:
+        await consumer.stop()
+
+
+def _aggregate(windows: dict[tuple[str, str, int], dict[str, Any]], value: bytes) -> None:
+    """What the engine computes per record, written by hand in plain dicts."""
+    event = orjson.loads(value)
+    data = event["data"]
+    t = datetime.fromisoformat(event["time"]).timestamp() * 1000
+    start = int(t - t % WINDOW_MS)
+    key = (data["model"], data["version"], start)
+    w = windows.get(key)
+    if w is None:
+        w = windows[key] = {"n": 0, "x": 0, "lat": {}, "sum": 0.0, "max": 0.0, "cls": {},
+                            "bins": {f: [0] * 10 for f in FEATURES}}  # fmt: skip
+    w["n"] += 1
+    if not data.get("ok", True):
+        w["x"] += 1
+    latency = data["latency_seconds"]
+    index = sketch.bucket_of(latency)
+    w["lat"][index] = w["lat"].get(index, 0) + 1
+    w["sum"] += latency
+    w["max"] = max(w["max"], latency)
+    for p in data.get("predictions", ()):
+        w["cls"][str(p)] = w["cls"].get(str(p), 0) + 1
+    bins = w["bins"]
+    for j, name in enumerate(data.get("feature_names") or ()):
+        counts = bins[name]
+        for sample in data.get("inputs") or ():
+            i = min(max(bisect.bisect_right(EDGES, sample[j]) - 1, 0), 9)
+            counts[i] += 1
+
+
+# -- 3: the faust app ---------------------------------------------------------------------------
+
+
+def faust_rate(kafka: KafkaConfig, n: int, data_dir: Path) -> tuple[float, dict[str, Any]]:
+    from streams.app import StreamsApp, StreamsOptions
+
+    settings = StreamsSettings(window_seconds=10, hopping_seconds=60, grace_seconds=5)
+    options = StreamsOptions(
+        app_id=f"{kafka.topic_prefix}bench-{uuid.uuid4().hex[:6]}", data_dir=data_dir,
+        idle_seconds=600,
+    )  # fmt: skip
+    sa = StreamsApp(kafka, settings, options)
+    marks: dict[str, Any] = {}
+
+    def watch() -> None:
+        # Timed from the end of the first batch to the last record: join/recovery excluded.
+        while True:
+            done = sa.processor.processed + sa.processor.deadlettered
+            if done and "first" not in marks:
+                marks["first"], marks["first_n"] = time.perf_counter(), done
+            if done >= n:
+                marks["last"] = time.perf_counter()
+                os.kill(os.getpid(), signal.SIGTERM)  # the worker's own graceful stop
+                return
+            time.sleep(0.005)
+
+    threading.Thread(target=watch, daemon=True).start()
+    sa.run()
+    if "last" not in marks:
+        raise SystemExit("the faust app stopped before processing every record")
+    rate = (n - marks["first_n"]) / (marks["last"] - marks["first"])
+    return rate, {"first_batch": marks["first_n"], "outputs_series": len(sa.engine.series)}
+
+
+# -- 4: breakdown without a broker ----------------------------------------------------------------
+
+
+def breakdown(data: list[tuple[str, bytes]]) -> dict[str, float]:
+    from streams.windows import Engine, WindowConfig
+
+    values = [v for _, v in data]
+    t0 = time.perf_counter()
+    events = [decode(v, expected_type="inference.logged") for v in values]
+    decode_rate = len(values) / (time.perf_counter() - t0)
+    baselines = Baselines()
+    for payload in baseline():
+        baselines.add(wrap(payload, source="bench"))
+    engine = Engine(WindowConfig.from_settings(StreamsSettings()), baselines)
+    t0 = time.perf_counter()
+    for offset, event in enumerate(events):
+        engine.apply(0, offset, round(event.time.timestamp() * 1000), event.data)
+    apply_rate = len(events) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    windows: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for v in values:
+        _aggregate(windows, v)
+    hand_rate = len(values) / (time.perf_counter() - t0)
+    return {"codec_decode": decode_rate, "engine_apply": apply_rate, "hand_aggregate": hand_rate}
+
+
+class Report(Figures):
+    def __init__(self) -> None:
+        self.figures: dict[str, Figure] = {}
+
+
+def run(events: int, log: Any) -> tuple[Report, dict[str, Any]]:
+    report = Report()
+    setup: dict[str, Any] = {"events": events}
+    with ExitStack() as stack:
+        external = os.environ.get("MLBUS_BENCH_BOOTSTRAP")
+        if external:
+            kafka = KafkaConfig(bootstrap=external, embedded=False)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="mlbus-bench-"))
+            broker = stack.enter_context(EmbeddedBroker(Path(tmp), record=False))
+            kafka = KafkaConfig(bootstrap=broker.bootstrap, embedded=True)
+        kafka = replace(kafka, topic_prefix=f"bench{uuid.uuid4().hex[:6]}.")
+        apply_topics(kafka)
+        data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mlbus-streams-")))
+        log(f"producing {events} inference.logged records")
+        data = records(events)
+        topic = kafka.topic("inference.logged")
+        produce(kafka, topic, data)
+        producer = Producer(kafka.producer())
+        for payload in baseline():
+            ref, value = encode_new(payload, source="bench")
+            producer.produce(kafka.topic(ref.type), value, ref.key, headers=STRUCTURED_HEADERS)
+        producer.flush(30)
+
+        log("raw aiokafka consume")
+        raw = asyncio.run(aiokafka_rate(kafka, topic, events, aggregate=False))
+        report.add(Figure("raw", "raw aiokafka consume (getmany, no group)", raw))
+        log("hand-written aiokafka loop")
+        hand = asyncio.run(aiokafka_rate(kafka, topic, events, aggregate=True))
+        report.add(Figure("hand", "hand-written aiokafka + dict aggregates", hand, "raw"))
+        log("faust app")
+        rate, detail = faust_rate(kafka, events, data_dir)
+        ok = rate >= TARGET_RATE and rate >= TARGET_RATIO * hand
+        report.add(Figure("faust", "faust app, all tables on (take_events)", rate, "hand",
+                          target=f">= {TARGET_RATE:,}/s and >= {TARGET_RATIO:.0%}", ok=ok,
+                          detail=detail))  # fmt: skip
+        log("breakdown without broker")
+        for key, value in breakdown(data[: min(events, 20_000)]).items():
+            report.add(Figure(key, f"no broker: {key.replace('_', ' ')}", value))
+    return report, setup
+
+
+def table(report: Report) -> str:
+    rows = []
+    for f in report.figures.values():
+        ratio = report.ratio(f)
+        rows.append([
+            f.label, f"{f.value:,.0f}", f"{ratio:.2f}" if ratio is not None else "",
+            f.target + ("" if f.ok is None else (" ok" if f.ok else " MISSED")),
+        ])  # fmt: skip
+    return "\n".join(render_table(["figure", "events/s", "ratio", "target"], rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        print(f"[bench/streams] {message}", file=sys.stderr, flush=True)
+
+    report, setup = run(args.events, log)
+    if args.json:
+        print(json.dumps({k: f.value for k, f in report.figures.items()} | setup))
+    else:
+        print(table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The faust-streaming app of `mlbus streams`: one agent on `inference.logged` feeding the
+window engine in batches (`take_events`), one changelog-backed table holding the engine's
+state per (model, version) and each partition's watermark, a timer that closes the windows
+of idle partitions, and the Prometheus exporter. Writes serving.metrics, serving.alert and
+mlbus.deadletter (through the processor).
+
+Why one table of per-series records rather than faust's windowed tables: faust closes its
+windows on the wall clock (`window.stale(ts, time.time())`), so a replay from offset 0 would
+close every old window at once and a live run would close them by arrival; the engine
+closes them on event time instead (streams/windows.py), and keeps each series' open windows,
+offset and alert state in one record, so one changelog write per series per batch is
+atomic. Table recovery is faust's own (changelog read back on assignment).
+
+Embedded broker (shared/BROKER.md): `producer_max_batch_size=1` (recovery is silently wrong
+otherwise; it costs little here: one changelog record per series per batch), short group
+timeouts, no exactly_once. The changelog topic is created before the app starts with the
+partitions of `inference.logged` (faust requires them equal, and a topic auto-created by
+the embedded broker would get 4).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faust
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+from faust.types import TP
+
+from mlbus.errors import TransientError
+from mlbus.kafka.config import KafkaConfig
+from mlbus.settings import StreamsSettings
+from schemas.catalog import TOPICS
+from streams.drift import BaselineFollower, Baselines
+from streams.exporter import Exporter
+from streams.processor import EVENT_TYPE, StreamProcessor
+from streams.windows import Engine, WindowConfig
+
+log = logging.getLogger(__name__)
+
+TABLE = "series"
+BATCH = 5000  # records per take_events batch
+BATCH_WITHIN = 0.5  # seconds to wait for a batch to fill: amortizes the per-batch changelog write
+TICK_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class StreamsOptions:
+    app_id: str
+    data_dir: Path
+    metrics_port: int = 0
+    web_port: int = 0
+    idle_seconds: float | None = None
+    loglevel: str = "warning"
+
+
+def faust_broker_settings(kafka: KafkaConfig) -> dict[str, Any]:
+    """faust's connection settings from the kernel's KafkaConfig: short group timeouts on
+    the embedded broker, or when the deployment passes them through (MLBUS_KAFKA__…)."""
+    out: dict[str, Any] = {"broker": ",".join(f"kafka://{s}" for s in kafka.bootstrap.split(","))}
+    session = kafka.extra.get("session.timeout.ms")
+    heartbeat = kafka.extra.get("heartbeat.interval.ms")
+    if kafka.embedded:
+        session, heartbeat = session or "2000", heartbeat or "500"
+    if session:
+        out["broker_session_timeout"] = int(session) / 1000
+        out["broker_rebalance_timeout"] = max(int(session) / 1000, 2.0)
+    if heartbeat:
+        out["broker_heartbeat_interval"] = int(heartbeat) / 1000
+    return out
+
+
+def changelog_topic(app_id: str) -> str:
+    return f"{app_id}-{TABLE}-changelog"
+
+
+def ensure_changelog(kafka: KafkaConfig, app_id: str) -> int:
+    """Create the table's changelog with the partitions of inference.logged (idempotent)."""
+    partitions = TOPICS[EVENT_TYPE].partitions
+    admin = AdminClient(kafka.admin())
+    name = changelog_topic(app_id)
+    try:
+        existing = admin.list_topics(timeout=10).topics.get(name)
+    except KafkaException as e:
+        raise TransientError(f"cannot reach Kafka at {kafka.bootstrap}: {e}") from None
+    if existing is not None and existing.error is None:
+        if len(existing.partitions) != partitions:
+            raise TransientError(
+                f"changelog {name} has {len(existing.partitions)} partitions, "
+                f"{EVENT_TYPE} has {partitions}: delete it (tables are rebuilt by replay)"
+            )
+        return partitions
+    # Compaction is what a changelog wants on Kafka (the embedded broker stores but does
+    # not enforce it: recovery then reads every record, which stays correct).
+    futures = admin.create_topics(
+        [NewTopic(name, partitions, 1, config={"cleanup.policy": "compact"})],
+        operation_timeout=30,
+    )
+    for future in futures.values():
+        try:
+            future.result()
+        except KafkaException as e:
+            if "exist" not in str(e).lower():
+                raise TransientError(f"cannot create {name}: {e}") from None
+    return partitions
+
+
+class StreamsApp:
+    """The composed app: faust app, engine, processor, exporter, baseline follower."""
+
+    def __init__(
+        self, kafka: KafkaConfig, settings: StreamsSettings, options: StreamsOptions
+    ) -> None:
+        self.kafka = kafka
+        self.options = options
+        self.config = WindowConfig.from_settings(settings, options.idle_seconds)
+        self.baselines = Baselines()
+        self.exporter = Exporter()
+        self.follower = BaselineFollower(kafka, self.baselines)
+        partitions = TOPICS[EVENT_TYPE].partitions
+        options.data_dir.mkdir(parents=True, exist_ok=True)
+        self.app = faust.App(
+            options.app_id,
+            **faust_broker_settings(kafka),
+            store="memory://",
+            datadir=str(options.data_dir),
+            processing_guarantee="at_least_once",
+            producer_max_batch_size=1,
+            topic_partitions=partitions,
+            topic_replication_factor=1,
+            consumer_auto_offset_reset="earliest",
+            web_enabled=options.web_port > 0,
+            web_port=options.web_port or 6066,
+            stream_buffer_maxsize=4 * BATCH,
+            broker_commit_every=10 * BATCH,
+            broker_commit_interval=1.0,
+            table_cleanup_interval=3600.0,
+        )
+        self.table = self.app.Table(
+            TABLE, default=None, partitions=partitions, key_type=str, value_type=None
+        )
+        self.engine = Engine(
+            self.config, self.baselines, on_metrics=self.exporter.on_metrics,
+            on_alert=self.exporter.on_alert, on_late=self.exporter.on_late,
+        )  # fmt: skip
+        self.processor = _FaustProcessor(
+            kafka, self.engine, self.table, self.exporter, group=options.app_id, app=self.app,
+            topic=kafka.topic(EVENT_TYPE),
+        )  # fmt: skip
+        self._wire()
+
+    def _wire(self) -> None:
+        app, processor = self.app, self.processor
+        topic = app.topic(
+            self.kafka.topic(EVENT_TYPE), key_serializer="raw", value_serializer="raw",
+            partitions=TOPICS[EVENT_TYPE].partitions,
+        )  # fmt: skip
+
+        @app.agent(topic, name="serving-metrics")
+        async def serving_metrics(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(BATCH, within=BATCH_WITHIN):
+                await processor.handle([e.message for e in events])
+
+        @app.timer(TICK_SECONDS, name="idle-windows")
+        async def idle_windows() -> None:
+            await processor.tick()
+
+        @app.on_partitions_revoked.connect
+        async def on_revoked(sender: Any, revoked: Sequence[Any], **_: Any) -> None:
+            processor.revoked(tp.partition for tp in revoked if tp.topic == topic.get_topic_name())
+
+        self._agent = serving_metrics  # keep references: faust registers them on the app
+        self._timer = idle_windows
+        self._on_revoked = on_revoked
+
+    def start_side_services(self, baseline_timeout: float = 60.0) -> None:
+        """Topics, baselines (read to the end before the first record), the exporter."""
+        ensure_changelog(self.kafka, self.options.app_id)
+        self.follower.start()
+        if not self.follower.caught_up.wait(baseline_timeout):
+            log.warning("streams: training baselines not read within %.0fs", baseline_timeout)
+        if self.follower.error is not None:
+            raise TransientError(f"cannot read the training baselines: {self.follower.error}")
+        if self.options.metrics_port:
+            self.exporter.serve(self.options.metrics_port)
+
+    def run(self) -> int:
+        """Run in the foreground until SIGTERM/SIGINT; the exit code."""
+        self.start_side_services()
+        worker = faust.Worker(
+            self.app, loglevel=self.options.loglevel, quiet=True, redirect_stdouts=False,
+            override_logging=False,
+        )  # fmt: skip
+        code = 0
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as e:
+            code = int(e.code or 0)
+        finally:
+            self.follower.stop()
+            self.processor.producer.close(10)
+        return code
+
+
+class _FaustProcessor(StreamProcessor):
+    def __init__(self, *args: Any, app: faust.App, topic: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._app = app
+        self._topic = topic
+
+    def highwater(self, partition: int) -> int | None:
+        # The high-water mark of the last fetch response (right on the embedded broker,
+        # unlike list-offsets: shared/BROKER.md).
+        try:
+            value = self._app.consumer.highwater(TP(self._topic, partition))
+        except Exception:  # not assigned (yet), or the consumer is restarting
+            return None
+        return value if isinstance(value, int) and value >= 0 else None
+
+    async def _flush_changelog(self) -> None:
+        # The changelog records must be on the broker before faust commits the batch's
+        # input offsets (take_events acks after this returns).
+        await self._app.producer.flush()

@@ -1,0 +1,450 @@
+"""Event-time windows of serving metrics per model version: the aggregation engine the faust
+agent drives (and that its tables persist). Pure Python and deterministic: what it emits
+depends only on the order of records within each partition, so a replay from offset 0 gives
+the same windows as the live run. Produces `serving.metrics` and `serving.alert` payloads.
+
+Time: a record's event time is its CloudEvent `time`. Each partition has a watermark, the
+largest event time seen on it (stream progress, not the wall clock). A tumbling window
+[start, end) closes when the watermark passes end + grace; a record whose window has closed
+(or would have) is late: counted, not aggregated. The hopping view (hopping_seconds long,
+advancing by window_seconds) is the exact merge of the tumbling windows it covers, emitted
+when its end passes the same bound. The last window of a stream that stops closes when the
+partition has been idle (no record) for `idle_ms` of wall-clock time: the watermark then
+moves to the wall clock (`idle()`), i.e. "nothing older is coming". That is the one
+wall-clock input; it only matters to a record that arrives after its window was closed
+that way (counted late live, aggregated in a replay that reads it without the pause).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from mlbus.errors import ConfigError
+from mlbus.settings import StreamsSettings
+from schemas.base import Payload
+from schemas.serving import InferenceLogged, Quantiles, ServingAlert, ServingMetrics
+from streams import sketch
+from streams.alerts import Thresholds, evaluate
+from streams.drift import CLASS_KEY, Baseline, Baselines, class_psi, psi
+
+_NAMESPACE = uuid.UUID("6f1c2b1e-5a43-4c5e-9a55-3d1b0f0c7e10")
+_NEVER = -(2**62)
+_INF = 2**62
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    size_ms: int
+    hopping_ms: int
+    grace_ms: int
+    idle_ms: int
+    thresholds: Thresholds
+
+    @classmethod
+    def from_settings(cls, s: StreamsSettings, idle_seconds: float | None = None) -> WindowConfig:
+        size = round(s.window_seconds * 1000)
+        hopping = round(s.hopping_seconds * 1000)
+        if size <= 0 or hopping < size or hopping % size:
+            raise ConfigError(
+                f"streams.hopping_seconds ({s.hopping_seconds}) must be a multiple of "
+                f"streams.window_seconds ({s.window_seconds}): the hopping view is built from "
+                f"the tumbling windows"
+            )
+        grace = round(s.grace_seconds * 1000)
+        idle = idle_seconds if idle_seconds is not None else s.window_seconds + s.grace_seconds
+        return cls(
+            size_ms=size,
+            hopping_ms=hopping,
+            grace_ms=grace,
+            idle_ms=round(idle * 1000),
+            thresholds=Thresholds(
+                s.alert_windows, s.max_error_rate, s.max_latency_p99_seconds, s.max_psi
+            ),
+        )
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def event_id(*parts: object) -> str:
+    """Deterministic id of an output: a replay or a redelivery publishes the same id, so
+    consumers (idempotent by id) see one event."""
+    return str(uuid.uuid5(_NAMESPACE, "|".join(map(str, parts))))
+
+
+class Agg:
+    """One window of one model version: counts, latency sketch, classes, input bins."""
+
+    __slots__ = (
+        "bins",
+        "classes",
+        "dataset",
+        "end",
+        "errors",
+        "lat",
+        "lat_max",
+        "lat_sum",
+        "n",
+        "note",
+        "start",
+        "zero",
+    )  # fmt: skip
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.n = 0
+        self.errors = 0
+        self.lat: dict[int, int] = {}
+        self.zero = 0
+        self.lat_sum = 0.0
+        self.lat_max = 0.0
+        self.classes: dict[str, int] = {}
+        self.bins: dict[str, list[int]] | None = None
+        self.dataset: str | None = None
+        self.note: str | None = None
+
+    def use_baseline(self, baseline: Baseline | str) -> None:
+        if isinstance(baseline, str):
+            self.note = baseline
+            return
+        self.dataset = baseline.dataset
+        self.bins = {name: [0] * len(f.expected) for name, f in baseline.features.items()}
+
+    def add(self, data: InferenceLogged, baseline: Baseline | str) -> None:
+        self.n += 1
+        if not data.ok:
+            self.errors += 1
+        latency = data.latency_seconds
+        index = sketch.bucket_of(latency)
+        if index is None:
+            self.zero += 1
+        else:
+            self.lat[index] = self.lat.get(index, 0) + 1
+        self.lat_sum += latency
+        if latency > self.lat_max:
+            self.lat_max = latency
+        classes = self.classes
+        for p in data.predictions:
+            label = str(p)
+            classes[label] = classes.get(label, 0) + 1
+        bins = self.bins
+        if bins is None or not data.inputs or isinstance(baseline, str):
+            return
+        names = data.feature_names or baseline.positional
+        features = baseline.features
+        for j, name in enumerate(names):
+            feature = features.get(name)
+            counts = bins.get(name)
+            if feature is None or counts is None:
+                continue
+            for sample in data.inputs:
+                if j < len(sample):
+                    x = sample[j]
+                    if math.isfinite(x):
+                        counts[feature.bin_of(x)] += 1
+
+    def merge(self, other: Agg) -> None:
+        self.n += other.n
+        self.errors += other.errors
+        sketch.merge_into(self.lat, other.lat)
+        self.zero += other.zero
+        self.lat_sum += other.lat_sum
+        self.lat_max = max(self.lat_max, other.lat_max)
+        for label, count in other.classes.items():
+            self.classes[label] = self.classes.get(label, 0) + count
+        if other.bins is not None and (self.dataset in (None, other.dataset)):
+            self.dataset = other.dataset
+            if self.bins is None:
+                self.bins = {k: list(v) for k, v in other.bins.items()}
+            else:
+                for name, counts in other.bins.items():
+                    mine = self.bins.setdefault(name, [0] * len(counts))
+                    for i, c in enumerate(counts):
+                        mine[i] += c
+        if self.note is None:
+            self.note = other.note
+
+    def metrics(
+        self, model: str, version: str, kind: str, baselines: Baselines, start: int | None = None
+    ) -> ServingMetrics:
+        latency = None
+        if self.n:
+            q = sketch.quantiles(self.lat, self.zero, (0.5, 0.95, 0.99))
+            latency = Quantiles(
+                p50=q[0.5], p95=q[0.95], p99=q[0.99], mean=self.lat_sum / self.n,
+                max=self.lat_max,
+            )  # fmt: skip
+        drift, note = self._drift(model, version, baselines)
+        return ServingMetrics(
+            model=model, version=version,
+            window_start=_ts(self.start if start is None else start), window_end=_ts(self.end),
+            window=kind,  # type: ignore[arg-type]
+            requests=self.n, errors=self.errors,
+            error_rate=self.errors / self.n if self.n else 0.0,
+            latency_seconds=latency, class_distribution=dict(sorted(self.classes.items())),
+            psi=drift, drift_note=note,
+        )  # fmt: skip
+
+    def _drift(
+        self, model: str, version: str, baselines: Baselines
+    ) -> tuple[dict[str, float] | None, str | None]:
+        if self.bins is None:
+            return None, self.note or "no training baseline known when the window opened"
+        baseline = baselines.resolve(model, version)
+        if isinstance(baseline, str) or baseline.dataset != self.dataset:
+            return None, f"training baseline changed during the window (was {self.dataset})"
+        out = {}
+        for name, counts in sorted(self.bins.items()):
+            value = psi(baseline.features[name].expected, counts)
+            if value is not None:
+                out[name] = round(value, 6)
+        if not out:
+            return None, f"no inputs logged in this window (baseline {self.dataset})"
+        predicted = class_psi(baseline, self.classes)
+        if predicted is not None:
+            out[CLASS_KEY] = round(predicted, 6)
+        return out, None
+
+    # -- the changelog form (JSON) -----------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "s": self.start, "e": self.end, "n": self.n, "x": self.errors,
+            "l": {str(k): v for k, v in self.lat.items()}, "z": self.zero, "ls": self.lat_sum,
+            "lm": self.lat_max, "c": self.classes, "b": self.bins, "d": self.dataset,
+            "note": self.note,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Agg:
+        agg = cls(raw["s"], raw["e"])
+        agg.n, agg.errors, agg.zero = raw["n"], raw["x"], raw["z"]
+        agg.lat = {int(k): v for k, v in raw["l"].items()}
+        agg.lat_sum, agg.lat_max = raw["ls"], raw["lm"]
+        agg.classes, agg.bins = dict(raw["c"]), raw["b"]
+        agg.dataset, agg.note = raw["d"], raw["note"]
+        return agg
+
+
+class Series:
+    """Everything the engine keeps about one (model, version): one changelog record."""
+
+    __slots__ = (
+        "alerts",
+        "closed_until",
+        "hop_until",
+        "model",
+        "offset",
+        "open",
+        "partition",
+        "recent",
+        "version",
+    )  # fmt: skip
+
+    def __init__(self, model: str, version: str, partition: int) -> None:
+        self.model = model
+        self.version = version
+        self.partition = partition
+        self.offset = -1  # last record applied: a redelivery after a restart is skipped
+        self.open: dict[int, Agg] = {}
+        self.recent: list[Agg] = []  # closed tumbling windows the hopping view still needs
+        self.hop_until = _NEVER
+        self.closed_until = _NEVER
+        self.alerts: dict[str, Any] = {}
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}|{self.version}"
+
+    def next_due(self, size: int, hopping: int) -> int:
+        due = min((a.end for a in self.open.values()), default=_INF)
+        for w in self.recent:
+            first = max(w.end, self.hop_until + size)
+            if first <= w.start + hopping:
+                due = min(due, first)
+        return due
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "m": self.model, "v": self.version, "p": self.partition, "o": self.offset,
+            "open": [a.to_json() for a in self.open.values()],
+            "recent": [a.to_json() for a in self.recent],
+            "hu": self.hop_until, "cu": self.closed_until, "al": self.alerts,
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Series:
+        s = cls(raw["m"], raw["v"], raw["p"])
+        s.offset, s.hop_until, s.closed_until = raw["o"], raw["hu"], raw["cu"]
+        s.open = {a["s"]: Agg.from_json(a) for a in raw["open"]}
+        s.recent = [Agg.from_json(a) for a in raw["recent"]]
+        s.alerts = raw["al"]
+        return s
+
+
+Output = tuple[Payload, str, datetime]  # payload, deterministic event id, event time
+
+
+class Engine:
+    """Applies inference records in partition order; collects outputs in `outbox` and the
+    keys whose state changed in `dirty_series` / `dirty_partitions` for the caller to
+    persist and publish (faust agent) or drop (benchmarks)."""
+
+    def __init__(
+        self,
+        config: WindowConfig,
+        baselines: Baselines,
+        *,
+        on_metrics: Callable[[ServingMetrics], None] | None = None,
+        on_alert: Callable[[ServingAlert], None] | None = None,
+        on_late: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.baselines = baselines
+        self.on_metrics = on_metrics
+        self.on_alert = on_alert
+        self.on_late = on_late
+        self.series: dict[tuple[str, str], Series] = {}
+        self.by_partition: dict[int, dict[tuple[str, str], Series]] = {}
+        self.watermarks: dict[int, int] = {}
+        self.next_due: dict[int, int] = {}
+        self.outbox: list[Output] = []
+        self.dirty_series: set[tuple[str, str]] = set()
+        self.dirty_partitions: set[int] = set()
+        self.late = 0
+
+    # -- state in and out ------------------------------------------------------------------
+
+    def restore(self, partition: int, watermark: int | None, series: list[dict[str, Any]]) -> None:
+        """Load a partition's persisted state (after a restart or a reassignment)."""
+        if watermark is not None:
+            self.watermarks[partition] = watermark
+        for raw in series:
+            s = Series.from_json(raw)
+            self.series[(s.model, s.version)] = s
+            self.by_partition.setdefault(partition, {})[(s.model, s.version)] = s
+        self._recompute_due(partition)
+
+    def forget(self, partition: int) -> None:
+        """Drop a revoked partition's state (its new owner restores it from the table)."""
+        for key in self.by_partition.pop(partition, {}):
+            self.series.pop(key, None)
+            self.dirty_series.discard(key)
+        self.watermarks.pop(partition, None)
+        self.next_due.pop(partition, None)
+        self.dirty_partitions.discard(partition)
+
+    # -- the stream ------------------------------------------------------------------------
+
+    def apply(self, partition: int, offset: int, time_ms: int, data: InferenceLogged) -> None:
+        key = (data.model, data.version)
+        s = self.series.get(key)
+        if s is None:
+            s = self.series[key] = Series(data.model, data.version, partition)
+            self.by_partition.setdefault(partition, {})[key] = s
+        if offset <= s.offset and partition == s.partition:
+            self.advance(partition, time_ms)  # applied before a restart: only stream time
+            return
+        s.offset = offset
+        self.dirty_series.add(key)
+        size = self.config.size_ms
+        start = time_ms - time_ms % size
+        end = start + size
+        watermark = self.watermarks.get(partition, _NEVER)
+        if end <= s.closed_until or end + self.config.grace_ms <= watermark:
+            self.late += 1
+            if self.on_late is not None:
+                self.on_late(data.model, data.version)
+        else:
+            agg = s.open.get(start)
+            baseline = self.baselines.resolve(data.model, data.version)
+            if agg is None:
+                agg = s.open[start] = Agg(start, end)
+                agg.use_baseline(baseline)
+                if end < self.next_due.get(partition, _INF):
+                    self.next_due[partition] = end
+            agg.add(data, baseline)
+        self.advance(partition, time_ms)
+
+    def advance(self, partition: int, time_ms: int) -> None:
+        """Move a partition's stream time forward; close what that makes due."""
+        if time_ms <= self.watermarks.get(partition, _NEVER):
+            return
+        self.watermarks[partition] = time_ms
+        self.dirty_partitions.add(partition)
+        if time_ms - self.config.grace_ms >= self.next_due.get(partition, _INF):
+            self._close(partition)
+
+    def idle(self, partition: int, now_ms: int) -> None:
+        """The partition has been idle: the wall clock stands in for stream time."""
+        if now_ms - self.config.grace_ms >= self.next_due.get(partition, _INF):
+            self.advance(partition, now_ms)
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def _recompute_due(self, partition: int) -> None:
+        cfg = self.config
+        self.next_due[partition] = min(
+            (s.next_due(cfg.size_ms, cfg.hopping_ms)
+             for s in self.by_partition.get(partition, {}).values()),
+            default=_INF,
+        )  # fmt: skip
+
+    def _close(self, partition: int) -> None:
+        limit = self.watermarks[partition] - self.config.grace_ms
+        for key, s in self.by_partition.get(partition, {}).items():
+            if self._close_series(s, limit):
+                self.dirty_series.add(key)
+        self._recompute_due(partition)
+
+    def _close_series(self, s: Series, limit: int) -> bool:
+        cfg = self.config
+        changed = False
+        for start in sorted(start for start, a in s.open.items() if a.end <= limit):
+            agg = s.open.pop(start)
+            metrics = agg.metrics(s.model, s.version, "tumbling", self.baselines)
+            self._emit(metrics, event_id("metrics", s.model, s.version, "tumbling", agg.start),
+                       agg.end)  # fmt: skip
+            if self.on_metrics is not None:
+                self.on_metrics(metrics)
+            for alert in evaluate(s.alerts, metrics, cfg.thresholds):
+                self._emit(alert, event_id("alert", s.model, s.version, alert.alert,
+                                           alert.status, agg.end), agg.end)  # fmt: skip
+                if self.on_alert is not None:
+                    self.on_alert(alert)
+            s.closed_until = max(s.closed_until, agg.end)
+            s.recent.append(agg)
+            changed = True
+        if not s.recent:
+            return changed
+        size, hopping = cfg.size_ms, cfg.hopping_ms
+        hop_limit = limit - limit % size
+        if hop_limit <= s.hop_until:
+            return changed
+        boundaries = sorted({
+            b for w in s.recent for b in range(w.end, w.start + hopping + 1, size)
+            if s.hop_until < b <= hop_limit
+        })  # fmt: skip
+        for b in boundaries:
+            members = [w for w in s.recent if w.start >= b - hopping and w.end <= b]
+            if not members:
+                continue
+            merged = Agg(b - hopping, b)
+            for w in members:
+                merged.merge(w)
+            metrics = merged.metrics(s.model, s.version, "hopping", self.baselines)
+            self._emit(metrics, event_id("metrics", s.model, s.version, "hopping", b - hopping),
+                       b)  # fmt: skip
+        s.hop_until = hop_limit
+        s.recent = [w for w in s.recent if w.start + hopping > s.hop_until]
+        return True
+
+    def _emit(self, payload: Payload, eid: str, at_ms: int) -> None:
+        self.outbox.append((payload, eid, _ts(at_ms)))
