@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MLBUS_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
-.PHONY: install tools test unit integration demo lint schemas infra bench clean
+.PHONY: install tools test unit integration demo lint schemas docs infra bench clean
 
 install: $(STAMP)
 
@@ -42,6 +42,9 @@ lint: install
 
 schemas: install
 	$(BIN)/python -m schemas.generate
+
+docs: install  ## regenerate the README's configuration reference from the settings model
+	$(BIN)/python -m mlbus.docs
 
 infra: install  ## regenerate infra/'s topic definitions from the catalog
 	$(BIN)/mlbus topics export --format yaml > infra/kafka/topics.yaml

@@ -26,20 +26,26 @@ class _Section(BaseModel):
 class ApiSettings(_Section):
     """The control-plane HTTP API (`mlbus api`)."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, lt=65536)
+    host: str = Field(default="127.0.0.1", description="interface the API listens on")
+    port: int = Field(default=8000, ge=0, lt=65536, description="the API's port")
 
 
 class ServingSettings(_Section):
     """The model server (`mlbus serve`); env `MLBUS_SERVING__<FIELD>`."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, lt=65536)
+    host: str = Field(default="127.0.0.1", description="interface the model server listens on")
+    port: int = Field(default=8080, ge=0, lt=65536, description="the model server's port")
     replica: str = Field(default="", description="replica id; empty = hostname:pid")
-    max_batch_size: int = Field(default=64, ge=1)
+    max_batch_size: int = Field(
+        default=64, ge=1, description="micro-batching: most samples per forward pass"
+    )
     max_wait_us: int = Field(default=2000, ge=0, description="micro-batching wait, microseconds")
-    log_sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
-    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    log_sample_rate: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="share of predictions logged to inference.logged"
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="larger request bodies get 413"
+    )
 
 
 class StreamsSettings(_Section):
@@ -47,20 +53,22 @@ class StreamsSettings(_Section):
 
     metrics_port: int = Field(default=9108, ge=0, lt=65536, description="Prometheus; 0 = off")
     web_port: int = Field(default=0, ge=0, lt=65536, description="faust's web server; 0 = off")
-    window_seconds: float = Field(default=10.0, gt=0)
+    window_seconds: float = Field(default=10.0, gt=0, description="tumbling window size")
     hopping_seconds: float = Field(default=60.0, gt=0, description="the hopping view's size")
-    grace_seconds: float = Field(default=5.0, ge=0)
+    grace_seconds: float = Field(
+        default=5.0, ge=0, description="how late (event time) a record may still count"
+    )
     alert_windows: int = Field(default=3, ge=1, description="consecutive breached windows")
-    max_error_rate: float = Field(default=0.05, ge=0, le=1)
-    max_latency_p99_seconds: float = Field(default=0.5, gt=0)
-    max_psi: float = Field(default=0.2, gt=0)
+    max_error_rate: float = Field(default=0.05, ge=0, le=1, description="alert threshold")
+    max_latency_p99_seconds: float = Field(default=0.5, gt=0, description="alert threshold")
+    max_psi: float = Field(default=0.2, gt=0, description="alert threshold (input drift)")
 
 
 class ArchiveSettings(_Section):
     """The archiver (`mlbus archive run`); env `MLBUS_ARCHIVE__<FIELD>`."""
 
-    flush_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
-    flush_seconds: float = Field(default=60.0, gt=0)
+    flush_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="file size that flushes")
+    flush_seconds: float = Field(default=60.0, gt=0, description="age that flushes a file")
 
 
 class Settings(BaseSettings):
@@ -80,7 +88,9 @@ class Settings(BaseSettings):
         default="", description="host:port[,host:port…] of a Kafka cluster; empty = embedded"
     )
     kafka: dict[str, str] = Field(
-        default_factory=dict, description="extra librdkafka settings, passed through"
+        default_factory=dict,
+        description="extra librdkafka settings, passed through: MLBUS_KAFKA__SASL_MECHANISM=PLAIN "
+        "becomes sasl.mechanism (or JSON)",
     )
     topic_prefix: str = Field(
         default="", description="prepended to every topic name (several stacks on one cluster)"
@@ -95,7 +105,9 @@ class Settings(BaseSettings):
         description="local folders and URI prefixes datasets may be read from, besides the "
         "object store (comma-separated or JSON); empty = the working directory and data_dir",
     )
-    max_event_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_event_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="larger records are dead-lettered unread"
+    )
     api_token: SecretStr | None = Field(
         default=None, description="bearer token for mutating/control HTTP endpoints; None = open"
     )
@@ -103,7 +115,9 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     streams: StreamsSettings = StreamsSettings()
     archive: ArchiveSettings = ArchiveSettings()
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="DEBUG, INFO, WARNING or ERROR"
+    )
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod

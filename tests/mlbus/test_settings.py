@@ -265,3 +265,11 @@ def test_settings_object_is_constructible_directly(tmp_path: Path) -> None:
     s = Settings(data_dir=tmp_path, kafka_bootstrap_servers="k:9092", topic_prefix="t1.")
     assert (s.embedded, s.topic_prefix) == (False, "t1.")
     assert s.metadata_url == f"sqlite:///{tmp_path.resolve()}/metadata.db"
+
+
+def test_readme_configuration_reference_is_generated_from_the_settings_model():
+    from mlbus.docs import README, readme_with_settings
+
+    text = README.read_text()
+    assert "| `MLBUS_SERVING__MAX_BATCH_SIZE` | `64` |" in text
+    assert readme_with_settings(text) == text, "README settings table is stale: make docs"
