@@ -1,3 +1,57 @@
-"""CLI commands of the serving component (being written this session)."""
+"""`mlbus serve`: the model server (serving/), an Open Inference Protocol v2 endpoint that
+follows `model.promoted`. SIGTERM/SIGINT shut it down gracefully (uvicorn finishes the
+requests in flight; the log reader, stream consumer and producers are closed) and exit 0."""
 
 from __future__ import annotations
+
+import signal
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+
+from mlbus.cli.common import app, kafka_config, settings
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[
+        str | None,
+        typer.Option(help="interface to listen on (default: env MLBUS_SERVING__HOST, 127.0.0.1)"),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="port (default: env MLBUS_SERVING__PORT, 8080)")
+    ] = None,
+) -> None:
+    """Serve the promoted models over HTTP (OIP v2 at /v2, /metrics, /docs) and Kafka."""
+    import uvicorn
+
+    from mlbus.storage import ObjectStore
+    from serving.app import create_app
+    from serving.server import ModelServer
+
+    cfg = settings()
+    config = cfg.serving.model_copy(
+        update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    )
+    token = cfg.api_token.get_secret_value() if cfg.api_token is not None else None
+    server = ModelServer(kafka_config(cfg), ObjectStore.from_settings(cfg), config,
+                         api_token=token)  # fmt: skip
+    uv = uvicorn.Config(create_app(server), host=config.host, port=config.port,
+                        log_level="warning", timeout_graceful_shutdown=10)  # fmt: skip
+    _graceful(uv).run()
+
+
+def _graceful(config: Any) -> Any:
+    """uvicorn's server, except that SIGTERM/SIGINT is a clean stop (exit 0): uvicorn
+    re-raises the signal once it has shut down, which makes the process die by it."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: do not wait any longer
+            else:
+                self.should_exit = True
+
+    return Server(config)

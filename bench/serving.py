@@ -1,0 +1,430 @@
+"""Model server throughput and latency, micro-batching against a naive server, in one run.
+
+    .venv/bin/python bench/serving.py [--seconds S] [--clients 1,16,64] [--promotions N]
+                                       [--json]
+
+Two servers of the same FastAPI app run in this process (uvicorn threads) on one embedded
+Tansu broker: "naive" (`batching=False`: one forward pass per request, in a thread pool like
+a sync FastAPI endpoint's) and "mlbus" (dynamic micro-batching, serving.max_batch_size /
+max_wait_us). For two models they answer closed-loop clients (each sends its next request
+when the previous one is answered; raw HTTP/1.1 keep-alive connections, in a separate
+process so that the load generator does not share the servers' GIL) at 1, 16 and 64
+concurrent clients: requests/s, p50 and p99 latency, and mlbus/naive ratio of requests/s.
+
+- digits: the built-in `cnn` family on 8x8 digits (64 features), as the trainer builds it;
+- wide-cnn: a heavier image model registered here (`@family`), 28x28 synthetic images; its
+  single-sample forward time on CPU is measured and printed (it must be >= 2 ms, so that
+  batching, not HTTP parsing, decides).
+
+Weights are random (throughput does not depend on them); artifacts go through the real
+path: safetensors + card on the object store, `model.promoted`, load and verify.
+
+Promotion-to-serving: N promotions of the digits model (new version each time), each timed
+from `model.promoted` produced (flushed) to the first response from the new version, with a
+client polling the mlbus server.
+
+Targets: wide-cnn at 64 clients >= 4x naive; digits p99 < 25 ms at 16 clients;
+promotion-to-serving p50 < 1 s; zero failed requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+from bench.common import Figure, Figures, render_table
+
+WIDE = "wide-cnn"
+DIGITS = "digits"
+
+
+def register_wide_family() -> None:
+    import torch
+    from torch import nn
+
+    from mlbus.families import FAMILIES, family
+
+    if WIDE in FAMILIES:
+        return
+
+    class WideCNN(nn.Module):
+        """VGG-style: a small convolutional stem and a wide fully connected head. A single
+        sample's forward pass is bound by reading the head's weights (~30 MB), which a batch
+        reads once for all its rows."""
+
+        def __init__(self, side: int, n_classes: int, channels: int, hidden: int) -> None:
+            super().__init__()
+            self.side = side
+            c = channels
+            self.body = nn.Sequential(
+                nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(c, c * 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Flatten(), nn.Linear(c * 2 * (side // 4) ** 2, hidden), nn.ReLU(),
+                nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_classes),
+            )  # fmt: skip
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x.view(-1, 1, self.side, self.side))
+
+    @family(WIDE, defaults={"channels": 16, "hidden": 2048},
+            bounds={"channels": (1, 512), "hidden": (1, 16384)},
+            description="bench: CNN stem + wide dense head for 28x28 images")  # fmt: skip
+    def _wide(n_features: int, n_classes: int, p: Mapping[str, Any]) -> nn.Module:
+        return WideCNN(math.isqrt(n_features), n_classes, int(p["channels"]), int(p["hidden"]))
+
+
+@dataclass
+class Report(Figures):
+    figures: dict[str, Figure]
+    setup: dict[str, Any]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+# -- load generator (a separate process) ---------------------------------------------------
+
+
+async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+    """One request on a kept-alive connection; the response's status code."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    return status
+
+
+def _load(url: str, body: bytes, clients: int, seconds: float, out: Any) -> None:
+    """Closed-loop clients on raw HTTP/1.1 keep-alive connections: a load generator this
+    cheap (httpx costs more CPU per request than the server) keeps the servers the bottleneck.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    request = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+    async def main() -> tuple[int, int, list[float]]:
+        latencies: list[float] = []
+        errors = 0
+        stop_at = time.perf_counter() + seconds
+
+        async def one() -> None:
+            nonlocal errors
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+            try:
+                await _post(reader, writer, request)  # warm-up, not counted
+                while time.perf_counter() < stop_at:
+                    started = time.perf_counter()
+                    try:
+                        ok = await _post(reader, writer, request) == 200
+                    except (OSError, asyncio.IncompleteReadError, ValueError):
+                        ok = False
+                        writer.close()
+                        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+                    if ok:
+                        latencies.append(time.perf_counter() - started)
+                    else:
+                        errors += 1
+            finally:
+                writer.close()
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(clients)))
+        return len(latencies), errors, [*latencies, time.perf_counter() - began]
+
+    n, errors, values = asyncio.run(main())
+    out.put((n, errors, values))
+
+
+def measure(url: str, body: bytes, clients: int, seconds: float) -> dict[str, float]:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_load, args=(url, body, clients, seconds, queue))
+    process.start()
+    n, errors, values = queue.get(timeout=seconds + 300)
+    process.join(30)
+    elapsed, latencies = values[-1], values[:-1]
+    return {
+        "rps": n / elapsed, "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000, "requests": n, "errors": errors,
+    }  # fmt: skip
+
+
+# -- the servers ---------------------------------------------------------------------------
+
+
+class Running:
+    def __init__(self, server: Any, port: int) -> None:
+        import uvicorn
+
+        from serving.app import create_app
+
+        self.server = server
+        self.url = f"http://127.0.0.1:{port}"
+        self._uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1",
+                                                 port=port, log_level="error"))  # fmt: skip
+        self._thread = threading.Thread(target=self._uv.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not (self._uv.started and server.ready):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+
+    def wait_version(self, model: str, version: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            current = self.server.registry.current(model)
+            if current is not None and current.version == version:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{model} {version} not served")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._uv.should_exit = True
+        self._thread.join(30)
+
+
+def make_artifact(store: Any, name: str, family: str, side: int, params: dict[str, Any]) -> Any:
+    import torch
+
+    from mlbus import artifacts
+    from mlbus.families import build, hyperparameters
+    from schemas.training import Artifact
+
+    torch.manual_seed(0)
+    features = [f"pixel_{i}" for i in range(side * side)]
+    hp = hyperparameters(family, params)
+    model = build(family, len(features), 10, hp).eval()
+    card = {
+        "family": family, "hyperparameters": hp, "features": features,
+        "feature_types": dict.fromkeys(features, "double"), "label": "digit",
+        "classes": [str(i) for i in range(10)], "mean": [0.0] * len(features),
+        "std": [1.0] * len(features), "metrics": {}, "run_id": f"bench-{name}",
+        "dataset": {"name": name, "version": "synthetic"},
+    }  # fmt: skip
+    return Artifact(**artifacts.save(store, f"models/{name}", model, card)), model
+
+
+def single_forward_ms(model: Any, n_features: int, repeat: int = 50) -> float:
+    import torch
+
+    x = torch.randn(1, n_features)
+    with torch.inference_mode():
+        for _ in range(5):
+            model(x)
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - started)
+    return float(np.median(times)) * 1000
+
+
+def promote(producer: Any, model: str, version: str, artifact: Any) -> None:
+    from schemas.models import ModelPromoted
+
+    producer.publish(ModelPromoted(model=model, version=version, reason="bench", actor="bench",
+                                   artifact=artifact))  # fmt: skip
+    producer.flush()
+
+
+def run(args: argparse.Namespace, log: Any) -> Report:
+    import orjson
+    import torch
+
+    from mlbus.broker import EmbeddedBroker
+    from mlbus.kafka.admin import apply_topics
+    from mlbus.kafka.config import KafkaConfig
+    from mlbus.kafka.producer import EventProducer
+    from mlbus.settings import ServingSettings
+    from mlbus.storage import ObjectStore
+    from serving.server import ModelServer
+
+    # Process-wide: intra-op threads of every forward pass, both servers. On a small shared
+    # machine one thread each avoids OpenMP threads spinning against each other.
+    torch.set_num_threads(args.torch_threads)
+    register_wide_family()
+    report = Report(figures={}, setup={"seconds_per_point": args.seconds,
+                                       "torch_threads": args.torch_threads})  # fmt: skip
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        broker = stack.enter_context(EmbeddedBroker(tmp / "broker", record=False))
+        kafka = replace(KafkaConfig(bootstrap=broker.bootstrap, embedded=True),
+                        topic_prefix="bench.")  # fmt: skip
+        apply_topics(kafka)
+        store = ObjectStore((tmp / "objects").as_uri())
+        producer = stack.enter_context(EventProducer(kafka, source="bench"))
+        models = {
+            DIGITS: (8, *make_artifact(store, DIGITS, "cnn", 8, {})),
+            WIDE: (28, *make_artifact(store, WIDE, WIDE, 28, {})),
+        }
+        for name, (side, artifact, model) in models.items():
+            promote(producer, name, "1", artifact)
+            report.setup[f"{name}_single_forward_ms"] = round(
+                single_forward_ms(model, side * side), 2
+            )
+            log(f"{name}: single-sample forward {report.setup[f'{name}_single_forward_ms']} ms")
+        servers = {}
+        for mode, batching in (("naive", False), ("mlbus", True)):
+            config = ServingSettings(
+                replica=f"bench-{mode}", max_batch_size=args.max_batch,
+                max_wait_us=args.max_wait_us, log_sample_rate=args.log_sample_rate,
+            )  # fmt: skip
+            server = ModelServer(kafka, store, config, batching=batching, stream_group=None)
+            servers[mode] = Running(server, free_port())
+            stack.callback(servers[mode].stop)
+        for name, (side, _, _) in models.items():
+            if name not in args.models.split(","):
+                continue
+            rng = np.random.default_rng(0)
+            rows = rng.random((1, side * side), dtype=np.float32)
+            tensor = {"name": "input", "shape": [1, side * side], "datatype": "FP32",
+                      "data": rows.ravel().tolist()}  # fmt: skip
+            body = orjson.dumps({"inputs": [tensor]})
+            for clients in args.clients:
+                for mode in ("naive", "mlbus"):
+                    url = f"{servers[mode].url}/v2/models/{name}/infer"
+                    result = measure(url, body, clients, args.seconds)
+                    key = f"{name}/{clients}/{mode}"
+                    log(f"{key}: {result['rps']:.0f} req/s p50 {result['p50_ms']:.1f} ms "
+                        f"p99 {result['p99_ms']:.1f} ms errors {result['errors']}")  # fmt: skip
+                    target, ok = "", None
+                    if mode == "mlbus" and name == WIDE and clients == 64:
+                        target = ">= 4x naive"
+                    if mode == "mlbus" and name == DIGITS and clients == 16:
+                        target, ok = "p99 < 25 ms", result["p99_ms"] < 25
+                    figure = report.add(Figure(
+                        key, f"{name} {clients:>2} clients {mode}", result["rps"],
+                        baseline_key=f"{name}/{clients}/naive" if mode == "mlbus" else None,
+                        target=target, ok=ok, detail=result, unit="req/s",
+                    ))  # fmt: skip
+                    if target == ">= 4x naive":
+                        figure.ok = (report.ratio(figure) or 0) >= 4
+        report.setup["failed_requests"] = sum(f.detail["errors"] for f in report.figures.values())
+        # Promotion to serving, on the mlbus server (digits).
+        mlbus = servers["mlbus"]
+        side, artifact, _ = models[DIGITS]
+        body = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                         "data": [0.0] * 64}]})  # fmt: skip
+        delays = promotion_delays(mlbus.url, producer, artifact, args.promotions, body)
+        report.setup["promotion_delays_ms"] = [round(d * 1000, 1) for d in delays]
+        p50, p99 = percentile(delays, 50) * 1000, percentile(delays, 99) * 1000
+        report.add(Figure("promotion/p50", "promotion to serving p50", p50, unit="ms",
+                          target="< 1000 ms", ok=p50 < 1000))  # fmt: skip
+        report.add(Figure("promotion/p99", "promotion to serving p99", p99, unit="ms"))
+        for mode in ("naive", "mlbus"):
+            servers[mode].stop()
+    return report
+
+
+def promotion_delays(url: str, producer: Any, artifact: Any, n: int, body: bytes) -> list[float]:
+    import httpx
+
+    delays = []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for i in range(n):
+            version = f"p{i + 2}"
+            started = time.perf_counter()
+            promote(producer, DIGITS, version, artifact)
+            while True:
+                r = client.post(f"/v2/models/{DIGITS}/infer", content=body)
+                if r.status_code != 200:
+                    raise RuntimeError(f"a request failed during a promotion: {r.text}")
+                if r.json()["model_version"] == version:
+                    break
+                if time.perf_counter() - started > 60:
+                    raise RuntimeError(f"{version} never served")
+            delays.append(time.perf_counter() - started)
+    return delays
+
+
+def table(report: Report) -> str:
+    header = ["figure", "value", "p50 ms", "p99 ms", "ratio", "target"]
+    rows = []
+    for f in report.figures.values():
+        ratio = report.ratio(f)
+        status = "" if f.ok is None else (" ok" if f.ok else " MISSED")
+        rows.append([
+            f.label, f"{f.value:,.0f} {f.unit}" if f.unit != "ms" else f"{f.value:.0f} ms",
+            f"{f.detail['p50_ms']:.1f}" if f.detail else "",
+            f"{f.detail['p99_ms']:.1f}" if f.detail else "",
+            f"{ratio:.2f}x" if ratio else "", f.target + status if f.target else "",
+        ])  # fmt: skip
+    lines = [
+        "mlbus model server: micro-batching vs one forward pass per request "
+        f"({report.setup['seconds_per_point']} s per point, closed-loop clients, "
+        f"torch threads {report.setup['torch_threads']})",
+        f"single-sample forward: digits {report.setup[f'{DIGITS}_single_forward_ms']} ms, "
+        f"wide-cnn {report.setup[f'{WIDE}_single_forward_ms']} ms",
+        "", *render_table(header, rows, right=frozenset({1, 2, 3, 4})), "",
+        f"failed requests: {report.setup['failed_requests']}",
+        f"promotion delays (ms): {report.setup['promotion_delays_ms']}",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measured point")
+    parser.add_argument("--clients", default="1,16,64", help="comma-separated")
+    parser.add_argument("--promotions", type=int, default=20)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-wait-us", type=int, default=2000)
+    parser.add_argument("--log-sample-rate", type=float, default=1.0, help="inference log")
+    parser.add_argument("--models", default=f"{DIGITS},{WIDE}", help="comma-separated")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    args = parser.parse_args(argv)
+    args.clients = [int(c) for c in args.clients.split(",")]
+
+    def log(message: str) -> None:
+        print(f"[bench/serving] {message}", file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    report = run(args, log)
+    report.setup["wall_seconds"] = round(time.perf_counter() - started, 1)
+    if args.json:
+        print(json.dumps({"setup": report.setup, "figures": {
+            k: {"value": f.value, "ratio": report.ratio(f), "ok": f.ok, **f.detail}
+            for k, f in report.figures.items()}}))  # fmt: skip
+    else:
+        print(table(report))
+        print(f"total wall time {report.setup['wall_seconds']} s; embedded broker stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

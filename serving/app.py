@@ -1,0 +1,351 @@
+"""The HTTP face of a serving replica: Open Inference Protocol v2 (health, server and model
+metadata, infer, versioned infer), the OIP model-repository control endpoints (bearer token
+when `api_token` is set), and `/metrics` for Prometheus.
+
+Every refusal is a 4xx with the OIP error body `{"error": message, "type": kind}`; the
+infer body is read with a size limit and parsed with orjson (serving/tensors.py), not by
+FastAPI's validation, and the OpenAPI document describes it from the models below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import mlbus
+from mlbus.kafka.reader import read_events
+from serving.errors import (
+    NotReady,
+    PayloadTooLarge,
+    ServingError,
+    Unauthorized,
+    UnknownModel,
+)
+from serving.registry import Deployment
+from serving.server import ModelServer
+from serving.tensors import decode_request, dumps, outputs, parse_body
+
+log = logging.getLogger(__name__)
+
+# -- documented shapes (OpenAPI); requests are parsed by serving/tensors.py ----------------
+
+
+class TensorIn(BaseModel):
+    name: str = Field(examples=["input"], description="the model's input: 'input'")
+    shape: list[int] = Field(description="[batch, features]; batch >= 1")
+    datatype: Literal[
+        "FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
+        "UINT64",
+    ]  # fmt: skip
+    data: list[float] = Field(description="row-major flat values; finite numbers only")
+
+
+class OutputRequest(BaseModel):
+    name: Literal["label", "probabilities"]
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    inputs: list[TensorIn] = Field(min_length=1, max_length=1)
+    outputs: list[OutputRequest] | None = Field(default=None, description="default: both")
+
+
+class TensorOut(BaseModel):
+    name: Literal["label", "probabilities"]
+    shape: list[int]
+    datatype: Literal["BYTES", "FP32"]
+    data: list[float | str]
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[TensorOut]
+
+
+class ErrorBody(BaseModel):
+    error: str
+    type: str
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str] = Field(description="loaded versions; the first one is the champion")
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+    parameters: dict[str, Any] = Field(
+        description="from the model card: family, features, classes, label, dataset, run_id"
+    )
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class RepositoryEntry(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY"]
+    reason: str = ""
+
+
+# Module level: FastAPI resolves the (string) annotations of dependencies in module scope.
+bearer = HTTPBearer(auto_error=False, description="serving control token (api_token)")
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorBody} for s in statuses}
+
+
+def error_response(error: ServingError) -> Response:
+    return Response(
+        dumps({"error": str(error), "type": type(error).__name__}),
+        status_code=error.status, media_type="application/json",
+    )  # fmt: skip
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"request body of {int(length)} bytes exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():  # chunked bodies have no length to check first
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def model_metadata(name: str, deployments: list[Deployment]) -> dict[str, Any]:
+    d = deployments[0]
+    card = d.card
+    meta = d.metadata()
+    return {
+        "name": name,
+        "versions": [x.version for x in deployments],
+        "platform": "pytorch_safetensors",
+        "inputs": meta["inputs"],
+        "outputs": meta["outputs"],
+        "parameters": {
+            "version": d.version, "family": card.get("family"), "features": d.features,
+            "feature_types": card.get("feature_types"), "label": card.get("label"),
+            "classes": d.classes.tolist(), "dataset": card.get("dataset"),
+            "run_id": card.get("run_id"), "artifact_sha256": d.sha256,
+        },
+    }  # fmt: skip
+
+
+def create_app(server: ModelServer) -> FastAPI:
+    limit = server.config.max_body_bytes
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, server.stop)
+
+    app = FastAPI(
+        title="mlbus model server", version=mlbus.__version__, description=__doc__,
+        lifespan=lifespan,
+    )  # fmt: skip
+
+    def control(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        token = server.api_token
+        if token is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not secrets.compare_digest(given.encode(), token.encode()):
+            raise Unauthorized("this control endpoint needs 'Authorization: Bearer <token>'")
+
+    @app.exception_handler(ServingError)
+    async def _serving_error(request: Request, error: ServingError) -> Response:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> Response:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return JSONResponse({"error": f"{where}: {first['msg']}", "type": "InvalidRequest"}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> Response:
+        return JSONResponse({"error": str(error.detail), "type": "HTTPError"}, error.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> Response:
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return JSONResponse({"error": f"{type(error).__name__}: {error}", "type": "Internal"}, 500)
+
+    # -- health and metadata ---------------------------------------------------------------
+
+    @app.get("/v2", response_model=ServerMetadata, tags=["oip"])
+    def server_metadata() -> dict[str, Any]:
+        return {"name": "mlbus", "version": mlbus.__version__,
+                "extensions": ["model_repository", "kafka_inference", "metrics"]}  # fmt: skip
+
+    @app.get("/v2/health/live", response_model=Live, tags=["oip"])
+    def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", response_model=Ready, tags=["oip"],
+             responses={503: {"model": Ready}})  # fmt: skip
+    def ready() -> Response:
+        """Ready once the champions found in `model.promoted` at start are loaded."""
+        return JSONResponse({"ready": server.ready}, 200 if server.ready else 503)
+
+    @app.get("/v2/models/{name}", response_model=ModelMetadata, tags=["oip"],
+             responses=_errors(404))  # fmt: skip
+    def metadata(name: str) -> dict[str, Any]:
+        slot = server.registry.slot(name)
+        return model_metadata(name, [d for d in (slot.current, slot.previous) if d])
+
+    @app.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata,
+             tags=["oip"], responses=_errors(404))  # fmt: skip
+    def version_metadata(name: str, version: str) -> dict[str, Any]:
+        return model_metadata(name, [server.registry.get(name, version)])
+
+    @app.get("/v2/models/{name}/ready", response_model=Ready, tags=["oip"],
+             responses=_errors(404))  # fmt: skip
+    def model_ready(name: str) -> dict[str, bool]:
+        server.registry.slot(name)
+        return {"ready": True}
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", response_model=Ready, tags=["oip"],
+             responses=_errors(404))  # fmt: skip
+    def version_ready(name: str, version: str) -> dict[str, bool]:
+        server.registry.get(name, version)
+        return {"ready": True}
+
+    # -- inference -------------------------------------------------------------------------
+
+    async def infer(name: str, version: str | None, request: Request) -> Response:
+        started = time.perf_counter()
+        deployment = x = request_id = None
+        try:
+            doc = parse_body(await read_body(request, limit))
+            deployment = server.registry.get(name, version)
+            decoded = decode_request(doc, deployment)
+            x, request_id = decoded.x, decoded.id
+            answer = await server.infer(deployment, x, protocol="http", request_id=request_id,
+                                        started=started)  # fmt: skip
+        except ServingError as e:
+            server.failed(name, "http", type(e).__name__, started, deployment, x, e, request_id)
+            return error_response(e)
+        tensors, _ = outputs(
+            answer.deployment, answer.probabilities, decoded.outputs, answer.labels
+        )
+        body = {"model_name": name, "model_version": answer.deployment.version,
+                "id": request_id or str(uuid.uuid4()), "outputs": tensors}  # fmt: skip
+        return Response(dumps(body), media_type="application/json")
+
+    infer_doc: dict[str, Any] = {
+        "response_model": InferResponse, "tags": ["oip"],
+        "responses": _errors(400, 404, 413, 503),
+        "openapi_extra": {"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/InferRequest"}}}}},
+    }  # fmt: skip
+
+    @app.post("/v2/models/{name}/infer", **infer_doc)
+    async def infer_champion(name: str, request: Request) -> Response:
+        """Infer with the serving champion; the response names the version that answered."""
+        return await infer(name, None, request)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer", **infer_doc)
+    async def infer_version(name: str, version: str, request: Request) -> Response:
+        """Infer with a loaded version: the champion or the one it replaced."""
+        return await infer(name, version, request)
+
+    # -- control (OIP model repository extension) ------------------------------------------
+
+    @app.post("/v2/repository/index", response_model=list[RepositoryEntry], tags=["control"],
+              dependencies=[Depends(control)], responses=_errors(401))  # fmt: skip
+    def repository_index() -> list[dict[str, Any]]:
+        out = []
+        for name in server.registry.names():
+            slot = server.registry.slot(name)
+            for d in (slot.current, slot.previous):
+                if d is not None:
+                    out.append({"name": name, "version": d.version, "state": "READY"})
+        return out
+
+    @app.post("/v2/repository/models/{name}/load", response_model=ModelMetadata,
+              tags=["control"], dependencies=[Depends(control)],
+              responses=_errors(401, 404, 503))  # fmt: skip
+    def repository_load(name: str) -> dict[str, Any]:
+        """Load the model's champion as `model.promoted` has it now (after an unload)."""
+        events = [e for e in read_events(server.kafka, "model.promoted") if e.data.model == name]
+        if not events:
+            raise UnknownModel(f"model {name!r} was never promoted")
+        if server.deployer.handle(events[-1]) is None:
+            raise NotReady(f"model {name!r} version {events[-1].data.version} failed to load")
+        slot = server.registry.slot(name)
+        return model_metadata(name, [d for d in (slot.current, slot.previous) if d])
+
+    @app.post("/v2/repository/models/{name}/unload", tags=["control"],
+              dependencies=[Depends(control)], responses=_errors(401, 404))  # fmt: skip
+    def repository_unload(name: str) -> dict[str, Any]:
+        """Stop serving the model on this replica (until it is loaded or promoted again)."""
+        slot = server.registry.remove(name)
+        if slot is None:
+            raise UnknownModel(f"model {name!r} is not served here")
+        server.deployer.report_unloaded(slot.current)
+        return {"name": name, "unloaded": [slot.current.version]}
+
+    @app.get("/metrics", tags=["meta"], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})  # fmt: skip
+    def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description,
+                              routes=app.routes)  # fmt: skip
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            extra = InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(extra.pop("$defs", {}))
+            schemas["InferRequest"] = extra
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,141 @@
+"""The inference log: a sample (serving.log_sample_rate) of answered requests, published to
+`inference.logged` by a background thread, never on a request's critical path. A request
+only offers its record to a bounded queue; when the queue is full the record is dropped and
+counted (`mlbus_serve_inference_log_dropped`), so a slow broker never slows requests.
+Delivery is at most once by design (a sample may be dropped, never sent twice: the producer
+is idempotent); the log is a sample for metrics and drift, not an audit record.
+
+Each record carries the raw per-sample feature vectors for drift (the stream processors
+compute per-feature PSI against the training histograms of `dataset.created`). Reduction
+for wide inputs, so a record stays well under the 1 MB event limit: when a model has more
+than MAX_FEATURES features, every k-th feature is logged (k = ceil(features /
+MAX_FEATURES)), and `feature_names` names exactly the logged ones, so PSI per feature still
+applies; and only the first rows of a batch, up to MAX_VALUES logged values in all, are
+kept in `inputs` (`predictions` and `batch_size` always cover the whole batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import random
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlbus.errors import MlbusError
+from mlbus.kafka.producer import EventProducer
+from schemas.serving import InferenceLogged
+from serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+MAX_FEATURES = 1024
+MAX_VALUES = 32_768
+QUEUE_SIZE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    model: str
+    version: str
+    request_id: str
+    latency_seconds: float
+    ok: bool
+    error: str | None
+    predictions: np.ndarray | None  # class labels
+    features: list[str]
+    inputs: np.ndarray | None  # raw rows [batch, features]
+
+
+class InferenceLog:
+    """`offer()` from any thread or the event loop; `start()` / `close()` the publisher."""
+
+    def __init__(
+        self,
+        producer: EventProducer,
+        metrics: ServingMetrics,
+        *,
+        replica: str,
+        sample_rate: float = 1.0,
+        queue_size: int = QUEUE_SIZE,
+    ) -> None:
+        self.producer = producer
+        self.metrics = metrics
+        self.replica = replica
+        self.sample_rate = sample_rate
+        self._queue: queue.Queue[Sample | None] = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+        self._random = random.Random()
+
+    def offer(self, sample: Sample) -> bool:
+        """Queue `sample` if it is in the sample; False if it was left out or dropped."""
+        if self.sample_rate < 1.0 and self._random.random() >= self.sample_rate:
+            return False
+        try:
+            self._queue.put_nowait(sample)
+            return True
+        except queue.Full:
+            self.metrics.log_dropped.inc()
+            return False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mlbus-inference-log", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Publish what is queued (within `timeout`), then stop."""
+        if self._thread is None:
+            return
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            try:
+                sample = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                self.producer.poll(0)  # delivery reports, in the background too
+                continue
+            if sample is None:
+                break
+            try:
+                self.producer.publish(record(sample, self.replica))
+                self.producer.poll(0)
+                self.metrics.log_published.inc()
+            except MlbusError as e:
+                log.warning("inference log: sample lost: %s", e)
+            except Exception:
+                log.exception("inference log: sample lost")
+        try:
+            self.producer.flush(5.0)
+        except MlbusError as e:
+            log.warning("inference log: %s", e)
+
+
+def record(sample: Sample, replica: str) -> InferenceLogged:
+    """The `inference.logged` payload of one sample (reductions: see the module doc)."""
+    names: list[str] | None = None
+    inputs: list[list[float]] | None = None
+    if sample.inputs is not None and sample.inputs.size:
+        x = sample.inputs
+        names = sample.features
+        if x.shape[1] > MAX_FEATURES:
+            step = math.ceil(x.shape[1] / MAX_FEATURES)
+            x = x[:, ::step]
+            names = names[::step]
+        rows = max(1, MAX_VALUES // x.shape[1])
+        inputs = x[:rows].astype(np.float64).tolist()
+    predictions = sample.predictions.tolist() if sample.predictions is not None else []
+    return InferenceLogged(
+        request_id=sample.request_id, model=sample.model, version=sample.version,
+        replica=replica, latency_seconds=max(0.0, sample.latency_seconds), ok=sample.ok,
+        error=sample.error,
+        batch_size=len(sample.inputs) if sample.inputs is not None else len(predictions),
+        predictions=predictions, feature_names=names, inputs=inputs,
+    )  # fmt: skip

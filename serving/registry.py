@@ -1,0 +1,232 @@
+"""The versions a replica serves: a `Deployment` is one loaded, verified model version
+(weights, card, its micro-batcher); the `Registry` maps each model to its current and
+previous deployment and swaps them atomically.
+
+No topics here: serving/deployer.py feeds it from `model.promoted`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlbus import artifacts
+from mlbus.errors import MlbusError
+from mlbus.storage import ObjectStore
+from serving.batcher import MicroBatcher
+from serving.errors import UnknownModel, UnknownVersion, VerificationFailed
+
+log = logging.getLogger(__name__)
+
+#: OIP name of the one input tensor every card-described model takes: [batch, features].
+INPUT = "input"
+#: OIP outputs: the class label of each row, and the class probabilities.
+LABEL, PROBABILITIES = "label", "probabilities"
+_CARD_FIELDS = ("family", "hyperparameters", "features", "classes", "mean", "std")
+
+
+@dataclass(eq=False)
+class Deployment:
+    """One loaded version. `predict` is what the batcher's worker thread runs."""
+
+    name: str
+    version: str
+    sha256: str
+    model: nn.Module
+    card: dict[str, Any]
+    load_seconds: float = 0.0
+    features: list[str] = field(init=False)
+    classes: np.ndarray = field(init=False)
+    batcher: MicroBatcher | None = None
+
+    def __post_init__(self) -> None:
+        self.features = list(self.card["features"])
+        self.classes = np.asarray([str(c) for c in self.card["classes"]], dtype=object)
+        self._mean = np.asarray(self.card["mean"], dtype=np.float32)
+        self._std = np.asarray(self.card["std"], dtype=np.float32)
+        # Guard the division: a card may carry a 0 std for a constant column.
+        self._std[self._std == 0] = 1.0
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities [rows, classes] of raw inputs [rows, features] (float32)."""
+        scaled = (x - self._mean) / self._std
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(np.ascontiguousarray(scaled, np.float32)))
+            return torch.softmax(logits, dim=1).numpy()
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, self.n_features]}],
+            "outputs": [
+                {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
+                {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(self.classes)]},
+            ],
+        }
+
+
+def load_verified(
+    store: ObjectStore, name: str, version: str, uri: str, sha256: str, card_uri: str | None
+) -> Deployment:
+    """Load a version and check it can serve: the weights hash to `sha256` (checked by
+    `artifacts.load` before anything is deserialised; safetensors only), the card has what
+    serving needs and agrees with the weights, and a warm-up forward pass gives finite
+    probabilities. Raises `VerificationFailed` with the reason otherwise."""
+    started = time.perf_counter()
+    if not card_uri:
+        raise VerificationFailed("the promotion's artifact has no model_card_uri")
+    try:
+        model, card = artifacts.load(store, uri, sha256, card_uri)
+    except MlbusError as e:
+        raise VerificationFailed(f"{type(e).__name__}: {e}") from None
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # bad card, bad weights
+        raise VerificationFailed(f"cannot build the model: {type(e).__name__}: {e}") from None
+    missing = [f for f in _CARD_FIELDS if f not in card]
+    if missing:
+        raise VerificationFailed(f"model card lacks {', '.join(missing)}")
+    n = len(card["features"])
+    if len(card["mean"]) != n or len(card["std"]) != n:
+        raise VerificationFailed(f"model card: mean/std do not have {n} values")
+    deployment = Deployment(name, version, sha256, model, card)
+    try:
+        probabilities = deployment.predict(np.asarray([card["mean"]], dtype=np.float32))
+    except Exception as e:  # whatever torch raises: the version must not serve
+        raise VerificationFailed(f"warm-up inference failed: {type(e).__name__}: {e}") from None
+    if probabilities.shape != (1, len(card["classes"])) or not np.isfinite(probabilities).all():
+        raise VerificationFailed(f"warm-up inference gave {probabilities.shape}, not finite")
+    deployment.load_seconds = time.perf_counter() - started
+    return deployment
+
+
+@dataclass(frozen=True)
+class Slot:
+    current: Deployment
+    previous: Deployment | None = None
+
+
+class Registry:
+    """Model name → `Slot`. A swap replaces the whole slot in one assignment, so a request
+    sees either the old or the new slot, and a request that took a deployment keeps it until
+    it is answered (in-flight requests finish on their version). The deployment pushed out
+    (two versions back) is retired: its batcher drains what it holds, then stops.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_batch_size: int,
+        max_wait_us: int,
+        batching: bool = True,
+        executor: Executor,
+        on_batch: Callable[[Deployment, int], None] | None = None,
+        on_change: Callable[[str, Slot | None, Slot | None], None] | None = None,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_wait_us = max_wait_us
+        self.batching = batching
+        self.executor = executor
+        self.on_batch = on_batch
+        self.on_change = on_change
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._slots: dict[str, Slot] = {}
+        self._lock = threading.Lock()  # serialises writers; readers need no lock
+
+    def names(self) -> list[str]:
+        return sorted(self._slots)
+
+    def slot(self, name: str) -> Slot:
+        try:
+            return self._slots[name]
+        except KeyError:
+            raise UnknownModel(f"model {name!r} is not served here") from None
+
+    def current(self, name: str) -> Deployment | None:
+        slot = self._slots.get(name)
+        return slot.current if slot else None
+
+    def get(self, name: str, version: str | None = None) -> Deployment:
+        slot = self.slot(name)
+        if version is None or version == slot.current.version:
+            return slot.current
+        if slot.previous is not None and version == slot.previous.version:
+            return slot.previous
+        loaded = [slot.current.version] + ([slot.previous.version] if slot.previous else [])
+        raise UnknownVersion(
+            f"model {name!r} has no version {version!r} loaded (loaded: {', '.join(loaded)})"
+        )
+
+    def find(self, name: str, version: str, sha256: str) -> Deployment | None:
+        """A loaded deployment of exactly that version and artifact (a rollback to the
+        previous version is then a swap, not a reload)."""
+        slot = self._slots.get(name)
+        for d in (slot.current, slot.previous) if slot else ():
+            if d is not None and d.version == version and d.sha256 == sha256:
+                return d
+        return None
+
+    def install(self, deployment: Deployment, *, as_previous: bool = False) -> None:
+        """Make `deployment` current (the current one becomes previous); with `as_previous`,
+        put it behind the current one (loading a replica's history at start)."""
+        if deployment.batcher is None:
+            run = deployment.predict
+            on_batch = self.on_batch
+
+            def forward(x: np.ndarray) -> np.ndarray:
+                if on_batch is not None:
+                    on_batch(deployment, len(x))
+                return run(x)
+
+            deployment.batcher = MicroBatcher(
+                forward, max_batch_size=self.max_batch_size, max_wait_us=self.max_wait_us,
+                executor=self.executor, batching=self.batching,
+            )  # fmt: skip
+        with self._lock:
+            old = self._slots.get(deployment.name)
+            if as_previous and old is not None:
+                new = Slot(old.current, deployment)
+                retired = old.previous
+            elif old is None:
+                new = Slot(deployment)
+                retired = None
+            else:
+                keep = old.current if old.current is not deployment else old.previous
+                new = Slot(deployment, keep)
+                retired = old.previous if old.previous not in (deployment, keep) else None
+            self._slots[deployment.name] = new
+        if retired is not None:
+            self._retire(retired)
+        if self.on_change:
+            self.on_change(deployment.name, old, new)
+
+    def remove(self, name: str) -> Slot | None:
+        with self._lock:
+            old = self._slots.pop(name, None)
+        for d in (old.current, old.previous) if old else ():
+            if d is not None:
+                self._retire(d)
+        if old is not None and self.on_change:
+            self.on_change(name, old, None)
+        return old
+
+    def _retire(self, deployment: Deployment) -> None:
+        batcher = deployment.batcher
+        if batcher is None:
+            return
+        loop = self.loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(batcher.close)
+        else:
+            batcher.close()

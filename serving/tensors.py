@@ -1,0 +1,163 @@
+"""Open Inference Protocol v2 tensors in and out: the request body (orjson) or a stream
+request's `Tensor`s become one float32 array checked against the model card, and the
+forward pass's probabilities become the `label` and `probabilities` outputs.
+
+numpy converts the flat `data` list in C (no Python loop over elements); orjson writes the
+probabilities straight from the numpy array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from serving.errors import InvalidInput, MalformedRequest
+from serving.registry import INPUT, LABEL, PROBABILITIES, Deployment
+
+#: Datatypes accepted for the input (all become float32 for the model).
+NUMERIC = frozenset(
+    {"FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
+     "UINT64"}
+)  # fmt: skip
+_INT_RANGE = {
+    "INT8": (-(2**7), 2**7 - 1), "INT16": (-(2**15), 2**15 - 1),
+    "INT32": (-(2**31), 2**31 - 1), "INT64": (-(2**63), 2**63 - 1),
+    "UINT8": (0, 2**8 - 1), "UINT16": (0, 2**16 - 1), "UINT32": (0, 2**32 - 1),
+    "UINT64": (0, 2**64 - 1),
+}  # fmt: skip
+OUTPUTS = (LABEL, PROBABILITIES)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A decoded inference request: the input rows and what to answer."""
+
+    id: str | None
+    x: np.ndarray  # float32 [rows, features], finite
+    outputs: tuple[str, ...]
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise MalformedRequest(f"the body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise MalformedRequest("the body must be a JSON object with an 'inputs' list")
+    return doc
+
+
+def decode_request(doc: Mapping[str, Any], deployment: Deployment) -> Request:
+    """Check an OIP request object against the deployment's card; `InvalidInput` or
+    `MalformedRequest` (each naming the input or field) if it does not fit."""
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise MalformedRequest("'id' must be a string")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise MalformedRequest("'inputs' must be a non-empty list of tensors")
+    if len(inputs) != 1:
+        names = [i.get("name") if isinstance(i, dict) else None for i in inputs]
+        raise InvalidInput(f"model {deployment.name} takes one input {INPUT!r}, got {names}")
+    tensor = inputs[0]
+    if not isinstance(tensor, dict):
+        raise MalformedRequest("each input must be an object with name, shape, datatype, data")
+    x = to_array(
+        deployment, tensor.get("name"), tensor.get("shape"), tensor.get("datatype"),
+        tensor.get("data"),
+    )  # fmt: skip
+    return Request(request_id, x, requested_outputs(doc.get("outputs")))
+
+
+def requested_outputs(outputs: Any) -> tuple[str, ...]:
+    if outputs is None:
+        return OUTPUTS
+    if not isinstance(outputs, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
+    ):
+        raise MalformedRequest("'outputs' must be a list of objects with a 'name'")
+    names = tuple(o["name"] for o in outputs)
+    unknown = [n for n in names if n not in OUTPUTS]
+    if unknown:
+        raise InvalidInput(f"unknown output {unknown[0]!r}; outputs are {', '.join(OUTPUTS)}")
+    return names or OUTPUTS
+
+
+def to_array(deployment: Deployment, name: Any, shape: Any, datatype: Any, data: Any) -> np.ndarray:
+    """The input tensor as float32 [rows, features], checked against the model card."""
+    n = deployment.n_features
+    where = f"input {name!r}"
+    if name != INPUT:
+        raise InvalidInput(f"{where}: model {deployment.name} takes one input named {INPUT!r}")
+    if datatype not in NUMERIC:
+        raise InvalidInput(
+            f"{where}: datatype {datatype!r} is not accepted; use FP32 (or FP64, INT*, UINT*)"
+        )
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise InvalidInput(f"{where}: shape must be [batch, {n}], got {shape!r}")
+    rows, cols = shape
+    if cols != n:
+        raise InvalidInput(
+            f"{where}: shape {shape} does not match the model's {n} features "
+            f"({', '.join(deployment.features[:3])}, ...); expected [batch, {n}]"
+        )
+    if rows == 0:
+        raise InvalidInput(f"{where}: empty batch (shape {shape})")
+    if not isinstance(data, list):
+        raise InvalidInput(f"{where}: data must be a list of numbers")
+    try:
+        # float64 first: values beyond float32's range must be caught, not silently inf.
+        array = np.array(data, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise InvalidInput(f"{where}: data must hold only numbers (datatype {datatype})") from None
+    if array.size != rows * cols:
+        raise InvalidInput(
+            f"{where}: data has {array.size} values, shape {shape} needs {rows * cols}"
+        )
+    if not np.isfinite(array).all():
+        raise InvalidInput(f"{where}: data contains NaN or infinite values")
+    if datatype in _INT_RANGE:
+        low, high = _INT_RANGE[datatype]
+        if not (np.floor(array) == array).all() or array.min() < low or array.max() > high:
+            raise InvalidInput(f"{where}: data does not fit datatype {datatype}")
+    with np.errstate(over="ignore"):  # overflow is reported just below, as a 400
+        x = array.reshape(rows, cols).astype(np.float32)
+    if not np.isfinite(x).all():
+        raise InvalidInput(f"{where}: data exceeds the FP32 range")
+    return x
+
+
+def outputs(
+    deployment: Deployment,
+    probabilities: np.ndarray,
+    names: Sequence[str] = OUTPUTS,
+    labels: np.ndarray | None = None,
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """OIP output tensors (probabilities left as a numpy array for orjson) and the labels."""
+    if labels is None:
+        labels = deployment.classes[probabilities.argmax(axis=1)]
+    rows, k = probabilities.shape
+    out: list[dict[str, Any]] = []
+    for name in names:
+        if name == LABEL:
+            out.append(
+                {"name": LABEL, "datatype": "BYTES", "shape": [rows], "data": labels.tolist()}
+            )
+        else:
+            out.append({
+                "name": PROBABILITIES, "datatype": "FP32", "shape": [rows, k],
+                "data": probabilities.reshape(-1),
+            })  # fmt: skip
+    return out, labels
+
+
+def dumps(doc: Any) -> bytes:
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)

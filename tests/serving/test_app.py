@@ -1,0 +1,155 @@
+"""The HTTP API: OIP metadata and health, bad input answered with a 4xx and a message (never
+a 500), the control endpoints' bearer token, /metrics, and an OpenAPI document that lists
+what the server really does."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tests.mlbus.kafka.support import read_events, wait_until
+from tests.serving.conftest import body, promote, running, save, wait_version
+
+
+def test_metadata_health_and_inference(kafka, store, digits):
+    promote(kafka, "digits", "1", save(store, digits.v1, "models/digits/v1"))
+    with running(kafka, store) as srv, srv.client() as c:
+        wait_version(srv, "digits", "1")
+        assert c.get("/v2/health/live").json() == {"live": True}
+        assert c.get("/v2/health/ready").json() == {"ready": True}
+        assert c.get("/v2/models/digits/ready").json() == {"ready": True}
+        meta = c.get("/v2/models/digits").json()
+        assert meta["name"] == "digits" and meta["versions"] == ["1"]
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+        assert [o["name"] for o in meta["outputs"]] == ["label", "probabilities"]
+        assert meta["parameters"]["classes"] == [str(i) for i in range(10)]
+        rows = digits.x[:5]
+        r = c.post("/v2/models/digits/infer", json={"id": "req-1", **body(rows)})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["id"] == "req-1" and doc["model_version"] == "1"
+        label, probabilities = doc["outputs"]
+        assert label["shape"] == [5] and all(x in meta["parameters"]["classes"]
+                                             for x in label["data"])  # fmt: skip
+        p = np.asarray(probabilities["data"]).reshape(probabilities["shape"])
+        assert p.shape == (5, 10) and np.allclose(p.sum(axis=1), 1.0, atol=1e-4)
+        # Integer pixels (INT64) and FP64 are accepted; only the requested output comes back.
+        r = c.post(
+            "/v2/models/digits/infer",
+            json={**body(rows.astype(np.int64), datatype="INT64"), "outputs": [{"name": "label"}]},
+        )
+        assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["label"]
+        assert r.json()["outputs"][0]["data"] == label["data"]
+
+
+def test_bad_input_is_a_4xx_with_a_message(kafka, store, digits):
+    promote(kafka, "digits", "1", save(store, digits.v1, "models/digits/v1"))
+    row = digits.x[0].tolist()
+
+    def tensor(**changes):
+        return {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}
+                           | changes]}  # fmt: skip
+
+    cases = {
+        "wrong shape": (tensor(shape=[1, 63], data=row[:63]), 400, "64 features"),
+        "1-d shape": (tensor(shape=[64]), 400, "shape must be [batch, 64]"),
+        "shape vs data": (tensor(shape=[2, 64]), 400, "needs 128"),
+        "wrong dtype": (tensor(datatype="BYTES"), 400, "datatype 'BYTES'"),
+        "strings in data": (tensor(data=["a"] * 64), 400, "only numbers"),
+        "int out of range": (tensor(datatype="UINT8", data=[300] * 64), 400, "UINT8"),
+        "beyond fp32": (tensor(data=[1e39] * 64), 400, "FP32 range"),
+        "empty batch": (tensor(shape=[0, 64], data=[]), 400, "empty batch"),
+        "wrong input name": (tensor(name="pixels"), 400, "'input'"),
+        "no inputs": ({"inputs": []}, 400, "non-empty list"),
+        "not an object": ([1, 2], 400, "JSON object"),
+        "unknown output": ({**tensor(), "outputs": [{"name": "logits"}]}, 400, "logits"),
+    }
+    with running(kafka, store, max_body_bytes=1024 * 1024) as srv, srv.client() as c:
+        wait_version(srv, "digits", "1")
+        for case, (doc, status, fragment) in cases.items():
+            r = c.post("/v2/models/digits/infer", json=doc)
+            assert r.status_code == status, (case, r.text)
+            assert fragment in r.json()["error"], (case, r.json())
+        raw = {
+            "malformed JSON": (b'{"inputs": [', 400, "not valid JSON"),
+            "NaN": (b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", '
+                    b'"data": [' + b", ".join([b"NaN"] * 64) + b"]}]}", 400, "not valid JSON"),
+        }  # fmt: skip
+        for case, (data, status, fragment) in raw.items():
+            r = c.post("/v2/models/digits/infer", content=data,
+                       headers={"content-type": "application/json"})  # fmt: skip
+            assert r.status_code == status and fragment in r.json()["error"], (case, r.text)
+        # An infinity that does get through JSON (1e400 parses to inf, or is refused).
+        nan_doc = (b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP64", '
+                   b'"data": [' + b", ".join([b"1e400"] * 64) + b"]}]}")  # fmt: skip
+        r = c.post("/v2/models/digits/infer", content=nan_doc)
+        assert r.status_code == 400 and r.json()["error"], r.text
+        big = b"x" * (50 * 1024 * 1024)  # 50 MB
+        r = c.post("/v2/models/digits/infer", content=big)
+        assert r.status_code == 413 and "exceeds" in r.json()["error"]
+
+        def chunks():  # no content-length: the limit applies while reading
+            for _ in range(4):
+                yield b" " * (512 * 1024)
+
+        r = c.post("/v2/models/digits/infer", content=chunks())
+        assert r.status_code == 413, r.text
+        r = c.post("/v2/models/nope/infer", json=tensor())
+        assert r.status_code == 404 and "nope" in r.json()["error"]
+        r = c.post("/v2/models/digits/versions/9/infer", json=tensor())
+        assert r.status_code == 404 and "no version '9'" in r.json()["error"]
+        assert c.get("/v2/models/nope").status_code == 404
+        # The server is still fine.
+        assert c.post("/v2/models/digits/infer", json=tensor()).status_code == 200
+        metrics = c.get("/metrics").text
+        assert (
+            'mlbus_serve_errors_total{model="digits",protocol="http",reason="InvalidInput"}'
+            in metrics
+        )
+        assert 'reason="UnknownModel"' in metrics and 'model="_unknown"' in metrics
+
+
+def test_control_endpoints_need_the_token(kafka, store, digits):
+    v1 = save(store, digits.v1, "models/digits/v1")
+    promote(kafka, "digits", "1", v1)
+    with running(kafka, store, api_token="s3cret") as srv, srv.client() as c:
+        wait_version(srv, "digits", "1")
+        assert c.post("/v2/repository/index").status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert c.post("/v2/repository/models/digits/unload", headers=wrong).status_code == 401
+        assert c.post("/v2/models/digits/infer", json=body(digits.x[:1])).status_code == 200
+        auth = {"Authorization": "Bearer s3cret"}
+        index = c.post("/v2/repository/index", headers=auth).json()
+        assert index == [{"name": "digits", "version": "1", "state": "READY", "reason": ""}]
+        r = c.post("/v2/repository/models/digits/unload", headers=auth)
+        assert r.status_code == 200, r.text
+        assert c.post("/v2/models/digits/infer", json=body(digits.x[:1])).status_code == 404
+        r = c.post("/v2/repository/models/digits/load", headers=auth)
+        assert r.status_code == 200 and r.json()["versions"] == ["1"]
+        assert c.post("/v2/models/digits/infer", json=body(digits.x[:1])).status_code == 200
+        statuses = wait_until(
+            lambda: [e.data.status for e in read_events(kafka, "deployment.updated")]
+            if len(read_events(kafka, "deployment.updated")) >= 3 else None,
+            "loaded, unloaded, loaded",
+        )  # fmt: skip
+        assert statuses == ["loaded", "unloaded", "loaded"]
+
+
+def test_openapi_document_describes_the_endpoints(kafka, store):
+    with running(kafka, store) as srv, srv.client() as c:
+        doc = c.get("/openapi.json").json()
+        paths = doc["paths"]
+        for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/{name}",
+                     "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer",
+                     "/v2/repository/models/{name}/load", "/metrics"):  # fmt: skip
+            assert path in paths, path
+        infer = paths["/v2/models/{name}/infer"]["post"]
+        ref = infer["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        schemas = doc["components"]["schemas"]
+        assert ref == "#/components/schemas/InferRequest"
+        tensor_ref = schemas["InferRequest"]["properties"]["inputs"]["items"]["$ref"]
+        assert tensor_ref.removeprefix("#/components/schemas/") in schemas
+        assert {"200", "400", "404", "413"} <= set(infer["responses"])
+        assert "security" in paths["/v2/repository/index"]["post"]
+        # Not ready before anything was read? This server had nothing to load: ready.
+        assert c.get("/v2/health/ready").json() == {"ready": True}
+        assert c.get("/v2/models/digits").status_code == 404

@@ -1,0 +1,56 @@
+"""The registry of loaded versions: a swap keeps the version it replaced, retires the one
+before, and a request that had already picked a retired version still finishes on it."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from serving.errors import UnknownModel, UnknownVersion
+from serving.registry import Deployment, Registry
+
+
+def _deployment(version: str, weight: float) -> Deployment:
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.fill_(weight)
+        model.bias.copy_(torch.tensor([0.0, 3 * weight]))
+    card = {"features": ["a", "b"], "classes": ["x", "y"], "mean": [0.0, 0.0],
+            "std": [1.0, 0.0]}  # fmt: skip
+    return Deployment("m", version, "sha256:" + version * 64, model.eval(), card)
+
+
+def test_swaps_keep_the_previous_version_and_in_flight_requests_finish_on_theirs():
+    with ThreadPoolExecutor(1) as pool:
+        registry = Registry(max_batch_size=8, max_wait_us=0, executor=pool)
+        d1, d2, d3 = (_deployment(v, w) for v, w in (("1", 1.0), ("2", -1.0), ("3", 0.5)))
+        x = np.asarray([[1.0, 2.0]], dtype=np.float32)
+
+        async def main() -> None:
+            registry.loop = asyncio.get_running_loop()
+            registry.install(d1)
+            picked = registry.get("m")  # a request takes the champion...
+            assert (await picked.batcher.infer(x)).shape == (1, 2)
+            registry.install(d2)
+            registry.install(d3)  # ...which is now two versions back, retired
+            await asyncio.sleep(0)
+            assert registry.get("m") is d3 and registry.get("m", "2") is d2
+            with pytest.raises(UnknownVersion, match="loaded: 3, 2"):
+                registry.get("m", "1")
+            out = await picked.batcher.infer(x)  # still answered, by its own version
+            assert np.allclose(out, d1.predict(x))
+            assert not np.allclose(out, d3.predict(x))
+            # A rollback to the previous version is a swap (no reload).
+            assert registry.find("m", "2", d2.sha256) is d2
+            registry.install(d2)
+            assert registry.get("m") is d2 and registry.get("m", "3") is d3
+            registry.remove("m")
+            with pytest.raises(UnknownModel):
+                registry.get("m")
+
+        asyncio.run(main())
