@@ -14,7 +14,7 @@ from schemas.training import EarlyStopping, HyperValue, Split
 
 class Threshold(Part):
     """An absolute bar a candidate must clear: `metric op value`, e.g. test.accuracy >= 0.95.
-    Metrics are the trainer's `split.metric` names, or `latency_p95_ms` from the model card."""
+    Metrics are the trainer's `split.metric` names: test.accuracy, inference.latency_p95_ms…"""
 
     metric: NonEmpty
     op: Literal[">=", "<="] = ">="

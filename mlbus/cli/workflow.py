@@ -1,3 +1,163 @@
-"""CLI commands of the workflow component (being written this session)."""
+"""`mlbus pipelines apply|list`, `mlbus models promote|rollback|list` and `mlbus workflow`
+(the trigger, policy and rollback service)."""
 
 from __future__ import annotations
+
+import getpass
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.table import Table
+
+from mlbus.cli.common import app, console, kafka_config, settings
+
+pipelines_app = typer.Typer(help="Pipelines: when to train, and how to promote.",
+                            no_args_is_help=True)  # fmt: skip
+models_app = typer.Typer(help="Models: versions, champions, manual decisions.",
+                         no_args_is_help=True)  # fmt: skip
+app.add_typer(pipelines_app, name="pipelines")
+app.add_typer(models_app, name="models")
+
+log = logging.getLogger(__name__)
+
+
+def _user() -> str:
+    try:
+        return f"user:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "user:unknown"
+
+
+def _json(value: object) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+@pipelines_app.command("apply")
+def pipelines_apply(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="pipeline definition (YAML)", exists=True, dir_okay=False, readable=True
+        ),
+    ],
+    actor: Annotated[str | None, typer.Option(help="who applies it [default: user:$USER]")] = None,
+) -> None:
+    """Publish a pipeline definition as its next revision (nothing if it is unchanged)."""
+    from consumers.workflow.definitions import apply, parse
+
+    text = file.read_text()
+    parse(text, source=str(file))  # a bad file fails here, before Kafka is contacted
+    applied = apply(kafka_config(), text, source=str(file), actor=actor or _user())
+    console.print(applied.message, highlight=False)
+    if applied.published:
+        console.print(f"event {applied.event_id}", highlight=False)
+
+
+@pipelines_app.command("list")
+def pipelines_list(
+    json_out: Annotated[bool, typer.Option("--json", help="as JSON")] = False,
+) -> None:
+    """Every pipeline's revision in force."""
+    from consumers.workflow.commands import list_pipelines
+
+    found = list_pipelines(kafka_config())
+    if json_out:
+        _json(found)
+        return
+    table = Table("pipeline", "rev", "enabled", "dataset", "model", "family", "sweep", "policy")
+    for p in found:
+        sweep = " x ".join(f"{k}:{len(v)}" for k, v in p["sweep"].items()) or "-"
+        policy = p["policy"]
+        bars = ", ".join(f"{t['metric']} {t['op']} {t['value']:g}" for t in policy["thresholds"])
+        summary = f"{policy['name']} v{policy['version']} ({bars or 'no thresholds'})"
+        table.add_row(p["name"], str(p["revision"]), "yes" if p["enabled"] else "no",
+                      p["dataset"], p["model"], p["family"], sweep, summary)  # fmt: skip
+    console.print(table)
+
+
+@models_app.command("list")
+def models_list(
+    json_out: Annotated[bool, typer.Option("--json", help="as JSON")] = False,
+) -> None:
+    """Every model with its versions and its champion."""
+    from consumers.workflow.commands import list_models
+
+    found = list_models(kafka_config())
+    if json_out:
+        _json(found)
+        return
+    table = Table("model", "version", "status", "test accuracy", "dataset", "note")
+    for model in found:
+        for v in model["versions"]:
+            accuracy = v["metrics"].get("test.accuracy")
+            dataset = v["dataset"]
+            champion = model["champion"]
+            note = v["rejected"] or ""
+            if champion and v["status"] == "champion":
+                note = f"{champion['actor']}: {champion['reason']}"
+            table.add_row(
+                model["model"], v["version"], v["status"],
+                "-" if accuracy is None else f"{accuracy:.4f}",
+                f"{dataset['name']}@{dataset['version'][:12]}" if dataset else "-", note,
+            )  # fmt: skip
+    console.print(table)
+
+
+@models_app.command("promote")
+def models_promote(
+    model: Annotated[str, typer.Argument(help="model name")],
+    version: Annotated[str, typer.Argument(help="version (a unique prefix will do)")],
+    reason: Annotated[str, typer.Option(help="why (recorded in the event)")],
+    actor: Annotated[str | None, typer.Option(help="who [default: user:$USER]")] = None,
+) -> None:
+    """Promote a version by hand: publishes model.promoted with you as the actor."""
+    from consumers.workflow.commands import promote
+
+    event = promote(kafka_config(), model, version, reason=reason, actor=actor or _user())
+    console.print(f"promoted {model} {event.data.version} (was {event.data.previous_version}); "
+                  f"event {event.id}", highlight=False)  # fmt: skip
+
+
+@models_app.command("rollback")
+def models_rollback(
+    model: Annotated[str, typer.Argument(help="model name")],
+    reason: Annotated[str, typer.Option(help="why (recorded in the event)")],
+    to: Annotated[str | None, typer.Option(help="version [default: the previous good one]")] = None,
+    actor: Annotated[str | None, typer.Option(help="who [default: user:$USER]")] = None,
+) -> None:
+    """Roll back by hand: model.promoted of an earlier version, rollback=true."""
+    from consumers.workflow.commands import rollback
+
+    event = rollback(kafka_config(), model, to=to, reason=reason, actor=actor or _user())
+    console.print(f"rolled back {model} from {event.data.previous_version} to "
+                  f"{event.data.version}; event {event.id}", highlight=False)  # fmt: skip
+
+
+@app.command("workflow")
+def workflow(
+    group: Annotated[str, typer.Option(help="consumer group")] = "mlbus-workflow",
+    reevaluate: Annotated[
+        bool,
+        typer.Option(
+            help="re-evaluate the champion on a candidate's test rows when they were trained "
+            "on different data"
+        ),
+    ] = True,
+) -> None:
+    """Run the workflow manager: training triggers, promotion policy, automatic rollback."""
+    from consumers.workflow.service import WorkflowService
+
+    cfg = settings()
+    kafka = kafka_config(cfg)
+    evaluator = None
+    if reevaluate:
+        from consumers.workflow.evaluation import ChampionEvaluator
+        from mlbus.storage import ObjectStore
+
+        evaluator = ChampionEvaluator(kafka, ObjectStore.from_settings(cfg))
+    console.print(f"workflow manager: group {group}", highlight=False)
+    WorkflowService(kafka, group=group, evaluator=evaluator).run()

@@ -1,0 +1,115 @@
+"""HTTP routes of the workflow manager (mounted by the control-plane app):
+
+GET  /pipelines                      every pipeline's revision in force
+POST /pipelines                      body: the YAML file (or JSON {"definition", "actor"});
+                                     201 new revision, 200 unchanged, 400 naming the line
+GET  /models                         every model, its versions and its champion
+POST /models/{model}/promote         JSON {"version", "reason", "actor"?}: 201
+POST /models/{model}/rollback        JSON {"reason", "to"?, "actor"?}: 201
+
+Errors use the control plane's body: {"error": {"type": ..., "message": ...}}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from consumers.workflow import commands, definitions
+from mlbus.errors import MlbusError
+from mlbus.kafka.config import KafkaConfig
+
+
+class Promote(BaseModel):
+    version: str = Field(min_length=1)
+    reason: str = Field(min_length=1)
+    actor: str = Field(default="http", min_length=1)
+
+
+class Rollback(BaseModel):
+    reason: str = Field(min_length=1)
+    to: str | None = None
+    actor: str = Field(default="http", min_length=1)
+
+
+_STATUS: dict[type[MlbusError], int] = {
+    definitions.InvalidPipeline: 400,
+    commands.UnknownModel: 404,
+    commands.NothingToRollBack: 409,
+}
+
+
+def _error(error: MlbusError) -> JSONResponse:
+    status = next((s for kind, s in _STATUS.items() if isinstance(error, kind)), None)
+    if status is None:
+        raise error  # the control plane's handler maps the kernel's errors
+    return JSONResponse(
+        {"error": {"type": type(error).__name__, "message": str(error)}}, status_code=status
+    )
+
+
+def _event(event: Any) -> dict[str, Any]:
+    return {"event_id": event.id, "type": event.type, **event.data.model_dump(mode="json")}
+
+
+def create_router(kafka: Callable[[], KafkaConfig]) -> APIRouter:
+    router = APIRouter(tags=["workflow"])
+
+    @router.get("/pipelines", summary="Every pipeline's revision in force")
+    def pipelines() -> list[dict[str, Any]]:
+        return commands.list_pipelines(kafka())
+
+    @router.post("/pipelines", summary="Apply a pipeline definition (YAML)")
+    async def apply(request: Request) -> JSONResponse:
+        body = await request.body()
+        actor = request.headers.get("x-mlbus-actor", "http")
+        if request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                fields = orjson.loads(body)
+                text, actor = str(fields["definition"]), str(fields.get("actor", actor))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                return _error(definitions.InvalidPipeline('JSON body needs "definition"'))
+        else:
+            text = body.decode("utf-8", errors="replace")
+        try:
+            applied = await run_in_threadpool(
+                definitions.apply, kafka(), text, source="request body", actor=actor
+            )
+        except MlbusError as e:
+            return _error(e)
+        return JSONResponse(
+            {"published": applied.published, "event_id": applied.event_id,
+             "message": applied.message, "revision": applied.pipeline.revision},
+            status_code=201 if applied.published else 200,
+        )  # fmt: skip
+
+    @router.get("/models", summary="Every model, its versions and its champion")
+    def models() -> list[dict[str, Any]]:
+        return commands.list_models(kafka())
+
+    @router.post("/models/{model}/promote", status_code=201, summary="Promote a version by hand")
+    def promote(model: str, body: Promote) -> Any:
+        try:
+            event = commands.promote(
+                kafka(), model, body.version, reason=body.reason, actor=body.actor
+            )
+        except MlbusError as e:
+            return _error(e)
+        return _event(event)
+
+    @router.post("/models/{model}/rollback", status_code=201, summary="Roll back by hand")
+    def rollback(model: str, body: Rollback) -> Any:
+        try:
+            event = commands.rollback(kafka(), model, to=body.to, reason=body.reason,
+                                      actor=body.actor)  # fmt: skip
+        except MlbusError as e:
+            return _error(e)
+        return _event(event)
+
+    return router

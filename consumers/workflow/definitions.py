@@ -1,0 +1,204 @@
+"""Pipeline definitions: the YAML file a user applies, checked line by line, and published
+as `pipeline.defined` with the next revision (read from the log). Nothing is published
+when the file is wrong, or when it says what the newest revision already says.
+
+Format and policy: infra/pipelines/README.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from mlbus.errors import MlbusError
+from mlbus.families import FAMILIES, InvalidModelSpec, hyperparameters
+from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.producer import EventProducer
+from mlbus.kafka.reader import read_events
+from schemas.envelope import Event
+from schemas.workflow import PipelineDefined
+
+#: Metrics the trainer reports in `training.completed` (split → metric), as `split.metric`.
+KNOWN_METRICS = frozenset(
+    {
+        "train.loss", "train.accuracy", "validation.loss", "validation.accuracy",
+        "test.loss", "test.accuracy", "inference.latency_p50_ms", "inference.latency_p95_ms",
+    }
+)  # fmt: skip
+#: Fields of the envelope of a revision, not of its content: equal content = no new revision.
+_NOT_CONTENT = {"revision", "actor", "source"}
+
+
+class InvalidPipeline(MlbusError):
+    """A pipeline file that cannot be applied; the message names the file and line."""
+
+
+Path_ = tuple[str | int, ...]
+
+
+class _Lines:
+    """Line numbers (1-based) of every key and item of a YAML document, by path."""
+
+    def __init__(self, node: yaml.Node | None) -> None:
+        self.lines: dict[Path_, int] = {}
+        if node is not None:
+            self._walk(node, ())
+
+    def _walk(self, node: yaml.Node, path: Path_) -> None:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = (*path, str(key.value))
+                self.lines[sub] = key.start_mark.line + 1
+                self._walk(value, sub)
+                self.lines[sub] = key.start_mark.line + 1  # the key's line, not the value's
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._walk(item, (*path, i))
+
+    def of(self, path: Iterable[str | int]) -> int:
+        """The line of `path`, or of its nearest ancestor present in the file."""
+        path = tuple(path)
+        while path not in self.lines and path:
+            path = path[:-1]
+        return self.lines.get(path, 1)
+
+
+def _dotted(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(document)"
+
+
+def parse(text: str, *, source: str = "pipeline", actor: str = "unknown") -> PipelineDefined:
+    """Check a pipeline file; `InvalidPipeline` naming `source` and the line if it is wrong.
+    The result has revision 1: `apply` sets the real one."""
+
+    def fail(path: Iterable[str | int], message: str) -> InvalidPipeline:
+        path = tuple(path)
+        return InvalidPipeline(f"{source} line {lines.of(path)}: {_dotted(path)}: {message}")
+
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        detail = " ".join(str(e).split())
+        raise InvalidPipeline(f"{source} line {line}: not valid YAML ({detail})") from None
+    lines = _Lines(node)
+    if not isinstance(raw, dict):
+        raise InvalidPipeline(f"{source} line 1: a pipeline is a mapping (name: ..., dataset: ...)")
+    for required in ("name", "dataset", "model", "family", "policy"):
+        if raw.get(required) in (None, ""):
+            raise InvalidPipeline(
+                f"{source} line {lines.of(())}: {required}: missing (required; the pipeline "
+                "starts on this line)"
+            )
+    for forbidden in ("revision", "actor", "source"):
+        if forbidden in raw:
+            raise fail((forbidden,), "set by `mlbus pipelines apply`, not by the file")
+    family = raw["family"]
+    if family not in FAMILIES:
+        raise fail(("family",), f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    params = raw.get("hyperparameters") or {}
+    sweep = raw.get("sweep") or {}
+    if not isinstance(params, dict):
+        raise fail(("hyperparameters",), "a mapping of name: value")
+    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise fail(("sweep",), "a mapping of name: [value, value, ...]")
+    try:
+        hyperparameters(family, params)
+    except InvalidModelSpec as e:
+        raise fail(("hyperparameters", _offending(e, params)), str(e)) from None
+    for name, values in sweep.items():
+        for i, value in enumerate(values):
+            try:
+                hyperparameters(family, params | {name: value})
+            except InvalidModelSpec as e:
+                raise fail(("sweep", name, i), str(e)) from None
+    policy = raw.get("policy")
+    if not isinstance(policy, dict):
+        raise fail(("policy",), "a mapping (name, metric, mode, margin, thresholds)")
+    if policy.get("metric", "test.accuracy") not in KNOWN_METRICS:
+        raise fail(("policy", "metric"), _unknown_metric(policy["metric"]))
+    thresholds = policy.get("thresholds") or []
+    if not isinstance(thresholds, list):
+        raise fail(("policy", "thresholds"), "a list of {metric, op, value}")
+    for i, threshold in enumerate(thresholds):
+        metric = threshold.get("metric") if isinstance(threshold, dict) else None
+        if metric not in KNOWN_METRICS:
+            raise fail(("policy", "thresholds", i, "metric"), _unknown_metric(metric))
+    fields = raw | {"revision": 1, "actor": actor, "source": text}
+    try:
+        return PipelineDefined.model_validate(fields)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        raise fail(first["loc"], first["msg"]) from None
+
+
+def _offending(error: InvalidModelSpec, params: Mapping[str, Any]) -> str:
+    return next((k for k in params if f"{k!r}" in str(error) or f"{k}=" in str(error)), "")
+
+
+def _unknown_metric(metric: object) -> str:
+    known = ", ".join(sorted(KNOWN_METRICS))
+    return f"the trainer does not report a metric {metric!r}; known: {known}"
+
+
+def sweep_points(pipeline: PipelineDefined) -> list[dict[str, Any]]:
+    """The grid of a sweep, in a stable order (one point when there is no sweep)."""
+    axes = pipeline.sweep
+    return [
+        pipeline.hyperparameters | dict(zip(axes, combo, strict=True))
+        for combo in itertools.product(*axes.values())
+    ]
+
+
+def content(pipeline: PipelineDefined) -> dict[str, Any]:
+    """What a revision says, without who applied it or the file's comments and layout."""
+    return pipeline.model_dump(mode="json", exclude=_NOT_CONTENT)
+
+
+@dataclass(frozen=True)
+class Applied:
+    pipeline: PipelineDefined
+    published: bool
+    event_id: str | None
+    message: str
+
+
+def newest_revisions(kafka: KafkaConfig) -> dict[str, Event]:
+    """The newest `pipeline.defined` of each pipeline name, from the log."""
+    newest: dict[str, Event] = {}
+    for event in read_events(kafka, "pipeline.defined"):
+        data: PipelineDefined = event.data  # type: ignore[assignment]
+        current = newest.get(data.name)
+        if current is None or data.revision >= current.data.revision:
+            newest[data.name] = event
+    return newest
+
+
+def apply(kafka: KafkaConfig, text: str, *, source: str, actor: str) -> Applied:
+    """Publish the file as the next revision of its pipeline, unless it is wrong (raises
+    `InvalidPipeline`) or says what the newest revision says (nothing published)."""
+    parsed = parse(text, source=source, actor=actor)
+    current = newest_revisions(kafka).get(parsed.name)
+    if current is not None and content(current.data) == content(parsed):
+        return Applied(
+            current.data, False, current.id,
+            f"pipeline {parsed.name} unchanged: revision {current.data.revision} is in force",
+        )  # fmt: skip
+    revision = 1 if current is None else current.data.revision + 1
+    pipeline = parsed.model_copy(update={"revision": revision})
+    with EventProducer(kafka, source="mlbus/workflow") as producer:
+        ref = producer.publish(pipeline, subject=f"{pipeline.name}@{revision}")
+        producer.flush()
+    verb = "defined" if revision == 1 else "updated"
+    return Applied(pipeline, True, ref.id, f"pipeline {pipeline.name} {verb}: revision {revision}")

@@ -1,0 +1,95 @@
+"""Re-evaluating the champion on a candidate's test rows, when the two were trained on
+different data (a new dataset version, another seed or split): the policy then compares
+both on the same rows. Loads the champion's artifact (`mlbus.artifacts`) and the
+candidate's dataset version (`mlbus.tables.DatasetReader`, hash verified), rebuilds the
+candidate's test split and applies the champion's own preprocessing (its model card's
+feature list, mean and std).
+
+The split must be the trainer's: `_test_rows` repeats `trainer.data.split_indices` (a
+component may not import another). It belongs in the kernel; until it moves there, a change
+to the trainer's split must be made here too (tests/consumers/workflow checks they agree).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlbus import artifacts
+from mlbus.errors import MlbusError
+from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.reader import read_events
+from mlbus.storage import ObjectStore
+from mlbus.tables import DatasetReader
+from schemas.datasets import DatasetCreated
+from schemas.training import Split, TrainingCompleted
+
+log = logging.getLogger(__name__)
+
+
+def _test_rows(n: int, seed: int, split: Split) -> np.ndarray:
+    """The test rows of the trainer's deterministic split (trainer.data.split_indices)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order[: round(n * split.test)]
+
+
+class ChampionEvaluator:
+    """An `Evaluator` (policy.py): the champion's test.accuracy and test.loss on the
+    candidate's test rows, or None when that cannot be done (logged)."""
+
+    def __init__(self, kafka: KafkaConfig, store: ObjectStore) -> None:
+        self.kafka = kafka
+        self.store = store
+
+    def __call__(
+        self, champion: TrainingCompleted, candidate: TrainingCompleted, split: Split
+    ) -> dict[str, float] | None:
+        try:
+            return self._evaluate(champion, candidate, split)
+        except (MlbusError, KeyError, ValueError, RuntimeError) as e:
+            log.warning("workflow: cannot re-evaluate %s %s on %s@%s: %s", champion.model,
+                        champion.version, candidate.dataset.name,
+                        candidate.dataset.version[:12], e)  # fmt: skip
+            return None
+
+    def _dataset(self, name: str, version: str) -> DatasetCreated:
+        for event in read_events(self.kafka, "dataset.created"):
+            data: DatasetCreated = event.data  # type: ignore[assignment]
+            if data.name == name and data.version == version:
+                return data
+        raise MlbusError(f"dataset {name}@{version} is not in the log")
+
+    def _evaluate(
+        self, champion: TrainingCompleted, candidate: TrainingCompleted, split: Split
+    ) -> dict[str, float]:
+        art = champion.artifact
+        if art.model_card_uri is None:
+            raise MlbusError("the champion's artifact has no model card")
+        model, card = artifacts.load(self.store, art.uri, art.sha256, art.model_card_uri)
+        data = self._dataset(candidate.dataset.name, candidate.dataset.version)
+        features, label = list(card["features"]), card["label"]
+        with DatasetReader(self.store, data.uri, data.content_hash,
+                           columns=[*features, label]) as reader:  # fmt: skip
+            table = reader.read_all()
+        rows = _test_rows(table.num_rows, candidate.seed, split)
+        if len(rows) == 0:
+            raise MlbusError("the candidate's split has no test rows")
+        x = np.stack([table.column(f).to_numpy(zero_copy_only=False) for f in features], axis=1)
+        x = (x[rows].astype(np.float32) - np.asarray(card["mean"], np.float32)) / np.asarray(
+            card["std"], np.float32
+        )
+        raw = table.column(label).to_numpy(zero_copy_only=False)[rows]
+        index = {c: i for i, c in enumerate(card["classes"])}
+        y = np.array([index.get(str(v), -1) for v in raw], dtype=np.int64)
+        with torch.no_grad():
+            logits = model(torch.from_numpy(np.ascontiguousarray(x)))
+        predicted = logits.argmax(dim=1).numpy()
+        known = y >= 0  # a class the champion never saw is simply a wrong answer
+        loss = (
+            nn.functional.cross_entropy(logits[known], torch.from_numpy(y[known])).item()
+            if known.any() else float("inf")
+        )  # fmt: skip
+        return {"test.accuracy": float((predicted == y).mean()), "test.loss": loss}

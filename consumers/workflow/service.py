@@ -1,0 +1,398 @@
+"""The workflow service (`mlbus workflow`): one consumer group that runs the training
+trigger (`dataset.validated` → `training.requested`, debounced by a timer), the promotion
+policy (`training.completed` / `training.failed` → `model.promoted` or `model.rejected`)
+and automatic rollback (`serving.alert` → `model.promoted` with `rollback: true`).
+It also reads `pipeline.defined`, `training.requested` and `model.promoted` to keep its
+state (state.py) current; that state is rebuilt from the log when the service opens.
+
+Exactly-once effects: every decision has an id derived from the event that caused it
+(uuid5 of the completion, the alert, or pipeline + dataset event + sweep point) and is
+skipped when that id is already in the log (read at start) or was published by this
+process; each decision is confirmed by the broker (flush) before its cause's offset can be
+committed. A debounced trigger whose cause was committed before it fired is found again at
+the next start: the rebuild lists validated versions no request was made for.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from consumers.workflow.definitions import sweep_points
+from consumers.workflow.policy import Champion, Evaluator, judge, metric
+from consumers.workflow.state import (
+    ACTOR,
+    Pipeline,
+    Position,
+    State,
+    Sweep,
+    decision_id,
+    read_state,
+    request_id,
+    rollback_id,
+    time_of,
+)
+from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.consumer import ConsumerLoop, Handler, Record
+from mlbus.kafka.producer import EventProducer
+from schemas.base import DatasetRef, Payload, PolicyRef
+from schemas.codec import wrap
+from schemas.datasets import DatasetValidated
+from schemas.envelope import Event
+from schemas.models import ModelPromoted, ModelRejected
+from schemas.serving import ServingAlert
+from schemas.training import SweepPoint, TrainingCompleted, TrainingRequested
+
+log = logging.getLogger(__name__)
+
+GROUP = "mlbus-workflow"
+SOURCE = "mlbus/workflow"
+#: A closed debounce window fires once no version arrived for this long (not mid-backlog).
+QUIET = 0.3
+
+
+@dataclass
+class Pending:
+    """A debounced trigger: the newest matching version, fired when the window closes."""
+
+    position: Position
+    event: Event
+    deadline: float  # epoch seconds: the first untriggered version's time + the window
+    updated: float  # monotonic seconds: when the newest version arrived
+
+
+class WorkflowService:
+    """Open it (a context manager), then run `loop` (in this thread or another); the debounce
+    timer runs in its own thread while the service is open."""
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        *,
+        group: str = GROUP,
+        evaluator: Evaluator | None = None,
+        tick: float = 0.1,
+        consumer_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.kafka = kafka
+        self.group = group
+        self.evaluator = evaluator
+        self.tick = tick
+        self.state = State()
+        self.pending: dict[str, Pending] = {}
+        self._lock = threading.RLock()
+        self._closed = threading.Event()
+        self._timer: threading.Thread | None = None
+        self._producer: EventProducer | None = None
+        self.loop = ConsumerLoop(
+            kafka, group=group, name="workflow", handlers=self.handlers(),
+            consumer_overrides=consumer_overrides,
+        )  # fmt: skip
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def open(self) -> WorkflowService:
+        self._producer = EventProducer(self.kafka, source=SOURCE, **{"linger.ms": 0})
+        self.state = read_state(self.kafka)
+        with self._lock:
+            for pipeline in list(self.state.pipelines.values()):
+                self._schedule(pipeline)
+        self._closed.clear()
+        self._timer = threading.Thread(target=self._run_timer, name="workflow-timer", daemon=True)
+        self._timer.start()
+        log.info(
+            "workflow: %d pipeline(s), %d model(s), %d decision(s) in the log",
+            len(self.state.pipelines), len(self.state.models), len(self.state.decided),
+        )  # fmt: skip
+        return self
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._timer is not None:
+            self._timer.join()
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+
+    def __enter__(self) -> WorkflowService:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, **run_kwargs: Any) -> None:
+        """Open, run the consumer loop until a signal or `loop.stop()`, close."""
+        with self:
+            self.loop.run(**run_kwargs)
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "pipeline.defined": self._on_defined,
+            "dataset.validated": self._on_validated,
+            "training.requested": self._on_state,
+            "training.completed": self._on_outcome,
+            "training.failed": self._on_outcome,
+            "model.promoted": self._on_state,
+            "serving.alert": self._on_alert,
+        }
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def _publish(self, data: Payload, *, cause: Event, event_id: str, **envelope: Any) -> Event:
+        """Publish a decision, confirmed before returning, and apply it to the state."""
+        assert self._producer is not None, "the service is not open"
+        event = wrap(data, source=SOURCE, causation=cause, event_id=event_id, **envelope)
+        self._producer.send(event)
+        self._producer.flush()
+        self.state.apply(event)
+        return event
+
+    # -- handlers (called by the consumer loop) ---------------------------------------------
+
+    def _on_state(self, event: Event, record: Record) -> None:
+        """Keeps the state current; idempotent by event id / log position."""
+        with self._lock:
+            self.state.apply(event, (record.partition, record.offset))
+
+    def _on_defined(self, event: Event, record: Record) -> None:
+        """A new revision takes effect for what arrives from now on (idempotent)."""
+        with self._lock:
+            self.state.apply(event, (record.partition, record.offset))
+            pipeline = self.state.pipelines.get(event.data.name)
+            if pipeline is not None:
+                self._schedule(pipeline)
+
+    def _on_validated(self, event: Event, record: Record) -> None:
+        """Trigger: each matching pipeline requests training (now, or when its debounce
+        window closes). Request ids derive from pipeline, dataset event and sweep point."""
+        with self._lock:
+            self.state.apply(event, (record.partition, record.offset))
+            for pipeline in list(self.state.pipelines.values()):
+                if self.state.matches(pipeline, event):
+                    self._schedule(pipeline)
+
+    def _on_outcome(self, event: Event, record: Record) -> None:
+        """Policy: decide on a completed run, or on a sweep once every run has finished or
+        failed. Decision ids derive from the completion's id (skipped if in the log)."""
+        with self._lock:
+            self.state.apply(event, (record.partition, record.offset))
+            self.decide(event)
+
+    def _on_alert(self, event: Event, record: Record) -> None:
+        """Rollback on a firing alert for the champion; id derived from the alert's."""
+        with self._lock:
+            self.rollback(event)
+
+    # -- trigger ----------------------------------------------------------------------------
+
+    def _schedule(self, pipeline: Pipeline) -> None:
+        """Trigger now, or leave a pending trigger for the timer. Windows are by event
+        time: a window that a later version falls outside of is closed, and fires on its
+        newest version at once (so catching up on a backlog, or a restart, gives the same
+        runs as live processing); the last window fires when it has closed on the clock and
+        no version arrived for `QUIET` seconds (the consumer is not mid-backlog)."""
+        name = pipeline.defined.name
+        window = pipeline.defined.debounce_seconds
+        waiting = self.state.untriggered(pipeline)
+        self.pending.pop(name, None)
+        while waiting:
+            first = time_of(waiting[0][1]).timestamp()
+            size = 1
+            while size < len(waiting) and time_of(waiting[size][1]).timestamp() <= first + window:
+                size += 1
+            position, newest = waiting[size - 1]
+            if window == 0 or size < len(waiting):
+                self._trigger(pipeline, position, newest)
+                waiting = waiting[size:]
+                continue
+            self.pending[name] = Pending(position, newest, first + window, time.monotonic())
+            return
+
+    def _run_timer(self) -> None:
+        while not self._closed.wait(self.tick):
+            now, quiet = time.time(), time.monotonic() - QUIET
+            with self._lock:
+                due = [n for n, p in self.pending.items()
+                       if p.deadline <= now and p.updated <= quiet]  # fmt: skip
+                for name in due:
+                    pending = self.pending.pop(name)
+                    pipeline = self.state.pipelines.get(name)
+                    if pipeline is None or not self.state.matches(pipeline, pending.event):
+                        continue
+                    try:
+                        self._trigger(pipeline, pending.position, pending.event)
+                    except Exception:  # the broker is down: try again on the next tick
+                        log.exception("workflow: trigger of %s failed; retrying", name)
+                        self.pending[name] = pending
+
+    def _trigger(self, pipeline: Pipeline, position: Position, cause: Event) -> None:
+        spec = pipeline.defined
+        data: DatasetValidated = cause.data  # type: ignore[assignment]
+        points = sweep_points(spec)
+        sweep_id = request_id(spec.name, cause.id, -1) if spec.sweep else None
+        for index, params in enumerate(points):
+            rid = request_id(spec.name, cause.id, index)
+            if rid in self.state.decided:
+                continue
+            request = TrainingRequested(
+                model=spec.model, dataset=DatasetRef(name=data.name, version=data.version),
+                family=spec.family, hyperparameters=params, seed=spec.seed,
+                max_epochs=spec.max_epochs, early_stopping=spec.early_stopping, split=spec.split,
+                requested_by=ACTOR, pipeline=spec.name,
+                sweep=SweepPoint(sweep_id=sweep_id, index=index, size=len(points))
+                if sweep_id else None,
+            )  # fmt: skip
+            # The dataset event's correlation id ties every point (and the runs) together.
+            self._publish(
+                request, cause=cause, event_id=rid, subject=f"{spec.name}@{spec.revision}"
+            )
+            log.info("workflow: %s requested %s on %s@%s (%d/%d)", spec.name, spec.model,
+                     data.name, data.version[:12], index + 1, len(points))  # fmt: skip
+        self.state.last_trigger[spec.name] = max(
+            position, self.state.last_trigger.get(spec.name, position)
+        )
+
+    # -- policy -----------------------------------------------------------------------------
+
+    def decide(self, event: Event) -> None:
+        data = event.data
+        request = self.state.requests.get(data.request_id)
+        if request is not None and request.sweep is not None:
+            sweep = self.state.sweeps.get(request.sweep.sweep_id)
+            if sweep is not None and sweep.finished:
+                self._decide_sweep(sweep, request)
+            return
+        if isinstance(data, TrainingCompleted):
+            self._decide_run(event, request)
+
+    def _decide_sweep(self, sweep: Sweep, request: TrainingRequested) -> None:
+        runs = [e for e in sweep.outcomes.values() if e.type == "training.completed"]
+        pipeline = self.state.pipeline_for(request.model, request)
+        if not runs or pipeline is None:
+            return
+        policy = pipeline.defined.policy
+        sign = 1.0 if policy.mode == "max" else -1.0
+
+        def score(e: Event) -> tuple[float, str]:
+            value = metric(e.data, policy.metric)
+            return (-sign * value if value is not None else float("inf"), e.data.run_id)
+
+        best, *others = sorted(runs, key=score)
+        best_value = metric(best.data, policy.metric)
+        for other in others:
+            did = decision_id(other.id)
+            if did in self.state.decided:
+                continue
+            value = metric(other.data, policy.metric)
+            self._publish(
+                ModelRejected(
+                    model=other.data.model, version=other.data.version, run_id=other.data.run_id,
+                    reason=f"not the best run of its sweep on {policy.metric} "
+                           f"(best: {best.data.version}, {best_value})",
+                    actor=ACTOR, policy=PolicyRef(name=policy.name, version=policy.version),
+                    evidence={"sweep_id": request.sweep.sweep_id if request.sweep else None,
+                              "best": best.data.version, policy.metric: value,
+                              "best_value": best_value, "pipeline": pipeline.defined.name},
+                ),
+                cause=other, event_id=did,
+            )  # fmt: skip
+        self._decide_run(best, self.state.requests.get(best.data.request_id), sweep=len(runs))
+
+    def _decide_run(
+        self, event: Event, request: TrainingRequested | None, sweep: int | None = None
+    ) -> None:
+        did = decision_id(event.id)
+        if did in self.state.decided:
+            return
+        data: TrainingCompleted = event.data  # type: ignore[assignment]
+        pipeline = self.state.pipeline_for(data.model, request)
+        if pipeline is None:
+            log.info("workflow: %s %s recorded; no pipeline governs it", data.model, data.version)
+            return
+        model = self.state.model(data.model)
+        current = model.champion
+        if current is not None and current.data.version == data.version:
+            return  # already serving (promoted by hand before the policy saw it)
+        champion = None
+        if current is not None:
+            run = model.runs.get(current.data.version)
+            split = self.state.split_of(run.data) if run is not None else None
+            champion = Champion(current.data.version, run.data if run else None, split)  # type: ignore[arg-type]
+        policy = pipeline.defined.policy
+        verdict = judge(policy, data, self.state.split_of(data), champion, self.evaluator)
+        evidence = verdict.evidence | {
+            "pipeline": pipeline.defined.name, "pipeline_revision": pipeline.defined.revision,
+        }  # fmt: skip
+        if sweep is not None:
+            evidence["sweep_runs"] = sweep
+        ref = PolicyRef(name=policy.name, version=policy.version)
+        if verdict.promote:
+            decision: Payload = ModelPromoted(
+                model=data.model, version=data.version, run_id=data.run_id,
+                previous_version=current.data.version if current else None,
+                reason=verdict.reason, actor=ACTOR, policy=ref, evidence=evidence,
+                cause=event.id, artifact=data.artifact, dataset=data.dataset,
+            )  # fmt: skip
+        else:
+            decision = ModelRejected(
+                model=data.model, version=data.version, run_id=data.run_id,
+                reason=verdict.reason, actor=ACTOR, policy=ref,
+                champion_version=current.data.version if current else None, evidence=evidence,
+            )  # fmt: skip
+        self._publish(decision, cause=event, event_id=did)
+        log.info("workflow: %s %s %s: %s", data.model, data.version,
+                 "promoted" if verdict.promote else "rejected", verdict.reason)  # fmt: skip
+
+    # -- rollback ---------------------------------------------------------------------------
+
+    def rollback(self, event: Event) -> None:
+        alert: ServingAlert = event.data  # type: ignore[assignment]
+        rid = rollback_id(event.id)
+        if alert.status != "firing" or rid in self.state.decided:
+            return
+        model = self.state.models.get(alert.model)
+        current = model.champion if model else None
+        if model is None or current is None or current.data.version != alert.version:
+            log.info("workflow: alert %s on %s %s: not the champion, nothing to roll back",
+                     alert.alert, alert.model, alert.version)  # fmt: skip
+            return
+        pipeline = self.state.pipeline_for(alert.model, None)
+        if pipeline is None:
+            log.info("workflow: alert on %s: no pipeline, no automatic rollback", alert.model)
+            return
+        policy = pipeline.defined.rollback
+        if not policy.enabled or (policy.alerts and alert.alert not in policy.alerts):
+            return
+        last = model.last_automatic_rollback()
+        if (
+            last is not None
+            and (time_of(event) - last).total_seconds() < policy.min_interval_seconds
+        ):
+            log.warning("workflow: alert %s on %s %s: a rollback was made at %s; not again "
+                        "within %gs (flapping guard)", alert.alert, alert.model, alert.version,
+                        last.isoformat(), policy.min_interval_seconds)  # fmt: skip
+            return
+        target = model.previous_good()
+        if target is None:
+            log.warning("workflow: alert on %s %s: no earlier good version to roll back to",
+                        alert.model, alert.version)  # fmt: skip
+            return
+        promotion = pipeline.defined.policy
+        self._publish(
+            ModelPromoted(
+                model=alert.model, version=target.data.version, run_id=target.data.run_id,
+                previous_version=current.data.version, reason="rollback", actor=ACTOR,
+                policy=PolicyRef(name=promotion.name, version=promotion.version),
+                evidence={"alert": alert.model_dump(mode="json"), "from": current.data.version,
+                          "to": target.data.version, "to_promoted_by": target.event_id,
+                          "pipeline": pipeline.defined.name},
+                rollback=True, cause=event.id, artifact=target.data.artifact,
+                dataset=target.data.dataset,
+            ),
+            cause=event, event_id=rid,
+        )  # fmt: skip
+        log.warning("workflow: %s rolled back from %s to %s (alert %s)", alert.model,
+                    current.data.version, target.data.version, alert.alert)  # fmt: skip

@@ -1,0 +1,54 @@
+"""Re-evaluating a champion on a candidate's test rows, with a real trained artifact: on
+the run's own dataset version, seed and split it finds the trainer's own test metrics (so
+the split and the preprocessing are the trainer's); on a different version it measures
+the champion on that version's rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumers.workflow.evaluation import ChampionEvaluator
+from datasets.registry import DatasetRegistry
+from datasets.samples import sample_table
+from datasets.sources import from_table
+from mlbus.kafka.consumer import ConsumerLoop
+from mlbus.kafka.producer import EventProducer
+from mlbus.storage import ObjectStore
+from schemas.base import DatasetRef
+from schemas.training import Split, TrainingRequested
+from tests.mlbus.kafka.support import read_events, run_to_end
+from trainer.worker import TrainingWorker
+
+
+def test_the_champion_re_evaluated_on_its_own_rows_scores_what_the_trainer_measured(
+    kafka, group, tmp_path
+):
+    store = ObjectStore(tmp_path.as_uri())
+    registry = DatasetRegistry(store, kafka)
+    table = sample_table("digits")
+    full = registry.register(from_table(table), name="digits", label="label")
+    half = registry.register(from_table(table.slice(0, 900)), name="digits", label="label")
+    with EventProducer(kafka, source="test") as producer:
+        producer.publish(TrainingRequested(
+            model="digits", family="mlp", seed=5, max_epochs=3,
+            dataset=DatasetRef(name="digits", version=full.version),
+        ))  # fmt: skip
+        worker = TrainingWorker(kafka, store, producer)
+        run_to_end(ConsumerLoop(kafka, group=group, long_running=True,
+                                handlers={"training.requested": worker}), timeout=120)  # fmt: skip
+    (done,) = read_events(kafka, "training.completed")
+    run = done.data
+    evaluate = ChampionEvaluator(kafka, store)
+
+    same = evaluate(run, run, Split())
+    assert same is not None
+    assert same["test.accuracy"] == pytest.approx(run.metrics["test"]["accuracy"], abs=1e-6)
+    assert same["test.loss"] == pytest.approx(run.metrics["test"]["loss"], rel=1e-4)
+
+    other = run.model_copy(update={
+        "dataset": DatasetRef(name="digits", version=half.version), "seed": 1,
+    })  # fmt: skip
+    measured = evaluate(run, other, Split(test=0.2))
+    assert measured is not None and 0.5 < measured["test.accuracy"] <= 1.0
+    missing = other.model_copy(update={"dataset": DatasetRef(name="digits", version="nope")})
+    assert evaluate(run, missing, Split()) is None

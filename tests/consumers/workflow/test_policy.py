@@ -1,0 +1,80 @@
+"""The promotion policy as a pure function: thresholds (a budget not reported is not met),
+the champion on the same evaluation data, the margin, min-mode metrics, and re-evaluation
+when the data differ; and the workflow's copy of the trainer's split agrees with it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from consumers.workflow.evaluation import _test_rows
+from consumers.workflow.policy import Champion, judge
+from schemas.training import Split
+from schemas.workflow import PromotionPolicy, Threshold
+from tests.consumers.workflow.support import completed
+from trainer.data import split_indices
+
+POLICY = PromotionPolicy(
+    name="p", version=3, margin=0.01,
+    thresholds=[Threshold(metric="test.accuracy", value=0.9),
+                Threshold(metric="inference.latency_p95_ms", op="<=", value=10)],
+)  # fmt: skip
+SPLIT = Split()
+
+
+def champion(accuracy: float = 0.92, **changes) -> Champion:
+    return Champion("old", completed("m", "old", accuracy, **changes), SPLIT)
+
+
+def test_thresholds_come_first_and_name_what_failed():
+    verdict = judge(POLICY, completed(accuracy=0.85), SPLIT, None)
+    assert not verdict.promote and verdict.reason == "threshold test.accuracy >= 0.9 not met (0.85)"
+    no_latency = completed(accuracy=0.99).model_copy(
+        update={"metrics": {"test": {"accuracy": 0.99}}}
+    )
+    verdict = judge(POLICY, no_latency, SPLIT, None)
+    assert verdict.reason == "threshold inference.latency_p95_ms <= 10 not met (not reported)"
+    assert [t["passed"] for t in verdict.evidence["thresholds"]] == [True, False]
+
+
+def test_without_a_champion_the_thresholds_decide():
+    verdict = judge(POLICY, completed(accuracy=0.91), SPLIT, None)
+    assert verdict.promote and verdict.evidence["champion"] is None
+    assert verdict.evidence["candidate"]["metrics"]["test.accuracy"] == 0.91
+
+
+def test_the_champion_must_be_beaten_by_the_margin_on_the_same_data():
+    assert not judge(POLICY, completed(accuracy=0.925), SPLIT, champion(0.92)).promote
+    verdict = judge(POLICY, completed(accuracy=0.93), SPLIT, champion(0.92))
+    assert verdict.promote and verdict.evidence["champion"]["test.accuracy"] == 0.92
+    exact = PromotionPolicy(name="p", margin=0.0)
+    assert not judge(exact, completed(accuracy=0.92), SPLIT, champion(0.92)).promote  # a tie
+
+
+def test_a_loss_is_better_when_lower():
+    policy = PromotionPolicy(name="p", metric="test.loss", mode="min", margin=0.02)
+    # completed() sets loss = 1 - accuracy
+    assert judge(policy, completed(accuracy=0.95), SPLIT, champion(0.92)).promote
+    assert not judge(policy, completed(accuracy=0.93), SPLIT, champion(0.92)).promote
+
+
+def test_other_data_is_re_evaluated_or_not_compared():
+    other = champion(0.99, dataset_version="v0")
+    verdict = judge(POLICY, completed(accuracy=0.95), SPLIT, other)
+    assert not verdict.promote and "no evaluator configured" in verdict.reason
+    calls = []
+
+    def evaluator(old, new, split):
+        calls.append((old.version, new.version, split))
+        return {"test.accuracy": 0.9, "test.loss": 0.3}
+
+    verdict = judge(POLICY, completed(accuracy=0.95), SPLIT, other, evaluator)
+    assert verdict.promote and calls == [("old", "r1", SPLIT)]
+    assert verdict.evidence["champion"]["evaluation"] == "re-evaluated on the candidate's test rows"
+    seeded = champion(0.99, seed=7)  # another seed is another test set too
+    assert judge(POLICY, completed(accuracy=0.95), SPLIT, seeded, evaluator).promote
+
+
+def test_the_test_rows_are_the_trainers():
+    for n, seed, split in [(1797, 0, Split()), (150, 3, Split(validation=0.2, test=0.1))]:
+        expected = split_indices(n, seed, split.validation, split.test)["test"]
+        assert np.array_equal(_test_rows(n, seed, split), expected)
