@@ -1,3 +1,380 @@
-"""CLI commands of the lineage component (being written this session)."""
+"""`mlbus lineage …` and `mlbus audit`: the metadata and lineage store (a projection of the
+log), its rebuild, lineage questions, and the audit of a model version against the log."""
 
 from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.tree import Tree
+
+from mlbus.cli.common import app, console, err_console, kafka_config, settings
+from mlbus.errors import MlbusError
+
+lineage_app = typer.Typer(
+    help="Metadata and lineage store: a projection of the log, and questions asked of it.",
+    no_args_is_help=True,
+)
+app.add_typer(lineage_app, name="lineage")
+
+log = logging.getLogger("consumers.lineage")
+
+Schema = Annotated[
+    str | None,
+    typer.Option("--schema", help="PostgreSQL schema of the store [default: mlbus_lineage]"),
+]
+AsOf = Annotated[
+    str | None, typer.Option("--as-of", help="as known at this time (ISO 8601, UTC if naive)")
+]
+
+
+def _store(schema: str | None = None, *, create: bool = True):  # type: ignore[no-untyped-def]
+    from consumers.lineage.store import LineageStore
+
+    url = settings().metadata_url
+    return LineageStore.open(url, schema=schema) if create else LineageStore(url, schema=schema)
+
+
+def _split(ref: str, what: str, *, need_version: bool = False) -> tuple[str, str | None]:
+    name, sep, version = ref.partition("@")
+    if not name or (sep and not version):
+        raise MlbusError(f"{ref!r}: use {what}[@VERSION]")
+    if need_version and not version:
+        raise MlbusError(f"{ref!r}: use {what}@VERSION")
+    return name, version or None
+
+
+def _archive_records(topics: Sequence[str]) -> Iterator[Any]:
+    """The archive's records (the archive component's reader, imported only when asked)."""
+    try:
+        from consumers.archive.reader import read_archive  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise MlbusError(
+            f"--source archive needs consumers.archive.reader.read_archive, which is not "
+            f"available in this installation ({e})"
+        ) from None
+    from mlbus.storage import ObjectStore
+
+    return read_archive(ObjectStore.from_settings(settings()), list(topics))
+
+
+def _records(source: str, topics: Sequence[str]) -> Iterator[Any]:
+    if source == "archive":
+        return _archive_records(topics)
+    if source != "kafka":
+        raise MlbusError(f"--source {source!r}: use kafka or archive")
+    from mlbus.kafka.reader import read_log
+
+    return read_log(kafka_config(), topics)
+
+
+# -- the projector and the store ----------------------------------------------------------------
+
+
+@lineage_app.command("project")
+def project(
+    group: Annotated[str, typer.Option(help="consumer group")] = "mlbus-lineage",
+    batch: Annotated[int, typer.Option(help="records per SQL transaction", min=1)] = 5000,
+    stop_at_end: Annotated[
+        bool, typer.Option("--stop-at-end", help="exit once every partition is read to its end")
+    ] = False,
+    schema: Schema = None,
+) -> None:
+    """Run the live projector: consume the lineage topics into the store, resuming from the
+    positions stored with the rows. Exits 0 on SIGTERM/SIGINT."""
+    from consumers.lineage.live import LiveProjector
+
+    store = _store(schema)
+    projector = LiveProjector(kafka_config(), store, group=group, batch_size=batch)
+    log.info("lineage projector: %s → %s", ", ".join(projector.topics), _display(store.url))
+    stats = projector.run(stop_at_end=stop_at_end)
+    log.info("lineage projector stopped: %d records, %d projected, %d skipped (undecodable)",
+             stats.records, stats.projected, stats.skipped)  # fmt: skip
+    store.close()
+
+
+def _display(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@lineage_app.command("dump")
+def dump(schema: Schema = None) -> None:
+    """Print the whole store as canonical JSON (sorted; no surrogate keys, no wall clock of
+    the projection): two stores of the same log print the same bytes."""
+    import sys
+
+    store = _store(schema)
+    sys.stdout.buffer.write(store.dump_json() + b"\n")
+    store.close()
+
+
+@lineage_app.command("rebuild")
+def rebuild(
+    source: Annotated[str, typer.Option(help="kafka or archive")] = "kafka",
+    batch: Annotated[int, typer.Option(help="records per SQL transaction", min=1)] = 5000,
+    allow_empty: Annotated[
+        bool, typer.Option("--allow-empty", help="swap in an empty result over a non-empty store")
+    ] = False,
+    schema: Schema = None,
+) -> None:
+    """Project the whole log (from offset 0, or from the archive) into a fresh store, then
+    swap it in. Stop the live projector first; it resumes from the rebuilt positions."""
+    from consumers.lineage.projector import TOPICS, Projector
+    from consumers.lineage.store import discard, staging_for, swap_in
+
+    records = _records(source, TOPICS)
+    store = _store(schema, create=False)
+    staging = staging_for(store)
+    started = time.monotonic()
+    stats = Projector(staging).project(records, batch_size=batch)
+    if stats.records == 0 and not allow_empty and _has_events(store):
+        # an empty source (wrong prefix, empty archive) must not wipe a good store
+        discard(staging)
+        raise MlbusError(
+            f"the {source} source has no records of the lineage topics; the store was left as "
+            "it is (--allow-empty to replace it anyway)"
+        )
+    swap_in(staging, store)
+    seconds = time.monotonic() - started
+    console.print(
+        f"rebuilt from {source}: {stats.records:,} records, {stats.projected:,} events "
+        f"projected, {stats.skipped:,} skipped (undecodable) in {seconds:.1f}s"
+    )
+
+
+def _has_events(store: Any) -> bool:
+    try:
+        return store.counts()["events"] > 0
+    except MlbusError:  # no store there yet
+        return False
+
+
+# -- questions ----------------------------------------------------------------------------------
+
+
+def _output(result: Any, json_out: bool, dot: bool, mermaid: bool,
+            graph: Callable[[Any], Any], tree: Callable[[Any], Any]) -> None:  # fmt: skip
+    from consumers.lineage.graph import to_dot, to_mermaid
+
+    if sum((json_out, dot, mermaid)) > 1:
+        raise MlbusError("choose one of --json, --dot, --mermaid")
+    if json_out:
+        print(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2).decode())
+    elif dot:
+        print(to_dot(graph(result)), end="")
+    elif mermaid:
+        print(to_mermaid(graph(result)), end="")
+    else:
+        console.print(tree(result))
+
+
+Json = Annotated[bool, typer.Option("--json", help="JSON")]
+Dot = Annotated[bool, typer.Option("--dot", help="Graphviz DOT")]
+Mermaid = Annotated[bool, typer.Option("--mermaid", help="Mermaid flowchart")]
+
+
+@lineage_app.command("show")
+def show(
+    ref: Annotated[str, typer.Argument(metavar="MODEL[@VERSION]")],
+    as_of: AsOf = None,
+    json_out: Json = False,
+    dot: Dot = False,
+    mermaid: Mermaid = False,
+    schema: Schema = None,
+) -> None:
+    """Upstream lineage of a model version (default: the one serving, at --as-of if given):
+    run, dataset versions and their parents, hyperparameters, code, who asked, decisions."""
+    from consumers.lineage.graph import upstream_graph
+    from consumers.lineage.queries import LineageQueries, parse_time
+
+    model, version = _split(ref, "MODEL")
+    when = parse_time(as_of)
+    result = LineageQueries(_store(schema)).upstream(model, version, when)
+    _output(result, json_out, dot, mermaid, upstream_graph, _upstream_tree)
+
+
+@lineage_app.command("downstream")
+def downstream(
+    ref: Annotated[str, typer.Argument(metavar="DATASET[@VERSION]")],
+    as_of: AsOf = None,
+    json_out: Json = False,
+    dot: Dot = False,
+    mermaid: Mermaid = False,
+    schema: Schema = None,
+) -> None:
+    """Every run and model version that used a dataset (version), and where they serve now."""
+    from consumers.lineage.graph import downstream_graph
+    from consumers.lineage.queries import LineageQueries, parse_time
+
+    name, version = _split(ref, "DATASET")
+    result = LineageQueries(_store(schema)).downstream(name, version, parse_time(as_of))
+    _output(result, json_out, dot, mermaid, downstream_graph, _downstream_tree)
+
+
+@lineage_app.command("why")
+def why(
+    ref: Annotated[str, typer.Argument(metavar="MODEL@VERSION")],
+    as_of: AsOf = None,
+    json_out: Json = False,
+    schema: Schema = None,
+) -> None:
+    """The promotion and rejection decisions of a version, with their policy and evidence."""
+    from consumers.lineage.queries import LineageQueries, parse_time
+
+    model, version = _split(ref, "MODEL", need_version=True)
+    assert version is not None
+    result = LineageQueries(_store(schema)).why(model, version, parse_time(as_of))
+    if json_out:
+        print(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2).decode())
+        return
+    if not result.decisions:
+        console.print(f"{model}@{version}: trained, but no promotion or rejection recorded")
+    for d in result.decisions:
+        console.print(_decision_line(d))
+        for key, value in sorted(d.evidence.items()):
+            console.print(f"    evidence {key} = {orjson.dumps(value).decode()}")
+
+
+@lineage_app.command("history")
+def history(
+    model: Annotated[str, typer.Argument()],
+    as_of: AsOf = None,
+    json_out: Json = False,
+    schema: Schema = None,
+) -> None:
+    """Promotions, rejections and rollbacks of a model, oldest first."""
+    from consumers.lineage.queries import LineageQueries, parse_time
+
+    result = LineageQueries(_store(schema)).history(model, parse_time(as_of))
+    if json_out:
+        print(orjson.dumps([asdict(d) for d in result], option=orjson.OPT_INDENT_2).decode())
+        return
+    for d in result:
+        console.print(f"{d.provenance.time}  " + _decision_line(d))
+
+
+def _decision_line(d: Any) -> str:
+    kind = "[red]rejected[/]" if d.kind == "rejected" else (
+        "[yellow]rolled back to[/]" if d.rollback else "[green]promoted[/]")  # fmt: skip
+    policy = f" under policy {d.policy}" if d.policy else ""
+    return (
+        f"{kind} {d.model}@{d.version} by {d.actor}{policy}: {d.reason} "
+        f"[dim]({d.provenance.time}, event {d.provenance.event_id})[/]"
+    )
+
+
+def _dataset_branch(parent: Tree, node: Any) -> None:
+    if not node.known:
+        parent.add(f"[bold red]{node.name}@{node.version}: unknown upstream[/] "
+                   "[dim](no dataset.created for it)[/]")  # fmt: skip
+        return
+    branch = parent.add(
+        f"[cyan]dataset[/] {node.name}@{node.version} [dim]{node.uri} · {node.num_rows:,} rows · "
+        f"by {node.created_by or '?'} · event {node.provenance.event_id}[/]"
+    )
+    for p in node.parents:
+        _dataset_branch(branch, p)
+    if node.truncated:
+        branch.add("[dim]… (ancestry cut: too deep or cyclic)[/]")
+
+
+def _upstream_tree(up: Any) -> Tree:
+    serving = " [green](serving)[/]" if up.serving else ""
+    as_of = f" as of {up.as_of}" if up.as_of else ""
+    root = Tree(f"[bold]{up.model}@{up.version}[/]{serving}{as_of}")
+    r = up.run
+    if r.run_id is None:
+        root.add("[bold red]run: unknown upstream[/] [dim](no training events for it)[/]")
+    else:
+        run = root.add(f"[yellow]run[/] {r.run_id} [dim]({r.status})[/]")
+        run.add(f"requested by {r.requested_by or '?'} · pipeline {r.pipeline or '-'} · "
+                f"request {r.request_id or '?'}")  # fmt: skip
+        run.add(f"family {r.family or '?'} · hyperparameters "
+                f"{orjson.dumps(r.hyperparameters, option=orjson.OPT_SORT_KEYS).decode()} · "
+                f"seed {r.seed}")  # fmt: skip
+        run.add(f"code {r.code_version or '?'} ({r.git_commit or 'no commit'}) · "
+                f"worker {r.worker or '?'} · epochs {r.epochs}")  # fmt: skip
+        if r.metrics:
+            run.add(f"metrics {orjson.dumps(r.metrics, option=orjson.OPT_SORT_KEYS).decode()}")
+        if r.failure:
+            run.add(f"[red]failed: {r.failure}[/]")
+        if r.artifact_uri:
+            run.add(f"artifact {r.artifact_uri} [dim]{r.artifact_sha256}[/]")
+        for d in up.datasets:
+            _dataset_branch(run, d)
+        if not up.datasets:
+            run.add("[bold red]dataset: unknown upstream[/]")
+    if up.decisions:
+        decisions = root.add("decisions")
+        for d in up.decisions:
+            decisions.add(_decision_line(d))
+    if up.deployments:
+        deployed = root.add("deployments")
+        for d in up.deployments:
+            deployed.add(f"{d.replica}: {d.status} [dim]({d.provenance.time})[/]")
+    return root
+
+
+def _downstream_tree(down: Any) -> Tree:
+    root = Tree(f"[bold]{down.dataset}[/]" + (f" as of {down.as_of}" if down.as_of else ""))
+    for v in down.versions:
+        label = f"[cyan]{v.name}@{v.version}[/]" + ("" if v.known else " [red](unknown)[/]")
+        branch = root.add(label)
+        for child in v.derived:
+            branch.add(f"derived → {child.removeprefix('dataset:')}")
+        for u in v.uses:
+            where = ""
+            if u.serving_now:
+                where = " [green]serving[/]"
+            if u.replicas:
+                where += f" on {', '.join(u.replicas)}"
+            model = f"{u.model}@{u.version}" if u.version else u.model
+            branch.add(f"run {u.run_id or '-'} ({u.status}) → {model}{where}"
+                       + (f" [dim]{', '.join(u.decisions)}[/]" if u.decisions else ""))  # fmt: skip
+    return root
+
+
+# -- audit --------------------------------------------------------------------------------------
+
+
+@app.command("audit")
+def audit(
+    ref: Annotated[str, typer.Argument(metavar="MODEL@VERSION")],
+    source: Annotated[str, typer.Option(help="verify against kafka or archive")] = "kafka",
+    json_out: Json = False,
+    schema: Schema = None,
+) -> None:
+    """Every event in a model version's lineage, in time order with ids, each verified to
+    still be in the log (or the archive) with the same content hash. Exit 1 if any is not."""
+    from consumers.lineage.audit import plan, topics_of, verify
+
+    model, version = _split(ref, "MODEL", need_version=True)
+    assert version is not None
+    report = plan(_store(schema), model, version)
+    report = verify(report, _records(source, topics_of(report)))
+    if json_out:
+        print(orjson.dumps(asdict(report) | {"ok": report.ok, "counts": report.counts},
+                           option=orjson.OPT_INDENT_2).decode())  # fmt: skip
+    else:
+        for e in report.events:
+            mark = {"verified": "[green]✓[/]", "missing": "[red]✗ missing[/]",
+                    "changed": "[red]✗ changed[/]"}.get(e.status, "?")  # fmt: skip
+            console.print(
+                f"{mark} {e.time} {e.type:<20} {e.event_id} [dim]{e.topic}/{e.partition}@"
+                f"{e.offset} sha256:{e.sha256[:12]}…[/]" + (f" ({e.detail})" if e.detail else "")
+            )
+        for name in report.unknown_upstream:
+            console.print(f"[bold red]unknown upstream:[/] {name} (no dataset.created for it)")
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(report.counts.items()))
+        (console if report.ok else err_console).print(
+            f"{model}@{version}: {len(report.events)} events ({counts}) against {source}"
+        )
+    if not report.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,277 @@
+"""The lineage store: projection rate, rebuild time and query latency, against a baseline
+measured in the same run, on the same broker.
+
+    .venv/bin/python bench/lineage.py [--events N] [--queries Q] [--postgres URL] [--json]
+
+Measures, for a generated log of N records (tests/consumers/lineage/generator.py: every
+topic, pipelines with parents, duplicates, undecodable records; default 1,000,000):
+
+1. raw consume           plain `Consumer` reading the lineage topics to their end, values
+                         not looked at (the broker's and librdkafka's share)
+2. consume + decode      the same, plus the codec's `decode` of each value: the baseline
+                         of the projection (the least any projector does)
+3. projection → SQLite   `Projector.project` fed from in-memory `LogRecord`s, as the archive
+                         feeds a rebuild (target >= 50,000 records/s)
+4. projection → Postgres the same into PostgreSQL (--postgres, or MLBUS_BENCH_POSTGRES_URL /
+                         MLBUS_TEST_POSTGRES_URL; target >= 20,000 records/s)
+5. rebuild               `mlbus lineage rebuild` end to end from Kafka (read every record
+                         from offset 0, project into a fresh SQLite file, swap it in)
+6. upstream query        p50 / p99 of `LineageQueries.upstream` for random model versions
+                         (and for "the serving version") in the rebuilt store (target p99
+                         < 10 ms at 1,000,000 records)
+
+The embedded broker is started in a temp dir (or MLBUS_BENCH_BOOTSTRAP is used) and stopped;
+PostgreSQL gets a schema of its own, dropped at the end. Rates count every record fed,
+including the ones the projection does not read (the data plane) and the undecodable ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from bench.common import Figure, Figures, render_table
+from consumers.lineage.projector import TOPICS, Projector
+from consumers.lineage.queries import LineageQueries
+from consumers.lineage.store import LineageStore, staging_for, swap_in
+from mlbus.broker import EmbeddedBroker
+from mlbus.kafka.admin import apply_topics
+from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.reader import read_log
+from schemas.codec import decode
+from tests.consumers.lineage.generator import as_log_records, generate_log, produce
+
+SQLITE_TARGET = 50_000
+POSTGRES_TARGET = 20_000
+QUERY_P99_TARGET_MS = 10.0
+
+
+class Report(Figures):
+    def __init__(self, events: int, setup: dict[str, Any]) -> None:
+        self.events = events
+        self.setup = setup
+        self.figures: dict[str, Figure] = {}
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def consume(kafka: KafkaConfig, expected: int, *, parse: bool) -> dict[str, Any]:
+    """Read the lineage topics from the beginning to their end, group-less."""
+    consumer = Consumer(kafka.consumer(None, **{"enable.partition.eof": True,
+                                                "queued.min.messages": 1_000_000}))  # fmt: skip
+    metadata = consumer.list_topics(timeout=10)
+    partitions = [
+        TopicPartition(kafka.topic(t), p, OFFSET_BEGINNING)
+        for t in TOPICS
+        for p in metadata.topics[kafka.topic(t)].partitions
+    ]
+    consumer.assign(partitions)
+    remaining = {(tp.topic, tp.partition) for tp in partitions}
+    count = decoded = 0
+    started = None
+    try:
+        while remaining:
+            batch = consumer.consume(1000, 0) or consumer.consume(1, 0.5)
+            if started is None and batch:
+                started = now()
+            for m in batch:
+                error = m.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        remaining.discard((m.topic(), m.partition()))
+                    continue
+                count += 1
+                if parse:
+                    try:
+                        decode(m.value(), m.headers(), expected_type=kafka.event_type(m.topic()))
+                        decoded += 1
+                    except Exception:  # the undecodable ones are in the log too
+                        pass
+        seconds = now() - (started or now())
+    finally:
+        consumer.close()
+    assert count == expected, f"read {count} records, expected {expected}"
+    return {"records": count, "decoded": decoded, "seconds": round(seconds, 3),
+            "rate": count / seconds if seconds else 0.0}  # fmt: skip
+
+
+def project_into(store: LineageStore, records: list[Any]) -> dict[str, Any]:
+    started = now()
+    stats = Projector(store).project(records)
+    seconds = now() - started
+    return {"records": stats.records, "projected": stats.projected, "skipped": stats.skipped,
+            "ignored": stats.ignored, "seconds": round(seconds, 3),
+            "rate": stats.records / seconds}  # fmt: skip
+
+
+def rebuild(kafka: KafkaConfig, store: LineageStore) -> dict[str, Any]:
+    started = now()
+    staging = staging_for(store)
+    stats = Projector(staging).project(read_log(kafka, TOPICS))
+    swap_in(staging, store)
+    seconds = now() - started
+    return {"records": stats.records, "seconds": round(seconds, 2),
+            "rate": stats.records / seconds}  # fmt: skip
+
+
+def query_latency(store: LineageStore, queries: int, seed: int = 3) -> dict[str, Any]:
+    rng = random.Random(seed)
+    dumped = []
+    with store.reading() as conn:
+        dumped = conn.exec_driver_sql(
+            'SELECT "model", "version" FROM "model_versions" ORDER BY "event_id" LIMIT 20000'
+        ).all()
+    models = sorted({m for m, _ in dumped})
+    q = LineageQueries(store)
+    for model, version in dumped[:20]:  # warm the page cache and the statement cache
+        q.upstream(model, version)
+    latencies = []
+    for i in range(queries):
+        if i % 4 == 0:  # "what serves now, and where does it come from"
+            model, version = rng.choice(models), None
+        else:
+            model, version = rng.choice(dumped)
+        started = now()
+        q.upstream(model, version)
+        latencies.append((now() - started) * 1000)
+    latencies.sort()
+    return {
+        "queries": queries,
+        "p50_ms": round(latencies[len(latencies) // 2], 3),
+        "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 3),
+        "max_ms": round(latencies[-1], 3),
+    }
+
+
+def run(args: argparse.Namespace, log: Any) -> Report:
+    n = args.events
+    pg_url = (
+        args.postgres
+        or os.environ.get("MLBUS_BENCH_POSTGRES_URL")
+        or os.environ.get("MLBUS_TEST_POSTGRES_URL", "")
+    )
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mlbus-bench-")))
+        external = os.environ.get("MLBUS_BENCH_BOOTSTRAP")
+        if external:
+            bootstrap, embedded = external, os.environ.get("MLBUS_BENCH_EMBEDDED", "1") != "0"
+        else:
+            broker = stack.enter_context(EmbeddedBroker(tmp / "broker", record=False))
+            bootstrap, embedded = broker.bootstrap, True
+        kafka = KafkaConfig(bootstrap=bootstrap, embedded=embedded,
+                            topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.")  # fmt: skip
+        apply_topics(kafka)
+        report = Report(n, {"broker": "external" if external else "embedded Tansu",
+                            "cpus": os.cpu_count(), "postgres": bool(pg_url)})  # fmt: skip
+
+        log(f"generating a log of {n:,} records ...")
+        generated = generate_log(n, seed=1)
+        records = as_log_records(generated)
+        lineage_records = sum(1 for r in generated if r.topic in TOPICS)
+        report.setup |= {"records": len(records), "lineage_records": lineage_records,
+                         "mean_bytes": round(sum(len(r.value) for r in generated)
+                                             / len(generated))}  # fmt: skip
+        log("producing it ...")
+        produce(kafka, generated, timeout=600)
+        del generated
+
+        log("raw consume ...")
+        r = consume(kafka, lineage_records, parse=False)
+        report.add(Figure("raw_consume", "raw consume (lineage topics)", r["rate"], detail=r))
+        log("consume + decode ...")
+        r = consume(kafka, lineage_records, parse=True)
+        report.add(Figure("decode", "consume + decode (baseline)", r["rate"], "raw_consume",
+                          detail=r))  # fmt: skip
+
+        log("projection into SQLite (from memory) ...")
+        sqlite_store = LineageStore.open(f"sqlite:///{tmp / 'bench.db'}")
+        r = project_into(sqlite_store, records)
+        report.add(Figure("sqlite", "projection → SQLite (from memory)", r["rate"], "decode",
+                          f">= {SQLITE_TARGET:,}/s", r["rate"] >= SQLITE_TARGET, r))  # fmt: skip
+        sqlite_store.close()
+        if pg_url:
+            log("projection into PostgreSQL (from memory) ...")
+            pg = LineageStore.open(pg_url, schema=f"bench_{uuid.uuid4().hex[:8]}")
+            try:
+                r = project_into(pg, records)
+            finally:
+                pg.drop()
+                pg.close()
+            report.add(Figure("postgres", "projection → PostgreSQL (from memory)", r["rate"],
+                              "decode", f">= {POSTGRES_TARGET:,}/s", r["rate"] >= POSTGRES_TARGET,
+                              r))  # fmt: skip
+        del records
+
+        log("rebuild from Kafka into SQLite ...")
+        target = LineageStore(f"sqlite:///{tmp / 'rebuilt.db'}")
+        r = rebuild(kafka, target)
+        report.add(Figure("rebuild", f"rebuild from Kafka ({r['records']:,} records)",
+                          r["seconds"], unit="s", detail=r))  # fmt: skip
+
+        log("upstream query latency ...")
+        store = LineageStore(target.url)
+        r = query_latency(store, args.queries)
+        store.close()
+        report.add(Figure("query_p50", "upstream query p50", r["p50_ms"], unit="ms", detail=r))
+        report.add(Figure("query_p99", "upstream query p99", r["p99_ms"], unit="ms",
+                          target=f"< {QUERY_P99_TARGET_MS:g} ms",
+                          ok=r["p99_ms"] < QUERY_P99_TARGET_MS, detail=r))  # fmt: skip
+        return report
+
+
+def table(report: Report) -> str:
+    rows = []
+    for f in report.figures.values():
+        ratio = report.ratio(f)
+        value = f"{f.value:,.0f} {f.unit}" if f.unit == "events/s" else f"{f.value:,.2f} {f.unit}"
+        verdict = "" if f.ok is None else ("ok" if f.ok else "MISSED")
+        rows.append([f.label, value, f"{ratio:.2f}x {f.baseline_key}" if ratio else "",
+                     f"{f.target} {verdict}".strip()])  # fmt: skip
+    lines = render_table(["figure", "value", "ratio to baseline", "target"], rows,
+                         right=frozenset({1}))  # fmt: skip
+    setup = ", ".join(f"{k}={v}" for k, v in report.setup.items())
+    return "\n".join([f"lineage benchmark: {setup}", *lines])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000, help="records in the log")
+    parser.add_argument("--queries", type=int, default=2000, help="upstream queries timed")
+    parser.add_argument("--postgres", default="", help="PostgreSQL URL (default: env)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    args = parser.parse_args(argv)
+    if args.events < 1000:
+        parser.error("--events must be >= 1000")
+
+    def log(message: str) -> None:
+        print(f"[bench/lineage] {message}", file=sys.stderr, flush=True)
+
+    started = now()
+    report = run(args, log)
+    report.setup["wall_seconds"] = round(now() - started, 1)
+    if args.json:
+        print(json.dumps({"setup": report.setup, "figures": {
+            k: {"value": f.value, "unit": f.unit, "ratio": report.ratio(f), "ok": f.ok,
+                "detail": f.detail} for k, f in report.figures.items()}}))  # fmt: skip
+    else:
+        print(table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""HTTP routes of the lineage store (mounted by the control-plane app), read-only:
+
+GET /lineage/models/{model}/upstream?version=&as_of=&format=json|dot|mermaid
+GET /lineage/models/{model}/serving?as_of=          which version served (at a time)
+GET /lineage/models/{model}/history?as_of=          promotions, rejections, rollbacks
+GET /lineage/models/{model}/versions/{version}/why  decisions with policy and evidence
+GET /lineage/datasets/{name}/downstream?version=&as_of=&format=json|dot|mermaid
+
+The store is `app.state.lineage_store` (a `LineageStore`, set by the app that mounts the
+router), or the one `create_router(store)` was given. Unknown names answer 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse
+
+from consumers.lineage.graph import downstream_graph, to_dot, to_mermaid, upstream_graph
+from consumers.lineage.queries import LineageQueries, parse_time
+from consumers.lineage.store import LineageStore, NotFound
+from mlbus.errors import MlbusError
+
+Format = Literal["json", "dot", "mermaid"]
+
+
+def create_router(store: Callable[[], LineageStore] | None = None) -> APIRouter:
+    router = APIRouter(prefix="/lineage", tags=["lineage"])
+
+    def queries(request: Request) -> LineageQueries:
+        found = store() if store is not None else getattr(request.app.state, "lineage_store", None)
+        if found is None:
+            raise HTTPException(503, "no lineage store configured (app.state.lineage_store)")
+        return LineageQueries(found)
+
+    async def answer(call: Callable[[], Any]) -> Any:
+        try:
+            return await run_in_threadpool(call)
+        except NotFound as e:
+            raise HTTPException(404, str(e)) from None
+        except MlbusError as e:
+            if "ISO 8601" in str(e):
+                raise HTTPException(422, str(e)) from None
+            raise
+
+    def graph(result: Any, kind: Format, build: Callable[[Any], Any]) -> Any:
+        if kind == "dot":
+            return PlainTextResponse(to_dot(build(result)), media_type="text/vnd.graphviz")
+        if kind == "mermaid":
+            return PlainTextResponse(to_mermaid(build(result)), media_type="text/plain")
+        return asdict(result)
+
+    @router.get("/models/{model}/upstream", summary="Upstream lineage of a model version")
+    async def upstream(
+        request: Request,
+        model: str,
+        version: str | None = None,
+        as_of: str | None = None,
+        format: Format = "json",
+    ) -> Any:
+        q = queries(request)
+        result = await answer(lambda: q.upstream(model, version, parse_time(as_of)))
+        return graph(result, format, upstream_graph)
+
+    @router.get("/models/{model}/serving", summary="The version serving (at a time)")
+    async def serving(request: Request, model: str, as_of: str | None = None) -> dict[str, Any]:
+        q = queries(request)
+        version = await answer(lambda: q.serving(model, parse_time(as_of)))
+        return {"model": model, "as_of": as_of, "version": version}
+
+    @router.get("/models/{model}/history", summary="Promotions, rejections and rollbacks")
+    async def history(request: Request, model: str, as_of: str | None = None) -> list[Any]:
+        q = queries(request)
+        result = await answer(lambda: q.history(model, parse_time(as_of)))
+        return [asdict(d) for d in result]
+
+    @router.get("/models/{model}/versions/{version}/why", summary="Why promoted or rejected")
+    async def why(
+        request: Request, model: str, version: str, as_of: str | None = None
+    ) -> dict[str, Any]:
+        q = queries(request)
+        return asdict(await answer(lambda: q.why(model, version, parse_time(as_of))))
+
+    @router.get("/datasets/{name}/downstream", summary="What used a dataset, and where it serves")
+    async def downstream(
+        request: Request,
+        name: str,
+        version: str | None = None,
+        as_of: str | None = None,
+        format: Format = "json",
+    ) -> Any:
+        q = queries(request)
+        result = await answer(lambda: q.downstream(name, version, parse_time(as_of)))
+        return graph(result, format, downstream_graph)
+
+    return router
+
+
+#: The router to mount: `api.state.lineage_store = LineageStore.open(settings.metadata_url)`
+#: then `api.include_router(router)`.
+router = create_router()

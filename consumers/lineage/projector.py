@@ -1,0 +1,336 @@
+"""The projection core: log records in, lineage rows out, whatever the records come from
+(the live Kafka consumer, an in-memory list, the archive).
+
+Reads dataset.*, training.*, pipeline.defined, model.*, deployment.updated, serving.alert.
+Exactly-once effect: each batch is one transaction holding its rows *and* the position of
+every topic-partition it read; rows are inserted with ON CONFLICT DO NOTHING on the event id,
+so a record delivered again (a crash before the commit, a duplicate publish) changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from consumers.lineage import tables as t
+from consumers.lineage.store import LineageStore, micros
+from mlbus.errors import MlbusError
+from mlbus.kafka.reader import LogRecord
+from schemas.codec import DEFAULT_MAX_EVENT_BYTES, decode
+from schemas.envelope import Event
+
+log = logging.getLogger("consumers.lineage")
+
+#: The topics the projection reads. Not read: `mlbus.deadletter` (its records are copies of
+#: records of the other topics, which the projector already saw and counted as skipped;
+#: projecting them again would count them twice), and the data plane (`inference.requests`,
+#: `inference.results`, `inference.logged`, `serving.metrics`): millions of records a day
+#: with short retention and no lineage fact that the model and deployment events do not
+#: already state; which version served at a time is answered from promotions.
+TOPICS: tuple[str, ...] = (
+    "dataset.created",
+    "dataset.validated",
+    "training.requested",
+    "training.started",
+    "training.progress",
+    "training.completed",
+    "training.failed",
+    "pipeline.defined",
+    "model.promoted",
+    "model.rejected",
+    "deployment.updated",
+    "serving.alert",
+)
+
+DEFAULT_BATCH = 5000
+
+Rows = dict[sa.Table, list[tuple]]
+
+
+@dataclass
+class ProjectStats:
+    records: int = 0
+    projected: int = 0
+    skipped: int = 0
+    ignored: int = 0  # records of topics the projection does not read
+    batches: int = 0
+
+    def add(self, other: ProjectStats) -> None:
+        self.records += other.records
+        self.projected += other.projected
+        self.skipped += other.skipped
+        self.ignored += other.ignored
+        self.batches += other.batches
+
+
+def ds(name: str, version: str) -> str:
+    return f"dataset:{name}@{version}"
+
+
+def mv(model: str, version: str) -> str:
+    return f"model:{model}@{version}"
+
+
+def run_node(run_id: str) -> str:
+    return f"run:{run_id}"
+
+
+# -- one event → its rows ---------------------------------------------------------------------
+# Each function appends tuples in the column order of its table (provenance first: event id,
+# topic, partition, offset, time); `Projector` checks the widths once per table.
+
+
+def _j(value: Any) -> str:
+    """JSON columns: canonical text (sorted keys), so that a dump compares byte for byte."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _dataset_created(e: Any, p: tuple, rows: Rows) -> None:
+    d = e.data
+    rows[t.dataset_versions].append((*p,
+        d.name, d.version, d.uri, d.content_hash, d.num_rows, d.num_bytes, d.label_column,
+        _j(d.tags), _j([[x.name, x.version] for x in d.parents]), d.description, d.created_by,
+    ))  # fmt: skip
+    for parent in d.parents:
+        _edge(rows, p, "derived_from", ds(parent.name, parent.version), ds(d.name, d.version))
+
+
+def _dataset_validated(e: Any, p: tuple, rows: Rows) -> None:
+    d = e.data
+    rows[t.dataset_validations].append(
+        (*p, d.name, d.version, d.content_hash, d.validator, _j(d.checks))
+    )
+
+
+def _training_requested(e: Any, p: tuple, rows: Rows) -> None:
+    d = e.data
+    rows[t.training_requests].append((*p,
+        d.model, d.dataset.name, d.dataset.version, d.family, _j(d.hyperparameters), d.seed,
+        d.max_epochs, d.requested_by, d.pipeline, d.sweep.sweep_id if d.sweep else None,
+        e.correlationid,
+    ))  # fmt: skip
+
+
+def _training_started(e: Any, p: tuple, rows: Rows) -> None:
+    d = e.data
+    rows[t.training_runs].append((*p,
+        d.run_id, d.model, d.request_id, d.dataset.name, d.dataset.version, d.worker, d.attempt,
+    ))  # fmt: skip
+    _edge(rows, p, "trained_on", ds(d.dataset.name, d.dataset.version), run_node(d.run_id))
+
+
+def _training_progress(e: Any, p: tuple, rows: Rows) -> None:
+    d = e.data
+    rows[t.run_progress].append((*p, d.run_id, d.model, d.epoch, d.max_epochs, _j(d.metrics)))
+
+
+def _training_completed(e: Any, p: tuple, rows: Rows) -> None:
+    d = e.data
+    rows[t.model_versions].append((*p,
+        d.model, d.version, d.run_id, d.request_id, d.family, d.dataset.name, d.dataset.version,
+        d.artifact.uri, d.artifact.sha256, _j(d.metrics), _j(d.hyperparameters), d.seed,
+        d.epochs, d.code.package_version, d.code.git_commit, d.duration_seconds,
+    ))  # fmt: skip
+    _edge(rows, p, "trained_on", ds(d.dataset.name, d.dataset.version), run_node(d.run_id))
+    _edge(rows, p, "produced", run_node(d.run_id), mv(d.model, d.version))
+
+
+def _training_failed(e: Any, p: tuple, rows: Rows) -> None:
+    d = e.data
+    rows[t.run_failures].append((*p,
+        d.run_id, d.model, d.request_id, d.reason, d.retryable, d.error_type, d.epoch,
+    ))  # fmt: skip
+
+
+def _promoted(e: Any, p: tuple, rows: Rows) -> None:
+    d = e.data
+    policy = d.policy
+    rows[t.decisions].append((*p,
+        "promoted", d.model, d.version, d.run_id, d.reason, d.actor,
+        policy.name if policy else None, policy.version if policy else None, _j(d.evidence),
+        d.rollback, d.previous_version, None, d.cause,
+    ))  # fmt: skip
+    if d.run_id:
+        _edge(rows, p, "produced", run_node(d.run_id), mv(d.model, d.version))
+
+
+def _rejected(e: Any, p: tuple, rows: Rows) -> None:
+    d = e.data
+    policy = d.policy
+    rows[t.decisions].append((*p,
+        "rejected", d.model, d.version, d.run_id, d.reason, d.actor,
+        policy.name if policy else None, policy.version if policy else None, _j(d.evidence),
+        False, None, d.champion_version, None,
+    ))  # fmt: skip
+
+
+def _deployment_updated(e: Any, p: tuple, rows: Rows) -> None:
+    d = e.data
+    rows[t.deployments].append(
+        (*p, d.model, d.version, d.replica, d.status, d.artifact_sha256, d.error)
+    )
+    if d.status == "loaded":
+        _edge(rows, p, "deployed", mv(d.model, d.version), f"replica:{d.model}/{d.replica}")
+
+
+def _pipeline_defined(e: Any, p: tuple, rows: Rows) -> None:
+    d = e.data
+    rows[t.pipelines].append((*p,
+        d.name, d.revision, d.enabled, d.dataset, d.model, d.family,
+        _j(d.policy.model_dump(mode="json")), d.actor,
+    ))  # fmt: skip
+
+
+def _serving_alert(e: Any, p: tuple, rows: Rows) -> None:
+    d = e.data
+    rows[t.alerts].append(
+        (*p, d.model, d.version, d.alert, d.status, d.metric, d.value, d.threshold)
+    )
+
+
+def _edge(rows: Rows, p: tuple, relation: str, src: str, dst: str) -> None:
+    rows[t.lineage_edges].append((*p, relation, src, dst))
+
+
+PROJECTIONS: dict[str, Callable[[Any, tuple, Rows], None]] = {
+    "dataset.created": _dataset_created,
+    "dataset.validated": _dataset_validated,
+    "training.requested": _training_requested,
+    "training.started": _training_started,
+    "training.progress": _training_progress,
+    "training.completed": _training_completed,
+    "training.failed": _training_failed,
+    "pipeline.defined": _pipeline_defined,
+    "model.promoted": _promoted,
+    "model.rejected": _rejected,
+    "deployment.updated": _deployment_updated,
+    "serving.alert": _serving_alert,
+}
+assert set(PROJECTIONS) == set(TOPICS)
+
+
+# -- the projector ------------------------------------------------------------------------------
+
+
+class Projector:
+    """Projects batches of `LogRecord`s into a `LineageStore` (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: LineageStore,
+        *,
+        topics: Iterable[str] = TOPICS,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    ) -> None:
+        self.store = store
+        self.topics = frozenset(topics)
+        self.max_event_bytes = max_event_bytes
+        self._statements = {table: _insert_sql(table, store) for table in t.PROJECTED}
+        self._widths = {table: len(table.columns) for table in t.PROJECTED}
+        self._positions_sql = _positions_sql(store)
+
+    def project(
+        self, records: Iterable[LogRecord], batch_size: int = DEFAULT_BATCH
+    ) -> ProjectStats:
+        """Project every record, one transaction per batch of `batch_size` records."""
+        total = ProjectStats()
+        for batch in _batches(records, batch_size):
+            total.add(self.project_batch(batch))
+        return total
+
+    def project_batch(self, records: list[LogRecord]) -> ProjectStats:
+        """One transaction: the rows of `records` and the positions after them."""
+        stats = ProjectStats(records=len(records), batches=1)
+        rows: Rows = {table: [] for table in t.PROJECTED}
+        seen: set[str] = set()
+        ends: dict[tuple[str, int], int] = {}
+        for record in records:
+            if record.topic not in self.topics:
+                stats.ignored += 1
+                continue
+            tp = (record.topic, record.partition)
+            if ends.get(tp, -1) < record.offset + 1:
+                ends[tp] = record.offset + 1
+            try:
+                event = decode(
+                    record.value, record.headers or None, expected_type=record.topic,
+                    max_bytes=self.max_event_bytes,
+                )  # fmt: skip
+            except MlbusError as e:
+                rows[t.skipped].append(
+                    (record.topic, record.partition, record.offset, str(e)[:1000])
+                )
+                stats.skipped += 1
+                continue
+            if event.id in seen:
+                continue  # a duplicate in this batch: the first copy is the one projected
+            seen.add(event.id)
+            stats.projected += 1
+            self._rows(event, record, rows)
+        positions = [(topic, partition, end) for (topic, partition), end in ends.items()]
+        with self.store.transaction("projecting a batch of the log") as conn:
+            self._write(conn, rows, positions)
+        return stats
+
+    def _rows(self, event: Event, record: LogRecord, rows: Rows) -> None:
+        when = micros(event.time) if event.time is not None else (record.timestamp_ms or 0) * 1000
+        provenance = (event.id, record.topic, record.partition, record.offset, when)
+        key = record.key
+        rows[t.events].append((
+            event.id, event.type, record.topic, record.partition, record.offset, when,
+            record.timestamp_ms, key.decode("utf-8", "replace") if key is not None else None,
+            event.subject, event.source, event.correlationid, event.causationid,
+            hashlib.sha256(record.value or b"").hexdigest(),
+        ))  # fmt: skip
+        PROJECTIONS[event.type](event, provenance, rows)
+
+    def _write(self, conn: Connection, rows: Rows, positions: list[tuple]) -> None:
+        # Straight to the driver's executemany with tuples built in column order: SQLAlchemy's
+        # per-row parameter processing costs more than SQLite's inserts themselves.
+        for table, batch in rows.items():
+            if batch:
+                if len(batch[0]) != self._widths[table]:  # a projection out of step
+                    raise AssertionError(f"{table.name}: rows of {len(batch[0])} columns")
+                conn.exec_driver_sql(self._statements[table], batch)
+        if positions:
+            conn.exec_driver_sql(self._positions_sql, positions)
+
+
+def _qualified(table: sa.Table, store: LineageStore) -> str:
+    return f'"{store.schema}"."{table.name}"' if store.schema else f'"{table.name}"'
+
+
+def _insert_sql(table: sa.Table, store: LineageStore) -> str:
+    marker = "%s" if store.backend == "postgresql" else "?"
+    names = ", ".join(f'"{c.name}"' for c in table.columns)
+    values = ", ".join(marker for _ in table.columns)
+    return (
+        f"INSERT INTO {_qualified(table, store)} ({names}) VALUES ({values}) ON CONFLICT DO NOTHING"
+    )
+
+
+def _positions_sql(store: LineageStore) -> str:
+    # never backwards: a batch read before a rebalance may commit after the partition's new
+    # owner did
+    marker, greatest = ("%s", "GREATEST") if store.backend == "postgresql" else ("?", "MAX")
+    name = _qualified(t.positions, store)
+    return (
+        f'INSERT INTO {name} ("topic", "partition", "next_offset") '
+        f"VALUES ({marker}, {marker}, {marker}) "
+        f'ON CONFLICT ("topic", "partition") DO UPDATE SET '
+        f'"next_offset" = {greatest}({name}."next_offset", excluded."next_offset")'
+    )
+
+
+def _batches(records: Iterable[LogRecord], size: int) -> Iterator[list[LogRecord]]:
+    iterator = iter(records)
+    while batch := list(islice(iterator, size)):
+        yield batch

@@ -1,0 +1,574 @@
+"""Lineage questions asked of the projection: upstream of a model version, downstream of a
+dataset version, why a version was promoted or rejected, which version served at a time —
+each optionally *as known at* a time T (only events whose time is <= T count).
+
+Answers are plain dataclasses (JSON via `dataclasses.asdict`), never ORM rows. Links are
+joins on natural keys (run id, model@version, dataset@version), so a piece that arrived
+late is linked as soon as it is there, and a dataset nobody announced shows as unknown
+(`known=False`, "unknown upstream") instead of being invented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from consumers.lineage import tables as t
+from consumers.lineage.store import LineageStore, NotFound, iso, micros
+
+MAX_DEPTH = 20  # dataset ancestry deeper than this is cut (and says so)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    event_id: str
+    topic: str
+    partition: int
+    offset: int
+    time: str | None
+
+
+@dataclass(frozen=True)
+class DatasetNode:
+    name: str
+    version: str
+    known: bool
+    """False: no dataset.created for this version (as of the query): an unknown upstream"""
+    uri: str | None = None
+    content_hash: str | None = None
+    num_rows: int | None = None
+    created_by: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    parents: list[DatasetNode] = field(default_factory=list)
+    truncated: bool = False
+    provenance: Provenance | None = None
+
+
+@dataclass(frozen=True)
+class Epoch:
+    epoch: int
+    max_epochs: int
+    metrics: dict[str, float]
+    event_id: str
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str | None
+    status: str  # completed, failed, started, requested, unknown
+    request_id: str | None = None
+    family: str | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    epochs: int | None = None
+    code_version: str | None = None
+    git_commit: str | None = None
+    requested_by: str | None = None
+    pipeline: str | None = None
+    correlationid: str | None = None
+    worker: str | None = None
+    attempt: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifact_uri: str | None = None
+    artifact_sha256: str | None = None
+    duration_seconds: float | None = None
+    failure: str | None = None
+    progress: list[Epoch] = field(default_factory=list)
+    events: list[Provenance] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: str  # promoted, rejected
+    model: str
+    version: str
+    reason: str
+    actor: str
+    policy: str | None
+    evidence: dict[str, Any]
+    rollback: bool
+    previous_version: str | None
+    champion_version: str | None
+    run_id: str | None
+    provenance: Provenance
+
+
+@dataclass(frozen=True)
+class Deployment:
+    replica: str
+    version: str
+    status: str
+    error: str | None
+    provenance: Provenance
+
+
+@dataclass(frozen=True)
+class Upstream:
+    model: str
+    version: str
+    as_of: str | None
+    serving: bool
+    """True when this version was the champion (last promotion) as of the query"""
+    run: Run
+    datasets: list[DatasetNode]
+    decisions: list[Decision]
+    deployments: list[Deployment]
+    provenance: Provenance | None
+    """the training.completed that produced the version; None if not (yet) seen"""
+
+
+@dataclass(frozen=True)
+class ModelUse:
+    model: str
+    version: str | None
+    run_id: str | None
+    status: str
+    serving_now: bool
+    replicas: list[str]
+    decisions: list[str]
+    provenance: Provenance
+
+
+@dataclass(frozen=True)
+class DatasetUse:
+    name: str
+    version: str
+    known: bool
+    derived: list[str]
+    uses: list[ModelUse]
+
+
+@dataclass(frozen=True)
+class Downstream:
+    dataset: str
+    as_of: str | None
+    versions: list[DatasetUse]
+
+
+@dataclass(frozen=True)
+class Why:
+    model: str
+    version: str
+    known_version: bool
+    decisions: list[Decision]
+
+
+def _prov(row: Any) -> Provenance:
+    return Provenance(row.event_id, row.topic, row.partition, row.offset, iso(row.time))
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, str):
+        return orjson.loads(value)
+    return value
+
+
+def parse_time(text: str | None) -> datetime | None:
+    """An --as-of argument: ISO 8601 (a date, or a time; naive times are UTC)."""
+    if text is None:
+        return None
+    from mlbus.errors import MlbusError
+
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise MlbusError(f"{text!r} is not an ISO 8601 time (e.g. 2026-03-01T14:00:00Z)") from None
+
+
+class LineageQueries:
+    """Questions about one store. Every method takes `as_of` (None = everything known)."""
+
+    def __init__(self, store: LineageStore) -> None:
+        self.store = store
+
+    # -- which version serves ------------------------------------------------------------------
+
+    def serving(self, model: str, as_of: datetime | None = None) -> str | None:
+        """The version model `model` served at `as_of` (its last promotion then), or None."""
+        with self.store.reading() as conn:
+            return _serving(conn, model, _cut(as_of))
+
+    def history(self, model: str, as_of: datetime | None = None) -> list[Decision]:
+        """Every promotion and rejection of `model` (rollbacks included), oldest first."""
+        d = t.decisions
+        with self.store.reading() as conn:
+            rows = conn.execute(
+                _known(sa.select(d).where(d.c.model == model), d, _cut(as_of)).order_by(
+                    d.c.time, d.c.offset, d.c.event_id
+                )
+            ).all()
+        return [_decision(r) for r in rows]
+
+    # -- upstream ------------------------------------------------------------------------------
+
+    def upstream(
+        self, model: str, version: str | None = None, as_of: datetime | None = None
+    ) -> Upstream:
+        """Where `model@version` came from: its run, the dataset versions it was trained on
+        with their ancestry, hyperparameters, code version, who asked; its decisions and
+        deployments. No version: the one serving (at `as_of`), else the newest trained."""
+        cut = _cut(as_of)
+        with self.store.reading("querying upstream lineage") as conn:
+            current = _serving(conn, model, cut)
+            if version is None:
+                version = current or _newest_version(conn, model, cut)
+                if version is None:
+                    raise NotFound(f"no version of model {model!r} is known" + _at(as_of))
+            m = t.model_versions
+            produced = conn.execute(
+                _first(_known(sa.select(m).where(m.c.model == model, m.c.version == version),
+                              m, cut), m)
+            ).first()  # fmt: skip
+            decisions = [
+                _decision(r)
+                for r in conn.execute(
+                    _known(sa.select(t.decisions).where(t.decisions.c.model == model,
+                                                        t.decisions.c.version == version),
+                           t.decisions, cut).order_by(t.decisions.c.time, t.decisions.c.offset)
+                )
+            ]  # fmt: skip
+            run_id = produced.run_id if produced is not None else None
+            if run_id is None:
+                run_id = next((x.run_id for x in decisions if x.run_id), None)
+            run, dataset_ref = _run(conn, run_id, produced, cut)
+            deployments = _deployments(conn, model, version, cut)
+            if produced is None and not decisions and not deployments and run.status == "unknown":
+                raise NotFound(f"model version {model}@{version} is not known" + _at(as_of))
+            datasets = []
+            if dataset_ref is not None:
+                datasets.append(_dataset(conn, dataset_ref[0], dataset_ref[1], cut, 0, set()))
+            serving = current == version
+        return Upstream(
+            model=model, version=version, as_of=iso(cut) if cut is not None else None,
+            serving=serving, run=run, datasets=datasets, decisions=decisions,
+            deployments=deployments, provenance=_prov(produced) if produced else None,
+        )  # fmt: skip
+
+    # -- downstream ----------------------------------------------------------------------------
+
+    def downstream(
+        self, dataset: str, version: str | None = None, as_of: datetime | None = None
+    ) -> Downstream:
+        """Every run and model version that used `dataset` (one version, or all), the
+        datasets derived from it, and where those models serve now (or at `as_of`)."""
+        cut = _cut(as_of)
+        with self.store.reading("querying downstream lineage") as conn:
+            versions = [version] if version is not None else _versions(conn, dataset, cut)
+            if not versions:
+                raise NotFound(f"no version of dataset {dataset!r} is known" + _at(as_of))
+            out = [_uses(conn, dataset, v, cut) for v in versions]
+        return Downstream(dataset, iso(cut) if cut is not None else None, out)
+
+    # -- why -----------------------------------------------------------------------------------
+
+    def why(self, model: str, version: str, as_of: datetime | None = None) -> Why:
+        """The promotion and rejection decisions of `model@version`, with policy and
+        evidence, oldest first."""
+        cut = _cut(as_of)
+        d, m = t.decisions, t.model_versions
+        with self.store.reading() as conn:
+            rows = conn.execute(
+                _known(sa.select(d).where(d.c.model == model, d.c.version == version), d, cut)
+                .order_by(d.c.time, d.c.offset)
+            ).all()  # fmt: skip
+            known = conn.execute(
+                _known(sa.select(m.c.event_id).where(m.c.model == model, m.c.version == version),
+                       m, cut).limit(1)
+            ).first() is not None  # fmt: skip
+        if not rows and not known:
+            raise NotFound(f"model version {model}@{version} is not known" + _at(as_of))
+        return Why(model, version, known, [_decision(r) for r in rows])
+
+
+# -- building blocks ----------------------------------------------------------------------------
+
+
+def _cut(as_of: datetime | None) -> int | None:
+    return micros(as_of) if as_of is not None else None
+
+
+def _at(as_of: datetime | None) -> str:
+    return f" as of {as_of.isoformat()}" if as_of is not None else ""
+
+
+def _known(query: Any, table: sa.Table, cut: int | None) -> Any:
+    return query if cut is None else query.where(table.c.time <= cut)
+
+
+def _first(query: Any, table: sa.Table) -> Any:
+    """The earliest row: when an entity was announced twice (a re-publish under a new id),
+    the first announcement is the one that counts."""
+    return query.order_by(table.c.time, table.c.event_id).limit(1)
+
+
+def _serving(conn: Connection, model: str, cut: int | None) -> str | None:
+    d = t.decisions
+    query = sa.select(d.c.version).where(d.c.model == model, d.c.kind == "promoted")
+    query = _known(query, d, cut).order_by(d.c.time.desc(), d.c.offset.desc(), d.c.event_id.desc())
+    return conn.execute(query.limit(1)).scalar()
+
+
+def _newest_version(conn: Connection, model: str, cut: int | None) -> str | None:
+    m = t.model_versions
+    query = _known(sa.select(m.c.version).where(m.c.model == model), m, cut)
+    return conn.execute(query.order_by(m.c.time.desc(), m.c.event_id.desc()).limit(1)).scalar()
+
+
+def _decision(r: Any) -> Decision:
+    policy = f"{r.policy_name} v{r.policy_version}" if r.policy_name else None
+    return Decision(
+        kind=r.kind, model=r.model, version=r.version, reason=r.reason, actor=r.actor,
+        policy=policy, evidence=_json(r.evidence), rollback=bool(r.rollback),
+        previous_version=r.previous_version, champion_version=r.champion_version,
+        run_id=r.run_id, provenance=_prov(r),
+    )  # fmt: skip
+
+
+def _run(
+    conn: Connection, run_id: str | None, produced: Any, cut: int | None
+) -> tuple[Run, tuple[str, str] | None]:
+    """The run (from whichever of its events are known) and the dataset it trained on."""
+    if run_id is None and produced is None:
+        return Run(run_id=None, status="unknown"), None
+    r, f, q, pr = t.training_runs, t.run_failures, t.training_requests, t.run_progress
+    started = (
+        conn.execute(_first(_known(sa.select(r).where(r.c.run_id == run_id), r, cut), r)).first()
+        if run_id
+        else None
+    )
+    failed = (
+        conn.execute(_first(_known(sa.select(f).where(f.c.run_id == run_id), f, cut), f)).first()
+        if run_id
+        else None
+    )
+    request_id = (
+        (produced.request_id if produced is not None else None)
+        or (started.request_id if started is not None else None)
+        or (failed.request_id if failed is not None else None)
+    )
+    request = (
+        conn.execute(_known(sa.select(q).where(q.c.event_id == request_id), q, cut)).first()
+        if request_id
+        else None
+    )
+    progress = (
+        conn.execute(
+            _known(sa.select(pr).where(pr.c.run_id == run_id), pr, cut).order_by(
+                pr.c.epoch, pr.c.time, pr.c.event_id
+            )
+        ).all()
+        if run_id
+        else []
+    )
+    epochs, seen = [], set()
+    for p in progress:
+        if p.epoch not in seen:
+            seen.add(p.epoch)
+            epochs.append(Epoch(p.epoch, p.max_epochs, _json(p.metrics), p.event_id))
+    events = [_prov(x) for x in (request, started, *progress, failed, produced) if x is not None]
+    events.sort(key=lambda e: (e.time or "", e.event_id))
+    if produced is not None:
+        status = "completed"
+    elif failed is not None:
+        status = "failed"
+    elif started is not None:
+        status = "started"
+    elif request is not None:
+        status = "requested"
+    else:
+        status = "unknown"
+    dataset = None
+    for source in (produced, started, request):
+        if source is not None:
+            dataset = (source.dataset_name, source.dataset_version)
+            break
+    # what the run reports it used; else what was asked for
+    hyper = _json(produced.hyperparameters) if produced is not None else {}
+    if not hyper and request is not None:
+        hyper = _json(request.hyperparameters)
+    run = Run(
+        run_id=run_id,
+        status=status,
+        request_id=request_id,
+        family=(produced or request).family if (produced or request) is not None else None,
+        hyperparameters=hyper,
+        seed=produced.seed if produced is not None else (request.seed if request else None),
+        epochs=produced.epochs if produced is not None else None,
+        code_version=produced.code_version if produced is not None else None,
+        git_commit=produced.git_commit if produced is not None else None,
+        requested_by=request.requested_by if request is not None else None,
+        pipeline=request.pipeline if request is not None else None,
+        correlationid=request.correlationid if request is not None else None,
+        worker=started.worker if started is not None else None,
+        attempt=started.attempt if started is not None else None,
+        metrics=_json(produced.metrics) if produced is not None else {},
+        artifact_uri=produced.artifact_uri if produced is not None else None,
+        artifact_sha256=produced.artifact_sha256 if produced is not None else None,
+        duration_seconds=produced.duration_seconds if produced is not None else None,
+        failure=failed.reason if failed is not None else None,
+        progress=epochs,
+        events=events,
+    )
+    return run, dataset
+
+
+def _dataset(
+    conn: Connection, name: str, version: str, cut: int | None, depth: int, path: set[str]
+) -> DatasetNode:
+    v = t.dataset_versions
+    row = conn.execute(
+        _first(_known(sa.select(v).where(v.c.name == name, v.c.version == version), v, cut), v)
+    ).first()
+    if row is None:
+        return DatasetNode(name=name, version=version, known=False)
+    node_id = f"{name}@{version}"
+    parents: list[DatasetNode] = []
+    truncated = False
+    for parent_name, parent_version in _json(row.parents):
+        parent_id = f"{parent_name}@{parent_version}"
+        if depth >= MAX_DEPTH or parent_id in path:  # too deep, or a cycle someone published
+            truncated = True
+            continue
+        parents.append(
+            _dataset(conn, parent_name, parent_version, cut, depth + 1, path | {node_id})
+        )
+    return DatasetNode(
+        name=name, version=version, known=True, uri=row.uri, content_hash=row.content_hash,
+        num_rows=row.num_rows, created_by=row.created_by, tags=_json(row.tags),
+        parents=parents, truncated=truncated, provenance=_prov(row),
+    )  # fmt: skip
+
+
+def _deployments(conn: Connection, model: str, version: str, cut: int | None) -> list[Deployment]:
+    d = t.deployments
+    rows = conn.execute(
+        _known(sa.select(d).where(d.c.model == model, d.c.version == version), d, cut).order_by(
+            d.c.time, d.c.offset
+        )
+    ).all()
+    return [Deployment(r.replica, r.version, r.status, r.error, _prov(r)) for r in rows]
+
+
+def _replicas_now(conn: Connection, model: str, cut: int | None) -> dict[str, str]:
+    """replica → the version it has loaded (its latest deployment.updated says 'loaded')."""
+    d = t.deployments
+    replicas = conn.execute(
+        _known(sa.select(d.c.replica).where(d.c.model == model), d, cut).distinct()
+    ).scalars()
+    out = {}
+    for replica in list(replicas):
+        latest = conn.execute(
+            _known(sa.select(d.c.version, d.c.status).where(d.c.model == model,
+                                                            d.c.replica == replica), d, cut)
+            .order_by(d.c.time.desc(), d.c.offset.desc()).limit(1)
+        ).first()  # fmt: skip
+        if latest is not None and latest.status == "loaded":
+            out[replica] = latest.version
+    return out
+
+
+def _versions(conn: Connection, name: str, cut: int | None) -> list[str]:
+    found: set[str] = set()
+    for table, n, v in (
+        (t.dataset_versions, "name", "version"),
+        (t.training_requests, "dataset_name", "dataset_version"),
+        (t.training_runs, "dataset_name", "dataset_version"),
+        (t.model_versions, "dataset_name", "dataset_version"),
+    ):
+        query = _known(sa.select(table.c[v]).where(table.c[n] == name), table, cut).distinct()
+        found.update(conn.execute(query).scalars())
+    return sorted(found)
+
+
+def _uses(conn: Connection, name: str, version: str, cut: int | None) -> DatasetUse:
+    v, e = t.dataset_versions, t.lineage_edges
+    known = conn.execute(
+        _known(sa.select(v.c.event_id).where(v.c.name == name, v.c.version == version), v, cut)
+        .limit(1)
+    ).first() is not None  # fmt: skip
+    node = f"dataset:{name}@{version}"
+    derived = sorted(
+        set(
+            conn.execute(
+                _known(sa.select(e.c.dst).where(e.c.src == node, e.c.relation == "derived_from"),
+                       e, cut)
+            ).scalars()
+        )
+    )  # fmt: skip
+    m, r, q = t.model_versions, t.training_runs, t.training_requests
+    uses: dict[str, ModelUse] = {}
+    serving_cache: dict[str, str | None] = {}
+    replicas_cache: dict[str, dict[str, str]] = {}
+
+    def serving(model: str) -> str | None:
+        if model not in serving_cache:
+            serving_cache[model] = _serving(conn, model, cut)
+        return serving_cache[model]
+
+    def replicas(model: str) -> dict[str, str]:
+        if model not in replicas_cache:
+            replicas_cache[model] = _replicas_now(conn, model, cut)
+        return replicas_cache[model]
+
+    for row in conn.execute(
+        _known(sa.select(m).where(m.c.dataset_name == name, m.c.dataset_version == version), m,
+               cut).order_by(m.c.time, m.c.event_id)
+    ):  # fmt: skip
+        if row.run_id in uses:
+            continue
+        d = t.decisions
+        kinds = conn.execute(
+            _known(sa.select(d.c.kind).where(d.c.model == row.model, d.c.version == row.version),
+                   d, cut).order_by(d.c.time, d.c.offset)
+        ).scalars().all()  # fmt: skip
+        uses[row.run_id] = ModelUse(
+            model=row.model, version=row.version, run_id=row.run_id, status="completed",
+            serving_now=serving(row.model) == row.version,
+            replicas=sorted(k for k, ver in replicas(row.model).items() if ver == row.version),
+            decisions=list(kinds), provenance=_prov(row),
+        )  # fmt: skip
+    failed = {
+        x.run_id
+        for x in conn.execute(
+            _known(sa.select(t.run_failures.c.run_id), t.run_failures, cut).where(
+                t.run_failures.c.run_id.in_(
+                    sa.select(r.c.run_id).where(
+                        r.c.dataset_name == name, r.c.dataset_version == version
+                    )
+                )
+            )
+        )
+    }
+    for row in conn.execute(
+        _known(sa.select(r).where(r.c.dataset_name == name, r.c.dataset_version == version), r,
+               cut).order_by(r.c.time, r.c.event_id)
+    ):  # fmt: skip
+        if row.run_id not in uses:
+            status = "failed" if row.run_id in failed else "started"
+            uses[row.run_id] = ModelUse(row.model, None, row.run_id, status, False, [], [],
+                                        _prov(row))  # fmt: skip
+    started_requests = {u.provenance.event_id for u in uses.values()}
+    for row in conn.execute(
+        _known(sa.select(q).where(q.c.dataset_name == name, q.c.dataset_version == version), q,
+               cut).order_by(q.c.time, q.c.event_id)
+    ):  # fmt: skip
+        taken = conn.execute(
+            _known(sa.select(r.c.run_id).where(r.c.request_id == row.event_id), r, cut).limit(1)
+        ).first()
+        taken = (
+            taken
+            or conn.execute(
+                _known(sa.select(m.c.run_id).where(m.c.request_id == row.event_id), m, cut).limit(1)
+            ).first()
+        )
+        if taken is None and row.event_id not in started_requests:
+            uses[f"request:{row.event_id}"] = ModelUse(
+                row.model, None, None, "requested", False, [], [], _prov(row)
+            )
+    ordered = sorted(uses.values(), key=lambda u: (u.provenance.time or "", u.provenance.event_id))
+    return DatasetUse(name, version, known, derived, ordered)

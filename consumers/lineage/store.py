@@ -1,0 +1,292 @@
+"""The lineage store: where the projection lives (SQLite by default, PostgreSQL for real
+deployments), its projection version, the consumer positions, and the canonical dump.
+
+One managed transaction (`LineageStore.transaction`) commits or rolls back in one place and
+translates SQLAlchemy's errors; callers get domain objects, never ORM rows. On PostgreSQL
+the tables live in their own schema (default `mlbus_lineage`), which is also what a rebuild
+swaps; on SQLite a rebuild swaps the database file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+
+from consumers.lineage import tables as t
+from mlbus.errors import MlbusError, TransientError
+
+log = logging.getLogger("consumers.lineage")
+
+DEFAULT_PG_SCHEMA = "mlbus_lineage"
+
+
+class LineageError(MlbusError):
+    """The lineage store cannot answer (unknown model, bad argument, store unusable)."""
+
+
+class NotFound(LineageError):
+    """The model, version or dataset asked about is not in the store."""
+
+
+def micros(value: datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp()) * 1_000_000 + value.microsecond
+
+
+_EPOCH = datetime(1970, 1, 1)
+
+
+def iso(value: int | None) -> str | None:
+    """Microseconds since the epoch as ISO 8601 UTC with microseconds (one fixed width)."""
+    if value is None:
+        return None
+    return (_EPOCH + timedelta(microseconds=value)).isoformat(timespec="microseconds") + "Z"
+
+
+class LineageStore:
+    """A handle on one projection database. `open()` checks the projection version and
+    rebuilds (drops) an outdated one; `LineageStore(url)` alone touches nothing."""
+
+    def __init__(self, url: str, *, schema: str | None = None) -> None:
+        self.url = url
+        self.backend = make_url(url).get_backend_name()
+        self.schema = (schema or DEFAULT_PG_SCHEMA) if self.backend == "postgresql" else None
+        self.engine = _engine(url, self.schema)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, url: str, *, schema: str | None = None) -> LineageStore:
+        store = cls(url, schema=schema)
+        store.ensure()
+        return store
+
+    def ensure(self) -> None:
+        """Create the tables; drop and recreate them if the projection version differs (the
+        projector then re-reads the log from offset 0: rebuild, never migrate)."""
+        with self._translated("preparing the lineage store"), self.engine.begin() as conn:
+            if self.schema:
+                conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
+            inspector = sa.inspect(conn)
+            present = set(inspector.get_table_names(schema=self.schema))
+            version = None
+            if "meta" in present:
+                version = conn.execute(
+                    sa.select(t.meta.c.value).where(t.meta.c.key == "projection_version")
+                ).scalar()
+            if present and version != t.PROJECTION_VERSION:
+                log.warning(
+                    "projection version %s in the store, this code writes %s: dropping the "
+                    "projection; it is rebuilt from the log",
+                    version,
+                    t.PROJECTION_VERSION,
+                )
+                t.metadata.drop_all(conn)
+            t.metadata.create_all(conn)
+            if version != t.PROJECTION_VERSION:
+                conn.execute(
+                    sa.insert(t.meta),
+                    [{"key": "projection_version", "value": t.PROJECTION_VERSION}],
+                )
+
+    def drop(self) -> None:
+        with self._translated("dropping the lineage store"), self.engine.begin() as conn:
+            if self.schema:
+                conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
+            else:
+                t.metadata.drop_all(conn)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> LineageStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions ----------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self, what: str = "writing the lineage store") -> Iterator[Connection]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        with self._translated(what), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def reading(self, what: str = "reading the lineage store") -> Iterator[Connection]:
+        with self._translated(what), self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _translated(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except OperationalError as e:  # connection lost, database locked: worth a retry
+            raise TransientError(f"{what}: {_short(e)}") from None
+        except (DBAPIError, SQLAlchemyError) as e:
+            raise LineageError(f"{what}: {_short(e)}") from None
+
+    # -- positions -------------------------------------------------------------------------
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """Next offset to read per (contract topic, partition), as committed with the rows."""
+        with self.reading() as conn:
+            rows = conn.execute(sa.select(t.positions)).all()
+        return {(r.topic, r.partition): r.next_offset for r in rows}
+
+    def projection_version(self) -> str | None:
+        with self.reading() as conn:
+            return conn.execute(
+                sa.select(t.meta.c.value).where(t.meta.c.key == "projection_version")
+            ).scalar()
+
+    # -- the canonical dump ----------------------------------------------------------------
+
+    def dump(self) -> dict[str, list[dict[str, Any]]]:
+        """Every projected row, table by table, sorted by primary key; times as ISO strings.
+        No surrogate keys and nothing of the projection's own clock: two stores projected
+        from the same log dump byte-identically."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        with self.reading("dumping the lineage store") as conn:
+            for table in t.PROJECTED:
+                # through the driver: SQLAlchemy's row processing would dominate the dump
+                names = [_plain(c.name) for c in table.columns]
+                convert = [_converter(c) for c in table.columns]
+                order = ", ".join(f'"{c.name}"' for c in table.primary_key.columns)
+                columns = ", ".join(f'"{n}"' for n in names)
+                qualified = f'"{self.schema}"."{table.name}"' if self.schema else f'"{table.name}"'
+                rows = conn.exec_driver_sql(f"SELECT {columns} FROM {qualified} ORDER BY {order}")
+                out[_plain(table.name)] = [
+                    {n: (f(v) if f is not None and v is not None else v)
+                     for n, f, v in zip(names, convert, row, strict=True)}
+                    for row in rows
+                ]  # fmt: skip
+        return out
+
+    def dump_json(self) -> bytes:
+        return orjson.dumps(self.dump(), option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)
+
+    def counts(self) -> dict[str, int]:
+        with self.reading() as conn:
+            return {
+                table.name: conn.execute(sa.select(sa.func.count()).select_from(table)).scalar()
+                or 0
+                for table in t.PROJECTED
+            }
+
+
+def _converter(column: sa.Column) -> Any:
+    """How a raw driver value becomes its canonical JSON form (same on both backends)."""
+    if column.name == "time":
+        return iso
+    if isinstance(column.type, sa.JSON):
+        return lambda v: orjson.loads(v) if isinstance(v, str | bytes) else v
+    if isinstance(column.type, sa.Boolean):
+        return bool  # SQLite answers 0/1
+    return None
+
+
+def _plain(name: str) -> str:
+    # names are sqlalchemy `quoted_name`s: plain str keys for the JSON encoder
+    return name.encode().decode()
+
+
+def _short(error: Exception, limit: int = 300) -> str:
+    text = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _engine(url: str, schema: str | None) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _: Any) -> None:
+            # WAL: readers (queries, dumps) never block the projector's writes; NORMAL sync
+            # is durable at each commit in WAL mode except on power loss of the OS itself.
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    if parsed.drivername == "postgresql":
+        url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    return engine.execution_options(schema_translate_map={None: schema})
+
+
+# -- rebuild: build elsewhere, then swap ------------------------------------------------------
+
+
+def staging_for(store: LineageStore) -> LineageStore:
+    """An empty store beside `store` for a rebuild (a sibling file or schema)."""
+    if store.backend == "sqlite":
+        target = make_url(store.url).database
+        if not target or target == ":memory:":
+            raise LineageError("an in-memory SQLite store cannot be rebuilt by swapping")
+        staging = target + ".rebuild"
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(staging + suffix):
+                os.remove(staging + suffix)
+        new = LineageStore(make_url(store.url).set(database=staging).render_as_string(False))
+    else:
+        new = LineageStore(store.url, schema=f"{store.schema}_rebuild")
+        new.drop()
+    new.ensure()
+    return new
+
+
+def discard(staging: LineageStore) -> None:
+    """Throw a staging store away (a rebuild that is not swapped in)."""
+    staging.close()
+    if staging.backend == "sqlite":
+        path = make_url(staging.url).database
+        for suffix in ("", "-wal", "-shm"):
+            if path and os.path.exists(path + suffix):
+                os.remove(path + suffix)
+    else:
+        staging.drop()
+        staging.close()
+
+
+def swap_in(staging: LineageStore, store: LineageStore) -> None:
+    """Replace `store`'s contents with `staging`'s in one step (file rename or schema rename
+    in one transaction); readers see the old store or the new one, never a mix."""
+    staging.close()
+    store.close()
+    if store.backend == "sqlite":
+        source = make_url(staging.url).database
+        target = make_url(store.url).database
+        assert source and target
+        # checkpoint the WAL into the main file so that the one file renamed is complete
+        engine = sa.create_engine(staging.url)
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        engine.dispose()
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(target + suffix):
+                os.remove(target + suffix)
+        os.replace(source, target)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(source + suffix):
+                os.remove(source + suffix)
+        return
+    with store._translated("swapping in the rebuilt store"), store.engine.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{store.schema}" CASCADE'))
+        conn.execute(sa.text(f'ALTER SCHEMA "{staging.schema}" RENAME TO "{store.schema}"'))
