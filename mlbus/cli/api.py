@@ -22,6 +22,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import mlbus
 from mlbus.cli.common import app, settings
@@ -105,6 +106,21 @@ def training_router(cfg: Settings) -> APIRouter:
     return router
 
 
+def _lazy_lineage_store(cfg: Settings) -> Any:
+    """The lineage store, opened on first use (the projector creates it; the API only
+    reads)."""
+    opened: list[Any] = []
+
+    def store() -> Any:
+        if not opened:
+            from consumers.lineage.store import LineageStore
+
+            opened.append(LineageStore.open(cfg.metadata_url))
+        return opened[0]
+
+    return store
+
+
 def create_app(cfg: Settings) -> FastAPI:
     from datasets.api import create_router as datasets_router
     from datasets.registry import DatasetRegistry
@@ -136,8 +152,26 @@ def create_app(cfg: Settings) -> FastAPI:
     def registry() -> DatasetRegistry:
         return DatasetRegistry(ObjectStore.from_settings(cfg), KafkaConfig.from_settings(cfg))
 
+    from consumers.lineage.api import create_router as lineage_router
+    from consumers.workflow.api import create_router as workflow_router
+    from mlbus.cli.ui import create_router as ui_router
+
+    def kafka() -> KafkaConfig:
+        return KafkaConfig.from_settings(cfg)
+
+    lineage_store = _lazy_lineage_store(cfg)
     api.include_router(datasets_router(registry))
     api.include_router(training_router(cfg))
+    api.include_router(workflow_router(kafka))
+    api.include_router(lineage_router(lineage_store))
+    api.include_router(ui_router(kafka, lineage_store))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed"}.get(
+            error.status_code, "HTTPError"
+        )
+        return error_body(kind, str(error.detail), error.status_code)
 
     @api.exception_handler(MlbusError)
     async def _mlbus_error(request: Request, error: MlbusError) -> JSONResponse:

@@ -100,6 +100,7 @@ class KafkaConfig:
                 "heartbeat.interval.ms": 500,
                 "fetch.wait.max.ms": 10,
             }
+        conf.update(self.extra)  # what the user configured wins over mlbus's tuning
         conf.update(overrides)
         return conf
 

@@ -1,0 +1,119 @@
+"""`GET /ui`: a small read-only page of the control plane — every model with its serving
+version, the most recent events of the log, and a model's lineage graph as a picture
+(SVG drawn on the server: no JavaScript, nothing fetched from the internet)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from html import escape
+from typing import Any
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, Response
+
+from mlbus.cli.svg import render_svg
+from mlbus.errors import MlbusError
+from mlbus.kafka.config import KafkaConfig
+
+_STYLE = """
+body{font-family:Helvetica,Arial,sans-serif;margin:2rem;color:#111827}
+h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}
+table{border-collapse:collapse;font-size:.9rem}td,th{border-bottom:1px solid #e5e7eb;
+padding:.3rem .8rem;text-align:left}th{background:#f9fafb}code{font-size:.85rem}
+.champion{color:#166534;font-weight:bold}.rejected{color:#92400e}.muted{color:#6b7280}
+"""
+RECENT_TOPICS = (
+    "dataset.validated", "training.requested", "training.completed", "training.failed",
+    "model.promoted", "model.rejected", "deployment.updated", "serving.alert",
+)  # fmt: skip
+
+
+def _page(title: str, body: str) -> HTMLResponse:
+    return HTMLResponse(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body>{body}</body></html>"
+    )
+
+
+def _recent(kafka: KafkaConfig, limit: int) -> list[dict[str, Any]]:
+    from mlbus.kafka.reader import read_log
+    from schemas.codec import decode
+
+    events = []
+    for record in read_log(kafka, RECENT_TOPICS):
+        try:
+            event = decode(record.value, list(record.headers))
+        except MlbusError:
+            continue
+        key = record.key.decode(errors="replace") if record.key else None
+        subject = event.subject or key
+        events.append({"time": event.time, "type": event.type, "id": event.id, "subject": subject})
+    events.sort(key=lambda e: e["time"], reverse=True)
+    return events[:limit]
+
+
+_CLASS = {"champion": "champion", "rejected": "rejected"}
+
+
+def _model_row(m: dict[str, Any]) -> str:
+    champion = m["champion"]["version"] if m["champion"] else "-"
+    versions = " ".join(
+        f"<span class='{_CLASS.get(v['status'], 'muted')}' title='{escape(v['status'])}'>"
+        f"{escape(v['version'])}</span>"
+        for v in m["versions"]
+    )
+    name = escape(m["model"])
+    return (
+        f"<tr><td><a href='/ui/lineage/{name}'>{name}</a></td>"
+        f"<td class='champion'>{escape(champion)}</td><td>{versions}</td></tr>"
+    )
+
+
+def _event_row(e: dict[str, Any]) -> str:
+    return (
+        f"<tr><td class='muted'>{e['time']:%Y-%m-%d %H:%M:%S}</td><td>{escape(e['type'])}</td>"
+        f"<td>{escape(str(e['subject'] or ''))}</td><td><code>{escape(e['id'])}</code></td></tr>"
+    )
+
+
+def create_router(kafka: Callable[[], KafkaConfig], lineage: Callable[[], Any]) -> APIRouter:
+    router = APIRouter(tags=["ui"], include_in_schema=False)
+
+    @router.get("/ui", response_class=HTMLResponse)
+    async def home(limit: int = Query(25, ge=1, le=500)) -> HTMLResponse:
+        from consumers.workflow.commands import list_models
+
+        cfg = kafka()
+        models, recent = await run_in_threadpool(lambda: (list_models(cfg), _recent(cfg, limit)))
+        rows = "".join(_model_row(m) for m in models)
+        events = "".join(_event_row(e) for e in recent)
+        body = (
+            "<h1>mlbus</h1><h2>Models</h2><table><tr><th>model</th><th>serving</th>"
+            f"<th>versions</th></tr>{rows or '<tr><td>no models yet</td></tr>'}</table>"
+            f"<h2>Recent events</h2><table><tr><th>time</th><th>type</th><th>subject</th>"
+            f"<th>id</th></tr>{events}</table>"
+        )
+        return _page("mlbus", body)
+
+    @router.get("/ui/lineage/{model}", response_class=HTMLResponse)
+    async def lineage_page(model: str, version: str | None = None) -> HTMLResponse:
+        svg = await run_in_threadpool(lambda: lineage_svg(lineage(), model, version))
+        return _page(f"lineage of {model}", f"<p><a href='/ui'>← models</a></p>{svg}")
+
+    @router.get("/ui/lineage/{model}.svg")
+    async def lineage_image(model: str, version: str | None = None) -> Response:
+        svg = await run_in_threadpool(lambda: lineage_svg(lineage(), model, version))
+        return Response(svg, media_type="image/svg+xml")
+
+    return router
+
+
+def lineage_svg(store: Any, model: str, version: str | None = None) -> str:
+    """The upstream lineage of `model@version` (default: the serving one) as SVG."""
+    from consumers.lineage.graph import upstream_graph
+    from consumers.lineage.queries import LineageQueries
+
+    up = LineageQueries(store).upstream(model, version)
+    graph = upstream_graph(up)
+    return render_svg(graph.nodes, graph.edges, f"lineage of {up.model}@{up.version}")
