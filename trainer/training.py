@@ -1,14 +1,17 @@
-"""The training loop proper: deterministic on CPU for a given seed, one callback per epoch
-(the worker publishes `training.progress` from it), optional early stopping, and final
-metrics per split with a confusion matrix."""
+"""The training loop proper: deterministic on CPU for a given seed, resumable from an epoch
+checkpoint (model, optimiser, both random generators, history, early-stopping state), one
+checkpoint callback and one progress callback per epoch, optional early stopping, final
+metrics per split with a confusion matrix, and single-sample inference latency on CPU."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +22,28 @@ EpochCallback = Callable[[int, dict[str, float], float], None]  # epoch, metrics
 
 
 @dataclass
+class Checkpoint:
+    """Everything needed to continue a run after `epoch` exactly as if it had not stopped.
+
+    `rng` is torch's global CPU generator (dropout draws from it); `generator` orders the
+    batches; `cuda_rng` is the device generator when training on CUDA."""
+
+    epoch: int
+    model: dict[str, torch.Tensor]
+    optimiser: dict[str, Any]
+    generator: torch.Tensor
+    rng: torch.Tensor
+    history: list[dict[str, float]]
+    best: float | None = None
+    stale: int = 0
+    finished: bool = False  # early stopping decided at this epoch: no more epochs
+    cuda_rng: torch.Tensor | None = None
+
+
+CheckpointCallback = Callable[[Checkpoint], None]
+
+
+@dataclass
 class Result:
     model: nn.Module
     epochs: int
@@ -26,6 +51,7 @@ class Result:
     confusion_matrix: list[list[int]]
     history: list[dict[str, float]] = field(default_factory=list)
     samples_per_second: float = 0.0
+    stopped: bool = False  # asked to stop before finishing: metrics are not final
 
 
 def evaluate(
@@ -34,13 +60,21 @@ def evaluate(
     """Loss and accuracy on one split, and its confusion matrix (rows: truth)."""
     model.eval()
     with torch.no_grad():
-        logits = model(x) if len(x) else torch.empty(0, n_classes)
+        logits = model(x) if len(x) else torch.empty(0, n_classes, device=x.device)
         loss = nn.functional.cross_entropy(logits, y).item() if len(x) else float("nan")
         predicted = logits.argmax(dim=1)
-    confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64)
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=y.device)
     confusion.index_put_((y, predicted), torch.ones_like(y), accumulate=True)
     accuracy = (predicted == y).float().mean().item() if len(y) else float("nan")
-    return {"loss": loss, "accuracy": accuracy}, confusion
+    return {"loss": loss, "accuracy": accuracy}, confusion.cpu()
+
+
+def _better(value: float, best: float | None, rule: Any) -> bool:
+    if best is None:
+        return True
+    if rule.mode == "min":
+        return value < best - rule.min_delta
+    return value > best + rule.min_delta
 
 
 def fit(
@@ -53,56 +87,125 @@ def fit(
     early_stopping: Any = None,
     on_epoch: EpochCallback | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    on_checkpoint: CheckpointCallback | None = None,
+    resume: Checkpoint | None = None,
+    device: str = "cpu",
 ) -> Result:
+    """Train (or continue `resume`) up to `max_epochs`. After each epoch, `on_checkpoint`
+    gets the state to save, then `on_epoch` the metrics: a published epoch is a saved one.
+    `should_stop` is asked at every epoch boundary; a stopped run returns `stopped=True`."""
     torch.manual_seed(seed)
     n_classes = len(data.classes)
-    model = build(family, len(data.features), n_classes, params)
+    target = torch.device(device)
+    model = build(family, len(data.features), n_classes, params).to(target)
     optimiser = torch.optim.Adam(
         model.parameters(), lr=float(params["lr"]), weight_decay=float(params["weight_decay"])
     )
-    x, y = data.x["train"], data.y["train"]
-    batch = int(params["batch_size"])
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
-    best, stale, rate = None, 0, 0.0
-    epoch = 0
-    for epoch in range(1, max_epochs + 1):
+    best: float | None = None
+    stale, done, finished = 0, 0, False
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimiser.load_state_dict(resume.optimiser)
+        generator.set_state(resume.generator)
+        torch.set_rng_state(resume.rng)
+        if resume.cuda_rng is not None and target.type == "cuda":
+            torch.cuda.set_rng_state(resume.cuda_rng, target)
+        history, best, stale = list(resume.history), resume.best, resume.stale
+        done, finished = resume.epoch, resume.finished
+    x, y = data.x["train"].to(target), data.y["train"].to(target)
+    validation = data.x["validation"].to(target), data.y["validation"].to(target)
+    batch = int(params["batch_size"])
+    rate, stopped = 0.0, False
+    for epoch in range(done + 1, max_epochs + 1):
+        if finished:
+            break
         if should_stop():
+            stopped = True
             break
         model.train()
         started = time.perf_counter()
-        order = torch.randperm(len(x), generator=generator)
-        total = 0.0
+        order = torch.randperm(len(x), generator=generator).to(target)
+        # The loss is summed on the device and read once per epoch: a per-batch `.item()`
+        # would synchronise a GPU every step.
+        total = torch.zeros((), device=target)
         for i in range(0, len(x), batch):
             index = order[i : i + batch]
-            optimiser.zero_grad()
+            optimiser.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x[index]), y[index])
             loss.backward()
             optimiser.step()
-            total += loss.item() * len(index)
+            total += loss.detach() * len(index)
+        train_loss = total.item() / max(len(x), 1)
         rate = len(x) / max(time.perf_counter() - started, 1e-9)
-        validation, _ = evaluate(model, data.x["validation"], data.y["validation"], n_classes)
-        metrics = {"train.loss": total / max(len(x), 1)} | {
-            f"validation.{k}": v for k, v in validation.items()
-        }
+        scores, _ = evaluate(model, *validation, n_classes)
+        metrics = {"train.loss": train_loss} | {f"validation.{k}": v for k, v in scores.items()}
         history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics, rate)
         if early_stopping is not None:
             value = metrics.get(early_stopping.metric)
             if value is not None:
-                better = best is None or (
-                    value < best - early_stopping.min_delta if early_stopping.mode == "min"
-                    else value > best + early_stopping.min_delta
+                best, stale = (value, 0) if _better(value, best, early_stopping) else (
+                    best, stale + 1
                 )  # fmt: skip
-                best, stale = (value, 0) if better else (best, stale + 1)
-                if stale >= early_stopping.patience:
-                    break
+                finished = stale >= early_stopping.patience
+        done = epoch
+        if on_checkpoint is not None:
+            on_checkpoint(_snapshot(done, model, optimiser, generator, history, best, stale,
+                                    finished, target))  # fmt: skip
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, rate)
     final: dict[str, dict[str, float]] = {}
     confusion = None
     for split in ("train", "validation", "test"):
-        final[split], matrix = evaluate(model, data.x[split], data.y[split], n_classes)
+        xs, ys = data.x[split].to(target), data.y[split].to(target)
+        final[split], matrix = evaluate(model, xs, ys, n_classes)
         if split == "test":
             confusion = matrix
     assert confusion is not None
-    return Result(model, epoch, final, confusion.tolist(), history, rate)
+    return Result(model, done, final, confusion.tolist(), history, rate, stopped)
+
+
+def _snapshot(
+    epoch: int, model: nn.Module, optimiser: torch.optim.Optimizer, generator: torch.Generator,
+    history: list[dict[str, float]], best: float | None, stale: int, finished: bool,
+    device: torch.device,
+) -> Checkpoint:  # fmt: skip
+    # Copies on the CPU: the checkpoint must not change while the next epoch trains.
+    state = optimiser.state_dict()
+    moments = {
+        i: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in s.items()}
+        for i, s in state["state"].items()
+    }
+    return Checkpoint(
+        epoch=epoch,
+        model={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        optimiser={"state": moments, "param_groups": copy.deepcopy(state["param_groups"])},
+        generator=generator.get_state(),
+        rng=torch.get_rng_state(),
+        history=list(history),
+        best=best,
+        stale=stale,
+        finished=finished,
+        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    )
+
+
+def inference_latency(model: nn.Module, x: torch.Tensor, samples: int = 100) -> dict[str, float]:
+    """p50 and p95 in ms of single-row forwards on the CPU (what one serving request
+    costs), over `samples` rows of `x` (cycled). Timings: never compare them for equality."""
+    cpu = copy.deepcopy(model).to("cpu").eval()
+    rows = x.to("cpu")
+    if len(rows) == 0:
+        return {}
+    times = []
+    with torch.inference_mode():
+        for i in range(5):  # warm-up: first calls allocate
+            cpu(rows[i % len(rows)].unsqueeze(0))
+        for i in range(samples):
+            row = rows[i % len(rows)].unsqueeze(0)
+            started = time.perf_counter()
+            cpu(row)
+            times.append((time.perf_counter() - started) * 1000.0)
+    p50, p95 = np.percentile(np.asarray(times), [50, 95])
+    return {"latency_p50_ms": float(p50), "latency_p95_ms": float(p95)}

@@ -2,20 +2,26 @@
 stays in its group while a run trains), publishes `training.started`, one
 `training.progress` per epoch, and `training.completed` or `training.failed`.
 
-Exactly-once effect: the run id is derived from the request's event id, the artifact is
-written under it, and `training.completed` has an id derived from the run id; a finished
-run leaves a marker, so a redelivered request re-announces the same completion (same event
-id, which consumers drop as a duplicate) instead of training again. On shutdown the run is
-abandoned uncommitted and another worker takes the request.
+Exactly-once effect: the run id is derived from the request's event id, the artifact and
+the epoch checkpoints are written under it, and `training.completed` has an id derived from
+the run id; a finished run leaves a marker, so a redelivered request re-announces the same
+completion (same event id, which consumers drop as a duplicate) instead of training again.
+A redelivered unfinished run (worker killed, shut down, transient failure) resumes from its
+last epoch checkpoint (`training.started` with `attempt` > 1 and `resumed_from_epoch`) and
+ends with the metrics an uninterrupted run would have had. On shutdown the run checkpoints
+at the epoch boundary and is abandoned uncommitted; another worker takes the request.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import resource
 import socket
 import time
 import uuid
+from typing import Any
 
 import torch
 
@@ -40,8 +46,11 @@ from schemas.training import (
     TrainingRequested,
     TrainingStarted,
 )
+from trainer import checkpoint
 from trainer.data import InvalidTrainingRequest, load_arrays, prepare
-from trainer.training import fit
+from trainer.training import Checkpoint, fit, inference_latency
+
+log = logging.getLogger(__name__)
 
 _NAMESPACE = uuid.UUID("0d6f3b8e-3c1e-4a7e-9a55-7f2d8c1b6e42")
 
@@ -54,10 +63,38 @@ class DatasetNotFound(MlbusError):
     """The requested dataset version is not in the log."""
 
 
+class DeviceUnavailable(InvalidTrainingRequest):
+    """The request names a device this worker does not have (CUDA on a CPU-only machine)."""
+
+
 #: Failures that a retry cannot fix: the run is reported failed, not retried.
 _PERMANENT = (
     InvalidTrainingRequest, InvalidModelSpec, DatasetNotFound, IntegrityError, StorageError,
 )  # fmt: skip
+
+
+def resolve_device(requested: str | None) -> str:
+    """The torch device for a request: cpu, cuda, cuda:N; None = cuda if present, else cpu.
+    Determinism (same request, same metrics) is promised on the CPU."""
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    name = requested.strip().lower()
+    if name == "cpu":
+        return "cpu"
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise InvalidTrainingRequest(f"unknown device {requested!r}: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise DeviceUnavailable(
+            f"device {requested!r} requested but CUDA is not available on this worker "
+            f"({socket.gethostname()}, torch {torch.__version__})"
+        )
+    if index and int(index) >= torch.cuda.device_count():
+        raise DeviceUnavailable(
+            f"device {requested!r} requested but this worker has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+    return name
 
 
 def find_dataset(kafka: KafkaConfig, name: str, version: str) -> DatasetCreated:
@@ -74,30 +111,55 @@ def find_dataset(kafka: KafkaConfig, name: str, version: str) -> DatasetCreated:
 
 
 class TrainingWorker:
-    """Handler for `training.requested`; run it in a ConsumerLoop with long_running=True."""
+    """Handler for `training.requested`; run it in a ConsumerLoop with long_running=True.
+
+    Exactly-once: effects are idempotent by the request's event id (run id, artifact and
+    checkpoint keys, and the ids of `training.completed`/`training.failed` derive from it).
+    """
 
     def __init__(self, kafka: KafkaConfig, store: ObjectStore, producer: EventProducer) -> None:
         self.kafka = kafka
         self.store = store
         self.producer = producer
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._retries: dict[str, int] = {}  # run id → transient failures seen by this process
 
     def __call__(self, event: Event, record: Record) -> None:
         request: TrainingRequested = event.data  # type: ignore[assignment]
         run_id = run_id_for(event.id)
+        try:
+            self._handle(request, event, run_id, record)
+        except TransientError as e:
+            # The loop retries the request with backoff (staying in its group); say so on
+            # the bus, with an id per retry so the notices are not taken for duplicates.
+            retry = self._retries[run_id] = self._retries.get(run_id, 0) + 1
+            notice = f"{run_id}/failed/{self.worker}/{retry}"
+            self._fail(request, event, run_id, f"{e}; retrying", type(e).__name__,
+                       retryable=True, event_id=notice)  # fmt: skip
+            raise
+        self._retries.pop(run_id, None)
+
+    def _handle(self, request: TrainingRequested, event: Event, run_id: str,
+                record: Record) -> None:  # fmt: skip
         marker = f"runs/{run_id}/completed.json"
         if self.store.exists(marker):  # finished before: announce the same completion again
             done = TrainingCompleted.model_validate_json(self.store.read_bytes(marker))
             self._complete(done, event, run_id)
             return
+        attempt = self._next_attempt(run_id)
+        identity = {"request_id": event.id, "family": request.family,
+                    "hyperparameters": request.hyperparameters, "seed": request.seed,
+                    "dataset": request.dataset.model_dump(mode="json")}  # fmt: skip
+        resume = checkpoint.load(self.store, run_id, identity)
         self.producer.publish(
             TrainingStarted(run_id=run_id, model=request.model, request_id=event.id,
-                            dataset=request.dataset, worker=self.worker),
+                            dataset=request.dataset, worker=self.worker, attempt=attempt,
+                            resumed_from_epoch=resume.epoch if resume else None),
             causation=event,
         )  # fmt: skip
         self.producer.flush()
         try:
-            completed = self._train(request, event, run_id, record)
+            completed = self._train(request, event, run_id, record, resume, identity)
         except (TransientError, Abandon):
             raise  # retried / given back: not a failure of the run
         except _PERMANENT as e:
@@ -106,11 +168,26 @@ class TrainingWorker:
         self.store.write_bytes(marker, completed.model_dump_json().encode())
         self._complete(completed, event, run_id)
 
+    def _next_attempt(self, run_id: str) -> int:
+        """1 for the first delivery of a request, +1 for each redelivery that got this far
+        (kept on the store: the previous attempt may have run in another process)."""
+        key = f"runs/{run_id}/attempt.json"
+        previous = (
+            json.loads(self.store.read_bytes(key))["attempt"] if self.store.exists(key) else 0
+        )
+        attempt = int(previous) + 1
+        self.store.write_bytes(
+            key, json.dumps({"attempt": attempt, "worker": self.worker}).encode()
+        )
+        return attempt
+
     def _train(
-        self, request: TrainingRequested, event: Event, run_id: str, record: Record
-    ) -> TrainingCompleted:
+        self, request: TrainingRequested, event: Event, run_id: str, record: Record,
+        resume: Checkpoint | None, identity: dict[str, Any],
+    ) -> TrainingCompleted:  # fmt: skip
         started = time.perf_counter()
         params = hyperparameters(request.family, request.hyperparameters)
+        device = resolve_device(request.device)
         data = find_dataset(self.kafka, request.dataset.name, request.dataset.version)
         if not data.label_column:
             raise InvalidTrainingRequest(f"dataset {data.name} declares no label column")
@@ -122,6 +199,10 @@ class TrainingWorker:
             x, labels, features=features, label=data.label_column, seed=request.seed,
             validation=request.split.validation, test=request.split.test,
         )  # fmt: skip
+        del x, labels
+
+        def save(state: Checkpoint) -> None:
+            checkpoint.save(self.store, run_id, state, identity)
 
         def progress(epoch: int, metrics: dict[str, float], rate: float) -> None:
             self.producer.publish(
@@ -130,34 +211,38 @@ class TrainingWorker:
                                  samples_per_second=rate),
                 causation=event,
             )  # fmt: skip
-            self.producer.poll(0)
+            self.producer.poll(0)  # delivery is confirmed with the final event, not per epoch
 
         result = fit(prepared, request.family, params, max_epochs=request.max_epochs,
                      seed=request.seed, early_stopping=request.early_stopping,
-                     on_epoch=progress, should_stop=lambda: record.stopping)  # fmt: skip
+                     on_epoch=progress, should_stop=lambda: record.stopping,
+                     on_checkpoint=save, resume=resume, device=device)  # fmt: skip
+        if result.stopped:  # shutting down: the checkpoint of the last epoch is on the store
+            raise Abandon(f"run {run_id} stopped after epoch {result.epochs}")
+        metrics = result.metrics | {
+            "inference": inference_latency(result.model, prepared.x["test"])
+        }
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak
-        if record.stopping:
-            raise Abandon(f"run {run_id} stopped at epoch {result.epochs}")
         card = {
             "family": request.family, "hyperparameters": params, "features": features,
             "feature_types": {c.name: c.type for c in data.arrow_schema},
             "label": data.label_column, "classes": prepared.classes,
-            "mean": prepared.mean, "std": prepared.std, "metrics": result.metrics,
+            "mean": prepared.mean, "std": prepared.std, "metrics": metrics,
             "dataset": {"name": data.name, "version": data.version}, "run_id": run_id,
-            "torch_version": torch.__version__,
+            "torch_version": torch.__version__, "device": device,
         }  # fmt: skip
         saved = artifacts.save(self.store, f"models/{request.model}/{run_id}", result.model, card)
         return TrainingCompleted(
             run_id=run_id, model=request.model, version=run_id[:12], request_id=event.id,
             family=request.family,
             dataset=request.dataset.model_copy(update={"version": data.version}),
-            artifact=Artifact(**saved), metrics=result.metrics,
+            artifact=Artifact(**saved), metrics=metrics,
             confusion_matrix=result.confusion_matrix, labels=prepared.classes,
             hyperparameters=params, seed=request.seed, epochs=result.epochs,
             code=CodeVersion(
                 package_version=mlbus.__version__, git_commit=os.environ.get("MLBUS_GIT_COMMIT")
             ),
-            torch_version=torch.__version__, device="cpu",
+            torch_version=torch.__version__, device=device,
             duration_seconds=time.perf_counter() - started, peak_memory_bytes=peak,
         )  # fmt: skip
 
@@ -167,11 +252,14 @@ class TrainingWorker:
         )
         self.producer.flush()
 
-    def _fail(self, request: TrainingRequested, event: Event, run_id: str, reason: str,
-              error_type: str, *, retryable: bool) -> None:  # fmt: skip
+    def _fail(
+        self, request: TrainingRequested, event: Event, run_id: str, reason: str,
+        error_type: str, *, retryable: bool, event_id: str | None = None,
+    ) -> None:  # fmt: skip
         self.producer.publish(
             TrainingFailed(run_id=run_id, model=request.model, request_id=event.id, reason=reason,
                            retryable=retryable, error_type=error_type),
-            causation=event, event_id=str(uuid.uuid5(_NAMESPACE, f"{run_id}/failed")),
+            causation=event,
+            event_id=str(uuid.uuid5(_NAMESPACE, event_id or f"{run_id}/failed")),
         )  # fmt: skip
         self.producer.flush()

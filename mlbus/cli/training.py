@@ -62,6 +62,9 @@ def train(
     sweep: Annotated[list[str], typer.Option(help="KEY=V1,V2,... one run per combination")] = [],  # noqa: B006
     epochs: Annotated[int, typer.Option(help="max epochs")] = 10,
     seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if present, else cpu)")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="follow the runs until they finish")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="completed runs as JSON lines")] = False,
 ) -> None:
@@ -77,7 +80,8 @@ def train(
     requests = [
         TrainingRequested(
             model=model, dataset=DatasetRef(name=name, version=version), family=family,
-            hyperparameters=fixed | point, seed=seed, max_epochs=epochs, requested_by="cli",
+            hyperparameters=fixed | point, seed=seed, max_epochs=epochs, device=device,
+            requested_by="cli",
             sweep=SweepPoint(sweep_id=correlation, index=i, size=len(points)) if axes else None,
         )
         for correlation in [new_event_id()]
@@ -130,7 +134,13 @@ def _follow(ids: list[str], requests: list[TrainingRequested], events: queue.Que
                     info += f", validation accuracy {accuracy:.3f}"
                 bars.update(tasks[request], completed=event.data.epoch, info=info)
             elif event.type == "training.started":
-                bars.update(tasks[request], info=f"started on {event.data.worker}")
+                info = f"started on {event.data.worker}"
+                if event.data.resumed_from_epoch is not None:
+                    info = f"attempt {event.data.attempt} on {event.data.worker}, resumed"
+                bars.update(tasks[request], completed=event.data.resumed_from_epoch or 0, info=info)
+            elif event.type == "training.failed" and event.data.retryable:
+                # The worker retries it (transient failure): the run is not over.
+                bars.update(tasks[request], info=f"[yellow]retrying: {event.data.reason}")
             elif event.type in ("training.completed", "training.failed"):
                 results[request] = event
                 if event.type == "training.completed":
@@ -146,19 +156,23 @@ def _follow(ids: list[str], requests: list[TrainingRequested], events: queue.Que
                 sys.stdout.write(orjson.dumps({
                     "run_id": d.run_id, "version": d.version, "hyperparameters": d.hyperparameters,
                     "metrics": d.metrics, "artifact_uri": d.artifact.uri,
-                    "artifact_sha256": d.artifact.sha256,
+                    "artifact_sha256": d.artifact.sha256, "device": d.device,
                 }).decode() + "\n")  # fmt: skip
         return failed
-    table = Table("run", "hyperparameters", "epochs", "test accuracy", "test loss", "status")
+    table = Table(
+        "run", "hyperparameters", "epochs", "test accuracy", "test loss", "p95 latency", "status"
+    )
     for n, i in enumerate(ids):
         e = results[i]
         if e.type == "training.completed":
             test = e.data.metrics.get("test", {})
+            p95 = e.data.metrics.get("inference", {}).get("latency_p95_ms")
             table.add_row(e.data.run_id[:12], str(requests[n].hyperparameters), str(e.data.epochs),
                           f"{test.get('accuracy', float('nan')):.4f}",
-                          f"{test.get('loss', float('nan')):.4f}", "[green]completed")  # fmt: skip
+                          f"{test.get('loss', float('nan')):.4f}",
+                          "-" if p95 is None else f"{p95:.2f} ms", "[green]completed")  # fmt: skip
         else:
             table.add_row(e.data.run_id[:12], str(requests[n].hyperparameters), "-", "-", "-",
-                          f"[red]failed[/]: {e.data.reason}")  # fmt: skip
+                          "-", f"[red]failed[/]: {e.data.reason}")  # fmt: skip
     console.print(table)
     return failed
