@@ -51,9 +51,8 @@ infra: install  ## regenerate infra/'s topic definitions from the catalog
 	$(BIN)/mlbus topics export --format sh > infra/kafka/create-topics.sh
 	$(BIN)/mlbus topics export --format strimzi > infra/k8s/topics.yaml
 
-bench: install
-	$(BIN)/python bench/bus.py
-	$(BIN)/python bench/datasets.py
+bench: install  ## every benchmark, one table (bench/results/ keeps each report)
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) .mlbus .pytest_cache

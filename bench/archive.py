@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow.parquet as pq
 from confluent_kafka import Producer
 
+from bench.common import summary_line
 from consumers.archive.layout import list_files
 from consumers.archive.reader import read_archive
 from consumers.archive.writer import Archiver
@@ -86,6 +87,13 @@ def main() -> None:
         read_s = time.perf_counter() - t
         assert read == pyarrow_rows == args.events
 
+    summary_line("archive", "read_log, group-less (baseline)", raw / raw_s, "records/s")
+    summary_line("archive", "archiver: read + Parquet + commit", stats.records / write_s,
+                 "records/s", baseline="read_log", ratio=raw_s / write_s)  # fmt: skip
+    summary_line("archive", "pyarrow read_table + to_pylist (baseline)", pyarrow_rows / pyarrow_s,
+                 "records/s")  # fmt: skip
+    summary_line("archive", "read_archive (LogRecords)", read / read_s, "records/s",
+                 baseline="pyarrow", ratio=pyarrow_s / read_s)  # fmt: skip
     print(f"write  baseline read_log (group-less read)     {rate(raw, raw_s)}")
     print(f"write  mlbus archiver (read + Parquet + commit) {rate(stats.records, write_s)}")
     print(f"       ratio archiver/read_log                  {raw_s / write_s:.2f}")

@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
-from bench.common import Figure, Figures, render_table
+from bench.common import Figure, Figures, publish_summary, render_table
 from mlbus.broker import EmbeddedBroker
 from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
@@ -707,6 +707,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = now()
     report, profile = run(args, log)
+    publish_summary("bus", report)
     report.setup["wall_seconds"] = round(now() - started, 1)
     if args.json:
         print(json.dumps(as_json(report)))

@@ -51,3 +51,31 @@ class Figures:
     def ratio(self, figure: Figure) -> float | None:
         base = self.baseline(figure)
         return figure.value / base if base else None
+
+
+#: Set by bench/run_all.py: each benchmark appends its figures here as JSON lines.
+SUMMARY_ENV = "MLBUS_BENCH_SUMMARY"
+
+
+def summary_line(benchmark: str, label: str, value: float, unit: str, *,
+                 baseline: str = "", ratio: float | None = None, target: str = "",
+                 ok: bool | None = None) -> None:  # fmt: skip
+    """Record one figure for bench/run_all.py's combined table (no-op when run alone)."""
+    import json
+    import os
+
+    path = os.environ.get(SUMMARY_ENV)
+    if not path:
+        return
+    entry = {"benchmark": benchmark, "label": label, "value": value, "unit": unit,
+             "baseline": baseline, "ratio": ratio, "target": target, "ok": ok}  # fmt: skip
+    with open(path, "a") as out:
+        out.write(json.dumps(entry) + "\n")
+
+
+def publish_summary(benchmark: str, report: Figures) -> None:
+    """Every figure of `report`, for bench/run_all.py."""
+    for f in report.figures.values():
+        base = report.figures[f.baseline_key].label if f.baseline_key else ""
+        summary_line(benchmark, f.label, f.value, f.unit, baseline=base,
+                     ratio=report.ratio(f), target=f.target, ok=f.ok)  # fmt: skip

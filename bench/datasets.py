@@ -106,7 +106,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import datasets.registry as registry_module
-from bench.common import Figure, Figures, render_table
+from bench.common import Figure, Figures, publish_summary, render_table
 from datasets.registry import DatasetRegistry, object_key
 from datasets.sources import READ_BATCH_ROWS, from_table, open_source
 from datasets.stats import StatsBuilder
@@ -763,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = now()
     report = run(args, log)
+    publish_summary("datasets", report)
     report.setup["wall_seconds"] = round(now() - started, 1)
     if args.json:
         print(json.dumps(as_json(report)))

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from bench.common import Figure, Figures, render_table
+from bench.common import Figure, Figures, publish_summary, render_table
 from consumers.lineage.projector import TOPICS, Projector
 from consumers.lineage.queries import LineageQueries
 from consumers.lineage.store import LineageStore, staging_for, swap_in
@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = now()
     report = run(args, log)
+    publish_summary("lineage", report)
     report.setup["wall_seconds"] = round(now() - started, 1)
     if args.json:
         print(json.dumps({"setup": report.setup, "figures": {

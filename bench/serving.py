@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from bench.common import Figure, Figures, render_table
+from bench.common import Figure, Figures, publish_summary, render_table
 
 WIDE = "wide-cnn"
 DIGITS = "digits"
@@ -415,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     report = run(args, log)
+    publish_summary("serving", report)
     report.setup["wall_seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         print(json.dumps({"setup": report.setup, "figures": {

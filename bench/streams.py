@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import orjson
 from confluent_kafka import Producer
 
-from bench.common import Figure, Figures, render_table
+from bench.common import Figure, Figures, publish_summary, render_table
 from mlbus.broker import EmbeddedBroker
 from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench/streams] {message}", file=sys.stderr, flush=True)
 
     report, setup = run(args.events, log)
+    publish_summary("streams", report)
     if args.json:
         print(json.dumps({k: f.value for k, f in report.figures.items()} | setup))
     else:

@@ -55,7 +55,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from bench.common import Figure, Figures, render_table
+from bench.common import Figure, Figures, publish_summary, render_table
 from mlbus.broker import EmbeddedBroker
 from mlbus.families import build, hyperparameters
 from mlbus.kafka.admin import apply_topics
@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench/trainer] {message}", file=sys.stderr, flush=True)
 
     report = run(args, log)
+    publish_summary("trainer", report)
     if args.json:
         print(json.dumps(as_json(report)))
     else:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from bench.common import render_table
+from bench.common import render_table, summary_line
 from consumers.workflow.definitions import apply
 from consumers.workflow.service import WorkflowService
 from mlbus.broker import EmbeddedBroker
@@ -231,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         "target_p99_ms": TARGET_P99_MS, "ok": mine["p99_ms"] < TARGET_P99_MS,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
+    summary_line("workflow", "raw relay p99 (baseline)", base["p99_ms"], "ms")
+    summary_line("workflow", "training.completed -> model.promoted p50", mine["p50_ms"], "ms",
+                 baseline="raw relay p50", ratio=ratio["p50_ms"])  # fmt: skip
+    summary_line("workflow", "training.completed -> model.promoted p99", mine["p99_ms"], "ms",
+                 baseline="raw relay p99", ratio=ratio["p99_ms"],
+                 target=f"< {TARGET_P99_MS:.0f} ms", ok=result["ok"])  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return 0

@@ -23,12 +23,13 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import numpy as np
 import orjson
 import pyarrow as pa
+import typer
 
 from mlbus.broker import die_with_parent_guard, free_port
 from mlbus.cli.common import app, console, settings
@@ -187,7 +188,11 @@ def _wait_ready(up: subprocess.Popen[bytes], data_dir: Path, names: set[str], lo
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    pipeline: Annotated[
+        Path, typer.Option(help="the pipeline to apply", exists=True, dir_okay=False)
+    ] = PIPELINE,
+) -> None:
     """Run the main job end to end on the embedded defaults, then stop everything."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     base = settings()
@@ -216,7 +221,7 @@ def demo() -> None:
         )  # fmt: skip
     ok = False
     try:
-        ok = _run(up, root, ports, up_log)
+        ok = _run(up, root, ports, up_log, pipeline.resolve())
     except (DemoFailed, MlbusError, httpx.HTTPError) as e:
         console.print(f"\n[bold red]demo failed:[/] {e}")
     finally:
@@ -236,7 +241,9 @@ def demo() -> None:
     console.rule(f"[green]demo passed in {elapsed:.0f}s")
 
 
-def _run(up: subprocess.Popen[bytes], root: Path, ports: dict[str, int], up_log: Path) -> bool:
+def _run(
+    up: subprocess.Popen[bytes], root: Path, ports: dict[str, int], up_log: Path, pipeline: Path
+) -> bool:
     from consumers.workflow.definitions import apply
     from datasets.registry import DatasetRegistry
     from datasets.samples import SAMPLES, sample_table
@@ -245,6 +252,8 @@ def _run(up: subprocess.Popen[bytes], root: Path, ports: dict[str, int], up_log:
     _step(1, "mlbus up: the embedded broker and every service, supervised")
     _wait_ready(up, root, {"serve", "api"}, up_log)
     status = read_status(root) or {}
+    broker = orjson.loads((root / "broker.json").read_bytes())
+    console.print(f"   {'broker':<10} pid {broker['pid']:<7} {broker['bootstrap']} (embedded)")
     for s in status.get("services", []):  # type: ignore[union-attr]
         console.print(f"   {s['service']:<10} pid {s['pid']:<7} {s['url'] or ''}")
     cfg: Settings = load_settings(data_dir=root)
@@ -252,8 +261,8 @@ def _run(up: subprocess.Popen[bytes], root: Path, ports: dict[str, int], up_log:
     serve = f"http://127.0.0.1:{ports['serve']}"
     log = Log(kafka)
     try:
-        _step(2, f"apply the digits pipeline ({PIPELINE.relative_to(PIPELINE.parents[2])})")
-        applied = apply(kafka, PIPELINE.read_text(), source=str(PIPELINE), actor="user:demo")
+        _step(2, f"apply the pipeline {pipeline.name}")
+        applied = apply(kafka, pipeline.read_text(), source=str(pipeline), actor="user:demo")
         console.print(f"   {applied.message}", highlight=False)
         policy = applied.pipeline.policy
         bars = ", ".join(f"{t.metric} {t.op} {t.value:g}" for t in policy.thresholds)

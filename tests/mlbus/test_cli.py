@@ -730,15 +730,3 @@ def test_sigkill_of_up_leaves_no_broker_and_a_new_up_starts(start_up: Any) -> No
     assert state["pid"] != first.broker_pid
     assert second.stop(signal.SIGTERM) == 0
     wait_gone(second.broker_pid)
-
-
-# -- demo -----------------------------------------------------------------------------------
-
-
-def test_demo_passes_and_leaves_no_broker(tmp_path: Path) -> None:
-    result = ok(mlbus("demo", env=clean_env(MLBUS_DATA_DIR=str(tmp_path / "data")), timeout=120))
-    assert "demo passed" in result.stdout
-    found = re.search(r"embedded broker up at \S+ \(pid (\d+)\)", result.stdout)
-    assert found, result.stdout
-    wait_gone(int(found.group(1)), what="the demo's broker")
-    assert not (tmp_path / "data" / "broker.json").exists()
