@@ -24,14 +24,18 @@ tools:
 	@command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kcat >/dev/null; } \
 	  || { echo "kcat is needed by the tests: install it (Debian/Ubuntu: apt-get install kcat)"; exit 1; }
 
+# Three workers on two cores: most tests wait on brokers, subprocesses and sockets, not the
+# CPU (each worker has its own session broker, S3 server and PostgreSQL database).
+TEST_WORKERS ?= 3
+
 test: install tools
-	$(BIN)/python -m pytest -m "unit or integration" -q
+	$(BIN)/python -m pytest -m "unit or integration" -q -n $(TEST_WORKERS)
 
 unit: install
 	$(BIN)/python -m pytest -m unit -q
 
 integration: install tools
-	$(BIN)/python -m pytest -m integration -q
+	$(BIN)/python -m pytest -m integration -q -n $(TEST_WORKERS)
 
 demo: install
 	$(BIN)/mlbus demo

@@ -241,7 +241,9 @@ def _jsonl(records: Iterable[LogRecord], out: IO[bytes]) -> None:
 
 
 def _table(records: Iterable[LogRecord], output: Path | None) -> None:
-    table = Table("time", "topic", "where", "key", "type", "id")
+    table = Table("time", "topic", "where", "key", "type")
+    # An auditor copies ids out of this table: never shortened, whatever the terminal width.
+    table.add_column("id", no_wrap=True, overflow="fold", min_width=36)
     for r in records:
         event_id, event_type = identity(r.value, r.headers)
         table.add_row(

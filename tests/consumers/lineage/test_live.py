@@ -1,6 +1,7 @@
 """The live projector against the real broker: incremental projection while producers
-publish equals a rebuild from offset 0 (both backends), and `mlbus lineage project` killed
-with SIGKILL at random points and restarted ends identical to a clean rebuild."""
+publish equals a rebuild from offset 0 and a rebuild from the archive (both backends), and
+`mlbus lineage project` killed with SIGKILL at random points and restarted ends identical
+to a clean rebuild."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from consumers.archive.reader import read_archive
+from consumers.archive.writer import Archiver
 from consumers.lineage.live import LiveProjector
 from consumers.lineage.projector import TOPICS, Projector
 from consumers.lineage.store import LineageStore
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import read_log
+from mlbus.storage import ObjectStore
 from tests.consumers.lineage.conftest import MLBUS, cli_env, fresh_store
 from tests.consumers.lineage.generator import generate_log, produce
 from tests.mlbus.kafka.support import wait_until
@@ -42,8 +46,8 @@ def rebuilt(kafka: KafkaConfig, like: LineageStore) -> LineageStore:
     return other
 
 
-def test_incremental_projection_equals_rebuild_from_offset_zero(
-    kafka: KafkaConfig, store: LineageStore, group: str
+def test_incremental_projection_equals_rebuild_from_offset_zero_and_from_the_archive(
+    kafka: KafkaConfig, store: LineageStore, group: str, tmp_path: Path
 ) -> None:
     records = generate_log(50_000, seed=11)
     projector = LiveProjector(kafka, store, group=group, batch_size=2000)
@@ -72,6 +76,20 @@ def test_incremental_projection_equals_rebuild_from_offset_zero(
     finally:
         other.drop()
         other.close()
+
+    # The same log, archived to Parquet on the object store, rebuilds the same store.
+    archive = ObjectStore((tmp_path / "objects").as_uri())
+    stats = Archiver(kafka, archive, group=f"{group}-archive").run(
+        stop_at_end=True, install_signal_handlers=False
+    )
+    assert stats.records >= len(records)
+    from_archive = fresh_store(store)
+    try:
+        Projector(from_archive).project(read_archive(archive, TOPICS))
+        assert from_archive.dump_json() == store.dump_json()
+    finally:
+        from_archive.drop()
+        from_archive.close()
 
 
 @pytest.mark.integration
