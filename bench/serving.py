@@ -66,7 +66,7 @@ def register_wide_family() -> None:
 
     class WideCNN(nn.Module):
         """VGG-style: a small convolutional stem and a wide fully connected head. A single
-        sample's forward pass is bound by reading the head's weights (~30 MB), which a batch
+        sample's forward pass is bound by reading the head's weights (~45 MB), which a batch
         reads once for all its rows."""
 
         def __init__(self, side: int, n_classes: int, channels: int, hidden: int) -> None:
@@ -83,7 +83,7 @@ def register_wide_family() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.body(x.view(-1, 1, self.side, self.side))
 
-    @family(WIDE, defaults={"channels": 16, "hidden": 2048},
+    @family(WIDE, defaults={"channels": 16, "hidden": 3072},
             bounds={"channels": (1, 512), "hidden": (1, 16384)},
             description="bench: CNN stem + wide dense head for 28x28 images")  # fmt: skip
     def _wide(n_features: int, n_classes: int, p: Mapping[str, Any]) -> nn.Module:
