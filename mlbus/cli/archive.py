@@ -22,6 +22,7 @@ from consumers.archive.reader import read_archive
 from consumers.archive.restore import restore as restore_archive
 from consumers.archive.writer import DEFAULT_GROUP, Archiver
 from mlbus.cli.common import app, console, kafka_config, settings
+from mlbus.cli.render import printable
 from mlbus.errors import InvalidEvent, MlbusError
 from mlbus.kafka.reader import LogRecord, read_log
 from mlbus.storage import ObjectStore
@@ -188,17 +189,6 @@ def _open(path: Path) -> IO[bytes]:
         raise MlbusError(f"cannot write {path}: {e.strerror}") from None
 
 
-def _text(raw: bytes | None) -> str | None:
-    if raw is None:
-        return None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        import base64
-
-        return "base64:" + base64.b64encode(raw).decode("ascii")
-
-
 def _iso(timestamp_ms: int | None) -> str | None:
     if timestamp_ms is None:
         return None
@@ -213,7 +203,7 @@ def as_document(record: LogRecord) -> dict[str, Any]:
         "partition": record.partition,
         "offset": record.offset,
         "timestamp": _iso(record.timestamp_ms),
-        "key": _text(record.key),
+        "key": printable(record.key),
     }
     binary = any(k.startswith("ce_") for k, _ in record.headers)
     if not binary and record.value:
@@ -230,7 +220,7 @@ def as_document(record: LogRecord) -> dict[str, Any]:
         out["event"] = event.model_dump(mode="json", exclude_none=True)
     except InvalidEvent as e:
         out["invalid"] = e.reason
-        out["raw"] = _text(record.value)
+        out["raw"] = printable(record.value)
     return out
 
 
@@ -248,7 +238,7 @@ def _table(records: Iterable[LogRecord], output: Path | None) -> None:
         event_id, event_type = identity(r.value, r.headers)
         table.add_row(
             (_iso(r.timestamp_ms) or "-")[:23], r.topic, f"{r.partition}@{r.offset}",
-            escape(_text(r.key) or "-"), event_type or "[red]not an event[/]", event_id or "-",
+            escape(printable(r.key) or "-"), event_type or "[red]not an event[/]", event_id or "-",
         )  # fmt: skip
     if output is None:
         console.print(table)

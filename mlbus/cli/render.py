@@ -25,7 +25,8 @@ def decode_record(message: Message, expected_type: str | None, max_bytes: int) -
         return e.reason
 
 
-def _text(raw: bytes | None) -> str | None:
+def printable(raw: bytes | None) -> str | None:
+    """Record bytes as text: UTF-8 when they are, else `base64:…`."""
     if raw is None:
         return None
     try:
@@ -48,10 +49,10 @@ def as_json(message: Message, decoded: Event | str, preview: int | None = None) 
         "partition": message.partition(),
         "offset": message.offset(),
         "timestamp": _timestamp(message),
-        "key": _text(message.key()),
+        "key": printable(message.key()),
     }
     if isinstance(decoded, str):
-        raw = _text(message.value())
+        raw = printable(message.value())
         out["invalid"] = decoded
         out["raw"] = raw if preview is None or raw is None else raw[:preview]
     else:
@@ -63,9 +64,9 @@ def as_line(message: Message, decoded: Event | str, width: int = 160) -> str:
     """One rich-markup line for a terminal."""
     where = f"[dim]{message.partition()}@{message.offset()}[/]"
     when = (_timestamp(message) or "-")[:23]
-    key = escape(_text(message.key()) or "-")
+    key = escape(printable(message.key()) or "-")
     if isinstance(decoded, str):
-        raw = _text(message.value()) or "(no value)"
+        raw = printable(message.value()) or "(no value)"
         return (
             f"{where} {when} [bold]{key}[/] [red]INVALID[/] {escape(decoded)} "
             f"[dim]{escape(raw[:80])}[/]"
