@@ -25,7 +25,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ from consumers.archive.layout import (
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Backoff, next_batch
+from mlbus.signals import install_stop_handlers
 from mlbus.storage import ObjectStore
 from schemas.catalog import TOPICS, topic
 
@@ -193,7 +194,7 @@ class Archiver:
             [self.kafka.topic(t) for t in self.topics],
             on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
         )  # fmt: skip
-        restore = self._install_signals() if install_signal_handlers else None
+        restore = install_stop_handlers(self._on_signal) if install_signal_handlers else None
         try:
             self._loop(stop_at_end)
             self._final_flush()
@@ -376,20 +377,6 @@ class Archiver:
                 self._buffered -= sum(p.nbytes for p in part.pieces)
             self._at_end.discard(key)
 
-    def _install_signals(self) -> Callable[[], None] | None:
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-        def on_signal(signum: int, frame: object) -> None:
-            log.info("archive: %s received, flushing and stopping", signal.Signals(signum).name)
-            self.stop()
-
-        for s in previous:
-            signal.signal(s, on_signal)
-
-        def restore() -> None:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-        return restore
+    def _on_signal(self, signum: signal.Signals) -> None:
+        log.info("archive: %s received, flushing and stopping", signum.name)
+        self.stop()

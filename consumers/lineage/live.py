@@ -15,7 +15,6 @@ import logging
 import signal
 import threading
 from collections.abc import Iterable
-from types import FrameType
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -25,6 +24,7 @@ from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import next_batch
 from mlbus.kafka.reader import LogRecord
+from mlbus.signals import install_stop_handlers
 
 log = logging.getLogger("consumers.lineage")
 
@@ -73,7 +73,7 @@ class LiveProjector:
         consumer = self._consumer = Consumer(conf)
         consumer.subscribe([self.kafka.topic(t) for t in self.topics],
                            on_assign=self._on_assign, on_revoke=self._on_revoke)  # fmt: skip
-        restore = self._signals() if install_signal_handlers else None
+        restore = install_stop_handlers(self._on_signal) if install_signal_handlers else None
         try:
             while not self._stop.is_set():
                 messages = next_batch(consumer, self.batch_size, self.poll_timeout)
@@ -141,18 +141,6 @@ class LiveProjector:
         except KafkaException:
             pass  # e.g. revoked meanwhile; harmless, SQL holds the truth
 
-    def _signals(self):  # type: ignore[no-untyped-def]
-        if threading.current_thread() is not threading.main_thread():
-            return None
-
-        def handler(signum: int, frame: FrameType | None) -> None:
-            log.info("lineage projector: signal %d, stopping after the current batch", signum)
-            self.stop()
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-
-        def restore() -> None:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-        return restore
+    def _on_signal(self, signum: signal.Signals) -> None:
+        log.info("lineage projector: %s, stopping after the current batch", signum.name)
+        self.stop()

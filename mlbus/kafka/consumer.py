@@ -30,6 +30,7 @@ from mlbus.errors import Abandon, DeliveryError, InvalidEvent, TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.deadletter import dead_letter
 from mlbus.kafka.producer import EventProducer
+from mlbus.signals import install_stop_handlers
 from schemas.catalog import TOPICS
 from schemas.codec import decode
 from schemas.envelope import Event
@@ -192,7 +193,7 @@ class ConsumerLoop:
             list(self._types), on_assign=self._on_assign, on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )  # fmt: skip
-        restore = self._install_signals() if install_signal_handlers else None
+        restore = install_stop_handlers(self._on_signal) if install_signal_handlers else None
         try:
             self._loop(stop_at_end, max_events)
             self._commit(asynchronous=False)
@@ -450,22 +451,8 @@ class ConsumerLoop:
             self._consumer.close()  # leaves the group
             self._consumer = None
 
-    def _install_signals(self) -> Callable[[], None] | None:
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-        def on_signal(signum: int, frame: object) -> None:
-            if self._stopping.is_set() and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now
-            log.info("%s: %s received, stopping", self.name, signal.Signals(signum).name)
-            self.stop()
-
-        for s in previous:
-            signal.signal(s, on_signal)
-
-        def restore() -> None:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-        return restore
+    def _on_signal(self, signum: signal.Signals) -> None:
+        if self._stopping.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        log.info("%s: %s received, stopping", self.name, signum.name)
+        self.stop()
