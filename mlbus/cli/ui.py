@@ -8,12 +8,11 @@ from collections.abc import Callable
 from html import escape
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 
 from mlbus.cli.svg import render_svg
-from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 
 _STYLE = """
@@ -36,21 +35,27 @@ def _page(title: str, body: str) -> HTMLResponse:
     )
 
 
-def _recent(kafka: KafkaConfig, limit: int) -> list[dict[str, Any]]:
-    from mlbus.kafka.reader import read_log
-    from schemas.codec import decode
+def _recent(store: Any, limit: int) -> list[dict[str, Any]]:
+    """The newest events of the lineage topics, from the lineage store's events table (the
+    projector has already read and checked them: a page view does not re-read the log)."""
+    import sqlalchemy as sa
 
-    events = []
-    for record in read_log(kafka, RECENT_TOPICS):
-        try:
-            event = decode(record.value, list(record.headers))
-        except MlbusError:
-            continue
-        key = record.key.decode(errors="replace") if record.key else None
-        subject = event.subject or key
-        events.append({"time": event.time, "type": event.type, "id": event.id, "subject": subject})
-    events.sort(key=lambda e: e["time"], reverse=True)
-    return events[:limit]
+    from consumers.lineage import tables
+    from consumers.lineage.store import iso
+
+    e = tables.events
+    query = (
+        sa.select(e.c.time, e.c.type, e.c.id, e.c.subject, e.c.key)
+        .where(e.c.type.in_(RECENT_TOPICS))
+        .order_by(e.c.time.desc(), e.c.id)
+        .limit(limit)
+    )
+    with store.reading("reading recent events") as conn:
+        rows = conn.execute(query).all()
+    return [
+        {"time": iso(r.time), "type": r.type, "id": r.id, "subject": r.subject or r.key}
+        for r in rows
+    ]
 
 
 _CLASS = {"champion": "champion", "rejected": "rejected"}
@@ -72,7 +77,7 @@ def _model_row(m: dict[str, Any]) -> str:
 
 def _event_row(e: dict[str, Any]) -> str:
     return (
-        f"<tr><td class='muted'>{e['time']:%Y-%m-%d %H:%M:%S}</td><td>{escape(e['type'])}</td>"
+        f"<tr><td class='muted'>{escape(e['time'][:19])}</td><td>{escape(e['type'])}</td>"
         f"<td>{escape(str(e['subject'] or ''))}</td><td><code>{escape(e['id'])}</code></td></tr>"
     )
 
@@ -84,8 +89,8 @@ def create_router(kafka: Callable[[], KafkaConfig], lineage: Callable[[], Any]) 
     async def home(limit: int = Query(25, ge=1, le=500)) -> HTMLResponse:
         from consumers.workflow.commands import list_models
 
-        cfg = kafka()
-        models, recent = await run_in_threadpool(lambda: (list_models(cfg), _recent(cfg, limit)))
+        cfg, store = kafka(), lineage()
+        models, recent = await run_in_threadpool(lambda: (list_models(cfg), _recent(store, limit)))
         rows = "".join(_model_row(m) for m in models)
         events = "".join(_event_row(e) for e in recent)
         body = (
@@ -96,24 +101,30 @@ def create_router(kafka: Callable[[], KafkaConfig], lineage: Callable[[], Any]) 
         )
         return _page("mlbus", body)
 
-    @router.get("/ui/lineage/{model}", response_class=HTMLResponse)
-    async def lineage_page(model: str, version: str | None = None) -> HTMLResponse:
-        svg = await run_in_threadpool(lambda: lineage_svg(lineage(), model, version))
-        return _page(f"lineage of {model}", f"<p><a href='/ui'>← models</a></p>{svg}")
-
+    # Declared before `/ui/lineage/{model}`, which would otherwise take "name.svg" as a name.
     @router.get("/ui/lineage/{model}.svg")
     async def lineage_image(model: str, version: str | None = None) -> Response:
         svg = await run_in_threadpool(lambda: lineage_svg(lineage(), model, version))
         return Response(svg, media_type="image/svg+xml")
 
+    @router.get("/ui/lineage/{model}", response_class=HTMLResponse)
+    async def lineage_page(model: str, version: str | None = None) -> HTMLResponse:
+        svg = await run_in_threadpool(lambda: lineage_svg(lineage(), model, version))
+        return _page(f"lineage of {model}", f"<p><a href='/ui'>← models</a></p>{svg}")
+
     return router
 
 
 def lineage_svg(store: Any, model: str, version: str | None = None) -> str:
-    """The upstream lineage of `model@version` (default: the serving one) as SVG."""
+    """The upstream lineage of `model@version` (default: the serving one) as SVG; 404 for a
+    model or version the store does not know."""
     from consumers.lineage.graph import upstream_graph
     from consumers.lineage.queries import LineageQueries
+    from consumers.lineage.store import NotFound
 
-    up = LineageQueries(store).upstream(model, version)
+    try:
+        up = LineageQueries(store).upstream(model, version)
+    except NotFound as e:
+        raise HTTPException(404, str(e)) from None
     graph = upstream_graph(up)
     return render_svg(graph.nodes, graph.edges, f"lineage of {up.model}@{up.version}")
