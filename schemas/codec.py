@@ -15,6 +15,7 @@ import orjson
 from pydantic import ValidationError
 
 from mlbus.errors import InvalidEvent
+from schemas import dicts
 from schemas.base import Payload
 from schemas.catalog import ANY_EVENT, EVENT_MODELS, TOPICS, spec_for_payload
 from schemas.envelope import (
@@ -126,10 +127,7 @@ def decode(
 
     `expected_type` is the event type the record's topic carries (`type` equals the topic).
     """
-    if value is None:
-        raise InvalidEvent("record has no value (a tombstone is not an event)")
-    if len(value) > max_bytes:
-        raise InvalidEvent(f"record value is {len(value)} bytes, over the {max_bytes}-byte limit")
+    _check_size(value, max_bytes)
     try:
         model = EVENT_MODELS.get(expected_type) if expected_type is not None else None
         if model is not None:
@@ -148,6 +146,38 @@ def decode(
     if expected_type is not None and event.type != expected_type:
         raise InvalidEvent(f"event type {event.type!r} does not belong on topic {expected_type!r}")
     return event
+
+
+def decode_dict(
+    value: bytes | None,
+    headers: Headers = None,
+    *,
+    expected_type: str,
+    max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+) -> dict[str, Any]:
+    """`decode` into plain dicts instead of models, ~2.5x faster (schemas/dicts.py): the
+    same rules, the same `InvalidEvent` reasons; fields a record leaves out are left out
+    (read optional ones with `.get`). For consumers whose per-record cost matters."""
+    _check_size(value, max_bytes)
+    model = EVENT_MODELS.get(expected_type)
+    if model is None:
+        raise InvalidEvent(f"unknown event type {expected_type!r}")
+    try:
+        return dicts.adapter(model).validate_json(value)  # type: ignore[no-any-return]
+    except ValidationError:
+        pass
+    # Not a valid structured event of this type: `decode` says why (or accepts the record
+    # in binary mode, whose attributes travel in headers).
+    return decode(value, headers, expected_type=expected_type, max_bytes=max_bytes).model_dump(
+        exclude_unset=True
+    )
+
+
+def _check_size(value: bytes | None, max_bytes: int) -> None:
+    if value is None:
+        raise InvalidEvent("record has no value (a tombstone is not an event)")
+    if len(value) > max_bytes:
+        raise InvalidEvent(f"record value is {len(value)} bytes, over the {max_bytes}-byte limit")
 
 
 def decode_payload(event_type: str, data: bytes | str) -> Payload:

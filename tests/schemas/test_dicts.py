@@ -1,0 +1,119 @@
+"""`decode_dict` against `decode`: for every topic, the same records accepted with the same
+values, and the same records refused with the same reason (differential test over a
+generated log covering every topic and over every single-field mutation of its events)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import BaseModel, field_validator
+
+from mlbus.errors import InvalidEvent
+from schemas import dicts
+from schemas.catalog import TOPICS
+from schemas.codec import decode, decode_dict
+from tests.consumers.lineage.generator import generate_log
+
+WRONG: list[Any] = [None, "", "x", -1, 0, 1.5, True, [], {}, ["x"], {"x": 1}, "2026-13-45"]
+
+
+def outcome(fn: Any, value: bytes, topic: str) -> tuple[str, Any]:
+    try:
+        event = fn(value, expected_type=topic)
+    except InvalidEvent as e:
+        return "refused", e.reason
+    return "accepted", event if isinstance(event, dict) else event.model_dump(exclude_unset=True)
+
+
+def mutations(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every field of the envelope, of `data` and of objects nested one level in `data`:
+    removed, and replaced by each wrong-ish value."""
+    out = []
+
+    def vary(path: tuple[str, ...]) -> None:
+        parent = document
+        for key in path[:-1]:
+            parent = parent[key]
+        for replacement in [*WRONG, "<drop>"]:
+            copy = orjson.loads(orjson.dumps(document))
+            target = copy
+            for key in path[:-1]:
+                target = target[key]
+            if replacement == "<drop>":
+                del target[path[-1]]
+            else:
+                target[path[-1]] = replacement
+            out.append(copy)
+
+    for key, value in document.items():
+        vary((key,))
+        if key == "data" and isinstance(value, dict):
+            for inner, inner_value in value.items():
+                vary(("data", inner))
+                if isinstance(inner_value, dict):
+                    for leaf in inner_value:
+                        vary(("data", inner, leaf))
+    return out
+
+
+@pytest.fixture(scope="module")
+def log() -> list[Any]:
+    return generate_log(3000, seed=7)
+
+
+def test_the_generated_log_decodes_the_same_both_ways(log):
+    seen: set[str] = set()
+    for record in log:
+        if record.topic not in TOPICS:
+            continue
+        seen.add(record.topic)
+        assert outcome(decode_dict, record.value, record.topic) == outcome(
+            decode, record.value, record.topic
+        )
+    assert seen == set(TOPICS)  # every topic of the contract was compared
+
+
+def test_every_single_field_mutation_is_judged_the_same_both_ways(log):
+    firsts: dict[str, bytes] = {}
+    for record in log:
+        new = record.topic in TOPICS and record.topic not in firsts
+        if new and outcome(decode, record.value, record.topic)[0] == "accepted":
+            firsts[record.topic] = record.value
+    assert set(firsts) == set(TOPICS)
+    compared = refused = 0
+    for topic, value in firsts.items():
+        for document in mutations(orjson.loads(value)):
+            raw = orjson.dumps(document)
+            expected = outcome(decode, raw, topic)
+            assert outcome(decode_dict, raw, topic) == expected, (topic, document)
+            compared += 1
+            refused += expected[0] == "refused"
+    assert refused > compared / 3  # the mutations really exercise the refusals
+
+
+def test_optional_fields_left_out_stay_out_and_the_dict_is_plain():
+    value = orjson.dumps({
+        "specversion": "1.0", "id": "e1", "source": "t", "type": "inference.logged",
+        "data": {"request_id": "r", "model": "m", "version": "1", "replica": "a",
+                 "latency_seconds": 0.01},
+    })  # fmt: skip
+    event = decode_dict(value, expected_type="inference.logged")
+    assert event["data"] == {
+        "request_id": "r", "model": "m", "version": "1", "replica": "a", "latency_seconds": 0.01
+    }  # fmt: skip
+    assert type(event) is dict and "time" not in event
+
+
+def test_a_model_with_a_custom_validator_has_no_dict_form():
+    class Checked(BaseModel):
+        x: int
+
+        @field_validator("x")
+        @classmethod
+        def positive(cls, v: int) -> int:
+            return v
+
+    with pytest.raises(TypeError, match="custom validators"):
+        dicts.typed_dict(Checked)
