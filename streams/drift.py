@@ -160,6 +160,9 @@ class Baselines:
     def resolve(self, model: str, version: str) -> Baseline | str:
         """The baseline of a served version, or why there is none (a drift_note)."""
         key = (model, version)
+        found = self._cache.get(key)  # the per-record path: a dict read needs no lock
+        if found is not None:
+            return found
         with self._lock:
             found = self._cache.get(key)
             if found is None:

@@ -27,7 +27,7 @@ from mlbus.errors import DeliveryError, InvalidEvent
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.deadletter import dead_letter
 from mlbus.kafka.producer import EventProducer
-from schemas.codec import decode
+from schemas.codec import decode_dict
 from streams.exporter import Exporter
 from streams.windows import Engine
 
@@ -47,12 +47,12 @@ class StateTable(Protocol):
 
 
 class RawMessage(Protocol):
-    """faust's `Message` (the fields the processor reads)."""
+    """A fetched record (aiokafka's `ConsumerRecord`: the fields the processor reads)."""
 
     topic: str
     partition: int
     offset: int
-    timestamp: float
+    timestamp: int | None  # milliseconds
     key: bytes | None
     value: bytes | None
     headers: Any
@@ -86,7 +86,7 @@ class _AsConfluent:
 
     def timestamp(self) -> tuple[int, int | None]:
         ts = self._m.timestamp
-        return (1, round(ts * 1000)) if ts else (0, None)
+        return (1, ts) if ts is not None else (0, None)
 
 
 def series_key(key: str) -> str:
@@ -131,22 +131,25 @@ class StreamProcessor:
 
     def apply(self, messages: Iterable[RawMessage]) -> None:
         """Decode and apply records in order (synchronous: the hot path)."""
-        engine = self.engine
+        apply = self.engine.apply
         now = time.monotonic()
         max_bytes = self.kafka.max_event_bytes
+        last_record, last_offset = self._last_record, self._last_offset
         for message in messages:
             partition = message.partition
             if partition not in self._restored:
                 self._restore(partition)
-            self._last_record[partition] = now
-            self._last_offset[partition] = message.offset
+            last_record[partition] = now
+            last_offset[partition] = message.offset
             try:
                 try:
-                    event = decode(message.value, expected_type=EVENT_TYPE, max_bytes=max_bytes)
+                    event = decode_dict(
+                        message.value, expected_type=EVENT_TYPE, max_bytes=max_bytes
+                    )
                 except InvalidEvent:
                     if not message.headers:
                         raise
-                    event = decode(  # maybe CloudEvents binary mode
+                    event = decode_dict(  # maybe CloudEvents binary mode
                         message.value, _AsConfluent(message).headers(),
                         expected_type=EVENT_TYPE, max_bytes=max_bytes,
                     )  # fmt: skip
@@ -155,9 +158,9 @@ class StreamProcessor:
                 continue
             # Event time is the CloudEvent `time`; an event without one (allowed by the
             # envelope) falls back to the record's timestamp.
-            at = event.time
+            at = event.get("time")
             time_ms = round(at.timestamp() * 1000) if at is not None else _record_ms(message)
-            engine.apply(partition, message.offset, time_ms, event.data)
+            apply(partition, message.offset, time_ms, event["data"])
             self.processed += 1
         self.exporter.records.inc(len(messages) if isinstance(messages, Sequence) else 0)
 
@@ -271,4 +274,5 @@ class StreamProcessor:
 
 
 def _record_ms(message: RawMessage) -> int:
-    return round((message.timestamp or time.time()) * 1000)
+    ts = message.timestamp
+    return ts if ts is not None else round(time.time() * 1000)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable
+from bisect import bisect_right
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 from mlbus.errors import ConfigError
 from mlbus.settings import StreamsSettings
 from schemas.base import Payload
-from schemas.serving import InferenceLogged, Quantiles, ServingAlert, ServingMetrics
+from schemas.serving import Quantiles, ServingAlert, ServingMetrics
 from streams import sketch
 from streams.alerts import Thresholds, evaluate
 from streams.drift import CLASS_KEY, Baseline, Baselines, class_psi, psi
@@ -117,11 +118,13 @@ class Agg:
         self.dataset = baseline.dataset
         self.bins = {name: [0] * len(f.expected) for name, f in baseline.features.items()}
 
-    def add(self, data: InferenceLogged, baseline: Baseline | str) -> None:
+    def add(self, data: Mapping[str, Any], baseline: Baseline | str) -> None:
+        """One `inference.logged` payload, as `decode_dict` gives it (optional fields may
+        be missing: the contract's defaults apply)."""
         self.n += 1
-        if not data.ok:
+        if not data.get("ok", True):
             self.errors += 1
-        latency = data.latency_seconds
+        latency = data["latency_seconds"]
         index = sketch.bucket_of(latency)
         if index is None:
             self.zero += 1
@@ -130,25 +133,31 @@ class Agg:
         self.lat_sum += latency
         if latency > self.lat_max:
             self.lat_max = latency
-        classes = self.classes
-        for p in data.predictions:
-            label = str(p)
-            classes[label] = classes.get(label, 0) + 1
+        predictions = data.get("predictions")
+        if predictions:
+            classes = self.classes
+            for p in predictions:
+                label = p if isinstance(p, str) else str(p)
+                classes[label] = classes.get(label, 0) + 1
         bins = self.bins
-        if bins is None or not data.inputs or isinstance(baseline, str):
+        inputs = data.get("inputs")
+        if bins is None or not inputs or isinstance(baseline, str):
             return
-        names = data.feature_names or baseline.positional
         features = baseline.features
-        for j, name in enumerate(names):
+        isfinite = math.isfinite
+        for j, name in enumerate(data.get("feature_names") or baseline.positional):
             feature = features.get(name)
             counts = bins.get(name)
             if feature is None or counts is None:
                 continue
-            for sample in data.inputs:
+            edges, last = feature.edges, len(counts) - 1
+            for sample in inputs:
                 if j < len(sample):
                     x = sample[j]
-                    if math.isfinite(x):
-                        counts[feature.bin_of(x)] += 1
+                    if isfinite(x):
+                        # FeatureBaseline.bin_of, inlined (the engine's innermost loop)
+                        i = bisect_right(edges, x) - 1
+                        counts[0 if i < 0 else (last if i > last else i)] += 1
 
     def merge(self, other: Agg) -> None:
         self.n += other.n
@@ -343,11 +352,12 @@ class Engine:
 
     # -- the stream ------------------------------------------------------------------------
 
-    def apply(self, partition: int, offset: int, time_ms: int, data: InferenceLogged) -> None:
-        key = (data.model, data.version)
+    def apply(self, partition: int, offset: int, time_ms: int, data: Mapping[str, Any]) -> None:
+        """One record: `data` is its `inference.logged` payload as `decode_dict` gives it."""
+        key = (data["model"], data["version"])
         s = self.series.get(key)
         if s is None:
-            s = self.series[key] = Series(data.model, data.version, partition)
+            s = self.series[key] = Series(key[0], key[1], partition)
             self.by_partition.setdefault(partition, {})[key] = s
         if offset <= s.offset and partition == s.partition:
             self.advance(partition, time_ms)  # applied before a restart: only stream time
@@ -361,10 +371,10 @@ class Engine:
         if end <= s.closed_until or end + self.config.grace_ms <= watermark:
             self.late += 1
             if self.on_late is not None:
-                self.on_late(data.model, data.version)
+                self.on_late(key[0], key[1])
         else:
             agg = s.open.get(start)
-            baseline = self.baselines.resolve(data.model, data.version)
+            baseline = self.baselines.resolve(key[0], key[1])
             if agg is None:
                 agg = s.open[start] = Agg(start, end)
                 agg.use_baseline(baseline)

@@ -53,7 +53,7 @@ def test_results_depend_only_on_record_order_not_on_batches_or_restarts():
     h = history(total=2800, windows=14)
     whole = engine()
     for offset, (payload, t) in enumerate(h.payloads):
-        whole.apply(0, offset, t, payload)
+        whole.apply(0, offset, t, payload.model_dump())
     whole.idle(0, NOW_MS)
 
     # the same records in odd batches, the state saved to its changelog form and restored
@@ -72,7 +72,7 @@ def test_results_depend_only_on_record_order_not_on_batches_or_restarts():
         pieces = fresh
         redelivered = batch[:5] if offset else []
         for i, (payload, t) in [*redelivered, *batch]:
-            pieces.apply(0, i, t, payload)
+            pieces.apply(0, i, t, payload.model_dump())
         saved = (pieces.watermarks[0], [s.to_json() for s in pieces.series.values()])
         offset += n
     pieces.idle(0, NOW_MS)
@@ -84,7 +84,7 @@ def test_hopping_view_is_the_merge_of_the_tumbling_windows_it_covers():
     h = history(total=2000, windows=6)
     e = engine()
     for offset, (payload, t) in enumerate(h.payloads):
-        e.apply(0, offset, t, payload)
+        e.apply(0, offset, t, payload.model_dump())
     e.idle(0, NOW_MS)
     tumbling = {(p.model, p.version, p.window_start): p for p, _, _ in e.outbox
                 if getattr(p, "window", None) == "tumbling"}  # fmt: skip

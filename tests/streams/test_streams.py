@@ -226,3 +226,39 @@ def test_restart_recovers_tables_from_the_changelog(kafka, run_streams):
     # every window exact: the open ones were recovered, nothing was counted twice
     check_windows(h, tumbling(done))
     assert len(tumbling(done)) == expected_windows
+
+
+def test_two_workers_share_the_log_and_one_takes_over_when_the_other_dies(kafka, run_streams):
+    """A group of two: the partitions are split, and when the busier one is SIGKILLed the
+    survivor is given its partitions, recovers their tables from the changelog and finishes
+    every window exactly (the batches it had in flight during the rebalance included)."""
+    publish(kafka, baseline_events())
+    h = history(total=3000, windows=10, shift=range(20, 21))
+    records = encoded(h)
+    half = len(records) // 2 + 11
+    app_id = kafka.topic_prefix + "pair"
+    workers = [run_streams("--app-id", app_id, "--idle-seconds", IDLE) for _ in range(2)]
+    for worker in workers:
+        started(worker)
+
+    def consumed(worker: StreamsProcess) -> float:
+        return sample(worker.scrape(), "mlbus_streams_records_total") or 0.0
+
+    produce(kafka, records[:half])
+    wait_until(
+        lambda: sum(consumed(w) for w in workers) >= half,
+        lambda: "the first half consumed\n" + "\n".join(w.log() for w in workers), timeout=90,
+    )  # fmt: skip
+    busier, survivor = sorted(workers, key=consumed, reverse=True)
+    busier.kill()
+    produce(kafka, records[half:])
+    expected_windows = len(h.expected.requests)
+    done = wait_until(
+        lambda: (lambda e: e if len(tumbling(e)) >= expected_windows else None)(
+            unique(read_events(kafka, "serving.metrics"))
+        ),
+        lambda: f"all windows after the takeover\n{survivor.log()}", timeout=120,
+    )  # fmt: skip
+    assert survivor.stop() == 0, survivor.log()
+    check_windows(h, tumbling(done))
+    assert len(tumbling(done)) == expected_windows
