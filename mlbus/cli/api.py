@@ -4,9 +4,12 @@ bearer-token auth on every mutating endpoint (`MLBUS_API_TOKEN`), and `/metrics`
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
+import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import typer
@@ -89,17 +92,44 @@ def token_guard(cfg: Settings) -> Any:
     return guard
 
 
-def training_router(cfg: Settings) -> APIRouter:
+class SharedProducer:
+    """The API's one idempotent producer, opened on first use (its initialisation costs
+    ~0.5 s on the embedded broker: paid once, not per request) and closed at shutdown.
+    confluent-kafka producers are thread-safe; each caller flushes its own sends."""
+
+    def __init__(self, kafka: KafkaConfig, source: str) -> None:
+        self._kafka, self._source = kafka, source
+        self._producer: EventProducer | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> EventProducer:
+        with self._lock:
+            if self._producer is None:
+                self._producer = EventProducer(self._kafka, source=self._source)
+            return self._producer
+
+    @property
+    def opened(self) -> bool:
+        return self._producer is not None
+
+    def close(self) -> None:
+        with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.close()
+
+
+def training_router(producer: SharedProducer) -> APIRouter:
     """POST /training/requests: request a run (the same event `mlbus train` publishes)."""
     router = APIRouter(prefix="/training", tags=["training"])
 
     @router.post("/requests", status_code=202, summary="Request a training run")
     async def request_training(request: TrainingRequested) -> dict[str, str]:
         def publish() -> str:
-            with EventProducer(KafkaConfig.from_settings(cfg), source="mlbus/api") as producer:
-                ref = producer.publish(request.model_copy(update={"requested_by": "api"}))
-                producer.flush()
-                return ref.id
+            shared = producer.get()
+            ref = shared.publish(request.model_copy(update={"requested_by": "api"}))
+            shared.flush()
+            return ref.id
 
         return {"event_id": await run_in_threadpool(publish), "topic": "training.requested"}
 
@@ -125,10 +155,20 @@ def create_app(cfg: Settings) -> FastAPI:
     from datasets.api import create_router as datasets_router
     from datasets.registry import DatasetRegistry
 
+    producer = SharedProducer(KafkaConfig.from_settings(cfg), source="mlbus/api")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await run_in_threadpool(producer.close)
+
     api = FastAPI(
         title="mlbus", version=mlbus.__version__, description=__doc__,
-        dependencies=[Depends(token_guard(cfg))],
+        dependencies=[Depends(token_guard(cfg))], lifespan=lifespan,
     )  # fmt: skip
+    api.state.producer = producer
     registry_ = CollectorRegistry()
     requests = Counter(
         "mlbus_api_requests", "control-plane API requests", ["method", "route", "status"],
@@ -161,7 +201,7 @@ def create_app(cfg: Settings) -> FastAPI:
 
     lineage_store = _lazy_lineage_store(cfg)
     api.include_router(datasets_router(registry))
-    api.include_router(training_router(cfg))
+    api.include_router(training_router(producer))
     api.include_router(workflow_router(kafka))
     api.include_router(lineage_router(lineage_store))
     api.include_router(ui_router(kafka, lineage_store))

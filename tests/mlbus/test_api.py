@@ -68,3 +68,12 @@ def test_metrics_count_requests_by_route_and_status(kafka, tmp_path):
     assert 'route="(unmatched)",status="404"' in text
     assert "mlbus_api_request_duration_seconds_bucket" in text
     assert "/metrics" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_training_requests_share_one_producer_closed_at_shutdown(kafka, tmp_path):
+    app = create_app(settings_for(kafka, tmp_path))
+    with TestClient(app) as client:
+        ids = [client.post("/training/requests", json=REQUEST).json()["event_id"] for _ in "ab"]
+        assert app.state.producer.opened
+    assert not app.state.producer.opened  # closed by the app's shutdown
+    assert [e.id for e in read_events(kafka, "training.requested")] == ids
