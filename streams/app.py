@@ -45,8 +45,6 @@ from streams.windows import Engine, WindowConfig
 log = logging.getLogger(__name__)
 
 TABLE = "series"
-BATCH = 5000  # records per take_events batch
-BATCH_WITHIN = 0.5  # seconds to wait for a batch to fill: amortizes the per-batch changelog write
 TICK_SECONDS = 0.5
 
 
@@ -137,8 +135,6 @@ class StreamsApp:
             consumer_auto_offset_reset="earliest",
             web_enabled=options.web_port > 0,
             web_port=options.web_port or 6066,
-            stream_buffer_maxsize=4 * BATCH,
-            broker_commit_every=10 * BATCH,
             broker_commit_interval=1.0,
             table_cleanup_interval=3600.0,
         )
@@ -165,9 +161,9 @@ class StreamsApp:
         # Records of inference.logged reach the processor a whole fetch at a time through
         # the transport (streams/transport.py), which commits their offsets after the
         # handler; faust's per-record stream costs ~100 µs a record. The agent declares the
-        # subscription (and so the partitions the table is co-partitioned with), and
-        # processes records one stream batch at a time if they ever come that way (a
-        # plain faust transport).
+        # subscription (and so the partitions the table is co-partitioned with); a record
+        # reaching it means the transport is not the batching one: a loud failure, not a
+        # silently 20x slower app.
         async def on_batch(batches: dict[TP, list[Any]]) -> None:
             await processor.handle([r for records in batches.values() for r in records])
 
@@ -175,8 +171,11 @@ class StreamsApp:
 
         @app.agent(topic, name="serving-metrics")
         async def serving_metrics(stream: faust.StreamT) -> None:
-            async for events in stream.take_events(BATCH, within=BATCH_WITHIN):
-                await processor.handle([_FromFaust(e.message) for e in events])
+            async for _ in stream:
+                raise RuntimeError(
+                    f"{topic.get_topic_name()} reached the agent: run the app on "
+                    "streams.transport.App, which hands it over in batches"
+                )
 
         @app.timer(TICK_SECONDS, name="idle-windows")
         async def idle_windows() -> None:
@@ -219,17 +218,6 @@ class StreamsApp:
         return code
 
 
-class _FromFaust:
-    """A faust `Message` seen as the fetched record the processor reads (ms timestamps)."""
-
-    __slots__ = ("headers", "key", "offset", "partition", "timestamp", "topic", "value")
-
-    def __init__(self, m: Any) -> None:
-        self.topic, self.partition, self.offset = m.topic, m.partition, m.offset
-        self.timestamp = round(m.timestamp * 1000) if m.timestamp is not None else None
-        self.key, self.value, self.headers = m.key, m.value, m.headers
-
-
 class _FaustProcessor(StreamProcessor):
     def __init__(self, *args: Any, app: faust.App, topic: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -247,5 +235,5 @@ class _FaustProcessor(StreamProcessor):
 
     async def _flush_changelog(self) -> None:
         # The changelog records must be on the broker before faust commits the batch's
-        # input offsets (take_events acks after this returns).
+        # input offsets (the transport commits after the batch handler returns).
         await self._app.producer.flush()

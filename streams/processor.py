@@ -4,8 +4,8 @@ publish the closed windows' `serving.metrics` / `serving.alert` and persist the 
 state to the faust table's changelog.
 
 Guarantees: at-least-once with idempotent effects. Per batch, outputs are confirmed by the
-broker first, then the state is written to the changelog, then faust commits the input
-offsets (take_events acks after the batch). A restart re-reads from the committed offset:
+broker first, then the state is written to the changelog, then the input offsets are
+committed (streams/transport.py, after the batch). A restart re-reads from the committed offset:
 records at or below a series' stored offset only move stream time (no double counting), and
 outputs carry deterministic ids, so one that is published twice is one event to consumers.
 
