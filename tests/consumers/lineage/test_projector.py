@@ -169,3 +169,30 @@ def test_rebuild_swaps_a_fresh_store_in(store: LineageStore) -> None:
         expected.close()
     finally:
         reopened.close()
+
+
+def test_a_rebuild_is_swapped_in_with_every_index_and_the_live_journal(
+    store: LineageStore,
+) -> None:
+    from consumers.lineage.store import staging_for, swap_in
+
+    def indexes(of: LineageStore) -> set[str]:
+        with of.reading() as conn:
+            inspector = sa.inspect(conn)
+            return {ix["name"] for table in t.metadata.sorted_tables
+                    for ix in inspector.get_indexes(table.name, schema=of.schema)}  # fmt: skip
+
+    wanted = {ix.name for table in t.metadata.sorted_tables for ix in table.indexes}
+    staging = staging_for(store)
+    Projector(staging).project(as_log_records(generate_log(300, seed=6)))
+    assert indexes(staging) == set()  # projected without them: they are built once, at the end
+    swap_in(staging, store)
+    reopened = LineageStore.open(store.url, schema=store.schema)
+    try:
+        assert indexes(reopened) == wanted
+        assert LineageQueries(reopened).upstream("model-0") is not None
+        if reopened.backend == "sqlite":  # the staging file had no journal; the live one has WAL
+            with reopened.reading() as conn:
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        reopened.close()
