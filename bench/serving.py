@@ -11,6 +11,12 @@ when the previous one is answered; raw HTTP/1.1 keep-alive connections, in a sep
 process so that the load generator does not share the servers' GIL) at 1, 16 and 64
 concurrent clients: requests/s, p50 and p99 latency, and mlbus/naive ratio of requests/s.
 
+Each server sets torch's intra-op threads of its own forward threads (serving/server.py):
+the cores shared among them, so both use every core and neither oversubscribes them (naive:
+six pool threads, one torch thread each; mlbus: one worker, a torch thread per core).
+`--forward-threads N` sets both to N; `--torch-threads` is the process default, which the
+single-sample forward time is measured with.
+
 - digits: the built-in `cnn` family on 8x8 digits (64 features), as the trainer builds it;
 - wide-cnn: a heavier image model registered here (`@family`), 28x28 synthetic images; its
   single-sample forward time on CPU is measured and printed (it must be >= 2 ms, so that
@@ -273,8 +279,8 @@ def run(args: argparse.Namespace, log: Any) -> Report:
     from mlbus.storage import ObjectStore
     from serving.server import ModelServer
 
-    # Process-wide: intra-op threads of every forward pass, both servers. On a small shared
-    # machine one thread each avoids OpenMP threads spinning against each other.
+    # The process default: the single-sample measurement below and the loads' warm-up
+    # passes. Each server sets its forward threads' own (see the module doc).
     torch.set_num_threads(args.torch_threads)
     register_wide_family()
     report = Report(figures={}, setup={"seconds_per_point": args.seconds,
@@ -303,7 +309,10 @@ def run(args: argparse.Namespace, log: Any) -> Report:
                 replica=f"bench-{mode}", max_batch_size=args.max_batch,
                 max_wait_us=args.max_wait_us, log_sample_rate=args.log_sample_rate,
             )  # fmt: skip
-            server = ModelServer(kafka, store, config, batching=batching, stream_group=None)
+            server = ModelServer(kafka, store, config, batching=batching, stream_group=None,
+                                 torch_threads=args.forward_threads or None)  # fmt: skip
+            report.setup[f"{mode}_forward_threads"] = [server.forward_workers,
+                                                       server.torch_threads]  # fmt: skip
             servers[mode] = Running(server, free_port())
             stack.callback(servers[mode].stop)
         for name, (side, _, _) in models.items():
@@ -383,10 +392,11 @@ def table(report: Report) -> str:
             f"{f.detail['p99_ms']:.1f}" if f.detail else "",
             f"{ratio:.2f}x" if ratio else "", f.target + status if f.target else "",
         ])  # fmt: skip
+    naive, mlbus = report.setup["naive_forward_threads"], report.setup["mlbus_forward_threads"]
     lines = [
         "mlbus model server: micro-batching vs one forward pass per request "
-        f"({report.setup['seconds_per_point']} s per point, closed-loop clients, "
-        f"torch threads {report.setup['torch_threads']})",
+        f"({report.setup['seconds_per_point']} s per point, closed-loop clients; forward "
+        f"threads x torch threads: naive {naive[0]} x {naive[1]}, mlbus {mlbus[0]} x {mlbus[1]})",
         f"single-sample forward: digits {report.setup[f'{DIGITS}_single_forward_ms']} ms, "
         f"wide-cnn {report.setup[f'{WIDE}_single_forward_ms']} ms",
         "", *render_table(header, rows, right=frozenset({1, 2, 3, 4})), "",
@@ -405,7 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-us", type=int, default=2000)
     parser.add_argument("--log-sample-rate", type=float, default=1.0, help="inference log")
     parser.add_argument("--models", default=f"{DIGITS},{WIDE}", help="comma-separated")
-    parser.add_argument("--torch-threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="process default (single-sample forward time)")  # fmt: skip
+    parser.add_argument("--forward-threads", type=int, default=0,
+                        help="torch threads per forward thread; 0: each server's own")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     args = parser.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]

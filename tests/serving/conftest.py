@@ -131,13 +131,16 @@ def running(
     stream_group: str | None = None,
     wait_ready: bool = True,
     log_queue_size: int | None = None,
+    batching: bool = True,
+    torch_threads: int | None = None,
     **config: Any,
 ) -> Iterator[Running]:
     """A model server (uvicorn in a thread) on a free port; stopped on exit."""
     port = free_port()
     settings = ServingSettings(host="127.0.0.1", port=port, replica="test-replica", **config)
     server = ModelServer(kafka, store, settings, api_token=api_token, stream_group=stream_group,
-                         log_queue_size=log_queue_size)  # fmt: skip
+                         log_queue_size=log_queue_size, batching=batching,
+                         torch_threads=torch_threads)  # fmt: skip
     uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port,
                                        log_level="warning", lifespan="on"))  # fmt: skip
     thread = threading.Thread(target=uv.run, name="uvicorn-test", daemon=True)

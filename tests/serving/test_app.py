@@ -4,8 +4,13 @@ what the server really does."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import numpy as np
 
+from serving.app import InferFastPath
+from serving.errors import PayloadTooLarge
 from tests.mlbus.kafka.support import read_events, wait_until
 from tests.serving.conftest import body, promote, running, save, wait_version
 
@@ -39,6 +44,15 @@ def test_metadata_health_and_inference(kafka, store, digits):
         )
         assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["label"]
         assert r.json()["outputs"][0]["data"] == label["data"]
+        # OIP allows the rows nested; a versioned infer answers the same.
+        nested = {"inputs": [{"name": "input", "shape": [5, 64], "datatype": "FP32",
+                              "data": rows.tolist()}]}  # fmt: skip
+        r = c.post("/v2/models/digits/versions/1/infer", json=nested)
+        assert r.status_code == 200 and r.json()["outputs"][0]["data"] == label["data"]
+        assert r.headers["content-type"] == "application/json"
+        # Only POST infers: FastAPI answers the rest of the path's methods.
+        r = c.get("/v2/models/digits/infer")
+        assert r.status_code == 405 and r.json()["type"] == "HTTPError"
 
 
 def test_bad_input_is_a_4xx_with_a_message(kafka, store, digits):
@@ -153,3 +167,57 @@ def test_openapi_document_describes_the_endpoints(kafka, store):
         # Not ready before anything was read? This server had nothing to load: ready.
         assert c.get("/v2/health/ready").json() == {"ready": True}
         assert c.get("/v2/models/digits").status_code == 404
+
+
+def test_the_infer_fast_path_routes_reads_and_answers():
+    """The ASGI middleware on its own: which requests it takes, how it reads the body (size
+    limit, chunks, a client gone), and what it sends."""
+    calls: list[tuple[str, str | None, bytes]] = []
+    passed: list[str] = []
+
+    async def infer(name, version, read):
+        try:
+            calls.append((name, version, await read()))
+        except PayloadTooLarge as e:
+            return 413, str(e).encode()
+        return 200, b'{"ok": true}'
+
+    async def app(scope, receive, send):
+        passed.append(f"{scope['method']} {scope['path']}")
+
+    fast = InferFastPath(app, infer=infer, limit=10)
+
+    def call(method, path, chunks=(b"{}",), headers=(), root_path=""):
+        sent: list[dict[str, Any]] = []
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                    for i, c in enumerate(chunks)] or [{"type": "http.disconnect"}]  # fmt: skip
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": method, "path": path, "root_path": root_path,
+                 "headers": list(headers)}  # fmt: skip
+        asyncio.run(fast(scope, receive, send))
+        return sent
+
+    sent = call("POST", "/v2/models/digits/infer")
+    assert calls[-1] == ("digits", None, b"{}")
+    assert sent[0]["status"] == 200 and (b"content-length", b"12") in sent[0]["headers"]
+    assert sent[1] == {"type": "http.response.body", "body": b'{"ok": true}'}
+    call("POST", "/v2/models/digits/versions/7/infer", chunks=(b"ab", b"cd", b""))
+    assert calls[-1] == ("digits", "7", b"abcd")
+    call("POST", "/serve/v2/models/m/infer", root_path="/serve")  # mounted under a prefix
+    assert calls[-1][0] == "m"
+    sent = call("POST", "/v2/models/m/infer", headers=[(b"content-length", b"11")])
+    assert sent[0]["status"] == 413 and len(calls) == 3  # refused before reading
+    sent = call("POST", "/v2/models/m/infer", chunks=(b"123456", b"789012"))
+    assert sent[0]["status"] == 413
+    assert call("POST", "/v2/models/m/infer", chunks=()) == []  # the client went away
+    others = ["GET /v2/models/m/infer", "POST /v2/models/m/infer/", "POST /v2/models/m/load",
+              "POST /v2/repository/index"]  # fmt: skip
+    for request in others:
+        call(*request.split())
+    assert passed == others

@@ -9,7 +9,8 @@ import time
 import numpy as np
 
 from mlbus.kafka.producer import EventProducer
-from serving.inference_log import MAX_FEATURES, InferenceLog, Sample, record
+from schemas.serving import InferenceLogged
+from serving.inference_log import MAX_FEATURES, POLL_EVERY, InferenceLog, Sample, record
 from serving.metrics import ServingMetrics
 from tests.mlbus.kafka.support import read_events, wait_until
 from tests.serving.conftest import promote, running, save, wait_version
@@ -59,6 +60,20 @@ def test_answered_requests_are_logged(kafka, store, digits):
     assert ok.latency_seconds > 0
 
 
+def test_a_request_without_an_id_is_logged_under_the_id_it_was_answered_with(kafka, store, digits):
+    promote(kafka, "digits", "1", save(store, digits.v1, "models/digits/v1"))
+    with running(kafka, store) as srv, srv.client() as c:
+        wait_version(srv, "digits", "1")
+        answered = [srv.infer("digits", digits.x[i : i + 1]).json()["id"] for i in range(3)]
+        logged = wait_until(
+            lambda: e if len(e := read_events(kafka, "inference.logged")) >= 3 else None,
+            "three inference.logged",
+        )  # fmt: skip
+        assert c.get("/v2/health/live").status_code == 200
+    assert len(set(answered)) == 3 and all(answered)
+    assert sorted(e.data.request_id for e in logged) == sorted(answered)
+
+
 def test_sampling_leaves_records_out():
     metrics = ServingMetrics()
     log = InferenceLog(producer=None, metrics=metrics, replica="r", sample_rate=0.25,  # type: ignore[arg-type]
@@ -84,6 +99,29 @@ def test_a_full_queue_drops_and_counts_without_blocking(kafka):
     logged = read_events(kafka, "inference.logged")
     assert sorted(e.data.request_id for e in logged) == [f"r{i}" for i in range(5)]
     assert metrics.registry.get_sample_value("mlbus_serve_inference_log_published_total") == 5
+
+
+def test_more_records_than_a_poll_interval_are_all_published(kafka):
+    metrics = ServingMetrics()
+    producer = EventProducer(kafka, source="test")
+    log = InferenceLog(producer, metrics, replica="r")
+    n = POLL_EVERY * 2 + 5
+    log.start()
+    for i in range(n):
+        assert log.offer(_sample(i))
+    log.close()
+    producer.close()
+    assert metrics.registry.get_sample_value("mlbus_serve_inference_log_published_total") == n
+    logged = read_events(kafka, "inference.logged")
+    assert sorted(e.data.request_id for e in logged) == sorted(f"r{i}" for i in range(n))
+
+
+def test_a_record_validates_as_built():
+    """`record` skips validating the feature names and rows it builds itself: they are what
+    the schema takes."""
+    for features in (4, 3000):
+        logged = record(_sample(2, features=features), "r")
+        assert InferenceLogged.model_validate(logged.model_dump()) == logged
 
 
 def test_wide_inputs_are_reduced_to_named_features():

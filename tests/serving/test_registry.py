@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from serving.errors import UnknownModel, UnknownVersion
-from serving.registry import Deployment, Registry
+from serving.registry import PARALLEL_ROW_SECONDS, Deployment, Registry
 
 
 def _deployment(version: str, weight: float) -> Deployment:
@@ -54,3 +54,38 @@ def test_swaps_keep_the_previous_version_and_in_flight_requests_finish_on_theirs
                 registry.get("m")
 
         asyncio.run(main())
+
+
+class _Threads(nn.Module):
+    """Records the intra-op threads each forward pass ran with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(torch.get_num_threads())
+        return self.linear(x)
+
+
+def test_a_heavy_model_forwards_on_the_threads_budget_a_light_one_on_one():
+    card = {"features": ["a", "b"], "classes": ["x", "y"], "mean": [0.0, 0.0], "std": [1.0, 1.0]}
+    heavy = Deployment("heavy", "1", "sha256:" + "1" * 64, _Threads().eval(), card,
+                       row_seconds=PARALLEL_ROW_SECONDS * 5)  # fmt: skip
+    light = Deployment("light", "1", "sha256:" + "2" * 64, _Threads().eval(), card,
+                       row_seconds=PARALLEL_ROW_SECONDS / 5)  # fmt: skip
+    x = np.ones((1, 2), dtype=np.float32)
+    with ThreadPoolExecutor(1) as pool:
+        registry = Registry(max_batch_size=8, max_wait_us=0, executor=pool, torch_threads=3)
+
+        async def main() -> None:
+            registry.loop = asyncio.get_running_loop()
+            registry.install(heavy)
+            registry.install(light)
+            for _ in range(2):  # alternating on the same thread
+                await heavy.batcher.infer(x)
+                await light.batcher.infer(x)
+
+        asyncio.run(main())
+    assert heavy.model.seen == [3, 3] and light.model.seen == [1, 1]
