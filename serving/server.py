@@ -94,7 +94,10 @@ class ModelServer:
         # registry.PARALLEL_ROW_SECONDS). Naive: a pool like a sync FastAPI endpoint's, one
         # forward per request, its threads sharing the cores.
         self.forward_workers = 1 if batching else min(32, (os.cpu_count() or 1) + 4)
-        self.torch_threads = torch_threads or max(1, usable_cores() // self.forward_workers)
+        self.torch_threads = (
+            torch_threads or config.torch_threads
+            or max(1, usable_cores() // self.forward_workers)
+        )  # fmt: skip
         self.executor = ThreadPoolExecutor(
             self.forward_workers, thread_name_prefix="mlbus-forward",
             initializer=torch.set_num_threads, initargs=(self.torch_threads,),

@@ -31,3 +31,15 @@ def test_forward_threads_share_the_cores_and_keep_their_own_count(kafka, store):
         assert sys.getswitchinterval() <= SWITCH_INTERVAL
     with running(kafka, store, torch_threads=1) as srv:
         assert _forward_threads(srv) == {1}
+
+
+def test_the_torch_threads_setting_overrides_the_automatic_share(kafka, store):
+    from mlbus.settings import ServingSettings
+    from serving.server import ModelServer
+
+    server = ModelServer(kafka, store, ServingSettings(torch_threads=3), stream_group=None)
+    try:
+        assert server.torch_threads == 3
+        assert server.executor.submit(torch.get_num_threads).result() == 3
+    finally:
+        server.stop()
