@@ -84,6 +84,20 @@ def check_windows(h: History, metrics: dict[tuple[str, str, int], Event]) -> Non
         assert m.latency_seconds.mean == pytest.approx(sum(lat) / len(lat), rel=1e-9)
 
 
+def finish_exactly(kafka: KafkaConfig, h: History, app: StreamsProcess, when: str) -> None:
+    """Wait for every window of `h` on serving.metrics, stop `app`, check them all exact."""
+    expected_windows = len(h.expected.requests)
+    done = wait_until(
+        lambda: (lambda e: e if len(tumbling(e)) >= expected_windows else None)(
+            unique(read_events(kafka, "serving.metrics"))
+        ),
+        lambda: f"all windows {when}\n{app.log()}", timeout=120,
+    )  # fmt: skip
+    assert app.stop() == 0, app.log()
+    check_windows(h, tumbling(done))
+    assert len(tumbling(done)) == expected_windows
+
+
 def test_metrics_drift_alerts_prometheus_then_identical_replay(kafka, run_streams):
     publish(kafka, baseline_events())
     h = history()
@@ -215,17 +229,8 @@ def test_restart_recovers_tables_from_the_changelog(kafka, run_streams):
     second = run_streams("--app-id", app_id, "--idle-seconds", IDLE)
     started(second)
     produce(kafka, records[half:])
-    expected_windows = len(h.expected.requests)
-    done = wait_until(
-        lambda: (lambda e: e if len(tumbling(e)) >= expected_windows else None)(
-            unique(read_events(kafka, "serving.metrics"))
-        ),
-        lambda: f"all windows after the restart\n{second.log()}", timeout=90,
-    )  # fmt: skip
-    assert second.stop() == 0, second.log()
     # every window exact: the open ones were recovered, nothing was counted twice
-    check_windows(h, tumbling(done))
-    assert len(tumbling(done)) == expected_windows
+    finish_exactly(kafka, h, second, "after the restart")
 
 
 def test_two_workers_share_the_log_and_one_takes_over_when_the_other_dies(kafka, run_streams):
@@ -252,13 +257,4 @@ def test_two_workers_share_the_log_and_one_takes_over_when_the_other_dies(kafka,
     busier, survivor = sorted(workers, key=consumed, reverse=True)
     busier.kill()
     produce(kafka, records[half:])
-    expected_windows = len(h.expected.requests)
-    done = wait_until(
-        lambda: (lambda e: e if len(tumbling(e)) >= expected_windows else None)(
-            unique(read_events(kafka, "serving.metrics"))
-        ),
-        lambda: f"all windows after the takeover\n{survivor.log()}", timeout=120,
-    )  # fmt: skip
-    assert survivor.stop() == 0, survivor.log()
-    check_windows(h, tumbling(done))
-    assert len(tumbling(done)) == expected_windows
+    finish_exactly(kafka, h, survivor, "after the takeover")
