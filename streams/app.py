@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 TABLE = "series"
 TICK_SECONDS = 0.5
+CHUNK = 5000  # records per processor call (one flush of outputs and changelog each)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,11 @@ class StreamsApp:
         # reaching it means the transport is not the batching one: a loud failure, not a
         # silently 20x slower app.
         async def on_batch(batches: dict[TP, list[Any]]) -> None:
-            await processor.handle([r for records in batches.values() for r in records])
+            records = [r for part in batches.values() for r in part]
+            # A catching-up fetch can hold tens of thousands of records: handled in chunks,
+            # so that faust's timers and the idle tick are not held up for seconds.
+            for start in range(0, len(records), CHUNK):
+                await processor.handle(records[start : start + CHUNK])
 
         app.batch_handlers[topic.get_topic_name()] = on_batch
 
