@@ -33,9 +33,6 @@ def mutations(document: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
 
     def vary(path: tuple[str, ...]) -> None:
-        parent = document
-        for key in path[:-1]:
-            parent = parent[key]
         for replacement in [*WRONG, "<drop>"]:
             copy = orjson.loads(orjson.dumps(document))
             target = copy
