@@ -233,6 +233,8 @@ class Projector:
         self.topics = frozenset(topics)
         self.max_event_bytes = max_event_bytes
         self._statements = {table: _insert_sql(table, store) for table in t.PROJECTED}
+        # a staging store on PostgreSQL: COPY into its heaps (see `LineageStore`)
+        self._copy = store.heaps
         self._widths = {table: len(table.columns) for table in t.PROJECTED}
         self._positions_sql = _positions_sql(store)
 
@@ -241,12 +243,19 @@ class Projector:
     ) -> ProjectStats:
         """Project every record, one transaction per batch of `batch_size` records."""
         total = ProjectStats()
-        for batch in _batches(records, batch_size):
+        for batch in batches(records, batch_size):
             total.add(self.project_batch(batch))
         return total
 
     def project_batch(self, records: list[LogRecord]) -> ProjectStats:
         """One transaction: the rows of `records` and the positions after them."""
+        rows, positions, stats = self.prepare(records)
+        with self.store.transaction("projecting a batch of the log") as conn:
+            self.write(conn, rows, positions)
+        return stats
+
+    def prepare(self, records: list[LogRecord]) -> tuple[Rows, list[tuple], ProjectStats]:
+        """The rows of `records` by table, the positions after them, and their counts."""
         rows: Rows = {table: [] for table in t.PROJECTED}
         events, skipped = rows[t.events], rows[t.skipped]
         topics, max_bytes, sha256 = self.topics, self.max_event_bytes, hashlib.sha256
@@ -286,33 +295,38 @@ class Projector:
             ))  # fmt: skip
             PROJECTIONS[event.type](event, (event_id, topic, partition, offset, when), rows)
         positions = [(topic, partition, end) for (topic, partition), end in ends.items()]
-        with self.store.transaction("projecting a batch of the log") as conn:
-            self._write(conn, rows, positions)
-        return ProjectStats(records=len(records), projected=len(seen), skipped=len(skipped),
-                            ignored=ignored, batches=1)  # fmt: skip
+        stats = ProjectStats(records=len(records), projected=len(seen), skipped=len(skipped),
+                             ignored=ignored, batches=1)  # fmt: skip
+        return rows, positions, stats
 
-    def _write(self, conn: Connection, rows: Rows, positions: list[tuple]) -> None:
-        # Straight to the driver's executemany with tuples built in column order: SQLAlchemy's
-        # per-row parameter processing costs more than SQLite's inserts themselves.
+    def write(self, conn: Connection, rows: Rows, positions: list[tuple]) -> None:
+        """`prepare`'s rows and positions, in `conn`'s transaction."""
+        # Straight to the driver's executemany (or COPY, into a staging store's heaps) with
+        # tuples built in column order: SQLAlchemy's per-row parameter processing costs more
+        # than SQLite's inserts themselves.
+        cursor = conn.connection.driver_connection.cursor() if self._copy else None
         for table, batch in rows.items():
             if batch:
                 if len(batch[0]) != self._widths[table]:  # a projection out of step
                     raise AssertionError(f"{table.name}: rows of {len(batch[0])} columns")
-                conn.exec_driver_sql(self._statements[table], batch)
+                if cursor is not None:
+                    with cursor.copy(self._statements[table]) as copy:
+                        for row in batch:
+                            copy.write_row(row)
+                else:
+                    conn.exec_driver_sql(self._statements[table], batch)
         if positions:
             conn.exec_driver_sql(self._positions_sql, positions)
 
 
-def _qualified(table: sa.Table, store: LineageStore) -> str:
-    return f'"{store.schema}"."{table.name}"' if store.schema else f'"{table.name}"'
-
-
 def _insert_sql(table: sa.Table, store: LineageStore) -> str:
-    marker = "%s" if store.backend == "postgresql" else "?"
     names = ", ".join(f'"{c.name}"' for c in table.columns)
+    if store.heaps:  # keyed and deduplicated at the swap
+        return f"COPY {store.heap(table)} ({names}) FROM STDIN"
+    marker = "%s" if store.backend == "postgresql" else "?"
     values = ", ".join(marker for _ in table.columns)
     return (
-        f"INSERT INTO {_qualified(table, store)} ({names}) VALUES ({values}) ON CONFLICT DO NOTHING"
+        f"INSERT INTO {store.qualified(table)} ({names}) VALUES ({values}) ON CONFLICT DO NOTHING"
     )
 
 
@@ -320,7 +334,7 @@ def _positions_sql(store: LineageStore) -> str:
     # never backwards: a batch read before a rebalance may commit after the partition's new
     # owner did
     marker, greatest = ("%s", "GREATEST") if store.backend == "postgresql" else ("?", "MAX")
-    name = _qualified(t.positions, store)
+    name = store.qualified(t.positions)
     return (
         f'INSERT INTO {name} ("topic", "partition", "next_offset") '
         f"VALUES ({marker}, {marker}, {marker}) "
@@ -329,7 +343,7 @@ def _positions_sql(store: LineageStore) -> str:
     )
 
 
-def _batches(records: Iterable[LogRecord], size: int) -> Iterator[list[LogRecord]]:
+def batches(records: Iterable[LogRecord], size: int) -> Iterator[list[LogRecord]]:
     iterator = iter(records)
     while batch := list(islice(iterator, size)):
         yield batch

@@ -39,10 +39,15 @@ class NotFound(LineageError):
     """The model, version or dataset asked about is not in the store."""
 
 
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def micros(value: datetime) -> int:
+    """Microseconds since the epoch, exact (timedelta arithmetic, no float)."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return int(value.timestamp()) * 1_000_000 + value.microsecond
+    return (value - _EPOCH_UTC) // _MICROSECOND
 
 
 _EPOCH = datetime(1970, 1, 1)
@@ -61,7 +66,16 @@ class LineageStore:
 
     `staging=True` (what `staging_for` makes) trades durability for speed: the store is a
     rebuild's scratch copy, thrown away if anything fails, projected without its indexes,
-    and indexed and made durable by `swap_in` before it replaces the live one."""
+    and indexed and made durable by `swap_in` before it replaces the live one.
+
+    On PostgreSQL a staging store's rows are appended to *heaps* (`heaps`): unlogged tables
+    of the same columns without a key, filled by COPY, which `swap_in` moves into the keyed
+    tables once, sorted and without duplicates. The key, checked insert by insert, is ~90 %
+    of the server's cost of an insert keyed by a random event id (measured: 6.0 s against
+    0.5 s for 800k rows, and 1.0 s to build the same key afterwards). On SQLite the key
+    costs less than handing the row to the driver, and a second copy of every row costs
+    more than it saves (measured), so a staging file is written keyed, in one transaction.
+    """
 
     def __init__(self, url: str, *, schema: str | None = None, staging: bool = False) -> None:
         self.url = url
@@ -104,6 +118,11 @@ class LineageStore:
                 # than keeping them up to date insert by insert (~15 % of a rebuild's inserts)
                 for table in t.metadata.sorted_tables:
                     conn.execute(CreateTable(table, if_not_exists=True))
+                for table in t.PROJECTED if self.heaps else ():
+                    conn.exec_driver_sql(
+                        f"CREATE UNLOGGED TABLE IF NOT EXISTS {self.heap(table)} "
+                        f"(LIKE {self.qualified(table)})"
+                    )
             else:
                 t.metadata.create_all(conn)
             if version != t.PROJECTION_VERSION:
@@ -111,6 +130,39 @@ class LineageStore:
                     sa.insert(t.meta),
                     [{"key": "projection_version", "value": t.PROJECTION_VERSION}],
                 )
+
+    @property
+    def heaps(self) -> bool:
+        """Whether this store's rows go to heaps first (see the class docstring)."""
+        return self.staging and self.backend == "postgresql"
+
+    def heap(self, table: sa.Table) -> str:
+        """The qualified name of `table`'s heap."""
+        return f'"{self.schema}"."heap_{table.name}"'
+
+    def qualified(self, table: sa.Table) -> str:
+        return f'"{self.schema}"."{table.name}"' if self.schema else f'"{table.name}"'
+
+    def consolidate(self) -> None:
+        """Move a staging store's heaps into its keyed tables (each table's rows sorted by
+        key; of a duplicate, the first copy in the log, lowest topic, partition, offset,
+        which is the copy an incremental projection commits first), then build the
+        indexes."""
+        if self.heaps:
+            with self._translated("consolidating the rebuilt store"), self.engine.begin() as conn:
+                # sorts of whole tables: in memory, not in temporary files
+                conn.exec_driver_sql("SET LOCAL work_mem = '512MB'")
+                for table in t.PROJECTED:
+                    names = ", ".join(f'"{c.name}"' for c in table.columns)
+                    key = [f'"{c.name}"' for c in table.primary_key.columns]
+                    order = key + [f'"{c}"' for c in ("topic", "partition", "offset")]
+                    conn.exec_driver_sql(
+                        f"INSERT INTO {self.qualified(table)} ({names}) "
+                        f"SELECT DISTINCT ON ({', '.join(key)}) {names} "
+                        f"FROM {self.heap(table)} ORDER BY {', '.join(order)}"
+                    )
+                    conn.exec_driver_sql(f"DROP TABLE {self.heap(table)}")
+        self.build_indexes()
 
     def build_indexes(self) -> None:
         """Create the indexes that a staging store is projected without (idempotent)."""
@@ -268,6 +320,15 @@ def _engine(url: str, schema: str | None, staging: bool = False) -> Engine:
 # -- rebuild: build elsewhere, then swap ------------------------------------------------------
 
 
+def _remove_files(path: str | None) -> None:
+    """A SQLite database file and its journals."""
+    if not path:
+        return
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+
+
 def staging_for(store: LineageStore) -> LineageStore:
     """An empty store beside `store` for a rebuild (a sibling file or schema)."""
     if store.backend == "sqlite":
@@ -275,9 +336,7 @@ def staging_for(store: LineageStore) -> LineageStore:
         if not target or target == ":memory:":
             raise LineageError("an in-memory SQLite store cannot be rebuilt by swapping")
         staging = target + ".rebuild"
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(staging + suffix):
-                os.remove(staging + suffix)
+        _remove_files(staging)  # a rebuild that was killed
         url = make_url(store.url).set(database=staging).render_as_string(False)
         new = LineageStore(url, staging=True)
     else:
@@ -291,10 +350,7 @@ def discard(staging: LineageStore) -> None:
     """Throw a staging store away (a rebuild that is not swapped in)."""
     staging.close()
     if staging.backend == "sqlite":
-        path = make_url(staging.url).database
-        for suffix in ("", "-wal", "-shm"):
-            if path and os.path.exists(path + suffix):
-                os.remove(path + suffix)
+        _remove_files(make_url(staging.url).database)
     else:
         staging.drop()
         staging.close()
@@ -312,7 +368,7 @@ def swap_in(staging: LineageStore, store: LineageStore) -> None:
     """Replace `store`'s contents with `staging`'s in one step (file rename or schema rename
     in one transaction); readers see the old store or the new one, never a mix."""
     if staging.staging:
-        staging.build_indexes()
+        staging.consolidate()
     staging.close()
     store.close()
     if store.backend == "sqlite":
@@ -331,9 +387,7 @@ def swap_in(staging: LineageStore, store: LineageStore) -> None:
                 os.remove(target + suffix)
         os.replace(source, target)
         _fsync(os.path.dirname(os.path.abspath(target)))  # the rename itself
-        for suffix in ("-wal", "-shm"):
-            if os.path.exists(source + suffix):
-                os.remove(source + suffix)
+        _remove_files(source)  # the staging file's journals, if any
         return
     with store._translated("swapping in the rebuilt store"), store.engine.begin() as conn:
         conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{store.schema}" CASCADE'))

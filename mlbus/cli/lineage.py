@@ -118,7 +118,7 @@ def dump(schema: Schema = None) -> None:
 @lineage_app.command("rebuild")
 def rebuild(
     source: Annotated[str, typer.Option(help="kafka or archive")] = "kafka",
-    batch: Annotated[int, typer.Option(help="records per SQL transaction", min=1)] = 5000,
+    batch: Annotated[int, typer.Option(help="records per batch to the writer", min=1)] = 5000,
     allow_empty: Annotated[
         bool, typer.Option("--allow-empty", help="swap in an empty result over a non-empty store")
     ] = False,
@@ -126,14 +126,30 @@ def rebuild(
 ) -> None:
     """Project the whole log (from offset 0, or from the archive) into a fresh store, then
     swap it in. Stop the live projector first; it resumes from the rebuilt positions."""
-    from consumers.lineage.projector import TOPICS, Projector
+    from rich.progress import Progress, TextColumn, TimeElapsedColumn
+
+    from consumers.lineage.projector import TOPICS
+    from consumers.lineage.rebuild import rebuild as project_all
     from consumers.lineage.store import discard, staging_for, swap_in
 
     records = _records(source, TOPICS)
     store = _store(schema, create=False)
     staging = staging_for(store)
     started = time.monotonic()
-    stats = Projector(staging).project(records, batch_size=batch)
+    try:
+        with Progress(
+            TextColumn("[bold]rebuilding from {task.fields[source]}"),
+            TextColumn("{task.fields[records]:,} records"), TimeElapsedColumn(),
+            console=err_console, transient=True,
+        ) as bar:  # fmt: skip
+            task = bar.add_task("rebuild", total=None, source=source, records=0)
+            stats = project_all(
+                staging, records, batch_size=batch,
+                progress=lambda n: bar.update(task, records=n),
+            )  # fmt: skip
+    except BaseException:
+        discard(staging)
+        raise
     if stats.records == 0 and not allow_empty and _has_events(store):
         # an empty source (wrong prefix, empty archive) must not wipe a good store
         discard(staging)

@@ -4,13 +4,14 @@ command run against the test's broker, topic prefix and store."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
 from consumers.lineage.store import LineageStore
 from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.reader import LogRecord
 from tests.conftest import unique
 from tests.mlbus.test_cli import MLBUS, clean_env, mlbus, ok  # noqa: F401 - re-exported
 
@@ -34,6 +35,19 @@ def fresh_store(like: LineageStore) -> LineageStore:
         assert path
         return LineageStore.open(f"sqlite:///{path}.{unique('other')}")
     return LineageStore.open(like.url, schema=unique("lineage_"))
+
+
+def rebuilt_store(like: LineageStore, records: Iterable[LogRecord]) -> LineageStore:
+    """`records` rebuilt the way `mlbus lineage rebuild` does (a staging store, the writer
+    process, the swap) into a fresh store beside `like`; the caller drops it."""
+    from consumers.lineage.rebuild import rebuild
+    from consumers.lineage.store import staging_for, swap_in
+
+    target = fresh_store(like)
+    staging = staging_for(target)
+    rebuild(staging, records)
+    swap_in(staging, target)
+    return LineageStore.open(target.url, schema=target.schema)
 
 
 def cli_env(kafka: KafkaConfig, data_dir: Path, metadata_url: str) -> dict[str, str]:

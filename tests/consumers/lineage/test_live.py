@@ -17,13 +17,13 @@ import pytest
 from consumers.archive.reader import read_archive
 from consumers.archive.writer import Archiver
 from consumers.lineage.live import LiveProjector
-from consumers.lineage.projector import TOPICS, Projector
+from consumers.lineage.projector import TOPICS
 from consumers.lineage.store import LineageStore
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import read_log
 from mlbus.storage import ObjectStore
-from tests.consumers.lineage.conftest import MLBUS, cli_env, fresh_store
+from tests.consumers.lineage.conftest import MLBUS, cli_env, rebuilt_store
 from tests.consumers.lineage.generator import generate_log, produce
 from tests.mlbus.kafka.support import wait_until
 
@@ -38,12 +38,6 @@ def positions(store: LineageStore) -> dict[tuple[str, int], int]:
 def caught_up(store: LineageStore, ends: dict[tuple[str, int], int]) -> bool:
     found = positions(store)
     return all(found.get(tp, 0) >= end for tp, end in ends.items() if tp[0] in TOPICS)
-
-
-def rebuilt(kafka: KafkaConfig, like: LineageStore) -> LineageStore:
-    other = fresh_store(like)
-    Projector(other).project(read_log(kafka, TOPICS))
-    return other
 
 
 def test_incremental_projection_equals_rebuild_from_offset_zero_and_from_the_archive(
@@ -69,7 +63,7 @@ def test_incremental_projection_equals_rebuild_from_offset_zero_and_from_the_arc
     assert counts["model_versions"] > 1000 and counts["skipped"] > 0
     assert counts["decisions"] > 1000 and counts["lineage_edges"] > 10_000
 
-    other = rebuilt(kafka, store)
+    other = rebuilt_store(store, read_log(kafka, TOPICS))
     try:
         assert other.dump_json() == store.dump_json()
         assert other.positions() == store.positions()
@@ -83,9 +77,8 @@ def test_incremental_projection_equals_rebuild_from_offset_zero_and_from_the_arc
         stop_at_end=True, install_signal_handlers=False
     )
     assert stats.records >= len(records)
-    from_archive = fresh_store(store)
+    from_archive = rebuilt_store(store, read_archive(archive, TOPICS))
     try:
-        Projector(from_archive).project(read_archive(archive, TOPICS))
         assert from_archive.dump_json() == store.dump_json()
     finally:
         from_archive.drop()
@@ -149,7 +142,7 @@ def test_sigkill_at_random_points_then_restart_equals_a_clean_rebuild(
         if final.poll() is None:
             final.kill()
             final.wait()
-    clean = rebuilt(kafka, store)
+    clean = rebuilt_store(store, read_log(kafka, TOPICS))
     try:
         assert clean.dump_json() == store.dump_json()
         assert clean.positions() == store.positions()

@@ -1,0 +1,168 @@
+"""A rebuild's projection: the whole log into a staging store (`staging_for`), in two
+processes. This one reads the records and turns them into rows (`Projector.prepare`: decode,
+validate, build the tuples); a writer process writes each batch's rows into the staging
+store while this one prepares the next. Measured on the bench's log of 1M records into
+SQLite, preparing takes ~12 µs a record and writing ~12 µs: in one process they add up, in
+two they overlap. Shipping the rows to the writer (pickled, through a pipe) costs ~3.5 µs a
+record, split between the two.
+
+The staging store is written in one transaction: nobody reads it before `swap_in`, and a
+rebuild that fails is thrown away (`discard`), so per-batch commits would buy nothing (they
+cost ~20 % of a rebuild into SQLite, each one writing out the index pages it touched).
+
+The writer stops when its pipe closes, whether this process finished, failed or was killed;
+its transaction is then rolled back and nothing of the rebuild is left but the staging store
+that the next rebuild deletes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import pickle
+from collections.abc import Callable, Iterable
+from multiprocessing.connection import Connection as Pipe
+
+from consumers.lineage import tables as t
+from consumers.lineage.projector import DEFAULT_BATCH, Projector, ProjectStats, Rows, batches
+from consumers.lineage.store import LineageError, LineageStore
+from mlbus.errors import TransientError
+from mlbus.kafka.reader import LogRecord
+
+log = logging.getLogger("consumers.lineage")
+
+#: Seconds the writer is given to stop after its pipe closed, before it is terminated.
+STOP_SECONDS = 10.0
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def rebuild(
+    staging: LineageStore,
+    records: Iterable[LogRecord],
+    batch_size: int = DEFAULT_BATCH,
+    *,
+    writer_process: bool | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ProjectStats:
+    """Project every record into `staging` (a store made by `staging_for`) in one
+    transaction; rows written by a writer process unless `writer_process` is False (the
+    default: a writer process when this process may use more than one core). `progress`
+    is called with the number of records read so far after each batch."""
+    if not staging.staging:
+        raise LineageError("a rebuild writes into a staging store (staging_for), not a live one")
+    projector = Projector(staging)
+    total = ProjectStats()
+    if writer_process is None:
+        writer_process = usable_cores() > 1
+    if not writer_process:
+        with staging.transaction("rebuilding the lineage store") as conn:
+            for batch in batches(records, batch_size):
+                rows, positions, stats = projector.prepare(batch)
+                projector.write(conn, rows, positions)
+                total.add(stats)
+                if progress:
+                    progress(total.records)
+        return total
+    with Writer(staging) as writer:
+        for batch in batches(records, batch_size):
+            rows, positions, stats = projector.prepare(batch)
+            writer.write(rows, positions)
+            total.add(stats)
+            if progress:
+                progress(total.records)
+        writer.commit()
+    return total
+
+
+class Writer:
+    """A process that writes batches of rows into a staging store, in one transaction,
+    committed by `commit`; closed without `commit` (an error, an interrupt), it rolls back."""
+
+    def __init__(self, store: LineageStore) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        rows_out, self._rows = context.Pipe(duplex=False)
+        self._outcome, outcome_in = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_write_rows,
+            args=(store.url, store.schema, rows_out, outcome_in),
+            name="mlbus-lineage-writer",
+            daemon=True,
+        )
+        self._process.start()
+        # only the writer holds these ends now: when it exits, this side sees the pipe close
+        rows_out.close()
+        outcome_in.close()
+
+    def write(self, rows: Rows, positions: list[tuple]) -> None:
+        """Hand over a prepared batch (waits while the writer still writes the previous)."""
+        tables = [rows[table] for table in t.PROJECTED]
+        self._send(pickle.dumps((tables, positions), protocol=5))
+
+    def _send(self, payload: bytes) -> None:
+        try:
+            self._rows.send_bytes(payload)
+        except OSError:  # the writer is gone: say why
+            self._raise_failure()
+
+    def commit(self) -> None:
+        self._send(b"")  # the end: commit
+        self._raise_failure(expect_ok=True)
+
+    def _raise_failure(self, expect_ok: bool = False) -> None:
+        try:
+            kind, detail = self._outcome.recv()
+        except (EOFError, OSError):
+            self._process.join(STOP_SECONDS)
+            raise LineageError(
+                f"the rebuild's writer process exited (code {self._process.exitcode}) "
+                "without a word"
+            ) from None
+        if kind == "committed" and expect_ok:
+            return
+        raise (TransientError if kind == "transient" else LineageError)(detail)
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._rows.close()  # a writer still waiting for rows rolls back and exits
+        self._process.join(STOP_SECONDS)
+        if self._process.is_alive():
+            log.warning("the rebuild's writer did not stop in %ss: terminating it", STOP_SECONDS)
+            self._process.terminate()
+            self._process.join()
+        self._outcome.close()
+
+
+def _write_rows(url: str, schema: str | None, rows: Pipe, outcome: Pipe) -> None:
+    """The writer process: batches from `rows` until an empty message (commit) or the
+    pipe's end (roll back); what happened goes back through `outcome`."""
+    store = LineageStore(url, schema=schema, staging=True)
+    projector = Projector(store)
+    answer: tuple[str, str | None]
+    try:
+        with store.transaction("writing the rebuilt lineage store") as conn:
+            while payload := rows.recv_bytes():
+                tables, positions = pickle.loads(payload)
+                projector.write(conn, dict(zip(t.PROJECTED, tables, strict=True)), positions)
+        answer = ("committed", None)
+    except EOFError:
+        return  # the rebuild is gone; the transaction was rolled back
+    except TransientError as e:
+        answer = ("transient", str(e))
+    except LineageError as e:
+        answer = ("error", str(e))
+    except Exception as e:  # a defect: reported to the rebuild, which raises it
+        answer = ("error", f"the rebuild's writer failed: {type(e).__name__}: {e}")
+    finally:
+        store.close()
+    with contextlib.suppress(OSError):  # the rebuild may be gone
+        outcome.send(answer)
