@@ -155,9 +155,12 @@ def decode_dict(
     expected_type: str,
     max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
 ) -> dict[str, Any]:
-    """`decode` into plain dicts instead of models, ~2x faster (schemas/dicts.py): the
-    same rules, the same `InvalidEvent` reasons; fields a record leaves out are left out
-    (read optional ones with `.get`). For consumers whose per-record cost matters."""
+    """`decode` into plain dicts instead of models (schemas/dicts.py): the same rules, the
+    same `InvalidEvent` reasons, and what `decode(...).model_dump()` holds (fields a record
+    leaves out take their defaults). For consumers whose per-record cost matters: no model
+    instances are built (measured today: 3.1 against 3.7 µs for a small `inference.logged`
+    record, 3.8 against 4.7 µs a record over the lineage topics; the same for a record
+    whose time goes into parsing a long list of numbers)."""
     _check_size(value, max_bytes)
     model = EVENT_MODELS.get(expected_type)
     if model is None:
@@ -168,9 +171,7 @@ def decode_dict(
         pass
     # Not a valid structured event of this type: `decode` says why (or accepts the record
     # in binary mode, whose attributes travel in headers).
-    return decode(value, headers, expected_type=expected_type, max_bytes=max_bytes).model_dump(
-        exclude_unset=True
-    )
+    return decode(value, headers, expected_type=expected_type, max_bytes=max_bytes).model_dump()
 
 
 def _check_size(value: bytes | None, max_bytes: int) -> None:

@@ -10,6 +10,14 @@ The staging store is written in one transaction: nobody reads it before `swap_in
 rebuild that fails is thrown away (`discard`), so per-batch commits would buy nothing (they
 cost ~20 % of a rebuild into SQLite, each one writing out the index pages it touched).
 
+Both processes run the cyclic garbage collector less often while they rebuild
+(`fewer_collections`): each batch makes and frees ~10^5 tuples, dicts and lists, and at
+CPython's default threshold (a young collection every 700 new containers) the collector took
+~10 % of a rebuild (measured, 1M records into SQLite: 58.7k/s at the default, 67-69k/s
+with a young collection every 100,000; 64-66k/s with the collector off). What a rebuild
+makes is freed by reference counting; the collector only has cycles to find in the rare
+exception that carries a traceback.
+
 The writer stops when its pipe closes, whether this process finished, failed or was killed;
 its transaction is then rolled back and nothing of the rebuild is left but the staging store
 that the next rebuild deletes.
@@ -18,11 +26,12 @@ that the next rebuild deletes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
 import pickle
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection as Pipe
 
 from consumers.lineage import tables as t
@@ -35,6 +44,10 @@ log = logging.getLogger("consumers.lineage")
 
 #: Seconds the writer is given to stop after its pipe closed, before it is terminated.
 STOP_SECONDS = 10.0
+#: The collector's thresholds while a rebuild runs (see the module doc; CPython's default
+#: is (700, 10, 10)): a young collection every 100,000 new containers, the older
+#: generations almost never.
+REBUILD_GC_THRESHOLDS = (100_000, 50, 1000)
 
 
 def usable_cores() -> int:
@@ -42,6 +55,18 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def fewer_collections() -> Iterator[None]:
+    """Run the cyclic garbage collector at REBUILD_GC_THRESHOLDS inside the block, and as
+    before after it (process-wide: the collector has one setting per process)."""
+    before = gc.get_threshold()
+    gc.set_threshold(*REBUILD_GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 def rebuild(
@@ -63,7 +88,7 @@ def rebuild(
     if writer_process is None:
         writer_process = usable_cores() > 1
     if not writer_process:
-        with staging.transaction("rebuilding the lineage store") as conn:
+        with fewer_collections(), staging.transaction("rebuilding the lineage store") as conn:
             for batch in batches(records, batch_size):
                 rows, positions, stats = projector.prepare(batch)
                 projector.write(conn, rows, positions)
@@ -71,7 +96,7 @@ def rebuild(
                 if progress:
                     progress(total.records)
         return total
-    with Writer(staging) as writer:
+    with fewer_collections(), Writer(staging) as writer:
         for batch in batches(records, batch_size):
             rows, positions, stats = projector.prepare(batch)
             writer.write(rows, positions)
@@ -149,7 +174,7 @@ def _write_rows(url: str, schema: str | None, rows: Pipe, outcome: Pipe) -> None
     projector = Projector(store)
     answer: tuple[str, str | None]
     try:
-        with store.transaction("writing the rebuilt lineage store") as conn:
+        with fewer_collections(), store.transaction("writing the rebuilt lineage store") as conn:
             while payload := rows.recv_bytes():
                 tables, positions = pickle.loads(payload)
                 projector.write(conn, dict(zip(t.PROJECTED, tables, strict=True)), positions)

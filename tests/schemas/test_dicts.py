@@ -24,7 +24,7 @@ def outcome(fn: Any, value: bytes, topic: str) -> tuple[str, Any]:
         event = fn(value, expected_type=topic)
     except InvalidEvent as e:
         return "refused", e.reason
-    return "accepted", event if isinstance(event, dict) else event.model_dump(exclude_unset=True)
+    return "accepted", event if isinstance(event, dict) else event.model_dump()
 
 
 def mutations(document: dict[str, Any]) -> list[dict[str, Any]]:
@@ -90,17 +90,32 @@ def test_every_single_field_mutation_is_judged_the_same_both_ways(log):
     assert refused > compared / 3  # the mutations really exercise the refusals
 
 
-def test_optional_fields_left_out_stay_out_and_the_dict_is_plain():
+def test_fields_left_out_take_the_models_defaults_and_the_dict_is_plain():
     value = orjson.dumps({
         "specversion": "1.0", "id": "e1", "source": "t", "type": "inference.logged",
         "data": {"request_id": "r", "model": "m", "version": "1", "replica": "a",
                  "latency_seconds": 0.01},
     })  # fmt: skip
     event = decode_dict(value, expected_type="inference.logged")
-    assert event["data"] == {
-        "request_id": "r", "model": "m", "version": "1", "replica": "a", "latency_seconds": 0.01
-    }  # fmt: skip
-    assert type(event) is dict and "time" not in event
+    assert event == decode(value, expected_type="inference.logged").model_dump()
+    assert event["data"]["ok"] is True and event["data"]["predictions"] == []
+    assert type(event) is dict and event["time"] is None
+
+
+def test_a_default_that_is_a_model_or_mutable_comes_as_a_fresh_plain_value():
+    # pipeline.defined: `split` defaults to a Split(), `tags` to {}
+    value = orjson.dumps({
+        "specversion": "1.0", "id": "e1", "source": "t", "type": "pipeline.defined",
+        "data": {"name": "p", "revision": 1, "dataset": "d", "model": "m", "family": "mlp",
+                 "policy": {"name": "default"}, "actor": "a"},
+    })  # fmt: skip
+    first = decode_dict(value, expected_type="pipeline.defined")
+    second = decode_dict(value, expected_type="pipeline.defined")
+    assert first == decode(value, expected_type="pipeline.defined").model_dump()
+    assert type(first["data"]["split"]) is dict and type(first["data"]["policy"]) is dict
+    first["data"]["tags"]["x"] = "y"
+    first["data"]["split"]["test"] = 0.5
+    assert second["data"]["tags"] == {} and second["data"]["split"]["test"] == 0.15
 
 
 def test_a_model_with_a_custom_validator_has_no_dict_form():

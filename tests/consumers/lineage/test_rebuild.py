@@ -5,6 +5,7 @@ left behind."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 from collections.abc import Iterator
 
@@ -13,7 +14,7 @@ import sqlalchemy as sa
 
 from consumers.lineage import tables as t
 from consumers.lineage.projector import Projector
-from consumers.lineage.rebuild import rebuild
+from consumers.lineage.rebuild import REBUILD_GC_THRESHOLDS, rebuild
 from consumers.lineage.store import LineageError, LineageStore, discard, staging_for, swap_in
 from mlbus.errors import TransientError
 from mlbus.kafka.reader import LogRecord
@@ -103,3 +104,25 @@ def test_a_failing_writer_is_reported_by_the_rebuild(store: LineageStore) -> Non
         assert multiprocessing.active_children() == []
     finally:
         discard(staging)
+
+
+def test_the_collector_runs_less_often_during_a_rebuild_and_as_before_after(
+    store: LineageStore,
+) -> None:
+    before = gc.get_threshold()
+    seen: list[tuple[int, int, int]] = []
+
+    def source() -> Iterator[LogRecord]:
+        yield from as_log_records(generate_log(300, seed=4))
+        seen.append(gc.get_threshold())
+        raise RuntimeError("stop")
+
+    for writer_process in (True, False):
+        staging = staging_for(store)
+        try:
+            with pytest.raises(RuntimeError, match="stop"):
+                rebuild(staging, source(), batch_size=100, writer_process=writer_process)
+        finally:
+            discard(staging)
+        assert gc.get_threshold() == before  # restored, after a failure too
+    assert seen == [REBUILD_GC_THRESHOLDS, REBUILD_GC_THRESHOLDS]
