@@ -204,8 +204,10 @@ class LineageStore:
     def _translated(self, what: str) -> Iterator[None]:
         try:
             yield
-        except OperationalError as e:  # connection lost, database locked: worth a retry
-            raise TransientError(f"{what}: {_short(e)}") from None
+        except OperationalError as e:
+            if self.backend != "sqlite" or _sqlite_transient(e):
+                raise TransientError(f"{what}: {_short(e)}") from None
+            raise LineageError(f"{what}: {_short(e)}") from None
         except (DBAPIError, SQLAlchemyError) as e:
             raise LineageError(f"{what}: {_short(e)}") from None
 
@@ -272,6 +274,17 @@ def _converter(column: sa.Column) -> Any:
 def _plain(name: str) -> str:
     # names are sqlalchemy `quoted_name`s: plain str keys for the JSON encoder
     return name.encode().decode()
+
+
+#: What SQLite says, as an OperationalError, of a state that passes (another connection's
+#: lock, I/O trouble, a full disk). It says "no such table", "no such column" or a syntax
+#: error as an OperationalError too: those a retry does not cure.
+_SQLITE_TRANSIENT = ("locked", "busy", "disk i/o", "unable to open", "disk is full")
+
+
+def _sqlite_transient(error: OperationalError) -> bool:
+    message = str(error.orig).lower()
+    return any(words in message for words in _SQLITE_TRANSIENT)
 
 
 def _short(error: Exception, limit: int = 300) -> str:

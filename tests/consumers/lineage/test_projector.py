@@ -4,6 +4,7 @@ idempotence, bad input, projection version."""
 from __future__ import annotations
 
 import random
+import sqlite3
 from datetime import UTC, datetime
 
 import pytest
@@ -12,7 +13,8 @@ import sqlalchemy as sa
 from consumers.lineage import tables as t
 from consumers.lineage.projector import Projector
 from consumers.lineage.queries import LineageQueries
-from consumers.lineage.store import LineageStore, NotFound
+from consumers.lineage.store import LineageError, LineageStore, NotFound
+from mlbus.errors import TransientError
 from mlbus.kafka.reader import LogRecord
 from schemas.codec import STRUCTURED_HEADERS, encode_new
 from schemas.models import ModelPromoted
@@ -196,3 +198,24 @@ def test_a_rebuild_is_swapped_in_with_every_index_and_the_live_journal(
                 assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     finally:
         reopened.close()
+
+
+def test_a_missing_table_is_an_error_and_a_locked_database_a_transient_one(
+    store: LineageStore, tmp_path
+) -> None:
+    # a missing table: no retry cures it (SQLite says it as an OperationalError)
+    with pytest.raises(LineageError, match="no_such_table"), store.reading() as conn:
+        conn.exec_driver_sql('SELECT * FROM "no_such_table"')
+    # another connection's lock passes: worth a retry
+    path = tmp_path / "locked.db"
+    locked = LineageStore.open(f"sqlite:///{path}")
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        locked.engine.dispose()
+        with pytest.raises(TransientError, match="locked"), locked.transaction() as conn:
+            conn.exec_driver_sql("PRAGMA busy_timeout = 0")
+            conn.exec_driver_sql('DELETE FROM "positions"')
+    finally:
+        holder.close()
+        locked.close()
