@@ -13,7 +13,8 @@ concurrent clients: requests/s, p50 and p99 latency, and mlbus/naive ratio of re
 
 Each server sets torch's intra-op threads of its own forward threads (serving/server.py):
 the cores shared among them, so both use every core and neither oversubscribes them (naive:
-six pool threads, one torch thread each; mlbus: one worker, a torch thread per core).
+six pool threads, one torch thread each; mlbus: serving.server.PIPELINE forward threads, one
+batch in flight each, the cores divided among them: one thread, a torch thread per core).
 `--forward-threads N` sets both to N; `--torch-threads` is the process default, which the
 single-sample forward time is measured with.
 

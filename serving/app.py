@@ -19,7 +19,6 @@ import logging
 import re
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -36,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import mlbus
 from mlbus.kafka.reader import read_events
+from schemas.envelope import new_event_id
 from serving.errors import (
     NotReady,
     PayloadTooLarge,
@@ -345,7 +345,7 @@ def create_app(server: ModelServer) -> FastAPI:
             deployment = server.registry.get(name, version)
             decoded = decode_request(doc, deployment)
             # One id for the response and the inference log, so the two can be joined.
-            x, request_id = decoded.x, decoded.id or str(uuid.uuid4())
+            x, request_id = decoded.x, decoded.id or new_event_id()
             answer = await server.infer(deployment, x, protocol="http", request_id=request_id,
                                         started=started)  # fmt: skip
         except ServingError as e:

@@ -143,6 +143,7 @@ class Registry:
         batching: bool = True,
         executor: Executor,
         torch_threads: int = 1,
+        max_in_flight: int = 1,
         on_batch: Callable[[Deployment, int], None] | None = None,
         on_change: Callable[[str, Slot | None, Slot | None], None] | None = None,
     ) -> None:
@@ -151,6 +152,7 @@ class Registry:
         self.batching = batching
         self.executor = executor
         self.torch_threads = torch_threads  # intra-op threads a forward thread may use
+        self.max_in_flight = max_in_flight
         self.on_batch = on_batch
         self.on_change = on_change
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -209,6 +211,7 @@ class Registry:
             deployment.batcher = MicroBatcher(
                 forward, max_batch_size=self.max_batch_size, max_wait_us=self.max_wait_us,
                 executor=self.executor, batching=self.batching,
+                max_in_flight=self.max_in_flight,
             )  # fmt: skip
         with self._lock:
             old = self._slots.get(deployment.name)

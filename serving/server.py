@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import socket
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +25,7 @@ from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.settings import ServingSettings
 from mlbus.storage import ObjectStore
+from schemas.envelope import new_event_id
 from serving.deployer import Deployer
 from serving.errors import ServingError
 from serving.inference_log import InferenceLog, Sample
@@ -40,6 +41,42 @@ SOURCE = "mlbus/serving"
 #: the bench's wide CNN, a 28 ms batch forward took 154 ms beside a busy Python thread at
 #: 5 ms, 38 ms at 0.2 ms.
 SWITCH_INTERVAL = 0.0002
+#: The cyclic garbage collector's first threshold while a server runs (CPython's default is
+#: 700). A request holds ~50 tracked objects (dicts, lists, tasks, futures) while it is in
+#: flight; at 700 a collection ran every ~15 requests, found the in-flight ones alive and
+#: moved them to the older generations, and every few seconds that triggered a full
+#: collection of the ~1M objects torch, FastAPI and pydantic leave at import, holding the GIL
+#: for 140-180 ms (the bench's wide CNN at 64 clients: ~0.3-0.5 s of every 8 s in the
+#: collector). Above what the requests in flight hold, a collection runs only when garbage
+#: really accumulates.
+GC_THRESHOLD = 10_000
+#: Batches in flight per model with micro-batching, one per forward thread (see
+#: serving/batcher.py): one, a heavy model's forward passes on every usable core. Measured
+#: on the bench's 2 cores (the wide CNN, mlbus / naive req/s at 1, 16, 64 clients): one batch
+#: on both cores 1.42-1.54x, 2.47-3.07x, 4.26-4.59x; two batches on one core each (the next
+#: one gathering while one runs) 0.97-0.99x, 2.10-2.21x, 4.36-4.45x: a lone batch ran on
+#: half the cores, and the overlap gained nothing that one batch on both did not. A lone
+#: batch taking both cores beside the idle second thread oversubscribed them once another
+#: batch started (3.92x at 64 clients). Switching by load (one batch on both cores, on a
+#: thread of its own, while batches do not fill their share; two on one core each, never
+#: beside it, once they do) kept 1 and 16 clients but lost at 64 (3.97-4.51x).
+PIPELINE = 1
+_gc_frozen = False
+
+
+def tune_gc() -> None:
+    """Raise the collector's first threshold to GC_THRESHOLD and, once per process, move
+    what exists at a server's start (imports, the app: nothing it will retire) out of the
+    collector's reach with `gc.freeze()`, so that a full collection walks only what was
+    made since. Collected first, so that no garbage is frozen."""
+    global _gc_frozen
+    threshold, *older = gc.get_threshold()
+    if 0 < threshold < GC_THRESHOLD:  # 0: automatic collection is off, and stays so
+        gc.set_threshold(GC_THRESHOLD, *older)
+    if not _gc_frozen:
+        _gc_frozen = True
+        gc.collect()
+        gc.freeze()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +125,11 @@ class ModelServer:
         self.api_token = api_token
         self.replica = replica_id(config.replica)
         self.metrics = ServingMetrics()
-        # Micro-batching: one worker thread runs every forward pass, with torch's intra-op
-        # threads on all the cores for a heavy model (the event loop's work and the forward
-        # passes mostly take turns: a batch is answered, then the next one gathers; see
-        # registry.PARALLEL_ROW_SECONDS). Naive: a pool like a sync FastAPI endpoint's, one
-        # forward per request, its threads sharing the cores.
-        self.forward_workers = 1 if batching else min(32, (os.cpu_count() or 1) + 4)
+        # Micro-batching: PIPELINE forward threads, one batch each, the usable cores shared
+        # among their intra-op threads for a heavy model (registry.PARALLEL_ROW_SECONDS).
+        # Naive: a pool like a sync FastAPI endpoint's, one forward per request, its threads
+        # sharing the cores.
+        self.forward_workers = PIPELINE if batching else min(32, (os.cpu_count() or 1) + 4)
         self.torch_threads = (
             torch_threads or config.torch_threads
             or max(1, usable_cores() // self.forward_workers)
@@ -105,6 +141,7 @@ class ModelServer:
         self.registry = Registry(
             max_batch_size=config.max_batch_size, max_wait_us=config.max_wait_us,
             batching=batching, executor=self.executor, torch_threads=self.torch_threads,
+            max_in_flight=self.forward_workers,
             on_batch=self._on_batch,
             on_change=self._on_change,
         )  # fmt: skip
@@ -134,6 +171,7 @@ class ModelServer:
         # Process-wide, and left so: a server owns its process (`mlbus serve`), and two
         # servers in one process (tests, the benchmark) want the same.
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+        tune_gc()  # before the deployer loads the first model (a deployment is never frozen)
         self.inference_log.start()
         self.deployer.start()
         if self.stream_group is not None:
@@ -183,7 +221,7 @@ class ModelServer:
         requests.inc()
         latencies.observe(latency)
         self.inference_log.offer(
-            Sample(deployment.name, deployment.version, request_id or str(uuid.uuid4()),
+            Sample(deployment.name, deployment.version, request_id or new_event_id(),
                    latency, True, None, labels, deployment.features, x)
         )  # fmt: skip
         return Answer(deployment, probabilities, labels)
@@ -207,7 +245,7 @@ class ModelServer:
         if deployment is not None:
             message = str(error) if isinstance(error, ServingError) else repr(error)
             self.inference_log.offer(
-                Sample(deployment.name, deployment.version, request_id or str(uuid.uuid4()),
+                Sample(deployment.name, deployment.version, request_id or new_event_id(),
                        latency, False, message, None, deployment.features, x)
             )  # fmt: skip
 

@@ -5,12 +5,14 @@ answers the requests that reach it."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from serving.batcher import MicroBatcher
+from serving.errors import NotReady
 
 
 def _run(batcher: MicroBatcher, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -77,3 +79,175 @@ def test_no_wait_or_short_wait_still_answers(wait):
         batcher = MicroBatcher(lambda x: x + 1, max_batch_size=4, max_wait_us=wait, executor=pool)
         out = _run(batcher, [np.zeros((1, 1))] * 9)
     assert [float(o[0, 0]) for o in out] == [1.0] * 9
+
+
+# -- batches in flight (max_in_flight > 1) -------------------------------------------------
+
+
+class _Gate:
+    """A forward that records its batches and blocks every call until `release()` (or, with
+    `meet`, until that many calls are inside at once: the proof that they run together)."""
+
+    def __init__(self, meet: int = 0) -> None:
+        self.sizes: list[int] = []
+        self.inside = 0
+        self.most_inside = 0
+        self.entered = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._open = threading.Event()
+        self._meet = threading.Barrier(meet, timeout=HANG) if meet else None
+
+    def release(self) -> None:
+        self._open.set()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self.sizes.append(len(x))
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        self.entered.release()
+        try:
+            if self._meet is not None:
+                self._meet.wait()  # BrokenBarrierError unless the others come in meanwhile
+            elif not self._open.wait(HANG):
+                raise TimeoutError("never released")
+            return x * 2
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+#: How long a test waits before it calls a blocked forward or an unanswered caller hung:
+#: a guard against hanging the suite, not a timing assertion.
+HANG = 30.0
+
+
+async def _entered(gate: _Gate, n: int) -> None:
+    """Until `n` forward calls have begun."""
+    for _ in range(n):
+        await asyncio.to_thread(gate.entered.acquire, True, HANG)
+
+
+def test_batches_run_concurrently_up_to_max_in_flight():
+    gate = _Gate(meet=2)  # each forward waits for the other: one at a time would deadlock
+    with ThreadPoolExecutor(4) as pool:
+        batcher = MicroBatcher(gate, max_batch_size=4, max_wait_us=0, executor=pool,
+                               max_in_flight=2)  # fmt: skip
+        inputs = [np.full((1, 3), i, dtype=np.float32) for i in range(8)]
+        outputs = _run(batcher, inputs)
+    for x, y in zip(inputs, outputs, strict=True):
+        assert np.array_equal(y, x * 2)
+    assert gate.most_inside == 2  # never more than max_in_flight, though the pool has 4
+    assert sum(gate.sizes) == 8
+
+
+def test_a_batch_takes_at_most_its_share_of_max_batch_size():
+    sizes: list[int] = []
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        sizes.append(len(x))
+        return x + 1
+
+    with ThreadPoolExecutor(2) as pool:
+        # Share: 8 rows / 2 batches in flight = 4 rows a batch.
+        batcher = MicroBatcher(forward, max_batch_size=8, max_wait_us=20_000, executor=pool,
+                               max_in_flight=2)  # fmt: skip
+        inputs = [np.full((1 + i % 3, 2), i, dtype=np.float32) for i in range(30)]
+        inputs.append(np.full((6, 2), 99, dtype=np.float32))  # larger than a share alone
+        outputs = _run(batcher, inputs)
+    for x, y in zip(inputs, outputs, strict=True):
+        assert np.array_equal(y, x + 1)
+    assert sum(sizes) == sum(len(x) for x in inputs)
+    assert sorted(sizes)[-1] == 6 and sorted(sizes)[-2] <= 4  # the big one ran alone
+    assert len(sizes) < len(inputs)  # still batched
+
+
+def test_an_error_reaches_the_callers_of_its_batch_only():
+    def forward(x: np.ndarray) -> np.ndarray:
+        if (x < 0).any():
+            raise RuntimeError("boom")
+        return x
+
+    with ThreadPoolExecutor(2) as pool:
+        batcher = MicroBatcher(forward, max_batch_size=4, max_wait_us=0, executor=pool,
+                               max_in_flight=2)  # fmt: skip
+
+        async def main() -> list[object]:
+            # Queued at once: [-1, 1] is the first batch (a share: 2 rows), [2, 3] the second.
+            rows = [np.full((1, 1), v) for v in (-1.0, 1.0, 2.0, 3.0)]
+            return await asyncio.gather(*(batcher.infer(x) for x in rows),
+                                        return_exceptions=True)  # fmt: skip
+
+        first, second, third, fourth = asyncio.run(main())
+    assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError)
+    assert float(third[0, 0]) == 2.0 and float(fourth[0, 0]) == 3.0
+
+
+def test_close_with_batches_in_flight_still_answers_every_caller():
+    gate = _Gate()
+    with ThreadPoolExecutor(2) as pool:
+        batcher = MicroBatcher(gate, max_batch_size=4, max_wait_us=0, executor=pool,
+                               max_in_flight=2)  # fmt: skip
+
+        async def main() -> tuple[list[np.ndarray], list[np.ndarray]]:
+            rows = [np.full((1, 2), i, dtype=np.float32) for i in range(10)]
+            running = [asyncio.ensure_future(batcher.infer(x)) for x in rows[:4]]
+            await _entered(gate, 2)  # two batches in flight, both threads busy
+            queued = [asyncio.ensure_future(batcher.infer(x)) for x in rows[4:]]
+            await asyncio.sleep(0)  # queued behind the batches in flight
+            batcher.close()
+            late = asyncio.ensure_future(batcher.infer(np.full((1, 2), 10, dtype=np.float32)))
+            gate.release()
+            answers = await asyncio.wait_for(asyncio.gather(*running, *queued, late), HANG)
+            assert batcher._task is not None
+            await asyncio.wait_for(batcher._task, HANG)  # the worker stopped after draining
+            return [*rows, np.full((1, 2), 10, dtype=np.float32)], answers
+
+        inputs, outputs = asyncio.run(main())
+    for x, y in zip(inputs, outputs, strict=True):
+        assert np.array_equal(y, x * 2)
+    # The six queued before close() were still batched (shares of 2); the late one alone.
+    assert sorted(gate.sizes) == [1, 2, 2, 2, 2, 2]
+
+
+def test_an_executor_shut_down_under_queued_batches_answers_not_ready():
+    gate = _Gate()
+    pool = ThreadPoolExecutor(1)  # one thread: the second batch in flight waits in the pool
+    batcher = MicroBatcher(gate, max_batch_size=2, max_wait_us=0, executor=pool,
+                           max_in_flight=2)  # fmt: skip
+
+    async def main() -> list[object]:
+        rows = [np.full((1, 1), float(i)) for i in range(6)]
+        calls = [asyncio.ensure_future(batcher.infer(x)) for x in rows]
+        await _entered(gate, 1)
+        await asyncio.sleep(0)
+        pool.shutdown(wait=False, cancel_futures=True)  # as ModelServer.stop does
+        gate.release()
+        return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), HANG)
+
+    answers = asyncio.run(main())
+    pool.shutdown(wait=True)
+    assert [float(a[0, 0]) for a in answers[:1]] == [0.0]  # the batch that was running
+    assert all(isinstance(a, NotReady) for a in answers[1:]), answers
+
+
+def test_a_forward_that_answers_the_wrong_rows_fails_its_callers_not_the_worker():
+    calls: list[int] = []
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        return x[:1] if len(calls) == 1 else x  # the first batch loses rows
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(forward, max_batch_size=8, max_wait_us=0, executor=pool)
+
+        async def main() -> None:
+            first = await asyncio.wait_for(
+                asyncio.gather(*(batcher.infer(np.ones((1, 2))) for _ in range(3)),
+                               return_exceptions=True),
+                HANG,
+            )  # fmt: skip
+            assert all(isinstance(e, RuntimeError) for e in first), first
+            assert (await asyncio.wait_for(batcher.infer(np.ones((2, 2))), HANG)).shape == (2, 2)
+
+        asyncio.run(main())

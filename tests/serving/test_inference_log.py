@@ -5,12 +5,16 @@ a full queue drops samples and counts them instead of blocking."""
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlbus.kafka.producer import EventProducer
+from schemas.codec import decode, encode_new
 from schemas.serving import InferenceLogged
-from serving.inference_log import MAX_FEATURES, POLL_EVERY, InferenceLog, Sample, record
+from serving.inference_log import MAX_FEATURES, MAX_VALUES, InferenceLog, Sample, encode, record
 from serving.metrics import ServingMetrics
 from tests.mlbus.kafka.support import read_events, wait_until
 from tests.serving.conftest import promote, running, save, wait_version
@@ -101,19 +105,23 @@ def test_a_full_queue_drops_and_counts_without_blocking(kafka):
     assert metrics.registry.get_sample_value("mlbus_serve_inference_log_published_total") == 5
 
 
-def test_more_records_than_a_poll_interval_are_all_published(kafka):
+def test_more_records_than_a_burst_are_all_published(kafka):
     metrics = ServingMetrics()
     producer = EventProducer(kafka, source="test")
-    log = InferenceLog(producer, metrics, replica="r")
-    n = POLL_EVERY * 2 + 5
-    log.start()
-    for i in range(n):
+    log = InferenceLog(producer, metrics, replica="r", queue_size=50)  # bursts of <= 50
+    n = 133
+    for i in range(50):  # a full queue before the publisher starts: more than one burst
         assert log.offer(_sample(i))
+    log.start()
+    for i in range(50, n):
+        while not log.offer(_sample(i)):  # full: the publisher makes room
+            time.sleep(0.001)
     log.close()
     producer.close()
     assert metrics.registry.get_sample_value("mlbus_serve_inference_log_published_total") == n
     logged = read_events(kafka, "inference.logged")
     assert sorted(e.data.request_id for e in logged) == sorted(f"r{i}" for i in range(n))
+    assert {e.type for e in logged} == {"inference.logged"}
 
 
 def test_a_record_validates_as_built():
@@ -131,3 +139,82 @@ def test_wide_inputs_are_reduced_to_named_features():
     assert logged.feature_names[:2] == ["f0", "f3"]
     assert len(logged.inputs[0]) == len(logged.feature_names)
     assert logged.batch_size == 2 and logged.predictions == ["a", "b"]
+
+
+# -- the publisher's encoder against the payload model -------------------------------------
+
+_WHEN = datetime(2026, 3, 1, 14, 0, 0, 123_456, tzinfo=UTC)
+
+
+def _encoded_both_ways(sample: Sample) -> tuple[bytes, bytes]:
+    """`encode` and the codec's encoding of `record`, with the same id and time."""
+    fast = encode(sample, "replica-1", "mlbus/serving", event_id="id-1", time=_WHEN)
+    _, slow = encode_new(record(sample, "replica-1"), source="mlbus/serving", event_id="id-1",
+                         time=_WHEN)  # fmt: skip
+    return fast, slow
+
+
+_finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
+
+
+@st.composite
+def samples(draw: st.DrawFn) -> Sample:
+    features = draw(st.sampled_from([1, 4, 64, MAX_FEATURES, MAX_FEATURES + 1, 3000]))
+    rows = draw(st.integers(min_value=0, max_value=40))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    with_inputs = draw(st.booleans())
+    inputs = None
+    if with_inputs:
+        fill = np.asarray(draw(st.lists(_finite, min_size=1, max_size=8)), dtype=dtype)
+        inputs = np.resize(fill, (rows, features)).astype(dtype)
+    ok = draw(st.booleans())
+    predictions = None
+    if ok:
+        labels = draw(st.lists(st.sampled_from(["0", "7", "cat"]), min_size=rows, max_size=rows))
+        predictions = np.asarray(labels, dtype=object)
+    return Sample(
+        draw(st.sampled_from(["digits", "wide-cnn"])), draw(st.sampled_from(["1", "v2"])),
+        draw(st.text(min_size=1, max_size=12)),
+        draw(st.floats(min_value=-1.0, max_value=10.0)),  # a clock step back: clamped at 0
+        ok, None if ok else draw(st.text(max_size=30)), predictions,
+        [f"f{j}" for j in range(features)], inputs,
+    )  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(sample=samples())
+def test_the_publisher_writes_what_the_payload_model_would(sample):
+    """`encode` writes the record without building the model: byte for byte what the codec
+    writes for `record(sample)` (so, too, a record the contract accepts)."""
+    fast, slow = _encoded_both_ways(sample)
+    assert fast == slow
+    event = decode(fast, expected_type="inference.logged")
+    assert event.data == record(sample, "replica-1")
+    assert (event.id, event.time, event.correlationid) == ("id-1", _WHEN, "id-1")
+    assert event.dataschema == "mlbus:schemas/inference.logged/1"
+
+
+def test_the_publisher_writes_each_kind_of_sample_as_the_model_would():
+    """The cases the property covers by chance, named: an error (no predictions, inputs
+    kept), no inputs at all, wide inputs reduced, more rows than MAX_VALUES allows."""
+    wide = _sample(3, features=3000)
+    error = Sample("m", "1", "r-err", 0.002, False, "InvalidInput: boom", None, ["a", "b"],
+                   np.ones((3, 2), dtype=np.float32))  # fmt: skip
+    bare = Sample("m", "1", "r-bare", 0.002, False, "NotReady", None, ["a"], None)
+    rows = np.random.default_rng(0).random((600, 64))
+    tall = Sample("m", "1", "r-tall", 0.0, True, None, np.asarray(["x"] * 600, dtype=object),
+                  [f"f{j}" for j in range(64)], rows)  # fmt: skip
+    for sample in (wide, error, bare, tall):
+        fast, slow = _encoded_both_ways(sample)
+        assert fast == slow
+        data = decode(fast, expected_type="inference.logged").data
+        assert data == record(sample, "replica-1")
+    wide_data = decode(_encoded_both_ways(wide)[0], expected_type="inference.logged").data
+    assert wide_data.feature_names[:2] == ["f0", "f3"] and len(wide_data.inputs[0]) <= MAX_FEATURES
+    error_data = decode(_encoded_both_ways(error)[0], expected_type="inference.logged").data
+    assert (error_data.ok, error_data.predictions, error_data.batch_size) == (False, [], 3)
+    bare_data = decode(_encoded_both_ways(bare)[0], expected_type="inference.logged").data
+    assert (bare_data.inputs, bare_data.feature_names, bare_data.batch_size) == (None, None, 0)
+    tall_data = decode(_encoded_both_ways(tall)[0], expected_type="inference.logged").data
+    assert tall_data.batch_size == 600 and len(tall_data.inputs) == MAX_VALUES // 64
+    assert np.array_equal(np.asarray(tall_data.inputs), tall.inputs[: MAX_VALUES // 64])
