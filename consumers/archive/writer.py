@@ -40,6 +40,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from consumers.archive import DEFAULT_GROUP
 from consumers.archive.layout import (
     NO_DATE,
     archive_table,
@@ -57,7 +58,6 @@ from schemas.catalog import TOPICS, topic
 
 log = logging.getLogger("consumers.archive")
 
-DEFAULT_GROUP = "mlbus.archive"
 DAY_MS = 24 * 3600 * 1000
 #: Retries of a failing object store: patient, the records wait in Kafka meanwhile.
 STORE_BACKOFF = Backoff(initial=0.5, maximum=30.0)

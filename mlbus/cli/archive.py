@@ -1,5 +1,7 @@
 """`mlbus archive run|restore` and `mlbus replay`: the log kept on the object store for years,
-and audits reading it back — from Kafka or from the archive — without joining any group."""
+and audits reading it back — from Kafka or from the archive — without joining any group.
+The archive's modules (pyarrow: ~0.14 s) are imported by the commands that use them, not at
+every command's start."""
 
 from __future__ import annotations
 
@@ -17,10 +19,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from consumers.archive.layout import SCHEMA, archive_table, identity
-from consumers.archive.reader import read_archive
-from consumers.archive.restore import restore as restore_archive
-from consumers.archive.writer import DEFAULT_GROUP, Archiver
+from consumers.archive import DEFAULT_GROUP
 from mlbus.cli.common import app, console, kafka_config, settings
 from mlbus.cli.render import printable
 from mlbus.errors import InvalidEvent, MlbusError
@@ -60,6 +59,8 @@ def run(
     """Archive every contract topic to Parquet files on the object store (runs until
     SIGTERM/SIGINT, which flush and commit first). Exactly once per record: see
     consumers/archive/writer.py."""
+    from consumers.archive.writer import Archiver
+
     cfg = settings()
     store = ObjectStore.from_settings(cfg)
     archiver = Archiver(
@@ -96,6 +97,8 @@ def restore(
     """Re-publish archived records into the current cluster with their event ids, keys,
     headers and timestamps (idempotent producer). Refuses non-empty topics unless --force,
     which then skips every event already there: safe to run again."""
+    from consumers.archive.restore import restore as restore_archive
+
     cfg = settings()
     store = _store(source, cfg)
     reports = restore_archive(kafka_config(cfg), store, topics, force=force)
@@ -163,6 +166,8 @@ def replay(
     if source is Source.kafka:
         records = read_log(kafka_config(cfg), names, since_ms=since_ms, until_ms=until_ms)
     else:
+        from consumers.archive.reader import read_archive
+
         records = read_archive(
             ObjectStore.from_settings(cfg), names, since_ms=since_ms, until_ms=until_ms
         )
@@ -231,6 +236,8 @@ def _jsonl(records: Iterable[LogRecord], out: IO[bytes]) -> None:
 
 
 def _table(records: Iterable[LogRecord], output: Path | None) -> None:
+    from consumers.archive.layout import identity
+
     table = Table("time", "topic", "where", "key", "type")
     # An auditor copies ids out of this table: never shortened, whatever the terminal width.
     table.add_column("id", no_wrap=True, overflow="fold", min_width=36)
@@ -274,6 +281,8 @@ def _chunks(records: Iterable[LogRecord], size: int) -> Iterator[list[LogRecord]
 def write_parquet(records: Iterable[LogRecord], path: Path) -> int:
     """Records into one Parquet file with the archive's columns; how many."""
     import pyarrow.parquet as pq
+
+    from consumers.archive.layout import SCHEMA, archive_table
 
     count = 0
     try:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from mlbus.cli.api import create_app
+from mlbus.cli.control_plane import create_app
 from mlbus.kafka.config import KafkaConfig
 from mlbus.settings import Settings
 from mlbus.storage import ObjectStore

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from mlbus.cli.api import create_app
+from mlbus.cli.control_plane import create_app
 from mlbus.kafka.config import KafkaConfig
 from mlbus.settings import Settings
 from tests.mlbus.kafka.support import read_events

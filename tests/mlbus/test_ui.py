@@ -10,7 +10,7 @@ from consumers.lineage import tables
 from consumers.lineage.projector import TOPICS, Projector
 from consumers.lineage.queries import LineageQueries
 from consumers.lineage.store import LineageStore
-from mlbus.cli.api import create_app
+from mlbus.cli.control_plane import create_app
 from mlbus.kafka.reader import read_log
 from mlbus.settings import Settings
 from tests.consumers.lineage.generator import generate_log, produce

@@ -1,0 +1,246 @@
+"""The control-plane HTTP API (served by `mlbus api`, mlbus/cli/api.py): the routers of the
+components under one app, with one error body for every failure: {"error": {"type": ...,
+"message": ...}}, optional bearer-token auth on every mutating endpoint (`MLBUS_API_TOKEN`),
+and `/metrics`."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import mlbus
+from mlbus.errors import (
+    BrokerNotRunning,
+    InvalidEvent,
+    MlbusError,
+    TransientError,
+    UnknownTopic,
+)
+from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.producer import EventProducer
+from mlbus.settings import Settings
+from mlbus.storage import ObjectStore, StorageError
+from schemas.training import TrainingRequested
+
+log = logging.getLogger(__name__)
+
+
+def _status(error: MlbusError) -> int:
+    from datasets.registry import UnknownDataset
+    from datasets.sources import InvalidDataset
+
+    if isinstance(error, UnknownDataset | UnknownTopic):
+        return 404
+    if isinstance(error, InvalidDataset | InvalidEvent | StorageError):
+        return 400
+    if isinstance(error, TransientError | BrokerNotRunning):
+        return 503
+    return 500
+
+
+def error_body(kind: str, message: str, status: int, **headers: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": kind, "message": message}}, status_code=status, headers=headers or None
+    )
+
+
+class Unauthorized(MlbusError):
+    """A mutating request without the configured bearer token."""
+
+
+_READ_ONLY = frozenset({"GET", "HEAD", "OPTIONS"})
+_bearer = HTTPBearer(auto_error=False, description="MLBUS_API_TOKEN (mutating endpoints)")
+
+
+def token_guard(cfg: Settings) -> Any:
+    """Dependency: with `MLBUS_API_TOKEN` set, every mutating request needs
+    `Authorization: Bearer <token>`; reading stays open."""
+    expected = cfg.api_token.get_secret_value().encode() if cfg.api_token else None
+
+    def guard(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        if expected is None or request.method in _READ_ONLY:
+            return
+        given = credentials.credentials.encode() if credentials else b""
+        if not hmac.compare_digest(given, expected):
+            raise Unauthorized(
+                "this endpoint changes state: send Authorization: Bearer <MLBUS_API_TOKEN>"
+            )
+
+    return guard
+
+
+class SharedProducer:
+    """The API's one idempotent producer, opened on first use (its initialisation costs
+    ~0.5 s on the embedded broker: paid once, not per request) and closed at shutdown.
+    confluent-kafka producers are thread-safe; each caller flushes its own sends."""
+
+    def __init__(self, kafka: KafkaConfig, source: str) -> None:
+        self._kafka, self._source = kafka, source
+        self._producer: EventProducer | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> EventProducer:
+        with self._lock:
+            if self._producer is None:
+                self._producer = EventProducer(self._kafka, source=self._source)
+            return self._producer
+
+    @property
+    def opened(self) -> bool:
+        return self._producer is not None
+
+    def close(self) -> None:
+        with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.close()
+
+
+def training_router(producer: SharedProducer) -> APIRouter:
+    """POST /training/requests: request a run (the same event `mlbus train` publishes)."""
+    router = APIRouter(prefix="/training", tags=["training"])
+
+    @router.post("/requests", status_code=202, summary="Request a training run")
+    async def request_training(request: TrainingRequested) -> dict[str, str]:
+        def publish() -> str:
+            shared = producer.get()
+            ref = shared.publish(request.model_copy(update={"requested_by": "api"}))
+            shared.flush()
+            return ref.id
+
+        return {"event_id": await run_in_threadpool(publish), "topic": "training.requested"}
+
+    return router
+
+
+def _lazy_lineage_store(cfg: Settings) -> Any:
+    """The lineage store, opened on first use (the projector creates it; the API only
+    reads)."""
+    opened: list[Any] = []
+
+    def store() -> Any:
+        if not opened:
+            from consumers.lineage.store import LineageStore
+
+            opened.append(LineageStore.open(cfg.metadata_url))
+        return opened[0]
+
+    return store
+
+
+def create_app(cfg: Settings) -> FastAPI:
+    from datasets.api import create_router as datasets_router
+    from datasets.registry import DatasetRegistry
+
+    producer = SharedProducer(KafkaConfig.from_settings(cfg), source="mlbus/api")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await run_in_threadpool(producer.close)
+
+    api = FastAPI(
+        title="mlbus", version=mlbus.__version__, description=__doc__,
+        dependencies=[Depends(token_guard(cfg))], lifespan=lifespan,
+    )  # fmt: skip
+    api.state.producer = producer
+    registry_ = CollectorRegistry()
+    requests = Counter(
+        "mlbus_api_requests", "control-plane API requests", ["method", "route", "status"],
+        registry=registry_,
+    )  # fmt: skip
+    latency = Histogram(
+        "mlbus_api_request_duration_seconds", "control-plane API latency", ["method", "route"],
+        registry=registry_,
+    )  # fmt: skip
+
+    @api.middleware("http")
+    async def _measure(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "(unmatched)")
+        requests.labels(request.method, path, str(response.status_code)).inc()
+        latency.labels(request.method, path).observe(time.perf_counter() - started)
+        return response
+
+    def registry() -> DatasetRegistry:
+        return DatasetRegistry(ObjectStore.from_settings(cfg), KafkaConfig.from_settings(cfg))
+
+    from consumers.lineage.api import create_router as lineage_router
+    from consumers.workflow.api import create_router as workflow_router
+    from mlbus.cli.ui import create_router as ui_router
+
+    def kafka() -> KafkaConfig:
+        return KafkaConfig.from_settings(cfg)
+
+    lineage_store = _lazy_lineage_store(cfg)
+    api.include_router(datasets_router(registry))
+    api.include_router(training_router(producer))
+    api.include_router(workflow_router(kafka))
+    api.include_router(lineage_router(lineage_store))
+    api.include_router(ui_router(kafka, lineage_store))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed"}.get(
+            error.status_code, "HTTPError"
+        )
+        return error_body(kind, str(error.detail), error.status_code)
+
+    @api.exception_handler(MlbusError)
+    async def _mlbus_error(request: Request, error: MlbusError) -> JSONResponse:
+        if isinstance(error, Unauthorized):
+            return error_body("Unauthorized", str(error), 401, **{"WWW-Authenticate": "Bearer"})
+        return error_body(type(error).__name__, str(error), _status(error))
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return error_body("InvalidRequest", f"{where}: {first['msg']}", 422)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return error_body("InternalError", f"{type(error).__name__}: {error}", 500)
+
+    @api.get("/health", tags=["meta"])
+    def health() -> dict[str, str]:
+        return {"status": "ok", "version": mlbus.__version__}
+
+    @api.get("/services", tags=["meta"], summary="What `mlbus up` runs, if it runs")
+    def services() -> dict[str, Any]:
+        from mlbus.supervisor import read_status
+
+        return read_status(cfg.data_dir) or {"pid": None, "services": []}
+
+    @api.get("/metrics", tags=["meta"], include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry_), media_type=CONTENT_TYPE_LATEST)
+
+    return api
