@@ -730,3 +730,12 @@ def test_sigkill_of_up_leaves_no_broker_and_a_new_up_starts(start_up: Any) -> No
     assert state["pid"] != first.broker_pid
     assert second.stop(signal.SIGTERM) == 0
     wait_gone(second.broker_pid)
+
+
+def test_the_cli_starts_without_the_heavy_libraries_of_a_few_commands() -> None:
+    # FastAPI (the control plane), pyarrow (archive, demo), httpx (demo) and torch are
+    # imported by the commands that use them, not by every `mlbus` invocation.
+    heavy = ("fastapi", "pyarrow", "httpx", "torch", "uvicorn")
+    code = f"import sys, mlbus.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
