@@ -23,6 +23,7 @@ import torch
 
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
+from mlbus.runtime import usable_cores
 from mlbus.settings import ServingSettings
 from mlbus.storage import ObjectStore
 from schemas.envelope import new_event_id
@@ -88,14 +89,6 @@ class Answer:
 
 def replica_id(configured: str) -> str:
     return configured or f"{socket.gethostname()}:{os.getpid()}"
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class ModelServer:

@@ -29,7 +29,6 @@ import contextlib
 import gc
 import logging
 import multiprocessing
-import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection as Pipe
@@ -39,6 +38,7 @@ from consumers.lineage.projector import DEFAULT_BATCH, Projector, ProjectStats, 
 from consumers.lineage.store import LineageError, LineageStore
 from mlbus.errors import TransientError
 from mlbus.kafka.reader import LogRecord
+from mlbus.runtime import usable_cores
 
 log = logging.getLogger("consumers.lineage")
 
@@ -48,13 +48,6 @@ STOP_SECONDS = 10.0
 #: is (700, 10, 10)): a young collection every 100,000 new containers, the older
 #: generations almost never.
 REBUILD_GC_THRESHOLDS = (100_000, 50, 1000)
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @contextlib.contextmanager

@@ -12,7 +12,8 @@ import sys
 
 import torch
 
-from serving.server import GC_THRESHOLD, PIPELINE, SWITCH_INTERVAL, tune_gc, usable_cores
+from mlbus.runtime import usable_cores
+from serving.server import GC_THRESHOLD, PIPELINE, SWITCH_INTERVAL, tune_gc
 from tests.serving.conftest import running
 
 
