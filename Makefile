@@ -45,7 +45,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 schemas: install
-	$(BIN)/python -m schemas.generate
+	$(BIN)/python -m mlbus.schemas.generate
 
 docs: install  ## regenerate the README's configuration reference from the settings model
 	$(BIN)/python -m mlbus.docs

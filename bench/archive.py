@@ -19,16 +19,16 @@ import pyarrow.parquet as pq
 from confluent_kafka import Producer
 
 from bench.common import summary_line
-from consumers.archive.layout import list_files
-from consumers.archive.reader import read_archive
-from consumers.archive.writer import Archiver
 from mlbus.broker import EmbeddedBroker
+from mlbus.consumers.archive.layout import list_files
+from mlbus.consumers.archive.reader import read_archive
+from mlbus.consumers.archive.writer import Archiver
 from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import read_log
+from mlbus.schemas.codec import STRUCTURED_HEADERS, encode_new
+from mlbus.schemas.training import TrainingProgress
 from mlbus.storage import ObjectStore
-from schemas.codec import STRUCTURED_HEADERS, encode_new
-from schemas.training import TrainingProgress
 
 TOPIC = "training.progress"
 

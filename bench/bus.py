@@ -65,11 +65,11 @@ from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import EventProducer
-from schemas.base import Payload
-from schemas.catalog import TOPICS
-from schemas.codec import STRUCTURED_HEADERS, decode, encode, encode_new, wrap
-from schemas.serving import InferenceLogged
-from schemas.training import TrainingProgress
+from mlbus.schemas.base import Payload
+from mlbus.schemas.catalog import TOPICS
+from mlbus.schemas.codec import STRUCTURED_HEADERS, decode, encode, encode_new, wrap
+from mlbus.schemas.serving import InferenceLogged
+from mlbus.schemas.training import TrainingProgress
 
 CONSUME_TARGET_RATIO = 0.80
 CONSUME_TARGET_RATE = 50_000

@@ -105,13 +105,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import datasets.registry as registry_module
+import mlbus.datasets.registry as registry_module
 from bench.common import Figure, Figures, publish_summary, render_table
-from datasets.registry import DatasetRegistry, object_key
-from datasets.sources import READ_BATCH_ROWS, from_table, open_source
-from datasets.stats import StatsBuilder
-from datasets.writer import ROW_GROUP_ROWS, WRITER_OPTIONS, HashingSink, canonical_batches
 from mlbus.broker import EmbeddedBroker
+from mlbus.datasets.registry import DatasetRegistry, object_key
+from mlbus.datasets.sources import READ_BATCH_ROWS, from_table, open_source
+from mlbus.datasets.stats import StatsBuilder
+from mlbus.datasets.writer import ROW_GROUP_ROWS, WRITER_OPTIONS, HashingSink, canonical_batches
 from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
 from mlbus.storage import ObjectStore

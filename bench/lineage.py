@@ -52,18 +52,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from bench.common import Figure, Figures, publish_summary, render_table
-from consumers.archive.reader import read_archive
-from consumers.archive.writer import Archiver
-from consumers.lineage.projector import TOPICS, Projector
-from consumers.lineage.queries import LineageQueries
-from consumers.lineage.rebuild import rebuild as rebuild_store
-from consumers.lineage.store import LineageStore, staging_for, swap_in
 from mlbus.broker import EmbeddedBroker
+from mlbus.consumers.archive.reader import read_archive
+from mlbus.consumers.archive.writer import Archiver
+from mlbus.consumers.lineage.projector import TOPICS, Projector
+from mlbus.consumers.lineage.queries import LineageQueries
+from mlbus.consumers.lineage.rebuild import rebuild as rebuild_store
+from mlbus.consumers.lineage.store import LineageStore, staging_for, swap_in
 from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import read_log
+from mlbus.schemas.codec import decode
 from mlbus.storage import ObjectStore
-from schemas.codec import decode
 from tests.consumers.lineage.generator import as_log_records, generate_log, produce
 
 SQLITE_TARGET = 50_000

@@ -195,7 +195,7 @@ class Running:
     def __init__(self, server: Any, port: int) -> None:
         import uvicorn
 
-        from serving.app import create_app
+        from mlbus.serving.app import create_app
 
         self.server = server
         self.url = f"http://127.0.0.1:{port}"
@@ -229,7 +229,7 @@ def make_artifact(store: Any, name: str, family: str, side: int, params: dict[st
 
     from mlbus import artifacts
     from mlbus.families import build, hyperparameters
-    from schemas.training import Artifact
+    from mlbus.schemas.training import Artifact
 
     torch.manual_seed(0)
     features = [f"pixel_{i}" for i in range(side * side)]
@@ -261,7 +261,7 @@ def single_forward_ms(model: Any, n_features: int, repeat: int = 50) -> float:
 
 
 def promote(producer: Any, model: str, version: str, artifact: Any) -> None:
-    from schemas.models import ModelPromoted
+    from mlbus.schemas.models import ModelPromoted
 
     producer.publish(ModelPromoted(model=model, version=version, reason="bench", actor="bench",
                                    artifact=artifact))  # fmt: skip
@@ -276,9 +276,9 @@ def run(args: argparse.Namespace, log: Any) -> Report:
     from mlbus.kafka.admin import apply_topics
     from mlbus.kafka.config import KafkaConfig
     from mlbus.kafka.producer import EventProducer
+    from mlbus.serving.server import ModelServer
     from mlbus.settings import ServingSettings
     from mlbus.storage import ObjectStore
-    from serving.server import ModelServer
 
     # The process default: the single-sample measurement below and the loads' warm-up
     # passes. Each server sets its forward threads' own (see the module doc).

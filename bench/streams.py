@@ -53,14 +53,14 @@ from bench.common import Figure, Figures, publish_summary, render_table
 from mlbus.broker import EmbeddedBroker
 from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
+from mlbus.schemas.base import DatasetRef
+from mlbus.schemas.codec import STRUCTURED_HEADERS, decode_dict, encode_new, wrap
+from mlbus.schemas.datasets import ColumnSchema, ColumnStats, DatasetCreated, Histogram
+from mlbus.schemas.models import ModelPromoted
+from mlbus.schemas.serving import InferenceLogged
 from mlbus.settings import StreamsSettings
-from schemas.base import DatasetRef
-from schemas.codec import STRUCTURED_HEADERS, decode_dict, encode_new, wrap
-from schemas.datasets import ColumnSchema, ColumnStats, DatasetCreated, Histogram
-from schemas.models import ModelPromoted
-from schemas.serving import InferenceLogged
-from streams import sketch
-from streams.drift import Baselines
+from mlbus.streams import sketch
+from mlbus.streams.drift import Baselines
 
 TARGET_RATE = 20_000
 TARGET_RATIO = 0.5
@@ -185,7 +185,7 @@ def _aggregate(windows: dict[tuple[str, str, int], dict[str, Any]], value: bytes
 
 
 def faust_rate(kafka: KafkaConfig, n: int, data_dir: Path) -> tuple[float, dict[str, Any]]:
-    from streams.app import StreamsApp, StreamsOptions
+    from mlbus.streams.app import StreamsApp, StreamsOptions
 
     settings = StreamsSettings(window_seconds=10, hopping_seconds=60, grace_seconds=5)
     options = StreamsOptions(
@@ -219,7 +219,7 @@ def faust_rate(kafka: KafkaConfig, n: int, data_dir: Path) -> tuple[float, dict[
 
 
 def breakdown(data: list[tuple[str, bytes]]) -> dict[str, float]:
-    from streams.windows import Engine, WindowConfig
+    from mlbus.streams.windows import Engine, WindowConfig
 
     values = [v for _, v in data]
     t0 = time.perf_counter()

@@ -62,13 +62,13 @@ from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import ConsumerLoop, Record
 from mlbus.kafka.producer import EventProducer
+from mlbus.schemas.base import DatasetRef
+from mlbus.schemas.envelope import Event
+from mlbus.schemas.training import TrainingRequested
 from mlbus.storage import ObjectStore
 from mlbus.tables import DatasetReader
-from schemas.base import DatasetRef
-from schemas.envelope import Event
-from schemas.training import TrainingRequested
-from trainer.data import Prepared, load_arrays, prepare
-from trainer.worker import TrainingWorker, find_dataset
+from mlbus.trainer.data import Prepared, load_arrays, prepare
+from mlbus.trainer.worker import TrainingWorker, find_dataset
 
 TARGET_RATIO = 0.85
 SEED = 0
@@ -222,9 +222,9 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Report:
         kafka = KafkaConfig(bootstrap=broker.bootstrap, embedded=True)
         apply_topics(kafka)
         store = ObjectStore((Path(tmp) / "objects").as_uri())
-        from datasets.registry import DatasetRegistry
-        from datasets.samples import sample_table
-        from datasets.sources import from_table
+        from mlbus.datasets.registry import DatasetRegistry
+        from mlbus.datasets.samples import sample_table
+        from mlbus.datasets.sources import from_table
 
         registry = DatasetRegistry(store, kafka)
         log("registering digits and the synthetic table")

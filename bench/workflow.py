@@ -43,17 +43,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from bench.common import render_table, summary_line
-from consumers.workflow.definitions import apply
-from consumers.workflow.service import WorkflowService
 from mlbus.broker import EmbeddedBroker
+from mlbus.consumers.workflow.definitions import apply
+from mlbus.consumers.workflow.service import WorkflowService
 from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import TopicReader
-from schemas.base import DatasetRef
-from schemas.catalog import TOPICS
-from schemas.codec import decode
-from schemas.training import Artifact, CodeVersion, TrainingCompleted
+from mlbus.schemas.base import DatasetRef
+from mlbus.schemas.catalog import TOPICS
+from mlbus.schemas.codec import decode
+from mlbus.schemas.training import Artifact, CodeVersion, TrainingCompleted
 
 TARGET_P99_MS = 200.0
 WARM_UP = 5  # round trips left out of the figures (connections, first fetches)

@@ -17,8 +17,8 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from datasets.registry import DatasetRegistry, Registered
-from datasets.sources import FORMATS, InvalidDataset, open_source, open_stream
+from mlbus.datasets.registry import DatasetRegistry, Registered
+from mlbus.datasets.sources import FORMATS, InvalidDataset, open_source, open_stream
 
 
 def _summary(result: Registered) -> dict[str, Any]:

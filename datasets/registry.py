@@ -18,16 +18,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets.sources import InvalidDataset, Source, open_source
-from datasets.writer import write_canonical
+from mlbus.datasets.sources import InvalidDataset, Source, open_source
+from mlbus.datasets.writer import write_canonical
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import read_events
+from mlbus.schemas.base import DatasetRef
+from mlbus.schemas.datasets import ColumnSchema, DatasetCreated
+from mlbus.schemas.envelope import Event
 from mlbus.storage import ObjectStore
-from schemas.base import DatasetRef
-from schemas.datasets import ColumnSchema, DatasetCreated
-from schemas.envelope import Event
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SOURCE = "mlbus/datasets"

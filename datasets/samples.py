@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
-from datasets.sources import InvalidDataset
+from mlbus.datasets.sources import InvalidDataset
 
 
 def _loader(name: str) -> Callable[..., object]:

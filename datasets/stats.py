@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.datasets import ColumnStats, Histogram, ValueCount
+from mlbus.schemas.datasets import ColumnStats, Histogram, ValueCount
 
 BINS = 20
 SAMPLE_SIZE = 65_536

@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 from mlbus.errors import InvalidEvent
 from mlbus.kafka.consumer import Record
 from mlbus.kafka.producer import EventProducer
+from mlbus.schemas.datasets import DatasetCreated, DatasetValidated
+from mlbus.schemas.envelope import Event
 from mlbus.storage import ObjectStore, StorageError, translated
 from mlbus.tables import sha256_of
-from schemas.datasets import DatasetCreated, DatasetValidated
-from schemas.envelope import Event
 
 _NAMESPACE = uuid.UUID("6f1c7d1e-5a8b-4c55-9d52-0d3f1f7a9a11")
 CHECKS = ["readable", "num_rows", "schema", "content_hash"]

@@ -18,9 +18,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datasets.sources import READ_BATCH_ROWS, InvalidDataset
-from datasets.stats import StatsBuilder
-from schemas.datasets import ColumnStats
+from mlbus.datasets.sources import READ_BATCH_ROWS, InvalidDataset
+from mlbus.datasets.stats import StatsBuilder
+from mlbus.schemas.datasets import ColumnStats
 
 ROW_GROUP_ROWS = READ_BATCH_ROWS
 WRITER_OPTIONS = dict(

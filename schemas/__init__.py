@@ -3,9 +3,9 @@ catalog, and the codec. Pure: no I/O."""
 
 from __future__ import annotations
 
-from schemas.catalog import CATALOG, DEADLETTER, EVENT_MODELS, TOPICS, TopicSpec, topic
-from schemas.codec import decode, decode_payload, encode, wrap
-from schemas.envelope import Event
+from mlbus.schemas.catalog import CATALOG, DEADLETTER, EVENT_MODELS, TOPICS, TopicSpec, topic
+from mlbus.schemas.codec import decode, decode_payload, encode, wrap
+from mlbus.schemas.envelope import Event
 
 __all__ = [
     "CATALOG",

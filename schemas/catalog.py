@@ -11,26 +11,26 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, TypeAdapter, create_model
 
 from mlbus.errors import UnknownTopic
-from schemas.base import Payload
-from schemas.datasets import DatasetCreated, DatasetValidated
-from schemas.deadletter import DeadLetter
-from schemas.envelope import Event
-from schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
-from schemas.serving import (
+from mlbus.schemas.base import Payload
+from mlbus.schemas.datasets import DatasetCreated, DatasetValidated
+from mlbus.schemas.deadletter import DeadLetter
+from mlbus.schemas.envelope import Event
+from mlbus.schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
+from mlbus.schemas.serving import (
     InferenceLogged,
     InferenceRequest,
     InferenceResult,
     ServingAlert,
     ServingMetrics,
 )
-from schemas.training import (
+from mlbus.schemas.training import (
     TrainingCompleted,
     TrainingFailed,
     TrainingProgress,
     TrainingRequested,
     TrainingStarted,
 )
-from schemas.workflow import PipelineDefined
+from mlbus.schemas.workflow import PipelineDefined
 
 FOREVER = -1
 DAY_MS = 24 * 3600 * 1000

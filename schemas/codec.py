@@ -15,10 +15,10 @@ import orjson
 from pydantic import ValidationError
 
 from mlbus.errors import InvalidEvent
-from schemas import dicts
-from schemas.base import Payload
-from schemas.catalog import ANY_EVENT, EVENT_MODELS, TOPICS, spec_for_payload
-from schemas.envelope import (
+from mlbus.schemas import dicts
+from mlbus.schemas.base import Payload
+from mlbus.schemas.catalog import ANY_EVENT, EVENT_MODELS, TOPICS, spec_for_payload
+from mlbus.schemas.envelope import (
     STRUCTURED_CONTENT_TYPE,
     Event,
     dataschema_for,

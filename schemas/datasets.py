@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.base import DatasetRef, Name, NonEmpty, Part, Payload, Sha256
+from mlbus.schemas.base import DatasetRef, Name, NonEmpty, Part, Payload, Sha256
 
 
 class ColumnSchema(Part):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from schemas.base import NonEmpty, Part, Payload
+from mlbus.schemas.base import NonEmpty, Part, Payload
 
 
 class Header(Part):

@@ -13,7 +13,7 @@ from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.base import Payload
+from mlbus.schemas.base import Payload
 
 P = TypeVar("P", bound=Payload)
 

@@ -1,7 +1,7 @@
 """Generate the checked-in JSON Schemas of the contract from the payload models.
 
-    python -m schemas.generate           write schemas/json/ (refuses incompatible changes)
-    python -m schemas.generate --check   exit 1 if the files are stale or a change is breaking
+    python -m mlbus.schemas.generate           write schemas/json/ (refuses incompatible changes)
+    python -m mlbus.schemas.generate --check   exit 1 if the files are stale or a change is breaking
 
 `schemas/json/<topic>.v1.json` is the current schema of each topic. Every revision ever
 written is kept, append-only, in `schemas/json/history/<topic>.v1/NNNN.json`; a change must
@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from schemas.catalog import CATALOG, EVENT_MODELS, TopicSpec
-from schemas.compat import incompatibilities
-from schemas.envelope import SCHEMA_MAJOR, dataschema_for
+from mlbus.schemas.catalog import CATALOG, EVENT_MODELS, TopicSpec
+from mlbus.schemas.compat import incompatibilities
+from mlbus.schemas.envelope import SCHEMA_MAJOR, dataschema_for
 
-JSON_DIR = Path(__file__).parent / "json"
-README = Path(__file__).parent.parent / "README.md"
+JSON_DIR = Path(__file__).resolve().parent / "json"
+README = Path(__file__).resolve().parent.parent / "README.md"
 TABLE_BEGIN, TABLE_END = "<!-- topics:begin -->", "<!-- topics:end -->"
 
 

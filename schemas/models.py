@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import Field, JsonValue
 
-from schemas.base import DatasetRef, Name, NonEmpty, Payload, PolicyRef, Sha256
-from schemas.training import Artifact
+from mlbus.schemas.base import DatasetRef, Name, NonEmpty, Payload, PolicyRef, Sha256
+from mlbus.schemas.training import Artifact
 
 
 class ModelPromoted(Payload):

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.base import Name, NonEmpty, Part, Payload, Tensor
+from mlbus.schemas.base import Name, NonEmpty, Part, Payload, Tensor
 
 
 class InferenceRequest(Payload):

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.base import Name, NonEmpty, Part, Payload
-from schemas.training import EarlyStopping, HyperValue, Split
+from mlbus.schemas.base import Name, NonEmpty, Part, Payload
+from mlbus.schemas.training import EarlyStopping, HyperValue, Split
 
 
 class Threshold(Part):

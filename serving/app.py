@@ -35,17 +35,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import mlbus
 from mlbus.kafka.reader import read_events
-from schemas.envelope import new_event_id
-from serving.errors import (
+from mlbus.schemas.envelope import new_event_id
+from mlbus.serving.errors import (
     NotReady,
     PayloadTooLarge,
     ServingError,
     Unauthorized,
     UnknownModel,
 )
-from serving.registry import Deployment
-from serving.server import ModelServer
-from serving.tensors import decode_request, dumps, outputs, parse_body
+from mlbus.serving.registry import Deployment
+from mlbus.serving.server import ModelServer
+from mlbus.serving.tensors import decode_request, dumps, outputs, parse_body
 
 log = logging.getLogger(__name__)
 

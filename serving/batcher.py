@@ -25,7 +25,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from serving.errors import NotReady
+from mlbus.serving.errors import NotReady
 
 Forward = Callable[[np.ndarray], np.ndarray]
 #: Queued requests: the input rows and the future their caller awaits.

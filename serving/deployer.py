@@ -21,12 +21,12 @@ from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import TopicReader
+from mlbus.schemas.codec import decode
+from mlbus.schemas.envelope import Event
+from mlbus.schemas.models import DeploymentUpdated, ModelPromoted
+from mlbus.serving.errors import VerificationFailed
+from mlbus.serving.registry import Deployment, Registry, load_verified
 from mlbus.storage import ObjectStore
-from schemas.codec import decode
-from schemas.envelope import Event
-from schemas.models import DeploymentUpdated, ModelPromoted
-from serving.errors import VerificationFailed
-from serving.registry import Deployment, Registry, load_verified
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ import orjson
 
 from mlbus.errors import MlbusError
 from mlbus.kafka.producer import EventProducer
-from schemas.codec import attributes
-from schemas.serving import InferenceLogged
-from serving.metrics import ServingMetrics
+from mlbus.schemas.codec import attributes
+from mlbus.schemas.serving import InferenceLogged
+from mlbus.serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from torch import nn
 
 from mlbus import artifacts
 from mlbus.errors import MlbusError
+from mlbus.serving.batcher import MicroBatcher
+from mlbus.serving.errors import UnknownModel, UnknownVersion, VerificationFailed
 from mlbus.storage import ObjectStore
-from serving.batcher import MicroBatcher
-from serving.errors import UnknownModel, UnknownVersion, VerificationFailed
 
 log = logging.getLogger(__name__)
 

@@ -24,14 +24,14 @@ import torch
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.runtime import usable_cores
+from mlbus.schemas.envelope import new_event_id
+from mlbus.serving.deployer import Deployer
+from mlbus.serving.errors import ServingError
+from mlbus.serving.inference_log import InferenceLog, Sample
+from mlbus.serving.metrics import UNKNOWN, ServingMetrics
+from mlbus.serving.registry import Deployment, Registry, Slot
 from mlbus.settings import ServingSettings
 from mlbus.storage import ObjectStore
-from schemas.envelope import new_event_id
-from serving.deployer import Deployer
-from serving.errors import ServingError
-from serving.inference_log import InferenceLog, Sample
-from serving.metrics import UNKNOWN, ServingMetrics
-from serving.registry import Deployment, Registry, Slot
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class ModelServer:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        from serving.stream import StreamInference
+        from mlbus.serving.stream import StreamInference
 
         self.loop = loop
         self.registry.loop = loop

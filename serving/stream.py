@@ -22,12 +22,12 @@ import uuid
 from mlbus.errors import MlbusError
 from mlbus.kafka.consumer import ConsumerLoop, Record
 from mlbus.kafka.producer import EventProducer
-from schemas.base import Tensor
-from schemas.codec import encode_new
-from schemas.envelope import Event
-from schemas.serving import InferenceRequest, InferenceResult
-from serving.errors import InvalidInput, ServingError
-from serving.tensors import outputs, to_array
+from mlbus.schemas.base import Tensor
+from mlbus.schemas.codec import encode_new
+from mlbus.schemas.envelope import Event
+from mlbus.schemas.serving import InferenceRequest, InferenceResult
+from mlbus.serving.errors import InvalidInput, ServingError
+from mlbus.serving.tensors import outputs, to_array
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ TIMEOUT = 60.0
 
 class StreamInference:
     def __init__(self, server: object, *, group: str) -> None:
-        from serving.server import ModelServer
+        from mlbus.serving.server import ModelServer
 
         assert isinstance(server, ModelServer)
         self.server = server

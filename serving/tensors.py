@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from serving.errors import InvalidInput, MalformedRequest
-from serving.registry import INPUT, LABEL, PROBABILITIES, Deployment
+from mlbus.serving.errors import InvalidInput, MalformedRequest
+from mlbus.serving.registry import INPUT, LABEL, PROBABILITIES, Deployment
 
 #: Datatypes accepted for the input (all become float32 for the model).
 NUMERIC = frozenset(

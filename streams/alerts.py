@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from schemas.serving import ServingAlert, ServingMetrics
+from mlbus.schemas.serving import ServingAlert, ServingMetrics
 
 
 @dataclass(frozen=True)

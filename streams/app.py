@@ -34,13 +34,13 @@ from faust.types import TP
 
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
+from mlbus.schemas.catalog import TOPICS
 from mlbus.settings import StreamsSettings
-from schemas.catalog import TOPICS
-from streams.drift import BaselineFollower, Baselines
-from streams.exporter import Exporter
-from streams.processor import EVENT_TYPE, StreamProcessor
-from streams.transport import App
-from streams.windows import Engine, WindowConfig
+from mlbus.streams.drift import BaselineFollower, Baselines
+from mlbus.streams.exporter import Exporter
+from mlbus.streams.processor import EVENT_TYPE, StreamProcessor
+from mlbus.streams.transport import App
+from mlbus.streams.windows import Engine, WindowConfig
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class StreamsApp:
             async for _ in stream:
                 raise RuntimeError(
                     f"{topic.get_topic_name()} reached the agent: run the app on "
-                    "streams.transport.App, which hands it over in batches"
+                    "mlbus.streams.transport.App, which hands it over in batches"
                 )
 
         @app.timer(TICK_SECONDS, name="idle-windows")

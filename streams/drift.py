@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import TopicReader
-from schemas.codec import decode
-from schemas.datasets import DatasetCreated
-from schemas.envelope import Event
-from schemas.models import ModelPromoted
-from schemas.training import TrainingCompleted
+from mlbus.schemas.codec import decode
+from mlbus.schemas.datasets import DatasetCreated
+from mlbus.schemas.envelope import Event
+from mlbus.schemas.models import ModelPromoted
+from mlbus.schemas.training import TrainingCompleted
 
 log = logging.getLogger(__name__)
 

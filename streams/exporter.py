@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from schemas.serving import ServingAlert, ServingMetrics
+from mlbus.schemas.serving import ServingAlert, ServingMetrics
 
 _MV = ("model", "version")
 

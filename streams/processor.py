@@ -27,9 +27,9 @@ from mlbus.errors import DeliveryError, InvalidEvent
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.deadletter import dead_letter
 from mlbus.kafka.producer import EventProducer
-from schemas.codec import decode_dict
-from streams.exporter import Exporter
-from streams.windows import Engine
+from mlbus.schemas.codec import decode_dict
+from mlbus.streams.exporter import Exporter
+from mlbus.streams.windows import Engine
 
 log = logging.getLogger(__name__)
 

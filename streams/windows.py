@@ -26,12 +26,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mlbus.errors import ConfigError
+from mlbus.schemas.base import Payload
+from mlbus.schemas.serving import Quantiles, ServingAlert, ServingMetrics
 from mlbus.settings import StreamsSettings
-from schemas.base import Payload
-from schemas.serving import Quantiles, ServingAlert, ServingMetrics
-from streams import sketch
-from streams.alerts import Thresholds, evaluate
-from streams.drift import CLASS_KEY, Baseline, Baselines, class_psi, psi
+from mlbus.streams import sketch
+from mlbus.streams.alerts import Thresholds, evaluate
+from mlbus.streams.drift import CLASS_KEY, Baseline, Baselines, class_psi, psi
 
 _NAMESPACE = uuid.UUID("6f1c2b1e-5a43-4c5e-9a55-3d1b0f0c7e10")
 _NEVER = -(2**62)

@@ -6,7 +6,7 @@ import sqlalchemy as sa
 
 from mlbus.broker import answers_metadata
 from mlbus.kafka.admin import list_topics
-from schemas.catalog import CATALOG
+from mlbus.schemas.catalog import CATALOG
 
 
 def test_broker_answers_and_topics_exist(kafka):

@@ -24,7 +24,7 @@ from safetensors.torch import save as save_tensors
 
 from mlbus.errors import TransientError
 from mlbus.storage import ObjectStore, StorageError
-from trainer.training import Checkpoint
+from mlbus.trainer.training import Checkpoint
 
 log = logging.getLogger(__name__)
 

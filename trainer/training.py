@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mlbus.families import build
-from trainer.data import Prepared
+from mlbus.trainer.data import Prepared
 
 EpochCallback = Callable[[int, dict[str, float], float], None]  # epoch, metrics, samples/s
 

@@ -33,11 +33,9 @@ from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Record
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import read_events
-from mlbus.storage import ObjectStore, StorageError
-from mlbus.tables import DatasetReader, IntegrityError
-from schemas.datasets import DatasetCreated
-from schemas.envelope import Event
-from schemas.training import (
+from mlbus.schemas.datasets import DatasetCreated
+from mlbus.schemas.envelope import Event
+from mlbus.schemas.training import (
     Artifact,
     CodeVersion,
     TrainingCompleted,
@@ -46,9 +44,11 @@ from schemas.training import (
     TrainingRequested,
     TrainingStarted,
 )
-from trainer import checkpoint
-from trainer.data import InvalidTrainingRequest, load_arrays, prepare
-from trainer.training import Checkpoint, fit, inference_latency
+from mlbus.storage import ObjectStore, StorageError
+from mlbus.tables import DatasetReader, IntegrityError
+from mlbus.trainer import checkpoint
+from mlbus.trainer.data import InvalidTrainingRequest, load_arrays, prepare
+from mlbus.trainer.training import Checkpoint, fit, inference_latency
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from consumers.archive.layout import NO_DATE, ArchiveFile, days_between, list_files
+from mlbus.consumers.archive.layout import NO_DATE, ArchiveFile, days_between, list_files
 from mlbus.kafka.reader import LogRecord
+from mlbus.schemas.catalog import CATALOG
 from mlbus.storage import ObjectStore, translated
-from schemas.catalog import CATALOG
 
 BATCH_ROWS = 65_536
 _COLUMNS = ["partition", "offset", "timestamp", "key", "headers", "value"]

@@ -23,15 +23,15 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from consumers.archive.layout import identity
-from consumers.archive.reader import read_archive
+from mlbus.consumers.archive.layout import identity
+from mlbus.consumers.archive.reader import read_archive
 from mlbus.errors import DeliveryError, MlbusError, TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import LogRecord, read_log
+from mlbus.schemas.catalog import topic as contract_topic
 from mlbus.storage import ObjectStore
-from schemas.catalog import topic as contract_topic
 
-log = logging.getLogger("consumers.archive")
+log = logging.getLogger("mlbus.consumers.archive")
 
 
 class TargetNotEmpty(MlbusError):

@@ -40,8 +40,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from consumers.archive import DEFAULT_GROUP
-from consumers.archive.layout import (
+from mlbus.consumers.archive import DEFAULT_GROUP
+from mlbus.consumers.archive.layout import (
     NO_DATE,
     archive_table,
     day_of,
@@ -52,11 +52,11 @@ from consumers.archive.layout import (
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Backoff, next_batch
+from mlbus.schemas.catalog import TOPICS, topic
 from mlbus.signals import install_stop_handlers
 from mlbus.storage import ObjectStore
-from schemas.catalog import TOPICS, topic
 
-log = logging.getLogger("consumers.archive")
+log = logging.getLogger("mlbus.consumers.archive")
 
 DAY_MS = 24 * 3600 * 1000
 #: Retries of a failing object store: patient, the records wait in Kafka meanwhile.

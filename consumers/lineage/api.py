@@ -20,9 +20,9 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
-from consumers.lineage.graph import downstream_graph, to_dot, to_mermaid, upstream_graph
-from consumers.lineage.queries import LineageQueries, parse_time
-from consumers.lineage.store import LineageStore, NotFound
+from mlbus.consumers.lineage.graph import downstream_graph, to_dot, to_mermaid, upstream_graph
+from mlbus.consumers.lineage.queries import LineageQueries, parse_time
+from mlbus.consumers.lineage.store import LineageStore, NotFound
 from mlbus.errors import MlbusError
 
 Format = Literal["json", "dot", "mermaid"]

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import orjson
 import sqlalchemy as sa
 
-from consumers.lineage import tables as t
-from consumers.lineage.queries import DatasetNode, LineageQueries, Upstream
-from consumers.lineage.store import LineageStore, iso
+from mlbus.consumers.lineage import tables as t
+from mlbus.consumers.lineage.queries import DatasetNode, LineageQueries, Upstream
+from mlbus.consumers.lineage.store import LineageStore, iso
 from mlbus.kafka.reader import LogRecord
 
 

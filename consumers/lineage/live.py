@@ -18,15 +18,15 @@ from collections.abc import Iterable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from consumers.lineage.projector import DEFAULT_BATCH, TOPICS, Projector, ProjectStats
-from consumers.lineage.store import LineageStore
+from mlbus.consumers.lineage.projector import DEFAULT_BATCH, TOPICS, Projector, ProjectStats
+from mlbus.consumers.lineage.store import LineageStore
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import next_batch
 from mlbus.kafka.reader import LogRecord
 from mlbus.signals import install_stop_handlers
 
-log = logging.getLogger("consumers.lineage")
+log = logging.getLogger("mlbus.consumers.lineage")
 
 DEFAULT_GROUP = "mlbus-lineage"
 

@@ -20,13 +20,13 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from consumers.lineage import tables as t
-from consumers.lineage.store import LineageStore, micros
+from mlbus.consumers.lineage import tables as t
+from mlbus.consumers.lineage.store import LineageStore, micros
 from mlbus.errors import MlbusError
 from mlbus.kafka.reader import LogRecord
-from schemas.codec import DEFAULT_MAX_EVENT_BYTES, decode_dict
+from mlbus.schemas.codec import DEFAULT_MAX_EVENT_BYTES, decode_dict
 
-log = logging.getLogger("consumers.lineage")
+log = logging.getLogger("mlbus.consumers.lineage")
 
 #: The topics the projection reads. Not read: `mlbus.deadletter` (its records are copies of
 #: records of the other topics, which the projector already saw and counted as skipped;

@@ -21,8 +21,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from consumers.lineage import tables as t
-from consumers.lineage.store import LineageStore, NotFound, iso, micros
+from mlbus.consumers.lineage import tables as t
+from mlbus.consumers.lineage.store import LineageStore, NotFound, iso, micros
 
 MAX_DEPTH = 20  # dataset ancestry deeper than this is cut (and says so)
 PAIRS_PER_SELECT = 400  # far below SQLite's and PostgreSQL's limits on bound values

@@ -34,14 +34,14 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from multiprocessing.connection import Connection as Pipe
 
-from consumers.lineage import tables as t
-from consumers.lineage.projector import DEFAULT_BATCH, Projector, ProjectStats, Rows, batches
-from consumers.lineage.store import LineageError, LineageStore
+from mlbus.consumers.lineage import tables as t
+from mlbus.consumers.lineage.projector import DEFAULT_BATCH, Projector, ProjectStats, Rows, batches
+from mlbus.consumers.lineage.store import LineageError, LineageStore
 from mlbus.errors import TransientError
 from mlbus.kafka.reader import LogRecord
 from mlbus.runtime import usable_cores
 
-log = logging.getLogger("consumers.lineage")
+log = logging.getLogger("mlbus.consumers.lineage")
 
 #: Seconds the writer is given to stop after its pipe closed, before it is terminated.
 STOP_SECONDS = 10.0

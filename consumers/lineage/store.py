@@ -23,10 +23,10 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.schema import CreateTable
 
-from consumers.lineage import tables as t
+from mlbus.consumers.lineage import tables as t
 from mlbus.errors import MlbusError, TransientError
 
-log = logging.getLogger("consumers.lineage")
+log = logging.getLogger("mlbus.consumers.lineage")
 
 DEFAULT_PG_SCHEMA = "mlbus_lineage"
 

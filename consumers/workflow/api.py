@@ -21,7 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from consumers.workflow import commands, definitions
+from mlbus.consumers.workflow import commands, definitions
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 

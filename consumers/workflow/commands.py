@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from consumers.workflow.policy import flat_metrics
-from consumers.workflow.state import Model, State, read_state
+from mlbus.consumers.workflow.policy import flat_metrics
+from mlbus.consumers.workflow.state import Model, State, read_state
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
-from schemas.codec import wrap
-from schemas.envelope import Event
-from schemas.models import ModelPromoted
-from schemas.training import Artifact, TrainingCompleted
+from mlbus.schemas.codec import wrap
+from mlbus.schemas.envelope import Event
+from mlbus.schemas.models import ModelPromoted
+from mlbus.schemas.training import Artifact, TrainingCompleted
 
 
 class UnknownModel(MlbusError):

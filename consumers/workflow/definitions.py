@@ -20,8 +20,8 @@ from mlbus.families import FAMILIES, InvalidModelSpec, hyperparameters
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import read_events
-from schemas.envelope import Event
-from schemas.workflow import PipelineDefined
+from mlbus.schemas.envelope import Event
+from mlbus.schemas.workflow import PipelineDefined
 
 #: Metrics the trainer reports in `training.completed` (split → metric), as `split.metric`.
 KNOWN_METRICS = frozenset(

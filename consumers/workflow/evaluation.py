@@ -22,10 +22,10 @@ from mlbus import artifacts
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import read_events
+from mlbus.schemas.datasets import DatasetCreated
+from mlbus.schemas.training import Split, TrainingCompleted
 from mlbus.storage import ObjectStore
 from mlbus.tables import DatasetReader
-from schemas.datasets import DatasetCreated
-from schemas.training import Split, TrainingCompleted
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.training import Split, TrainingCompleted
-from schemas.workflow import PromotionPolicy, Threshold
+from mlbus.schemas.training import Split, TrainingCompleted
+from mlbus.schemas.workflow import PromotionPolicy, Threshold
 
 #: (champion run, candidate run, candidate's split) → the champion's metrics ("test.accuracy",
 #: "test.loss") on the candidate's test rows, or None if it cannot be done.

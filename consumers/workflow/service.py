@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from consumers.workflow.definitions import sweep_points
-from consumers.workflow.policy import Champion, Evaluator, judge, metric
-from consumers.workflow.state import (
+from mlbus.consumers.workflow.definitions import sweep_points
+from mlbus.consumers.workflow.policy import Champion, Evaluator, judge, metric
+from mlbus.consumers.workflow.state import (
     ACTOR,
     Pipeline,
     Position,
@@ -38,13 +38,13 @@ from consumers.workflow.state import (
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import ConsumerLoop, Handler, Record
 from mlbus.kafka.producer import EventProducer
-from schemas.base import DatasetRef, Payload, PolicyRef
-from schemas.codec import wrap
-from schemas.datasets import DatasetValidated
-from schemas.envelope import Event
-from schemas.models import ModelPromoted, ModelRejected
-from schemas.serving import ServingAlert
-from schemas.training import SweepPoint, TrainingCompleted, TrainingRequested
+from mlbus.schemas.base import DatasetRef, Payload, PolicyRef
+from mlbus.schemas.codec import wrap
+from mlbus.schemas.datasets import DatasetValidated
+from mlbus.schemas.envelope import Event
+from mlbus.schemas.models import ModelPromoted, ModelRejected
+from mlbus.schemas.serving import ServingAlert
+from mlbus.schemas.training import SweepPoint, TrainingCompleted, TrainingRequested
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from datetime import UTC, datetime
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import TopicReader
-from schemas.codec import decode
-from schemas.datasets import DatasetValidated
-from schemas.envelope import Event
-from schemas.models import ModelPromoted
-from schemas.training import Split, TrainingCompleted, TrainingFailed, TrainingRequested
-from schemas.workflow import PipelineDefined
+from mlbus.schemas.codec import decode
+from mlbus.schemas.datasets import DatasetValidated
+from mlbus.schemas.envelope import Event
+from mlbus.schemas.models import ModelPromoted
+from mlbus.schemas.training import Split, TrainingCompleted, TrainingFailed, TrainingRequested
+from mlbus.schemas.workflow import PipelineDefined
 
 _NAMESPACE = uuid.UUID("3c9a1f52-8f0e-4b0a-b7b5-2f6f4f1f9c21")
 #: Topics the state is built from, in the order a rebuild applies them.

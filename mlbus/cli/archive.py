@@ -19,16 +19,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from consumers.archive import DEFAULT_GROUP
 from mlbus.cli.common import app, console, kafka_config, settings
 from mlbus.cli.render import printable
+from mlbus.consumers.archive import DEFAULT_GROUP
 from mlbus.errors import InvalidEvent, MlbusError
 from mlbus.kafka.reader import LogRecord, read_log
+from mlbus.schemas.catalog import topic
+from mlbus.schemas.codec import decode
 from mlbus.storage import ObjectStore
-from schemas.catalog import topic
-from schemas.codec import decode
 
-log = logging.getLogger("consumers.archive")
+log = logging.getLogger("mlbus.consumers.archive")
 
 archive_app = typer.Typer(help="The log archived as Parquet on the object store.",
                           no_args_is_help=True)  # fmt: skip
@@ -59,7 +59,7 @@ def run(
     """Archive every contract topic to Parquet files on the object store (runs until
     SIGTERM/SIGINT, which flush and commit first). Exactly once per record: see
     consumers/archive/writer.py."""
-    from consumers.archive.writer import Archiver
+    from mlbus.consumers.archive.writer import Archiver
 
     cfg = settings()
     store = ObjectStore.from_settings(cfg)
@@ -97,7 +97,7 @@ def restore(
     """Re-publish archived records into the current cluster with their event ids, keys,
     headers and timestamps (idempotent producer). Refuses non-empty topics unless --force,
     which then skips every event already there: safe to run again."""
-    from consumers.archive.restore import restore as restore_archive
+    from mlbus.consumers.archive.restore import restore as restore_archive
 
     cfg = settings()
     store = _store(source, cfg)
@@ -166,7 +166,7 @@ def replay(
     if source is Source.kafka:
         records = read_log(kafka_config(cfg), names, since_ms=since_ms, until_ms=until_ms)
     else:
-        from consumers.archive.reader import read_archive
+        from mlbus.consumers.archive.reader import read_archive
 
         records = read_archive(
             ObjectStore.from_settings(cfg), names, since_ms=since_ms, until_ms=until_ms
@@ -236,7 +236,7 @@ def _jsonl(records: Iterable[LogRecord], out: IO[bytes]) -> None:
 
 
 def _table(records: Iterable[LogRecord], output: Path | None) -> None:
-    from consumers.archive.layout import identity
+    from mlbus.consumers.archive.layout import identity
 
     table = Table("time", "topic", "where", "key", "type")
     # An auditor copies ids out of this table: never shortened, whatever the terminal width.
@@ -282,7 +282,7 @@ def write_parquet(records: Iterable[LogRecord], path: Path) -> int:
     """Records into one Parquet file with the archive's columns; how many."""
     import pyarrow.parquet as pq
 
-    from consumers.archive.layout import SCHEMA, archive_table
+    from mlbus.consumers.archive.layout import SCHEMA, archive_table
 
     count = 0
     try:

@@ -37,16 +37,16 @@ from mlbus.errors import (
 )
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
+from mlbus.schemas.training import TrainingRequested
 from mlbus.settings import Settings
 from mlbus.storage import ObjectStore, StorageError
-from schemas.training import TrainingRequested
 
 log = logging.getLogger(__name__)
 
 
 def _status(error: MlbusError) -> int:
-    from datasets.registry import UnknownDataset
-    from datasets.sources import InvalidDataset
+    from mlbus.datasets.registry import UnknownDataset
+    from mlbus.datasets.sources import InvalidDataset
 
     if isinstance(error, UnknownDataset | UnknownTopic):
         return 404
@@ -142,7 +142,7 @@ def _lazy_lineage_store(cfg: Settings) -> Any:
 
     def store() -> Any:
         if not opened:
-            from consumers.lineage.store import LineageStore
+            from mlbus.consumers.lineage.store import LineageStore
 
             opened.append(LineageStore.open(cfg.metadata_url))
         return opened[0]
@@ -151,8 +151,8 @@ def _lazy_lineage_store(cfg: Settings) -> Any:
 
 
 def create_app(cfg: Settings) -> FastAPI:
-    from datasets.api import create_router as datasets_router
-    from datasets.registry import DatasetRegistry
+    from mlbus.datasets.api import create_router as datasets_router
+    from mlbus.datasets.registry import DatasetRegistry
 
     producer = SharedProducer(KafkaConfig.from_settings(cfg), source="mlbus/api")
 
@@ -191,9 +191,9 @@ def create_app(cfg: Settings) -> FastAPI:
     def registry() -> DatasetRegistry:
         return DatasetRegistry(ObjectStore.from_settings(cfg), KafkaConfig.from_settings(cfg))
 
-    from consumers.lineage.api import create_router as lineage_router
-    from consumers.workflow.api import create_router as workflow_router
     from mlbus.cli.ui import create_router as ui_router
+    from mlbus.consumers.lineage.api import create_router as lineage_router
+    from mlbus.consumers.workflow.api import create_router as workflow_router
 
     def kafka() -> KafkaConfig:
         return KafkaConfig.from_settings(cfg)

@@ -21,7 +21,7 @@ PROGRESS_ABOVE = 4 * 1024 * 1024
 
 
 def _registry():  # type: ignore[no-untyped-def]
-    from datasets.registry import DatasetRegistry
+    from mlbus.datasets.registry import DatasetRegistry
 
     cfg = settings()
     return DatasetRegistry(ObjectStore.from_settings(cfg), kafka_config(cfg))
@@ -54,7 +54,7 @@ def register(
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Register a dataset version (content-addressed; the same data twice is one version)."""
-    from datasets.sources import open_source
+    from mlbus.datasets.sources import open_source
 
     tags = key_values(tag, "--tag")  # bad options fail before anything is contacted
     registry = _registry()
@@ -92,8 +92,8 @@ def sample(
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Register a sample dataset shipped inside scikit-learn (no download)."""
-    from datasets.samples import SAMPLES, sample_table
-    from datasets.sources import from_table
+    from mlbus.datasets.samples import SAMPLES, sample_table
+    from mlbus.datasets.sources import from_table
 
     table = sample_table(sample_name)
     result = _registry().register(
@@ -160,7 +160,7 @@ def show(
 def validate() -> None:
     """Run the validator: check each dataset.created against its bytes (dead-letter it on
     a mismatch, publish dataset.validated otherwise)."""
-    from datasets.validator import Validator
+    from mlbus.datasets.validator import Validator
 
     cfg = settings()
     kafka = kafka_config(cfg)

@@ -38,13 +38,13 @@ from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import TopicReader
+from mlbus.schemas.base import Tensor
+from mlbus.schemas.codec import decode
+from mlbus.schemas.envelope import Event
+from mlbus.schemas.serving import InferenceRequest
 from mlbus.settings import Settings, load_settings
 from mlbus.storage import ObjectStore
 from mlbus.supervisor import read_status
-from schemas.base import Tensor
-from schemas.codec import decode
-from schemas.envelope import Event
-from schemas.serving import InferenceRequest
 
 MODEL = "digits"
 FOLLOWED = (
@@ -146,7 +146,7 @@ def _show_training(event: Event) -> None:
 
 def _shifted_digits() -> pa.Table:
     """Version 2 of the digits: the originals plus each image shifted one pixel right."""
-    from datasets.samples import sample_table
+    from mlbus.datasets.samples import sample_table
 
     table = sample_table("digits")
     pixels = [c for c in table.column_names if c != "label"]
@@ -238,10 +238,10 @@ def run_demo(pipeline: Path) -> None:
 def _run(
     up: subprocess.Popen[bytes], root: Path, ports: dict[str, int], up_log: Path, pipeline: Path
 ) -> bool:
-    from consumers.workflow.definitions import apply
-    from datasets.registry import DatasetRegistry
-    from datasets.samples import SAMPLES, sample_table
-    from datasets.sources import from_table
+    from mlbus.consumers.workflow.definitions import apply
+    from mlbus.datasets.registry import DatasetRegistry
+    from mlbus.datasets.samples import SAMPLES, sample_table
+    from mlbus.datasets.sources import from_table
 
     _step(1, "mlbus up: the embedded broker and every service, supervised")
     _wait_ready(up, root, {"serve", "api"}, up_log)
@@ -376,12 +376,12 @@ def _await_loaded(log: Log, version: str, serve: str) -> None:
 def _lineage(cfg: Settings, kafka: KafkaConfig, root: Path, version: str) -> bool:
     """The lineage of the serving version, as the projector rebuilt it from the log (a tree,
     and SVG/DOT files in the data dir), then its audit trail verified against the log."""
-    from consumers.lineage.audit import plan, topics_of, verify
-    from consumers.lineage.graph import to_dot, upstream_graph
-    from consumers.lineage.queries import LineageQueries
-    from consumers.lineage.store import LineageStore
     from mlbus.cli.lineage import _upstream_tree
     from mlbus.cli.svg import render_svg
+    from mlbus.consumers.lineage.audit import plan, topics_of, verify
+    from mlbus.consumers.lineage.graph import to_dot, upstream_graph
+    from mlbus.consumers.lineage.queries import LineageQueries
+    from mlbus.consumers.lineage.store import LineageStore
     from mlbus.kafka.reader import read_log
 
     queries = LineageQueries(LineageStore.open(cfg.metadata_url))

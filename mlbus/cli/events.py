@@ -15,10 +15,10 @@ from mlbus.cli.render import as_json, as_line, decode_record
 from mlbus.errors import InvalidEvent, MlbusError
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import TopicReader
-from schemas.catalog import DEADLETTER, topic
-from schemas.codec import decode, decode_payload
-from schemas.deadletter import DeadLetter
-from schemas.envelope import Event
+from mlbus.schemas.catalog import DEADLETTER, topic
+from mlbus.schemas.codec import decode, decode_payload
+from mlbus.schemas.deadletter import DeadLetter
+from mlbus.schemas.envelope import Event
 
 
 def _documents(text: str) -> list[tuple[int, bytes]]:

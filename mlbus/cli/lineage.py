@@ -22,7 +22,7 @@ lineage_app = typer.Typer(
 )
 app.add_typer(lineage_app, name="lineage")
 
-log = logging.getLogger("consumers.lineage")
+log = logging.getLogger("mlbus.consumers.lineage")
 
 Schema = Annotated[
     str | None,
@@ -34,7 +34,7 @@ AsOf = Annotated[
 
 
 def _store(schema: str | None = None, *, create: bool = True):  # type: ignore[no-untyped-def]
-    from consumers.lineage.store import LineageStore
+    from mlbus.consumers.lineage.store import LineageStore
 
     url = settings().metadata_url
     return LineageStore.open(url, schema=schema) if create else LineageStore(url, schema=schema)
@@ -52,7 +52,7 @@ def _split(ref: str, what: str, *, need_version: bool = False) -> tuple[str, str
 def _archive_records(topics: Sequence[str]) -> Iterator[Any]:
     """The archive's records (the archive component's reader, imported only when asked)."""
     try:
-        from consumers.archive.reader import read_archive  # type: ignore[import-not-found]
+        from mlbus.consumers.archive.reader import read_archive  # type: ignore[import-not-found]
     except ImportError as e:
         raise MlbusError(
             f"--source archive needs consumers.archive.reader.read_archive, which is not "
@@ -87,7 +87,7 @@ def project(
 ) -> None:
     """Run the live projector: consume the lineage topics into the store, resuming from the
     positions stored with the rows. Exits 0 on SIGTERM/SIGINT."""
-    from consumers.lineage.live import LiveProjector
+    from mlbus.consumers.lineage.live import LiveProjector
 
     store = _store(schema)
     projector = LiveProjector(kafka_config(), store, group=group, batch_size=batch)
@@ -128,9 +128,9 @@ def rebuild(
     swap it in. Stop the live projector first; it resumes from the rebuilt positions."""
     from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
-    from consumers.lineage.projector import TOPICS
-    from consumers.lineage.rebuild import rebuild as project_all
-    from consumers.lineage.store import discard, staging_for, swap_in
+    from mlbus.consumers.lineage.projector import TOPICS
+    from mlbus.consumers.lineage.rebuild import rebuild as project_all
+    from mlbus.consumers.lineage.store import discard, staging_for, swap_in
 
     records = _records(source, TOPICS)
     store = _store(schema, create=False)
@@ -177,7 +177,7 @@ def _has_events(store: Any) -> bool:
 
 def _output(result: Any, json_out: bool, dot: bool, mermaid: bool,
             graph: Callable[[Any], Any], tree: Callable[[Any], Any]) -> None:  # fmt: skip
-    from consumers.lineage.graph import to_dot, to_mermaid
+    from mlbus.consumers.lineage.graph import to_dot, to_mermaid
 
     if sum((json_out, dot, mermaid)) > 1:
         raise MlbusError("choose one of --json, --dot, --mermaid")
@@ -207,8 +207,8 @@ def show(
 ) -> None:
     """Upstream lineage of a model version (default: the one serving, at --as-of if given):
     run, dataset versions and their parents, hyperparameters, code, who asked, decisions."""
-    from consumers.lineage.graph import upstream_graph
-    from consumers.lineage.queries import LineageQueries, parse_time
+    from mlbus.consumers.lineage.graph import upstream_graph
+    from mlbus.consumers.lineage.queries import LineageQueries, parse_time
 
     model, version = _split(ref, "MODEL")
     when = parse_time(as_of)
@@ -226,8 +226,8 @@ def downstream(
     schema: Schema = None,
 ) -> None:
     """Every run and model version that used a dataset (version), and where they serve now."""
-    from consumers.lineage.graph import downstream_graph
-    from consumers.lineage.queries import LineageQueries, parse_time
+    from mlbus.consumers.lineage.graph import downstream_graph
+    from mlbus.consumers.lineage.queries import LineageQueries, parse_time
 
     name, version = _split(ref, "DATASET")
     result = LineageQueries(_store(schema)).downstream(name, version, parse_time(as_of))
@@ -242,7 +242,7 @@ def why(
     schema: Schema = None,
 ) -> None:
     """The promotion and rejection decisions of a version, with their policy and evidence."""
-    from consumers.lineage.queries import LineageQueries, parse_time
+    from mlbus.consumers.lineage.queries import LineageQueries, parse_time
 
     model, version = _split(ref, "MODEL", need_version=True)
     assert version is not None
@@ -266,7 +266,7 @@ def history(
     schema: Schema = None,
 ) -> None:
     """Promotions, rejections and rollbacks of a model, oldest first."""
-    from consumers.lineage.queries import LineageQueries, parse_time
+    from mlbus.consumers.lineage.queries import LineageQueries, parse_time
 
     result = LineageQueries(_store(schema)).history(model, parse_time(as_of))
     if json_out:
@@ -369,7 +369,7 @@ def audit(
 ) -> None:
     """Every event in a model version's lineage, in time order with ids, each verified to
     still be in the log (or the archive) with the same content hash. Exit 1 if any is not."""
-    from consumers.lineage.audit import plan, topics_of, verify
+    from mlbus.consumers.lineage.audit import plan, topics_of, verify
 
     model, version = _split(ref, "MODEL", need_version=True)
     assert version is not None

@@ -11,8 +11,8 @@ from confluent_kafka import Message
 from rich.markup import escape
 
 from mlbus.errors import InvalidEvent
-from schemas.codec import decode
-from schemas.envelope import Event
+from mlbus.schemas.codec import decode
+from mlbus.schemas.envelope import Event
 
 
 def decode_record(message: Message, expected_type: str | None, max_bytes: int) -> Event | str:

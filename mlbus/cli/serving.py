@@ -26,9 +26,9 @@ def serve(
     """Serve the promoted models over HTTP (OIP v2 at /v2, /metrics, /docs) and Kafka."""
     import uvicorn
 
+    from mlbus.serving.app import create_app
+    from mlbus.serving.server import ModelServer
     from mlbus.storage import ObjectStore
-    from serving.app import create_app
-    from serving.server import ModelServer
 
     cfg = settings()
     config = cfg.serving.model_copy(

@@ -39,7 +39,7 @@ def streams(
 ) -> None:
     """Run the stream processors: windowed serving metrics, drift and alerts from
     inference.logged into serving.metrics, serving.alert and Prometheus."""
-    from streams.app import StreamsApp, StreamsOptions
+    from mlbus.streams.app import StreamsApp, StreamsOptions
 
     cfg = settings()
     kafka = kafka_config(cfg)

@@ -19,11 +19,11 @@ from mlbus.errors import MlbusError
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import TopicReader
+from mlbus.schemas.base import DatasetRef
+from mlbus.schemas.codec import decode
+from mlbus.schemas.envelope import new_event_id
+from mlbus.schemas.training import SweepPoint, TrainingRequested
 from mlbus.storage import ObjectStore
-from schemas.base import DatasetRef
-from schemas.codec import decode
-from schemas.envelope import new_event_id
-from schemas.training import SweepPoint, TrainingRequested
 
 FOLLOWED = ("training.started", "training.progress", "training.completed", "training.failed")
 
@@ -31,7 +31,7 @@ FOLLOWED = ("training.started", "training.progress", "training.completed", "trai
 @app.command("trainer")
 def trainer() -> None:
     """Run a training worker (several share training.requested through one group)."""
-    from trainer.worker import TrainingWorker
+    from mlbus.trainer.worker import TrainingWorker
 
     cfg = settings()
     kafka = kafka_config(cfg)

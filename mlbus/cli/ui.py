@@ -40,8 +40,8 @@ def _recent(store: Any, limit: int) -> list[dict[str, Any]]:
     projector has already read and checked them: a page view does not re-read the log)."""
     import sqlalchemy as sa
 
-    from consumers.lineage import tables
-    from consumers.lineage.store import iso
+    from mlbus.consumers.lineage import tables
+    from mlbus.consumers.lineage.store import iso
 
     e = tables.events
     query = (
@@ -87,7 +87,7 @@ def create_router(kafka: Callable[[], KafkaConfig], lineage: Callable[[], Any]) 
 
     @router.get("/ui", response_class=HTMLResponse)
     async def home(limit: int = Query(25, ge=1, le=500)) -> HTMLResponse:
-        from consumers.workflow.commands import list_models
+        from mlbus.consumers.workflow.commands import list_models
 
         cfg, store = kafka(), lineage()
         models, recent = await run_in_threadpool(lambda: (list_models(cfg), _recent(store, limit)))
@@ -118,9 +118,9 @@ def create_router(kafka: Callable[[], KafkaConfig], lineage: Callable[[], Any]) 
 def lineage_svg(store: Any, model: str, version: str | None = None) -> str:
     """The upstream lineage of `model@version` (default: the serving one) as SVG; 404 for a
     model or version the store does not know."""
-    from consumers.lineage.graph import upstream_graph
-    from consumers.lineage.queries import LineageQueries
-    from consumers.lineage.store import NotFound
+    from mlbus.consumers.lineage.graph import upstream_graph
+    from mlbus.consumers.lineage.queries import LineageQueries
+    from mlbus.consumers.lineage.store import NotFound
 
     try:
         up = LineageQueries(store).upstream(model, version)

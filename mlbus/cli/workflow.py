@@ -47,7 +47,7 @@ def pipelines_apply(
     actor: Annotated[str | None, typer.Option(help="who applies it [default: user:$USER]")] = None,
 ) -> None:
     """Publish a pipeline definition as its next revision (nothing if it is unchanged)."""
-    from consumers.workflow.definitions import apply, parse
+    from mlbus.consumers.workflow.definitions import apply, parse
 
     text = file.read_text()
     parse(text, source=str(file))  # a bad file fails here, before Kafka is contacted
@@ -62,7 +62,7 @@ def pipelines_list(
     json_out: Annotated[bool, typer.Option("--json", help="as JSON")] = False,
 ) -> None:
     """Every pipeline's revision in force."""
-    from consumers.workflow.commands import list_pipelines
+    from mlbus.consumers.workflow.commands import list_pipelines
 
     found = list_pipelines(kafka_config())
     if json_out:
@@ -84,7 +84,7 @@ def models_list(
     json_out: Annotated[bool, typer.Option("--json", help="as JSON")] = False,
 ) -> None:
     """Every model with its versions and its champion."""
-    from consumers.workflow.commands import list_models
+    from mlbus.consumers.workflow.commands import list_models
 
     found = list_models(kafka_config())
     if json_out:
@@ -115,7 +115,7 @@ def models_promote(
     actor: Annotated[str | None, typer.Option(help="who [default: user:$USER]")] = None,
 ) -> None:
     """Promote a version by hand: publishes model.promoted with you as the actor."""
-    from consumers.workflow.commands import promote
+    from mlbus.consumers.workflow.commands import promote
 
     event = promote(kafka_config(), model, version, reason=reason, actor=actor or _user())
     console.print(f"promoted {model} {event.data.version} (was {event.data.previous_version}); "
@@ -130,7 +130,7 @@ def models_rollback(
     actor: Annotated[str | None, typer.Option(help="who [default: user:$USER]")] = None,
 ) -> None:
     """Roll back by hand: model.promoted of an earlier version, rollback=true."""
-    from consumers.workflow.commands import rollback
+    from mlbus.consumers.workflow.commands import rollback
 
     event = rollback(kafka_config(), model, to=to, reason=reason, actor=actor or _user())
     console.print(f"rolled back {model} from {event.data.previous_version} to "
@@ -149,13 +149,13 @@ def workflow(
     ] = True,
 ) -> None:
     """Run the workflow manager: training triggers, promotion policy, automatic rollback."""
-    from consumers.workflow.service import WorkflowService
+    from mlbus.consumers.workflow.service import WorkflowService
 
     cfg = settings()
     kafka = kafka_config(cfg)
     evaluator = None
     if reevaluate:
-        from consumers.workflow.evaluation import ChampionEvaluator
+        from mlbus.consumers.workflow.evaluation import ChampionEvaluator
         from mlbus.storage import ObjectStore
 
         evaluator = ChampionEvaluator(kafka, ObjectStore.from_settings(cfg))

@@ -10,7 +10,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
-from schemas.catalog import CATALOG, TopicSpec
+from mlbus.schemas.catalog import CATALOG, TopicSpec
 
 
 @dataclass(frozen=True)

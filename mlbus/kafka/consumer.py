@@ -30,10 +30,10 @@ from mlbus.errors import Abandon, DeliveryError, InvalidEvent, TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.deadletter import dead_letter
 from mlbus.kafka.producer import EventProducer
+from mlbus.schemas.catalog import TOPICS
+from mlbus.schemas.codec import decode
+from mlbus.schemas.envelope import Event
 from mlbus.signals import install_stop_handlers
-from schemas.catalog import TOPICS
-from schemas.codec import decode
-from schemas.envelope import Event
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import hashlib
 from typing import Any
 
 from mlbus.kafka.config import MAX_RECORD_BYTES
-from schemas.deadletter import DeadLetter, Header, OriginalRecord
+from mlbus.schemas.deadletter import DeadLetter, Header, OriginalRecord
 
 #: Originals up to this size (value, key and headers together) are copied into the dead
 #: letter (base64 grows them by 4/3); larger values are referenced by topic, partition,

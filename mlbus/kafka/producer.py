@@ -18,9 +18,9 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from mlbus.errors import DeliveryError, TransientError
 from mlbus.kafka.config import KafkaConfig
-from schemas.base import Payload
-from schemas.codec import STRUCTURED_HEADERS, Cause, EventRef, encode, encode_new
-from schemas.envelope import Event
+from mlbus.schemas.base import Payload
+from mlbus.schemas.codec import STRUCTURED_HEADERS, Cause, EventRef, encode, encode_new
+from mlbus.schemas.envelope import Event
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class EventProducer:
 
     def send(self, event: Event, *, key: str | bytes | None = None) -> None:
         """Queue an already-built event as it is (its id, source and time are kept)."""
-        from schemas.catalog import TOPICS
+        from mlbus.schemas.catalog import TOPICS
 
         if key is None:
             key = TOPICS[event.type].key_of(event.data)

@@ -34,8 +34,8 @@ from confluent_kafka import (
 from mlbus.errors import MlbusError, TransientError, UnknownTopic
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import next_batch
-from schemas.codec import decode
-from schemas.envelope import Event
+from mlbus.schemas.codec import decode
+from mlbus.schemas.envelope import Event
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from datasets.registry import DatasetRegistry
+from mlbus.datasets.registry import DatasetRegistry
 from mlbus.kafka.config import KafkaConfig
 from mlbus.storage import ObjectStore
 from tests.mlbus.storage_support import STORE_KINDS, make_store

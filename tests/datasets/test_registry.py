@@ -17,14 +17,14 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from datasets.registry import DatasetRegistry, UnknownDataset, object_key
-from datasets.samples import sample_table
-from datasets.sources import InvalidDataset, from_table
+from mlbus.datasets.registry import DatasetRegistry, UnknownDataset, object_key
+from mlbus.datasets.samples import sample_table
+from mlbus.datasets.sources import InvalidDataset, from_table
 from mlbus.errors import MlbusError, TransientError
 from mlbus.kafka.config import KafkaConfig
+from mlbus.schemas.base import DatasetRef
 from mlbus.storage import ObjectStore, StorageError
 from mlbus.tables import DatasetReader
-from schemas.base import DatasetRef
 from tests.mlbus.kafka.support import read_events, read_raw
 from tests.mlbus.storage_support import (
     everything,

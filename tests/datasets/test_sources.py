@@ -12,8 +12,8 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from datasets.sources import InvalidDataset, from_table, npz_table, open_source, open_stream
-from datasets.writer import write_canonical
+from mlbus.datasets.sources import InvalidDataset, from_table, npz_table, open_source, open_stream
+from mlbus.datasets.writer import write_canonical
 from tests.mlbus.storage_support import PYTHON, run_measured, write_csv_file, write_parquet_file
 
 
@@ -221,7 +221,7 @@ def test_a_missing_file_is_refused(tmp_path: Path) -> None:
 
 _READ_SOURCE = """
 import sys
-from datasets.sources import open_source
+from mlbus.datasets.sources import open_source
 
 print(sum(batch.num_rows for batch in open_source(sys.argv[1]).batches))
 """

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from datasets.stats import BINS, SAMPLE_SIZE, TOP, StatsBuilder
-from schemas.datasets import ColumnStats
+from mlbus.datasets.stats import BINS, SAMPLE_SIZE, TOP, StatsBuilder
+from mlbus.schemas.datasets import ColumnStats
 
 
 def stats_of(table: pa.Table, batch_rows: int | None = None) -> dict[str, ColumnStats]:

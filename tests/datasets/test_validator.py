@@ -16,17 +16,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datasets.registry import DatasetRegistry
-from datasets.sources import from_table
-from datasets.validator import CHECKS, Validator, check, validated_id
+from mlbus.datasets.registry import DatasetRegistry
+from mlbus.datasets.sources import from_table
+from mlbus.datasets.validator import CHECKS, Validator, check, validated_id
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Backoff, ConsumerLoop
 from mlbus.kafka.deadletter import original_value
 from mlbus.kafka.producer import EventProducer
+from mlbus.schemas.codec import STRUCTURED_HEADERS
+from mlbus.schemas.datasets import DatasetCreated
 from mlbus.storage import ObjectStore
-from schemas.codec import STRUCTURED_HEADERS
-from schemas.datasets import DatasetCreated
 from tests.mlbus.kafka.support import (
     LoopThread,
     dead_letters,

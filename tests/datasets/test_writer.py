@@ -15,8 +15,8 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from datasets.sources import InvalidDataset, open_source
-from datasets.writer import ROW_GROUP_ROWS, Written, canonical_batches, write_canonical
+from mlbus.datasets.sources import InvalidDataset, open_source
+from mlbus.datasets.writer import ROW_GROUP_ROWS, Written, canonical_batches, write_canonical
 
 ROWS = ROW_GROUP_ROWS * 2 + 1234  # three row groups, the last one short
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from mlbus.kafka.admin import create_topics_script, strimzi_topics, topic_definitions
+from mlbus.schemas.catalog import CATALOG
 from mlbus.settings import Settings
 from mlbus.supervisor import catalog as service_catalog
-from schemas.catalog import CATALOG
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 CONTRACT = {spec.name for spec in CATALOG}

@@ -28,10 +28,10 @@ from confluent_kafka.admin import AdminClient
 
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import ConsumerLoop, Record
-from schemas.catalog import CATALOG
-from schemas.codec import encode_new
-from schemas.datasets import DatasetCreated
-from schemas.envelope import Event
+from mlbus.schemas.catalog import CATALOG
+from mlbus.schemas.codec import encode_new
+from mlbus.schemas.datasets import DatasetCreated
+from mlbus.schemas.envelope import Event
 from tests.mlbus.test_broker import dead_pid, kill_if_alive, pid_alive, wait_gone
 
 # Subprocesses, and brokers of their own (`mlbus up`, `mlbus demo`): never unit tests.

@@ -6,11 +6,11 @@ from __future__ import annotations
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from consumers.lineage import tables
-from consumers.lineage.projector import TOPICS, Projector
-from consumers.lineage.queries import LineageQueries
-from consumers.lineage.store import LineageStore
 from mlbus.cli.control_plane import create_app
+from mlbus.consumers.lineage import tables
+from mlbus.consumers.lineage.projector import TOPICS, Projector
+from mlbus.consumers.lineage.queries import LineageQueries
+from mlbus.consumers.lineage.store import LineageStore
 from mlbus.kafka.reader import read_log
 from mlbus.settings import Settings
 from tests.consumers.lineage.generator import generate_log, produce

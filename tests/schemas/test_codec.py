@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlbus.errors import InvalidEvent, UnknownTopic
-from schemas.codec import decode, decode_payload, encode, encode_new, wrap
-from schemas.datasets import ColumnSchema, DatasetCreated
-from schemas.training import TrainingProgress, TrainingRequested
+from mlbus.schemas.codec import decode, decode_payload, encode, encode_new, wrap
+from mlbus.schemas.datasets import ColumnSchema, DatasetCreated
+from mlbus.schemas.training import TrainingProgress, TrainingRequested
 
 SHA = "sha256:" + "ab" * 32
 
@@ -184,7 +184,7 @@ def test_payloads_are_frozen():
 
 
 def test_wrapping_a_foreign_model_is_refused():
-    from schemas.base import Payload
+    from mlbus.schemas.base import Payload
 
     class Stray(Payload):
         x: int

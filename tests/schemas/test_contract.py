@@ -8,9 +8,9 @@ import json
 import pytest
 from pydantic import BaseModel
 
-from schemas.catalog import CATALOG, EVENT_MODELS, TOPICS
-from schemas.compat import incompatibilities
-from schemas.generate import current_path, history, problems, render, schema_of
+from mlbus.schemas.catalog import CATALOG, EVENT_MODELS, TOPICS
+from mlbus.schemas.compat import incompatibilities
+from mlbus.schemas.generate import current_path, history, problems, render, schema_of
 
 
 @pytest.mark.parametrize("spec", CATALOG, ids=lambda s: s.name)
@@ -111,9 +111,9 @@ def test_nested_changes_are_followed_through_refs():
 
 
 def test_generator_refuses_a_breaking_change(monkeypatch, tmp_path):
-    import schemas.generate as generate
-    from schemas.base import Payload
-    from schemas.catalog import TopicSpec
+    import mlbus.schemas.generate as generate
+    from mlbus.schemas.base import Payload
+    from mlbus.schemas.catalog import TopicSpec
 
     class Old(Payload):
         model: str
@@ -138,7 +138,7 @@ def test_generator_refuses_a_breaking_change(monkeypatch, tmp_path):
 
 
 def test_readme_topic_table_is_generated_from_the_catalog():
-    from schemas.generate import README, TABLE_BEGIN, readme_with_table
+    from mlbus.schemas.generate import README, TABLE_BEGIN, readme_with_table
 
     text = README.read_text()
     assert TABLE_BEGIN in text

@@ -11,9 +11,9 @@ import pytest
 from pydantic import BaseModel, field_validator
 
 from mlbus.errors import InvalidEvent
-from schemas import dicts
-from schemas.catalog import TOPICS
-from schemas.codec import decode, decode_dict
+from mlbus.schemas import dicts
+from mlbus.schemas.catalog import TOPICS
+from mlbus.schemas.codec import decode, decode_dict
 from tests.consumers.lineage.generator import generate_log
 
 WRONG: list[Any] = [None, "", "x", -1, 0, 1.5, True, [], {}, ["x"], {"x": 1}, "2026-13-45"]

@@ -22,14 +22,14 @@ import uvicorn
 
 from mlbus import artifacts
 from mlbus.kafka.config import KafkaConfig
+from mlbus.schemas.base import DatasetRef
+from mlbus.schemas.codec import EventRef
+from mlbus.schemas.models import ModelPromoted
+from mlbus.schemas.training import Artifact
+from mlbus.serving.app import create_app
+from mlbus.serving.server import ModelServer
 from mlbus.settings import ServingSettings
 from mlbus.storage import ObjectStore
-from schemas.base import DatasetRef
-from schemas.codec import EventRef
-from schemas.models import ModelPromoted
-from schemas.training import Artifact
-from serving.app import create_app
-from serving.server import ModelServer
 from tests.mlbus.kafka.support import publish, wait_until
 
 
@@ -48,8 +48,8 @@ class Digits:
 
 
 def _train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int) -> Trained:
-    from trainer.data import prepare
-    from trainer.training import fit
+    from mlbus.trainer.data import prepare
+    from mlbus.trainer.training import fit
 
     features = [f"pixel_{i}" for i in range(x.shape[1])]
     prepared = prepare(x, y, features=features, label="digit", seed=seed, validation=0.1,

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from serving.app import InferFastPath
-from serving.errors import PayloadTooLarge
+from mlbus.serving.app import InferFastPath
+from mlbus.serving.errors import PayloadTooLarge
 from tests.mlbus.kafka.support import read_events, wait_until
 from tests.serving.conftest import body, promote, running, save, wait_version
 

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from serving.batcher import MicroBatcher
-from serving.errors import NotReady
+from mlbus.serving.batcher import MicroBatcher
+from mlbus.serving.errors import NotReady
 
 
 def _run(batcher: MicroBatcher, inputs: list[np.ndarray]) -> list[np.ndarray]:

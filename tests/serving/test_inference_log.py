@@ -12,10 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlbus.kafka.producer import EventProducer
-from schemas.codec import decode, encode_new
-from schemas.serving import InferenceLogged
-from serving.inference_log import MAX_FEATURES, MAX_VALUES, InferenceLog, Sample, encode, record
-from serving.metrics import ServingMetrics
+from mlbus.schemas.codec import decode, encode_new
+from mlbus.schemas.serving import InferenceLogged
+from mlbus.serving.inference_log import (
+    MAX_FEATURES,
+    MAX_VALUES,
+    InferenceLog,
+    Sample,
+    encode,
+    record,
+)
+from mlbus.serving.metrics import ServingMetrics
 from tests.mlbus.kafka.support import read_events, wait_until
 from tests.serving.conftest import promote, running, save, wait_version
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from serving.errors import UnknownModel, UnknownVersion
-from serving.registry import PARALLEL_ROW_SECONDS, Deployment, Registry
+from mlbus.serving.errors import UnknownModel, UnknownVersion
+from mlbus.serving.registry import PARALLEL_ROW_SECONDS, Deployment, Registry
 
 
 def _deployment(version: str, weight: float) -> Deployment:

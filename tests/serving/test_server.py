@@ -13,7 +13,7 @@ import sys
 import torch
 
 from mlbus.runtime import usable_cores
-from serving.server import GC_THRESHOLD, PIPELINE, SWITCH_INTERVAL, tune_gc
+from mlbus.serving.server import GC_THRESHOLD, PIPELINE, SWITCH_INTERVAL, tune_gc
 from tests.serving.conftest import running
 
 
@@ -39,8 +39,8 @@ def test_forward_threads_share_the_cores_and_keep_their_own_count(kafka, store):
 
 
 def test_the_torch_threads_setting_overrides_the_automatic_share(kafka, store):
+    from mlbus.serving.server import ModelServer
     from mlbus.settings import ServingSettings
-    from serving.server import ModelServer
 
     server = ModelServer(kafka, store, ServingSettings(torch_threads=3), stream_group=None)
     try:

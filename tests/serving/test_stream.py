@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from schemas.base import Tensor
-from schemas.serving import InferenceRequest
+from mlbus.schemas.base import Tensor
+from mlbus.schemas.serving import InferenceRequest
 from tests.mlbus.kafka.support import publish, read_events, read_raw, wait_until
 from tests.serving.conftest import promote, running, save, wait_version
 

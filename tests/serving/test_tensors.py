@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from torch import nn
 
-from serving.errors import InvalidInput
-from serving.registry import Deployment
-from serving.tensors import float64, to_array
+from mlbus.serving.errors import InvalidInput
+from mlbus.serving.registry import Deployment
+from mlbus.serving.tensors import float64, to_array
 
 
 def _deployment(features: int = 3) -> Deployment:

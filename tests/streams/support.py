@@ -12,12 +12,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from schemas.base import DatasetRef
-from schemas.codec import STRUCTURED_HEADERS, encode_new
-from schemas.datasets import ColumnSchema, ColumnStats, DatasetCreated, Histogram, ValueCount
-from schemas.models import ModelPromoted
-from schemas.serving import InferenceLogged
-from schemas.training import Artifact, CodeVersion, TrainingCompleted
+from mlbus.schemas.base import DatasetRef
+from mlbus.schemas.codec import STRUCTURED_HEADERS, encode_new
+from mlbus.schemas.datasets import ColumnSchema, ColumnStats, DatasetCreated, Histogram, ValueCount
+from mlbus.schemas.models import ModelPromoted
+from mlbus.schemas.serving import InferenceLogged
+from mlbus.schemas.training import Artifact, CodeVersion, TrainingCompleted
 
 SHA = "sha256:" + "cd" * 32
 FEATURES = ("f0", "f1")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import random
 
+from mlbus.schemas.codec import wrap
 from mlbus.settings import StreamsSettings
-from schemas.codec import wrap
-from streams import sketch
-from streams.drift import Baselines
-from streams.windows import Engine, WindowConfig
+from mlbus.streams import sketch
+from mlbus.streams.drift import Baselines
+from mlbus.streams.windows import Engine, WindowConfig
 from tests.streams.support import BASE_MS, baseline_events, history, lower_quantile
 
 NOW_MS = BASE_MS + 10**9  # a wall clock far after every event time

@@ -14,8 +14,8 @@ import pytest
 from confluent_kafka import Producer
 
 from mlbus.kafka.config import KafkaConfig
-from schemas.codec import STRUCTURED_HEADERS, encode
-from schemas.envelope import Event
+from mlbus.schemas.codec import STRUCTURED_HEADERS, encode
+from mlbus.schemas.envelope import Event
 from tests.mlbus.kafka.support import dead_letters, publish, read_events, wait_until
 from tests.streams.conftest import StreamsProcess
 from tests.streams.support import BASE_MS, History, baseline_events, encoded, history
@@ -203,7 +203,7 @@ def test_metrics_drift_alerts_prometheus_then_identical_replay(kafka, run_stream
 
 def encode_wrong_type() -> bytes:
     """A valid CloudEvent of another type on inference.logged."""
-    from schemas.codec import encode_new
+    from mlbus.schemas.codec import encode_new
 
     _, value = encode_new(baseline_events()[0], source="tests")
     return value

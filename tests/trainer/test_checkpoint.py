@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
-from datasets.samples import sample_table
+from mlbus.datasets.samples import sample_table
 from mlbus.families import hyperparameters
+from mlbus.schemas.training import EarlyStopping
 from mlbus.storage import ObjectStore
-from schemas.training import EarlyStopping
-from trainer import checkpoint
-from trainer.data import load_arrays, prepare
-from trainer.training import fit, inference_latency
+from mlbus.trainer import checkpoint
+from mlbus.trainer.data import load_arrays, prepare
+from mlbus.trainer.training import fit, inference_latency
 
 IDENTITY = {"request_id": "r1", "family": "cnn", "seed": 5}
 

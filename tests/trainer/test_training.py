@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datasets.samples import sample_table
 from mlbus import artifacts
+from mlbus.datasets.samples import sample_table
 from mlbus.families import FAMILIES, InvalidModelSpec, build, hyperparameters
+from mlbus.schemas.training import EarlyStopping
 from mlbus.storage import ObjectStore
 from mlbus.tables import IntegrityError
-from schemas.training import EarlyStopping
-from trainer.data import load_arrays, prepare, split_indices
-from trainer.training import evaluate, fit
+from mlbus.trainer.data import load_arrays, prepare, split_indices
+from mlbus.trainer.training import evaluate, fit
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ from moto.server import ThreadedMotoServer
 from mlbus import artifacts
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import EventProducer
+from mlbus.schemas.base import DatasetRef
+from mlbus.schemas.training import TrainingRequested
 from mlbus.storage import ObjectStore
-from schemas.base import DatasetRef
-from schemas.training import TrainingRequested
+from mlbus.trainer.worker import TrainingWorker, run_id_for
 from tests.mlbus.kafka.support import (
     LoopThread,
     committed_offset,
@@ -25,13 +26,12 @@ from tests.mlbus.kafka.support import (
     run_to_end,
     wait_until,
 )
-from trainer.worker import TrainingWorker, run_id_for
 
 
 def _digits(kafka, store, sample="digits"):
-    from datasets.registry import DatasetRegistry
-    from datasets.samples import sample_table
-    from datasets.sources import from_table
+    from mlbus.datasets.registry import DatasetRegistry
+    from mlbus.datasets.samples import sample_table
+    from mlbus.datasets.sources import from_table
 
     return DatasetRegistry(store, kafka).register(
         from_table(sample_table(sample)), name="digits", label="label"

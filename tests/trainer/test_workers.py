@@ -23,10 +23,10 @@ import pytest
 
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import TopicReader
-from schemas.base import DatasetRef
-from schemas.codec import decode
-from schemas.envelope import Event, new_event_id
-from schemas.training import SweepPoint, TrainingRequested
+from mlbus.schemas.base import DatasetRef
+from mlbus.schemas.codec import decode
+from mlbus.schemas.envelope import Event, new_event_id
+from mlbus.schemas.training import SweepPoint, TrainingRequested
 from tests.mlbus.kafka.support import read_raw, wait_until
 from tests.mlbus.test_cli import MLBUS, env, json_lines, mlbus, ok  # noqa: F401 - env: a fixture
 from tests.trainer.test_cli import FAST

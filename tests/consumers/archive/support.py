@@ -11,13 +11,13 @@ import orjson
 import pyarrow.parquet as pq
 from confluent_kafka import Producer
 
-from consumers.archive.layout import list_files
-from consumers.archive.reader import read_archive
+from mlbus.consumers.archive.layout import list_files
+from mlbus.consumers.archive.reader import read_archive
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import LogRecord, read_log
+from mlbus.schemas.catalog import TOPICS
+from mlbus.schemas.codec import STRUCTURED_HEADERS, encode_new
 from mlbus.storage import ObjectStore
-from schemas.catalog import TOPICS
-from schemas.codec import STRUCTURED_HEADERS, encode_new
 from tests.mlbus.kafka.support import DEADLINE, dataset, progress, publish, requested
 
 FAST = {  # the embedded broker's settings (a configured bootstrap keeps Kafka's defaults)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from consumers.archive.layout import ROOT, list_files
-from consumers.archive.reader import read_archive
-from consumers.archive.writer import Archiver
+from mlbus.consumers.archive.layout import ROOT, list_files
+from mlbus.consumers.archive.reader import read_archive
+from mlbus.consumers.archive.writer import Archiver
 from mlbus.kafka.config import KafkaConfig
 from mlbus.storage import ObjectStore
 from tests.consumers.archive.support import (

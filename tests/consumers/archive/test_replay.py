@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 from confluent_kafka.admin import AdminClient
 from typer.testing import CliRunner
 
-from consumers.archive.writer import Archiver
 from mlbus.cli import app
 from mlbus.cli.archive import parse_time
+from mlbus.consumers.archive.writer import Archiver
 from tests.consumers.archive.support import produce
 from tests.mlbus.kafka.support import committed_offset
 from tests.mlbus.test_cli import json_lines, mlbus, ok

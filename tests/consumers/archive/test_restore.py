@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 from typer.testing import CliRunner
 
-from consumers.archive.restore import TargetNotEmpty, record_identity, restore
-from consumers.archive.writer import Archiver
 from mlbus.cli import app
+from mlbus.consumers.archive.restore import TargetNotEmpty, record_identity, restore
+from mlbus.consumers.archive.writer import Archiver
 from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
 from tests.conftest import unique

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.lineage.store import LineageStore
+from mlbus.consumers.lineage.store import LineageStore
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import LogRecord
 from tests.conftest import unique
@@ -40,8 +40,8 @@ def fresh_store(like: LineageStore) -> LineageStore:
 def rebuilt_store(like: LineageStore, records: Iterable[LogRecord]) -> LineageStore:
     """`records` rebuilt the way `mlbus lineage rebuild` does (a staging store, the writer
     process, the swap) into a fresh store beside `like`; the caller drops it."""
-    from consumers.lineage.rebuild import rebuild
-    from consumers.lineage.store import staging_for, swap_in
+    from mlbus.consumers.lineage.rebuild import rebuild
+    from mlbus.consumers.lineage.store import staging_for, swap_in
 
     target = fresh_store(like)
     staging = staging_for(target)

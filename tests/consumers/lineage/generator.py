@@ -24,27 +24,27 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import LogRecord
-from schemas.base import Payload
-from schemas.catalog import DEADLETTER, TOPICS
-from schemas.codec import STRUCTURED_HEADERS, encode_new
-from schemas.datasets import DatasetCreated, DatasetValidated
-from schemas.deadletter import DeadLetter
-from schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
-from schemas.serving import (
+from mlbus.schemas.base import Payload
+from mlbus.schemas.catalog import DEADLETTER, TOPICS
+from mlbus.schemas.codec import STRUCTURED_HEADERS, encode_new
+from mlbus.schemas.datasets import DatasetCreated, DatasetValidated
+from mlbus.schemas.deadletter import DeadLetter
+from mlbus.schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
+from mlbus.schemas.serving import (
     InferenceLogged,
     InferenceRequest,
     InferenceResult,
     ServingAlert,
     ServingMetrics,
 )
-from schemas.training import (
+from mlbus.schemas.training import (
     TrainingCompleted,
     TrainingFailed,
     TrainingProgress,
     TrainingRequested,
     TrainingStarted,
 )
-from schemas.workflow import PipelineDefined
+from mlbus.schemas.workflow import PipelineDefined
 
 EPOCH = datetime(2026, 3, 1, tzinfo=UTC)
 HEADERS = tuple(STRUCTURED_HEADERS)

@@ -10,11 +10,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from consumers.lineage.api import router
-from consumers.lineage.projector import Projector
-from consumers.lineage.store import LineageStore
+from mlbus.consumers.lineage.api import router
+from mlbus.consumers.lineage.projector import Projector
+from mlbus.consumers.lineage.store import LineageStore
 from mlbus.kafka.config import KafkaConfig
-from schemas.codec import encode_new
+from mlbus.schemas.codec import encode_new
 from tests.consumers.lineage.conftest import cli_env, mlbus, ok
 from tests.consumers.lineage.generator import GenRecord, as_log_records, produce
 from tests.consumers.lineage.test_timetravel import HISTORY, at
@@ -98,7 +98,7 @@ def test_audit_fails_when_the_log_lost_an_event(
 
 def test_http_router(store: LineageStore) -> None:
     from mlbus.kafka.reader import LogRecord
-    from schemas.codec import STRUCTURED_HEADERS
+    from mlbus.schemas.codec import STRUCTURED_HEADERS
 
     records = [
         LogRecord(r.topic, 0, i, None, r.key, tuple(STRUCTURED_HEADERS), r.value)

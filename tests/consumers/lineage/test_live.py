@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from consumers.archive.reader import read_archive
-from consumers.archive.writer import Archiver
-from consumers.lineage.live import LiveProjector
-from consumers.lineage.projector import TOPICS
-from consumers.lineage.store import LineageError, LineageStore
+from mlbus.consumers.archive.reader import read_archive
+from mlbus.consumers.archive.writer import Archiver
+from mlbus.consumers.lineage.live import LiveProjector
+from mlbus.consumers.lineage.projector import TOPICS
+from mlbus.consumers.lineage.store import LineageError, LineageStore
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import read_log

@@ -10,15 +10,15 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from consumers.lineage import tables as t
-from consumers.lineage.projector import Projector
-from consumers.lineage.queries import LineageQueries
-from consumers.lineage.store import LineageError, LineageStore, NotFound
+from mlbus.consumers.lineage import tables as t
+from mlbus.consumers.lineage.projector import Projector
+from mlbus.consumers.lineage.queries import LineageQueries
+from mlbus.consumers.lineage.store import LineageError, LineageStore, NotFound
 from mlbus.errors import TransientError
 from mlbus.kafka.reader import LogRecord
-from schemas.codec import STRUCTURED_HEADERS, encode_new
-from schemas.models import ModelPromoted
-from schemas.training import TrainingCompleted, TrainingRequested, TrainingStarted
+from mlbus.schemas.codec import STRUCTURED_HEADERS, encode_new
+from mlbus.schemas.models import ModelPromoted
+from mlbus.schemas.training import TrainingCompleted, TrainingRequested, TrainingStarted
 from tests.consumers.lineage.conftest import fresh_store
 from tests.consumers.lineage.generator import as_log_records, generate_log
 
@@ -152,7 +152,7 @@ def test_every_row_carries_its_provenance(store: LineageStore) -> None:
 
 
 def test_rebuild_swaps_a_fresh_store_in(store: LineageStore) -> None:
-    from consumers.lineage.store import staging_for, swap_in
+    from mlbus.consumers.lineage.store import staging_for, swap_in
 
     log = as_log_records(generate_log(800, seed=4))
     Projector(store).project(log[:100])
@@ -176,7 +176,7 @@ def test_rebuild_swaps_a_fresh_store_in(store: LineageStore) -> None:
 def test_a_rebuild_is_swapped_in_with_every_index_and_the_live_journal(
     store: LineageStore,
 ) -> None:
-    from consumers.lineage.store import staging_for, swap_in
+    from mlbus.consumers.lineage.store import staging_for, swap_in
 
     def indexes(of: LineageStore) -> set[str]:
         with of.reading() as conn:

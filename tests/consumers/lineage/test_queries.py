@@ -9,16 +9,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from consumers.lineage import tables as t
-from consumers.lineage.projector import Projector
-from consumers.lineage.queries import MAX_DEPTH, DatasetNode, LineageQueries
-from consumers.lineage.store import LineageStore, NotFound, micros
+from mlbus.consumers.lineage import tables as t
+from mlbus.consumers.lineage.projector import Projector
+from mlbus.consumers.lineage.queries import MAX_DEPTH, DatasetNode, LineageQueries
+from mlbus.consumers.lineage.store import LineageStore, NotFound, micros
 from mlbus.errors import MlbusError
 from mlbus.kafka.reader import LogRecord
-from schemas.base import Payload
-from schemas.codec import STRUCTURED_HEADERS, encode_new
-from schemas.datasets import DatasetCreated
-from schemas.training import TrainingCompleted
+from mlbus.schemas.base import Payload
+from mlbus.schemas.codec import STRUCTURED_HEADERS, encode_new
+from mlbus.schemas.datasets import DatasetCreated
+from mlbus.schemas.training import TrainingCompleted
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SHA = "sha256:" + "ab" * 32
@@ -180,5 +180,5 @@ def test_a_generation_wider_than_one_select_is_read_in_parts(
     queries: LineageQueries, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     whole = queries.upstream("m", "diamond")
-    monkeypatch.setattr("consumers.lineage.queries.PAIRS_PER_SELECT", 1)
+    monkeypatch.setattr("mlbus.consumers.lineage.queries.PAIRS_PER_SELECT", 1)
     assert queries.upstream("m", "diamond") == whole

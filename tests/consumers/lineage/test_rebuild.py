@@ -12,12 +12,12 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from consumers.lineage import tables as t
-from consumers.lineage.projector import Projector
-from consumers.lineage.rebuild import REBUILD_GC_THRESHOLDS, rebuild
-from consumers.lineage.store import LineageError, LineageStore, discard, staging_for, swap_in
+from mlbus.consumers.lineage import tables as t
+from mlbus.consumers.lineage.projector import Projector
+from mlbus.consumers.lineage.rebuild import REBUILD_GC_THRESHOLDS, rebuild
+from mlbus.consumers.lineage.store import LineageError, LineageStore, discard, staging_for, swap_in
 from mlbus.kafka.reader import LogRecord
-from schemas.models import ModelPromoted
+from mlbus.schemas.models import ModelPromoted
 from tests.consumers.lineage.conftest import fresh_store
 from tests.consumers.lineage.generator import as_log_records, generate_log
 from tests.consumers.lineage.test_projector import T0, record

@@ -9,15 +9,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from consumers.lineage.projector import Projector
-from consumers.lineage.queries import LineageQueries
-from consumers.lineage.store import LineageStore, NotFound
+from mlbus.consumers.lineage.projector import Projector
+from mlbus.consumers.lineage.queries import LineageQueries
+from mlbus.consumers.lineage.store import LineageStore, NotFound
 from mlbus.kafka.reader import LogRecord
-from schemas.base import Payload
-from schemas.codec import STRUCTURED_HEADERS, encode_new
-from schemas.datasets import DatasetCreated
-from schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
-from schemas.training import TrainingCompleted, TrainingRequested, TrainingStarted
+from mlbus.schemas.base import Payload
+from mlbus.schemas.codec import STRUCTURED_HEADERS, encode_new
+from mlbus.schemas.datasets import DatasetCreated
+from mlbus.schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
+from mlbus.schemas.training import TrainingCompleted, TrainingRequested, TrainingStarted
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SHA = "sha256:" + "ab" * 32
@@ -164,7 +164,7 @@ def test_downstream_now_and_then(queries: LineageQueries) -> None:
 
 
 def test_graphs_show_the_lineage(queries: LineageQueries) -> None:
-    from consumers.lineage.graph import downstream_graph, to_dot, to_mermaid, upstream_graph
+    from mlbus.consumers.lineage.graph import downstream_graph, to_dot, to_mermaid, upstream_graph
 
     dot = to_dot(upstream_graph(queries.upstream("m", "2")))
     assert '"dataset:A@v1" -> "dataset:B@v1"' in dot and '"run:r2" -> "model:m@2"' in dot

@@ -9,15 +9,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from consumers.workflow.definitions import apply
-from consumers.workflow.service import WorkflowService
+from mlbus.consumers.workflow.definitions import apply
+from mlbus.consumers.workflow.service import WorkflowService
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
-from schemas.base import DatasetRef, Payload
-from schemas.codec import EventRef
-from schemas.datasets import DatasetValidated
-from schemas.serving import ServingAlert
-from schemas.training import Artifact, CodeVersion, TrainingCompleted, TrainingFailed
+from mlbus.schemas.base import DatasetRef, Payload
+from mlbus.schemas.codec import EventRef
+from mlbus.schemas.datasets import DatasetValidated
+from mlbus.schemas.serving import ServingAlert
+from mlbus.schemas.training import Artifact, CodeVersion, TrainingCompleted, TrainingFailed
 from tests.mlbus.kafka.support import LoopThread, read_events, run_to_end, wait_until
 
 REPO = Path(__file__).resolve().parents[3]

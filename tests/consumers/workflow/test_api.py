@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from consumers.workflow.api import create_router
+from mlbus.consumers.workflow.api import create_router
 from tests.consumers.workflow.support import DIGITS_YAML, completed, send
 from tests.mlbus.kafka.support import read_events
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from consumers.workflow.commands import list_pipelines
-from consumers.workflow.definitions import InvalidPipeline, apply, parse, sweep_points
+from mlbus.consumers.workflow.commands import list_pipelines
+from mlbus.consumers.workflow.definitions import InvalidPipeline, apply, parse, sweep_points
 from tests.consumers.workflow.support import DIGITS_YAML, pipeline_text
 from tests.mlbus.kafka.support import read_events
 from tests.mlbus.test_cli import clean_env, mlbus, ok, one_line_error

@@ -10,13 +10,14 @@ import json
 
 import pytest
 
-from datasets.registry import DatasetRegistry
-from datasets.samples import sample_table
-from datasets.sources import from_table
-from datasets.validator import Validator
+from mlbus.datasets.registry import DatasetRegistry
+from mlbus.datasets.samples import sample_table
+from mlbus.datasets.sources import from_table
+from mlbus.datasets.validator import Validator
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import EventProducer
 from mlbus.storage import ObjectStore
+from mlbus.trainer.worker import TrainingWorker
 from tests.consumers.workflow.support import (
     DIGITS_YAML,
     alert,
@@ -27,7 +28,6 @@ from tests.consumers.workflow.support import (
 )
 from tests.mlbus.kafka.support import LoopThread, read_events, read_raw
 from tests.mlbus.test_cli import clean_env, mlbus, ok
-from trainer.worker import TrainingWorker
 
 pytestmark = pytest.mark.integration
 

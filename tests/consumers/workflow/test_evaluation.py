@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import pytest
 
-from consumers.workflow.evaluation import ChampionEvaluator
-from datasets.registry import DatasetRegistry
-from datasets.samples import sample_table
-from datasets.sources import from_table
+from mlbus.consumers.workflow.evaluation import ChampionEvaluator
+from mlbus.datasets.registry import DatasetRegistry
+from mlbus.datasets.samples import sample_table
+from mlbus.datasets.sources import from_table
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import EventProducer
+from mlbus.schemas.base import DatasetRef
+from mlbus.schemas.training import Split, TrainingRequested
 from mlbus.storage import ObjectStore
-from schemas.base import DatasetRef
-from schemas.training import Split, TrainingRequested
+from mlbus.trainer.worker import TrainingWorker
 from tests.mlbus.kafka.support import read_events, run_to_end
-from trainer.worker import TrainingWorker
 
 
 def test_the_champion_re_evaluated_on_its_own_rows_scores_what_the_trainer_measured(

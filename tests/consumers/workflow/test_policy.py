@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from consumers.workflow.evaluation import _test_rows
-from consumers.workflow.policy import Champion, judge
-from schemas.training import Split
-from schemas.workflow import PromotionPolicy, Threshold
+from mlbus.consumers.workflow.evaluation import _test_rows
+from mlbus.consumers.workflow.policy import Champion, judge
+from mlbus.schemas.training import Split
+from mlbus.schemas.workflow import PromotionPolicy, Threshold
+from mlbus.trainer.data import split_indices
 from tests.consumers.workflow.support import completed
-from trainer.data import split_indices
 
 POLICY = PromotionPolicy(
     name="p", version=3, margin=0.01,

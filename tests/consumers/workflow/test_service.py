@@ -5,8 +5,8 @@ decide nothing twice."""
 
 from __future__ import annotations
 
-from consumers.workflow import commands
-from consumers.workflow.state import decision_id, read_state
+from mlbus.consumers.workflow import commands
+from mlbus.consumers.workflow.state import decision_id, read_state
 from tests.consumers.workflow.support import (
     alert,
     at_least,

@@ -29,12 +29,12 @@ from confluent_kafka import (
 from mlbus.kafka.config import MAX_RECORD_BYTES, KafkaConfig
 from mlbus.kafka.consumer import ConsumerLoop, LoopStats, Record
 from mlbus.kafka.reader import TopicReader
-from schemas.base import Payload
-from schemas.catalog import DEADLETTER
-from schemas.codec import STRUCTURED_HEADERS, EventRef, decode, encode_new
-from schemas.datasets import ColumnSchema, DatasetCreated
-from schemas.envelope import Event
-from schemas.training import TrainingProgress, TrainingRequested
+from mlbus.schemas.base import Payload
+from mlbus.schemas.catalog import DEADLETTER
+from mlbus.schemas.codec import STRUCTURED_HEADERS, EventRef, decode, encode_new
+from mlbus.schemas.datasets import ColumnSchema, DatasetCreated
+from mlbus.schemas.envelope import Event
+from mlbus.schemas.training import TrainingProgress, TrainingRequested
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ import pytest
 from mlbus.errors import InvalidEvent, TransientError
 from mlbus.kafka.consumer import Backoff, ConsumerLoop
 from mlbus.kafka.deadletter import MAX_COPIED_BYTES, original_value
-from schemas.catalog import DEADLETTER
+from mlbus.schemas.catalog import DEADLETTER
 from tests.mlbus.kafka.support import (
     LoopThread,
     Recorder,

@@ -8,7 +8,7 @@ import time
 
 from mlbus.errors import Abandon
 from mlbus.kafka.consumer import ConsumerLoop, Record
-from schemas.envelope import Event
+from mlbus.schemas.envelope import Event
 from tests.mlbus.kafka.support import (
     LoopThread,
     Recorder,

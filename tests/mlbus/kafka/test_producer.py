@@ -13,7 +13,7 @@ from mlbus.broker import free_port
 from mlbus.errors import DeliveryError, TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
-from schemas.codec import decode
+from mlbus.schemas.codec import decode
 from tests.mlbus.kafka.support import progress, read_raw, requested
 
 WHEN = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)

@@ -10,8 +10,8 @@ from confluent_kafka import Consumer
 
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import TopicReader, read_log
-from schemas.codec import decode
-from schemas.training import TrainingProgress
+from mlbus.schemas.codec import decode
+from mlbus.schemas.training import TrainingProgress
 
 
 def _publish(kafka, n: int, start: int = 0) -> list[str]:
