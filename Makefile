@@ -29,6 +29,7 @@ tools:
 TEST_WORKERS ?= 3
 
 test: install tools
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "unit or integration" -q -n $(TEST_WORKERS)
 
 unit: install
@@ -43,6 +44,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 schemas: install
 	$(BIN)/python -m mlbus.schemas.generate
