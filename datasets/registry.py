@@ -102,7 +102,7 @@ class DatasetRegistry:
             )
         known = self.versions()
         parent_refs = [self._resolve_parent(p, known) for p in parents]
-        # Created first: an idempotent producer's initialisation (~0.5 s on the embedded
+        # Created first: an idempotent producer's initialisation (slow on the embedded
         # broker) overlaps the write instead of following it.
         with EventProducer(self.kafka, source=self.source) as producer:
             with self.store.staged() as staged:

@@ -1,7 +1,7 @@
 """The contract's event models as TypedDicts, for consumers on a hot path.
 
-`schemas.codec.decode` returns typed model instances; building them is part of its time
-(`decode_dict` saves ~15-20 % of a small event's decode: see its doc). `decode_dict`
+`mlbus.schemas.codec.decode` returns typed model instances; building them is part of its time
+(`decode_dict` saves that part: docs/contract.md). `decode_dict`
 validates the same bytes against the same rules and returns plain dicts: the TypedDicts
 here are derived from the models field by field (types, constraints, required or not,
 defaults, strictness, extra fields), never written by hand, so there is one contract.

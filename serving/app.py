@@ -7,8 +7,8 @@ infer body is read with a size limit and parsed with orjson (serving/tensors.py)
 FastAPI's validation, and the OpenAPI document describes it from the models below.
 
 `POST .../infer` is answered by a plain ASGI middleware (`InferFastPath`) ahead of FastAPI's
-routing, request objects and dependency resolution, which took a third of the event loop's
-time per request under load (py-spy, bench/serving.py); FastAPI answers everything else and
+routing, request objects and dependency resolution, a large share of the event loop's time
+per request under load (docs/serving.md); FastAPI answers everything else and
 documents the infer routes, which answer the same way when reached.
 """
 

@@ -155,7 +155,7 @@ class Agg:
                 if j < len(sample):
                     x = sample[j]
                     if isfinite(x):
-                        # FeatureBaseline.bin_of, inlined: the call was ~30 % of apply()
+                        # FeatureBaseline.bin_of, inlined: the call was a large share of apply()
                         i = bisect_right(edges, x) - 1
                         counts[0 if i < 0 else (last if i > last else i)] += 1
 

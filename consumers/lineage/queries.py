@@ -304,7 +304,7 @@ class _Sql:
     """SELECTs of the upstream path as driver SQL, each `time <= cut` when a cut is given.
 
     Building a SQLAlchemy statement, its cache key and its result metadata costs more than
-    SQLite's answer (in a profile of an answer with a wide dataset ancestry, ~90 % of the
+    SQLite's answer (in a profile of an answer with a wide dataset ancestry, most of the
     time was SQLAlchemy's statement construction, coercion, caching and row processing, not
     the database's), and an upstream answer runs ten statements and more. So the DBAPI
     cursor of the connection is used directly; its errors are raised as SQLAlchemy's, which

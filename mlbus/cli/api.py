@@ -1,5 +1,5 @@
 """`mlbus api`: runs the control-plane HTTP API (mlbus/cli/control_plane.py), imported when
-the command runs: FastAPI and the routers' components cost ~0.2 s of every other command's
+the command runs: FastAPI and the routers' components would slow every other command's
 start."""
 
 from __future__ import annotations

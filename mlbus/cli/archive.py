@@ -1,6 +1,6 @@
 """`mlbus archive run|restore` and `mlbus replay`: the log kept on the object store for years,
 and audits reading it back — from Kafka or from the archive — without joining any group.
-The archive's modules (pyarrow: ~0.14 s) are imported by the commands that use them, not at
+The archive's modules (pyarrow: slow to import) are imported by the commands that use them, not at
 every command's start."""
 
 from __future__ import annotations

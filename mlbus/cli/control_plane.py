@@ -92,8 +92,8 @@ def token_guard(cfg: Settings) -> Any:
 
 
 class SharedProducer:
-    """The API's one idempotent producer, opened on first use (its initialisation costs
-    ~0.5 s on the embedded broker: paid once, not per request) and closed at shutdown.
+    """The API's one idempotent producer, opened on first use (its initialisation is slow
+    on the embedded broker: paid once, not per request) and closed at shutdown.
     confluent-kafka producers are thread-safe; each caller flushes its own sends."""
 
     def __init__(self, kafka: KafkaConfig, source: str) -> None:

@@ -1,6 +1,6 @@
 """`mlbus demo` (what `make demo` runs): the main job, end to end, on the embedded defaults
-(mlbus/cli/demo_job.py, imported when the command runs: its HTTP client and Arrow cost
-~0.1 s of every other command's start)."""
+(mlbus/cli/demo_job.py, imported when the command runs: its HTTP client and Arrow would
+slow every other command's start)."""
 
 from __future__ import annotations
 

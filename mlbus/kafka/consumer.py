@@ -1,7 +1,7 @@
 """The consumer loop every mlbus service runs: decode and validate each record, dispatch it
 to the handler of its event type, commit only what was handled, dead-letter what cannot be.
 
-Guarantees (DESIGN.md, "Processing guarantees"):
+Guarantees (docs/architecture.md, "Processing guarantees"):
 - at-least-once: an offset is committed only after its handler returned (commits are
   batched by count and time, and made synchronously on revocation and shutdown); handlers
   make their effects idempotent by event id, so a redelivery changes nothing;

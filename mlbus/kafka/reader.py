@@ -2,7 +2,7 @@
 every partition directly, so it joins no consumer group and changes nobody's offsets.
 
 `since_ms` starts at a time: on a real cluster `offsets_for_times` finds the first offsets
-(production path); the embedded broker answers 0 for every time (shared/BROKER.md), so
+(production path); the embedded broker answers 0 for every time (docs/broker.md), so
 there the reader starts at the beginning. Either way, records older than `since_ms` are
 skipped, so the answer is right on both (CreateTime is not monotonic within a partition,
 so the hint is only a hint).
@@ -10,7 +10,7 @@ so the hint is only a hint).
 The end of a partition is detected with `enable.partition.eof` (the fetch response's
 high-water mark), which is right on Apache Kafka and on the embedded broker alike. Starting
 "at the end" uses the list-offsets high-water mark on a real cluster (production path) and,
-on the embedded broker whose list-offsets answer is wrong (shared/BROKER.md), reads to the
+on the embedded broker whose list-offsets answer is wrong (docs/broker.md), reads to the
 end without yielding (correct on both, slower on long topics).
 """
 
