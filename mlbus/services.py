@@ -99,7 +99,10 @@ class Service:
     def entry(self) -> Callable[[Service, Settings], int | None]:
         """The composition-root function named by `build`, imported now."""
         module, _, function = self.build.partition(":")
-        return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
+        entry: Callable[[Service, Settings], int | None] = getattr(
+            importlib.import_module(module), function
+        )
+        return entry
 
 
 def _setting(cfg: Settings, path: str) -> Any:
@@ -116,8 +119,8 @@ _TRAINING = ("training.started", "training.progress", "training.completed", "tra
 SERVICES: tuple[Service, ...] = (
     Service(
         "validator",
-        "datasets/",
-        "checks each new dataset version against its bytes (hash, schema, rows)",
+        folder="datasets/",
+        role="checks each new dataset version against its bytes (hash, schema, rows)",
         source="mlbus/datasets",
         reads=("dataset.created",),
         writes=("dataset.validated", DEADLETTER),
@@ -128,8 +131,8 @@ SERVICES: tuple[Service, ...] = (
     ),
     Service(
         "trainer",
-        "trainer/",
-        "training workers: Arrow → torch, checkpoints, artifacts",
+        folder="trainer/",
+        role="training workers: Arrow → torch, checkpoints, artifacts",
         source="mlbus/trainer",
         reads=("training.requested", "dataset.created"),
         writes=(*_TRAINING, DEADLETTER),
@@ -146,8 +149,8 @@ SERVICES: tuple[Service, ...] = (
     ),
     Service(
         "workflow",
-        "consumers/workflow/",
-        "pipelines, triggers, promotion policy, rollback",
+        folder="consumers/workflow/",
+        role="pipelines, triggers, promotion policy, rollback",
         source="mlbus/workflow",
         reads=(
             "pipeline.defined",
@@ -169,8 +172,8 @@ SERVICES: tuple[Service, ...] = (
     ),
     Service(
         "lineage",
-        "consumers/lineage/",
-        "metadata store: SQL projection of the log, lineage queries, audit",
+        folder="consumers/lineage/",
+        role="metadata store: SQL projection of the log, lineage queries, audit",
         source="mlbus/lineage",
         reads=(
             "dataset.created",
@@ -193,8 +196,8 @@ SERVICES: tuple[Service, ...] = (
     ),
     Service(
         "archive",
-        "consumers/archive/",
-        "the log on the object store as Parquet, for years",
+        folder="consumers/archive/",
+        role="the log on the object store as Parquet, for years",
         source="mlbus/archive",
         reads=_EVERY_TOPIC,
         writes=(),
@@ -207,8 +210,8 @@ SERVICES: tuple[Service, ...] = (
     ),
     Service(
         "streams",
-        "streams/",
-        "faust processors: windowed metrics, drift, alerts, Prometheus",
+        folder="streams/",
+        role="faust processors: windowed metrics, drift, alerts, Prometheus",
         source="mlbus/streams",
         reads=("inference.logged", "dataset.created", "training.completed", "model.promoted"),
         writes=("serving.metrics", "serving.alert", DEADLETTER),
@@ -221,8 +224,8 @@ SERVICES: tuple[Service, ...] = (
     ),
     Service(
         "serve",
-        "serving/",
-        "model server (Open Inference Protocol v2, HTTP and Kafka)",
+        folder="serving/",
+        role="model server (Open Inference Protocol v2, HTTP and Kafka)",
         source="mlbus/serving",
         reads=("model.promoted", "inference.requests"),
         writes=("deployment.updated", "inference.results", "inference.logged", DEADLETTER),
@@ -241,8 +244,8 @@ SERVICES: tuple[Service, ...] = (
     ),
     Service(
         "api",
-        "mlbus/cli/",
-        "the control-plane HTTP API (OpenAPI at /docs, /ui, /metrics)",
+        folder="mlbus/cli/",
+        role="the control-plane HTTP API (OpenAPI at /docs, /ui, /metrics)",
         source="mlbus/api",
         reads=(
             "dataset.created",
