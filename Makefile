@@ -49,13 +49,15 @@ lint: install
 schemas: install
 	$(BIN)/python -m mlbus.schemas.generate
 
-docs: install  ## regenerate the README's configuration reference from the settings model
+docs: install  ## regenerate the README's configuration reference and service table
 	$(BIN)/python -m mlbus.docs
 
-infra: install  ## regenerate infra/'s topic definitions from the catalog
+infra: install  ## regenerate infra/'s topics (from the catalog) and services (from the manifests)
 	$(BIN)/mlbus topics export --format yaml > infra/kafka/topics.yaml
 	$(BIN)/mlbus topics export --format sh > infra/kafka/create-topics.sh
 	$(BIN)/mlbus topics export --format strimzi > infra/k8s/topics.yaml
+	$(BIN)/mlbus services export --format compose --into infra/docker-compose.yml
+	$(BIN)/mlbus services export --format k8s > infra/k8s/services.yaml
 
 bench: install  ## every benchmark, one table (bench/results/ keeps each report)
 	$(BIN)/python bench/run_all.py

@@ -25,6 +25,7 @@ from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.runtime import usable_cores
 from mlbus.schemas.envelope import new_event_id
+from mlbus.services import service
 from mlbus.serving.deployer import Deployer
 from mlbus.serving.errors import ServingError
 from mlbus.serving.inference_log import InferenceLog, Sample
@@ -35,7 +36,7 @@ from mlbus.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-SOURCE = "mlbus/serving"
+SOURCE = service("serve").source  # its manifest: mlbus/services.py
 #: The GIL switch interval while a server runs (CPython's default is 5 ms). The forward
 #: thread takes the GIL back after every torch operator, and a busy event loop (or the
 #: inference log's thread) keeps it for up to the switch interval each time: at the default,
@@ -103,7 +104,7 @@ class ModelServer:
         *,
         api_token: str | None = None,
         batching: bool = True,
-        stream_group: str | None = "mlbus-serving",
+        stream_group: str | None = service("serve").group_id(),
         log_queue_size: int | None = None,
         torch_threads: int | None = None,
     ) -> None:

@@ -24,11 +24,12 @@ from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import next_batch
 from mlbus.kafka.reader import LogRecord
+from mlbus.services import service
 from mlbus.signals import install_stop_handlers
 
 log = logging.getLogger("mlbus.consumers.lineage")
 
-DEFAULT_GROUP = "mlbus-lineage"
+DEFAULT_GROUP = service("lineage").group_id()  # its manifest: mlbus/services.py
 
 
 class LiveProjector:

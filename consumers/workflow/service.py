@@ -45,11 +45,13 @@ from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import ModelPromoted, ModelRejected
 from mlbus.schemas.serving import ServingAlert
 from mlbus.schemas.training import SweepPoint, TrainingCompleted, TrainingRequested
+from mlbus.services import service
 
 log = logging.getLogger(__name__)
 
-GROUP = "mlbus-workflow"
-SOURCE = "mlbus/workflow"
+# Its manifest (mlbus/services.py); the group without a topic prefix.
+GROUP = service("workflow").group_id()
+SOURCE = service("workflow").source
 #: A closed debounce window fires once no version arrived for this long (not mid-backlog).
 QUIET = 0.3
 

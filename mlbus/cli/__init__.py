@@ -29,6 +29,7 @@ from mlbus.cli import (  # noqa: E402, F401
     events,
     lineage,
     platform,
+    services,
     serving,
     streams,
     training,

@@ -38,6 +38,7 @@ from mlbus.errors import (
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.training import TrainingRequested
+from mlbus.services import service
 from mlbus.settings import Settings
 from mlbus.storage import ObjectStore, StorageError
 
@@ -154,7 +155,7 @@ def create_app(cfg: Settings) -> FastAPI:
     from mlbus.datasets.api import create_router as datasets_router
     from mlbus.datasets.registry import DatasetRegistry
 
-    producer = SharedProducer(KafkaConfig.from_settings(cfg), source="mlbus/api")
+    producer = SharedProducer(KafkaConfig.from_settings(cfg), source=service("api").source)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

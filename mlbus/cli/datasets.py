@@ -12,6 +12,8 @@ from rich.table import Table
 from mlbus.cli.common import app, console, kafka_config, key_values, settings
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import EventProducer
+from mlbus.services import Service, service
+from mlbus.settings import Settings
 from mlbus.storage import ObjectStore
 
 datasets_app = typer.Typer(help="Versioned datasets on the object store.", no_args_is_help=True)
@@ -159,15 +161,19 @@ def show(
 @datasets_app.command("validate")
 def validate() -> None:
     """Run the validator: check each dataset.created against its bytes (dead-letter it on
-    a mismatch, publish dataset.validated otherwise)."""
+    a mismatch, publish dataset.validated otherwise). Same as `mlbus run validator`."""
+    run_validator(service("validator"), settings())
+
+
+def run_validator(manifest: Service, cfg: Settings) -> None:
+    """The validator service in the foreground (`mlbus run validator`)."""
     from mlbus.datasets.validator import Validator
 
-    cfg = settings()
     kafka = kafka_config(cfg)
     store = ObjectStore.from_settings(cfg)
-    with EventProducer(kafka, source="mlbus/datasets") as producer:
+    with EventProducer(kafka, source=manifest.source) as producer:
         loop = ConsumerLoop(
-            kafka, group="mlbus-datasets-validator", name="datasets-validator",
+            kafka, group=manifest.group_id(cfg.topic_prefix), name=manifest.name,
             handlers={"dataset.created": Validator(store, producer)},
         )  # fmt: skip
         console.print("validating dataset.created; Ctrl-C stops")

@@ -23,6 +23,8 @@ from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.codec import decode
 from mlbus.schemas.envelope import new_event_id
 from mlbus.schemas.training import SweepPoint, TrainingRequested
+from mlbus.services import Service, service
+from mlbus.settings import Settings
 from mlbus.storage import ObjectStore
 
 FOLLOWED = ("training.started", "training.progress", "training.completed", "training.failed")
@@ -30,17 +32,22 @@ FOLLOWED = ("training.started", "training.progress", "training.completed", "trai
 
 @app.command("trainer")
 def trainer() -> None:
-    """Run a training worker (several share training.requested through one group)."""
+    """Run a training worker (several share training.requested through one group). Same as
+    `mlbus run trainer`."""
+    run_trainer(service("trainer"), settings())
+
+
+def run_trainer(manifest: Service, cfg: Settings) -> None:
+    """A training worker in the foreground (`mlbus run trainer`)."""
     from mlbus.trainer.worker import TrainingWorker
 
-    cfg = settings()
     kafka = kafka_config(cfg)
-    with EventProducer(kafka, source="mlbus/trainer") as producer:
+    with EventProducer(kafka, source=manifest.source) as producer:
         worker = TrainingWorker(kafka, ObjectStore.from_settings(cfg), producer)
         console.print(f"training worker {worker.worker} waiting for training.requested")
         ConsumerLoop(
-            kafka, group="mlbus-trainer", name="trainer", long_running=True,
-            handlers={"training.requested": worker},
+            kafka, group=manifest.group_id(cfg.topic_prefix), name=manifest.name,
+            long_running=True, handlers={"training.requested": worker},
         ).run()  # fmt: skip
 
 
