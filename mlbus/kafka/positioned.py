@@ -185,6 +185,11 @@ class PositionedLoop:
         finally:
             if restore:
                 restore()
+            # Closing revokes the assignment: what is still buffered now (the final write
+            # gave up, or an error ends the run) must not be written by the revocation.
+            for part in self._parts.values():
+                part.records = []
+            self._buffered = self._bytes = 0
             consumer, self._consumer = self._consumer, None
             try:
                 consumer.close()  # leaves the group
