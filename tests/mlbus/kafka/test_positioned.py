@@ -245,11 +245,15 @@ class Running:
         assert not self.error, self.error
 
 
-def test_a_rebalance_between_two_members_loses_and_duplicates_nothing(kafka, group):
+@pytest.mark.parametrize("strategy", ["cooperative-sticky", "range"])
+def test_a_rebalance_between_two_members_loses_and_duplicates_nothing(kafka, group, strategy):
     sink = MemorySink()
     a, b = sink.member("a"), sink.member("b")
     # Batches cut by age, so that revocations find records buffered and must write them.
-    options = {"max_bytes": 10_000_000, "max_seconds": 0.3}
+    options = {
+        "max_bytes": 10_000_000, "max_seconds": 0.3,
+        "consumer_overrides": {"partition.assignment.strategy": strategy},
+    }  # fmt: skip
     members: list[Running] = []
     try:
         with Producing(kafka):
