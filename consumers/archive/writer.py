@@ -36,7 +36,6 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
-    Message,
     TopicPartition,
 )
 
@@ -51,7 +50,7 @@ from mlbus.consumers.archive.layout import (
 )
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
-from mlbus.kafka.consumer import Backoff, next_batch
+from mlbus.kafka.consumer import Backoff, Consumed, next_batch
 from mlbus.schemas.catalog import TOPICS, topic
 from mlbus.signals import install_stop_handlers
 from mlbus.storage import ObjectStore
@@ -96,7 +95,7 @@ class _Piece:
             return self.day == NO_DATE
         return self.lo <= timestamp_ms < self.hi
 
-    def add(self, message: Message, timestamp_ms: int | None) -> None:
+    def add(self, message: Consumed, timestamp_ms: int | None) -> None:
         offsets, stamps, keys, headers, values = self.columns
         key, value = message.key(), message.value()
         offsets.append(message.offset())
@@ -241,7 +240,7 @@ class Archiver:
             if stop_at_end and parts and self._at_end >= parts.keys():
                 return  # run() flushes what is buffered
 
-    def _add(self, tp: tuple[str, int], part: _Partition, message: Message) -> None:
+    def _add(self, tp: tuple[str, int], part: _Partition, message: Consumed) -> None:
         kind, ts = message.timestamp()
         stamp = ts if kind else None
         pieces = part.pieces
