@@ -116,7 +116,7 @@ class Record:
 P = TypeVar("P", bound=Payload)
 #: What handles the events of one type, typed by their payload: a `Handler[DatasetCreated]`
 #: is `def on_created(event: Event[DatasetCreated], record: Record) -> None`. The loop's
-#: mapping holds handlers of several types (`Handler[Any]`); each gets its own type's only.
+#: mapping holds handlers of several types (`Handler[Any]`); each gets events of its type.
 Handler = Callable[[Event[P], Record], None]
 
 
