@@ -30,6 +30,7 @@ TEST_WORKERS ?= 3
 
 test: install tools
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "unit or integration" -q -n $(TEST_WORKERS)
 
 unit: install
@@ -45,6 +46,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+# Type-checks the product code (pyproject.toml's [tool.mypy]); `lint` and `test` run it too.
+.PHONY: typecheck
+typecheck: install
+	$(BIN)/mypy
 
 schemas: install
 	$(BIN)/python -m mlbus.schemas.generate

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlbus.datasets.sources import InvalidDataset, Source, open_source
 from mlbus.datasets.writer import write_canonical
@@ -74,7 +75,7 @@ class DatasetRegistry:
 
     # -- registering ------------------------------------------------------------------------
 
-    def register_path(self, path: str | Path, *, name: str, **options) -> Registered:  # type: ignore[no-untyped-def]
+    def register_path(self, path: str | Path, *, name: str, **options: Any) -> Registered:
         """Register a local file or a URI inside the store or an allowed root."""
         fs, resolved = self.store.resolve(str(path))
         return self.register(open_source(resolved, fs), name=name, **options)

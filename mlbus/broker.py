@@ -57,7 +57,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
     # If mlbus is SIGKILLed, the kernel sends the child SIGTERM: no orphan broker or service.
     # The signal fires when the *thread* that forked exits, so this is armed only for
     # children started from the main thread (see die_with_parent_guard).
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # type: ignore[misc]  # armed only where it exists
 
 
 def die_with_parent_guard() -> Callable[[], None] | None:
@@ -129,6 +129,7 @@ class EmbeddedBroker:
                 self.port = None
         if self.record and announce:
             self.announce()
+        assert self.process is not None  # started by the loop above, or it raised
         log.info("embedded broker listening on %s (pid %s)", self.bootstrap, self.process.pid)
         return self.bootstrap
 

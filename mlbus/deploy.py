@@ -69,6 +69,7 @@ def compose_with_services(text: str, services: Sequence[Service] = SERVICES) -> 
 
 def _kubernetes(service: Service, cfg: Settings) -> list[dict[str, Any]]:
     name = f"mlbus-{service.name}"
+
     def labels() -> dict[str, str]:  # a fresh dict each time: no YAML anchors
         return {"app.kubernetes.io/name": name}
 

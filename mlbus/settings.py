@@ -226,7 +226,6 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(f"invalid setting {env}: not valid JSON") from None
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in first["loc"]) or "settings"
         env = "MLBUS_" + "__".join(str(p) for p in first["loc"][:2]).upper()
         message = first["msg"].removeprefix("Value error, ")
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""

@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlbus.broker import die_with_parent_guard
 from mlbus.errors import ConfigError
@@ -254,7 +255,7 @@ class Supervisor:
         tmp.replace(path)
 
 
-def read_status(data_dir: Path) -> dict[str, object] | None:
+def read_status(data_dir: Path) -> dict[str, Any] | None:
     """What the supervisor of `data_dir` last recorded, if one runs."""
     try:
         state = json.loads((data_dir / STATUS_FILE).read_text())

@@ -52,11 +52,11 @@ def typed_dict(model: type[BaseModel]) -> Any:
             else:  # pydantic copies a mutable one for each record
                 metadata.append(Field(default=info.default))
         if metadata:
-            annotation = Annotated[(annotation, *metadata)]  # type: ignore[valid-type]
+            annotation = Annotated[(annotation, *metadata)]
         fields[name] = annotation if info.is_required() else NotRequired[annotation]
-    td: Any = TypedDict(f"{model.__name__}Dict", fields)  # type: ignore[operator]
+    td: Any = TypedDict(f"{model.__name__}Dict", fields)  # type: ignore[misc]  # built at run time
     config = model.model_config
-    td.__pydantic_config__ = ConfigDict(
+    td.__pydantic_config__ = ConfigDict(  # type: ignore[attr-defined]  # where pydantic reads a TypedDict's config
         strict=config.get("strict", False), extra=config.get("extra") or "ignore"
     )
     return td

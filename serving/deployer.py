@@ -16,12 +16,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Literal
 
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import TopicReader
-from mlbus.schemas.codec import decode
+from mlbus.schemas.codec import Headers, decode
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import DeploymentUpdated, ModelPromoted
 from mlbus.serving.errors import VerificationFailed
@@ -94,7 +95,7 @@ class Deployer:
 
     def _catch_up(self) -> None:
         """Read the topic to its end; load each model's champion and the version before."""
-        history: dict[str, list[Event]] = {}
+        history: dict[str, list[Event[ModelPromoted]]] = {}
         reader = TopicReader(self.kafka, [self.kafka.topic(TOPIC)])
         for message in reader:
             self._positions[message.partition()] = message.offset() + 1
@@ -125,12 +126,12 @@ class Deployer:
             if event is not None:
                 self.handle(event)
 
-    def _decode(self, value: bytes | None, headers: object) -> Event | None:
+    def _decode(self, value: bytes | None, headers: Headers) -> Event[ModelPromoted] | None:
         try:
             return decode(value, expected_type=TOPIC, max_bytes=self.kafka.max_event_bytes)
         except MlbusError:
             try:  # CloudEvents binary mode
-                return decode(value, headers, expected_type=TOPIC,  # type: ignore[arg-type]
+                return decode(value, headers, expected_type=TOPIC,
                               max_bytes=self.kafka.max_event_bytes)  # fmt: skip
             except MlbusError as e:
                 log.warning("deployer: skipping an invalid %s record: %s", TOPIC, e)
@@ -138,9 +139,11 @@ class Deployer:
 
     # -- one promotion ---------------------------------------------------------------------
 
-    def handle(self, event: Event, *, initial_previous: bool = False) -> Deployment | None:
+    def handle(
+        self, event: Event[ModelPromoted], *, initial_previous: bool = False
+    ) -> Deployment | None:
         """Load, verify and swap in the promoted version; report the outcome."""
-        promoted: ModelPromoted = event.data  # type: ignore[assignment]
+        promoted: ModelPromoted = event.data
         artifact = promoted.artifact
         name, version = promoted.model, promoted.version
         if artifact is None:
@@ -179,14 +182,14 @@ class Deployer:
 
     def _report(
         self,
-        event: Event,
-        status: str,
+        event: Event[ModelPromoted],
+        status: Literal["loaded", "failed"],
         *,
         error: str | None = None,
         sha256: str | None = None,
         seconds: float | None = None,
     ) -> None:
-        promoted: ModelPromoted = event.data  # type: ignore[assignment]
+        promoted: ModelPromoted = event.data
         if self.on_outcome:
             self.on_outcome(promoted.model, status)
         update = DeploymentUpdated(

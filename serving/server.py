@@ -16,7 +16,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from mlbus.serving.metrics import UNKNOWN, ServingMetrics
 from mlbus.serving.registry import Deployment, Registry, Slot
 from mlbus.settings import ServingSettings
 from mlbus.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from mlbus.serving.stream import StreamInference
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +150,7 @@ class ModelServer:
         )  # fmt: skip
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.stream_group = stream_group
-        self.stream = None
+        self.stream: StreamInference | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -186,7 +186,7 @@ class StreamsApp:
         async def idle_windows() -> None:
             await processor.tick()
 
-        @app.on_partitions_revoked.connect
+        @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust passes `signal` in **kwargs, its type wants it named
         async def on_revoked(sender: Any, revoked: Sequence[Any], **_: Any) -> None:
             processor.revoked(tp.partition for tp in revoked if tp.topic == topic.get_topic_name())
 

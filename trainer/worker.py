@@ -101,7 +101,7 @@ def find_dataset(kafka: KafkaConfig, name: str, version: str) -> DatasetCreated:
     """The `dataset.created` of name@version (a unique version prefix will do)."""
     found: dict[str, DatasetCreated] = {}
     for event in read_events(kafka, "dataset.created"):
-        data: DatasetCreated = event.data  # type: ignore[assignment]
+        data: DatasetCreated = event.data
         if data.name == name and data.version.startswith(version):
             found[data.version] = data
     if len(found) != 1:
@@ -124,8 +124,8 @@ class TrainingWorker:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._retries: dict[str, int] = {}  # run id → transient failures seen by this process
 
-    def __call__(self, event: Event, record: Record) -> None:
-        request: TrainingRequested = event.data  # type: ignore[assignment]
+    def __call__(self, event: Event[TrainingRequested], record: Record) -> None:
+        request: TrainingRequested = event.data
         run_id = run_id_for(event.id)
         try:
             self._handle(request, event, run_id, record)

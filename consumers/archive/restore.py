@@ -20,6 +20,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
@@ -118,7 +119,7 @@ def restore(
 
 
 def _produce(producer: Producer, topic: str, record: LogRecord) -> None:
-    kwargs = {"headers": list(record.headers)}
+    kwargs: dict[str, Any] = {"headers": list(record.headers)}
     if record.timestamp_ms is not None:
         kwargs["timestamp"] = record.timestamp_ms
     while True:

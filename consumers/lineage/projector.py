@@ -321,7 +321,7 @@ class Projector:
         # Straight to the driver's executemany (or COPY, into a staging store's heaps) with
         # tuples built in column order: SQLAlchemy's per-row parameter processing costs more
         # than SQLite's inserts themselves.
-        cursor = conn.connection.driver_connection.cursor() if self._copy else None
+        cursor = conn.connection.driver_connection.cursor() if self._copy else None  # type: ignore[union-attr]  # a checked-out connection has its driver's
         for table, batch in rows.items():
             if batch:
                 if len(batch[0]) != self._widths[table]:  # a projection out of step

@@ -360,7 +360,7 @@ class _Sql:
 @lru_cache(maxsize=256)
 def _row_type(columns: tuple[str, ...]) -> Any:
     """Rows with attribute access by column name, one type per column list."""
-    return namedtuple("Row", columns)  # type: ignore[misc]
+    return namedtuple("Row", columns)
 
 
 def _one(rows: list[Any]) -> Any:
@@ -438,7 +438,7 @@ def _run(sql: _Sql, run_id: str | None, produced: Any) -> tuple[Run, tuple[str, 
         run_id=run_id,
         status=status,
         request_id=request_id,
-        family=(produced or request).family if (produced or request) is not None else None,
+        family=produced.family if produced is not None else (request.family if request else None),
         hyperparameters=hyper,
         seed=produced.seed if produced is not None else (request.seed if request else None),
         epochs=produced.epochs if produced is not None else None,

@@ -113,10 +113,10 @@ def rollback(
 
 
 def _origin(
-    run: Event | None, promoted: ModelPromoted | None, model: str, version: str
+    run: Event[TrainingCompleted] | None, promoted: ModelPromoted | None, model: str, version: str
 ) -> tuple[Artifact, Any, str | None]:
     if run is not None:
-        data: TrainingCompleted = run.data  # type: ignore[assignment]
+        data: TrainingCompleted = run.data
         return data.artifact, data.dataset, data.run_id
     if promoted is not None and promoted.artifact is not None:
         return promoted.artifact, promoted.dataset, promoted.run_id
@@ -134,7 +134,7 @@ def list_models(kafka: KafkaConfig, state: State | None = None) -> list[dict[str
         versions = []
         for version in sorted(set(model.runs) | promoted):
             run = model.runs.get(version)
-            data: TrainingCompleted | None = run.data if run else None  # type: ignore[assignment]
+            data: TrainingCompleted | None = run.data if run else None
             status = (
                 "champion" if champion and version == champion.data.version
                 else "rolled back" if version in rolled_back

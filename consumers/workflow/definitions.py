@@ -178,7 +178,7 @@ def newest_revisions(kafka: KafkaConfig) -> dict[str, Event]:
     """The newest `pipeline.defined` of each pipeline name, from the log."""
     newest: dict[str, Event] = {}
     for event in read_events(kafka, "pipeline.defined"):
-        data: PipelineDefined = event.data  # type: ignore[assignment]
+        data: PipelineDefined = event.data
         current = newest.get(data.name)
         if current is None or data.revision >= current.data.revision:
             newest[data.name] = event

@@ -57,7 +57,7 @@ class ChampionEvaluator:
 
     def _dataset(self, name: str, version: str) -> DatasetCreated:
         for event in read_events(self.kafka, "dataset.created"):
-            data: DatasetCreated = event.data  # type: ignore[assignment]
+            data: DatasetCreated = event.data
             if data.name == name and data.version == version:
                 return data
         raise MlbusError(f"dataset {name}@{version} is not in the log")

@@ -266,7 +266,7 @@ def _table(records: Iterable[LogRecord], output: Path | None) -> None:
     from rich.console import Console
 
     with _open(output) as raw:
-        Console(file=_TextOut(raw), width=200).print(table)
+        Console(file=_TextOut(raw), width=200).print(table)  # type: ignore[arg-type]  # rich only writes and flushes
 
 
 class _TextOut:

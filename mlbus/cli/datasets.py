@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
@@ -16,20 +16,23 @@ from mlbus.services import Service, service
 from mlbus.settings import Settings
 from mlbus.storage import ObjectStore
 
+if TYPE_CHECKING:
+    from mlbus.datasets.registry import DatasetRegistry, Registered
+
 datasets_app = typer.Typer(help="Versioned datasets on the object store.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 
 PROGRESS_ABOVE = 4 * 1024 * 1024
 
 
-def _registry():  # type: ignore[no-untyped-def]
+def _registry() -> DatasetRegistry:
     from mlbus.datasets.registry import DatasetRegistry
 
     cfg = settings()
     return DatasetRegistry(ObjectStore.from_settings(cfg), kafka_config(cfg))
 
 
-def _report(result, json_out: bool) -> None:  # type: ignore[no-untyped-def]
+def _report(result: Registered, json_out: bool) -> None:
     if json_out:
         print(orjson.dumps({k: v for k, v in result.__dict__.items() if k != "payload"}).decode())
     elif result.created:
@@ -62,7 +65,7 @@ def register(
     registry = _registry()
     fs, resolved = registry.store.resolve(path)
     source = open_source(resolved, fs)
-    options = dict(
+    options: dict[str, Any] = dict(
         name=name,
         label=label,
         tags=tags,

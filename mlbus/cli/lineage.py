@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
@@ -17,6 +17,9 @@ from mlbus.cli.common import app, console, err_console, kafka_config, settings
 from mlbus.errors import MlbusError
 from mlbus.services import Service, service
 from mlbus.settings import Settings
+
+if TYPE_CHECKING:
+    from mlbus.consumers.lineage.store import LineageStore
 
 lineage_app = typer.Typer(
     help="Metadata and lineage store: a projection of the log, and questions asked of it.",
@@ -35,7 +38,7 @@ AsOf = Annotated[
 ]
 
 
-def _store(schema: str | None = None, *, create: bool = True):  # type: ignore[no-untyped-def]
+def _store(schema: str | None = None, *, create: bool = True) -> LineageStore:
     from mlbus.consumers.lineage.store import LineageStore
 
     url = settings().metadata_url
@@ -54,7 +57,7 @@ def _split(ref: str, what: str, *, need_version: bool = False) -> tuple[str, str
 def _archive_records(topics: Sequence[str]) -> Iterator[Any]:
     """The archive's records (the archive component's reader, imported only when asked)."""
     try:
-        from mlbus.consumers.archive.reader import read_archive  # type: ignore[import-not-found]
+        from mlbus.consumers.archive.reader import read_archive
     except ImportError as e:
         raise MlbusError(
             f"--source archive needs consumers.archive.reader.read_archive, which is not "

@@ -98,7 +98,12 @@ def train(
     events: queue.Queue[Any] = queue.Queue()
     reader = TopicReader(kafka, [kafka.topic(t) for t in FOLLOWED], start="end", follow=True)
     if wait or json_out:
-        threading.Thread(target=lambda: [events.put(m) for m in reader], daemon=True).start()
+
+        def follow() -> None:
+            for message in reader:
+                events.put(message)
+
+        threading.Thread(target=follow, daemon=True).start()
         reader.caught_up.wait(30)
     correlation = requests[0].sweep.sweep_id if requests[0].sweep else None
     with EventProducer(kafka, source="mlbus/cli") as producer:

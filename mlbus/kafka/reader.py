@@ -27,13 +27,12 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
-    Message,
     TopicPartition,
 )
 
 from mlbus.errors import MlbusError, TransientError, UnknownTopic
 from mlbus.kafka.config import KafkaConfig
-from mlbus.kafka.consumer import next_batch
+from mlbus.kafka.consumer import Consumed, next_batch
 from mlbus.schemas.codec import decode
 from mlbus.schemas.envelope import Event
 
@@ -53,7 +52,7 @@ class LogRecord:
     value: bytes | None
 
     @classmethod
-    def from_message(cls, message: Message, kafka: KafkaConfig) -> LogRecord:
+    def from_message(cls, message: Consumed, kafka: KafkaConfig) -> LogRecord:
         kind, ts = message.timestamp()
         return cls(
             topic=kafka.event_type(message.topic()),
@@ -90,7 +89,7 @@ class TopicReader:
     def stop(self) -> None:
         self._stop.set()
 
-    def __iter__(self) -> Iterator[Message]:
+    def __iter__(self) -> Iterator[Consumed]:
         consumer = Consumer(self.kafka.consumer(None, **{"enable.partition.eof": True}))
         try:
             partitions = self._partitions(consumer)
