@@ -31,7 +31,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from confluent_kafka import Message
 
 from mlbus.consumers.archive import DEFAULT_GROUP
 from mlbus.consumers.archive.layout import (
@@ -43,7 +42,7 @@ from mlbus.consumers.archive.layout import (
     list_files,
 )
 from mlbus.kafka.config import KafkaConfig
-from mlbus.kafka.consumer import Backoff
+from mlbus.kafka.consumer import Backoff, Consumed
 from mlbus.kafka.positioned import Batch, Partition, PositionedLoop
 from mlbus.schemas.catalog import TOPICS, topic
 from mlbus.storage import ObjectStore
@@ -99,7 +98,7 @@ class _Piece:
         )
 
 
-def pieces(topic: str, partition: int, messages: Sequence[Message]) -> list[_Piece]:
+def pieces(topic: str, partition: int, messages: Sequence[Consumed]) -> list[_Piece]:
     """`messages` (one partition, offset order) cut into files: a new file at each change
     of UTC date, so that every file lies in one date directory."""
     cut: list[_Piece] = []

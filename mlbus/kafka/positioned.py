@@ -38,13 +38,12 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
-    Message,
     TopicPartition,
 )
 
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
-from mlbus.kafka.consumer import Backoff, next_batch
+from mlbus.kafka.consumer import Backoff, Consumed, next_batch
 from mlbus.signals import install_stop_handlers
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ log = logging.getLogger(__name__)
 #: A partition as sinks see it: (event type, i.e. the topic without the prefix, partition).
 Partition = tuple[str, int]
 #: The records of one write by partition, each list in offset order.
-Batch = Mapping[Partition, list[Message]]
+Batch = Mapping[Partition, list[Consumed]]
 
 _EOF = KafkaError._PARTITION_EOF
 #: Bytes a buffered record is counted for beyond its key and value (offsets, headers, lists).
@@ -104,7 +103,7 @@ class _Part:
         self.key = key  # (event type, partition)
         self.next = start if start is not None else 0  # first offset not yet taken
         self.written = start  # the position the sink holds; None: nothing yet
-        self.records: list[Message] = []
+        self.records: list[Consumed] = []
         self.at_end = False
 
 
@@ -209,8 +208,9 @@ class PositionedLoop:
             taken = 0
             size = 0
             for message in next_batch(consumer, self.batch_size, self.poll_timeout):
-                if message.error() is not None:
-                    self._on_message_error(message)
+                error = message.error()
+                if error is not None:
+                    self._on_message_error(message, error)
                     continue
                 part = parts.get((message.topic(), message.partition()))
                 if part is None:
@@ -306,7 +306,10 @@ class PositionedLoop:
         if not offsets or self._consumer is None:
             return
         try:
-            self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
+            if asynchronous:
+                self._consumer.commit(offsets=offsets, asynchronous=True)
+            else:
+                self._consumer.commit(offsets=offsets, asynchronous=False)
             self.stats.commits += 1
         except KafkaException as e:  # e.g. revoked meanwhile; harmless: the sink holds the truth
             log.warning("%s: commit failed (the positions are kept by the sink): %s", self.name, e)
@@ -325,8 +328,7 @@ class PositionedLoop:
         # one synchronous commit of every position, which also confirms the asynchronous ones
         self._commit(list(self._parts.values()), asynchronous=False)
 
-    def _on_message_error(self, message: Message) -> None:
-        error = message.error()
+    def _on_message_error(self, message: Consumed, error: KafkaError) -> None:
         if error.code() == _EOF:
             part = self._parts.get((message.topic(), message.partition()))
             if part is not None:
@@ -409,6 +411,6 @@ class PositionedLoop:
         self.stop()
 
 
-def _size(message: Message) -> int:
+def _size(message: Consumed) -> int:
     key, value = message.key(), message.value()
     return RECORD_OVERHEAD + (len(key) if key else 0) + (len(value) if value else 0)
