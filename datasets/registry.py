@@ -21,7 +21,7 @@ from typing import Any
 
 from mlbus.datasets.sources import InvalidDataset, Source, open_source
 from mlbus.datasets.writer import write_canonical
-from mlbus.errors import MlbusError
+from mlbus.errors import MlbusError, UnknownDataset
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import read_events
@@ -33,10 +33,6 @@ from mlbus.storage import ObjectStore
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SOURCE = "mlbus/datasets"
 Progress = Callable[[int, int], None]
-
-
-class UnknownDataset(MlbusError):
-    """No such dataset or version in the log."""
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, TypeAdapter, create_model
 
-from mlbus.errors import UnknownTopic
 from mlbus.schemas.base import Payload
 from mlbus.schemas.datasets import DatasetCreated, DatasetValidated
 from mlbus.schemas.deadletter import DeadLetter
 from mlbus.schemas.envelope import Event
+from mlbus.schemas.errors import UnknownTopic
 from mlbus.schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
 from mlbus.schemas.serving import (
     InferenceLogged,

@@ -14,7 +14,6 @@ from typing import Any, NamedTuple, Protocol
 import orjson
 from pydantic import ValidationError
 
-from mlbus.errors import InvalidEvent
 from mlbus.schemas import dicts
 from mlbus.schemas.base import Payload
 from mlbus.schemas.catalog import ANY_EVENT, EVENT_MODELS, TOPICS, spec_for_payload
@@ -25,6 +24,7 @@ from mlbus.schemas.envelope import (
     new_event_id,
     utcnow,
 )
+from mlbus.schemas.errors import InvalidEvent
 
 #: Records larger than this are refused before parsing (the contract's events are small;
 #: tensors and datasets travel by URI).

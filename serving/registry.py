@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from mlbus import artifacts
-from mlbus.errors import MlbusError
+from mlbus.errors import MlbusError, UnknownModel
 from mlbus.serving.batcher import MicroBatcher
-from mlbus.serving.errors import UnknownModel, UnknownVersion, VerificationFailed
+from mlbus.serving.errors import UnknownVersion, VerificationFailed
 from mlbus.storage import ObjectStore
 
 log = logging.getLogger(__name__)

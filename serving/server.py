@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.runtime import usable_cores
 from mlbus.schemas.envelope import new_event_id
 from mlbus.services import service
 from mlbus.serving.deployer import Deployer
-from mlbus.serving.errors import ServingError
 from mlbus.serving.inference_log import InferenceLog, Sample
 from mlbus.serving.metrics import UNKNOWN, ServingMetrics
 from mlbus.serving.registry import Deployment, Registry, Slot
@@ -235,7 +235,7 @@ class ModelServer:
         latency = time.perf_counter() - started
         self.metrics.latency.labels(label, protocol).observe(latency)
         if deployment is not None:
-            message = str(error) if isinstance(error, ServingError) else repr(error)
+            message = str(error) if isinstance(error, MlbusError) else repr(error)
             self.inference_log.offer(
                 Sample(deployment.name, deployment.version, request_id or new_event_id(),
                        latency, False, message, None, deployment.features, x)

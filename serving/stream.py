@@ -28,7 +28,7 @@ from mlbus.schemas.base import Tensor
 from mlbus.schemas.codec import encode_new
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.serving import InferenceRequest, InferenceResult
-from mlbus.serving.errors import InvalidInput, ServingError
+from mlbus.serving.errors import InvalidInput, NotReady
 from mlbus.serving.registry import Deployment
 from mlbus.serving.tensors import outputs, to_array
 
@@ -110,13 +110,13 @@ class StreamInference:
             x = self._rows(request.inputs, deployment)
             loop = server.loop
             if loop is None:
-                raise ServingError("the server is not running")
+                raise NotReady("the server is not running")
             answer = asyncio.run_coroutine_threadsafe(
                 server.infer(deployment, x, protocol="kafka", request_id=request.request_id,
                              started=started),
                 loop,
             ).result(TIMEOUT)  # fmt: skip
-        except ServingError as e:
+        except MlbusError as e:  # a refusal (unknown model, bad input, not ready)
             server.failed(request.model, "kafka", type(e).__name__, started, deployment, x, e,
                           request.request_id)  # fmt: skip
             return InferenceResult(

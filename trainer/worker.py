@@ -27,7 +27,7 @@ import torch
 
 import mlbus
 from mlbus import artifacts
-from mlbus.errors import Abandon, MlbusError, TransientError
+from mlbus.errors import Abandon, TransientError, UnknownDataset
 from mlbus.families import InvalidModelSpec, hyperparameters
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Record
@@ -45,7 +45,7 @@ from mlbus.schemas.training import (
     TrainingStarted,
 )
 from mlbus.storage import ObjectStore, StorageError
-from mlbus.tables import DatasetReader, IntegrityError
+from mlbus.tables import DatasetReader, HashMismatch
 from mlbus.trainer import checkpoint
 from mlbus.trainer.data import InvalidTrainingRequest, load_arrays, prepare
 from mlbus.trainer.training import Checkpoint, fit, inference_latency
@@ -59,17 +59,13 @@ def run_id_for(request_id: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, request_id))
 
 
-class DatasetNotFound(MlbusError):
-    """The requested dataset version is not in the log."""
-
-
 class DeviceUnavailable(InvalidTrainingRequest):
     """The request names a device this worker does not have (CUDA on a CPU-only machine)."""
 
 
 #: Failures that a retry cannot fix: the run is reported failed, not retried.
 _PERMANENT = (
-    InvalidTrainingRequest, InvalidModelSpec, DatasetNotFound, IntegrityError, StorageError,
+    InvalidTrainingRequest, InvalidModelSpec, UnknownDataset, HashMismatch, StorageError,
 )  # fmt: skip
 
 
@@ -106,7 +102,7 @@ def find_dataset(kafka: KafkaConfig, name: str, version: str) -> DatasetCreated:
             found[data.version] = data
     if len(found) != 1:
         problem = "no version" if not found else "an ambiguous version prefix"
-        raise DatasetNotFound(f"dataset {name}@{version}: {problem} in the log")
+        raise UnknownDataset(f"dataset {name}@{version}: {problem} in the log")
     return next(iter(found.values()))
 
 

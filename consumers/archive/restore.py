@@ -26,7 +26,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from mlbus.consumers.archive.layout import identity
 from mlbus.consumers.archive.reader import read_archive
-from mlbus.errors import DeliveryError, MlbusError, TransientError
+from mlbus.errors import Conflict, DeliveryError, TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import LogRecord, read_log
 from mlbus.schemas.catalog import topic as contract_topic
@@ -35,7 +35,7 @@ from mlbus.storage import ObjectStore
 log = logging.getLogger("mlbus.consumers.archive")
 
 
-class TargetNotEmpty(MlbusError):
+class TargetNotEmpty(Conflict):
     """A restore target topic already holds records (and `force` was not given)."""
 
 

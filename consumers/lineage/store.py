@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.schema import CreateTable
 
 from mlbus.consumers.lineage import tables as t
-from mlbus.errors import MlbusError, TransientError
+from mlbus.errors import Invalid, MlbusError, NotFound, TransientError
 
 log = logging.getLogger("mlbus.consumers.lineage")
 
@@ -35,8 +35,15 @@ class LineageError(MlbusError):
     """The lineage store cannot answer (unknown model, bad argument, store unusable)."""
 
 
-class NotFound(LineageError):
+class NotInLineage(LineageError, NotFound):
     """The model, version or dataset asked about is not in the store."""
+
+
+class InvalidTime(LineageError, Invalid):
+    """An as-of time that is not ISO 8601. 422, as FastAPI answers for a query parameter it
+    cannot parse (the other parameters of the lineage routes)."""
+
+    status = 422
 
 
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)

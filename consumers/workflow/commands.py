@@ -11,7 +11,7 @@ from typing import Any
 
 from mlbus.consumers.workflow.policy import flat_metrics
 from mlbus.consumers.workflow.state import Model, State, read_state
-from mlbus.errors import MlbusError
+from mlbus.errors import Conflict, UnknownModel
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.codec import wrap
@@ -20,11 +20,7 @@ from mlbus.schemas.models import ModelPromoted
 from mlbus.schemas.training import Artifact, TrainingCompleted
 
 
-class UnknownModel(MlbusError):
-    """No such model, or no such version of it, in the log."""
-
-
-class NothingToRollBack(MlbusError):
+class NothingToRollBack(Conflict):
     """The model has no earlier good version."""
 
 

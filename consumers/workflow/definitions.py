@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mlbus.errors import MlbusError
+from mlbus.errors import Invalid
 from mlbus.families import FAMILIES, InvalidModelSpec, hyperparameters
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
@@ -34,7 +34,7 @@ KNOWN_METRICS = frozenset(
 _NOT_CONTENT = {"revision", "actor", "source"}
 
 
-class InvalidPipeline(MlbusError):
+class InvalidPipeline(Invalid):
     """A pipeline file that cannot be applied; the message names the file and line."""
 
 
