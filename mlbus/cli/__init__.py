@@ -7,6 +7,7 @@ import sys
 
 from mlbus.cli.common import app, err_console
 from mlbus.errors import ConfigError, MlbusError
+from mlbus.extras import missing_extra
 
 
 def main() -> None:
@@ -18,6 +19,14 @@ def main() -> None:
     except MlbusError as e:
         err_console.print(f"[bold red]mlbus:[/] {e}", highlight=False)
         sys.exit(1)
+    except ModuleNotFoundError as e:
+        # A command of an extra that is not installed (pip install mlbus alone): one line
+        # naming the extra, not a traceback.
+        missing = missing_extra(e)
+        if missing is None:
+            raise
+        err_console.print(f"[bold red]mlbus:[/] {missing}", highlight=False)
+        sys.exit(2)
 
 
 # Commands register themselves on `app` when their modules are imported.
