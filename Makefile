@@ -9,14 +9,14 @@ export MLBUS_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
 install: $(STAMP)
 
-# Re-installs only when the dependency list changes. torch goes first, pinned, so that no
-# other package can pull a newer (CUDA) build.
-$(STAMP): pyproject.toml
+# Re-installs only when the dependency list or the pins change. torch goes first, at the
+# CPU build constraints.txt pins, so that no other package can pull a newer (CUDA) build.
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mlbus needs Python >= 3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -qq --upgrade pip
-	$(BIN)/python -m pip install -qq "torch==2.13.0"
-	$(BIN)/python -m pip install -qq -e ".[dev]"
+	$(BIN)/python -m pip install -qq -c constraints.txt torch
+	$(BIN)/python -m pip install -qq -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 # kcat (a plain Kafka client) is what the interop tests publish and read with.

