@@ -19,11 +19,11 @@ from mlbus.schemas.training import TrainingRequested
 
 
 class ApiError(MlbusError):
-    """The API answered with an error: `status` (HTTP), `kind` (the error's type name, e.g.
-    "UnknownModel") and the message."""
+    """The API answered with an error: `http_status`, `kind` (the error's type name, e.g.
+    "UnknownModel") and the message. (`status`, the class's own, stays the tree's 500.)"""
 
     def __init__(self, status: int, kind: str, message: str) -> None:
-        self.status, self.kind, self.message = status, kind, message
+        self.http_status, self.kind, self.message = status, kind, message
         super().__init__(f"{status} {kind}: {message}")
 
 

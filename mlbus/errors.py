@@ -42,6 +42,8 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   └── NotReady                503  serving/errors.py: the model is loading, or the server
     │                                    is stopping
     ├── ConfigError                 500  a setting is wrong; the CLI prints one line and exits 2
+    │   └── MissingExtra            500  extras.py: a command needs an extra that is not
+    │                                    installed (names the pip install)
     ├── Abandon                     500  a handler stopped before finishing (shutdown): the
     │                                    record is not committed
     ├── BrokerError                 503  the embedded broker cannot be started or reached
@@ -53,6 +55,8 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   └── InvalidTime             422  (drawn under Invalid)
     ├── VerificationFailed          500  serving/errors.py: a promoted version that cannot be
     │                                    served (hash, card, warm-up)
+    ├── ApiError                    500  client.py: the control-plane API answered an error
+    │                                    (its own status is `http_status`)
     └── DemoFailed                  500  cli/demo_job.py: a step of the demo did not happen
 """
 

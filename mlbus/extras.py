@@ -10,6 +10,7 @@ extra (`missing_extra`), and commands that start many services check up front (`
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 from mlbus.errors import ConfigError
 
@@ -59,8 +60,14 @@ def require(*extras: str) -> None:
     """Raise `MissingExtra` unless every module of `extras` can be imported (without
     importing any of them)."""
     for module, extra in MODULES.items():
-        if extra in extras and module not in _OPTIONAL and importlib.util.find_spec(module) is None:
+        if extra in extras and module not in _OPTIONAL and not _installed(module):
             raise MissingExtra(extra, module)
+
+
+def _installed(module: str) -> bool:
+    if module in sys.modules:  # imported already (faust, for one, then has no __spec__)
+        return True
+    return importlib.util.find_spec(module) is not None
 
 
 # Provided by one of two packages (python-multipart renamed its module), or pulled in by

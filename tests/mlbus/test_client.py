@@ -56,11 +56,11 @@ def test_errors_carry_the_status_and_the_api_type(kafka, tmp_path):
         assert anonymous.models() == []  # reading needs no token
         with pytest.raises(ApiError) as refused:
             anonymous.promote("digits", "v1", reason="no token")
-        assert (refused.value.status, refused.value.kind) == (401, "Unauthorized")
+        assert (refused.value.http_status, refused.value.kind) == (401, "Unauthorized")
     with client_for(kafka, tmp_path, token="s3cret") as client:
         with pytest.raises(ApiError) as unknown:
             client.promote("nobody", "v1", reason="no such model")
-        assert (unknown.value.status, unknown.value.kind) == (404, "UnknownModel")
+        assert (unknown.value.http_status, unknown.value.kind) == (404, "UnknownModel")
         with pytest.raises(ApiError) as invalid:
             client.request_training({"model": "m"})
-        assert invalid.value.status == 422 and "dataset" in invalid.value.message
+        assert invalid.value.http_status == 422 and "dataset" in invalid.value.message
