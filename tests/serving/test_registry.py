@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mlbus.errors import UnknownModel
+from mlbus.ml.card import ModelCard
 from mlbus.serving.errors import UnknownVersion
 from mlbus.serving.registry import PARALLEL_ROW_SECONDS, Deployment, Registry
 
@@ -21,9 +22,12 @@ def _deployment(version: str, weight: float) -> Deployment:
     with torch.no_grad():
         model.weight.fill_(weight)
         model.bias.copy_(torch.tensor([0.0, 3 * weight]))
-    card = {"features": ["a", "b"], "classes": ["x", "y"], "mean": [0.0, 0.0],
-            "std": [1.0, 0.0]}  # fmt: skip
-    return Deployment("m", version, "sha256:" + version * 64, model.eval(), card)
+    return Deployment("m", version, "sha256:" + version * 64, model.eval(), _card(std=[1.0, 0.0]))
+
+
+def _card(std: list[float]) -> ModelCard:
+    return ModelCard(family="mlp", hyperparameters={}, features=["a", "b"], label="c",
+                     classes=["x", "y"], mean=[0.0, 0.0], std=std)  # fmt: skip
 
 
 def test_swaps_keep_the_previous_version_and_in_flight_requests_finish_on_theirs():
@@ -71,7 +75,7 @@ class _Threads(nn.Module):
 
 
 def test_a_heavy_model_forwards_on_the_threads_budget_a_light_one_on_one():
-    card = {"features": ["a", "b"], "classes": ["x", "y"], "mean": [0.0, 0.0], "std": [1.0, 1.0]}
+    card = _card(std=[1.0, 1.0])
     heavy = Deployment("heavy", "1", "sha256:" + "1" * 64, _Threads().eval(), card,
                        row_seconds=PARALLEL_ROW_SECONDS * 5)  # fmt: skip
     light = Deployment("light", "1", "sha256:" + "2" * 64, _Threads().eval(), card,
