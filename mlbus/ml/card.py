@@ -31,6 +31,9 @@ class InvalidModelCard(MlbusError):
 
 
 class ModelCard(BaseModel):
+    """What `model_card.json` holds; the required fields are what loading, serving and
+    re-evaluating a model need."""
+
     model_config = ConfigDict(frozen=True, extra="allow")
 
     family: str = Field(min_length=1, description="model family (mlbus.families) to build")
@@ -58,6 +61,8 @@ class ModelCard(BaseModel):
 
     @property
     def standardisation(self) -> Standardisation:
+        """The preprocessing the model was trained with (built anew: keep it, do not call
+        it per request)."""
         return Standardisation.from_lists(self.mean, self.std)
 
     @classmethod
