@@ -99,7 +99,7 @@ def load_verified(
         model, card = artifacts.load(store, uri, sha256, card_uri)
     except MlbusError as e:
         raise VerificationFailed(f"{type(e).__name__}: {e}") from None
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # bad card, bad weights
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # unbuildable, bad weights
         raise VerificationFailed(f"cannot build the model: {type(e).__name__}: {e}") from None
     deployment = Deployment(name, version, sha256, model, card)
     typical = np.asarray([card.mean], dtype=np.float32)  # one row of the training means

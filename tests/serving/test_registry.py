@@ -4,6 +4,7 @@ before, and a request that had already picked a retired version still finishes o
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,10 +12,13 @@ import pytest
 import torch
 from torch import nn
 
+from mlbus import artifacts
 from mlbus.errors import UnknownModel
+from mlbus.families import build, hyperparameters
 from mlbus.ml.card import ModelCard
-from mlbus.serving.errors import UnknownVersion
-from mlbus.serving.registry import PARALLEL_ROW_SECONDS, Deployment, Registry
+from mlbus.serving.errors import UnknownVersion, VerificationFailed
+from mlbus.serving.registry import PARALLEL_ROW_SECONDS, Deployment, Registry, load_verified
+from mlbus.storage import ObjectStore
 
 
 def _deployment(version: str, weight: float) -> Deployment:
@@ -94,3 +98,17 @@ def test_a_heavy_model_forwards_on_the_threads_budget_a_light_one_on_one():
 
         asyncio.run(main())
     assert heavy.model.seen == [3, 3] and light.model.seen == [1, 1]
+
+
+def test_a_card_that_is_not_a_model_card_fails_verification_naming_the_field(tmp_path):
+    store = ObjectStore(tmp_path.as_uri())
+    params = hyperparameters("mlp", {"hidden": 4})
+    card = _card(std=[1.0, 1.0]).model_copy(update={"hyperparameters": params})
+    saved = artifacts.save(store, "m/1", build("mlp", 2, 2, params), card)
+    args = (store, "m", "1", saved["uri"], saved["sha256"], saved["model_card_uri"])
+    assert load_verified(*args).card.weights_sha256 == saved["sha256"]
+    broken = json.loads(store.read_bytes("m/1/model_card.json"))
+    broken["std"] = [1.0]
+    store.write_bytes("m/1/model_card.json", json.dumps(broken).encode())
+    with pytest.raises(VerificationFailed, match=r"InvalidModelCard: .*std: 1 values for 2"):
+        load_verified(*args)
