@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from mlbus.errors import MlbusError
+from mlbus.errors import Invalid
 from mlbus.ml.preprocessing import Standardisation
 from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.training import HyperValue
@@ -25,7 +25,7 @@ from mlbus.schemas.training import HyperValue
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
-class InvalidModelCard(MlbusError):
+class InvalidModelCard(Invalid):
     """A model card that is not valid JSON or lacks or mistypes a field; the message names
     each wrong field."""
 

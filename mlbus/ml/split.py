@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlbus.errors import MlbusError
+from mlbus.errors import Invalid
 
 
-class InvalidSplit(MlbusError):
+class InvalidSplit(Invalid):
     """Fractions that cannot split the rows (out of range, or nothing left to train on)."""
 
 
