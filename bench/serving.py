@@ -229,19 +229,21 @@ def make_artifact(store: Any, name: str, family: str, side: int, params: dict[st
 
     from mlbus import artifacts
     from mlbus.families import build, hyperparameters
+    from mlbus.ml.card import ModelCard
+    from mlbus.schemas.base import DatasetRef
     from mlbus.schemas.training import Artifact
 
     torch.manual_seed(0)
     features = [f"pixel_{i}" for i in range(side * side)]
     hp = hyperparameters(family, params)
     model = build(family, len(features), 10, hp).eval()
-    card = {
-        "family": family, "hyperparameters": hp, "features": features,
-        "feature_types": dict.fromkeys(features, "double"), "label": "digit",
-        "classes": [str(i) for i in range(10)], "mean": [0.0] * len(features),
-        "std": [1.0] * len(features), "metrics": {}, "run_id": f"bench-{name}",
-        "dataset": {"name": name, "version": "synthetic"},
-    }  # fmt: skip
+    card = ModelCard(
+        family=family, hyperparameters=hp, features=features,
+        feature_types=dict.fromkeys(features, "double"), label="digit",
+        classes=[str(i) for i in range(10)], mean=[0.0] * len(features),
+        std=[1.0] * len(features), metrics={}, run_id=f"bench-{name}",
+        dataset=DatasetRef(name=name, version="synthetic"),
+    )  # fmt: skip
     return Artifact(**artifacts.save(store, f"models/{name}", model, card)), model
 
 

@@ -23,6 +23,8 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   ├── StorageError            400  storage.py: an object-store operation that failed for
     │   │                                good (missing, forbidden, outside the allowed roots)
     │   ├── InvalidModelSpec        400  families.py: unknown family, bad hyperparameters
+    │   ├── InvalidSplit            400  ml/split.py: fractions that leave no row to train on
+    │   ├── InvalidModelCard        400  ml/card.py: a card that lacks or mistypes a field
     │   ├── InvalidDataset          400  datasets/sources.py: unreadable or malformed input
     │   ├── InvalidTrainingRequest  400  trainer/data.py: nulls, one class, bad split
     │   │   └── DeviceUnavailable   400  trainer/worker.py: a device this worker does not have

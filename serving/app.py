@@ -225,10 +225,11 @@ def model_metadata(name: str, deployments: list[Deployment]) -> dict[str, Any]:
         "inputs": meta["inputs"],
         "outputs": meta["outputs"],
         "parameters": {
-            "version": d.version, "family": card.get("family"), "features": d.features,
-            "feature_types": card.get("feature_types"), "label": card.get("label"),
-            "classes": d.classes.tolist(), "dataset": card.get("dataset"),
-            "run_id": card.get("run_id"), "artifact_sha256": d.sha256,
+            "version": d.version, "family": card.family, "features": d.features,
+            "feature_types": card.feature_types, "label": card.label,
+            "classes": d.classes.tolist(),
+            "dataset": card.dataset.model_dump() if card.dataset else None,
+            "run_id": card.run_id, "artifact_sha256": d.sha256,
         },
     }  # fmt: skip
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from mlbus import artifacts
 from mlbus.errors import MlbusError, UnknownModel
+from mlbus.ml.card import ModelCard
 from mlbus.serving.batcher import MicroBatcher
 from mlbus.serving.errors import UnknownVersion, VerificationFailed
 from mlbus.storage import ObjectStore
@@ -38,7 +39,6 @@ LABEL, PROBABILITIES = "label", "probabilities"
 #: from the event loop, while a heavy model's batches run nearly twice as fast on two
 #: (docs/serving.md, bench/serving.py).
 PARALLEL_ROW_SECONDS = 0.001
-_CARD_FIELDS = ("family", "hyperparameters", "features", "classes", "mean", "std")
 
 
 @dataclass(eq=False)
@@ -49,7 +49,7 @@ class Deployment:
     version: str
     sha256: str
     model: nn.Module
-    card: dict[str, Any]
+    card: ModelCard
     load_seconds: float = 0.0
     #: One row's forward time, measured after the warm-up (decides the intra-op threads).
     row_seconds: float = 0.0
@@ -58,12 +58,10 @@ class Deployment:
     batcher: MicroBatcher | None = None
 
     def __post_init__(self) -> None:
-        self.features = list(self.card["features"])
-        self.classes = np.asarray([str(c) for c in self.card["classes"]], dtype=object)
-        self._mean = np.asarray(self.card["mean"], dtype=np.float32)
-        self._std = np.asarray(self.card["std"], dtype=np.float32)
-        # Guard the division: a card may carry a 0 std for a constant column.
-        self._std[self._std == 0] = 1.0
+        self.features = list(self.card.features)
+        self.classes = np.asarray(self.card.classes, dtype=object)
+        # Built once: the hot path below is numpy on the card's arrays, no model objects.
+        self._standardisation = self.card.standardisation
 
     @property
     def n_features(self) -> int:
@@ -71,9 +69,9 @@ class Deployment:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities [rows, classes] of raw inputs [rows, features] (float32)."""
-        scaled = (x - self._mean) / self._std
+        scaled = self._standardisation.apply(x)
         with torch.inference_mode():
-            logits = self.model(torch.from_numpy(np.ascontiguousarray(scaled, np.float32)))
+            logits = self.model(torch.from_numpy(scaled))
             return torch.softmax(logits, dim=1).numpy()
 
     def metadata(self) -> dict[str, Any]:
@@ -90,9 +88,10 @@ def load_verified(
     store: ObjectStore, name: str, version: str, uri: str, sha256: str, card_uri: str | None
 ) -> Deployment:
     """Load a version and check it can serve: the weights hash to `sha256` (checked by
-    `artifacts.load` before anything is deserialised; safetensors only), the card has what
-    serving needs and agrees with the weights, and a warm-up forward pass gives finite
-    probabilities. Raises `VerificationFailed` with the reason otherwise."""
+    `artifacts.load` before anything is deserialised; safetensors only), the card is valid
+    (`ModelCard`: what serving needs, one mean and std per feature) and agrees with the
+    weights, and a warm-up forward pass gives finite probabilities. Raises
+    `VerificationFailed` with the reason otherwise."""
     started = time.perf_counter()
     if not card_uri:
         raise VerificationFailed("the promotion's artifact has no model_card_uri")
@@ -100,23 +99,18 @@ def load_verified(
         model, card = artifacts.load(store, uri, sha256, card_uri)
     except MlbusError as e:
         raise VerificationFailed(f"{type(e).__name__}: {e}") from None
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # bad card, bad weights
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # unbuildable, bad weights
         raise VerificationFailed(f"cannot build the model: {type(e).__name__}: {e}") from None
-    missing = [f for f in _CARD_FIELDS if f not in card]
-    if missing:
-        raise VerificationFailed(f"model card lacks {', '.join(missing)}")
-    n = len(card["features"])
-    if len(card["mean"]) != n or len(card["std"]) != n:
-        raise VerificationFailed(f"model card: mean/std do not have {n} values")
     deployment = Deployment(name, version, sha256, model, card)
+    typical = np.asarray([card.mean], dtype=np.float32)  # one row of the training means
     try:
-        probabilities = deployment.predict(np.asarray([card["mean"]], dtype=np.float32))
+        probabilities = deployment.predict(typical)
     except Exception as e:  # whatever torch raises: the version must not serve
         raise VerificationFailed(f"warm-up inference failed: {type(e).__name__}: {e}") from None
-    if probabilities.shape != (1, len(card["classes"])) or not np.isfinite(probabilities).all():
+    if probabilities.shape != (1, len(card.classes)) or not np.isfinite(probabilities).all():
         raise VerificationFailed(f"warm-up inference gave {probabilities.shape}, not finite")
     timed = time.perf_counter()
-    deployment.predict(np.asarray([card["mean"]], dtype=np.float32))
+    deployment.predict(typical)
     deployment.row_seconds = time.perf_counter() - timed
     deployment.load_seconds = time.perf_counter() - started
     return deployment

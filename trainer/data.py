@@ -1,7 +1,8 @@
 """From Arrow record batches to torch tensors, with no pandas detour: features are copied
-once into a preallocated float32 matrix, rows are split deterministically by seed, and
-features are standardised with the training split's mean and std (kept for the model card,
-so serving applies the same preprocessing)."""
+once into a preallocated float32 matrix, rows are split deterministically by seed
+(`mlbus.ml.split`), and features are standardised with the training split's mean and std
+(`mlbus.ml.preprocessing`; kept for the model card, so serving applies the same
+preprocessing)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pyarrow as pa
 import torch
 
 from mlbus.errors import Invalid
+from mlbus.ml.preprocessing import Standardisation
+from mlbus.ml.split import InvalidSplit, split_indices
 
 
 class InvalidTrainingRequest(Invalid):
@@ -25,8 +28,7 @@ class Prepared:
     features: list[str]
     label: str
     classes: list[str]
-    mean: list[float]
-    std: list[float]
+    standardisation: Standardisation  # fitted on the train split
     x: dict[str, torch.Tensor]  # split name → features
     y: dict[str, torch.Tensor]  # split name → class indices
 
@@ -54,19 +56,6 @@ def load_arrays(
     return x, np.concatenate(labels) if labels else np.empty(0)
 
 
-def split_indices(n: int, seed: int, validation: float, test: float) -> dict[str, np.ndarray]:
-    """Deterministic train/validation/test row indices."""
-    if validation + test >= 1.0:
-        raise InvalidTrainingRequest("validation + test fractions must leave rows to train on")
-    order = np.random.default_rng(seed).permutation(n)
-    n_test, n_val = round(n * test), round(n * validation)
-    return {
-        "test": order[:n_test],
-        "validation": order[n_test : n_test + n_val],
-        "train": order[n_test + n_val :],
-    }
-
-
 def prepare(
     x: np.ndarray, raw_labels: np.ndarray, *, features: Sequence[str], label: str,
     seed: int, validation: float, test: float,
@@ -74,18 +63,17 @@ def prepare(
     classes, y = np.unique(raw_labels, return_inverse=True)
     if len(classes) < 2:
         raise InvalidTrainingRequest(f"label column {label!r} has fewer than two classes")
-    parts = split_indices(len(x), seed, validation, test)
-    train = x[parts["train"]]
-    mean = train.mean(axis=0)
-    std = train.std(axis=0)
-    std[std == 0] = 1.0  # constant columns (blank pixels) stay 0 after centring
-    scaled = (x - mean) / std
+    try:
+        parts = split_indices(len(x), seed, validation, test)
+    except InvalidSplit as e:
+        raise InvalidTrainingRequest(str(e)) from None
+    standardisation = Standardisation.fit(x[parts["train"]])
+    scaled = standardisation.apply(x)
     return Prepared(
         features=list(features),
         label=label,
         classes=[str(c) for c in classes],
-        mean=[float(v) for v in mean],
-        std=[float(v) for v in std],
+        standardisation=standardisation,
         x={k: torch.from_numpy(np.ascontiguousarray(scaled[i])) for k, i in parts.items()},
         y={k: torch.from_numpy(y[i].astype(np.int64)) for k, i in parts.items()},
     )

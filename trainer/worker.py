@@ -33,6 +33,7 @@ from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Record
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import read_events
+from mlbus.ml.card import ModelCard
 from mlbus.schemas.datasets import DatasetCreated
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.training import (
@@ -219,19 +220,28 @@ class TrainingWorker:
             "inference": inference_latency(result.model, prepared.x["test"])
         }
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak
-        card = {
-            "family": request.family, "hyperparameters": params, "features": features,
-            "feature_types": {c.name: c.type for c in data.arrow_schema},
-            "label": data.label_column, "classes": prepared.classes,
-            "mean": prepared.mean, "std": prepared.std, "metrics": metrics,
-            "dataset": {"name": data.name, "version": data.version}, "run_id": run_id,
-            "torch_version": torch.__version__, "device": device,
-        }  # fmt: skip
+        dataset = request.dataset.model_copy(update={"version": data.version})
+        mean, std = prepared.standardisation.to_lists()
+        card = ModelCard(
+            family=request.family,
+            hyperparameters=params,
+            features=features,
+            feature_types={c.name: c.type for c in data.arrow_schema},
+            label=data.label_column,
+            classes=prepared.classes,
+            mean=mean,
+            std=std,
+            metrics=metrics,
+            dataset=dataset,
+            run_id=run_id,
+            torch_version=torch.__version__,
+            device=device,
+        )
         saved = artifacts.save(self.store, f"models/{request.model}/{run_id}", result.model, card)
         return TrainingCompleted(
             run_id=run_id, model=request.model, version=run_id[:12], request_id=event.id,
             family=request.family,
-            dataset=request.dataset.model_copy(update={"version": data.version}),
+            dataset=dataset,
             artifact=Artifact(**saved), metrics=metrics,
             confusion_matrix=result.confusion_matrix, labels=prepared.classes,
             hyperparameters=params, seed=request.seed, epochs=result.epochs,

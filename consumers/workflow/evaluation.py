@@ -3,11 +3,8 @@ different data (a new dataset version, another seed or split): the policy then c
 both on the same rows. Loads the champion's artifact (`mlbus.artifacts`) and the
 candidate's dataset version (`mlbus.tables.DatasetReader`, hash verified), rebuilds the
 candidate's test split and applies the champion's own preprocessing (its model card's
-feature list, mean and std).
-
-The split must be the trainer's: `_test_rows` repeats `trainer.data.split_indices` (a
-component may not import another). It belongs in the kernel; until it moves there, a change
-to the trainer's split must be made here too (tests/consumers/workflow checks they agree).
+feature list and standardisation). The split and the standardisation are the trainer's
+own: both come from the kernel (`mlbus.ml.split`, `mlbus.ml.preprocessing`).
 """
 
 from __future__ import annotations
@@ -22,18 +19,13 @@ from mlbus import artifacts
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import read_events
+from mlbus.ml.split import split_indices
 from mlbus.schemas.datasets import DatasetCreated
 from mlbus.schemas.training import Split, TrainingCompleted
 from mlbus.storage import ObjectStore
 from mlbus.tables import DatasetReader
 
 log = logging.getLogger(__name__)
-
-
-def _test_rows(n: int, seed: int, split: Split) -> np.ndarray:
-    """The test rows of the trainer's deterministic split (trainer.data.split_indices)."""
-    order = np.random.default_rng(seed).permutation(n)
-    return order[: round(n * split.test)]
 
 
 class ChampionEvaluator:
@@ -70,22 +62,20 @@ class ChampionEvaluator:
             raise MlbusError("the champion's artifact has no model card")
         model, card = artifacts.load(self.store, art.uri, art.sha256, art.model_card_uri)
         data = self._dataset(candidate.dataset.name, candidate.dataset.version)
-        features, label = list(card["features"]), card["label"]
+        features, label = card.features, card.label
         with DatasetReader(self.store, data.uri, data.content_hash,
                            columns=[*features, label]) as reader:  # fmt: skip
             table = reader.read_all()
-        rows = _test_rows(table.num_rows, candidate.seed, split)
+        rows = split_indices(table.num_rows, candidate.seed, split.validation, split.test)["test"]
         if len(rows) == 0:
             raise MlbusError("the candidate's split has no test rows")
         x = np.stack([table.column(f).to_numpy(zero_copy_only=False) for f in features], axis=1)
-        x = (x[rows].astype(np.float32) - np.asarray(card["mean"], np.float32)) / np.asarray(
-            card["std"], np.float32
-        )
+        x = card.standardisation.apply(x[rows])
         raw = table.column(label).to_numpy(zero_copy_only=False)[rows]
-        index = {c: i for i, c in enumerate(card["classes"])}
+        index = {c: i for i, c in enumerate(card.classes)}
         y = np.array([index.get(str(v), -1) for v in raw], dtype=np.int64)
         with torch.no_grad():
-            logits = model(torch.from_numpy(np.ascontiguousarray(x)))
+            logits = model(torch.from_numpy(x))
         predicted = logits.argmax(dim=1).numpy()
         known = y >= 0  # a class the champion never saw is simply a wrong answer
         loss = (

@@ -22,6 +22,7 @@ import uvicorn
 
 from mlbus import artifacts
 from mlbus.kafka.config import KafkaConfig
+from mlbus.ml.card import ModelCard
 from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.codec import EventRef
 from mlbus.schemas.models import ModelPromoted
@@ -36,7 +37,7 @@ from tests.mlbus.kafka.support import publish, wait_until
 @dataclass(frozen=True)
 class Trained:
     model: Any
-    card: dict[str, Any]
+    card: ModelCard
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,13 @@ def _train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int) -> Trained:
                        test=0.1)  # fmt: skip
     params = {"channels": 8, "dropout": 0.0, "lr": 3e-3, "batch_size": 64, "weight_decay": 0.0}
     result = fit(prepared, "cnn", params, max_epochs=epochs, seed=seed)
-    card = {
-        "family": "cnn", "hyperparameters": params, "features": features,
-        "feature_types": dict.fromkeys(features, "double"), "label": "digit",
-        "classes": prepared.classes, "mean": prepared.mean, "std": prepared.std,
-        "metrics": result.metrics, "dataset": {"name": "digits", "version": "test"},
-        "run_id": f"run-{seed}",
-    }  # fmt: skip
+    mean, std = prepared.standardisation.to_lists()
+    card = ModelCard(
+        family="cnn", hyperparameters=params, features=features,
+        feature_types=dict.fromkeys(features, "double"), label="digit",
+        classes=prepared.classes, mean=mean, std=std, metrics=result.metrics,
+        dataset=DatasetRef(name="digits", version="test"), run_id=f"run-{seed}",
+    )  # fmt: skip
     return Trained(result.model, card)
 
 

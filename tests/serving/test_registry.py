@@ -4,6 +4,7 @@ before, and a request that had already picked a retired version still finishes o
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,9 +12,13 @@ import pytest
 import torch
 from torch import nn
 
+from mlbus import artifacts
 from mlbus.errors import UnknownModel
-from mlbus.serving.errors import UnknownVersion
-from mlbus.serving.registry import PARALLEL_ROW_SECONDS, Deployment, Registry
+from mlbus.families import build, hyperparameters
+from mlbus.ml.card import ModelCard
+from mlbus.serving.errors import UnknownVersion, VerificationFailed
+from mlbus.serving.registry import PARALLEL_ROW_SECONDS, Deployment, Registry, load_verified
+from mlbus.storage import ObjectStore
 
 
 def _deployment(version: str, weight: float) -> Deployment:
@@ -21,9 +26,12 @@ def _deployment(version: str, weight: float) -> Deployment:
     with torch.no_grad():
         model.weight.fill_(weight)
         model.bias.copy_(torch.tensor([0.0, 3 * weight]))
-    card = {"features": ["a", "b"], "classes": ["x", "y"], "mean": [0.0, 0.0],
-            "std": [1.0, 0.0]}  # fmt: skip
-    return Deployment("m", version, "sha256:" + version * 64, model.eval(), card)
+    return Deployment("m", version, "sha256:" + version * 64, model.eval(), _card(std=[1.0, 0.0]))
+
+
+def _card(std: list[float]) -> ModelCard:
+    return ModelCard(family="mlp", hyperparameters={}, features=["a", "b"], label="c",
+                     classes=["x", "y"], mean=[0.0, 0.0], std=std)  # fmt: skip
 
 
 def test_swaps_keep_the_previous_version_and_in_flight_requests_finish_on_theirs():
@@ -71,7 +79,7 @@ class _Threads(nn.Module):
 
 
 def test_a_heavy_model_forwards_on_the_threads_budget_a_light_one_on_one():
-    card = {"features": ["a", "b"], "classes": ["x", "y"], "mean": [0.0, 0.0], "std": [1.0, 1.0]}
+    card = _card(std=[1.0, 1.0])
     heavy = Deployment("heavy", "1", "sha256:" + "1" * 64, _Threads().eval(), card,
                        row_seconds=PARALLEL_ROW_SECONDS * 5)  # fmt: skip
     light = Deployment("light", "1", "sha256:" + "2" * 64, _Threads().eval(), card,
@@ -90,3 +98,17 @@ def test_a_heavy_model_forwards_on_the_threads_budget_a_light_one_on_one():
 
         asyncio.run(main())
     assert heavy.model.seen == [3, 3] and light.model.seen == [1, 1]
+
+
+def test_a_card_that_is_not_a_model_card_fails_verification_naming_the_field(tmp_path):
+    store = ObjectStore(tmp_path.as_uri())
+    params = hyperparameters("mlp", {"hidden": 4})
+    card = _card(std=[1.0, 1.0]).model_copy(update={"hyperparameters": params})
+    saved = artifacts.save(store, "m/1", build("mlp", 2, 2, params), card)
+    args = (store, "m", "1", saved["uri"], saved["sha256"], saved["model_card_uri"])
+    assert load_verified(*args).card.weights_sha256 == saved["sha256"]
+    broken = json.loads(store.read_bytes("m/1/model_card.json"))
+    broken["std"] = [1.0]
+    store.write_bytes("m/1/model_card.json", json.dumps(broken).encode())
+    with pytest.raises(VerificationFailed, match=r"InvalidModelCard: .*std: 1 values for 2"):
+        load_verified(*args)

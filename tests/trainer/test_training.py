@@ -10,10 +10,11 @@ import torch
 from mlbus import artifacts
 from mlbus.datasets.samples import sample_table
 from mlbus.families import FAMILIES, InvalidModelSpec, build, hyperparameters
+from mlbus.ml.card import ModelCard
 from mlbus.schemas.training import EarlyStopping
 from mlbus.storage import ObjectStore
 from mlbus.tables import HashMismatch
-from mlbus.trainer.data import load_arrays, prepare, split_indices
+from mlbus.trainer.data import InvalidTrainingRequest, load_arrays, prepare
 from mlbus.trainer.training import evaluate, fit
 
 
@@ -56,11 +57,11 @@ def test_cnn_needs_square_images():
         build("cnn", 30, 2, hyperparameters("cnn", {}))
 
 
-def test_splits_are_deterministic_and_disjoint():
-    a, b = split_indices(1000, 3, 0.2, 0.1), split_indices(1000, 3, 0.2, 0.1)
-    assert all((a[k] == b[k]).all() for k in a)
-    together = set().union(*(set(v.tolist()) for v in a.values()))
-    assert len(together) == 1000 and len(a["test"]) == 100 and len(a["validation"]) == 200
+def test_a_split_that_leaves_nothing_to_train_on_is_an_invalid_request(digits):
+    x, labels = digits.x["train"].numpy(), digits.y["train"].numpy()
+    with pytest.raises(InvalidTrainingRequest, match="leave rows to train on"):
+        prepare(x, labels, features=digits.features, label="label", seed=1, validation=0.5,
+                test=0.5)  # fmt: skip
 
 
 def test_features_are_standardised_with_training_statistics(digits):
@@ -93,21 +94,24 @@ def test_early_stopping_stops_before_max_epochs(digits):
 def test_artifact_round_trip_gives_the_same_accuracy(digits, tmp_path):
     result = _train(digits, epochs=5)
     store = ObjectStore(tmp_path.as_uri())
-    card = {
-        "family": "cnn",
-        "features": digits.features,
-        "classes": digits.classes,
-        "hyperparameters": hyperparameters("cnn", {}),
-        "mean": digits.mean,
-        "std": digits.std,
-    }
+    mean, std = digits.standardisation.to_lists()
+    card = ModelCard(
+        family="cnn",
+        features=digits.features,
+        label=digits.label,
+        classes=digits.classes,
+        hyperparameters=hyperparameters("cnn", {}),
+        mean=mean,
+        std=std,
+    )
     saved = artifacts.save(store, "models/digits/r1", result.model, card)
     model, loaded_card = artifacts.load(
         store, saved["uri"], saved["sha256"], saved["model_card_uri"]
     )
     metrics, _ = evaluate(model, digits.x["test"], digits.y["test"], len(digits.classes))
     assert metrics["accuracy"] == result.metrics["test"]["accuracy"]
-    assert loaded_card["weights_sha256"] == saved["sha256"]
+    assert loaded_card.weights_sha256 == saved["sha256"]
+    assert loaded_card == card.model_copy(update={"weights_sha256": saved["sha256"]})
     assert (
         store.read_bytes("models/digits/r1/model.safetensors")[:8] != b"\x80\x04\x95"
     )  # no pickle
@@ -116,8 +120,10 @@ def test_artifact_round_trip_gives_the_same_accuracy(digits, tmp_path):
 def test_a_tampered_artifact_is_refused(digits, tmp_path):
     result = _train(digits, epochs=1)
     store = ObjectStore(tmp_path.as_uri())
-    card = {"family": "cnn", "features": digits.features, "classes": digits.classes,
-            "hyperparameters": hyperparameters("cnn", {})}  # fmt: skip
+    mean, std = digits.standardisation.to_lists()
+    card = ModelCard(family="cnn", features=digits.features, label=digits.label,
+                     classes=digits.classes, hyperparameters=hyperparameters("cnn", {}),
+                     mean=mean, std=std)  # fmt: skip
     saved = artifacts.save(store, "m/r", result.model, card)
     raw = bytearray(store.read_bytes("m/r/model.safetensors"))
     raw[-1] ^= 0xFF

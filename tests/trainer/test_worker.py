@@ -83,9 +83,9 @@ def test_a_request_trains_the_digits_cnn_and_publishes_the_run(kafka, group, tmp
     _, card = artifacts.load(
         store, data.artifact.uri, data.artifact.sha256, data.artifact.model_card_uri
     )
-    assert card["classes"] == [str(i) for i in range(10)]
-    assert len(card["mean"]) == 64 and card["dataset"]["version"] == dataset.version
-    assert card["metrics"] == data.metrics  # the latency budget is in the card too
+    assert card.classes == [str(i) for i in range(10)]
+    assert len(card.mean) == 64 and card.dataset.version == dataset.version
+    assert card.metrics == data.metrics  # the latency budget is in the card too
     assert store.exists(f"runs/{run_id}/checkpoint/checkpoint.json")
     assert started[0].data.attempt == 1 and started[0].data.resumed_from_epoch is None
 

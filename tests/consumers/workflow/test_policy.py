@@ -1,16 +1,12 @@
 """The promotion policy as a pure function: thresholds (a budget not reported is not met),
 the champion on the same evaluation data, the margin, min-mode metrics, and re-evaluation
-when the data differ; and the workflow's copy of the trainer's split agrees with it."""
+when the data differ."""
 
 from __future__ import annotations
 
-import numpy as np
-
-from mlbus.consumers.workflow.evaluation import _test_rows
 from mlbus.consumers.workflow.policy import Champion, judge
 from mlbus.schemas.training import Split
 from mlbus.schemas.workflow import PromotionPolicy, Threshold
-from mlbus.trainer.data import split_indices
 from tests.consumers.workflow.support import completed
 
 POLICY = PromotionPolicy(
@@ -72,9 +68,3 @@ def test_other_data_is_re_evaluated_or_not_compared():
     assert verdict.evidence["champion"]["evaluation"] == "re-evaluated on the candidate's test rows"
     seeded = champion(0.99, seed=7)  # another seed is another test set too
     assert judge(POLICY, completed(accuracy=0.95), SPLIT, seeded, evaluator).promote
-
-
-def test_the_test_rows_are_the_trainers():
-    for n, seed, split in [(1797, 0, Split()), (150, 3, Split(validation=0.2, test=0.1))]:
-        expected = split_indices(n, seed, split.validation, split.test)["test"]
-        assert np.array_equal(_test_rows(n, seed, split), expected)
