@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +30,13 @@ from tests.consumers.archive.support import (
     the_log,
     wait_for_archive,
 )
-from tests.mlbus.kafka.support import committed_offset, dataset, publish, wait_until
+from tests.mlbus.kafka.support import (
+    Producing,
+    committed_offset,
+    dataset,
+    publish,
+    wait_until,
+)
 from tests.mlbus.test_cli import MLBUS
 
 
@@ -157,30 +162,6 @@ def test_a_flush_cut_short_by_the_store_keeps_its_files_and_the_retry_writes_the
 # -- as a service: SIGKILL, restart, SIGTERM ---------------------------------------------------
 
 
-class Producing:
-    """Publishes dataset.created events in a thread until stopped."""
-
-    def __init__(self, kafka: KafkaConfig) -> None:
-        self.kafka = kafka
-        self.sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            publish(self.kafka, [dataset(name=f"d{self.sent + i}") for i in range(20)])
-            self.sent += 20
-            time.sleep(0.02)
-
-    def __enter__(self) -> Producing:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-
 def start_archiver(cli_env: dict[str, str], tmp_path: Path, name: str, **env: str):
     out = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(
@@ -208,7 +189,7 @@ def test_sigkill_and_restart_while_producing_loses_and_duplicates_nothing(
     often = {"MLBUS_ARCHIVE__FLUSH_SECONDS": "0.1", "MLBUS_ARCHIVE__FLUSH_BYTES": "3000"}
     processes = []
     try:
-        with Producing(kafka):
+        with Producing(kafka, lambda i: dataset(name=f"d{i}")):
             for run in range(2):
                 process = start_archiver(cli_env | often, tmp_path, f"run{run}")
                 processes.append(process)

@@ -340,3 +340,35 @@ def lines(path: Path) -> list[str]:
     except FileNotFoundError:
         return []
     return text.split("\n")[:-1]
+
+
+class Producing:
+    """Publishes `make(i)` payloads, `per_batch` at a time (i counts every payload sent), in
+    a thread until the `with` block ends: a log that keeps growing under a test."""
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        make: Callable[[int], Payload],
+        *,
+        per_batch: int = 20,
+        pause: float = 0.02,
+    ) -> None:
+        self.kafka, self.make, self.per_batch, self.pause = kafka, make, per_batch, pause
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            publish(self.kafka, [self.make(self.sent + i) for i in range(self.per_batch)])
+            self.sent += self.per_batch
+            time.sleep(self.pause)
+
+    def __enter__(self) -> Producing:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(DEADLINE)

@@ -6,7 +6,6 @@ sink; Kafka gets the sink's positions after each write."""
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -17,7 +16,14 @@ from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Backoff
 from mlbus.kafka.positioned import Batch, Partition, PositionedLoop
-from tests.mlbus.kafka.support import DEADLINE, progress, publish, read_raw, wait_until
+from tests.mlbus.kafka.support import (
+    DEADLINE,
+    Producing,
+    progress,
+    publish,
+    read_raw,
+    wait_until,
+)
 
 TOPIC = "training.progress"  # six partitions
 FAST = Backoff(initial=0.05, maximum=0.2)
@@ -199,30 +205,6 @@ def test_an_error_that_is_not_transient_ends_the_run_and_the_next_run_writes_the
     assert sorted(sink.rows) == sorted((t, p, o) for (t, p), os in log.items() for o in os)
 
 
-class Producing:
-    """Publishes events to TOPIC in a thread until stopped."""
-
-    def __init__(self, kafka: KafkaConfig) -> None:
-        self.kafka = kafka
-        self.sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            publish(self.kafka, [progress(model=f"m{self.sent + i}") for i in range(30)])
-            self.sent += 30
-            time.sleep(0.01)
-
-    def __enter__(self) -> Producing:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(DEADLINE)
-
-
 class Running:
     """A loop run in a thread until stopped."""
 
@@ -256,7 +238,7 @@ def test_a_rebalance_between_two_members_loses_and_duplicates_nothing(kafka, gro
     }  # fmt: skip
     members: list[Running] = []
     try:
-        with Producing(kafka):
+        with Producing(kafka, lambda i: progress(model=f"m{i}"), per_batch=30, pause=0.01):
             members.append(Running(loop(kafka, a, group, **options)))
             wait_until(lambda: sink.writers["a"] > 100, "the first member writing")
             members.append(Running(loop(kafka, b, group, **options)))
