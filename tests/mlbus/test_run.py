@@ -15,19 +15,17 @@ from confluent_kafka import Consumer, TopicPartition
 
 from mlbus.kafka.config import KafkaConfig
 from mlbus.services import service
-from tests.mlbus.test_cli import MLBUS, clean_env, mlbus, ok, one_line_error, read_topic
+from tests.mlbus.test_cli import (
+    MLBUS,
+    clean_env,
+    env,  # noqa: F401 - a fixture
+    mlbus,
+    ok,
+    one_line_error,
+    read_topic,
+)
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def env(kafka: KafkaConfig, tmp_path: Path) -> dict[str, str]:
-    """The CLI pointed at the session broker, with this test's topic prefix."""
-    return clean_env(
-        MLBUS_KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap,
-        MLBUS_TOPIC_PREFIX=kafka.topic_prefix,
-        MLBUS_DATA_DIR=str(tmp_path / "data"),
-    )
 
 
 def test_run_names_the_services_when_the_service_is_unknown(tmp_path: Path) -> None:
@@ -52,7 +50,8 @@ def _children(pid: int) -> list[str]:
 
 
 def test_run_validator_is_the_validator_alone_in_its_manifest_group(
-    env: dict[str, str], kafka: KafkaConfig
+    env: dict[str, str],  # noqa: F811 - the fixture imported above
+    kafka: KafkaConfig,
 ) -> None:
     validator = service("validator")
     proc = subprocess.Popen(
