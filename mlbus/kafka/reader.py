@@ -93,7 +93,7 @@ class TopicReader:
     def __iter__(self) -> Iterator[Message]:
         consumer = Consumer(self.kafka.consumer(None, **{"enable.partition.eof": True}))
         try:
-            partitions = self._partitions(consumer)
+            partitions = all_partitions(consumer, self.kafka, self.topics)
             skipping: set[tuple[str, int]] = set()
             if self.start == "end" and not self.kafka.embedded:
                 for tp in partitions:
@@ -138,22 +138,25 @@ class TopicReader:
         finally:
             consumer.close()
 
-    def _partitions(self, consumer: Consumer) -> list[TopicPartition]:
-        try:
-            metadata = consumer.list_topics(timeout=10)
-        except KafkaException as e:
-            raise TransientError(
-                f"cannot reach Kafka at {self.kafka.bootstrap}: {e.args[0].str()}"
-            ) from None
-        partitions = []
-        for topic in self.topics:
-            found = metadata.topics.get(topic)
-            if found is None or found.error is not None:
-                raise UnknownTopic(f"topic {topic!r} does not exist (run `mlbus topics apply`)")
-            partitions += [
-                TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(found.partitions)
-            ]
-        return partitions
+
+def all_partitions(
+    consumer: Consumer, kafka: KafkaConfig, topics: Sequence[str]
+) -> list[TopicPartition]:
+    """Every partition of `topics` (full names, prefix included), each at the beginning;
+    `UnknownTopic` for a topic that does not exist, `TransientError` if Kafka is away."""
+    try:
+        metadata = consumer.list_topics(timeout=10)
+    except KafkaException as e:
+        raise TransientError(
+            f"cannot reach Kafka at {kafka.bootstrap}: {e.args[0].str()}"
+        ) from None
+    partitions = []
+    for topic in topics:
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None:
+            raise UnknownTopic(f"topic {topic!r} does not exist (run `mlbus topics apply`)")
+        partitions += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(found.partitions)]
+    return partitions
 
 
 def read_events(kafka: KafkaConfig, event_type: str) -> Iterator[Event]:
