@@ -14,7 +14,6 @@ the object store: the event, not the file, is what makes a version visible.
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from mlbus.datasets.sources import InvalidDataset, Source, open_source
 from mlbus.datasets.writer import write_canonical
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
-from mlbus.kafka.logview import LogView, Positioned
+from mlbus.kafka.logview import dataset_versions
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.datasets import ColumnSchema, DatasetCreated
@@ -76,17 +75,10 @@ class DatasetRegistry:
         self.store = store
         self.kafka = kafka
         self.source = source
-        self._lock = threading.Lock()
-        self._versions: dict[tuple[str, str], Event] = {}  # first announcement of each version
-        self._view = LogView(kafka, ["dataset.created"], on_event=self._add, name="datasets")
-
-    def _add(self, item: Positioned) -> None:
-        data = item.event.data
-        with self._lock:
-            self._versions.setdefault((data.name, data.version), item.event)
+        self._known = dataset_versions(kafka)
 
     def close(self) -> None:
-        self._view.stop()
+        self._known.close()
 
     def __enter__(self) -> DatasetRegistry:
         return self
@@ -175,9 +167,7 @@ class DatasetRegistry:
 
     def versions(self, name: str | None = None) -> list[Event]:
         """Every `dataset.created` in the log now (of `name`), oldest first, one per version."""
-        self._view.catch_up()
-        with self._lock:
-            found = [e for e in self._versions.values() if name is None or e.data.name == name]
+        found = [e for e in self._known.events() if name is None or e.data.name == name]
         return sorted(found, key=lambda e: (e.time is None, e.time))
 
     def get(self, text: str) -> Event:

@@ -14,6 +14,8 @@ consumer of that topic dead-letters it; a view must not, or each replica would).
   catches up first and then answers from the fold.
 - `start()` follows in a background thread (catch up, then keep reading) until `stop()`;
   `wait()` blocks until the first catch-up is done. Or drive it yourself with `poll()`.
+- `LogIndex` is the common fold: the first event of each key of one topic, caught up when
+  a lookup does not find its key; `dataset_versions` is the one of `dataset.created`.
 
 The fold (`on_event`) sees each record once, in log order within a partition, whichever
 thread reads (calls are serialised); the position moves past a record before its fold runs,
@@ -31,8 +33,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
@@ -41,6 +44,7 @@ from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import next_batch
 from mlbus.kafka.reader import all_partitions
 from mlbus.schemas.codec import decode
+from mlbus.schemas.datasets import DatasetCreated
 from mlbus.schemas.envelope import Event
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,8 @@ class Positioned:
 
 
 Fold = Callable[[Positioned], None]
+K = TypeVar("K", bound=Hashable)
+DatasetKey = tuple[str, str]  # (name, version) of a `dataset.created`
 
 
 class LogView:
@@ -273,3 +279,57 @@ class LogView:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LogIndex(Generic[K]):
+    """The first event of each key of one topic, kept by a log view that is caught up when
+    asked for the state now; thread-safe. `close()` it (or use it as a context manager)."""
+
+    def __init__(
+        self, kafka: KafkaConfig, event_type: str, key: Callable[[Event], K], *, name: str = ""
+    ) -> None:
+        self.key = key
+        self._lock = threading.Lock()
+        self._events: dict[K, Event] = {}
+        self.view = LogView(kafka, [event_type], on_event=self._add, name=name or event_type)
+
+    def _add(self, item: Positioned) -> None:
+        key = self.key(item.event)
+        with self._lock:
+            self._events.setdefault(key, item.event)
+
+    def get(self, key: K) -> Event | None:
+        """The event of `key`; the view catches up first if it has not seen the key yet."""
+        with self._lock:
+            found = self._events.get(key)
+        if found is None:
+            self.view.catch_up()
+            with self._lock:
+                found = self._events.get(key)
+        return found
+
+    def events(self) -> list[Event]:
+        """One event per key, in the order they were read, as the log has them now."""
+        self.view.catch_up()
+        with self._lock:
+            return list(self._events.values())
+
+    def close(self) -> None:
+        self.view.stop()
+
+    def __enter__(self) -> LogIndex[K]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def dataset_versions(kafka: KafkaConfig, *, name: str = "dataset versions") -> LogIndex[DatasetKey]:
+    """Every dataset version in the log, by (name, version): the index the registry, the
+    trainer and the workflow look versions up in."""
+    return LogIndex(kafka, "dataset.created", _dataset_key, name=name)
+
+
+def _dataset_key(event: Event) -> DatasetKey:
+    data: DatasetCreated = event.data  # type: ignore[assignment]
+    return data.name, data.version
