@@ -3,6 +3,7 @@ request per sweep point under one correlation id, followed live until they finis
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import sys
@@ -35,8 +36,12 @@ def trainer() -> None:
 
     cfg = settings()
     kafka = kafka_config(cfg)
-    with EventProducer(kafka, source="mlbus/trainer") as producer:
-        worker = TrainingWorker(kafka, ObjectStore.from_settings(cfg), producer)
+    with (
+        EventProducer(kafka, source="mlbus/trainer") as producer,
+        contextlib.closing(
+            TrainingWorker(kafka, ObjectStore.from_settings(cfg), producer)
+        ) as worker,
+    ):
         console.print(f"training worker {worker.worker} waiting for training.requested")
         ConsumerLoop(
             kafka, group="mlbus-trainer", name="trainer", long_running=True,
