@@ -1,5 +1,7 @@
-"""Group-less reading of whole topics (`mlbus tail`, `mlbus deadletters`, audits): assigns
-every partition directly, so it joins no consumer group and changes nobody's offsets.
+"""Group-less reading of whole topics as raw records (`mlbus tail`, `mlbus deadletters`,
+audits, archive restores): assigns every partition directly, so it joins no consumer group and
+changes nobody's offsets. State kept from topics as typed events is a log view
+(mlbus/kafka/logview.py).
 
 `since_ms` starts at a time: on a real cluster `offsets_for_times` finds the first offsets
 (production path); the embedded broker answers 0 for every time (shared/BROKER.md), so
@@ -31,11 +33,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from mlbus.errors import MlbusError, TransientError, UnknownTopic
+from mlbus.errors import TransientError, UnknownTopic
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import next_batch
-from mlbus.schemas.codec import decode
-from mlbus.schemas.envelope import Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,16 +157,6 @@ def all_partitions(
             raise UnknownTopic(f"topic {topic!r} does not exist (run `mlbus topics apply`)")
         partitions += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(found.partitions)]
     return partitions
-
-
-def read_events(kafka: KafkaConfig, event_type: str) -> Iterator[Event]:
-    """Every valid event of one topic, read to its end (in order within each partition).
-    Records that do not validate are skipped: they are the dead-letter topic's business."""
-    for message in TopicReader(kafka, [kafka.topic(event_type)]):
-        try:
-            yield decode(message.value(), message.headers(), expected_type=event_type)
-        except MlbusError:
-            continue
 
 
 def read_log(
