@@ -9,14 +9,14 @@ export MLBUS_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
 install: $(STAMP)
 
-# Re-installs only when the dependency list changes. torch goes first, pinned, so that no
-# other package can pull a newer (CUDA) build.
-$(STAMP): pyproject.toml
+# Re-installs only when the dependency list or the pins change. torch goes first, at the
+# CPU build constraints.txt pins, so that no other package can pull a newer (CUDA) build.
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mlbus needs Python >= 3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -qq --upgrade pip
-	$(BIN)/python -m pip install -qq "torch==2.13.0"
-	$(BIN)/python -m pip install -qq -e ".[dev]"
+	$(BIN)/python -m pip install -qq -c constraints.txt torch
+	$(BIN)/python -m pip install -qq -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 # kcat (a plain Kafka client) is what the interop tests publish and read with.
@@ -29,6 +29,8 @@ tools:
 TEST_WORKERS ?= 3
 
 test: install tools
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "unit or integration" -q -n $(TEST_WORKERS)
 
 unit: install
@@ -43,17 +45,26 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+# Type-checks the product code (pyproject.toml's [tool.mypy]); `lint` and `test` run it too.
+.PHONY: typecheck
+typecheck: install
+	$(BIN)/mypy
 
 schemas: install
 	$(BIN)/python -m mlbus.schemas.generate
 
-docs: install  ## regenerate the README's configuration reference from the settings model
+docs: install  ## regenerate the README's configuration reference and service table
 	$(BIN)/python -m mlbus.docs
 
-infra: install  ## regenerate infra/'s topic definitions from the catalog
+infra: install  ## regenerate infra/'s topics (from the catalog) and services (from the manifests)
 	$(BIN)/mlbus topics export --format yaml > infra/kafka/topics.yaml
 	$(BIN)/mlbus topics export --format sh > infra/kafka/create-topics.sh
 	$(BIN)/mlbus topics export --format strimzi > infra/k8s/topics.yaml
+	$(BIN)/mlbus services export --format compose --into infra/docker-compose.yml
+	$(BIN)/mlbus services export --format k8s > infra/k8s/services.yaml
 
 bench: install  ## every benchmark, one table (bench/results/ keeps each report)
 	$(BIN)/python bench/run_all.py

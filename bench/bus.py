@@ -21,7 +21,7 @@ with a fresh consumer group reading the same pre-produced topic from the beginni
 from the first message in hand to the last one processed: the consumer-group join (about
 1 s on the embedded broker) is excluded and printed separately. The end of the topic is
 known by the message count (and `enable.partition.eof`), never by watermarks, which the
-embedded broker gets wrong (shared/BROKER.md).
+embedded broker gets wrong (docs/broker.md).
 
 `Consumer.consume(n, timeout)` returns only when it has n messages or the timeout expired;
 ConsumerLoop avoids that wait (mlbus.kafka.consumer.next_batch), and so do the hand-written

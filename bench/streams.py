@@ -20,7 +20,7 @@ one at MLBUS_BENCH_BOOTSTRAP), over the same pre-produced `inference.logged` top
 
 Rates are timed from the first batch in hand to the last record processed, so the group
 join and table recovery are excluded. The end is known by count, never by end offsets
-(wrong on the embedded broker, shared/BROKER.md).
+(wrong on the embedded broker, docs/broker.md).
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def synthetic(rows: int, features: int = 20, classes: int = 4) -> pa.Table:
 def prepared_of(kafka: KafkaConfig, store: ObjectStore, name: str, version: str) -> Prepared:
     """The tensors the worker trains on, built as it builds them (untimed)."""
     with dataset_versions(kafka) as known:
-        data = find_dataset([e.data for e in known.events()], name, version)  # type: ignore[arg-type]
+        data = find_dataset([e.data for e in known.events()], name, version)
     label = data.label_column
     assert label is not None
     features = [c.name for c in data.arrow_schema if c.name != label]

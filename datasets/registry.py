@@ -17,10 +17,11 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlbus.datasets.sources import InvalidDataset, Source, open_source
 from mlbus.datasets.writer import write_canonical
-from mlbus.errors import MlbusError
+from mlbus.errors import MlbusError, UnknownDataset
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.logview import dataset_versions
 from mlbus.kafka.producer import EventProducer
@@ -32,10 +33,6 @@ from mlbus.storage import ObjectStore
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SOURCE = "mlbus/datasets"
 Progress = Callable[[int, int], None]
-
-
-class UnknownDataset(MlbusError):
-    """No such dataset or version in the log."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +85,7 @@ class DatasetRegistry:
 
     # -- registering ------------------------------------------------------------------------
 
-    def register_path(self, path: str | Path, *, name: str, **options) -> Registered:  # type: ignore[no-untyped-def]
+    def register_path(self, path: str | Path, *, name: str, **options: Any) -> Registered:
         """Register a local file or a URI inside the store or an allowed root."""
         fs, resolved = self.store.resolve(str(path))
         return self.register(open_source(resolved, fs), name=name, **options)
@@ -116,7 +113,7 @@ class DatasetRegistry:
             )
         known = self.versions()
         parent_refs = [self._resolve_parent(p, known) for p in parents]
-        # Created first: an idempotent producer's initialisation (~0.5 s on the embedded
+        # Created first: an idempotent producer's initialisation (slow on the embedded
         # broker) overlaps the write instead of following it.
         with EventProducer(self.kafka, source=self.source) as producer:
             with self.store.staged() as staged:

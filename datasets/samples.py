@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +12,15 @@ import pyarrow as pa
 from mlbus.datasets.sources import InvalidDataset
 
 
-def _loader(name: str) -> Callable[..., object]:
+class _Bunch(Protocol):
+    """What scikit-learn's loaders return (a `Bunch`) that is used here."""
+
+    data: np.ndarray
+    target: np.ndarray
+    feature_names: Iterable[str]
+
+
+def _loader(name: str) -> Callable[[], _Bunch]:
     from sklearn import datasets as sk
 
     return {
@@ -36,11 +45,11 @@ def sample_table(name: str) -> pa.Table:
     if name not in SAMPLES:
         raise InvalidDataset(f"no sample {name!r}; samples: {', '.join(SAMPLES)}")
     bunch = _loader(name)()
-    features = np.asarray(bunch.data, dtype=np.float32)  # type: ignore[attr-defined]
+    features = np.asarray(bunch.data, dtype=np.float32)
     if name == "digits":
         names = [f"p{i}" for i in range(features.shape[1])]
     else:
-        names = [str(n).replace(" ", "_") for n in bunch.feature_names]  # type: ignore[attr-defined]
-    columns = {n: features[:, i] for i, n in enumerate(names)}
-    columns["label"] = np.asarray(bunch.target, dtype=np.int64)  # type: ignore[attr-defined]
+        names = [str(n).replace(" ", "_") for n in bunch.feature_names]
+    columns: dict[str, np.ndarray] = {n: features[:, i] for i, n in enumerate(names)}
+    columns["label"] = np.asarray(bunch.target, dtype=np.int64)
     return pa.table(columns)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from mlbus.errors import MlbusError
+from mlbus.errors import Invalid
 from mlbus.tables import iter_row_groups
 
 #: Rows per batch read from inputs: the writer's row-group size, so that re-cutting input
@@ -23,7 +23,7 @@ from mlbus.tables import iter_row_groups
 READ_BATCH_ROWS = 131_072
 
 
-class InvalidDataset(MlbusError):
+class InvalidDataset(Invalid):
     """The input cannot become a dataset version (unreadable, empty, malformed)."""
 
 

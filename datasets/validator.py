@@ -73,8 +73,8 @@ class Validator:
         self.producer = producer
         self.name = name
 
-    def __call__(self, event: Event, record: Record) -> None:
-        data: DatasetCreated = event.data  # type: ignore[assignment]
+    def __call__(self, event: Event[DatasetCreated], record: Record) -> None:
+        data: DatasetCreated = event.data
         check(self.store, data)
         self.producer.publish(
             DatasetValidated(

@@ -14,7 +14,7 @@ from torch import nn
 
 from mlbus.families import build
 from mlbus.storage import ObjectStore
-from mlbus.tables import IntegrityError
+from mlbus.tables import HashMismatch
 
 WEIGHTS = "model.safetensors"
 CARD = "model_card.json"
@@ -39,11 +39,11 @@ def save(store: ObjectStore, prefix: str, model: nn.Module, card: dict[str, Any]
 def load(
     store: ObjectStore, uri: str, sha256: str, card_uri: str
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The model (eval mode) and its card; `IntegrityError` if the weights' bytes differ."""
+    """The model (eval mode) and its card; `HashMismatch` if the weights' bytes differ."""
     weights = store.read_bytes(store.key_of(uri))
     actual = "sha256:" + hashlib.sha256(weights).hexdigest()
     if actual != sha256:
-        raise IntegrityError(f"{uri}: weights hash to {actual}, not the expected {sha256}")
+        raise HashMismatch(f"{uri}: weights hash to {actual}, not the expected {sha256}")
     card = json.loads(store.read_bytes(store.key_of(card_uri)))
     model = build(
         card["family"], len(card["features"]), len(card["classes"]), card["hyperparameters"]

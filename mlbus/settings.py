@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
@@ -175,9 +176,11 @@ class Settings(BaseSettings):
     def _db(cls, value: str) -> str:
         if not value:
             return value
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
+        try:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+        except ModuleNotFoundError:  # a bare install: only the lineage store (platform) uses it
+            return value
         try:
             url = make_url(value)
         except ArgumentError:
@@ -210,10 +213,19 @@ class Settings(BaseSettings):
         """The settings for display, with secrets masked."""
         out = self.model_dump(mode="json")
         out["kafka"] = {k: ("***" if _SECRET.search(k) else v) for k, v in self.kafka.items()}
-        from sqlalchemy.engine import make_url
-
-        out["metadata_url"] = make_url(self.metadata_url).render_as_string(hide_password=True)
+        out["metadata_url"] = _hide_password(self.metadata_url)
         return out
+
+
+def _hide_password(url: str) -> str:
+    """`url` with the password of its authority shown as *** (as SQLAlchemy renders it; done
+    here so that `mlbus settings` works without SQLAlchemy)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -226,7 +238,6 @@ def load_settings(**overrides: Any) -> Settings:
         raise ConfigError(f"invalid setting {env}: not valid JSON") from None
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in first["loc"]) or "settings"
         env = "MLBUS_" + "__".join(str(p) for p in first["loc"][:2]).upper()
         message = first["msg"].removeprefix("Value error, ")
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""

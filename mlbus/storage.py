@@ -21,13 +21,14 @@ from urllib.parse import urlparse
 
 import fsspec
 
-from mlbus.errors import MlbusError, TransientError
+from mlbus.errors import Invalid, MlbusError, TransientError
 
 STAGING = "_staging"
 
 
-class StorageError(MlbusError):
-    """An object store operation failed for a reason retrying will not fix."""
+class StorageError(Invalid):
+    """An object store operation failed for a reason retrying will not fix. An `Invalid`:
+    what an API request names is missing, forbidden or outside the allowed roots."""
 
 
 def _translate(error: BaseException, what: str) -> MlbusError:

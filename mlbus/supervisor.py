@@ -5,7 +5,8 @@ every line, restarts a crashed service with backoff (reporting it) without touch
 others, and stops them in reverse order on Ctrl-C or SIGTERM, SIGKILLing only what does
 not exit within the grace period.
 
-It knows services by their command lines only: it imports no component.
+The services are those of the manifests (mlbus/services.py), each run as `mlbus run
+<service>`; the supervisor imports no component.
 """
 
 from __future__ import annotations
@@ -21,16 +22,20 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlbus.broker import die_with_parent_guard
 from mlbus.errors import ConfigError
+from mlbus.services import SERVICES
 from mlbus.settings import Settings
 
 STATUS_FILE = "services.json"
 
 
 @dataclass(frozen=True)
-class Service:
+class Process:
+    """One supervised process: a service of mlbus/services.py, or any `program` arguments."""
+
     name: str
     args: tuple[str, ...]
     """the `mlbus` subcommand and its options"""
@@ -39,26 +44,21 @@ class Service:
     """URL that answers 200 once the service is ready"""
 
 
-def catalog(cfg: Settings, *, trainers: int = 1) -> list[Service]:
-    """Every service of the platform, in start order (stopped in reverse)."""
-    serve = f"http://{cfg.serving.host}:{cfg.serving.port}"
-    api = f"http://{cfg.api.host}:{cfg.api.port}"
-    streams = f"http://127.0.0.1:{cfg.streams.metrics_port}" if cfg.streams.metrics_port else None
-    return [
-        Service("validator", ("datasets", "validate")),
-        *(Service(f"trainer-{i}", ("trainer",)) for i in range(1, trainers + 1)),
-        Service("workflow", ("workflow",)),
-        Service("lineage", ("lineage", "project")),
-        Service("archive", ("archive", "run")),
-        Service("streams", ("streams",), streams and f"{streams}/metrics",
-                streams and f"{streams}/metrics"),
-        Service("serve", ("serve",), serve, f"{serve}/v2/health/live"),
-        Service("api", ("api", "--host", cfg.api.host, "--port", str(cfg.api.port)), api,
-                f"{api}/health"),
-    ]  # fmt: skip
+def catalog(cfg: Settings, *, trainers: int = 1) -> list[Process]:
+    """Every service of the manifests (mlbus/services.py) as a `mlbus run <service>` process,
+    in start order (stopped in reverse); `trainers` training workers, named trainer-1…N."""
+    processes = []
+    for service in SERVICES:
+        base = service.health.base_url(cfg) if service.health else None
+        health = f"{base}{service.health.path}" if base and service.health else None
+        names = [service.name]
+        if service.name == "trainer":  # `mlbus up --trainers N`
+            names = [f"trainer-{i}" for i in range(1, trainers + 1)]
+        processes += [Process(name, ("run", service.name), base, health) for name in names]
+    return processes
 
 
-def select(services: Sequence[Service], only: str | None) -> list[Service]:
+def select(services: Sequence[Process], only: str | None) -> list[Process]:
     """The services named in `only` (comma-separated; `trainer` means every trainer)."""
     if not only:
         return list(services)
@@ -74,7 +74,7 @@ def select(services: Sequence[Service], only: str | None) -> list[Service]:
 
 @dataclass
 class _Running:
-    service: Service
+    service: Process
     process: subprocess.Popen[str] | None = None
     started_at: float = 0.0
     restarts: int = 0
@@ -92,7 +92,7 @@ Output = Callable[[str, str], None]
 class Supervisor:
     def __init__(
         self,
-        services: Sequence[Service],
+        services: Sequence[Process],
         *,
         env: dict[str, str],
         output: Output,
@@ -255,7 +255,7 @@ class Supervisor:
         tmp.replace(path)
 
 
-def read_status(data_dir: Path) -> dict[str, object] | None:
+def read_status(data_dir: Path) -> dict[str, Any] | None:
     """What the supervisor of `data_dir` last recorded, if one runs."""
     try:
         state = json.loads((data_dir / STATUS_FILE).read_text())

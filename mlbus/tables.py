@@ -5,7 +5,7 @@ Given the URI and content hash an event carries, `DatasetReader` streams the ver
 Arrow record batches (column projection, batch size) and verifies the sha256 of the stored
 bytes. The hash is computed by a second, sequential read in a thread while pyarrow decodes
 (hashlib releases the GIL), and checked when the stream ends: a consumer must treat what it
-read as unverified until the iterator is exhausted without an `IntegrityError`.
+read as unverified until the iterator is exhausted without a `HashMismatch`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def iter_row_groups(
         del group
 
 
-class IntegrityError(MlbusError):
-    """Stored bytes do not hash to the content hash their event claims."""
+class HashMismatch(MlbusError):
+    """Stored bytes do not hash to the content hash their event claims (or the event claims
+    none, so they cannot be verified)."""
 
 
 def sha256_of(fs: Any, path: str, stop: threading.Event | None = None) -> str:
@@ -83,7 +84,7 @@ class DatasetReader:
         verify: bool = True,
     ) -> None:
         if verify and not content_hash:
-            raise IntegrityError(f"{uri}: no content hash to verify against")
+            raise HashMismatch(f"{uri}: no content hash to verify against")
         self.uri = uri
         self.content_hash = content_hash
         self.columns = list(columns) if columns is not None else None
@@ -133,7 +134,7 @@ class DatasetReader:
         if hasher.error is not None:
             raise StorageError(f"verifying {self.uri}: {hasher.error}") from hasher.error
         if hasher.result != self.content_hash:
-            raise IntegrityError(
+            raise HashMismatch(
                 f"{self.uri}: stored bytes hash to {hasher.result}, "
                 f"not the {self.content_hash} the event claims"
             )

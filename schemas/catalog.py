@@ -10,11 +10,11 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, TypeAdapter, create_model
 
-from mlbus.errors import UnknownTopic
 from mlbus.schemas.base import Payload
 from mlbus.schemas.datasets import DatasetCreated, DatasetValidated
 from mlbus.schemas.deadletter import DeadLetter
 from mlbus.schemas.envelope import Event
+from mlbus.schemas.errors import UnknownTopic
 from mlbus.schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
 from mlbus.schemas.serving import (
     InferenceLogged,
@@ -115,11 +115,11 @@ _BY_PAYLOAD: dict[type[Payload], TopicSpec] = {spec.payload: spec for spec in CA
 
 def _event_model(spec: TopicSpec) -> type[Event]:
     class_name = "".join(part.title() for part in spec.name.replace(".", "_").split("_"))
-    return create_model(  # type: ignore[call-overload]
+    return create_model(
         f"{class_name}Event",
-        __base__=Event[spec.payload],  # type: ignore[name-defined]
+        __base__=Event[spec.payload],  # type: ignore[name-defined]  # a run-time payload class
         __module__=__name__,
-        type=(Literal[spec.name], Field(description="equals the topic name")),
+        type=(Literal[spec.name], Field(description="equals the topic name")),  # type: ignore[arg-type]  # a run-time literal
     )
 
 
@@ -127,7 +127,7 @@ EVENT_MODELS: dict[str, type[Event]] = {spec.name: _event_model(spec) for spec i
 
 #: Validates any event of the contract in one pass, choosing the model by `type`.
 ANY_EVENT: TypeAdapter[Event] = TypeAdapter(
-    Annotated[Union[tuple(EVENT_MODELS.values())], Field(discriminator="type")]  # noqa: UP007
+    Annotated[Union[tuple(EVENT_MODELS.values())], Field(discriminator="type")]  # type: ignore[arg-type]  # noqa: UP007  # a run-time union
 )
 
 

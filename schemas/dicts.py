@@ -1,7 +1,7 @@
 """The contract's event models as TypedDicts, for consumers on a hot path.
 
-`schemas.codec.decode` returns typed model instances; building them is part of its time
-(`decode_dict` saves ~15-20 % of a small event's decode: see its doc). `decode_dict`
+`mlbus.schemas.codec.decode` returns typed model instances; building them is part of its time
+(`decode_dict` saves that part: docs/contract.md). `decode_dict`
 validates the same bytes against the same rules and returns plain dicts: the TypedDicts
 here are derived from the models field by field (types, constraints, required or not,
 defaults, strictness, extra fields), never written by hand, so there is one contract.
@@ -52,11 +52,11 @@ def typed_dict(model: type[BaseModel]) -> Any:
             else:  # pydantic copies a mutable one for each record
                 metadata.append(Field(default=info.default))
         if metadata:
-            annotation = Annotated[(annotation, *metadata)]  # type: ignore[valid-type]
+            annotation = Annotated[(annotation, *metadata)]
         fields[name] = annotation if info.is_required() else NotRequired[annotation]
-    td: Any = TypedDict(f"{model.__name__}Dict", fields)  # type: ignore[operator]
+    td: Any = TypedDict(f"{model.__name__}Dict", fields)  # type: ignore[misc]  # built at run time
     config = model.model_config
-    td.__pydantic_config__ = ConfigDict(
+    td.__pydantic_config__ = ConfigDict(  # type: ignore[attr-defined]  # where pydantic reads a TypedDict's config
         strict=config.get("strict", False), extra=config.get("extra") or "ignore"
     )
     return td

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
-from typing import Generic, Literal, TypeVar
+from typing import Final, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,7 +17,7 @@ from mlbus.schemas.base import Payload
 
 P = TypeVar("P", bound=Payload)
 
-SPECVERSION = "1.0"
+SPECVERSION: Final = "1.0"
 #: Content type of a structured-mode record (Kafka header `content-type`).
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 #: Major version of the contract; `dataschema` is `mlbus:schemas/<type>/<major>`.

@@ -7,46 +7,35 @@ infer body is read with a size limit and parsed with orjson (serving/tensors.py)
 FastAPI's validation, and the OpenAPI document describes it from the models below.
 
 `POST .../infer` is answered by a plain ASGI middleware (`InferFastPath`) ahead of FastAPI's
-routing, request objects and dependency resolution, which took a third of the event loop's
-time per request under load (py-spy, bench/serving.py); FastAPI answers everything else and
+routing, request objects and dependency resolution, a large share of the event loop's time
+per request under load (docs/serving.md); FastAPI answers everything else and
 documents the infer routes, which answer the same way when reached.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import mlbus
+from mlbus.errors import MlbusError, UnknownModel
+from mlbus.http import bearer_guard, install_error_handlers
 from mlbus.schemas.envelope import new_event_id
-from mlbus.serving.errors import (
-    NotReady,
-    PayloadTooLarge,
-    ServingError,
-    Unauthorized,
-    UnknownModel,
-)
+from mlbus.serving.errors import NotReady, PayloadTooLarge
 from mlbus.serving.registry import Deployment
 from mlbus.serving.server import ModelServer
 from mlbus.serving.tensors import decode_request, dumps, outputs, parse_body
-
-log = logging.getLogger(__name__)
 
 # -- documented shapes (OpenAPI); requests are parsed by serving/tensors.py ----------------
 
@@ -128,20 +117,17 @@ class RepositoryEntry(BaseModel):
     reason: str = ""
 
 
-# Module level: FastAPI resolves the (string) annotations of dependencies in module scope.
-bearer = HTTPBearer(auto_error=False, description="serving control token (api_token)")
-
-
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorBody} for s in statuses}
 
 
-def error_body(error: ServingError) -> bytes:
-    return dumps({"error": str(error), "type": type(error).__name__})
+def oip_body(kind: str, message: str) -> dict[str, Any]:
+    """The error body of every answer: OIP's `{"error": message}`, plus the error's kind."""
+    return {"error": message, "type": kind}
 
 
-def error_response(error: ServingError) -> Response:
-    return Response(error_body(error), status_code=error.status, media_type="application/json")
+def error_body(error: MlbusError) -> bytes:
+    return dumps(oip_body(type(error).__name__, str(error)))
 
 
 def check_length(length: bytes | str | None, limit: int) -> None:
@@ -262,34 +248,10 @@ def create_app(server: ModelServer) -> FastAPI:
         lifespan=lifespan,
     )  # fmt: skip
 
-    def control(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
-        token = server.api_token
-        if token is None:
-            return
-        given = credentials.credentials if credentials is not None else ""
-        if not secrets.compare_digest(given.encode(), token.encode()):
-            raise Unauthorized("this control endpoint needs 'Authorization: Bearer <token>'")
-
-    @app.exception_handler(ServingError)
-    async def _serving_error(request: Request, error: ServingError) -> Response:
-        return error_response(error)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, error: RequestValidationError) -> Response:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return JSONResponse({"error": f"{where}: {first['msg']}", "type": "InvalidRequest"}, 422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, error: StarletteHTTPException) -> Response:
-        return JSONResponse({"error": str(error.detail), "type": "HTTPError"}, error.status_code)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, error: Exception) -> Response:
-        log.exception("unexpected error serving %s %s", request.method, request.url.path)
-        return JSONResponse({"error": f"{type(error).__name__}: {error}", "type": "Internal"}, 500)
+    install_error_handlers(app, body=oip_body)
+    control = bearer_guard(
+        server.api_token, message="this control endpoint needs 'Authorization: Bearer <token>'"
+    )
 
     # -- health and metadata ---------------------------------------------------------------
 
@@ -347,7 +309,7 @@ def create_app(server: ModelServer) -> FastAPI:
             x, request_id = decoded.x, decoded.id or new_event_id()
             answer = await server.infer(deployment, x, protocol="http", request_id=request_id,
                                         started=started)  # fmt: skip
-        except ServingError as e:
+        except MlbusError as e:  # a refusal (unknown model, bad input, too large, not ready)
             server.failed(name, "http", type(e).__name__, started, deployment, x, e, request_id)
             return e.status, error_body(e)
         tensors, _ = outputs(
@@ -432,5 +394,5 @@ def create_app(server: ModelServer) -> FastAPI:
             app.openapi_schema = doc
         return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
     return app

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Literal
 
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
@@ -58,9 +59,9 @@ class Deployer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._history: dict[str, list[Event]] = {}  # model → its last two versions' promotions
+        self._history: dict[str, list[Event[ModelPromoted]]] = {}  # model → last two versions
         self._following = False  # promotions folded from now on are new: handled as they come
-        self._pending: list[Event] = []
+        self._pending: list[Event[ModelPromoted]] = []
         self.view = LogView(kafka, [TOPIC], on_event=self._fold, name="deployer")
 
     # -- control ---------------------------------------------------------------------------
@@ -75,7 +76,7 @@ class Deployer:
             self._thread.join(timeout)
         self.view.stop(timeout)
 
-    def champion(self, name: str) -> Event | None:
+    def champion(self, name: str) -> Event[ModelPromoted] | None:
         """The newest promotion of `name` as the log has it now (None: never promoted)."""
         self.view.catch_up()
         with self._lock:
@@ -107,7 +108,7 @@ class Deployer:
                 self._stop.wait(delay)
 
     def _fold(self, item: Positioned) -> None:
-        event = item.event
+        event: Event[ModelPromoted] = item.event
         with self._lock:
             versions = self._history.setdefault(event.data.model, [])
             versions[:] = [e for e in versions if e.data.version != event.data.version][-1:]
@@ -131,9 +132,11 @@ class Deployer:
 
     # -- one promotion ---------------------------------------------------------------------
 
-    def handle(self, event: Event, *, initial_previous: bool = False) -> Deployment | None:
+    def handle(
+        self, event: Event[ModelPromoted], *, initial_previous: bool = False
+    ) -> Deployment | None:
         """Load, verify and swap in the promoted version; report the outcome."""
-        promoted: ModelPromoted = event.data  # type: ignore[assignment]
+        promoted: ModelPromoted = event.data
         artifact = promoted.artifact
         name, version = promoted.model, promoted.version
         if artifact is None:
@@ -172,14 +175,14 @@ class Deployer:
 
     def _report(
         self,
-        event: Event,
-        status: str,
+        event: Event[ModelPromoted],
+        status: Literal["loaded", "failed"],
         *,
         error: str | None = None,
         sha256: str | None = None,
         seconds: float | None = None,
     ) -> None:
-        promoted: ModelPromoted = event.data  # type: ignore[assignment]
+        promoted: ModelPromoted = event.data
         if self.on_outcome:
             self.on_outcome(promoted.model, status)
         update = DeploymentUpdated(

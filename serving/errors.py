@@ -1,55 +1,43 @@
-"""The model server's errors, each mapped to one HTTP status (serving/app.py) and to the
-`error` of an `inference.results` record (serving/stream.py).
+"""The model server's errors. Each subclasses a semantic base of mlbus/errors.py and carries
+its HTTP status, which is also what serving/app.py answers (OIP body `{"error", "type"}`);
+serving/stream.py answers it as the `error` of an `inference.results` record. Two come from
+the kernel, shared with other components: `UnknownModel` (404: no such model on this
+replica) and `Unauthorized` (401: a control endpoint without the bearer token).
 
-    MlbusError
-    └── ServingError            a request the server refuses (never a 500)
-        ├── UnknownModel        404: no such model on this replica
-        ├── UnknownVersion      404: the model has no such loaded version
-        ├── InvalidInput        400: a tensor that does not match the model card
-        ├── MalformedRequest    400: not JSON, or not an inference request
-        ├── PayloadTooLarge     413: the body is larger than serving.max_body_bytes
-        ├── Unauthorized        401: a control endpoint without the bearer token
-        └── NotReady            503: the model is loading, or the server is stopping
-    MlbusError
-    └── VerificationFailed      a promoted version that cannot be served (hash, card, warm-up)
+    NotFound          UnknownVersion      404: the model has no such loaded version
+    Invalid           InvalidInput        400: a tensor that does not match the model card
+                      MalformedRequest    400: not JSON, or not an inference request
+                      PayloadTooLarge     413: the body is larger than serving.max_body_bytes
+    TransientError    NotReady            503: the model is loading, or the server is stopping
+    MlbusError        VerificationFailed  500: a promoted version that cannot be served
 """
 
 from __future__ import annotations
 
-from mlbus.errors import MlbusError
+from mlbus.errors import Invalid, MlbusError, NotFound, TransientError
 
 
-class ServingError(MlbusError):
-    status = 400
+class UnknownVersion(NotFound):
+    """The model is served here, but not in the version asked for."""
 
 
-class UnknownModel(ServingError):
-    status = 404
+class InvalidInput(Invalid):
+    """A tensor that does not fit the model card (name, shape, datatype, values)."""
 
 
-class UnknownVersion(ServingError):
-    status = 404
+class MalformedRequest(Invalid):
+    """A body that is not JSON, or not an inference request."""
 
 
-class InvalidInput(ServingError):
-    status = 400
+class PayloadTooLarge(Invalid):
+    """A body larger than serving.max_body_bytes."""
 
-
-class MalformedRequest(ServingError):
-    status = 400
-
-
-class PayloadTooLarge(ServingError):
     status = 413
 
 
-class Unauthorized(ServingError):
-    status = 401
-
-
-class NotReady(ServingError):
-    status = 503
+class NotReady(TransientError):
+    """The model is loading, or the server is stopping: ask again later."""
 
 
 class VerificationFailed(MlbusError):
-    """A promoted version failed its checks: it is not swapped in."""
+    """A promoted version failed its checks (hash, card, warm-up): it is not swapped in."""

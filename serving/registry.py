@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from mlbus import artifacts
-from mlbus.errors import MlbusError
+from mlbus.errors import MlbusError, UnknownModel
 from mlbus.serving.batcher import MicroBatcher
-from mlbus.serving.errors import UnknownModel, UnknownVersion, VerificationFailed
+from mlbus.serving.errors import UnknownVersion, VerificationFailed
 from mlbus.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,8 @@ LABEL, PROBABILITIES = "label", "probabilities"
 #: A model whose one-row forward takes at least this long runs its forward passes on the
 #: forward thread's share of the cores (`Registry.torch_threads`); a lighter one on one
 #: core: its operators are too small to split, and the idle intra-op threads only took CPU
-#: from the event loop (bench: digits p99 at 16 clients 15-18 ms with one thread, 22-66 ms
-#: with two; the wide CNN's 64-row batch 28 ms with two threads, 53 ms with one).
+#: from the event loop, while a heavy model's batches run nearly twice as fast on two
+#: (docs/serving.md, bench/serving.py).
 PARALLEL_ROW_SECONDS = 0.001
 _CARD_FIELDS = ("family", "hyperparameters", "features", "classes", "mean", "std")
 

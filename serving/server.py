@@ -16,51 +16,50 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.runtime import usable_cores
 from mlbus.schemas.envelope import new_event_id
+from mlbus.services import service
 from mlbus.serving.deployer import Deployer
-from mlbus.serving.errors import ServingError
 from mlbus.serving.inference_log import InferenceLog, Sample
 from mlbus.serving.metrics import UNKNOWN, ServingMetrics
 from mlbus.serving.registry import Deployment, Registry, Slot
 from mlbus.settings import ServingSettings
 from mlbus.storage import ObjectStore
 
+if TYPE_CHECKING:
+    from mlbus.serving.stream import StreamInference
+
 log = logging.getLogger(__name__)
 
-SOURCE = "mlbus/serving"
+SOURCE = service("serve").source  # its manifest: mlbus/services.py
 #: The GIL switch interval while a server runs (CPython's default is 5 ms). The forward
 #: thread takes the GIL back after every torch operator, and a busy event loop (or the
-#: inference log's thread) keeps it for up to the switch interval each time: measured on
-#: the bench's wide CNN, a 28 ms batch forward took 154 ms beside a busy Python thread at
-#: 5 ms, 38 ms at 0.2 ms.
+#: inference log's thread) keeps it for up to the switch interval each time: at the default,
+#: a batch forward beside a busy Python thread takes several times as long as alone
+#: (docs/serving.md).
 SWITCH_INTERVAL = 0.0002
 #: The cyclic garbage collector's first threshold while a server runs (CPython's default is
-#: 700). A request holds ~50 tracked objects (dicts, lists, tasks, futures) while it is in
-#: flight; at 700 a collection ran every ~15 requests, found the in-flight ones alive and
-#: moved them to the older generations, and every few seconds that triggered a full
-#: collection of the ~1M objects torch, FastAPI and pydantic leave at import, holding the GIL
-#: for 140-180 ms (the bench's wide CNN at 64 clients: ~0.3-0.5 s of every 8 s in the
-#: collector). Above what the requests in flight hold, a collection runs only when garbage
-#: really accumulates.
+#: 700). A request holds a few dozen tracked objects (dicts, lists, tasks, futures) while it
+#: is in flight; at 700 a collection ran every dozen or so requests, found the in-flight ones
+#: alive and moved them to the older generations, and every few seconds that triggered a full
+#: collection of the million-odd objects torch, FastAPI and pydantic leave at import, holding
+#: the GIL for over 100 ms (docs/serving.md). Above what the requests in flight hold, a
+#: collection runs only when garbage really accumulates.
 GC_THRESHOLD = 10_000
 #: Batches in flight per model with micro-batching, one per forward thread (see
-#: serving/batcher.py): one, a heavy model's forward passes on every usable core. Measured
-#: on the bench's 2 cores (the wide CNN, mlbus / naive req/s at 1, 16, 64 clients): one batch
-#: on both cores 1.42-1.54x, 2.47-3.07x, 4.26-4.59x; two batches on one core each (the next
-#: one gathering while one runs) 0.97-0.99x, 2.10-2.21x, 4.36-4.45x: a lone batch ran on
-#: half the cores, and the overlap gained nothing that one batch on both did not. A lone
-#: batch taking both cores beside the idle second thread oversubscribed them once another
-#: batch started (3.92x at 64 clients). Switching by load (one batch on both cores, on a
-#: thread of its own, while batches do not fill their share; two on one core each, never
-#: beside it, once they do) kept 1 and 16 clients but lost at 64 (3.97-4.51x).
+#: serving/batcher.py): one, a heavy model's forward passes on every usable core. Two
+#: batches on one core each (the next one gathering while one runs) left a lone batch on
+#: half the cores, and the overlap gained nothing that one batch on both did not; a lone
+#: batch taking both cores beside an idle second thread oversubscribed them once another
+#: batch started; switching between the two by load lost at 64 clients (docs/serving.md).
 PIPELINE = 1
 _gc_frozen = False
 
@@ -108,7 +107,7 @@ class ModelServer:
         *,
         api_token: str | None = None,
         batching: bool = True,
-        stream_group: str | None = "mlbus-serving",
+        stream_group: str | None = service("serve").group_id(),
         log_queue_size: int | None = None,
         torch_threads: int | None = None,
     ) -> None:
@@ -151,7 +150,7 @@ class ModelServer:
         )  # fmt: skip
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.stream_group = stream_group
-        self.stream = None
+        self.stream: StreamInference | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -236,7 +235,7 @@ class ModelServer:
         latency = time.perf_counter() - started
         self.metrics.latency.labels(label, protocol).observe(latency)
         if deployment is not None:
-            message = str(error) if isinstance(error, ServingError) else repr(error)
+            message = str(error) if isinstance(error, MlbusError) else repr(error)
             self.inference_log.offer(
                 Sample(deployment.name, deployment.version, request_id or new_event_id(),
                        latency, False, message, None, deployment.features, x)

@@ -19,6 +19,8 @@ import threading
 import time
 import uuid
 
+import numpy as np
+
 from mlbus.errors import MlbusError
 from mlbus.kafka.consumer import ConsumerLoop, Record
 from mlbus.kafka.producer import EventProducer
@@ -26,7 +28,8 @@ from mlbus.schemas.base import Tensor
 from mlbus.schemas.codec import encode_new
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.serving import InferenceRequest, InferenceResult
-from mlbus.serving.errors import InvalidInput, ServingError
+from mlbus.serving.errors import InvalidInput, NotReady
+from mlbus.serving.registry import Deployment
 from mlbus.serving.tensors import outputs, to_array
 
 log = logging.getLogger(__name__)
@@ -77,9 +80,9 @@ class StreamInference:
         except MlbusError as e:
             log.warning("stream inference: %s", e)
 
-    def handle(self, event: Event, record: Record) -> None:
+    def handle(self, event: Event[InferenceRequest], record: Record) -> None:
         """Answer one request (waits for the forward pass; see the module doc for effects)."""
-        request: InferenceRequest = event.data  # type: ignore[assignment]
+        request: InferenceRequest = event.data
         started = time.perf_counter()
         reply = request.reply_topic or RESULTS
         if not _REPLY.match(reply):
@@ -107,13 +110,13 @@ class StreamInference:
             x = self._rows(request.inputs, deployment)
             loop = server.loop
             if loop is None:
-                raise ServingError("the server is not running")
+                raise NotReady("the server is not running")
             answer = asyncio.run_coroutine_threadsafe(
                 server.infer(deployment, x, protocol="kafka", request_id=request.request_id,
                              started=started),
                 loop,
             ).result(TIMEOUT)  # fmt: skip
-        except ServingError as e:
+        except MlbusError as e:  # a refusal (unknown model, bad input, not ready)
             server.failed(request.model, "kafka", type(e).__name__, started, deployment, x, e,
                           request.request_id)  # fmt: skip
             return InferenceResult(
@@ -136,12 +139,12 @@ class StreamInference:
         )  # fmt: skip
 
     @staticmethod
-    def _rows(inputs: list[Tensor], deployment: object) -> object:
+    def _rows(inputs: list[Tensor], deployment: Deployment) -> np.ndarray:
         if len(inputs) != 1:
             raise InvalidInput(f"the model takes one input, got {[t.name for t in inputs]}")
         t = inputs[0]
-        return to_array(deployment, t.name, list(t.shape), t.datatype, t.data)  # type: ignore[arg-type]
+        return to_array(deployment, t.name, list(t.shape), t.datatype, t.data)
 
 
-def _plain(data: object) -> list[float | int | bool | str]:
-    return data.tolist() if hasattr(data, "tolist") else list(data)  # type: ignore[union-attr,call-overload]
+def _plain(data: np.ndarray | list[float | int | bool | str]) -> list[float | int | bool | str]:
+    return data.tolist() if hasattr(data, "tolist") else list(data)

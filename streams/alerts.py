@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from mlbus.schemas.serving import ServingAlert, ServingMetrics
 
@@ -85,12 +85,12 @@ def evaluate(
 
 
 def _alert(
-    metrics: ServingMetrics, rule: str, status: str, metric: str, value: float,
-    threshold: float, windows: int, reason: str,
+    metrics: ServingMetrics, rule: str, status: Literal["firing", "resolved"], metric: str,
+    value: float, threshold: float, windows: int, reason: str,
 ) -> ServingAlert:  # fmt: skip
     end: datetime = metrics.window_end
     return ServingAlert(
-        model=metrics.model, version=metrics.version, alert=rule, status=status,  # type: ignore[arg-type]
+        model=metrics.model, version=metrics.version, alert=rule, status=status,
         metric=metric, value=value, threshold=threshold, windows=windows, window_end=end,
         reason=reason,
     )  # fmt: skip

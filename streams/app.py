@@ -1,6 +1,6 @@
 """The faust-streaming app of `mlbus streams`: `inference.logged` fed to the window engine
-a whole fetch at a time (streams/transport.py: faust's per-record stream costs ~100 µs a
-record), one changelog-backed table holding the engine's state per (model, version) and
+a whole fetch at a time (streams/transport.py: faust's per-record stream is far slower,
+docs/streams.md), one changelog-backed table holding the engine's state per (model, version) and
 each partition's watermark, a timer that closes the windows of idle partitions, and the
 Prometheus exporter. Writes serving.metrics, serving.alert and mlbus.deadletter (through
 the processor).
@@ -12,7 +12,7 @@ closes them on event time instead (streams/windows.py), and keeps each series' o
 offset and alert state in one record, so one changelog write per series per batch is
 atomic. Table recovery is faust's own (changelog read back on assignment).
 
-Embedded broker (shared/BROKER.md): `producer_max_batch_size=1` (recovery is silently wrong
+Embedded broker (docs/broker.md): `producer_max_batch_size=1` (recovery is silently wrong
 otherwise; it costs little here: one changelog record per series per batch), short group
 timeouts, no exactly_once. The changelog topic is created before the app starts with the
 partitions of `inference.logged` (faust requires them equal, and a topic auto-created by
@@ -161,10 +161,10 @@ class StreamsApp:
 
         # Records of inference.logged reach the processor a whole fetch at a time through
         # the transport (streams/transport.py), which commits their offsets after the
-        # handler; faust's per-record stream costs ~100 µs a record. The agent declares the
+        # handler; faust's per-record stream is far slower (docs/streams.md). The agent declares the
         # subscription (and so the partitions the table is co-partitioned with); a record
         # reaching it means the transport is not the batching one: a loud failure, not a
-        # silently 20x slower app.
+        # silently much slower app.
         async def on_batch(batches: dict[TP, list[Any]]) -> None:
             records = [r for part in batches.values() for r in part]
             # A catching-up fetch can hold tens of thousands of records: handled in chunks,
@@ -186,7 +186,7 @@ class StreamsApp:
         async def idle_windows() -> None:
             await processor.tick()
 
-        @app.on_partitions_revoked.connect
+        @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust passes `signal` in **kwargs, its type wants it named
         async def on_revoked(sender: Any, revoked: Sequence[Any], **_: Any) -> None:
             processor.revoked(tp.partition for tp in revoked if tp.topic == topic.get_topic_name())
 
@@ -231,7 +231,7 @@ class _FaustProcessor(StreamProcessor):
 
     def highwater(self, partition: int) -> int | None:
         # The high-water mark of the last fetch response (right on the embedded broker,
-        # unlike list-offsets: shared/BROKER.md).
+        # unlike list-offsets: docs/broker.md).
         try:
             value = self._app.consumer.highwater(TP(self._topic, partition))
         except Exception:  # not assigned (yet), or the consumer is restarting

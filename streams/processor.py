@@ -11,7 +11,7 @@ outputs carry deterministic ids, so one that is published twice is one event to 
 
 Outputs go through the kernel's confluent `EventProducer` rather than faust's aiokafka
 producer: it is idempotent with acks=all (aiokafka idempotence fails on the embedded broker,
-shared/BROKER.md), encodes with the one codec, and the dead-letter path is the kernel's.
+docs/broker.md), encodes with the one codec, and the dead-letter path is the kernel's.
 Its flush runs in a thread so the event loop (heartbeats) keeps going.
 """
 

@@ -6,8 +6,8 @@ record with `await self.wait_first(callback(message), self.suspend_flow.wait())`
 `mode`'s `wait_first` creates four tasks per call (the callback, the suspend event, the
 service's stopped and crashed events), waits on them with `asyncio.wait` and cancels three;
 then the record becomes a faust `Message` and `Event`, goes through the conductor, the
-stream's queue and its iterator. Measured here: ~100 µs per record, 4-6k records/s whatever
-the agent does, against ~5 µs for `getmany` itself.
+stream's queue and its iterator: far more per record than fetching it, which caps an app at
+a few thousand records/s whatever the agent does (docs/streams.md, bench/streams.py).
 
 What changes, in the fetch loop only:
 
@@ -189,7 +189,7 @@ class Consumer(faust_aiokafka.Consumer):
                 await self.commit()
             # The change: step the delivery inline; race it against a flow suspension
             # only if it has to wait (faust: always, four tasks per record).
-            coro = callback(message)
+            coro: Coroutine[Any, Any, Any] = callback(message)  # type: ignore[assignment]  # faust's callback is a coroutine function; its type says Awaitable
             try:
                 first = coro.send(None)
             except StopIteration:

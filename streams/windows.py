@@ -23,7 +23,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from mlbus.errors import ConfigError
 from mlbus.schemas.base import Payload
@@ -155,7 +155,7 @@ class Agg:
                 if j < len(sample):
                     x = sample[j]
                     if isfinite(x):
-                        # FeatureBaseline.bin_of, inlined: the call was ~30 % of apply()
+                        # FeatureBaseline.bin_of, inlined: the call was a large share of apply()
                         i = bisect_right(edges, x) - 1
                         counts[0 if i < 0 else (last if i > last else i)] += 1
 
@@ -181,7 +181,12 @@ class Agg:
             self.note = other.note
 
     def metrics(
-        self, model: str, version: str, kind: str, baselines: Baselines, start: int | None = None
+        self,
+        model: str,
+        version: str,
+        kind: Literal["tumbling", "hopping"],
+        baselines: Baselines,
+        start: int | None = None,
     ) -> ServingMetrics:
         latency = None
         if self.n:
@@ -194,7 +199,7 @@ class Agg:
         return ServingMetrics(
             model=model, version=version,
             window_start=_ts(self.start if start is None else start), window_end=_ts(self.end),
-            window=kind,  # type: ignore[arg-type]
+            window=kind,
             requests=self.n, errors=self.errors,
             error_rate=self.errors / self.n if self.n else 0.0,
             latency_seconds=latency, class_distribution=dict(sorted(self.classes.items())),

@@ -75,7 +75,7 @@ def group() -> str:
 @pytest.fixture(scope="session")
 def s3() -> Iterator[dict[str, str]]:
     """A real S3 API on loopback (moto in server mode). Yields the endpoint and credentials;
-    buckets must be created in a region other than us-east-1 (see DESIGN.md)."""
+    buckets must be created in a region other than us-east-1."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mlbus.errors import MlbusError
+from mlbus.errors import Invalid
 
 
-class InvalidTrainingRequest(MlbusError):
+class InvalidTrainingRequest(Invalid):
     """A request that can never succeed on its data (nulls, one class, bad split): not
     retryable."""
 

@@ -28,7 +28,7 @@ import torch
 
 import mlbus
 from mlbus import artifacts
-from mlbus.errors import Abandon, MlbusError, TransientError
+from mlbus.errors import Abandon, TransientError, UnknownDataset
 from mlbus.families import InvalidModelSpec, hyperparameters
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Record
@@ -46,7 +46,7 @@ from mlbus.schemas.training import (
     TrainingStarted,
 )
 from mlbus.storage import ObjectStore, StorageError
-from mlbus.tables import DatasetReader, IntegrityError
+from mlbus.tables import DatasetReader, HashMismatch
 from mlbus.trainer import checkpoint
 from mlbus.trainer.data import InvalidTrainingRequest, load_arrays, prepare
 from mlbus.trainer.training import Checkpoint, fit, inference_latency
@@ -60,17 +60,13 @@ def run_id_for(request_id: str) -> str:
     return str(uuid.uuid5(_NAMESPACE, request_id))
 
 
-class DatasetNotFound(MlbusError):
-    """The requested dataset version is not in the log."""
-
-
 class DeviceUnavailable(InvalidTrainingRequest):
     """The request names a device this worker does not have (CUDA on a CPU-only machine)."""
 
 
 #: Failures that a retry cannot fix: the run is reported failed, not retried.
 _PERMANENT = (
-    InvalidTrainingRequest, InvalidModelSpec, DatasetNotFound, IntegrityError, StorageError,
+    InvalidTrainingRequest, InvalidModelSpec, UnknownDataset, HashMismatch, StorageError,
 )  # fmt: skip
 
 
@@ -107,7 +103,7 @@ def find_dataset(datasets: Iterable[DatasetCreated], name: str, version: str) ->
             found[data.version] = data
     if len(found) != 1:
         problem = "no version" if not found else "an ambiguous version prefix"
-        raise DatasetNotFound(f"dataset {name}@{version}: {problem} in the log")
+        raise UnknownDataset(f"dataset {name}@{version}: {problem} in the log")
     return next(iter(found.values()))
 
 
@@ -130,8 +126,8 @@ class TrainingWorker:
         """Stop the log view of `dataset.created` (the worker's owner calls this)."""
         self.datasets.close()
 
-    def __call__(self, event: Event, record: Record) -> None:
-        request: TrainingRequested = event.data  # type: ignore[assignment]
+    def __call__(self, event: Event[TrainingRequested], record: Record) -> None:
+        request: TrainingRequested = event.data
         run_id = run_id_for(event.id)
         try:
             self._handle(request, event, run_id, record)
@@ -196,7 +192,7 @@ class TrainingWorker:
         device = resolve_device(request.device)
         # As the log has them now: the version may have been announced a moment ago.
         known = [e.data for e in self.datasets.events()]
-        data = find_dataset(known, request.dataset.name, request.dataset.version)  # type: ignore[arg-type]
+        data = find_dataset(known, request.dataset.name, request.dataset.version)
         if not data.label_column:
             raise InvalidTrainingRequest(f"dataset {data.name} declares no label column")
         features = [c.name for c in data.arrow_schema if c.name != data.label_column]

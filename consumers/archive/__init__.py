@@ -2,6 +2,7 @@
 
 Imports mlbus/ and schemas/ only; talks to other components through topics."""
 
-#: The archiver's consumer group (here, not in writer.py: the CLI names it in its options
-#: without importing pyarrow).
-DEFAULT_GROUP = "mlbus.archive"
+from mlbus.services import service
+
+#: The archiver's consumer group without a topic prefix, from its manifest (mlbus/services.py).
+DEFAULT_GROUP = service("archive").group_id()

@@ -20,12 +20,13 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from mlbus.consumers.archive.layout import identity
 from mlbus.consumers.archive.reader import read_archive
-from mlbus.errors import DeliveryError, MlbusError, TransientError
+from mlbus.errors import Conflict, DeliveryError, TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.reader import LogRecord, read_log
 from mlbus.schemas.catalog import topic as contract_topic
@@ -34,7 +35,7 @@ from mlbus.storage import ObjectStore
 log = logging.getLogger("mlbus.consumers.archive")
 
 
-class TargetNotEmpty(MlbusError):
+class TargetNotEmpty(Conflict):
     """A restore target topic already holds records (and `force` was not given)."""
 
 
@@ -118,7 +119,7 @@ def restore(
 
 
 def _produce(producer: Producer, topic: str, record: LogRecord) -> None:
-    kwargs = {"headers": list(record.headers)}
+    kwargs: dict[str, Any] = {"headers": list(record.headers)}
     if record.timestamp_ms is not None:
         kwargs["timestamp"] = record.timestamp_ms
     while True:

@@ -7,7 +7,9 @@ GET /lineage/models/{model}/versions/{version}/why  decisions with policy and ev
 GET /lineage/datasets/{name}/downstream?version=&as_of=&format=json|dot|mermaid
 
 The store is `app.state.lineage_store` (a `LineageStore`, set by the app that mounts the
-router), or the one `create_router(store)` was given. Unknown names answer 404.
+router), or the one `create_router(store)` was given. Errors are raised and answered by the
+app's handler (mlbus/http.py): unknown names 404 (`NotInLineage`), a bad `as_of` 422
+(`InvalidTime`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ from fastapi.responses import PlainTextResponse
 
 from mlbus.consumers.lineage.graph import downstream_graph, to_dot, to_mermaid, upstream_graph
 from mlbus.consumers.lineage.queries import LineageQueries, parse_time
-from mlbus.consumers.lineage.store import LineageStore, NotFound
-from mlbus.errors import MlbusError
+from mlbus.consumers.lineage.store import LineageStore
 
 Format = Literal["json", "dot", "mermaid"]
 
@@ -38,14 +39,7 @@ def create_router(store: Callable[[], LineageStore] | None = None) -> APIRouter:
         return LineageQueries(found)
 
     async def answer(call: Callable[[], Any]) -> Any:
-        try:
-            return await run_in_threadpool(call)
-        except NotFound as e:
-            raise HTTPException(404, str(e)) from None
-        except MlbusError as e:
-            if "ISO 8601" in str(e):
-                raise HTTPException(422, str(e)) from None
-            raise
+        return await run_in_threadpool(call)
 
     def graph(result: Any, kind: Format, build: Callable[[Any], Any]) -> Any:
         if kind == "dot":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
@@ -85,7 +86,7 @@ def plan(store: LineageStore, model: str, version: str) -> AuditReport:
     up = LineageQueries(store).upstream(model, version)
     ids = sorted(lineage_event_ids(up))
     e = t.events
-    rows = []
+    rows: list[sa.Row[Any]] = []
     with store.reading("reading the audited events") as conn:
         for chunk in range(0, len(ids), 500):
             rows += conn.execute(sa.select(e).where(e.c.id.in_(ids[chunk : chunk + 500]))).all()

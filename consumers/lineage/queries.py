@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from mlbus.consumers.lineage import tables as t
-from mlbus.consumers.lineage.store import LineageStore, NotFound, iso, micros
+from mlbus.consumers.lineage.store import InvalidTime, LineageStore, NotInLineage, iso, micros
 
 MAX_DEPTH = 20  # dataset ancestry deeper than this is cut (and says so)
 PAIRS_PER_SELECT = 400  # far below SQLite's and PostgreSQL's limits on bound values
@@ -176,12 +176,10 @@ def parse_time(text: str | None) -> datetime | None:
     """An --as-of argument: ISO 8601 (a date, or a time; naive times are UTC)."""
     if text is None:
         return None
-    from mlbus.errors import MlbusError
-
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise MlbusError(f"{text!r} is not an ISO 8601 time (e.g. 2026-03-01T14:00:00Z)") from None
+        raise InvalidTime(f"{text!r} is not an ISO 8601 time (e.g. 2026-03-01T14:00:00Z)") from None
 
 
 class LineageQueries:
@@ -223,7 +221,7 @@ class LineageQueries:
             if version is None:
                 version = current or _newest_version(sql, model)
                 if version is None:
-                    raise NotFound(f"no version of model {model!r} is known" + _at(as_of))
+                    raise NotInLineage(f"no version of model {model!r} is known" + _at(as_of))
             this = {"model": model, "version": version}
             produced = _one(sql.select(t.model_versions, this, FIRST, limit=1))
             decisions = [_decision(r) for r in sql.select(t.decisions, this, '"time", "offset"')]
@@ -233,7 +231,7 @@ class LineageQueries:
             run, dataset_ref = _run(sql, run_id, produced)
             deployments = _deployments(sql, model, version)
             if produced is None and not decisions and not deployments and run.status == "unknown":
-                raise NotFound(f"model version {model}@{version} is not known" + _at(as_of))
+                raise NotInLineage(f"model version {model}@{version} is not known" + _at(as_of))
             datasets = []
             if dataset_ref is not None:
                 datasets.append(_dataset(sql, dataset_ref[0], dataset_ref[1]))
@@ -255,7 +253,7 @@ class LineageQueries:
         with self.store.reading("querying downstream lineage") as conn:
             versions = [version] if version is not None else _versions(conn, dataset, cut)
             if not versions:
-                raise NotFound(f"no version of dataset {dataset!r} is known" + _at(as_of))
+                raise NotInLineage(f"no version of dataset {dataset!r} is known" + _at(as_of))
             out = [_uses(conn, _Sql(conn, self.store, cut), dataset, v) for v in versions]
         return Downstream(dataset, iso(cut) if cut is not None else None, out)
 
@@ -276,7 +274,7 @@ class LineageQueries:
                        m, cut).limit(1)
             ).first() is not None  # fmt: skip
         if not rows and not known:
-            raise NotFound(f"model version {model}@{version} is not known" + _at(as_of))
+            raise NotInLineage(f"model version {model}@{version} is not known" + _at(as_of))
         return Why(model, version, known, [_decision(r) for r in rows])
 
 
@@ -304,7 +302,7 @@ class _Sql:
     """SELECTs of the upstream path as driver SQL, each `time <= cut` when a cut is given.
 
     Building a SQLAlchemy statement, its cache key and its result metadata costs more than
-    SQLite's answer (in a profile of an answer with a wide dataset ancestry, ~90 % of the
+    SQLite's answer (in a profile of an answer with a wide dataset ancestry, most of the
     time was SQLAlchemy's statement construction, coercion, caching and row processing, not
     the database's), and an upstream answer runs ten statements and more. So the DBAPI
     cursor of the connection is used directly; its errors are raised as SQLAlchemy's, which
@@ -360,7 +358,7 @@ class _Sql:
 @lru_cache(maxsize=256)
 def _row_type(columns: tuple[str, ...]) -> Any:
     """Rows with attribute access by column name, one type per column list."""
-    return namedtuple("Row", columns)  # type: ignore[misc]
+    return namedtuple("Row", columns)
 
 
 def _one(rows: list[Any]) -> Any:
@@ -438,7 +436,7 @@ def _run(sql: _Sql, run_id: str | None, produced: Any) -> tuple[Run, tuple[str, 
         run_id=run_id,
         status=status,
         request_id=request_id,
-        family=(produced or request).family if (produced or request) is not None else None,
+        family=produced.family if produced is not None else (request.family if request else None),
         hyperparameters=hyper,
         seed=produced.seed if produced is not None else (request.seed if request else None),
         epochs=produced.epochs if produced is not None else None,

@@ -1,20 +1,20 @@
 """A rebuild's projection: the whole log into a staging store (`staging_for`), in two
 processes. This one reads the records and turns them into rows (`Projector.prepare`: decode,
 validate, build the tuples); a writer process writes each batch's rows into the staging
-store while this one prepares the next. Measured on the bench's log of 1M records into
-SQLite, per lineage record: reading the archive ~3.5 µs, preparing ~7.4 µs, writing ~11 µs;
-in one process they add up, in two they overlap. Shipping the rows to the writer (pickled,
-through a pipe) costs ~2 µs a record, split between the two.
+store while this one prepares the next. Reading, preparing and writing each cost a share of
+a record's time of the same order: in one process they add up, in two they overlap, and
+shipping the rows to the writer (pickled, through a pipe) costs far less than either side
+saves (per-record figures: docs/lineage.md).
 
 The staging store is written in one transaction: nobody reads it before `swap_in`, and a
-rebuild that fails is thrown away (`discard`), so per-batch commits would buy nothing (they
-cost ~20 % of a rebuild into SQLite, each one writing out the index pages it touched).
+rebuild that fails is thrown away (`discard`), so per-batch commits would buy nothing (and
+cost a rebuild into SQLite dearly, each one writing out the index pages it touched).
 
 Both processes run the cyclic garbage collector less often while they rebuild
 (`fewer_collections`): each batch makes and frees ~10^5 tuples, dicts and lists, and at
 CPython's default threshold (a young collection every 700 new containers) the collector took
-~10 % of a rebuild (measured, 1M records into SQLite: 58.7k/s at the default, 67-69k/s
-with a young collection every 100,000; 64-66k/s with the collector off). What a rebuild
+a noticeable share of a rebuild; a young collection every 100,000 was faster than both that
+and the collector off (docs/lineage.md). What a rebuild
 makes is freed by reference counting; the collector only has cycles to find in the rare
 exception that carries a traceback.
 

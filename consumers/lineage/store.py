@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.schema import CreateTable
 
 from mlbus.consumers.lineage import tables as t
-from mlbus.errors import MlbusError, TransientError
+from mlbus.errors import Invalid, MlbusError, NotFound, TransientError
 
 log = logging.getLogger("mlbus.consumers.lineage")
 
@@ -35,8 +35,15 @@ class LineageError(MlbusError):
     """The lineage store cannot answer (unknown model, bad argument, store unusable)."""
 
 
-class NotFound(LineageError):
+class NotInLineage(LineageError, NotFound):
     """The model, version or dataset asked about is not in the store."""
+
+
+class InvalidTime(LineageError, Invalid):
+    """An as-of time that is not ISO 8601. 422, as FastAPI answers for a query parameter it
+    cannot parse (the other parameters of the lineage routes)."""
+
+    status = 422
 
 
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
@@ -70,11 +77,11 @@ class LineageStore:
 
     On PostgreSQL a staging store's rows are appended to *heaps* (`heaps`): unlogged tables
     of the same columns without a key, filled by COPY, which `swap_in` moves into the keyed
-    tables once, sorted and without duplicates. The key, checked insert by insert, is ~90 %
-    of the server's cost of an insert keyed by a random event id (measured: 6.0 s against
-    0.5 s for 800k rows, and 1.0 s to build the same key afterwards). On SQLite the key
-    costs less than handing the row to the driver, and a second copy of every row costs
-    more than it saves (measured), so a staging file is written keyed, in one transaction.
+    tables once, sorted and without duplicates. The key, checked insert by insert, is most
+    of the server's cost of an insert keyed by a random event id, and building it once
+    afterwards costs a fraction of that (docs/lineage.md). On SQLite the key costs less
+    than handing the row to the driver, and a second copy of every row costs more than it
+    saves, so a staging file is written keyed, in one transaction.
     """
 
     def __init__(self, url: str, *, schema: str | None = None, staging: bool = False) -> None:
@@ -115,7 +122,7 @@ class LineageStore:
                 t.metadata.drop_all(conn)
             if self.staging:
                 # a rebuild's indexes are built by `swap_in`, once, from sorted rows: cheaper
-                # than keeping them up to date insert by insert (~15 % of a rebuild's inserts)
+                # than keeping them up to date insert by insert (docs/lineage.md)
                 for table in t.metadata.sorted_tables:
                     conn.execute(CreateTable(table, if_not_exists=True))
                 for table in t.PROJECTED if self.heaps else ():
@@ -298,9 +305,9 @@ LIVE_PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL")
 #: ... and of a rebuild's staging file, which nobody reads before `swap_in` and which is
 #: deleted, not recovered, if the rebuild fails: no journal, no fsync per commit (one fsync
 #: of the whole file before it is swapped in), and a page cache that holds the indexes of a
-#: million-event store (a maximum, not an allocation). Measured on the bench's log of 200k
-#: records: the inserts and commits take ~55 % of their time in WAL mode with the default
-#: 2 MB cache (3.0 s against 5.5 s), and the gap widens with the store's size.
+#: million-event store (a maximum, not an allocation). Inserts and commits take about half
+#: their time in WAL mode with the default 2 MB cache, and the gap widens with the store's
+#: size (docs/lineage.md).
 STAGING_PRAGMAS = ("journal_mode=OFF", "synchronous=OFF", "cache_size=-524288")
 
 

@@ -7,7 +7,8 @@ GET  /models                         every model, its versions and its champion
 POST /models/{model}/promote         JSON {"version", "reason", "actor"?}: 201
 POST /models/{model}/rollback        JSON {"reason", "to"?, "actor"?}: 201
 
-Errors use the control plane's body: {"error": {"type": ..., "message": ...}}.
+Errors are raised, and answered by the app's handler (mlbus/http.py) with the status
+their class carries: `InvalidPipeline` 400, `UnknownModel` 404, `NothingToRollBack` 409.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from mlbus.consumers.workflow import commands, definitions
-from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 
 
@@ -36,22 +36,6 @@ class Rollback(BaseModel):
     reason: str = Field(min_length=1)
     to: str | None = None
     actor: str = Field(default="http", min_length=1)
-
-
-_STATUS: dict[type[MlbusError], int] = {
-    definitions.InvalidPipeline: 400,
-    commands.UnknownModel: 404,
-    commands.NothingToRollBack: 409,
-}
-
-
-def _error(error: MlbusError) -> JSONResponse:
-    status = next((s for kind, s in _STATUS.items() if isinstance(error, kind)), None)
-    if status is None:
-        raise error  # the control plane's handler maps the kernel's errors
-    return JSONResponse(
-        {"error": {"type": type(error).__name__, "message": str(error)}}, status_code=status
-    )
 
 
 def _event(event: Any) -> dict[str, Any]:
@@ -74,15 +58,12 @@ def create_router(kafka: Callable[[], KafkaConfig]) -> APIRouter:
                 fields = orjson.loads(body)
                 text, actor = str(fields["definition"]), str(fields.get("actor", actor))
             except (orjson.JSONDecodeError, KeyError, TypeError):
-                return _error(definitions.InvalidPipeline('JSON body needs "definition"'))
+                raise definitions.InvalidPipeline('JSON body needs "definition"') from None
         else:
             text = body.decode("utf-8", errors="replace")
-        try:
-            applied = await run_in_threadpool(
-                definitions.apply, kafka(), text, source="request body", actor=actor
-            )
-        except MlbusError as e:
-            return _error(e)
+        applied = await run_in_threadpool(
+            definitions.apply, kafka(), text, source="request body", actor=actor
+        )
         return JSONResponse(
             {"published": applied.published, "event_id": applied.event_id,
              "message": applied.message, "revision": applied.pipeline.revision},
@@ -95,21 +76,13 @@ def create_router(kafka: Callable[[], KafkaConfig]) -> APIRouter:
 
     @router.post("/models/{model}/promote", status_code=201, summary="Promote a version by hand")
     def promote(model: str, body: Promote) -> Any:
-        try:
-            event = commands.promote(
-                kafka(), model, body.version, reason=body.reason, actor=body.actor
-            )
-        except MlbusError as e:
-            return _error(e)
+        event = commands.promote(kafka(), model, body.version, reason=body.reason, actor=body.actor)
         return _event(event)
 
     @router.post("/models/{model}/rollback", status_code=201, summary="Roll back by hand")
     def rollback(model: str, body: Rollback) -> Any:
-        try:
-            event = commands.rollback(kafka(), model, to=body.to, reason=body.reason,
-                                      actor=body.actor)  # fmt: skip
-        except MlbusError as e:
-            return _error(e)
+        event = commands.rollback(kafka(), model, to=body.to, reason=body.reason,
+                                  actor=body.actor)  # fmt: skip
         return _event(event)
 
     return router

@@ -11,7 +11,7 @@ from typing import Any
 
 from mlbus.consumers.workflow.policy import flat_metrics
 from mlbus.consumers.workflow.state import Model, State, read_state
-from mlbus.errors import MlbusError
+from mlbus.errors import Conflict, UnknownModel
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.codec import wrap
@@ -20,11 +20,7 @@ from mlbus.schemas.models import ModelPromoted
 from mlbus.schemas.training import Artifact, TrainingCompleted
 
 
-class UnknownModel(MlbusError):
-    """No such model, or no such version of it, in the log."""
-
-
-class NothingToRollBack(MlbusError):
+class NothingToRollBack(Conflict):
     """The model has no earlier good version."""
 
 
@@ -113,10 +109,10 @@ def rollback(
 
 
 def _origin(
-    run: Event | None, promoted: ModelPromoted | None, model: str, version: str
+    run: Event[TrainingCompleted] | None, promoted: ModelPromoted | None, model: str, version: str
 ) -> tuple[Artifact, Any, str | None]:
     if run is not None:
-        data: TrainingCompleted = run.data  # type: ignore[assignment]
+        data: TrainingCompleted = run.data
         return data.artifact, data.dataset, data.run_id
     if promoted is not None and promoted.artifact is not None:
         return promoted.artifact, promoted.dataset, promoted.run_id
@@ -134,7 +130,7 @@ def list_models(kafka: KafkaConfig, state: State | None = None) -> list[dict[str
         versions = []
         for version in sorted(set(model.runs) | promoted):
             run = model.runs.get(version)
-            data: TrainingCompleted | None = run.data if run else None  # type: ignore[assignment]
+            data: TrainingCompleted | None = run.data if run else None
             status = (
                 "champion" if champion and version == champion.data.version
                 else "rolled back" if version in rolled_back

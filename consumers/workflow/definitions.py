@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mlbus.errors import MlbusError
+from mlbus.errors import Invalid
 from mlbus.families import FAMILIES, InvalidModelSpec, hyperparameters
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.logview import LogView
@@ -34,7 +34,7 @@ KNOWN_METRICS = frozenset(
 _NOT_CONTENT = {"revision", "actor", "source"}
 
 
-class InvalidPipeline(MlbusError):
+class InvalidPipeline(Invalid):
     """A pipeline file that cannot be applied; the message names the file and line."""
 
 
@@ -180,7 +180,7 @@ def newest_revisions(kafka: KafkaConfig) -> dict[str, Event]:
     with LogView(kafka, ["pipeline.defined"], name="pipeline definitions") as view:
         events = [item.event for item in view.catch_up()]
     for event in events:
-        data: PipelineDefined = event.data  # type: ignore[assignment]
+        data: PipelineDefined = event.data
         current = newest.get(data.name)
         if current is None or data.revision >= current.data.revision:
             newest[data.name] = event

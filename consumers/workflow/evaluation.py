@@ -64,7 +64,7 @@ class ChampionEvaluator:
         found = self.datasets.get((name, version))
         if found is None:
             raise MlbusError(f"dataset {name}@{version} is not in the log")
-        return found.data  # type: ignore[return-value]
+        return found.data
 
     def _evaluate(
         self, champion: TrainingCompleted, candidate: TrainingCompleted, split: Split

@@ -56,7 +56,7 @@ def better(policy: PromotionPolicy, candidate: float, champion: float) -> bool:
 class Champion:
     version: str
     run: TrainingCompleted | None  # None: its training.completed is not in the log
-    split: Split
+    split: Split | None  # None with `run`
 
 
 @dataclass(frozen=True)

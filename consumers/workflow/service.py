@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from mlbus.consumers.workflow.definitions import sweep_points
 from mlbus.consumers.workflow.policy import Champion, Evaluator, judge, metric
@@ -44,12 +44,15 @@ from mlbus.schemas.datasets import DatasetValidated
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import ModelPromoted, ModelRejected
 from mlbus.schemas.serving import ServingAlert
-from mlbus.schemas.training import SweepPoint, TrainingCompleted, TrainingRequested
+from mlbus.schemas.training import SweepPoint, TrainingCompleted, TrainingFailed, TrainingRequested
+from mlbus.schemas.workflow import PipelineDefined
+from mlbus.services import service
 
 log = logging.getLogger(__name__)
 
-GROUP = "mlbus-workflow"
-SOURCE = "mlbus/workflow"
+# Its manifest (mlbus/services.py); the group without a topic prefix.
+GROUP = service("workflow").group_id()
+SOURCE = service("workflow").source
 #: A closed debounce window fires once no version arrived for this long (not mid-backlog).
 QUIET = 0.3
 
@@ -128,7 +131,7 @@ class WorkflowService:
         with self:
             self.loop.run(**run_kwargs)
 
-    def handlers(self) -> dict[str, Handler]:
+    def handlers(self) -> dict[str, Handler[Any]]:
         return {
             "pipeline.defined": self._on_defined,
             "dataset.validated": self._on_validated,
@@ -152,12 +155,12 @@ class WorkflowService:
 
     # -- handlers (called by the consumer loop) ---------------------------------------------
 
-    def _on_state(self, event: Event, record: Record) -> None:
+    def _on_state(self, event: Event[TrainingRequested | ModelPromoted], record: Record) -> None:
         """Keeps the state current; idempotent by event id / log position."""
         with self._lock:
             self.state.apply(event, (record.partition, record.offset))
 
-    def _on_defined(self, event: Event, record: Record) -> None:
+    def _on_defined(self, event: Event[PipelineDefined], record: Record) -> None:
         """A new revision takes effect for what arrives from now on (idempotent)."""
         with self._lock:
             self.state.apply(event, (record.partition, record.offset))
@@ -165,7 +168,7 @@ class WorkflowService:
             if pipeline is not None:
                 self._schedule(pipeline)
 
-    def _on_validated(self, event: Event, record: Record) -> None:
+    def _on_validated(self, event: Event[DatasetValidated], record: Record) -> None:
         """Trigger: each matching pipeline requests training (now, or when its debounce
         window closes). Request ids derive from pipeline, dataset event and sweep point."""
         with self._lock:
@@ -174,14 +177,14 @@ class WorkflowService:
                 if self.state.matches(pipeline, event):
                     self._schedule(pipeline)
 
-    def _on_outcome(self, event: Event, record: Record) -> None:
+    def _on_outcome(self, event: Event[TrainingCompleted | TrainingFailed], record: Record) -> None:
         """Policy: decide on a completed run, or on a sweep once every run has finished or
         failed. Decision ids derive from the completion's id (skipped if in the log)."""
         with self._lock:
             self.state.apply(event, (record.partition, record.offset))
             self.decide(event)
 
-    def _on_alert(self, event: Event, record: Record) -> None:
+    def _on_alert(self, event: Event[ServingAlert], record: Record) -> None:
         """Rollback on a firing alert for the champion; id derived from the alert's."""
         with self._lock:
             self.rollback(event)
@@ -228,9 +231,11 @@ class WorkflowService:
                         log.exception("workflow: trigger of %s failed; retrying", name)
                         self.pending[name] = pending
 
-    def _trigger(self, pipeline: Pipeline, position: Position, cause: Event) -> None:
+    def _trigger(
+        self, pipeline: Pipeline, position: Position, cause: Event[DatasetValidated]
+    ) -> None:
         spec = pipeline.defined
-        data: DatasetValidated = cause.data  # type: ignore[assignment]
+        data: DatasetValidated = cause.data
         points = sweep_points(spec)
         sweep_id = request_id(spec.name, cause.id, -1) if spec.sweep else None
         for index, params in enumerate(points):
@@ -257,7 +262,7 @@ class WorkflowService:
 
     # -- policy -----------------------------------------------------------------------------
 
-    def decide(self, event: Event) -> None:
+    def decide(self, event: Event[TrainingCompleted | TrainingFailed]) -> None:
         data = event.data
         request = self.state.requests.get(data.request_id)
         if request is not None and request.sweep is not None:
@@ -266,7 +271,7 @@ class WorkflowService:
                 self._decide_sweep(sweep, request)
             return
         if isinstance(data, TrainingCompleted):
-            self._decide_run(event, request)
+            self._decide_run(cast("Event[TrainingCompleted]", event), request)
 
     def _decide_sweep(self, sweep: Sweep, request: TrainingRequested) -> None:
         runs = [e for e in sweep.outcomes.values() if e.type == "training.completed"]
@@ -302,12 +307,15 @@ class WorkflowService:
         self._decide_run(best, self.state.requests.get(best.data.request_id), sweep=len(runs))
 
     def _decide_run(
-        self, event: Event, request: TrainingRequested | None, sweep: int | None = None
+        self,
+        event: Event[TrainingCompleted],
+        request: TrainingRequested | None,
+        sweep: int | None = None,
     ) -> None:
         did = decision_id(event.id)
         if did in self.state.decided:
             return
-        data: TrainingCompleted = event.data  # type: ignore[assignment]
+        data: TrainingCompleted = event.data
         pipeline = self.state.pipeline_for(data.model, request)
         if pipeline is None:
             log.info("workflow: %s %s recorded; no pipeline governs it", data.model, data.version)
@@ -320,7 +328,7 @@ class WorkflowService:
         if current is not None:
             run = model.runs.get(current.data.version)
             split = self.state.split_of(run.data) if run is not None else None
-            champion = Champion(current.data.version, run.data if run else None, split)  # type: ignore[arg-type]
+            champion = Champion(current.data.version, run.data if run else None, split)
         policy = pipeline.defined.policy
         verdict = judge(policy, data, self.state.split_of(data), champion, self.evaluator)
         evidence = verdict.evidence | {
@@ -348,8 +356,8 @@ class WorkflowService:
 
     # -- rollback ---------------------------------------------------------------------------
 
-    def rollback(self, event: Event) -> None:
-        alert: ServingAlert = event.data  # type: ignore[assignment]
+    def rollback(self, event: Event[ServingAlert]) -> None:
+        alert: ServingAlert = event.data
         rid = rollback_id(event.id)
         if alert.status != "firing" or rid in self.state.decided:
             return

@@ -179,7 +179,7 @@ class State:
         if current is not None and data.revision < current.defined.revision:
             return
         switched_on = current is None or not current.defined.enabled
-        since = time_of(event) if switched_on else current.since  # type: ignore[union-attr]
+        since = time_of(event) if switched_on or current is None else current.since
         self.pipelines[data.name] = Pipeline(data, event.id, since)
 
     def _outcome(self, event: Event, data: TrainingCompleted | TrainingFailed) -> None:
@@ -190,8 +190,8 @@ class State:
             sweep = self.sweeps.setdefault(request.sweep.sweep_id, Sweep(request.sweep.size))
             sweep.outcomes[data.request_id] = event
 
-    def _promoted(self, event: Event, position: Position | None) -> bool:
-        data: ModelPromoted = event.data  # type: ignore[assignment]
+    def _promoted(self, event: Event[ModelPromoted], position: Position | None) -> bool:
+        data: ModelPromoted = event.data
         model = self.model(data.model)
         self.decided.add(event.id)
         if position is None:  # our own, published just now: provisional until read back
@@ -208,8 +208,8 @@ class State:
 
     # -- triggers ---------------------------------------------------------------------------
 
-    def matches(self, pipeline: Pipeline, validated: Event) -> bool:
-        data: DatasetValidated = validated.data  # type: ignore[assignment]
+    def matches(self, pipeline: Pipeline, validated: Event[DatasetValidated]) -> bool:
+        data: DatasetValidated = validated.data
         spec = pipeline.defined
         return (
             spec.enabled

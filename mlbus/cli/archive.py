@@ -1,6 +1,6 @@
 """`mlbus archive run|restore` and `mlbus replay`: the log kept on the object store for years,
 and audits reading it back — from Kafka or from the archive — without joining any group.
-The archive's modules (pyarrow: ~0.14 s) are imported by the commands that use them, not at
+The archive's modules (pyarrow: slow to import) are imported by the commands that use them, not at
 every command's start."""
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from rich.table import Table
 
 from mlbus.cli.common import app, console, kafka_config, settings
 from mlbus.cli.render import printable
-from mlbus.consumers.archive import DEFAULT_GROUP
 from mlbus.errors import InvalidEvent, MlbusError
 from mlbus.kafka.reader import LogRecord, read_log
 from mlbus.schemas.catalog import topic
 from mlbus.schemas.codec import decode
+from mlbus.services import Service, service
+from mlbus.settings import Settings
 from mlbus.storage import ObjectStore
 
 log = logging.getLogger("mlbus.consumers.archive")
@@ -51,17 +52,29 @@ class Format(StrEnum):
 
 @archive_app.command("run")
 def run(
-    group: Annotated[str, typer.Option(help="consumer group of the archiver")] = DEFAULT_GROUP,
+    group: Annotated[
+        str | None,
+        typer.Option(help="consumer group of the archiver [default: <topic prefix>mlbus-archive]"),
+    ] = None,
     until_end: Annotated[
         bool, typer.Option("--until-end", help="archive what is there now, then exit")
     ] = False,
 ) -> None:
     """Archive every contract topic to Parquet files on the object store (runs until
     SIGTERM/SIGINT, which flush and commit first). Exactly once per record: see
-    consumers/archive/writer.py."""
+    consumers/archive/writer.py. Without options, the same as `mlbus run archive`."""
+    _archive(service("archive"), settings(), group, until_end)
+
+
+def run_archive(manifest: Service, cfg: Settings) -> None:
+    """The archiver in the foreground (`mlbus run archive`)."""
+    _archive(manifest, cfg, None, False)
+
+
+def _archive(manifest: Service, cfg: Settings, group: str | None, until_end: bool) -> None:
     from mlbus.consumers.archive.writer import Archiver
 
-    cfg = settings()
+    group = group or manifest.group_id(cfg.topic_prefix)
     store = ObjectStore.from_settings(cfg)
     archiver = Archiver(
         kafka_config(cfg),
@@ -253,7 +266,7 @@ def _table(records: Iterable[LogRecord], output: Path | None) -> None:
     from rich.console import Console
 
     with _open(output) as raw:
-        Console(file=_TextOut(raw), width=200).print(table)
+        Console(file=_TextOut(raw), width=200).print(table)  # type: ignore[arg-type]  # rich only writes and flushes
 
 
 class _TextOut:

@@ -1,23 +1,19 @@
 """The control-plane HTTP API (served by `mlbus api`, mlbus/cli/api.py): the routers of the
 components under one app, with one error body for every failure: {"error": {"type": ...,
-"message": ...}}, optional bearer-token auth on every mutating endpoint (`MLBUS_API_TOKEN`),
-and `/metrics`."""
+"message": ...}} (mlbus/http.py, with the status each error's class carries), optional
+bearer-token auth on every mutating endpoint (`MLBUS_API_TOKEN`), and `/metrics`."""
 
 from __future__ import annotations
 
 import contextlib
-import hmac
-import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.responses import Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -25,75 +21,32 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import mlbus
-from mlbus.errors import (
-    BrokerNotRunning,
-    InvalidEvent,
-    MlbusError,
-    TransientError,
-    UnknownTopic,
-)
+from mlbus.http import bearer_guard, install_error_handlers
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.training import TrainingRequested
+from mlbus.services import service
 from mlbus.settings import Settings
-from mlbus.storage import ObjectStore, StorageError
-
-log = logging.getLogger(__name__)
-
-
-def _status(error: MlbusError) -> int:
-    from mlbus.datasets.registry import UnknownDataset
-    from mlbus.datasets.sources import InvalidDataset
-
-    if isinstance(error, UnknownDataset | UnknownTopic):
-        return 404
-    if isinstance(error, InvalidDataset | InvalidEvent | StorageError):
-        return 400
-    if isinstance(error, TransientError | BrokerNotRunning):
-        return 503
-    return 500
-
-
-def error_body(kind: str, message: str, status: int, **headers: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"type": kind, "message": message}}, status_code=status, headers=headers or None
-    )
-
-
-class Unauthorized(MlbusError):
-    """A mutating request without the configured bearer token."""
-
+from mlbus.storage import ObjectStore
 
 _READ_ONLY = frozenset({"GET", "HEAD", "OPTIONS"})
-_bearer = HTTPBearer(auto_error=False, description="MLBUS_API_TOKEN (mutating endpoints)")
 
 
 def token_guard(cfg: Settings) -> Any:
     """Dependency: with `MLBUS_API_TOKEN` set, every mutating request needs
     `Authorization: Bearer <token>`; reading stays open."""
-    expected = cfg.api_token.get_secret_value().encode() if cfg.api_token else None
-
-    def guard(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> None:
-        if expected is None or request.method in _READ_ONLY:
-            return
-        given = credentials.credentials.encode() if credentials else b""
-        if not hmac.compare_digest(given, expected):
-            raise Unauthorized(
-                "this endpoint changes state: send Authorization: Bearer <MLBUS_API_TOKEN>"
-            )
-
-    return guard
+    return bearer_guard(
+        cfg.api_token.get_secret_value() if cfg.api_token else None,
+        open_methods=_READ_ONLY,
+        message="this endpoint changes state: send Authorization: Bearer <MLBUS_API_TOKEN>",
+    )
 
 
 class SharedProducer:
-    """The API's one idempotent producer, opened on first use (its initialisation costs
-    ~0.5 s on the embedded broker: paid once, not per request) and closed at shutdown.
+    """The API's one idempotent producer, opened on first use (its initialisation is slow
+    on the embedded broker: paid once, not per request) and closed at shutdown.
     confluent-kafka producers are thread-safe; each caller flushes its own sends."""
 
     def __init__(self, kafka: KafkaConfig, source: str) -> None:
@@ -154,7 +107,7 @@ def create_app(cfg: Settings) -> FastAPI:
     from mlbus.datasets.api import create_router as datasets_router
     from mlbus.datasets.registry import DatasetRegistry
 
-    producer = SharedProducer(KafkaConfig.from_settings(cfg), source="mlbus/api")
+    producer = SharedProducer(KafkaConfig.from_settings(cfg), source=service("api").source)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -214,29 +167,7 @@ def create_app(cfg: Settings) -> FastAPI:
     api.include_router(lineage_router(lineage_store))
     api.include_router(ui_router(kafka, lineage_store))
 
-    @api.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        kind = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed"}.get(
-            error.status_code, "HTTPError"
-        )
-        return error_body(kind, str(error.detail), error.status_code)
-
-    @api.exception_handler(MlbusError)
-    async def _mlbus_error(request: Request, error: MlbusError) -> JSONResponse:
-        if isinstance(error, Unauthorized):
-            return error_body("Unauthorized", str(error), 401, **{"WWW-Authenticate": "Bearer"})
-        return error_body(type(error).__name__, str(error), _status(error))
-
-    @api.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return error_body("InvalidRequest", f"{where}: {first['msg']}", 422)
-
-    @api.exception_handler(Exception)
-    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error serving %s %s", request.method, request.url.path)
-        return error_body("InternalError", f"{type(error).__name__}: {error}", 500)
+    install_error_handlers(api)
 
     @api.get("/health", tags=["meta"])
     def health() -> dict[str, str]:

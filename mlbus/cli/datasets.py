@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
@@ -12,7 +12,12 @@ from rich.table import Table
 from mlbus.cli.common import app, console, kafka_config, key_values, settings
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import EventProducer
+from mlbus.services import Service, service
+from mlbus.settings import Settings
 from mlbus.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from mlbus.datasets.registry import DatasetRegistry, Registered
 
 datasets_app = typer.Typer(help="Versioned datasets on the object store.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
@@ -20,14 +25,14 @@ app.add_typer(datasets_app, name="datasets")
 PROGRESS_ABOVE = 4 * 1024 * 1024
 
 
-def _registry():  # type: ignore[no-untyped-def]
+def _registry() -> DatasetRegistry:
     from mlbus.datasets.registry import DatasetRegistry
 
     cfg = settings()
     return DatasetRegistry(ObjectStore.from_settings(cfg), kafka_config(cfg))
 
 
-def _report(result, json_out: bool) -> None:  # type: ignore[no-untyped-def]
+def _report(result: Registered, json_out: bool) -> None:
     if json_out:
         print(orjson.dumps({k: v for k, v in result.__dict__.items() if k != "payload"}).decode())
     elif result.created:
@@ -57,10 +62,10 @@ def register(
     from mlbus.datasets.sources import open_source
 
     tags = key_values(tag, "--tag")  # bad options fail before anything is contacted
-    with _registry() as registry:
+    with _registry() as registry:  # closes its log view
         fs, resolved = registry.store.resolve(path)
         source = open_source(resolved, fs)
-        options = dict(
+        options: dict[str, Any] = dict(
             name=name,
             label=label,
             tags=tags,
@@ -168,15 +173,19 @@ def show(
 @datasets_app.command("validate")
 def validate() -> None:
     """Run the validator: check each dataset.created against its bytes (dead-letter it on
-    a mismatch, publish dataset.validated otherwise)."""
+    a mismatch, publish dataset.validated otherwise). Same as `mlbus run validator`."""
+    run_validator(service("validator"), settings())
+
+
+def run_validator(manifest: Service, cfg: Settings) -> None:
+    """The validator service in the foreground (`mlbus run validator`)."""
     from mlbus.datasets.validator import Validator
 
-    cfg = settings()
     kafka = kafka_config(cfg)
     store = ObjectStore.from_settings(cfg)
-    with EventProducer(kafka, source="mlbus/datasets") as producer:
+    with EventProducer(kafka, source=manifest.source) as producer:
         loop = ConsumerLoop(
-            kafka, group="mlbus-datasets-validator", name="datasets-validator",
+            kafka, group=manifest.group_id(cfg.topic_prefix), name=manifest.name,
             handlers={"dataset.created": Validator(store, producer)},
         )  # fmt: skip
         console.print("validating dataset.created; Ctrl-C stops")

@@ -1,6 +1,6 @@
 """`mlbus demo` (what `make demo` runs): the main job, end to end, on the embedded defaults
-(mlbus/cli/demo_job.py, imported when the command runs: its HTTP client and Arrow cost
-~0.1 s of every other command's start)."""
+(mlbus/cli/demo_job.py, imported when the command runs: its HTTP client and Arrow would
+slow every other command's start)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from mlbus.cli.common import app
+from mlbus.extras import require
 
 PIPELINE = Path(__file__).resolve().parents[2] / "infra" / "pipelines" / "digits.yaml"
 
@@ -21,6 +22,7 @@ def demo(
     ] = PIPELINE,
 ) -> None:
     """Run the main job end to end on the embedded defaults, then stop everything."""
+    require("platform", "embedded")
     from mlbus.cli.demo_job import run_demo
 
     run_demo(pipeline)

@@ -165,7 +165,7 @@ def _wait_ready(up: subprocess.Popen[bytes], data_dir: Path, names: set[str], lo
             raise DemoFailed(f"`mlbus up` exited with code {up.returncode}; see {log}")
         status = read_status(data_dir)
         if status is not None:
-            ready = {s["service"] for s in status["services"] if s["state"] == "ready"}  # type: ignore[index,union-attr]
+            ready = {s["service"] for s in status["services"] if s["state"] == "ready"}
             if names <= ready:
                 return
         time.sleep(0.25)
@@ -234,7 +234,7 @@ def _run(
     status = read_status(root) or {}
     broker = orjson.loads((root / "broker.json").read_bytes())
     console.print(f"   {'broker':<10} pid {broker['pid']:<7} {broker['bootstrap']} (embedded)")
-    for s in status.get("services", []):  # type: ignore[union-attr]
+    for s in status.get("services", []):
         console.print(f"   {s['service']:<10} pid {s['pid']:<7} {s['url'] or ''}")
     cfg: Settings = load_settings(data_dir=root)
     kafka = KafkaConfig.from_settings(cfg)
@@ -282,7 +282,7 @@ def _run(
             producer.publish(InferenceRequest(
                 request_id=request_id, model=MODEL,
                 inputs=[Tensor(name="input", shape=[3, 64], datatype="FP32",
-                               data=rows[8:11].ravel().tolist())],
+                               data=list(rows[8:11].ravel().tolist()))],
             ))  # fmt: skip
             producer.flush()
         result: Any = log.wait(
@@ -336,7 +336,7 @@ def _await_promotion(log: Log, *, timeout: float, after: str | None = None) -> s
     decision = log.wait(
         "a promotion decision",
         lambda e: e.type in ("model.promoted", "model.rejected")
-        and e.data.model == MODEL and e.data.version != after,  # type: ignore[attr-defined]
+        and e.data.model == MODEL and e.data.version != after,
         timeout=timeout, show=_show_training,
     )  # fmt: skip
     data: Any = decision.data
@@ -352,8 +352,8 @@ def _await_promotion(log: Log, *, timeout: float, after: str | None = None) -> s
 def _await_loaded(log: Log, version: str, serve: str) -> None:
     log.wait(
         "deployment.updated", lambda e: e.type == "deployment.updated"
-        and e.data.model == MODEL and e.data.version == version  # type: ignore[attr-defined]
-        and e.data.status == "loaded", timeout=60, show=_show_training,  # type: ignore[attr-defined]
+        and e.data.model == MODEL and e.data.version == version
+        and e.data.status == "loaded", timeout=60, show=_show_training,
     )  # fmt: skip
     deadline = time.monotonic() + 10
     while _predict(serve, np.zeros((1, 64), np.float32))[0] != version:

@@ -15,6 +15,7 @@ from mlbus.cli.render import as_json, as_line, decode_record
 from mlbus.errors import InvalidEvent, MlbusError
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.reader import TopicReader
+from mlbus.schemas.base import Payload
 from mlbus.schemas.catalog import DEADLETTER, topic
 from mlbus.schemas.codec import decode, decode_payload
 from mlbus.schemas.deadletter import DeadLetter
@@ -38,7 +39,7 @@ def _documents(text: str) -> list[tuple[int, bytes]]:
     ]
 
 
-def _parse(event_type: str, document: bytes) -> Event | object:
+def _parse(event_type: str, document: bytes) -> Event | Payload:
     """A full CloudEvent (it has `specversion`) or a bare payload of `event_type`."""
     try:
         parsed = orjson.loads(document)
@@ -95,7 +96,7 @@ def publish(
                 ids.append(
                     producer.publish(
                         item, key=key, subject=subject, correlationid=correlation_id
-                    ).id  # type: ignore[arg-type]
+                    ).id
                 )
     for event_id in ids:
         console.print(event_id, highlight=False)
@@ -173,7 +174,7 @@ def deadletters(
             if isinstance(decoded, str):
                 table.add_row("-", "-", "-", "-", f"[red]not a dead letter:[/] {decoded}", "")
                 continue
-            letter: DeadLetter = decoded.data  # type: ignore[assignment]
+            letter: DeadLetter = decoded.data
             o = letter.original
             preview = _preview(letter)
             table.add_row(

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
@@ -15,6 +15,11 @@ from rich.tree import Tree
 
 from mlbus.cli.common import app, console, err_console, kafka_config, settings
 from mlbus.errors import MlbusError
+from mlbus.services import Service, service
+from mlbus.settings import Settings
+
+if TYPE_CHECKING:
+    from mlbus.consumers.lineage.store import LineageStore
 
 lineage_app = typer.Typer(
     help="Metadata and lineage store: a projection of the log, and questions asked of it.",
@@ -33,7 +38,7 @@ AsOf = Annotated[
 ]
 
 
-def _store(schema: str | None = None, *, create: bool = True):  # type: ignore[no-untyped-def]
+def _store(schema: str | None = None, *, create: bool = True) -> LineageStore:
     from mlbus.consumers.lineage.store import LineageStore
 
     url = settings().metadata_url
@@ -52,7 +57,7 @@ def _split(ref: str, what: str, *, need_version: bool = False) -> tuple[str, str
 def _archive_records(topics: Sequence[str]) -> Iterator[Any]:
     """The archive's records (the archive component's reader, imported only when asked)."""
     try:
-        from mlbus.consumers.archive.reader import read_archive  # type: ignore[import-not-found]
+        from mlbus.consumers.archive.reader import read_archive
     except ImportError as e:
         raise MlbusError(
             f"--source archive needs consumers.archive.reader.read_archive, which is not "
@@ -78,7 +83,9 @@ def _records(source: str, topics: Sequence[str]) -> Iterator[Any]:
 
 @lineage_app.command("project")
 def project(
-    group: Annotated[str, typer.Option(help="consumer group")] = "mlbus-lineage",
+    group: Annotated[
+        str | None, typer.Option(help="consumer group [default: <topic prefix>mlbus-lineage]")
+    ] = None,
     batch: Annotated[int, typer.Option(help="records per SQL transaction", min=1)] = 5000,
     stop_at_end: Annotated[
         bool, typer.Option("--stop-at-end", help="exit once every partition is read to its end")
@@ -86,11 +93,25 @@ def project(
     schema: Schema = None,
 ) -> None:
     """Run the live projector: consume the lineage topics into the store, resuming from the
-    positions stored with the rows. Exits 0 on SIGTERM/SIGINT."""
+    positions stored with the rows. Exits 0 on SIGTERM/SIGINT. Without options, the same as
+    `mlbus run lineage`."""
+    _project(service("lineage"), settings(), group, batch, stop_at_end, schema)
+
+
+def run_lineage(manifest: Service, cfg: Settings) -> None:
+    """The live projector in the foreground (`mlbus run lineage`)."""
+    _project(manifest, cfg, None, 5000, False, None)
+
+
+def _project(
+    manifest: Service, cfg: Settings, group: str | None, batch: int, stop_at_end: bool,
+    schema: str | None,
+) -> None:  # fmt: skip
     from mlbus.consumers.lineage.live import LiveProjector
 
     store = _store(schema)
-    projector = LiveProjector(kafka_config(), store, group=group, batch_size=batch)
+    group = group or manifest.group_id(cfg.topic_prefix)
+    projector = LiveProjector(kafka_config(cfg), store, group=group, batch_size=batch)
     log.info("lineage projector: %s → %s", ", ".join(projector.topics), _display(store.url))
     stats = projector.run(stop_at_end=stop_at_end)
     log.info("lineage projector stopped: %d records, %d projected, %d skipped (undecodable)",

@@ -16,6 +16,7 @@ from rich.table import Table
 from mlbus.broker import EmbeddedBroker
 from mlbus.cli.common import app, console, kafka_config, settings, topics_app
 from mlbus.errors import MlbusError
+from mlbus.extras import require
 from mlbus.kafka.admin import (
     TopicStatus,
     apply_topics,
@@ -131,7 +132,7 @@ def service_env(cfg: Settings) -> dict[str, str]:
     env.setdefault("COLUMNS", "160")  # rich wraps piped output at 80 columns otherwise
     if cfg.embedded:
         # A dozen consumers polling the embedded broker every 10 ms keep it busy on a whole
-        # core while nothing happens (it does not answer a waiting fetch early, BROKER.md);
+        # core while nothing happens (it does not answer a waiting fetch early: docs/broker.md);
         # 100 ms costs a tenth of that and at most 100 ms per hop.
         env.setdefault("MLBUS_KAFKA__FETCH_WAIT_MAX_MS", "100")
     return env
@@ -149,6 +150,7 @@ def up(
     cluster) with the catalog's topics, and every service supervised, until Ctrl-C or
     SIGTERM."""
     cfg = settings()
+    require("platform", *(["embedded"] if cfg.embedded else []))  # before any service starts
     services = select(catalog(cfg, trainers=trainers), only)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -7,15 +7,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from confluent_kafka import Message
 from rich.markup import escape
 
 from mlbus.errors import InvalidEvent
+from mlbus.kafka.consumer import Consumed
 from mlbus.schemas.codec import decode
 from mlbus.schemas.envelope import Event
 
 
-def decode_record(message: Message, expected_type: str | None, max_bytes: int) -> Event | str:
+def decode_record(message: Consumed, expected_type: str | None, max_bytes: int) -> Event | str:
     """The typed event of a record, or the reason it is not one."""
     try:
         return decode(
@@ -35,14 +35,14 @@ def printable(raw: bytes | None) -> str | None:
         return "base64:" + base64.b64encode(raw).decode("ascii")
 
 
-def _timestamp(message: Message) -> str | None:
+def _timestamp(message: Consumed) -> str | None:
     kind, ts = message.timestamp()
     if not kind:
         return None
     return datetime.fromtimestamp(ts / 1000, UTC).isoformat(timespec="milliseconds")
 
 
-def as_json(message: Message, decoded: Event | str, preview: int | None = None) -> bytes:
+def as_json(message: Consumed, decoded: Event | str, preview: int | None = None) -> bytes:
     """One JSON line: where the record is, and the event or the reason it is invalid."""
     out: dict[str, Any] = {
         "topic": message.topic(),
@@ -60,7 +60,7 @@ def as_json(message: Message, decoded: Event | str, preview: int | None = None) 
     return orjson.dumps(out)
 
 
-def as_line(message: Message, decoded: Event | str, width: int = 160) -> str:
+def as_line(message: Consumed, decoded: Event | str, width: int = 160) -> str:
     """One rich-markup line for a terminal."""
     where = f"[dim]{message.partition()}@{message.offset()}[/]"
     when = (_timestamp(message) or "-")[:23]

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 import typer
 
 from mlbus.cli.common import app, kafka_config, settings
+from mlbus.services import Service, service
+from mlbus.settings import Settings
 
 
 @app.command("serve")
@@ -23,20 +25,34 @@ def serve(
         int | None, typer.Option(help="port (default: env MLBUS_SERVING__PORT, 8080)")
     ] = None,
 ) -> None:
-    """Serve the promoted models over HTTP (OIP v2 at /v2, /metrics, /docs) and Kafka."""
+    """Serve the promoted models over HTTP (OIP v2 at /v2, /metrics, /docs) and Kafka.
+    Without options, the same as `mlbus run serve`."""
+    _serve(service("serve"), settings(), host, port)
+
+
+def run_serving(manifest: Service, cfg: Settings) -> None:
+    """The model server in the foreground (`mlbus run serve`)."""
+    _serve(manifest, cfg, None, None)
+
+
+def _serve(manifest: Service, cfg: Settings, host: str | None, port: int | None) -> None:
     import uvicorn
 
     from mlbus.serving.app import create_app
     from mlbus.serving.server import ModelServer
     from mlbus.storage import ObjectStore
 
-    cfg = settings()
     config = cfg.serving.model_copy(
         update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
     )
     token = cfg.api_token.get_secret_value() if cfg.api_token is not None else None
-    server = ModelServer(kafka_config(cfg), ObjectStore.from_settings(cfg), config,
-                         api_token=token)  # fmt: skip
+    server = ModelServer(
+        kafka_config(cfg),
+        ObjectStore.from_settings(cfg),
+        config,
+        api_token=token,
+        stream_group=manifest.group_id(cfg.topic_prefix),
+    )
     uv = uvicorn.Config(create_app(server), host=config.host, port=config.port,
                         log_level="warning", timeout_graceful_shutdown=10)  # fmt: skip
     _graceful(uv).run()

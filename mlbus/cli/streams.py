@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from mlbus.cli.common import app, err_console, kafka_config, settings
+from mlbus.services import Service, service
+from mlbus.settings import Settings
 
 
 @app.command("streams")
@@ -38,12 +40,25 @@ def streams(
     ] = None,
 ) -> None:
     """Run the stream processors: windowed serving metrics, drift and alerts from
-    inference.logged into serving.metrics, serving.alert and Prometheus."""
+    inference.logged into serving.metrics, serving.alert and Prometheus. Without options,
+    the same as `mlbus run streams`."""
+    raise typer.Exit(_streams(service("streams"), settings(), metrics_port, app_id, idle_seconds))
+
+
+def run_streams(manifest: Service, cfg: Settings) -> int:
+    """The stream processors in the foreground (`mlbus run streams`); their exit code."""
+    return _streams(manifest, cfg, None, None, None)
+
+
+def _streams(
+    manifest: Service, cfg: Settings, metrics_port: int | None, app_id: str | None,
+    idle_seconds: float | None,
+) -> int:  # fmt: skip
     from mlbus.streams.app import StreamsApp, StreamsOptions
 
-    cfg = settings()
     kafka = kafka_config(cfg)
-    app_name = app_id or f"{cfg.topic_prefix}mlbus-streams"
+    # faust's app id is its consumer group (and names its changelogs).
+    app_name = app_id or manifest.group_id(cfg.topic_prefix)
     port = cfg.streams.metrics_port if metrics_port is None else metrics_port
     options = StreamsOptions(
         app_id=app_name,
@@ -58,5 +73,4 @@ def streams(
         + (f", metrics on :{port}/metrics" if port else ""),
         highlight=False,
     )
-    code = StreamsApp(kafka, cfg.streams, options).run()
-    raise typer.Exit(code)
+    return StreamsApp(kafka, cfg.streams, options).run()

@@ -36,7 +36,7 @@ def render_svg(
         if not changed:
             break
     rows: dict[int, int] = {}
-    position: dict[str, tuple[int, int]] = {}
+    position: dict[str, tuple[float, float]] = {}
     for node in nodes:
         column = rank[node]
         row = rows.get(column, 0)

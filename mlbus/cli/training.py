@@ -24,6 +24,8 @@ from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.codec import decode
 from mlbus.schemas.envelope import new_event_id
 from mlbus.schemas.training import SweepPoint, TrainingRequested
+from mlbus.services import Service, service
+from mlbus.settings import Settings
 from mlbus.storage import ObjectStore
 
 FOLLOWED = ("training.started", "training.progress", "training.completed", "training.failed")
@@ -31,21 +33,26 @@ FOLLOWED = ("training.started", "training.progress", "training.completed", "trai
 
 @app.command("trainer")
 def trainer() -> None:
-    """Run a training worker (several share training.requested through one group)."""
+    """Run a training worker (several share training.requested through one group). Same as
+    `mlbus run trainer`."""
+    run_trainer(service("trainer"), settings())
+
+
+def run_trainer(manifest: Service, cfg: Settings) -> None:
+    """A training worker in the foreground (`mlbus run trainer`)."""
     from mlbus.trainer.worker import TrainingWorker
 
-    cfg = settings()
     kafka = kafka_config(cfg)
     with (
-        EventProducer(kafka, source="mlbus/trainer") as producer,
+        EventProducer(kafka, source=manifest.source) as producer,
         contextlib.closing(
             TrainingWorker(kafka, ObjectStore.from_settings(cfg), producer)
         ) as worker,
     ):
         console.print(f"training worker {worker.worker} waiting for training.requested")
         ConsumerLoop(
-            kafka, group="mlbus-trainer", name="trainer", long_running=True,
-            handlers={"training.requested": worker},
+            kafka, group=manifest.group_id(cfg.topic_prefix), name=manifest.name,
+            long_running=True, handlers={"training.requested": worker},
         ).run()  # fmt: skip
 
 
@@ -96,7 +103,12 @@ def train(
     events: queue.Queue[Any] = queue.Queue()
     reader = TopicReader(kafka, [kafka.topic(t) for t in FOLLOWED], start="end", follow=True)
     if wait or json_out:
-        threading.Thread(target=lambda: [events.put(m) for m in reader], daemon=True).start()
+
+        def follow() -> None:
+            for message in reader:
+                events.put(message)
+
+        threading.Thread(target=follow, daemon=True).start()
         reader.caught_up.wait(30)
     correlation = requests[0].sweep.sweep_id if requests[0].sweep else None
     with EventProducer(kafka, source="mlbus/cli") as producer:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from html import escape
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 
@@ -120,11 +120,7 @@ def lineage_svg(store: Any, model: str, version: str | None = None) -> str:
     model or version the store does not know."""
     from mlbus.consumers.lineage.graph import upstream_graph
     from mlbus.consumers.lineage.queries import LineageQueries
-    from mlbus.consumers.lineage.store import NotFound
 
-    try:
-        up = LineageQueries(store).upstream(model, version)
-    except NotFound as e:
-        raise HTTPException(404, str(e)) from None
+    up = LineageQueries(store).upstream(model, version)  # NotInLineage: 404 (mlbus/http.py)
     graph = upstream_graph(up)
     return render_svg(graph.nodes, graph.edges, f"lineage of {up.model}@{up.version}")

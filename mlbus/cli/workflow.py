@@ -14,6 +14,8 @@ import typer
 from rich.table import Table
 
 from mlbus.cli.common import app, console, kafka_config, settings
+from mlbus.services import Service, service
+from mlbus.settings import Settings
 
 pipelines_app = typer.Typer(help="Pipelines: when to train, and how to promote.",
                             no_args_is_help=True)  # fmt: skip
@@ -139,7 +141,9 @@ def models_rollback(
 
 @app.command("workflow")
 def workflow(
-    group: Annotated[str, typer.Option(help="consumer group")] = "mlbus-workflow",
+    group: Annotated[
+        str | None, typer.Option(help="consumer group [default: <topic prefix>mlbus-workflow]")
+    ] = None,
     reevaluate: Annotated[
         bool,
         typer.Option(
@@ -148,10 +152,22 @@ def workflow(
         ),
     ] = True,
 ) -> None:
-    """Run the workflow manager: training triggers, promotion policy, automatic rollback."""
+    """Run the workflow manager: training triggers, promotion policy, automatic rollback.
+    Without options, the same as `mlbus run workflow`."""
+    _workflow(service("workflow"), settings(), group=group, reevaluate=reevaluate)
+
+
+def run_workflow(manifest: Service, cfg: Settings) -> None:
+    """The workflow manager in the foreground (`mlbus run workflow`)."""
+    _workflow(manifest, cfg)
+
+
+def _workflow(
+    manifest: Service, cfg: Settings, *, group: str | None = None, reevaluate: bool = True
+) -> None:
     from mlbus.consumers.workflow.service import WorkflowService
 
-    cfg = settings()
+    group = group or manifest.group_id(cfg.topic_prefix)
     kafka = kafka_config(cfg)
     evaluator = None
     if reevaluate:

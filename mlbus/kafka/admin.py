@@ -4,9 +4,16 @@ report what differs, never alter or delete. Idempotent."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    ClusterMetadata,
+    ConfigResource,
+    NewTopic,
+    TopicMetadata,
+)
 
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
@@ -26,7 +33,7 @@ def _admin(kafka: KafkaConfig) -> AdminClient:
     return AdminClient(kafka.admin())
 
 
-def _metadata(admin: AdminClient, kafka: KafkaConfig, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+def _metadata(admin: AdminClient, kafka: KafkaConfig, timeout: float = 10.0) -> ClusterMetadata:
     try:
         return admin.list_topics(timeout=timeout)
     except KafkaException as e:
@@ -78,8 +85,8 @@ def apply_topics(
 
 
 def _compare(
-    admin: AdminClient, spec: TopicSpec, name: str, existing, timeout: float
-) -> TopicStatus:  # type: ignore[no-untyped-def]
+    admin: AdminClient, spec: TopicSpec, name: str, existing: TopicMetadata, timeout: float
+) -> TopicStatus:
     partitions = len(existing.partitions)
     replication = len(next(iter(existing.partitions.values())).replicas) if partitions else None
     differences = []
@@ -124,9 +131,20 @@ def list_topics(
     return statuses, others
 
 
+class TopicDefinition(TypedDict):
+    """One topic as `infra/` provisions it (each `mlbus topics export` format)."""
+
+    name: str
+    partitions: int
+    replication_factor: int
+    configs: dict[str, str]
+    key: str
+    description: str
+
+
 def topic_definitions(
     replication: int = 3, catalog: tuple[TopicSpec, ...] = CATALOG, prefix: str = ""
-) -> list[dict[str, object]]:
+) -> list[TopicDefinition]:
     """The catalog as topic definitions for a cluster of at least `replication` brokers
     (what `infra/` provisions with: `mlbus topics export`)."""
     return [
@@ -142,7 +160,7 @@ def topic_definitions(
     ]
 
 
-def create_topics_script(definitions: list[dict[str, object]]) -> str:
+def create_topics_script(definitions: list[TopicDefinition]) -> str:
     """A POSIX shell script creating `definitions` with Apache Kafka's `kafka-topics.sh`,
     idempotently (`--if-not-exists`); `$BOOTSTRAP` names the cluster."""
     lines = [
@@ -154,7 +172,7 @@ def create_topics_script(definitions: list[dict[str, object]]) -> str:
         ': "${KAFKA_TOPICS:=/opt/kafka/bin/kafka-topics.sh}"',
     ]
     for d in definitions:
-        configs = " ".join(f"--config {k}={v}" for k, v in d["configs"].items())  # type: ignore[attr-defined]
+        configs = " ".join(f"--config {k}={v}" for k, v in d["configs"].items())
         lines.append(
             f'"$KAFKA_TOPICS" --bootstrap-server "$BOOTSTRAP" --create --if-not-exists '
             f"--topic {d['name']} --partitions {d['partitions']} "
@@ -163,7 +181,7 @@ def create_topics_script(definitions: list[dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def strimzi_topics(definitions: list[dict[str, object]], cluster: str = "mlbus") -> str:
+def strimzi_topics(definitions: list[TopicDefinition], cluster: str = "mlbus") -> str:
     """`definitions` as Strimzi `KafkaTopic` resources (Kubernetes), one YAML document each."""
     import yaml
 

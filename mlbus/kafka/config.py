@@ -1,7 +1,7 @@
 """librdkafka configuration for every client mlbus creates, in one place.
 
-The delivery guarantees of DESIGN.md are set here (idempotent producer, acks=all, manual
-commits); the embedded broker gets the short timeouts measured in shared/BROKER.md, and a
+The delivery guarantees of docs/architecture.md are set here (idempotent producer, acks=all,
+manual commits); the embedded broker gets the short timeouts docs/broker.md explains, and a
 real cluster keeps Kafka's defaults.
 """
 
@@ -93,7 +93,7 @@ class KafkaConfig:
             conf["group.id"] = "mlbus-reader-unused"
             conf["enable.auto.offset.store"] = False
         if self.embedded:
-            # shared/BROKER.md: group join takes session.timeout/2, and a waiting fetch is not
+            # docs/broker.md: group join takes session.timeout/2, and a waiting fetch is not
             # answered early when data arrives.
             conf |= {
                 "session.timeout.ms": 2000,

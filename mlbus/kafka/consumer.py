@@ -1,7 +1,7 @@
 """The consumer loop every mlbus service runs: decode and validate each record, dispatch it
 to the handler of its event type, commit only what was handled, dead-letter what cannot be.
 
-Guarantees (DESIGN.md, "Processing guarantees"):
+Guarantees (docs/architecture.md, "Processing guarantees"):
 - at-least-once: an offset is committed only after its handler returned (commits are
   batched by count and time, and made synchronously on revocation and shutdown); handlers
   make their effects idempotent by event id, so a redelivery changes nothing;
@@ -22,14 +22,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from mlbus.errors import Abandon, DeliveryError, InvalidEvent, TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.deadletter import dead_letter
 from mlbus.kafka.producer import EventProducer
+from mlbus.schemas.base import Payload
 from mlbus.schemas.catalog import TOPICS
 from mlbus.schemas.codec import decode
 from mlbus.schemas.envelope import Event
@@ -40,14 +41,31 @@ log = logging.getLogger(__name__)
 _EOF = KafkaError._PARTITION_EOF
 
 
-def next_batch(consumer: Consumer, size: int, timeout: float) -> list[Message]:
+class Consumed(Protocol):
+    """A `Message` as a consumer receives it. confluent-kafka's stubs type `Message` for
+    every use, including a producer's not yet delivered (no partition or offset) and
+    headers given as a dict; a consumed record, or a partition's end-of-partition event,
+    always has its topic, partition and offset, and its headers are (name, bytes) pairs."""
+
+    def topic(self) -> str: ...
+    def partition(self) -> int: ...
+    def offset(self) -> int: ...
+    def key(self) -> bytes | None: ...
+    def value(self) -> bytes | None: ...
+    def headers(self) -> list[tuple[str, bytes | None]] | None: ...
+    def error(self) -> KafkaError | None: ...
+    def timestamp(self) -> tuple[int, int]: ...
+
+
+def next_batch(consumer: Consumer, size: int, timeout: float) -> list[Consumed]:
     """Up to `size` records, returning as soon as one is there: `consume(size, timeout)`
     alone waits out the whole timeout unless `size` records are ready, which adds up to
     `timeout` of latency per record on a quiet topic."""
     first = consumer.poll(timeout)
     if first is None:
         return []
-    return [first, *consumer.consume(size - 1, 0)] if size > 1 else [first]
+    batch = [first, *consumer.consume(size - 1, 0)] if size > 1 else [first]
+    return cast("list[Consumed]", batch)
 
 
 class Record:
@@ -55,7 +73,7 @@ class Record:
 
     __slots__ = ("_message", "_stopping")
 
-    def __init__(self, message: Message, stopping: threading.Event | None = None) -> None:
+    def __init__(self, message: Consumed, stopping: threading.Event | None = None) -> None:
         self._message = message
         self._stopping = stopping
 
@@ -95,7 +113,11 @@ class Record:
         return self._message.value()
 
 
-Handler = Callable[[Event, Record], None]
+P = TypeVar("P", bound=Payload)
+#: What handles the events of one type, typed by their payload: a `Handler[DatasetCreated]`
+#: is `def on_created(event: Event[DatasetCreated], record: Record) -> None`. The loop's
+#: mapping holds handlers of several types (`Handler[Any]`); each gets events of its type.
+Handler = Callable[[Event[P], Record], None]
 
 
 @dataclass(frozen=True)
@@ -133,7 +155,7 @@ class ConsumerLoop:
         kafka: KafkaConfig,
         *,
         group: str,
-        handlers: Mapping[str, Handler],
+        handlers: Mapping[str, Handler[Any]],
         name: str = "mlbus",
         batch_size: int = 1000,
         commit_every: int = 10_000,
@@ -166,7 +188,7 @@ class ConsumerLoop:
         self._last_commit = time.monotonic()
         self._assigned: set[tuple[str, int]] = set()
         self._at_end: set[tuple[str, int]] = set()
-        self._backlog: list[Message] = []
+        self._backlog: list[Consumed] = []
         self._stopping = threading.Event()
 
     # -- control ---------------------------------------------------------------------------
@@ -219,8 +241,9 @@ class ConsumerLoop:
             for message in batch:
                 if self._stopping.is_set():
                     break
-                if message.error() is not None:
-                    self._on_message_error(message)
+                error = message.error()
+                if error is not None:
+                    self._on_message_error(message, error)
                     continue
                 topic = message.topic()
                 tp = (topic, message.partition())
@@ -243,7 +266,7 @@ class ConsumerLoop:
             if stop_at_end and self._assigned and self._at_end >= self._assigned:
                 return
 
-    def _process(self, message: Message, topic: str, event_type: str, tp: tuple[str, int]) -> bool:
+    def _process(self, message: Consumed, topic: str, event_type: str, tp: tuple[str, int]) -> bool:
         """Handle one record; True when it is done (handled or dead-lettered)."""
         value = message.value()
         try:
@@ -293,7 +316,7 @@ class ConsumerLoop:
                 self._deadletter(message, f"handler failed: {e!r}", type(e).__name__)
                 return True
 
-    def _call(self, handler: Handler, event: Event, record: Record) -> None:
+    def _call(self, handler: Handler[Any], event: Event, record: Record) -> None:
         if not self.long_running:
             handler(event, record)
             return
@@ -334,14 +357,14 @@ class ConsumerLoop:
                     return True
                 message = consumer.poll(min(remaining, 0.1))
                 if message is not None:  # fetched before the pause took effect
-                    self._backlog.append(message)
+                    self._backlog.append(cast(Consumed, message))
             return False
         finally:
             still = [tp for tp in paused if (tp.topic, tp.partition) in self._assigned]
             if still:
                 consumer.resume(still)
 
-    def _deadletter(self, message: Message, reason: str, error_type: str) -> None:
+    def _deadletter(self, message: Consumed, reason: str, error_type: str) -> None:
         if self._deadletters is None:
             self._deadletters = EventProducer(self.kafka, source=f"mlbus/{self.name}")
         for copy in (True, False):
@@ -364,8 +387,7 @@ class ConsumerLoop:
             self.name, message.topic(), message.partition(), message.offset(), reason,
         )  # fmt: skip
 
-    def _on_message_error(self, message: Message) -> None:
-        error = message.error()
+    def _on_message_error(self, message: Consumed, error: KafkaError) -> None:
         if error.code() == _EOF:
             self._at_end.add((message.topic(), message.partition()))
             return
@@ -385,7 +407,7 @@ class ConsumerLoop:
             return  # not confirmed: these records are redelivered next time
         offsets = [TopicPartition(t, p, self._pending.pop((t, p))) for t, p in keys]
         try:
-            self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
+            self._consumer.commit(offsets=offsets, asynchronous=asynchronous)  # type: ignore[call-overload]  # the stubs overload on a literal flag only
             self.stats.commits += 1
         except KafkaException as e:
             # Not fatal: these records are redelivered and handlers are idempotent.

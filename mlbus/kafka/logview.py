@@ -37,11 +37,11 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from mlbus.errors import MlbusError, TransientError
 from mlbus.kafka.config import KafkaConfig
-from mlbus.kafka.consumer import next_batch
+from mlbus.kafka.consumer import Consumed, next_batch
 from mlbus.kafka.reader import all_partitions
 from mlbus.schemas.codec import decode
 from mlbus.schemas.datasets import DatasetCreated
@@ -187,7 +187,7 @@ class LogView:
         self._assigned = True
         return self._consumer
 
-    def _take(self, message: Message, items: list[Positioned]) -> bool:
+    def _take(self, message: Consumed, items: list[Positioned]) -> bool:
         """Fold one record into the view; True if it says its partition is at its end."""
         key = (message.topic(), message.partition())
         error = message.error()
@@ -331,5 +331,5 @@ def dataset_versions(kafka: KafkaConfig, *, name: str = "dataset versions") -> L
 
 
 def _dataset_key(event: Event) -> DatasetKey:
-    data: DatasetCreated = event.data  # type: ignore[assignment]
+    data: DatasetCreated = event.data
     return data.name, data.version

@@ -25,6 +25,8 @@ from mlbus.schemas.envelope import Event
 log = logging.getLogger(__name__)
 
 RawHeaders = Sequence[tuple[str, bytes | None]]
+#: A structured-mode record's headers, typed as confluent-kafka's `produce` takes headers.
+_STRUCTURED: list[tuple[str, str | bytes | None]] = list(STRUCTURED_HEADERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +127,12 @@ class EventProducer:
         """Queue one raw record; waits for room when librdkafka's local queue is full."""
         if self._outcomes.fatal:
             raise DeliveryError(f"the producer is unusable: {self._outcomes.fatal}")
-        headers = STRUCTURED_HEADERS if headers is None else list(headers)
+        sent: list[tuple[str, str | bytes | None]] = (
+            _STRUCTURED if headers is None else list(headers)
+        )
         while True:
             try:
-                self._producer.produce(topic, value, key, headers=headers)
+                self._producer.produce(topic, value, key, headers=sent)
                 return
             except BufferError:
                 self._producer.poll(0.05)  # serve delivery reports to make room

@@ -4,7 +4,7 @@ changes nobody's offsets. State kept from topics as typed events is a log view
 (mlbus/kafka/logview.py).
 
 `since_ms` starts at a time: on a real cluster `offsets_for_times` finds the first offsets
-(production path); the embedded broker answers 0 for every time (shared/BROKER.md), so
+(production path); the embedded broker answers 0 for every time (docs/broker.md), so
 there the reader starts at the beginning. Either way, records older than `since_ms` are
 skipped, so the answer is right on both (CreateTime is not monotonic within a partition,
 so the hint is only a hint).
@@ -12,7 +12,7 @@ so the hint is only a hint).
 The end of a partition is detected with `enable.partition.eof` (the fetch response's
 high-water mark), which is right on Apache Kafka and on the embedded broker alike. Starting
 "at the end" uses the list-offsets high-water mark on a real cluster (production path) and,
-on the embedded broker whose list-offsets answer is wrong (shared/BROKER.md), reads to the
+on the embedded broker whose list-offsets answer is wrong (docs/broker.md), reads to the
 end without yielding (correct on both, slower on long topics).
 """
 
@@ -29,13 +29,12 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
-    Message,
     TopicPartition,
 )
 
 from mlbus.errors import TransientError, UnknownTopic
 from mlbus.kafka.config import KafkaConfig
-from mlbus.kafka.consumer import next_batch
+from mlbus.kafka.consumer import Consumed, next_batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +52,7 @@ class LogRecord:
     value: bytes | None
 
     @classmethod
-    def from_message(cls, message: Message, kafka: KafkaConfig) -> LogRecord:
+    def from_message(cls, message: Consumed, kafka: KafkaConfig) -> LogRecord:
         kind, ts = message.timestamp()
         return cls(
             topic=kafka.event_type(message.topic()),
@@ -90,7 +89,7 @@ class TopicReader:
     def stop(self) -> None:
         self._stop.set()
 
-    def __iter__(self) -> Iterator[Message]:
+    def __iter__(self) -> Iterator[Consumed]:
         consumer = Consumer(self.kafka.consumer(None, **{"enable.partition.eof": True}))
         try:
             partitions = all_partitions(consumer, self.kafka, self.topics)

@@ -209,7 +209,7 @@ def _closed_port() -> int:
 def test_an_object_store_outage_is_retried_not_dead_lettered(
     s3: dict[str, str], kafka: KafkaConfig, group: str
 ) -> None:
-    """DESIGN.md: a store that is down is a transient failure, retried with backoff; the
+    """docs/architecture.md: a store that is down is a transient failure, retried with backoff; the
     announcement is not dead-lettered for it (it is probably fine)."""
     down = ObjectStore(
         "s3://lake/exports",

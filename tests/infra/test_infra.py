@@ -1,5 +1,5 @@
-"""infra/: every file parses, the generated topic definitions are current, and the compose
-file, the Kubernetes manifests, Prometheus and the topic catalog agree."""
+"""infra/: every file parses, the generated topic and service definitions are current, and
+the compose file, the Kubernetes manifests, Prometheus and the topic catalog agree."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mlbus.deploy import compose_with_services, kubernetes_services
+from mlbus.errors import ConfigError
 from mlbus.kafka.admin import create_topics_script, strimzi_topics, topic_definitions
 from mlbus.schemas.catalog import CATALOG
-from mlbus.settings import Settings
-from mlbus.supervisor import catalog as service_catalog
+from mlbus.services import names
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 CONTRACT = {spec.name for spec in CATALOG}
-SERVICES = {s.name.split("-")[0] for s in service_catalog(Settings(), trainers=1)}
+SERVICES = set(names())
 
 
 def _yaml_files() -> list[Path]:
@@ -62,10 +63,23 @@ def test_compose_manifests_and_catalog_agree_on_topic_names():
     assert any("create-topics.sh" in v for v in init["volumes"])
 
 
-def test_every_service_runs_in_compose_and_in_kubernetes():
+def test_generated_service_definitions_are_current():
+    compose = (INFRA / "docker-compose.yml").read_text()
+    assert compose_with_services(compose) == compose, "run `make infra`"
+    assert (INFRA / "k8s" / "services.yaml").read_text() == kubernetes_services(), (
+        "run `make infra`"
+    )
+
+
+def test_the_compose_file_must_keep_its_generated_markers():
+    with pytest.raises(ConfigError, match="markers"):
+        compose_with_services("services:\n  validator: {}\n")
+
+
+def test_every_service_runs_alone_in_compose_and_in_kubernetes():
     compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())["services"]
     for name in SERVICES:
-        assert compose[name]["command"] == ["up", "--only", name]
+        assert compose[name]["command"] == ["run", name]
     deployments = {}
     for path in (INFRA / "k8s").glob("*.yaml"):
         for doc in yaml.safe_load_all(path.read_text()):
@@ -75,8 +89,8 @@ def test_every_service_runs_in_compose_and_in_kubernetes():
     for name in SERVICES:
         doc, text = deployments[f"mlbus-{name}"]
         [container] = doc["spec"]["template"]["spec"]["containers"]
-        assert container["args"] == ["up", "--only", name]
-        assert "# Scale:" in text, f"{name}: the scaling rule belongs next to the manifest"
+        assert container["args"] == ["run", name]
+        assert f"# mlbus {name}\n# Scale:" in text, f"{name}: the scaling rule belongs next to it"
 
 
 def test_prometheus_scrapes_the_services_that_expose_metrics():

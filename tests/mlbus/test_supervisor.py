@@ -11,7 +11,7 @@ import pytest
 
 from mlbus.errors import ConfigError
 from mlbus.settings import Settings
-from mlbus.supervisor import Service, Supervisor, catalog, read_status, select
+from mlbus.supervisor import Process, Supervisor, catalog, read_status, select
 
 STEADY = "import signal, sys, time; print('up', flush=True); time.sleep(600)"
 CRASHING = "import sys; print('dying', flush=True); sys.exit(3)"
@@ -52,7 +52,7 @@ def wait_for(condition, timeout: float = 15.0) -> None:
 
 def test_a_crashing_service_is_restarted_and_reported_without_touching_the_others(tmp_path):
     supervisor, out = supervise(
-        tmp_path, [Service("steady", (STEADY,)), Service("flaky", (CRASHING,))],
+        tmp_path, [Process("steady", (STEADY,)), Process("flaky", (CRASHING,))],
         backoff=(0.1, 0.4),
     )  # fmt: skip
     stop = threading.Event()
@@ -78,7 +78,7 @@ def test_a_crashing_service_is_restarted_and_reported_without_touching_the_other
 
 def test_stop_kills_only_what_ignores_sigterm(tmp_path):
     supervisor, out = supervise(
-        tmp_path, [Service("polite", (STEADY,)), Service("stubborn", (STUBBORN,))], grace=1.0
+        tmp_path, [Process("polite", (STEADY,)), Process("stubborn", (STUBBORN,))], grace=1.0
     )
     supervisor.start()
     wait_for(lambda: out.of("stubborn") == ["up"] and out.of("polite") == ["up"])
@@ -89,7 +89,7 @@ def test_stop_kills_only_what_ignores_sigterm(tmp_path):
 
 
 def test_status_file_names_every_service_while_the_supervisor_lives(tmp_path):
-    supervisor, _ = supervise(tmp_path, [Service("a", (STEADY,), url="http://x")])
+    supervisor, _ = supervise(tmp_path, [Process("a", (STEADY,), url="http://x")])
     supervisor.start()
     try:
         status = read_status(tmp_path)

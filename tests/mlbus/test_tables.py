@@ -15,7 +15,7 @@ import pytest
 
 from mlbus.errors import MlbusError
 from mlbus.storage import ObjectStore, StorageError
-from mlbus.tables import DatasetReader, IntegrityError, sha256_of
+from mlbus.tables import DatasetReader, HashMismatch, sha256_of
 from tests.mlbus.storage_support import (
     PYTHON,
     STORE_KINDS,
@@ -118,7 +118,7 @@ def test_a_wrong_content_hash_fails_when_the_stream_ends(store: ObjectStore) -> 
     wrong = "sha256:" + "0" * 64
 
     seen, error = _read_until_error(DatasetReader(store, uri, wrong, batch_size=250))
-    assert isinstance(error, IntegrityError), error
+    assert isinstance(error, HashMismatch), error
     assert wrong in str(error) and uri in str(error)
     # The batches came first: the check is at the end of the stream.
     assert sum(b.num_rows for b in seen) == ROWS
@@ -138,7 +138,7 @@ def test_bytes_changed_after_registration_fail_when_the_stream_ends(store: Objec
     put(store, "v1/data.parquet", bytes(tampered))
 
     seen, error = _read_until_error(DatasetReader(store, uri, content_hash, batch_size=100))
-    assert isinstance(error, IntegrityError), error
+    assert isinstance(error, HashMismatch), error
     values = pa.Table.from_batches(seen).column("x").to_numpy()
     assert len(values) == ROWS and (values != 1.5).sum() == 1  # it really was read wrong
 
@@ -150,7 +150,7 @@ def test_a_tampered_footer_fails_when_the_stream_ends(store: ObjectStore) -> Non
     put(store, "v1/data.parquet", raw[:marker] + b"P" + raw[marker + 1 :])
 
     seen, error = _read_until_error(DatasetReader(store, uri, content_hash))
-    assert isinstance(error, IntegrityError), error
+    assert isinstance(error, HashMismatch), error
     assert sum(b.num_rows for b in seen) == ROWS
 
 
@@ -162,13 +162,13 @@ def test_corrupt_compressed_pages_never_read_as_valid(store: ObjectStore) -> Non
         tampered[at] ^= 0xFF
     put(store, "v1/data.parquet", bytes(tampered))
 
-    with pytest.raises((IntegrityError, StorageError)):
+    with pytest.raises((HashMismatch, StorageError)):
         DatasetReader(store, uri, content_hash).read_all()
 
 
 def test_a_reader_needs_a_hash_unless_told_not_to_verify(store: ObjectStore) -> None:
     uri, _ = put(store, "v1/data.parquet", parquet_bytes(table()))
-    with pytest.raises(IntegrityError, match="no content hash"):
+    with pytest.raises(HashMismatch, match="no content hash"):
         DatasetReader(store, uri, None)
     assert DatasetReader(store, uri, None, verify=False).read_all().num_rows == ROWS
     assert verify_threads() == []

@@ -52,7 +52,7 @@ def test_metadata_health_and_inference(kafka, store, digits):
         assert r.headers["content-type"] == "application/json"
         # Only POST infers: FastAPI answers the rest of the path's methods.
         r = c.get("/v2/models/digits/infer")
-        assert r.status_code == 405 and r.json()["type"] == "HTTPError"
+        assert r.status_code == 405 and r.json()["type"] == "MethodNotAllowed"
 
 
 def test_bad_input_is_a_4xx_with_a_message(kafka, store, digits):

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from mlbus.serving.errors import UnknownModel, UnknownVersion
+from mlbus.errors import UnknownModel
+from mlbus.serving.errors import UnknownVersion
 from mlbus.serving.registry import PARALLEL_ROW_SECONDS, Deployment, Registry
 
 

@@ -76,7 +76,7 @@ def streams_env(kafka: KafkaConfig, tmp_path: Path) -> dict[str, str]:
         "MLBUS_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
         "MLBUS_TOPIC_PREFIX": kafka.topic_prefix,
         "MLBUS_DATA_DIR": str(tmp_path / "data"),
-        # The session broker is the embedded one: short group timeouts (shared/BROKER.md).
+        # The session broker is the embedded one: short group timeouts (docs/broker.md).
         "MLBUS_KAFKA__SESSION_TIMEOUT_MS": "2000",
         "MLBUS_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
         "MLBUS_STREAMS__WINDOW_SECONDS": "1",

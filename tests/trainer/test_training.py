@@ -12,7 +12,7 @@ from mlbus.datasets.samples import sample_table
 from mlbus.families import FAMILIES, InvalidModelSpec, build, hyperparameters
 from mlbus.schemas.training import EarlyStopping
 from mlbus.storage import ObjectStore
-from mlbus.tables import IntegrityError
+from mlbus.tables import HashMismatch
 from mlbus.trainer.data import load_arrays, prepare, split_indices
 from mlbus.trainer.training import evaluate, fit
 
@@ -122,5 +122,5 @@ def test_a_tampered_artifact_is_refused(digits, tmp_path):
     raw = bytearray(store.read_bytes("m/r/model.safetensors"))
     raw[-1] ^= 0xFF
     store.write_bytes("m/r/model.safetensors", bytes(raw))
-    with pytest.raises(IntegrityError, match="weights hash to"):
+    with pytest.raises(HashMismatch, match="weights hash to"):
         artifacts.load(store, saved["uri"], saved["sha256"], saved["model_card_uri"])

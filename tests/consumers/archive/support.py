@@ -52,12 +52,16 @@ def produce(
     records: Iterable[tuple[bytes | None, bytes, int | None]],
     *,
     headers: Sequence[tuple[str, bytes]] | None = None,
+    partition: int | None = None,
 ) -> None:
-    """Raw records (key, value, CreateTime or None) with a plain producer."""
+    """Raw records (key, value, CreateTime or None) with a plain producer (to `partition`,
+    else by key)."""
     producer = Producer({"bootstrap.servers": kafka.bootstrap, "linger.ms": 1})
     failures: list[object] = []
     for key, value, ts in records:
-        kwargs = {"timestamp": ts} if ts is not None else {}
+        kwargs: dict[str, int] = {"timestamp": ts} if ts is not None else {}
+        if partition is not None:
+            kwargs["partition"] = partition
         producer.produce(
             kafka.topic(event_type), value, key,
             headers=list(headers if headers is not None else STRUCTURED_HEADERS),

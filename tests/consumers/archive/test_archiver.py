@@ -8,6 +8,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,9 +18,13 @@ import pytest
 from mlbus.consumers.archive.layout import ROOT, list_files
 from mlbus.consumers.archive.reader import read_archive
 from mlbus.consumers.archive.writer import Archiver
+from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
-from mlbus.storage import ObjectStore
+from mlbus.kafka.consumer import Backoff
+from mlbus.schemas.catalog import topic
+from mlbus.storage import ObjectStore, Staged
 from tests.consumers.archive.support import (
+    TOPICS_USED,
     assert_exactly_once,
     produce,
     stored_rows,
@@ -99,6 +105,53 @@ def test_records_are_filed_under_the_date_of_their_timestamp(kafka, local, group
     assert [r.timestamp_ms for r in read_archive(local, ["serving.alert"])] == stamps
     window = read_archive(local, ["serving.alert"], since_ms=base, until_ms=base + day - 1)
     assert [r.offset for r in window] == [1, 2]
+
+
+class FailingStore(ObjectStore):
+    """A real local store whose writes fail at the given calls (1-based), as a store that
+    goes down in the middle of a flush does; `on_failure` runs at each failure."""
+
+    def __init__(self, url: str, fail_at: set[int], on_failure: Callable[[], None]) -> None:
+        super().__init__(url)
+        self.calls = 0
+        self.fail_at = fail_at
+        self.on_failure = on_failure
+
+    @contextmanager
+    def staged(self, key: str | None = None) -> Iterator[Staged]:
+        self.calls += 1
+        if self.calls in self.fail_at:
+            self.on_failure()
+            raise TransientError(f"the store is down (write {self.calls})")
+        with super().staged(key) as out:
+            yield out
+
+
+def test_a_flush_cut_short_by_the_store_keeps_its_files_and_the_retry_writes_the_rest(
+    log, tmp_path, group
+):
+    def more_records() -> None:  # the retry then holds newer records of every partition
+        for name in TOPICS_USED:
+            for partition in range(topic(name).partitions):
+                produce(log, name, [(b"k", b"{}", None)], partition=partition)
+
+    store = FailingStore((tmp_path / "flaky").as_uri(), {2, 3}, more_records)
+    archiver = Archiver(
+        log, store, group=group, flush_bytes=10_000_000, flush_seconds=0.0,
+        backoff=Backoff(0.3, 0.3),
+    )  # fmt: skip
+    running = threading.Thread(
+        target=archiver.run, kwargs={"install_signal_handlers": False}, daemon=True
+    )
+    running.start()
+    try:
+        wait_for_archive(log, store)
+    finally:
+        archiver.stop()
+        running.join(30)
+    assert not running.is_alive()
+    assert archiver.loop.stats.retries == 2
+    assert_exactly_once(log, store)
 
 
 # -- as a service: SIGKILL, restart, SIGTERM ---------------------------------------------------

@@ -1,5 +1,5 @@
 """`mlbus replay`: the same records from Kafka and from the archive, filtered by time and
-key correctly on a broker whose offsets_for_times is broken (shared/BROKER.md), in every
+key correctly on a broker whose offsets_for_times is broken (docs/broker.md), in every
 format, without joining a group or moving anybody's offsets."""
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def cli_env(kafka: KafkaConfig, data_dir: Path, metadata_url: str) -> dict[str, 
         MLBUS_METADATA_URL=metadata_url,
         MLBUS_DATA_DIR=str(data_dir),
         # the broker is named explicitly, so mlbus takes it for a real cluster and keeps
-        # Kafka's 45 s session timeout (a ~23 s group join); shared/BROKER.md
+        # Kafka's 45 s session timeout (a ~23 s group join); docs/broker.md
         MLBUS_KAFKA__SESSION_TIMEOUT_MS="2000",
         MLBUS_KAFKA__HEARTBEAT_INTERVAL_MS="500",
         MLBUS_KAFKA__FETCH_WAIT_MAX_MS="10",

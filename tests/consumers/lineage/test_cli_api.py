@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from mlbus.consumers.lineage.api import router
 from mlbus.consumers.lineage.projector import Projector
 from mlbus.consumers.lineage.store import LineageStore
+from mlbus.http import install_error_handlers
 from mlbus.kafka.config import KafkaConfig
 from mlbus.schemas.codec import encode_new
 from tests.consumers.lineage.conftest import cli_env, mlbus, ok
@@ -106,6 +107,7 @@ def test_http_router(store: LineageStore) -> None:
     ]
     Projector(store).project(records)
     app = FastAPI()
+    install_error_handlers(app)
     app.state.lineage_store = store
     app.include_router(router)
     client = TestClient(app)
@@ -119,5 +121,7 @@ def test_http_router(store: LineageStore) -> None:
     down = client.get("/lineage/datasets/A/downstream").json()
     assert down["versions"][0]["derived"] == ["dataset:B@v1"]
     assert len(client.get("/lineage/models/m/history").json()) == 4
-    assert client.get("/lineage/models/nobody/upstream").status_code == 404
-    assert client.get("/lineage/models/m/upstream", params={"as_of": "x"}).status_code == 422
+    unknown = client.get("/lineage/models/nobody/upstream")
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "NotInLineage"
+    bad_time = client.get("/lineage/models/m/upstream", params={"as_of": "x"})
+    assert bad_time.status_code == 422 and "ISO 8601" in bad_time.json()["error"]["message"]

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from mlbus.consumers.lineage import tables as t
 from mlbus.consumers.lineage.projector import Projector
 from mlbus.consumers.lineage.queries import LineageQueries
-from mlbus.consumers.lineage.store import LineageError, LineageStore, NotFound
+from mlbus.consumers.lineage.store import LineageError, LineageStore, NotInLineage
 from mlbus.errors import TransientError
 from mlbus.kafka.reader import LogRecord
 from mlbus.schemas.codec import STRUCTURED_HEADERS, encode_new
@@ -128,11 +128,11 @@ def test_a_new_projection_version_rebuilds_instead_of_migrating(
 
 def test_unknown_names_raise_not_found(store: LineageStore) -> None:
     queries = LineageQueries(store)
-    with pytest.raises(NotFound):
+    with pytest.raises(NotInLineage):
         queries.upstream("nobody")
-    with pytest.raises(NotFound):
+    with pytest.raises(NotInLineage):
         queries.downstream("nothing")
-    with pytest.raises(NotFound):
+    with pytest.raises(NotInLineage):
         queries.why("nobody", "v1")
 
 

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from mlbus.consumers.lineage import tables as t
 from mlbus.consumers.lineage.projector import Projector
 from mlbus.consumers.lineage.queries import MAX_DEPTH, DatasetNode, LineageQueries
-from mlbus.consumers.lineage.store import LineageStore, NotFound, micros
+from mlbus.consumers.lineage.store import LineageStore, NotInLineage, micros
 from mlbus.errors import MlbusError
 from mlbus.kafka.reader import LogRecord
 from mlbus.schemas.base import Payload
@@ -156,7 +156,7 @@ def test_ancestry_shapes_by_hand(queries: LineageQueries) -> None:
 
 def test_ancestry_as_known_at_a_time(queries: LineageQueries) -> None:
     # HISTORY[i] happened at minute i: "diamond" (5) after its datasets (0 to 4)
-    with pytest.raises(NotFound):
+    with pytest.raises(NotInLineage):
         queries.upstream("m", "diamond", as_of=T0 + timedelta(minutes=4))
     cut = T0 + timedelta(minutes=5)
     up = queries.upstream("m", "diamond", as_of=cut)

@@ -11,7 +11,7 @@ import pytest
 
 from mlbus.consumers.lineage.projector import Projector
 from mlbus.consumers.lineage.queries import LineageQueries
-from mlbus.consumers.lineage.store import LineageStore, NotFound
+from mlbus.consumers.lineage.store import LineageStore, NotInLineage
 from mlbus.kafka.reader import LogRecord
 from mlbus.schemas.base import Payload
 from mlbus.schemas.codec import STRUCTURED_HEADERS, encode_new
@@ -124,9 +124,9 @@ def test_upstream_as_known_at_a_time(queries: LineageQueries) -> None:
     assert [d.name for d in earlier.datasets] == ["A"]
 
     # at minute 11.7, run 3 had started but produced nothing yet
-    with pytest.raises(NotFound):
+    with pytest.raises(NotInLineage):
         queries.upstream("m", "3", as_of=at(11.7))
-    with pytest.raises(NotFound):
+    with pytest.raises(NotInLineage):
         queries.upstream("m", as_of=at(2))
 
     now = queries.upstream("m")

@@ -7,12 +7,14 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from mlbus.consumers.workflow.api import create_router
+from mlbus.http import install_error_handlers
 from tests.consumers.workflow.support import DIGITS_YAML, completed, send
 from tests.mlbus.kafka.support import read_events
 
 
 def test_pipelines_and_models_over_http(kafka):
     app = FastAPI()
+    install_error_handlers(app)
     app.include_router(create_router(lambda: kafka))
     client = TestClient(app)
     text = DIGITS_YAML.read_text()
@@ -29,12 +31,12 @@ def test_pipelines_and_models_over_http(kafka):
 
     send(kafka, completed("digits", "v1", 0.96), completed("digits", "v2", 0.97))
     missing = client.post("/models/digits/promote", json={"version": "v9", "reason": "try"})
-    assert missing.status_code == 404
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "UnknownModel"
     promoted = client.post("/models/digits/promote", json={"version": "v1", "reason": "first"})
     assert promoted.status_code == 201 and promoted.json()["actor"] == "http"
     assert promoted.json()["artifact"]["uri"].endswith("digits/v1/model.safetensors")
     nothing = client.post("/models/digits/rollback", json={"reason": "oops"})
-    assert nothing.status_code == 409
+    assert nothing.status_code == 409 and nothing.json()["error"]["type"] == "NothingToRollBack"
     client.post("/models/digits/promote", json={"version": "v2", "reason": "better"})
     back = client.post("/models/digits/rollback", json={"reason": "v2 is slow", "actor": "ops"})
     assert back.status_code == 201 and (back.json()["version"], back.json()["rollback"]) == (

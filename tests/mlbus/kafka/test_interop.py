@@ -1,4 +1,4 @@
-"""Interop with Kafka clients that know nothing of mlbus (DESIGN.md, "Who uses it"): an
+"""Interop with Kafka clients that know nothing of mlbus (docs/architecture.md, "Who uses it"): an
 upstream system producing a JSON CloudEvent with a plain client or `kcat` is handled as a typed
 event and shown by `mlbus tail`; what mlbus publishes reads as plain JSON in `kcat`."""
 
@@ -114,7 +114,7 @@ def test_mlbus_tail_shows_a_plain_client_event_decoded(kafka, tmp_path):
 def kcat(tmp_path: Path) -> list[str]:
     """The `kcat` command, run against the librdkafka shipped in the confluent-kafka wheel:
     the distributions' kcat links an older librdkafka that cannot talk to the embedded
-    broker (shared/BROKER.md)."""
+    broker (docs/broker.md)."""
     binary = shutil.which("kcat")
     if binary is None:
         pytest.fail("kcat is not installed (Debian/Ubuntu: apt-get install -y kcat)")

@@ -1,0 +1,92 @@
+"""`mlbus run <service>` (one service alone in the foreground: what a container runs) and
+`mlbus services list|export` (the manifests of mlbus/services.py, and infra/'s compose and
+Kubernetes definitions rendered from them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.table import Table
+
+from mlbus.cli.common import app, console, settings
+from mlbus.errors import MlbusError
+from mlbus.services import SERVICES, names, service
+
+services_app = typer.Typer(help="The platform's services, as their manifests declare them.",
+                           no_args_is_help=True)  # fmt: skip
+app.add_typer(services_app, name="services")
+
+
+@app.command("run")
+def run(
+    name: Annotated[str, typer.Argument(metavar="SERVICE", help=", ".join(names()))],
+) -> None:
+    """Run one service alone in the foreground, until SIGTERM/SIGINT: what a container runs
+    (`mlbus up` runs each service this way under its supervisor)."""
+    manifest = service(name)
+    code = manifest.entry()(manifest, settings())
+    raise typer.Exit(code or 0)
+
+
+@services_app.command("list")
+def services_list(
+    json_lines: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
+) -> None:
+    """Every service: its consumer group, source, topics read and written, health check."""
+    cfg = settings()
+    rows = [
+        {
+            "service": s.name,
+            "group": s.group_id(cfg.topic_prefix) if s.group else None,
+            "source": s.source,
+            "reads": list(s.reads),
+            "writes": list(s.writes),
+            "health": s.health and f"{s.health.path} on {s.health.port}",
+            "build": s.build,
+        }
+        for s in SERVICES
+    ]
+    if json_lines:
+        for row in rows:
+            print(orjson.dumps(row).decode())
+        return
+    table = Table("service", "group", "source", "reads", "writes", "health")
+    for s in SERVICES:
+        table.add_row(
+            s.name, s.group_id(cfg.topic_prefix) if s.group else "-", s.source,
+            ", ".join(s.reads) or "-", ", ".join(s.writes) or "-",
+            f"{s.health.path} on {s.health.port}" if s.health else "process alive",
+        )  # fmt: skip
+    console.print(table)
+
+
+@services_app.command("export")
+def services_export(
+    fmt: Annotated[str, typer.Option("--format", help="compose or k8s")] = "compose",
+    into: Annotated[
+        Path | None,
+        typer.Option(
+            "--into",
+            help="compose: rewrite this file's generated services instead of printing them",
+        ),
+    ] = None,
+) -> None:
+    """The services for a container platform, each `mlbus run <service>`: compose entries
+    (between the markers of infra/docker-compose.yml) or Kubernetes Deployments
+    (infra/k8s/services.yaml); `make infra` writes both."""
+    from mlbus.deploy import compose_services, compose_with_services, kubernetes_services
+
+    if fmt == "compose":
+        if into is None:
+            print(compose_services(), end="")
+        else:
+            into.write_text(compose_with_services(into.read_text()))
+    elif fmt == "k8s":
+        if into is not None:
+            raise MlbusError("--into is for --format compose; redirect k8s to a file")
+        print(kubernetes_services(), end="")
+    else:
+        raise MlbusError(f"--format {fmt!r}: use compose or k8s")

@@ -1,0 +1,278 @@
+"""The service manifests: each long-running service of the platform declared once — its
+name, consumer group, CloudEvents source, the topics it reads and writes, the entry point
+that builds and runs it, how its health is checked and how it is deployed.
+
+Everything that knows about services derives from `SERVICES`: the supervisor of `mlbus up`
+(one `mlbus run <name>` process each), `mlbus run <name>` itself (what a container runs),
+the compose and Kubernetes files of infra/ (`mlbus services export`, `make infra`, rendered
+by mlbus/deploy.py) and the README's service table (`python -m mlbus.docs`).
+
+This module is data. `build` names the composition-root function as a "module:function"
+string so that the kernel imports no component; components may read their own manifest
+(group id, source) from here.
+
+Group ids follow one scheme: `<topic prefix>mlbus-<name>` (`group_id`), so that several
+stacks sharing a cluster through MLBUS_TOPIC_PREFIX never share a group either.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mlbus.errors import ConfigError
+from mlbus.schemas.catalog import DEADLETTER, TOPICS
+from mlbus.settings import Settings
+
+
+@dataclass(frozen=True)
+class HttpCheck:
+    """Healthy when `GET path` on the service's port answers 2xx. Ports and interfaces are
+    settings (dotted paths into `Settings`, e.g. `serving.port`); port 0 turns the server,
+    and so this check, off."""
+
+    port: str
+    path: str
+    """answers once the process serves (what `mlbus up` waits for, the liveness check)"""
+    ready: str | None = None
+    """answers once it can take traffic (Kubernetes readiness); default `path`"""
+    host: str | None = None
+    """setting naming the interface it listens on; None: it listens on every interface"""
+
+    def port_of(self, cfg: Settings) -> int:
+        return int(_setting(cfg, self.port))
+
+    def base_url(self, cfg: Settings) -> str | None:
+        """Where the service answers on this host; None when its port is 0 (off)."""
+        port = self.port_of(cfg)
+        if not port:
+            return None
+        host = _setting(cfg, self.host) if self.host else "127.0.0.1"
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"http://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How a container platform runs the service (infra/docker-compose.yml, infra/k8s)."""
+
+    scale: str
+    """how far and by what it scales: the comment next to its Kubernetes Deployment"""
+    replicas: int = 1
+    grace_seconds: int = 30
+    """SIGTERM to SIGKILL: in-flight work is finished and offsets committed in between"""
+    cpu: str = "500m"
+    memory: str = "1Gi"
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    """what `mlbus run`, `mlbus up --only`, compose and Kubernetes call it"""
+    folder: str
+    """where its code lives (README)"""
+    role: str
+    source: str
+    """CloudEvents `source` of what it publishes"""
+    reads: tuple[str, ...]
+    """contract topics it consumes or replays"""
+    writes: tuple[str, ...]
+    """contract topics it publishes to"""
+    build: str
+    """"module:function" of the composition root that builds and runs it in the
+    foreground: `function(service, settings) -> exit code | None`"""
+    deployment: Deployment
+    health: HttpCheck | None = None
+    """None: healthy while its process lives"""
+    group: bool = True
+    """whether it consumes in a consumer group (`group_id`); False: group-less readers only"""
+    keeps: str = ""
+    """what it writes besides topics, if anything (README)"""
+
+    def group_id(self, prefix: str = "") -> str:
+        """Its consumer group: `<topic prefix>mlbus-<name>`."""
+        return f"{prefix}mlbus-{self.name}"
+
+    def entry(self) -> Callable[[Service, Settings], int | None]:
+        """The composition-root function named by `build`, imported now."""
+        module, _, function = self.build.partition(":")
+        entry: Callable[[Service, Settings], int | None] = getattr(
+            importlib.import_module(module), function
+        )
+        return entry
+
+
+def _setting(cfg: Settings, path: str) -> Any:
+    value: Any = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+_EVERY_TOPIC = tuple(TOPICS)
+_TRAINING = ("training.started", "training.progress", "training.completed", "training.failed")
+
+#: Every service, in start order (`mlbus up` stops them in reverse: the API first).
+SERVICES: tuple[Service, ...] = (
+    Service(
+        "validator",
+        folder="datasets/",
+        role="checks each new dataset version against its bytes (hash, schema, rows)",
+        source="mlbus/datasets",
+        reads=("dataset.created",),
+        writes=("dataset.validated", DEADLETTER),
+        build="mlbus.cli.datasets:run_validator",
+        deployment=Deployment(
+            "up to dataset.created's partitions (3); each replica validates its share."
+        ),
+    ),
+    Service(
+        "trainer",
+        folder="trainer/",
+        role="training workers: Arrow → torch, checkpoints, artifacts",
+        source="mlbus/trainer",
+        reads=("training.requested", "dataset.created"),
+        writes=(*_TRAINING, DEADLETTER),
+        build="mlbus.cli.training:run_trainer",
+        keeps="artifacts, checkpoints",
+        deployment=Deployment(
+            "up to training.requested's partitions (6) — one run at a time per replica; more "
+            "replicas than partitions sit idle. Give each the CPU/GPU a run needs.",
+            replicas=2,
+            grace_seconds=60,
+            cpu="2",
+            memory="4Gi",
+        ),
+    ),
+    Service(
+        "workflow",
+        folder="consumers/workflow/",
+        role="pipelines, triggers, promotion policy, rollback",
+        source="mlbus/workflow",
+        reads=(
+            "pipeline.defined",
+            "dataset.created",
+            "dataset.validated",
+            "training.requested",
+            "training.completed",
+            "training.failed",
+            "model.promoted",
+            "model.rejected",
+            "serving.alert",
+        ),
+        writes=("training.requested", "model.promoted", "model.rejected", DEADLETTER),
+        build="mlbus.cli.workflow:run_workflow",
+        deployment=Deployment(
+            "1. Decisions (debounce, sweeps, champion comparison) need one view per model; a "
+            "second replica only takes over partitions on failure."
+        ),
+    ),
+    Service(
+        "lineage",
+        folder="consumers/lineage/",
+        role="metadata store: SQL projection of the log, lineage queries, audit",
+        source="mlbus/lineage",
+        reads=(
+            "dataset.created",
+            "dataset.validated",
+            "training.requested",
+            *_TRAINING,
+            "pipeline.defined",
+            "model.promoted",
+            "model.rejected",
+            "deployment.updated",
+            "serving.alert",
+        ),
+        writes=(),
+        build="mlbus.cli.lineage:run_lineage",
+        keeps="SQL",
+        deployment=Deployment(
+            "up to the partitions of the contract topics (3); the store is PostgreSQL "
+            "(MLBUS_METADATA_URL), positions are kept with the rows."
+        ),
+    ),
+    Service(
+        "archive",
+        folder="consumers/archive/",
+        role="the log on the object store as Parquet, for years",
+        source="mlbus/archive",
+        reads=_EVERY_TOPIC,
+        writes=(),
+        build="mlbus.cli.archive:run_archive",
+        keeps="Parquet",
+        deployment=Deployment(
+            "up to the contract topics' partitions; each replica archives its partitions "
+            "exactly once."
+        ),
+    ),
+    Service(
+        "streams",
+        folder="streams/",
+        role="faust processors: windowed metrics, drift, alerts, Prometheus",
+        source="mlbus/streams",
+        reads=("inference.logged", "dataset.created", "training.completed", "model.promoted"),
+        writes=("serving.metrics", "serving.alert", DEADLETTER),
+        build="mlbus.cli.streams:run_streams",
+        deployment=Deployment(
+            "up to inference.logged's partitions (6); windowed tables are partitioned by model "
+            "like the topic."
+        ),
+        health=HttpCheck(port="streams.metrics_port", path="/metrics"),
+    ),
+    Service(
+        "serve",
+        folder="serving/",
+        role="model server (Open Inference Protocol v2, HTTP and Kafka)",
+        source="mlbus/serving",
+        reads=("model.promoted", "inference.requests"),
+        writes=("deployment.updated", "inference.results", "inference.logged", DEADLETTER),
+        build="mlbus.cli.serving:run_serving",
+        deployment=Deployment(
+            "freely (horizontal pod autoscaler on CPU or request rate): each replica reads "
+            "every model.promoted itself, no consumer group.",
+            replicas=2,
+        ),
+        health=HttpCheck(
+            port="serving.port",
+            path="/v2/health/live",
+            ready="/v2/health/ready",
+            host="serving.host",
+        ),
+    ),
+    Service(
+        "api",
+        folder="mlbus/cli/",
+        role="the control-plane HTTP API (OpenAPI at /docs, /ui, /metrics)",
+        source="mlbus/api",
+        reads=(
+            "dataset.created",
+            "dataset.validated",
+            "pipeline.defined",
+            "training.requested",
+            "training.completed",
+            "training.failed",
+            "model.promoted",
+            "model.rejected",
+        ),
+        writes=("dataset.created", "pipeline.defined", "training.requested", "model.promoted"),
+        build="mlbus.cli.api:run_api",
+        deployment=Deployment("freely; stateless (reads the log and the metadata store)."),
+        health=HttpCheck(port="api.port", path="/health", host="api.host"),
+        group=False,
+    ),
+)
+
+
+def service(name: str) -> Service:
+    """The manifest named `name`; ConfigError naming the services otherwise."""
+    for s in SERVICES:
+        if s.name == name:
+            return s
+    raise ConfigError(f"unknown service {name!r}; services: {', '.join(names())}")
+
+
+def names() -> list[str]:
+    return [s.name for s in SERVICES]

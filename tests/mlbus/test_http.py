@@ -1,0 +1,123 @@
+"""The kernel's HTTP edge (mlbus/http.py): one handler answers each semantic base with its
+status and a body naming the problem, and one bearer guard protects what needs a token."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import pytest
+from fastapi import Depends, FastAPI, Query
+from fastapi.testclient import TestClient
+
+from mlbus.errors import (
+    Conflict,
+    Invalid,
+    MlbusError,
+    NotFound,
+    TransientError,
+    Unauthorized,
+)
+from mlbus.http import bearer_guard, install_error_handlers
+
+BASES: dict[type[MlbusError], int] = {
+    NotFound: 404, Invalid: 400, Conflict: 409, Unauthorized: 401, TransientError: 503,
+    MlbusError: 500,
+}  # fmt: skip
+
+
+class Vanished(NotFound):
+    """A component's error: it subclasses a base and inherits its status."""
+
+
+def raising_app(**handlers: object) -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app, **handlers)  # type: ignore[arg-type]
+    kinds = {cls.__name__: cls for cls in [*BASES, Vanished]}
+
+    @app.get("/raise/{kind}")
+    def raise_(kind: str) -> None:
+        raise kinds[kind](f"a {kind} happened")
+
+    @app.get("/count")
+    def count(n: Annotated[int, Query()]) -> int:
+        return n
+
+    @app.get("/crash")
+    def crash() -> None:
+        raise RuntimeError("boom")
+
+    return app
+
+
+@pytest.mark.parametrize(("kind", "status"), [(k.__name__, s) for k, s in BASES.items()])
+def test_each_semantic_base_is_answered_with_its_status(kind, status):
+    response = TestClient(raising_app()).get(f"/raise/{kind}")
+    assert response.status_code == status
+    assert response.json() == {"error": {"type": kind, "message": f"a {kind} happened"}}
+
+
+def test_a_components_error_inherits_its_bases_status_and_keeps_its_name():
+    response = TestClient(raising_app()).get("/raise/Vanished")
+    assert response.status_code == 404 and response.json()["error"]["type"] == "Vanished"
+
+
+def test_unauthorized_names_the_scheme_it_wants():
+    response = TestClient(raising_app()).get("/raise/Unauthorized")
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_errors_of_fastapi_and_of_the_code_get_the_same_body():
+    client = TestClient(raising_app(), raise_server_exceptions=False)
+    invalid = client.get("/count", params={"n": "many"})
+    assert invalid.status_code == 422 and invalid.json()["error"]["type"] == "InvalidRequest"
+    assert "query.n" in invalid.json()["error"]["message"]
+    unknown = client.get("/nowhere")
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "NotFound"
+    wrong = client.post("/count")
+    assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "MethodNotAllowed"
+    crash = client.get("/crash")
+    assert crash.status_code == 500
+    assert crash.json() == {"error": {"type": "InternalError", "message": "RuntimeError: boom"}}
+
+
+def test_the_app_chooses_the_shape_of_the_body():
+    def flat(kind: str, message: str) -> dict[str, str]:
+        return {"error": message, "type": kind}
+
+    response = TestClient(raising_app(body=flat)).get("/raise/Conflict")
+    assert response.status_code == 409
+    assert response.json() == {"error": "a Conflict happened", "type": "Conflict"}
+
+
+def guarded_app(token: str | None, **options: object) -> TestClient:
+    app = FastAPI(dependencies=[Depends(bearer_guard(token, **options))])  # type: ignore[arg-type]
+    install_error_handlers(app)
+
+    @app.get("/thing")
+    def read() -> str:
+        return "read"
+
+    @app.post("/thing")
+    def write() -> str:
+        return "written"
+
+    return TestClient(app)
+
+
+def test_the_guard_refuses_a_missing_or_wrong_token():
+    client = guarded_app("s3cret")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        response = client.post("/thing", headers=headers)
+        assert response.status_code == 401, headers
+        assert response.json()["error"]["type"] == "Unauthorized"
+    assert client.get("/thing").status_code == 401  # no open methods: reading needs it too
+    ok = client.post("/thing", headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and ok.json() == "written"
+
+
+def test_the_guard_leaves_open_methods_and_an_unset_token_open():
+    client = guarded_app("s3cret", open_methods={"GET"}, message="token please")
+    assert client.get("/thing").status_code == 200
+    refused = client.post("/thing")
+    assert refused.status_code == 401 and refused.json()["error"]["message"] == "token please"
+    assert guarded_app(None).post("/thing").status_code == 200
