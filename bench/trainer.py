@@ -61,6 +61,7 @@ from mlbus.families import build, hyperparameters
 from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import ConsumerLoop, Record
+from mlbus.kafka.logview import dataset_versions
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.envelope import Event
@@ -101,7 +102,8 @@ def synthetic(rows: int, features: int = 20, classes: int = 4) -> pa.Table:
 
 def prepared_of(kafka: KafkaConfig, store: ObjectStore, name: str, version: str) -> Prepared:
     """The tensors the worker trains on, built as it builds them (untimed)."""
-    data = find_dataset(kafka, name, version)
+    with dataset_versions(kafka) as known:
+        data = find_dataset([e.data for e in known.events()], name, version)
     label = data.label_column
     assert label is not None
     features = [c.name for c in data.arrow_schema if c.name != label]
@@ -193,6 +195,7 @@ def worker_run(
         thread = threading.Thread(target=loop.run, kwargs={"install_signal_handlers": False})
         thread.start()
         thread.join()
+        worker.close()
     assert timings, "the worker never handled the request"
     text = None
     if profiler is not None:
@@ -236,6 +239,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Report:
                 from_table(synthetic(args.rows)), name="tabular", label="label"
             ).version,
         }
+        registry.close()
         for work in workloads:
             dataset = DatasetRef(name=work.key, version=versions[work.key])
             data = prepared_of(kafka, store, work.key, dataset.version)

@@ -7,8 +7,8 @@ if publishing fails the committed object is removed again, so a failed registrat
 nothing behind and announces nothing. Registering data that is already a version of the
 dataset publishes nothing and says so.
 
-Which versions exist is read from the log (`dataset.created`), not from the object store:
-the event, not the file, is what makes a version visible.
+Which versions exist is read from the log (`dataset.created`, through a log view), not from
+the object store: the event, not the file, is what makes a version visible.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from mlbus.datasets.sources import InvalidDataset, Source, open_source
 from mlbus.datasets.writer import write_canonical
 from mlbus.errors import MlbusError, UnknownDataset
 from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.logview import dataset_versions
 from mlbus.kafka.producer import EventProducer
-from mlbus.kafka.reader import read_events
 from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.datasets import ColumnSchema, DatasetCreated
 from mlbus.schemas.envelope import Event
@@ -64,10 +64,24 @@ def object_key(name: str, version: str) -> str:
 
 
 class DatasetRegistry:
+    """Registers versions and finds them from a log view of `dataset.created`, kept open
+    between calls (each lookup reads only what was announced since): `close()` it, or use
+    it as a context manager."""
+
     def __init__(self, store: ObjectStore, kafka: KafkaConfig, *, source: str = SOURCE) -> None:
         self.store = store
         self.kafka = kafka
         self.source = source
+        self._known = dataset_versions(kafka)
+
+    def close(self) -> None:
+        self._known.close()
+
+    def __enter__(self) -> DatasetRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- registering ------------------------------------------------------------------------
 
@@ -149,13 +163,9 @@ class DatasetRegistry:
     # -- finding ----------------------------------------------------------------------------
 
     def versions(self, name: str | None = None) -> list[Event]:
-        """Every `dataset.created` in the log (of `name`), oldest first, one per version."""
-        seen: dict[tuple[str, str], Event] = {}
-        for event in read_events(self.kafka, "dataset.created"):
-            data = event.data
-            if name is None or data.name == name:
-                seen.setdefault((data.name, data.version), event)
-        return sorted(seen.values(), key=lambda e: (e.time is None, e.time))
+        """Every `dataset.created` in the log now (of `name`), oldest first, one per version."""
+        found = [e for e in self._known.events() if name is None or e.data.name == name]
+        return sorted(found, key=lambda e: (e.time is None, e.time))
 
     def get(self, text: str) -> Event:
         """`name` (the newest version) or `name@version` (a unique prefix will do)."""

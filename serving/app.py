@@ -31,7 +31,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import mlbus
 from mlbus.errors import MlbusError, UnknownModel
 from mlbus.http import bearer_guard, install_error_handlers
-from mlbus.kafka.reader import read_events
 from mlbus.schemas.envelope import new_event_id
 from mlbus.serving.errors import NotReady, PayloadTooLarge
 from mlbus.serving.registry import Deployment
@@ -362,11 +361,11 @@ def create_app(server: ModelServer) -> FastAPI:
               responses=_errors(401, 404, 503))  # fmt: skip
     def repository_load(name: str) -> dict[str, Any]:
         """Load the model's champion as `model.promoted` has it now (after an unload)."""
-        events = [e for e in read_events(server.kafka, "model.promoted") if e.data.model == name]
-        if not events:
+        champion = server.deployer.champion(name)
+        if champion is None:
             raise UnknownModel(f"model {name!r} was never promoted")
-        if server.deployer.handle(events[-1]) is None:
-            raise NotReady(f"model {name!r} version {events[-1].data.version} failed to load")
+        if server.deployer.handle(champion) is None:
+            raise NotReady(f"model {name!r} version {champion.data.version} failed to load")
         slot = server.registry.slot(name)
         return model_metadata(name, [d for d in (slot.current, slot.previous) if d])
 

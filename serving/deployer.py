@@ -1,7 +1,7 @@
-"""Model lifecycle from the log: reads `model.promoted` from the beginning (newest promotion
-per model = its champion, the one before = its previous version), loads those, then follows
-the topic group-less, so every replica sees every promotion. Publishes
-`deployment.updated` for each load (loaded or failed).
+"""Model lifecycle from the log: a log view of `model.promoted` (mlbus/kafka/logview.py) read
+from the beginning (newest promotion per model = its champion, the one before = its previous
+version), loads those, then follows the topic group-less, so every replica sees every
+promotion. Publishes `deployment.updated` for each load (loaded or failed).
 
 A promoted version is loaded and verified beside the serving one and swapped in only when
 it passed (serving/registry.py). Effects are idempotent: a redelivered promotion of the
@@ -20,9 +20,8 @@ from typing import Literal
 
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.logview import LogView, Positioned
 from mlbus.kafka.producer import EventProducer
-from mlbus.kafka.reader import TopicReader
-from mlbus.schemas.codec import Headers, decode
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import DeploymentUpdated, ModelPromoted
 from mlbus.serving.errors import VerificationFailed
@@ -37,7 +36,8 @@ TOPIC = "model.promoted"
 
 class Deployer:
     """Runs in its own thread (`start()` / `stop()`); `ready` is set once the champions that
-    were in the log at start are loaded (or have failed to load)."""
+    were in the log at start are loaded (or have failed to load). `champion()` answers from
+    the same view, caught up to the end of the log first."""
 
     def __init__(
         self,
@@ -57,9 +57,12 @@ class Deployer:
         self.on_outcome = on_outcome
         self.ready = threading.Event()
         self._stop = threading.Event()
-        self._reader: TopicReader | None = None
         self._thread: threading.Thread | None = None
-        self._positions: dict[int, int] = {}  # partition → next offset to handle
+        self._lock = threading.Lock()
+        self._history: dict[str, list[Event[ModelPromoted]]] = {}  # model → last two versions
+        self._following = False  # promotions folded from now on are new: handled as they come
+        self._pending: list[Event[ModelPromoted]] = []
+        self.view = LogView(kafka, [TOPIC], on_event=self._fold, name="deployer")
 
     # -- control ---------------------------------------------------------------------------
 
@@ -69,10 +72,16 @@ class Deployer:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        if self._reader is not None:
-            self._reader.stop()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.view.stop(timeout)
+
+    def champion(self, name: str) -> Event[ModelPromoted] | None:
+        """The newest promotion of `name` as the log has it now (None: never promoted)."""
+        self.view.catch_up()
+        with self._lock:
+            events = self._history.get(name)
+            return events[-1] if events else None
 
     # -- the thread ------------------------------------------------------------------------
 
@@ -83,7 +92,12 @@ class Deployer:
                 if not self.ready.is_set():
                     self._catch_up()
                     self.ready.set()
-                self._follow()
+                while not self._stop.is_set():
+                    self.view.poll()
+                    with self._lock:
+                        new, self._pending = self._pending, []
+                    for event in new:
+                        self.handle(event)
                 return
             except MlbusError as e:  # broker or store away: retry from where we are
                 log.warning("deployer: %s (retrying in %.1fs)", e, delay)
@@ -93,18 +107,21 @@ class Deployer:
                 log.exception("deployer: unexpected error (retrying)")
                 self._stop.wait(delay)
 
+    def _fold(self, item: Positioned) -> None:
+        event: Event[ModelPromoted] = item.event
+        with self._lock:
+            versions = self._history.setdefault(event.data.model, [])
+            versions[:] = [e for e in versions if e.data.version != event.data.version][-1:]
+            versions.append(event)
+            if self._following:
+                self._pending.append(event)
+
     def _catch_up(self) -> None:
         """Read the topic to its end; load each model's champion and the version before."""
-        history: dict[str, list[Event[ModelPromoted]]] = {}
-        reader = TopicReader(self.kafka, [self.kafka.topic(TOPIC)])
-        for message in reader:
-            self._positions[message.partition()] = message.offset() + 1
-            event = self._decode(message.value(), message.headers())
-            if event is None:
-                continue
-            versions = history.setdefault(event.data.model, [])
-            versions[:] = [e for e in versions if e.data.version != event.data.version]
-            versions.append(event)
+        self.view.catch_up()
+        with self._lock:  # what came after this is handled by the following loop
+            history = {name: list(events) for name, events in self._history.items()}
+            self._following = True
         for name, events in history.items():
             if self._stop.is_set():
                 return
@@ -112,30 +129,6 @@ class Deployer:
                 self.handle(events[-2], initial_previous=True)
             self.handle(events[-1])
             log.info("deployer: %s caught up at version %s", name, events[-1].data.version)
-
-    def _follow(self) -> None:
-        self._reader = TopicReader(self.kafka, [self.kafka.topic(TOPIC)], follow=True,
-                                   poll_timeout=0.1)  # fmt: skip
-        if self._stop.is_set():
-            return
-        for message in self._reader:
-            if message.offset() < self._positions.get(message.partition(), 0):
-                continue  # handled while catching up
-            self._positions[message.partition()] = message.offset() + 1
-            event = self._decode(message.value(), message.headers())
-            if event is not None:
-                self.handle(event)
-
-    def _decode(self, value: bytes | None, headers: Headers) -> Event[ModelPromoted] | None:
-        try:
-            return decode(value, expected_type=TOPIC, max_bytes=self.kafka.max_event_bytes)
-        except MlbusError:
-            try:  # CloudEvents binary mode
-                return decode(value, headers, expected_type=TOPIC,
-                              max_bytes=self.kafka.max_event_bytes)  # fmt: skip
-            except MlbusError as e:
-                log.warning("deployer: skipping an invalid %s record: %s", TOPIC, e)
-                return None
 
     # -- one promotion ---------------------------------------------------------------------
 

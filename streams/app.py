@@ -36,7 +36,7 @@ from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.schemas.catalog import TOPICS
 from mlbus.settings import StreamsSettings
-from mlbus.streams.drift import BaselineFollower, Baselines
+from mlbus.streams.drift import Baselines, baseline_view
 from mlbus.streams.exporter import Exporter
 from mlbus.streams.processor import EVENT_TYPE, StreamProcessor
 from mlbus.streams.transport import App
@@ -121,7 +121,7 @@ class StreamsApp:
         self.config = WindowConfig.from_settings(settings, options.idle_seconds)
         self.baselines = Baselines()
         self.exporter = Exporter()
-        self.follower = BaselineFollower(kafka, self.baselines)
+        self.follower = baseline_view(kafka, self.baselines)
         partitions = TOPICS[EVENT_TYPE].partitions
         options.data_dir.mkdir(parents=True, exist_ok=True)
         self.app = App(
@@ -198,10 +198,10 @@ class StreamsApp:
         """Topics, baselines (read to the end before the first record), the exporter."""
         ensure_changelog(self.kafka, self.options.app_id)
         self.follower.start()
-        if not self.follower.caught_up.wait(baseline_timeout):
+        if not self.follower.wait(baseline_timeout):
+            if self.follower.error is not None:  # the view keeps retrying; the service does not
+                raise TransientError(f"cannot read the training baselines: {self.follower.error}")
             log.warning("streams: training baselines not read within %.0fs", baseline_timeout)
-        if self.follower.error is not None:
-            raise TransientError(f"cannot read the training baselines: {self.follower.error}")
         if self.options.metrics_port:
             self.exporter.serve(self.options.metrics_port)
 

@@ -3,7 +3,7 @@ from the log (`model.promoted` → `training.completed` → `dataset.created`), 
 histograms and label distribution, and the Population Stability Index against them.
 
 Reads model.promoted, training.completed and dataset.created (group-less, followed for new
-events by `BaselineFollower`); writes nothing.
+events by a log view, `baseline_view`); writes nothing.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
-from mlbus.kafka.reader import TopicReader
-from mlbus.schemas.codec import decode
+from mlbus.kafka.logview import LogView
 from mlbus.schemas.datasets import DatasetCreated
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import ModelPromoted
@@ -192,36 +190,9 @@ class Baselines:
         return baseline
 
 
-class BaselineFollower:
-    """Reads the lineage topics from the beginning, then follows them, into `Baselines`.
-    `caught_up` is set once what was in the log at the start has been read."""
-
-    def __init__(self, kafka: KafkaConfig, baselines: Baselines) -> None:
-        self.baselines = baselines
-        self._reader = TopicReader(kafka, [kafka.topic(t) for t in FOLLOWED], follow=True)
-        self._kafka = kafka
-        self.caught_up = self._reader.caught_up
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="streams-baselines", daemon=True)
-
-    def start(self) -> BaselineFollower:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._reader.stop()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        try:
-            for message in self._reader:
-                event_type = self._kafka.event_type(message.topic())
-                try:
-                    event = decode(message.value(), message.headers(), expected_type=event_type)
-                except MlbusError:
-                    continue  # the dead-letter topic is its owner's business
-                self.baselines.add(event)
-        except BaseException as e:  # reported by the service; drift then says so
-            self.error = e
-            self.caught_up.set()
-            log.exception("streams: following the training baselines failed")
+def baseline_view(kafka: KafkaConfig, baselines: Baselines) -> LogView:
+    """The lineage topics, from the beginning and then followed, folded into `baselines`:
+    `start()` it, `wait()` for what was in the log at the start, `stop()` it."""
+    return LogView(
+        kafka, FOLLOWED, on_event=lambda item: baselines.add(item.event), name="streams-baselines"
+    )

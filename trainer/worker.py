@@ -21,6 +21,7 @@ import resource
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -31,8 +32,8 @@ from mlbus.errors import Abandon, TransientError, UnknownDataset
 from mlbus.families import InvalidModelSpec, hyperparameters
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Record
+from mlbus.kafka.logview import dataset_versions
 from mlbus.kafka.producer import EventProducer
-from mlbus.kafka.reader import read_events
 from mlbus.ml.card import ModelCard
 from mlbus.schemas.datasets import DatasetCreated
 from mlbus.schemas.envelope import Event
@@ -94,11 +95,11 @@ def resolve_device(requested: str | None) -> str:
     return name
 
 
-def find_dataset(kafka: KafkaConfig, name: str, version: str) -> DatasetCreated:
-    """The `dataset.created` of name@version (a unique version prefix will do)."""
+def find_dataset(datasets: Iterable[DatasetCreated], name: str, version: str) -> DatasetCreated:
+    """The `dataset.created` of name@version among `datasets` (a unique version prefix will
+    do)."""
     found: dict[str, DatasetCreated] = {}
-    for event in read_events(kafka, "dataset.created"):
-        data: DatasetCreated = event.data
+    for data in datasets:
         if data.name == name and data.version.startswith(version):
             found[data.version] = data
     if len(found) != 1:
@@ -120,6 +121,11 @@ class TrainingWorker:
         self.producer = producer
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._retries: dict[str, int] = {}  # run id → transient failures seen by this process
+        self.datasets = dataset_versions(kafka, name="trainer datasets")
+
+    def close(self) -> None:
+        """Stop the log view of `dataset.created` (the worker's owner calls this)."""
+        self.datasets.close()
 
     def __call__(self, event: Event[TrainingRequested], record: Record) -> None:
         request: TrainingRequested = event.data
@@ -185,7 +191,9 @@ class TrainingWorker:
         started = time.perf_counter()
         params = hyperparameters(request.family, request.hyperparameters)
         device = resolve_device(request.device)
-        data = find_dataset(self.kafka, request.dataset.name, request.dataset.version)
+        # As the log has them now: the version may have been announced a moment ago.
+        known = [e.data for e in self.datasets.events()]
+        data = find_dataset(known, request.dataset.name, request.dataset.version)
         if not data.label_column:
             raise InvalidTrainingRequest(f"dataset {data.name} declares no label column")
         features = [c.name for c in data.arrow_schema if c.name != data.label_column]

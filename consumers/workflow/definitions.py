@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from mlbus.errors import Invalid
 from mlbus.families import FAMILIES, InvalidModelSpec, hyperparameters
 from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.logview import LogView
 from mlbus.kafka.producer import EventProducer
-from mlbus.kafka.reader import read_events
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.workflow import PipelineDefined
 
@@ -177,7 +177,9 @@ class Applied:
 def newest_revisions(kafka: KafkaConfig) -> dict[str, Event]:
     """The newest `pipeline.defined` of each pipeline name, from the log."""
     newest: dict[str, Event] = {}
-    for event in read_events(kafka, "pipeline.defined"):
+    with LogView(kafka, ["pipeline.defined"], name="pipeline definitions") as view:
+        events = [item.event for item in view.catch_up()]
+    for event in events:
         data: PipelineDefined = event.data
         current = newest.get(data.name)
         if current is None or data.revision >= current.data.revision:

@@ -18,7 +18,7 @@ from torch import nn
 from mlbus import artifacts
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
-from mlbus.kafka.reader import read_events
+from mlbus.kafka.logview import dataset_versions
 from mlbus.ml.split import split_indices
 from mlbus.schemas.datasets import DatasetCreated
 from mlbus.schemas.training import Split, TrainingCompleted
@@ -35,6 +35,11 @@ class ChampionEvaluator:
     def __init__(self, kafka: KafkaConfig, store: ObjectStore) -> None:
         self.kafka = kafka
         self.store = store
+        self.datasets = dataset_versions(kafka, name="workflow datasets")
+
+    def close(self) -> None:
+        """Stop the log view of `dataset.created` (the evaluator's owner calls this)."""
+        self.datasets.close()
 
     def __call__(
         self, champion: TrainingCompleted, candidate: TrainingCompleted, split: Split
@@ -48,11 +53,10 @@ class ChampionEvaluator:
             return None
 
     def _dataset(self, name: str, version: str) -> DatasetCreated:
-        for event in read_events(self.kafka, "dataset.created"):
-            data: DatasetCreated = event.data
-            if data.name == name and data.version == version:
-                return data
-        raise MlbusError(f"dataset {name}@{version} is not in the log")
+        found = self.datasets.get((name, version))
+        if found is None:
+            raise MlbusError(f"dataset {name}@{version} is not in the log")
+        return found.data
 
     def _evaluate(
         self, champion: TrainingCompleted, candidate: TrainingCompleted, split: Split

@@ -15,10 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
-from mlbus.kafka.reader import TopicReader
-from mlbus.schemas.codec import decode
+from mlbus.kafka.logview import LogView
 from mlbus.schemas.datasets import DatasetValidated
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import ModelPromoted
@@ -232,17 +230,12 @@ class State:
 
 def read_state(kafka: KafkaConfig, topics: Iterable[str] = TOPICS) -> State:
     """The state as of the end of the log (a group-less read: changes nobody's offsets)."""
-    by_type: dict[str, list[tuple[Position, Event]]] = {t: [] for t in topics}
-    reader = TopicReader(kafka, [kafka.topic(t) for t in by_type])
-    for message in reader:
-        event_type = kafka.event_type(message.topic())
-        try:
-            event = decode(message.value(), message.headers(), expected_type=event_type)
-        except MlbusError:
-            continue  # invalid records are the dead-letter topic's business
-        by_type[event_type].append(((message.partition(), message.offset()), event))
+    with LogView(kafka, list(topics), name="workflow state") as view:
+        items = view.catch_up()
     state = State()
-    for event_type in TOPICS:  # causes before effects, whatever order the topics were read in
-        for position, event in sorted(by_type.get(event_type, []), key=lambda item: item[0]):
-            state.apply(event, position)
+    # Causes before effects, whatever order the topics were read in.
+    order = {t: i for i, t in enumerate(TOPICS)}
+    applied = [i for i in items if i.topic in order]
+    for item in sorted(applied, key=lambda i: (order[i.topic], i.position)):
+        state.apply(item.event, item.position)
     return state

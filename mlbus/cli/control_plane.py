@@ -115,6 +115,8 @@ def create_app(cfg: Settings) -> FastAPI:
             yield
         finally:
             await run_in_threadpool(producer.close)
+            for opened in registries:
+                await run_in_threadpool(opened.close)
 
     api = FastAPI(
         title="mlbus", version=mlbus.__version__, description=__doc__,
@@ -141,8 +143,15 @@ def create_app(cfg: Settings) -> FastAPI:
         latency.labels(request.method, path).observe(time.perf_counter() - started)
         return response
 
+    registries: list[DatasetRegistry] = []  # one, opened on first use, closed with the app
+    opening = threading.Lock()
+
     def registry() -> DatasetRegistry:
-        return DatasetRegistry(ObjectStore.from_settings(cfg), KafkaConfig.from_settings(cfg))
+        with opening:
+            if not registries:
+                store, kafka = ObjectStore.from_settings(cfg), KafkaConfig.from_settings(cfg)
+                registries.append(DatasetRegistry(store, kafka))
+            return registries[0]
 
     from mlbus.cli.ui import create_router as ui_router
     from mlbus.consumers.lineage.api import create_router as lineage_router

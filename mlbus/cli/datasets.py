@@ -62,29 +62,32 @@ def register(
     from mlbus.datasets.sources import open_source
 
     tags = key_values(tag, "--tag")  # bad options fail before anything is contacted
-    registry = _registry()
-    fs, resolved = registry.store.resolve(path)
-    source = open_source(resolved, fs)
-    options: dict[str, Any] = dict(
-        name=name,
-        label=label,
-        tags=tags,
-        parents=parent,
-        description=description,
-    )
-    if (source.size or 0) < PROGRESS_ABOVE or json_out:
-        _report(registry.register(source, **options), json_out)
-        return
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(),
-        TextColumn("{task.fields[rows]:,} rows"), TextColumn("{task.fields[mb]:.0f} MB written"),
-        TimeElapsedColumn(), console=console,
-    ) as bar:  # fmt: skip
-        task = bar.add_task(f"registering {name}", total=None, rows=0, mb=0.0)
-        result = registry.register(
-            source, **options,
-            progress=lambda rows, written: bar.update(task, rows=rows, mb=written / 1e6),
-        )  # fmt: skip
+    with _registry() as registry:  # closes its log view
+        fs, resolved = registry.store.resolve(path)
+        source = open_source(resolved, fs)
+        options: dict[str, Any] = dict(
+            name=name,
+            label=label,
+            tags=tags,
+            parents=parent,
+            description=description,
+        )
+        if (source.size or 0) < PROGRESS_ABOVE or json_out:
+            _report(registry.register(source, **options), json_out)
+            return
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[rows]:,} rows"),
+            TextColumn("{task.fields[mb]:.0f} MB written"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task(f"registering {name}", total=None, rows=0, mb=0.0)
+            result = registry.register(
+                source, **options,
+                progress=lambda rows, written: bar.update(task, rows=rows, mb=written / 1e6),
+            )  # fmt: skip
     _report(result, json_out)
 
 
@@ -101,17 +104,22 @@ def sample(
     from mlbus.datasets.sources import from_table
 
     table = sample_table(sample_name)
-    result = _registry().register(
-        from_table(table, f"sklearn:{sample_name}"), name=name or sample_name, label="label",
-        tags={"source": "scikit-learn", "sample": sample_name}, description=SAMPLES[sample_name],
-    )  # fmt: skip
+    with _registry() as registry:
+        result = registry.register(
+            from_table(table, f"sklearn:{sample_name}"),
+            name=name or sample_name,
+            label="label",
+            tags={"source": "scikit-learn", "sample": sample_name},
+            description=SAMPLES[sample_name],
+        )
     _report(result, json_out)
 
 
 @datasets_app.command("list")
 def list_datasets(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every dataset version in the log, oldest first."""
-    events = _registry().versions()
+    with _registry() as registry:
+        events = registry.versions()
     if json_out:
         for e in events:
             print(orjson.dumps(e.data.model_dump(mode="json", exclude={"columns"})).decode())
@@ -134,7 +142,8 @@ def show(
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Schema, column statistics and parents of a version (default: the newest)."""
-    event = _registry().get(ref)
+    with _registry() as registry:
+        event = registry.get(ref)
     d = event.data
     if json_out:
         print(orjson.dumps(event.model_dump(mode="json", exclude_none=True)).decode())

@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -36,10 +35,9 @@ from mlbus.cli.common import console, settings
 from mlbus.cli.platform import service_env
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.logview import LogView
 from mlbus.kafka.producer import EventProducer
-from mlbus.kafka.reader import TopicReader
 from mlbus.schemas.base import Tensor
-from mlbus.schemas.codec import decode
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.serving import InferenceRequest
 from mlbus.settings import Settings, load_settings
@@ -66,22 +64,11 @@ class Log:
     """Every event of the followed topics, in a thread, for the steps to wait on."""
 
     def __init__(self, kafka: KafkaConfig) -> None:
-        self.reader = TopicReader(kafka, [kafka.topic(t) for t in FOLLOWED], follow=True)
         self.events: queue.Queue[Event] = queue.Queue()
         self.seen: list[Event] = []
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="demo-log", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            for message in self.reader:
-                try:
-                    self.events.put(decode(message.value(), message.headers()))
-                except MlbusError:
-                    continue
-        except BaseException as e:  # reported by the waiting step
-            self.error = e
+        self.view = LogView(
+            kafka, FOLLOWED, on_event=lambda item: self.events.put(item.event), name="demo-log"
+        ).start()
 
     def wait(
         self, what: str, match: Callable[[Event], bool], timeout: float,
@@ -94,8 +81,8 @@ class Log:
                 return event
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.error is not None:
-                raise DemoFailed(f"reading the log failed: {self.error}")
+            if self.view.error is not None:
+                raise DemoFailed(f"reading the log failed: {self.view.error}")
             try:
                 event = self.events.get(timeout=0.2)
             except queue.Empty:
@@ -108,8 +95,7 @@ class Log:
         raise DemoFailed(f"{what}: not seen within {timeout:.0f}s")
 
     def stop(self) -> None:
-        self.reader.stop()
-        self.thread.join(5)
+        self.view.stop(5)
 
 
 def _show_training(event: Event) -> None:
@@ -254,6 +240,7 @@ def _run(
     kafka = KafkaConfig.from_settings(cfg)
     serve = f"http://127.0.0.1:{ports['serve']}"
     log = Log(kafka)
+    registry: DatasetRegistry | None = None
     try:
         _step(2, f"apply the pipeline {pipeline.name}")
         applied = apply(kafka, pipeline.read_text(), source=str(pipeline), actor="user:demo")
@@ -341,6 +328,8 @@ def _run(
         return _lineage(cfg, kafka, root, v2) and version == v2
     finally:
         log.stop()
+        if registry is not None:
+            registry.close()
 
 
 def _await_promotion(log: Log, *, timeout: float, after: str | None = None) -> str:

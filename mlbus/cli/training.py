@@ -3,6 +3,7 @@ request per sweep point under one correlation id, followed live until they finis
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import sys
@@ -42,8 +43,12 @@ def run_trainer(manifest: Service, cfg: Settings) -> None:
     from mlbus.trainer.worker import TrainingWorker
 
     kafka = kafka_config(cfg)
-    with EventProducer(kafka, source=manifest.source) as producer:
-        worker = TrainingWorker(kafka, ObjectStore.from_settings(cfg), producer)
+    with (
+        EventProducer(kafka, source=manifest.source) as producer,
+        contextlib.closing(
+            TrainingWorker(kafka, ObjectStore.from_settings(cfg), producer)
+        ) as worker,
+    ):
         console.print(f"training worker {worker.worker} waiting for training.requested")
         ConsumerLoop(
             kafka, group=manifest.group_id(cfg.topic_prefix), name=manifest.name,

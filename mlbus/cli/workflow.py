@@ -176,4 +176,8 @@ def _workflow(
 
         evaluator = ChampionEvaluator(kafka, ObjectStore.from_settings(cfg))
     console.print(f"workflow manager: group {group}", highlight=False)
-    WorkflowService(kafka, group=group, evaluator=evaluator).run()
+    try:
+        WorkflowService(kafka, group=group, evaluator=evaluator).run()
+    finally:
+        if evaluator is not None:
+            evaluator.close()

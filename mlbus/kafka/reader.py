@@ -1,5 +1,7 @@
-"""Group-less reading of whole topics (`mlbus tail`, `mlbus deadletters`, audits): assigns
-every partition directly, so it joins no consumer group and changes nobody's offsets.
+"""Group-less reading of whole topics as raw records (`mlbus tail`, `mlbus deadletters`,
+audits, archive restores): assigns every partition directly, so it joins no consumer group and
+changes nobody's offsets. State kept from topics as typed events is a log view
+(mlbus/kafka/logview.py).
 
 `since_ms` starts at a time: on a real cluster `offsets_for_times` finds the first offsets
 (production path); the embedded broker answers 0 for every time (docs/broker.md), so
@@ -30,11 +32,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from mlbus.errors import MlbusError, TransientError, UnknownTopic
+from mlbus.errors import TransientError, UnknownTopic
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Consumed, next_batch
-from mlbus.schemas.codec import decode
-from mlbus.schemas.envelope import Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +92,7 @@ class TopicReader:
     def __iter__(self) -> Iterator[Consumed]:
         consumer = Consumer(self.kafka.consumer(None, **{"enable.partition.eof": True}))
         try:
-            partitions = self._partitions(consumer)
+            partitions = all_partitions(consumer, self.kafka, self.topics)
             skipping: set[tuple[str, int]] = set()
             if self.start == "end" and not self.kafka.embedded:
                 for tp in partitions:
@@ -137,32 +137,25 @@ class TopicReader:
         finally:
             consumer.close()
 
-    def _partitions(self, consumer: Consumer) -> list[TopicPartition]:
-        try:
-            metadata = consumer.list_topics(timeout=10)
-        except KafkaException as e:
-            raise TransientError(
-                f"cannot reach Kafka at {self.kafka.bootstrap}: {e.args[0].str()}"
-            ) from None
-        partitions = []
-        for topic in self.topics:
-            found = metadata.topics.get(topic)
-            if found is None or found.error is not None:
-                raise UnknownTopic(f"topic {topic!r} does not exist (run `mlbus topics apply`)")
-            partitions += [
-                TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(found.partitions)
-            ]
-        return partitions
 
-
-def read_events(kafka: KafkaConfig, event_type: str) -> Iterator[Event]:
-    """Every valid event of one topic, read to its end (in order within each partition).
-    Records that do not validate are skipped: they are the dead-letter topic's business."""
-    for message in TopicReader(kafka, [kafka.topic(event_type)]):
-        try:
-            yield decode(message.value(), message.headers(), expected_type=event_type)
-        except MlbusError:
-            continue
+def all_partitions(
+    consumer: Consumer, kafka: KafkaConfig, topics: Sequence[str]
+) -> list[TopicPartition]:
+    """Every partition of `topics` (full names, prefix included), each at the beginning;
+    `UnknownTopic` for a topic that does not exist, `TransientError` if Kafka is away."""
+    try:
+        metadata = consumer.list_topics(timeout=10)
+    except KafkaException as e:
+        raise TransientError(
+            f"cannot reach Kafka at {kafka.bootstrap}: {e.args[0].str()}"
+        ) from None
+    partitions = []
+    for topic in topics:
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None:
+            raise UnknownTopic(f"topic {topic!r} does not exist (run `mlbus topics apply`)")
+        partitions += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(found.partitions)]
+    return partitions
 
 
 def read_log(

@@ -4,6 +4,7 @@ session broker with this test's own topics."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,5 +31,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Path, inbox: Path) -> Object
 
 
 @pytest.fixture
-def registry(store: ObjectStore, kafka: KafkaConfig) -> DatasetRegistry:
-    return DatasetRegistry(store, kafka)
+def registry(store: ObjectStore, kafka: KafkaConfig) -> Iterator[DatasetRegistry]:
+    with DatasetRegistry(store, kafka) as registry:
+        yield registry

@@ -5,6 +5,7 @@ error body {"error": {"type", "message"}} with the right status."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,9 @@ def settings(kafka: KafkaConfig, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def client(settings: Settings) -> TestClient:
-    return TestClient(create_app(settings))
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:  # the app's lifespan closes its registry
+        yield client
 
 
 @pytest.fixture
@@ -206,8 +208,8 @@ def test_the_openapi_document_lists_the_routes(client: TestClient) -> None:
 def test_an_upload_never_gets_a_bare_500(settings: Settings, filename: str, content: bytes) -> None:
     """Whatever the bytes, the answer is a registration (201) or the JSON error body naming
     the problem (4xx) — never an unhandled exception."""
-    client = TestClient(create_app(settings), raise_server_exceptions=False)
-    response = upload(client, content, filename=filename, name="upload")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        response = upload(client, content, filename=filename, name="upload")
     assert response.status_code < 500, f"{response.status_code}: {response.text[:300]}"
     if response.status_code >= 400:
         error_of(response, 400, "InvalidDataset", filename)

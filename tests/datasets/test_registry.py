@@ -326,7 +326,8 @@ class UnreachableAnnouncer(DatasetRegistry):
         self.live = live
 
     def versions(self, name: str | None = None):  # type: ignore[no-untyped-def]
-        return DatasetRegistry(self.store, self.live).versions(name)
+        with DatasetRegistry(self.store, self.live) as live:
+            return live.versions(name)
 
 
 def test_a_failed_announcement_leaves_no_object_behind(
@@ -339,7 +340,8 @@ def test_a_failed_announcement_leaves_no_object_behind(
     assert everything(store) == []
     assert created(kafka) == []
     # Once the broker is back, the same data registers (and is announced) normally.
-    result = DatasetRegistry(store, kafka).register_path(inbox / "iris.csv", name="iris")
+    with DatasetRegistry(store, kafka) as again:
+        result = again.register_path(inbox / "iris.csv", name="iris")
     assert result.created and [e.id for e in created(kafka)] == [result.event_id]
 
 

@@ -102,7 +102,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
 def test_a_registered_dataset_is_validated_once_by_id(
     store: ObjectStore, kafka: KafkaConfig, group: str
 ) -> None:
-    registered = DatasetRegistry(store, kafka).register(from_table(table()), name="digits")
+    with DatasetRegistry(store, kafka) as registry:
+        registered = registry.register(from_table(table()), name="digits")
     (created,) = read_events(kafka, "dataset.created")
 
     run_validator(kafka, store, group)

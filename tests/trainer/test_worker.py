@@ -6,6 +6,7 @@ fail, not crash."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import uuid
 
@@ -33,21 +34,25 @@ def _digits(kafka, store, sample="digits"):
     from mlbus.datasets.samples import sample_table
     from mlbus.datasets.sources import from_table
 
-    return DatasetRegistry(store, kafka).register(
-        from_table(sample_table(sample)), name="digits", label="label"
-    )
+    with DatasetRegistry(store, kafka) as registry:
+        return registry.register(from_table(sample_table(sample)), name="digits", label="label")
 
 
+@contextlib.contextmanager
 def _loop(kafka, group, store, producer):
-    return ConsumerLoop(
-        kafka, group=group, name="trainer", long_running=True,
-        handlers={"training.requested": TrainingWorker(kafka, store, producer)},
-    )  # fmt: skip
+    with contextlib.closing(TrainingWorker(kafka, store, producer)) as worker:
+        yield ConsumerLoop(
+            kafka, group=group, name="trainer", long_running=True,
+            handlers={"training.requested": worker},
+        )  # fmt: skip
 
 
 def _run_worker(kafka, group, store):
-    with EventProducer(kafka, source="mlbus/trainer") as producer:
-        return run_to_end(_loop(kafka, group, store, producer), timeout=120)
+    with (
+        EventProducer(kafka, source="mlbus/trainer") as producer,
+        _loop(kafka, group, store, producer) as loop,
+    ):
+        return run_to_end(loop, timeout=120)
 
 
 def _without_timings(metrics):
@@ -103,8 +108,11 @@ def test_a_stopped_worker_checkpoints_and_the_next_resumes_to_the_same_metrics(
     with EventProducer(kafka, source="test") as producer:
         interrupted = producer.publish(payload)
     run_id = run_id_for(interrupted.id)
-    with EventProducer(kafka, source="mlbus/trainer") as producer:
-        loop = LoopThread(_loop(kafka, group, store, producer)).start()
+    with (
+        EventProducer(kafka, source="mlbus/trainer") as producer,
+        _loop(kafka, group, store, producer) as consumer,
+    ):
+        loop = LoopThread(consumer).start()
         wait_until(lambda: read_events(kafka, "training.progress"), "a first epoch", timeout=60)
         stats = loop.stop()  # as SIGTERM does: the run stops at the next epoch boundary
     assert stats.handled == 0 and stats.deadlettered == 0
@@ -203,8 +211,11 @@ def test_an_unreachable_object_store_is_retried_and_reported_retryable(kafka, gr
                 dataset=DatasetRef(name="digits", version=dataset.version),
             ))  # fmt: skip
         server.stop()  # the object store goes down
-        with EventProducer(kafka, source="mlbus/trainer") as producer:
-            loop = LoopThread(_loop(kafka, group, store, producer)).start()
+        with (
+            EventProducer(kafka, source="mlbus/trainer") as producer,
+            _loop(kafka, group, store, producer) as consumer,
+        ):
+            loop = LoopThread(consumer).start()
             wait_until(lambda: read_events(kafka, "training.failed"), "a failure notice")
             server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
             server.start()  # back up

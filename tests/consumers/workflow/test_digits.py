@@ -7,6 +7,7 @@ it; a serving alert rolls back to the previous version; restarts decide nothing 
 from __future__ import annotations
 
 import json
+from contextlib import closing
 
 import pytest
 
@@ -46,16 +47,17 @@ def test_digits_pipeline_from_registration_to_rollback(kafka, group, tmp_path):
 
     with EventProducer(kafka, source="test/trainer") as trainer_out, \
             EventProducer(kafka, source="test/validator") as validator_out:  # fmt: skip
+        worker = TrainingWorker(kafka, store, trainer_out)
         trainer = ConsumerLoop(kafka, group=group + "-trainer", name="trainer", long_running=True,
-                               handlers={"training.requested":
-                                         TrainingWorker(kafka, store, trainer_out)})  # fmt: skip
+                               handlers={"training.requested": worker})  # fmt: skip
         validate = Validator(store, validator_out)
         validator = ConsumerLoop(kafka, group=group + "-validator", name="validator",
                                  handlers={"dataset.created": validate})  # fmt: skip
-        with LoopThread(trainer), LoopThread(validator), running(kafka, group):
-            dataset = DatasetRegistry(store, kafka).register(
-                from_table(sample_table("digits")), name="digits", label="label"
-            )
+        with closing(worker), LoopThread(trainer), LoopThread(validator), running(kafka, group):
+            with DatasetRegistry(store, kafka) as registry:
+                dataset = registry.register(
+                    from_table(sample_table("digits")), name="digits", label="label"
+                )
             (promoted,) = at_least(kafka, "model.promoted", 1, timeout=300)  # contended CI
 
             (created,) = read_events(kafka, "dataset.created")

@@ -5,6 +5,8 @@ the champion on that version's rows."""
 
 from __future__ import annotations
 
+from contextlib import closing
+
 import pytest
 
 from mlbus.consumers.workflow.evaluation import ChampionEvaluator
@@ -21,24 +23,27 @@ from tests.mlbus.kafka.support import read_events, run_to_end
 
 
 def test_the_champion_re_evaluated_on_its_own_rows_scores_what_the_trainer_measured(
-    kafka, group, tmp_path
+    kafka, group, tmp_path, request
 ):
     store = ObjectStore(tmp_path.as_uri())
-    registry = DatasetRegistry(store, kafka)
     table = sample_table("digits")
-    full = registry.register(from_table(table), name="digits", label="label")
-    half = registry.register(from_table(table.slice(0, 900)), name="digits", label="label")
-    with EventProducer(kafka, source="test") as producer:
+    with DatasetRegistry(store, kafka) as registry:
+        full = registry.register(from_table(table), name="digits", label="label")
+        half = registry.register(from_table(table.slice(0, 900)), name="digits", label="label")
+    with (
+        EventProducer(kafka, source="test") as producer,
+        closing(TrainingWorker(kafka, store, producer)) as worker,
+    ):
         producer.publish(TrainingRequested(
             model="digits", family="mlp", seed=5, max_epochs=3,
             dataset=DatasetRef(name="digits", version=full.version),
         ))  # fmt: skip
-        worker = TrainingWorker(kafka, store, producer)
         run_to_end(ConsumerLoop(kafka, group=group, long_running=True,
                                 handlers={"training.requested": worker}), timeout=120)  # fmt: skip
     (done,) = read_events(kafka, "training.completed")
     run = done.data
     evaluate = ChampionEvaluator(kafka, store)
+    request.addfinalizer(evaluate.close)
 
     same = evaluate(run, run, Split())
     assert same is not None
