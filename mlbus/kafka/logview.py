@@ -24,7 +24,7 @@ partitions back between catch-ups, so an idle lookup view costs the broker nothi
 
 The end of a partition is found with `enable.partition.eof` (the fetch response's high-water
 mark): right on Apache Kafka and on the embedded broker, whose list-offsets answer is wrong
-(shared/BROKER.md). Each catch-up re-assigns the partitions at the view's positions, which
+(docs/broker.md). Each catch-up re-assigns the partitions at the view's positions, which
 makes librdkafka report each partition's end again.
 """
 
