@@ -25,6 +25,7 @@ from mlbus.errors import MlbusError, UnknownDataset
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.logview import dataset_versions
 from mlbus.kafka.producer import EventProducer
+from mlbus.refs import parse, resolve
 from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.datasets import ColumnSchema, DatasetCreated
 from mlbus.schemas.envelope import Event
@@ -51,12 +52,6 @@ class Registered:
     def of(cls, data: DatasetCreated, *, created: bool, event_id: str | None) -> Registered:
         return cls(data.name, data.version, data.uri, data.content_hash, data.num_rows,
                    data.num_bytes, created=created, event_id=event_id, payload=data)  # fmt: skip
-
-
-def parse_ref(text: str) -> tuple[str, str | None]:
-    """`name` or `name@version` (a version may be given by a unique prefix)."""
-    name, _, version = text.partition("@")
-    return name, (version.removeprefix("sha256:") or None)
 
 
 def object_key(name: str, version: str) -> str:
@@ -154,10 +149,10 @@ class DatasetRegistry:
             return Registered.of(payload, created=True, event_id=ref.id)
 
     def _resolve_parent(self, text: str, known: list[Event]) -> DatasetRef:
-        name, version = parse_ref(text)
-        if version is None:
+        ref = parse(text, what="DATASET")
+        if ref.version is None:
             raise InvalidDataset(f"parent {text!r}: give NAME@VERSION")
-        event = self._pick(name, version, known)
+        event = self._pick(ref.name, ref.version, known)
         return DatasetRef(name=event.data.name, version=event.data.version)
 
     # -- finding ----------------------------------------------------------------------------
@@ -169,8 +164,8 @@ class DatasetRegistry:
 
     def get(self, text: str) -> Event:
         """`name` (the newest version) or `name@version` (a unique prefix will do)."""
-        name, version = parse_ref(text)
-        return self._pick(name, version, self.versions(name))
+        ref = parse(text, what="DATASET")
+        return self._pick(ref.name, ref.version, self.versions(ref.name))
 
     def _pick(self, name: str, version: str | None, known: Iterable[Event]) -> Event:
         candidates = [e for e in known if e.data.name == name]
@@ -178,9 +173,6 @@ class DatasetRegistry:
             raise UnknownDataset(f"no dataset named {name!r}")
         if version is None:
             return candidates[-1]
-        matches = [e for e in candidates if e.data.version.startswith(version)]
-        if not matches:
-            raise UnknownDataset(f"dataset {name!r} has no version {version!r}")
-        if len({e.data.version for e in matches}) > 1:
-            raise UnknownDataset(f"version prefix {version!r} of {name!r} is ambiguous")
-        return matches[0]
+        versions = [e.data.version for e in candidates]
+        full = resolve(name, version, versions, kind="dataset", error=UnknownDataset)
+        return next(e for e in candidates if e.data.version == full)

@@ -20,6 +20,7 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     ├── Invalid                     400  can never succeed as given: retrying cannot fix it
     │   ├── InvalidEvent            400  schemas/errors.py: a record that cannot be decoded or
     │   │                                validated: the consumer loop dead-letters it
+    │   ├── InvalidRef              400  refs.py: not `name` or `name@version`
     │   ├── StorageError            400  storage.py: an object-store operation that failed for
     │   │                                good (missing, forbidden, outside the allowed roots)
     │   ├── InvalidModelSpec        400  families.py: unknown family, bad hyperparameters

@@ -35,6 +35,7 @@ from mlbus.kafka.consumer import Record
 from mlbus.kafka.logview import dataset_versions
 from mlbus.kafka.producer import EventProducer
 from mlbus.ml.card import ModelCard
+from mlbus.refs import resolve
 from mlbus.schemas.datasets import DatasetCreated
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.training import (
@@ -96,16 +97,14 @@ def resolve_device(requested: str | None) -> str:
 
 
 def find_dataset(datasets: Iterable[DatasetCreated], name: str, version: str) -> DatasetCreated:
-    """The `dataset.created` of name@version among `datasets` (a unique version prefix will
-    do)."""
+    """The `dataset.created` of name@version among `datasets`. The edges publish full
+    versions; a unique prefix is still accepted, for requests already in the log from before
+    they did."""
     found: dict[str, DatasetCreated] = {}
     for data in datasets:
-        if data.name == name and data.version.startswith(version):
+        if data.name == name:
             found[data.version] = data
-    if len(found) != 1:
-        problem = "no version" if not found else "an ambiguous version prefix"
-        raise UnknownDataset(f"dataset {name}@{version}: {problem} in the log")
-    return next(iter(found.values()))
+    return found[resolve(name, version, found, kind="dataset", error=UnknownDataset)]
 
 
 class TrainingWorker:

@@ -206,6 +206,24 @@ class LineageQueries:
             ).all()
         return [_decision(r) for r in rows]
 
+    # -- what users type ----------------------------------------------------------------------
+
+    def model_versions(self, model: str) -> list[str]:
+        """Every version of `model` the store knows (trained or decided on), sorted: what a
+        version prefix typed by a user is resolved against."""
+        m, d = t.model_versions, t.decisions
+        query = sa.union(
+            sa.select(m.c.version).where(m.c.model == model),
+            sa.select(d.c.version).where(d.c.model == model),
+        )
+        with self.store.reading("listing model versions") as conn:
+            return sorted(conn.execute(query).scalars())
+
+    def dataset_versions(self, name: str) -> list[str]:
+        """Every version of dataset `name` the store knows (announced, or used by a run)."""
+        with self.store.reading("listing dataset versions") as conn:
+            return _versions(conn, name, None)
+
     # -- upstream ------------------------------------------------------------------------------
 
     def upstream(

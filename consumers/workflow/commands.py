@@ -14,6 +14,7 @@ from mlbus.consumers.workflow.state import Model, State, read_state
 from mlbus.errors import Conflict, UnknownModel
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
+from mlbus.refs import resolve
 from mlbus.schemas.codec import wrap
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import ModelPromoted
@@ -35,13 +36,7 @@ def _model(state: State, name: str) -> Model:
 def _version(model: Model, version: str) -> tuple[str, Event | None, ModelPromoted | None]:
     """(full version, its training.completed, its newest promotion); a unique prefix will do."""
     versions = set(model.runs) | {p.data.version for p in model.promotions}
-    found = sorted(v for v in versions if v.startswith(version))
-    if version in versions:
-        found = [version]
-    if len(found) != 1:
-        problem = "no version" if not found else "an ambiguous version prefix"
-        raise UnknownModel(f"model {model.name}@{version}: {problem} in the log")
-    full = found[0]
+    full = resolve(model.name, version, versions, kind="model", error=UnknownModel)
     promoted = next((p.data for p in reversed(model.promotions) if p.data.version == full), None)
     return full, model.runs.get(full), promoted
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -71,15 +71,22 @@ class SharedProducer:
             producer.close()
 
 
-def training_router(producer: SharedProducer) -> APIRouter:
-    """POST /training/requests: request a run (the same event `mlbus train` publishes)."""
+def training_router(producer: SharedProducer, registry: Callable[[], Any]) -> APIRouter:
+    """POST /training/requests: request a run (the same event `mlbus train` publishes). The
+    dataset version may be a unique prefix: it is resolved here, against the log, so the
+    event carries the full version (404 for an unknown or ambiguous one)."""
     router = APIRouter(prefix="/training", tags=["training"])
 
     @router.post("/requests", status_code=202, summary="Request a training run")
     async def request_training(request: TrainingRequested) -> dict[str, str]:
         def publish() -> str:
+            typed = request.dataset
+            found = registry().get(f"{typed.name}@{typed.version}").data
+            dataset = typed.model_copy(update={"version": found.version})
             shared = producer.get()
-            ref = shared.publish(request.model_copy(update={"requested_by": "api"}))
+            ref = shared.publish(
+                request.model_copy(update={"requested_by": "api", "dataset": dataset})
+            )
             shared.flush()
             return ref.id
 
@@ -162,7 +169,7 @@ def create_app(cfg: Settings) -> FastAPI:
 
     lineage_store = _lazy_lineage_store(cfg)
     api.include_router(datasets_router(registry))
-    api.include_router(training_router(producer))
+    api.include_router(training_router(producer, registry))
     api.include_router(workflow_router(kafka))
     api.include_router(lineage_router(lineage_store))
     api.include_router(ui_router(kafka, lineage_store))

@@ -15,6 +15,7 @@ from rich.tree import Tree
 
 from mlbus.cli.common import app, console, err_console, kafka_config, settings
 from mlbus.errors import MlbusError
+from mlbus.refs import parse, resolve
 from mlbus.services import Service, service
 from mlbus.settings import Settings
 
@@ -45,13 +46,24 @@ def _store(schema: str | None = None, *, create: bool = True) -> LineageStore:
     return LineageStore.open(url, schema=schema) if create else LineageStore(url, schema=schema)
 
 
-def _split(ref: str, what: str, *, need_version: bool = False) -> tuple[str, str | None]:
-    name, sep, version = ref.partition("@")
-    if not name or (sep and not version):
-        raise MlbusError(f"{ref!r}: use {what}[@VERSION]")
-    if need_version and not version:
-        raise MlbusError(f"{ref!r}: use {what}@VERSION")
-    return name, version or None
+def _ref(
+    store: LineageStore, ref: str, what: str, *, need_version: bool = False
+) -> tuple[str, str | None]:
+    """What the user typed, its version prefix resolved against the versions the store
+    knows (a name it does not know is left to the query, which says so)."""
+    from mlbus.consumers.lineage.queries import LineageQueries
+
+    parsed = parse(ref, what=what, need_version=need_version)
+    if parsed.version is None:
+        return parsed.name, None
+    queries = LineageQueries(store)
+    if what == "MODEL":
+        known = queries.model_versions(parsed.name)
+    else:
+        known = queries.dataset_versions(parsed.name)
+    if not known:
+        return parsed.name, parsed.version
+    return parsed.name, resolve(parsed.name, parsed.version, known, kind=what.lower())
 
 
 def _archive_records(topics: Sequence[str]) -> Iterator[Any]:
@@ -231,9 +243,10 @@ def show(
     from mlbus.consumers.lineage.graph import upstream_graph
     from mlbus.consumers.lineage.queries import LineageQueries, parse_time
 
-    model, version = _split(ref, "MODEL")
+    store = _store(schema)
+    model, version = _ref(store, ref, "MODEL")
     when = parse_time(as_of)
-    result = LineageQueries(_store(schema)).upstream(model, version, when)
+    result = LineageQueries(store).upstream(model, version, when)
     _output(result, json_out, dot, mermaid, upstream_graph, _upstream_tree)
 
 
@@ -250,8 +263,9 @@ def downstream(
     from mlbus.consumers.lineage.graph import downstream_graph
     from mlbus.consumers.lineage.queries import LineageQueries, parse_time
 
-    name, version = _split(ref, "DATASET")
-    result = LineageQueries(_store(schema)).downstream(name, version, parse_time(as_of))
+    store = _store(schema)
+    name, version = _ref(store, ref, "DATASET")
+    result = LineageQueries(store).downstream(name, version, parse_time(as_of))
     _output(result, json_out, dot, mermaid, downstream_graph, _downstream_tree)
 
 
@@ -265,9 +279,10 @@ def why(
     """The promotion and rejection decisions of a version, with their policy and evidence."""
     from mlbus.consumers.lineage.queries import LineageQueries, parse_time
 
-    model, version = _split(ref, "MODEL", need_version=True)
+    store = _store(schema)
+    model, version = _ref(store, ref, "MODEL", need_version=True)
     assert version is not None
-    result = LineageQueries(_store(schema)).why(model, version, parse_time(as_of))
+    result = LineageQueries(store).why(model, version, parse_time(as_of))
     if json_out:
         print(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2).decode())
         return
@@ -392,9 +407,10 @@ def audit(
     still be in the log (or the archive) with the same content hash. Exit 1 if any is not."""
     from mlbus.consumers.lineage.audit import plan, topics_of, verify
 
-    model, version = _split(ref, "MODEL", need_version=True)
+    store = _store(schema)
+    model, version = _ref(store, ref, "MODEL", need_version=True)
     assert version is not None
-    report = plan(_store(schema), model, version)
+    report = plan(store, model, version)
     report = verify(report, _records(source, topics_of(report)))
     if json_out:
         print(orjson.dumps(asdict(report) | {"ok": report.ok, "counts": report.counts},

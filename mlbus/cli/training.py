@@ -68,7 +68,9 @@ def _value(text: str) -> float | int | str | bool:
 @app.command("train")
 def train(
     model: Annotated[str, typer.Argument(help="model name")],
-    dataset: Annotated[str, typer.Option(help="NAME@VERSION (a unique version prefix will do)")],
+    dataset: Annotated[
+        str, typer.Option(help="NAME@VERSION (a unique version prefix will do; resolved here)")
+    ],
     family: Annotated[str, typer.Option(help="model family: mlp, cnn, ...")] = "mlp",
     param: Annotated[list[str], typer.Option(help="KEY=VALUE hyperparameter")] = [],  # noqa: B006
     sweep: Annotated[list[str], typer.Option(help="KEY=V1,V2,... one run per combination")] = [],  # noqa: B006
@@ -81,9 +83,14 @@ def train(
     json_out: Annotated[bool, typer.Option("--json", help="completed runs as JSON lines")] = False,
 ) -> None:
     """Request training runs (a sweep is one run per combination, one correlation id)."""
-    name, _, version = dataset.partition("@")
-    if not version:
-        raise MlbusError("--dataset needs NAME@VERSION")
+    from mlbus.datasets.registry import DatasetRegistry
+    from mlbus.refs import parse
+
+    # Resolved here, against the log: the requests carry the full version.
+    ref = parse(dataset, what="--dataset NAME", need_version=True)
+    kafka = kafka_config()
+    found = DatasetRegistry(ObjectStore.from_settings(settings()), kafka).get(str(ref)).data
+    name, version = found.name, found.version
     fixed = {k: _value(v) for k, v in key_values(param, "--param").items()}
     axes = {
         k: [_value(v) for v in vs.split(",") if v] for k, vs in key_values(sweep, "--sweep").items()
@@ -99,7 +106,6 @@ def train(
         for correlation in [new_event_id()]
         for i, point in enumerate(points)
     ]  # fmt: skip
-    kafka = kafka_config()
     events: queue.Queue[Any] = queue.Queue()
     reader = TopicReader(kafka, [kafka.topic(t) for t in FOLLOWED], start="end", follow=True)
     if wait or json_out:

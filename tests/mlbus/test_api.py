@@ -1,5 +1,6 @@
 """The control plane's own parts (create_app): bearer-token auth on mutating endpoints only,
-training requests published as events, /metrics and the supervisor's status."""
+training requests published as events (their dataset version resolved to the full one
+first), /metrics and the supervisor's status."""
 
 from __future__ import annotations
 
@@ -10,10 +11,19 @@ from fastapi.testclient import TestClient
 
 from mlbus.cli.control_plane import create_app
 from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.producer import EventProducer
 from mlbus.settings import Settings
-from tests.mlbus.kafka.support import read_events
+from tests.mlbus.kafka.support import dataset, read_events
 
+#: The version users type is a prefix of the one in the log; events carry the full one.
+FULL = "abc" + "0" * 61
 REQUEST = {"model": "digits-cnn", "dataset": {"name": "digits", "version": "abc"}, "family": "cnn"}
+
+
+def announce_dataset(kafka: KafkaConfig) -> None:
+    with EventProducer(kafka, source="test") as producer:
+        producer.publish(dataset(name="digits", version=FULL))
+        producer.flush()
 
 
 def settings_for(kafka: KafkaConfig, tmp_path: Path, **changes: object) -> Settings:
@@ -38,6 +48,7 @@ def test_a_mutating_request_without_the_token_is_refused_and_publishes_nothing(g
 
 
 def test_with_the_token_a_training_request_becomes_an_event(guarded, kafka):
+    announce_dataset(kafka)
     response = guarded.post(
         "/training/requests", json=REQUEST, headers={"Authorization": "Bearer s3cret"}
     )
@@ -45,6 +56,17 @@ def test_with_the_token_a_training_request_becomes_an_event(guarded, kafka):
     [event] = read_events(kafka, "training.requested")
     assert event.id == response.json()["event_id"]
     assert event.data.model == "digits-cnn" and event.data.requested_by == "api"
+    assert event.data.dataset.version == FULL  # resolved at the edge
+
+
+def test_a_training_request_for_an_unknown_dataset_version_is_refused(kafka, tmp_path):
+    announce_dataset(kafka)
+    client = TestClient(create_app(settings_for(kafka, tmp_path)))
+    other = REQUEST | {"dataset": {"name": "digits", "version": "abd"}}
+    response = client.post("/training/requests", json=other)
+    assert response.status_code == 404, response.text
+    assert "dataset digits@abd: no version 'abd'" in response.json()["error"]["message"]
+    assert read_events(kafka, "training.requested") == []
 
 
 def test_reading_needs_no_token(guarded):
@@ -71,6 +93,7 @@ def test_metrics_count_requests_by_route_and_status(kafka, tmp_path):
 
 
 def test_training_requests_share_one_producer_closed_at_shutdown(kafka, tmp_path):
+    announce_dataset(kafka)
     app = create_app(settings_for(kafka, tmp_path))
     with TestClient(app) as client:
         ids = [client.post("/training/requests", json=REQUEST).json()["event_id"] for _ in "ab"]

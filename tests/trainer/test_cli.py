@@ -46,8 +46,16 @@ def test_a_sweep_from_the_cli_is_trained_and_reported(worker):
 
 
 def test_wait_exits_non_zero_when_a_run_fails(worker):
-    ok(mlbus("datasets", "sample", "iris", "--json", env=worker))
-    result = mlbus("train", "iris", "--dataset", "iris@0000", "--wait", "--json", env=worker,
-                   timeout=120)  # fmt: skip
+    sample = json_lines(ok(mlbus("datasets", "sample", "iris", "--json", env=worker)).stdout)[0]
+    ref = f"iris@{sample['version'][:8]}"
+    result = mlbus("train", "iris", "--dataset", ref, "--family", "nosuch", "--wait", "--json",
+                   env=worker, timeout=120)  # fmt: skip
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout.strip() == ""  # no completed run to report
+
+
+def test_an_unknown_dataset_version_is_refused_before_anything_is_published(worker):
+    ok(mlbus("datasets", "sample", "iris", "--json", env=worker))
+    result = mlbus("train", "iris", "--dataset", "iris@0000", "--wait", env=worker, timeout=60)
+    assert result.returncode == 1 and "dataset iris@0000: no version '0000'" in result.stderr
+    assert "requested" not in result.stdout
