@@ -5,6 +5,7 @@ GET /lineage/models/{model}/serving?as_of=          which version served (at a t
 GET /lineage/models/{model}/history?as_of=          promotions, rejections, rollbacks
 GET /lineage/models/{model}/versions/{version}/why  decisions with policy and evidence
 GET /lineage/datasets/{name}/downstream?version=&as_of=&format=json|dot|mermaid
+GET /models                     every model, its versions and its champion (`models_router`)
 
 The store is `app.state.lineage_store` (a `LineageStore`, set by the app that mounts the
 router), or the one `create_router(store)` was given. Errors are raised and answered by the
@@ -27,6 +28,19 @@ from mlbus.consumers.lineage.queries import LineageQueries, parse_time
 from mlbus.consumers.lineage.store import LineageStore
 
 Format = Literal["json", "dot", "mermaid"]
+
+
+def models_router(store: Callable[[], LineageStore]) -> APIRouter:
+    """GET /models, the control plane's listing, answered from the store: a request costs a
+    query, not a replay of the log."""
+    router = APIRouter(tags=["models"])
+
+    @router.get("/models", summary="Every model, its versions and its champion")
+    async def models() -> list[dict[str, Any]]:
+        found = await run_in_threadpool(lambda: LineageQueries(store()).models())
+        return [asdict(m) for m in found]
+
+    return router
 
 
 def create_router(store: Callable[[], LineageStore] | None = None) -> APIRouter:

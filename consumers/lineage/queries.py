@@ -1,6 +1,8 @@
 """Lineage questions asked of the projection: upstream of a model version, downstream of a
 dataset version, why a version was promoted or rejected, which version served at a time —
-each optionally *as known at* a time T (only events whose time is <= T count).
+each optionally *as known at* a time T (only events whose time is <= T count) — and the
+listings the control plane shows (every model with its versions and champion, the newest
+events), read from the store instead of replaying the log per request.
 
 Answers are plain dataclasses (JSON via `dataclasses.asdict`), never ORM rows. Links are
 joins on natural keys (run id, model@version, dataset@version), so a piece that arrived
@@ -10,7 +12,9 @@ late is linked as soon as it is there, and a dataset nobody announced shows as u
 
 from __future__ import annotations
 
+import math
 from collections import namedtuple
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -162,6 +166,47 @@ class Why:
     decisions: list[Decision]
 
 
+@dataclass(frozen=True)
+class Champion:
+    """The newest promotion of a model: the version serving."""
+
+    version: str
+    since: str | None
+    actor: str
+    reason: str
+    rollback: bool
+    policy: dict[str, Any] | None
+    event_id: str
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: str
+    status: str  # champion, rolled back, promoted before, rejected, candidate
+    run_id: str | None
+    trained_at: str | None
+    dataset: dict[str, str] | None
+    metrics: dict[str, float]
+    """flat: "test.accuracy", "inference.latency_p95_ms", ... (unmeasured ones left out)"""
+    rejected: str | None
+    """the reason of the newest rejection, if the policy rejected it"""
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    model: str
+    champion: Champion | None
+    versions: list[ModelVersion]
+
+
+@dataclass(frozen=True)
+class RecentEvent:
+    time: str | None
+    type: str
+    id: str
+    subject: str | None
+
+
 def _prov(row: Any) -> Provenance:
     return Provenance(row.event_id, row.topic, row.partition, row.offset, iso(row.time))
 
@@ -205,6 +250,51 @@ class LineageQueries:
                 )
             ).all()
         return [_decision(r) for r in rows]
+
+    # -- listings ------------------------------------------------------------------------------
+
+    def models(self, as_of: datetime | None = None) -> list[ModelSummary]:
+        """Every model (trained, promoted or rejected), by name, with its versions (trained
+        or promoted) and its champion, the newest promotion."""
+        cut = _cut(as_of)
+        m, d = t.model_versions, t.decisions
+        with self.store.reading("listing models") as conn:
+            run = sa.select(m.c.model, m.c.version, m.c.run_id, m.c.time, m.c.dataset_name,
+                            m.c.dataset_version, m.c.metrics)  # fmt: skip
+            newest_first = (m.c.time.desc(), m.c.event_id.desc())
+            trained = conn.execute(_known(run, m, cut).order_by(*newest_first)).all()
+            decided = conn.execute(
+                _known(sa.select(d), d, cut).order_by(d.c.time, d.c.offset, d.c.event_id)
+            ).all()
+        runs: dict[str, dict[str, Any]] = {}
+        for row in trained:  # newest first: the earliest announcement of a version wins
+            runs.setdefault(row.model, {})[row.version] = row
+        promotions: dict[str, list[Any]] = {}
+        rejected: dict[str, dict[str, str]] = {}
+        for row in decided:  # oldest first: the newest decision wins
+            if row.kind == "promoted":
+                promotions.setdefault(row.model, []).append(row)
+            else:
+                rejected.setdefault(row.model, {})[row.version] = row.reason
+        names = sorted(set(runs) | set(promotions) | set(rejected))
+        return [
+            _summary(name, runs.get(name, {}), promotions.get(name, []), rejected.get(name, {}))
+            for name in names
+        ]
+
+    def recent(self, types: Iterable[str], limit: int) -> list[RecentEvent]:
+        """The newest `limit` events of the given types, newest first (as the projector
+        read and checked them)."""
+        e = t.events
+        query = (
+            sa.select(e.c.time, e.c.type, e.c.id, e.c.subject, e.c.key)
+            .where(e.c.type.in_(list(types)))
+            .order_by(e.c.time.desc(), e.c.id)
+            .limit(limit)
+        )
+        with self.store.reading("reading recent events") as conn:
+            rows = conn.execute(query).all()
+        return [RecentEvent(iso(r.time), r.type, r.id, r.subject or r.key) for r in rows]
 
     # -- what users type ----------------------------------------------------------------------
 
@@ -394,6 +484,56 @@ def _newest_version(sql: _Sql, model: str) -> str | None:
     row = _one(sql.select(t.model_versions, {"model": model}, '"time" DESC, "event_id" DESC',
                           limit=1, columns='"version"'))  # fmt: skip
     return row.version if row is not None else None
+
+
+def _summary(
+    name: str, runs: dict[str, Any], promotions: list[Any], rejected: dict[str, str]
+) -> ModelSummary:
+    last = promotions[-1] if promotions else None
+    champion = None
+    if last is not None:
+        policy = None
+        if last.policy_name:
+            policy = {"name": last.policy_name, "version": last.policy_version}
+        since, rollback = iso(last.time), bool(last.rollback)
+        champion = Champion(
+            last.version, since, last.actor, last.reason, rollback, policy, last.event_id
+        )
+    promoted = {p.version for p in promotions}
+    # A rollback moves away from a version for good: it is never a rollback target again.
+    rolled_back = {p.previous_version for p in promotions if p.rollback and p.previous_version}
+    versions = []
+    for version in sorted(set(runs) | promoted):
+        run = runs.get(version)
+        status = (
+            "champion" if champion and version == champion.version
+            else "rolled back" if version in rolled_back
+            else "promoted before" if version in promoted
+            else "rejected" if version in rejected
+            else "candidate"
+        )  # fmt: skip
+        reason = rejected.get(version)
+        if run is None:  # promoted; its training.completed is not (yet) known
+            versions.append(ModelVersion(version, status, None, None, None, {}, reason))
+            continue
+        dataset = {"name": run.dataset_name, "version": run.dataset_version}
+        metrics = _flat(_json(run.metrics))
+        versions.append(
+            ModelVersion(version, status, run.run_id, iso(run.time), dataset, metrics, reason)
+        )
+    return ModelSummary(name, champion, versions)
+
+
+def _flat(metrics: dict[str, Any]) -> dict[str, float]:
+    """{"test": {"accuracy": x}} as {"test.accuracy": x}; unmeasured ones (an empty split:
+    NaN, which JSON carries as null) left out."""
+    return {
+        f"{split}.{name}": value
+        for split, values in metrics.items()
+        if isinstance(values, dict)
+        for name, value in values.items()
+        if value is not None and not math.isnan(value)
+    }
 
 
 def _decision(r: Any) -> Decision:

@@ -3,9 +3,11 @@
 GET  /pipelines                      every pipeline's revision in force
 POST /pipelines                      body: the YAML file (or JSON {"definition", "actor"});
                                      201 new revision, 200 unchanged, 400 naming the line
-GET  /models                         every model, its versions and its champion
 POST /models/{model}/promote         JSON {"version", "reason", "actor"?}: 201
 POST /models/{model}/rollback        JSON {"reason", "to"?, "actor"?}: 201
+
+`GET /models` is not here: the listing is a query of the lineage store, which the control
+plane mounts next to these routes.
 
 Errors are raised, and answered by the app's handler (mlbus/http.py) with the status
 their class carries: `InvalidPipeline` 400, `UnknownModel` 404, `NothingToRollBack` 409.
@@ -69,10 +71,6 @@ def create_router(kafka: Callable[[], KafkaConfig]) -> APIRouter:
              "message": applied.message, "revision": applied.pipeline.revision},
             status_code=201 if applied.published else 200,
         )  # fmt: skip
-
-    @router.get("/models", summary="Every model, its versions and its champion")
-    def models() -> list[dict[str, Any]]:
-        return commands.list_models(kafka())
 
     @router.post("/models/{model}/promote", status_code=201, summary="Promote a version by hand")
     def promote(model: str, body: Promote) -> Any:

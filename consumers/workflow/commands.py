@@ -1,8 +1,12 @@
-"""Manual decisions and listings, shared by the CLI (`mlbus models …`, `mlbus pipelines
-list`) and the HTTP API. A manual promotion or rollback is a `model.promoted` like the
-policy's, with the user as actor; it carries the artifact and dataset of the version (from
-its `training.completed`, or from an earlier promotion of it), so serving can load it.
-Everything is read from the log: no service needs to run.
+"""Manual decisions and the pipeline listing, shared by the CLI (`mlbus models promote|
+rollback`, `mlbus pipelines list`) and the HTTP API. A manual promotion or rollback is a
+`model.promoted` like the policy's, with the user as actor; it carries the artifact and
+dataset of the version (from its `training.completed`, or from an earlier promotion of it),
+so serving can load it. Reads `training.completed`, `model.promoted`, `model.rejected` (and
+`pipeline.defined` for the listing); writes `model.promoted`. No service needs to run.
+
+The model listing is not here: it is a query of the lineage store (the composition root
+serves it), which does not replay the log per request.
 """
 
 from __future__ import annotations
@@ -49,9 +53,15 @@ def _publish(kafka: KafkaConfig, payload: ModelPromoted) -> Event:
     return event
 
 
+#: What a manual decision is checked against. Read from the log, not from the lineage store:
+#: the decision must see the log as it is when it is written (a version trained or promoted a
+#: moment ago, the champion a promotion just replaced), and a projection may lag behind it.
+DECIDING = ("training.completed", "model.promoted", "model.rejected")
+
+
 def promote(kafka: KafkaConfig, model_name: str, version: str, *, reason: str, actor: str) -> Event:
     """Promote a version by hand (it then serves, whatever the policy said)."""
-    state = read_state(kafka)
+    state = read_state(kafka, DECIDING)
     model = _model(state, model_name)
     full, run, promoted = _version(model, version)
     artifact, dataset, run_id = _origin(run, promoted, model_name, full)
@@ -76,7 +86,7 @@ def rollback(
     kafka: KafkaConfig, model_name: str, *, to: str | None, reason: str, actor: str
 ) -> Event:
     """Roll back by hand: to `to`, or to the previous good version."""
-    state = read_state(kafka)
+    state = read_state(kafka, DECIDING)
     model = _model(state, model_name)
     champion = model.champion
     if champion is None:
@@ -112,47 +122,6 @@ def _origin(
     if promoted is not None and promoted.artifact is not None:
         return promoted.artifact, promoted.dataset, promoted.run_id
     raise UnknownModel(f"model {model}@{version}: no artifact in the log to load it from")
-
-
-def list_models(kafka: KafkaConfig, state: State | None = None) -> list[dict[str, Any]]:
-    """Every model with its versions (runs and promotions) and its champion."""
-    state = state or read_state(kafka)
-    out = []
-    for name, model in sorted(state.models.items()):
-        champion = model.champion
-        promoted = {p.data.version for p in model.promotions}
-        rolled_back = model.rolled_back()
-        versions = []
-        for version in sorted(set(model.runs) | promoted):
-            run = model.runs.get(version)
-            data: TrainingCompleted | None = run.data if run else None
-            status = (
-                "champion" if champion and version == champion.data.version
-                else "rolled back" if version in rolled_back
-                else "promoted before" if version in promoted
-                else "rejected" if version in model.rejected
-                else "candidate"
-            )  # fmt: skip
-            versions.append({
-                "version": version, "status": status,
-                "run_id": data.run_id if data else None,
-                "trained_at": run.time.isoformat() if run and run.time else None,
-                "dataset": data.dataset.model_dump() if data else None,
-                "metrics": flat_metrics(data) if data else {},
-                "rejected": model.rejected.get(version),
-            })  # fmt: skip
-        out.append({
-            "model": name,
-            "champion": None if champion is None else {
-                "version": champion.data.version, "since": champion.time.isoformat(),
-                "actor": champion.data.actor, "reason": champion.data.reason,
-                "rollback": champion.data.rollback,
-                "policy": champion.data.policy.model_dump() if champion.data.policy else None,
-                "event_id": champion.event_id,
-            },
-            "versions": versions,
-        })  # fmt: skip
-    return out
 
 
 def list_pipelines(kafka: KafkaConfig, state: State | None = None) -> list[dict[str, Any]]:

@@ -162,6 +162,7 @@ def create_app(cfg: Settings) -> FastAPI:
 
     from mlbus.cli.ui import create_router as ui_router
     from mlbus.consumers.lineage.api import create_router as lineage_router
+    from mlbus.consumers.lineage.api import models_router
     from mlbus.consumers.workflow.api import create_router as workflow_router
 
     def kafka() -> KafkaConfig:
@@ -172,7 +173,8 @@ def create_app(cfg: Settings) -> FastAPI:
     api.include_router(training_router(producer, registry))
     api.include_router(workflow_router(kafka))
     api.include_router(lineage_router(lineage_store))
-    api.include_router(ui_router(kafka, lineage_store))
+    api.include_router(models_router(lineage_store))
+    api.include_router(ui_router(lineage_store))
 
     install_error_handlers(api)
 

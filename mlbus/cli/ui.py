@@ -1,19 +1,23 @@
 """`GET /ui`: a small read-only page of the control plane — every model with its serving
 version, the most recent events of the log, and a model's lineage graph as a picture
-(SVG drawn on the server: no JavaScript, nothing fetched from the internet)."""
+(SVG drawn on the server: no JavaScript, nothing fetched from the internet). Everything on
+it is a query of the lineage store (the projector has already read and checked the log): a
+page view does not re-read the log."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 
 from mlbus.cli.svg import render_svg
-from mlbus.kafka.config import KafkaConfig
+
+if TYPE_CHECKING:
+    from mlbus.consumers.lineage.queries import ModelSummary, RecentEvent
 
 _STYLE = """
 body{font-family:Helvetica,Arial,sans-serif;margin:2rem;color:#111827}
@@ -35,62 +39,41 @@ def _page(title: str, body: str) -> HTMLResponse:
     )
 
 
-def _recent(store: Any, limit: int) -> list[dict[str, Any]]:
-    """The newest events of the lineage topics, from the lineage store's events table (the
-    projector has already read and checked them: a page view does not re-read the log)."""
-    import sqlalchemy as sa
-
-    from mlbus.consumers.lineage import tables
-    from mlbus.consumers.lineage.store import iso
-
-    e = tables.events
-    query = (
-        sa.select(e.c.time, e.c.type, e.c.id, e.c.subject, e.c.key)
-        .where(e.c.type.in_(RECENT_TOPICS))
-        .order_by(e.c.time.desc(), e.c.id)
-        .limit(limit)
-    )
-    with store.reading("reading recent events") as conn:
-        rows = conn.execute(query).all()
-    return [
-        {"time": iso(r.time), "type": r.type, "id": r.id, "subject": r.subject or r.key}
-        for r in rows
-    ]
-
-
 _CLASS = {"champion": "champion", "rejected": "rejected"}
 
 
-def _model_row(m: dict[str, Any]) -> str:
-    champion = m["champion"]["version"] if m["champion"] else "-"
+def _model_row(m: ModelSummary) -> str:
+    champion = m.champion.version if m.champion else "-"
     versions = " ".join(
-        f"<span class='{_CLASS.get(v['status'], 'muted')}' title='{escape(v['status'])}'>"
-        f"{escape(v['version'])}</span>"
-        for v in m["versions"]
+        f"<span class='{_CLASS.get(v.status, 'muted')}' title='{escape(v.status)}'>"
+        f"{escape(v.version)}</span>"
+        for v in m.versions
     )
-    name = escape(m["model"])
+    name = escape(m.model)
     return (
         f"<tr><td><a href='/ui/lineage/{name}'>{name}</a></td>"
         f"<td class='champion'>{escape(champion)}</td><td>{versions}</td></tr>"
     )
 
 
-def _event_row(e: dict[str, Any]) -> str:
+def _event_row(e: RecentEvent) -> str:
     return (
-        f"<tr><td class='muted'>{escape(e['time'][:19])}</td><td>{escape(e['type'])}</td>"
-        f"<td>{escape(str(e['subject'] or ''))}</td><td><code>{escape(e['id'])}</code></td></tr>"
+        f"<tr><td class='muted'>{escape((e.time or '')[:19])}</td><td>{escape(e.type)}</td>"
+        f"<td>{escape(e.subject or '')}</td><td><code>{escape(e.id)}</code></td></tr>"
     )
 
 
-def create_router(kafka: Callable[[], KafkaConfig], lineage: Callable[[], Any]) -> APIRouter:
+def create_router(lineage: Callable[[], Any]) -> APIRouter:
     router = APIRouter(tags=["ui"], include_in_schema=False)
 
     @router.get("/ui", response_class=HTMLResponse)
     async def home(limit: int = Query(25, ge=1, le=500)) -> HTMLResponse:
-        from mlbus.consumers.workflow.commands import list_models
+        from mlbus.consumers.lineage.queries import LineageQueries
 
-        cfg, store = kafka(), lineage()
-        models, recent = await run_in_threadpool(lambda: (list_models(cfg), _recent(store, limit)))
+        queries = LineageQueries(lineage())
+        models, recent = await run_in_threadpool(
+            lambda: (queries.models(), queries.recent(RECENT_TOPICS, limit))
+        )
         rows = "".join(_model_row(m) for m in models)
         events = "".join(_event_row(e) for e in recent)
         body = (

@@ -13,7 +13,7 @@ import orjson
 import typer
 from rich.table import Table
 
-from mlbus.cli.common import app, console, kafka_config, settings
+from mlbus.cli.common import app, console, err_console, kafka_config, settings
 from mlbus.services import Service, service
 from mlbus.settings import Settings
 
@@ -85,26 +85,36 @@ def pipelines_list(
 def models_list(
     json_out: Annotated[bool, typer.Option("--json", help="as JSON")] = False,
 ) -> None:
-    """Every model with its versions and its champion."""
-    from mlbus.consumers.workflow.commands import list_models
+    """Every model with its versions and its champion, from the lineage store (as far as its
+    projector has read the log: `mlbus up`, or `mlbus lineage project --stop-at-end`)."""
+    from dataclasses import asdict
 
-    found = list_models(kafka_config())
+    from mlbus.consumers.lineage.queries import LineageQueries
+    from mlbus.consumers.lineage.store import LineageStore
+
+    with LineageStore.open(settings().metadata_url) as store:
+        if not store.positions():
+            err_console.print(
+                "the lineage store has not read the log yet: run `mlbus up`, or "
+                "`mlbus lineage project --stop-at-end`",
+                highlight=False,
+            )
+        found = LineageQueries(store).models()
     if json_out:
-        _json(found)
+        _json([asdict(m) for m in found])
         return
     table = Table("model", "version", "status", "test accuracy", "dataset", "note")
     for model in found:
-        for v in model["versions"]:
-            accuracy = v["metrics"].get("test.accuracy")
-            dataset = v["dataset"]
-            champion = model["champion"]
-            note = v["rejected"] or ""
-            if champion and v["status"] == "champion":
-                note = f"{champion['actor']}: {champion['reason']}"
+        champion = model.champion
+        for v in model.versions:
+            accuracy = v.metrics.get("test.accuracy")
+            note = v.rejected or ""
+            if champion and v.status == "champion":
+                note = f"{champion.actor}: {champion.reason}"
+            dataset = f"{v.dataset['name']}@{v.dataset['version'][:12]}" if v.dataset else "-"
             table.add_row(
-                model["model"], v["version"], v["status"],
-                "-" if accuracy is None else f"{accuracy:.4f}",
-                f"{dataset['name']}@{dataset['version'][:12]}" if dataset else "-", note,
+                model.model, v.version, v.status,
+                "-" if accuracy is None else f"{accuracy:.4f}", dataset, note,
             )  # fmt: skip
     console.print(table)
 

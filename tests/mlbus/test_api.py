@@ -1,18 +1,26 @@
 """The control plane's own parts (create_app): bearer-token auth on mutating endpoints only,
 training requests published as events (their dataset version resolved to the full one
-first), /metrics and the supervisor's status."""
+first), the model listing answered from the lineage store, /metrics and the supervisor's
+status."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from mlbus.cli.control_plane import create_app
+from mlbus.consumers.lineage.projector import TOPICS, Projector
+from mlbus.consumers.lineage.queries import LineageQueries
+from mlbus.consumers.lineage.store import LineageStore
+from mlbus.consumers.workflow.state import read_state
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
+from mlbus.kafka.reader import read_log
 from mlbus.settings import Settings
+from tests.consumers.lineage.generator import generate_log, produce
 from tests.mlbus.kafka.support import dataset, read_events
 
 #: The version users type is a prefix of the one in the log; events carry the full one.
@@ -100,3 +108,43 @@ def test_training_requests_share_one_producer_closed_at_shutdown(kafka, tmp_path
         assert app.state.producer.opened
     assert not app.state.producer.opened  # closed by the app's shutdown
     assert [e.id for e in read_events(kafka, "training.requested")] == ids
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_models_are_listed_from_the_lineage_store_without_the_log(kafka, tmp_path):
+    produce(kafka, generate_log(600, seed=3))
+    url = f"sqlite:///{tmp_path / 'lineage.db'}"
+    with LineageStore.open(url) as store:
+        Projector(store).project(read_log(kafka, TOPICS))
+    state = read_state(kafka)  # what the workflow makes of the same log
+    # The API's broker is a closed port: a listing that read the log could not answer.
+    gone = Settings(data_dir=tmp_path / "data", metadata_url=url,
+                    kafka_bootstrap_servers=f"127.0.0.1:{_closed_port()}")  # fmt: skip
+    response = TestClient(create_app(gone)).get("/models")
+    assert response.status_code == 200, response.text
+    listed = {m["model"]: m for m in response.json()}
+    assert listed and sorted(listed) == sorted(state.models)
+    with LineageStore(url) as store:
+        serving = {name: LineageQueries(store).serving(name) for name in listed}
+    for name, model in state.models.items():
+        # The champion is the store's newest promotion, as /lineage/models/{m}/serving says.
+        # (The workflow's state may differ on a duplicate delivery of an older promotion,
+        # which it moves to its new place in the log; the store keeps the first delivery.)
+        champion = listed[name]["champion"]
+        assert (champion["version"] if champion else None) == serving[name], name
+        statuses = {v["version"]: v["status"] for v in listed[name]["versions"]}
+        assert set(statuses) == set(model.runs) | {p.data.version for p in model.promotions}
+        rolled_back = model.rolled_back() - {serving[name]}
+        assert {v for v, s in statuses.items() if s == "rolled back"} == rolled_back, name
+        assert {v for v, s in statuses.items() if s == "rejected"} == (
+            set(model.rejected) - model.rolled_back() - {p.data.version for p in model.promotions}
+        ), name
+        trained = {v["version"]: v for v in listed[name]["versions"] if v["run_id"]}
+        for version, run in model.runs.items():
+            assert trained[version]["run_id"] == run.data.run_id
+            assert trained[version]["dataset"] == run.data.dataset.model_dump()

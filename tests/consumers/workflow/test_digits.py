@@ -120,6 +120,8 @@ def test_digits_pipeline_from_registration_to_rollback(kafka, group, tmp_path):
     catch_up(kafka, group + "-new")  # restart with lost offsets: every record again
     assert {t: len(read_raw(kafka, kafka.topic(t))) for t in DECISIONS} == counts
 
+    # The listing is the lineage store's: project the log into it first (`mlbus up` would).
+    ok(mlbus("lineage", "project", "--stop-at-end", "--group", group + "-lineage", env=env))
     listed = json.loads(ok(mlbus("models", "list", "--json", env=env)).stdout)
     (model,) = listed
     assert model["model"] == "digits" and model["champion"]["version"] == a.version

@@ -115,9 +115,9 @@ def test_a_run_no_pipeline_governs_is_recorded_and_not_promoted(kafka, group):
     send(kafka, completed("orphan", "x1", 0.99))
     catch_up(kafka, group)
     assert decisions(kafka) == {"model.promoted": [], "model.rejected": []}
-    (model,) = commands.list_models(kafka)
-    assert model["model"] == "orphan" and model["champion"] is None
-    assert [(v["version"], v["status"]) for v in model["versions"]] == [("x1", "candidate")]
+    (model,) = read_state(kafka).models.values()
+    assert model.name == "orphan" and model.champion is None
+    assert list(model.runs) == ["x1"] and not model.rejected
 
 
 def test_an_alert_rolls_back_once_per_interval_and_a_restart_adds_nothing(kafka, group):
@@ -175,7 +175,6 @@ def test_manual_and_automatic_decisions_are_both_events_and_the_later_wins(kafka
     back = commands.rollback(kafka, "m1", to=None, reason="c misbehaves", actor="user:bob")
     assert (back.data.version, back.data.rollback, back.data.actor) == ("b", True, "user:bob")
     assert back.data.artifact.uri.endswith("m1/b/model.safetensors")
-    (model,) = commands.list_models(kafka)
-    assert model["champion"]["version"] == "b" and model["champion"]["actor"] == "user:bob"
-    statuses = {v["version"]: v["status"] for v in model["versions"]}
-    assert statuses == {"a": "promoted before", "b": "champion", "c": "rolled back"}
+    model = read_state(kafka).models["m1"]
+    assert (model.champion.data.version, model.champion.data.actor) == ("b", "user:bob")
+    assert model.rolled_back() == {"c"} and model.previous_good().data.version == "a"
