@@ -16,7 +16,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,11 +31,9 @@ from mlbus.serving.deployer import Deployer
 from mlbus.serving.inference_log import InferenceLog, Sample
 from mlbus.serving.metrics import UNKNOWN, ServingMetrics
 from mlbus.serving.registry import Deployment, Registry, Slot
+from mlbus.serving.stream import StreamInference
 from mlbus.settings import ServingSettings
 from mlbus.storage import ObjectStore
-
-if TYPE_CHECKING:
-    from mlbus.serving.stream import StreamInference
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +154,6 @@ class ModelServer:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        from mlbus.serving.stream import StreamInference
-
         self.loop = loop
         self.registry.loop = loop
         # Process-wide, and left so: a server owns its process (`mlbus serve`), and two

@@ -18,18 +18,21 @@ import re
 import threading
 import time
 import uuid
+from typing import Any, Protocol
 
 import numpy as np
 
 from mlbus.errors import MlbusError
+from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import ConsumerLoop, Record
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.base import Tensor
 from mlbus.schemas.codec import encode_new
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.serving import InferenceRequest, InferenceResult
+from mlbus.serving.deployer import Deployer
 from mlbus.serving.errors import InvalidInput, NotReady
-from mlbus.serving.registry import Deployment
+from mlbus.serving.registry import Deployment, Registry
 from mlbus.serving.tensors import outputs, to_array
 
 log = logging.getLogger(__name__)
@@ -40,11 +43,40 @@ _REPLY = re.compile(r"^inference\.results(\.[A-Za-z0-9._-]+)?$")
 TIMEOUT = 60.0
 
 
-class StreamInference:
-    def __init__(self, server: object, *, group: str) -> None:
-        from mlbus.serving.server import ModelServer
+class Server(Protocol):
+    """What stream inference uses of the model server (serving/server.py's `ModelServer`,
+    which starts it): declared here, so that this module does not import the server."""
 
-        assert isinstance(server, ModelServer)
+    kafka: KafkaConfig
+    registry: Registry
+    deployer: Deployer
+    loop: asyncio.AbstractEventLoop | None
+
+    async def infer(
+        self,
+        deployment: Deployment,
+        x: np.ndarray,
+        *,
+        protocol: str,
+        request_id: str | None,
+        started: float,
+    ) -> Any: ...
+
+    def failed(
+        self,
+        model: str | None,
+        protocol: str,
+        reason: str,
+        started: float,
+        deployment: Deployment | None = None,
+        x: np.ndarray | None = None,
+        error: BaseException | None = None,
+        request_id: str | None = None,
+    ) -> None: ...
+
+
+class StreamInference:
+    def __init__(self, server: Server, *, group: str) -> None:
         self.server = server
         self.kafka = server.kafka
         self.producer = EventProducer(server.kafka, source="mlbus/serving")
@@ -103,8 +135,8 @@ class StreamInference:
 
     def _answer(self, request: InferenceRequest, started: float) -> InferenceResult:
         server = self.server
-        deployment = None
-        x = None
+        deployment: Deployment | None = None
+        x: np.ndarray | None = None
         try:
             deployment = server.registry.get(request.model, request.version)
             x = self._rows(request.inputs, deployment)
