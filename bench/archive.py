@@ -37,9 +37,13 @@ def fill(kafka: KafkaConfig, events: int) -> None:
     producer = Producer({"bootstrap.servers": kafka.bootstrap, "linger.ms": 20})
     for i in range(events):
         payload = TrainingProgress(
-            run_id=f"r{i % 100}", model=f"m{i % 50}", epoch=i % 10 + 1, max_epochs=10,
-            metrics={"loss": 0.5}, samples_per_second=1.0,
-        )  # fmt: skip
+            run_id=f"r{i % 100}",
+            model=f"m{i % 50}",
+            epoch=i % 10 + 1,
+            max_epochs=10,
+            metrics={"loss": 0.5},
+            samples_per_second=1.0,
+        )
         ref, value = encode_new(payload, source="bench")
         while True:
             try:
@@ -88,12 +92,28 @@ def main() -> None:
         assert read == pyarrow_rows == args.events
 
     summary_line("archive", "read_log, group-less (baseline)", raw / raw_s, "records/s")
-    summary_line("archive", "archiver: read + Parquet + commit", stats.records / write_s,
-                 "records/s", baseline="read_log", ratio=raw_s / write_s)  # fmt: skip
-    summary_line("archive", "pyarrow read_table + to_pylist (baseline)", pyarrow_rows / pyarrow_s,
-                 "records/s")  # fmt: skip
-    summary_line("archive", "read_archive (LogRecords)", read / read_s, "records/s",
-                 baseline="pyarrow", ratio=pyarrow_s / read_s)  # fmt: skip
+    summary_line(
+        "archive",
+        "archiver: read + Parquet + commit",
+        stats.records / write_s,
+        "records/s",
+        baseline="read_log",
+        ratio=raw_s / write_s,
+    )
+    summary_line(
+        "archive",
+        "pyarrow read_table + to_pylist (baseline)",
+        pyarrow_rows / pyarrow_s,
+        "records/s",
+    )
+    summary_line(
+        "archive",
+        "read_archive (LogRecords)",
+        read / read_s,
+        "records/s",
+        baseline="pyarrow",
+        ratio=pyarrow_s / read_s,
+    )
     print(f"write  baseline read_log (group-less read)     {rate(raw, raw_s)}")
     print(f"write  mlbus archiver (read + Parquet + commit) {rate(stats.records, write_s)}")
     print(f"       ratio archiver/read_log                  {raw_s / write_s:.2f}")

@@ -296,10 +296,14 @@ def consume_raw(kafka: KafkaConfig, topic: str, expected: int, *, parse: bool) -
         raise RuntimeError(f"{group}: read {count} records, expected {expected}")
     busy = t1 - t0 - stalled
     return {
-        "rate": count / busy, "seconds": busy, "rate_as_is": count / (t1 - t0),
-        "stall_seconds": stalled, "stalls": stalls, "join_seconds": t0 - t_subscribe,
+        "rate": count / busy,
+        "seconds": busy,
+        "rate_as_is": count / (t1 - t0),
+        "stall_seconds": stalled,
+        "stalls": stalls,
+        "join_seconds": t0 - t_subscribe,
         "cpu": (c1 - c0) / busy,
-    }  # fmt: skip
+    }
 
 
 class Stopwatch:
@@ -335,9 +339,11 @@ def consume_mlbus(kafka: KafkaConfig, event_type: str, expected: int) -> dict[st
     `rate_as_is` is first-to-last event including that wait."""
     watch = Stopwatch(expected)
     loop = ConsumerLoop(
-        kafka, group=f"bench-mlbus-{uuid.uuid4().hex[:8]}", handlers={event_type: watch},
+        kafka,
+        group=f"bench-mlbus-{uuid.uuid4().hex[:8]}",
+        handlers={event_type: watch},
         name="bench",
-    )  # fmt: skip
+    )
     gc.collect()
     t_start = now()
     stats = loop.run(stop_at_end=True, install_signal_handlers=False, max_events=expected)
@@ -348,11 +354,15 @@ def consume_mlbus(kafka: KafkaConfig, event_type: str, expected: int) -> dict[st
     span = watch.prev - watch.first
     busy = span - watch.stalled
     return {
-        "rate": (expected - 1) / busy, "seconds": busy, "rate_as_is": (expected - 1) / span,
-        "stall_seconds": watch.stalled, "stalls": watch.stalls,
-        "join_seconds": watch.first - t_start, "commits": stats.commits,
+        "rate": (expected - 1) / busy,
+        "seconds": busy,
+        "rate_as_is": (expected - 1) / span,
+        "stall_seconds": watch.stalled,
+        "stalls": watch.stalls,
+        "join_seconds": watch.first - t_start,
+        "commits": stats.commits,
         "cpu": (watch.cpu_last - watch.cpu_first) / busy,
-    }  # fmt: skip
+    }
 
 
 def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -437,9 +447,11 @@ def profile_mlbus(kafka: KafkaConfig, event_type: str, expected: int, top: int =
 
     watch = Profiled(expected)
     loop = ConsumerLoop(
-        kafka, group=f"bench-prof-{uuid.uuid4().hex[:8]}", handlers={event_type: watch},
+        kafka,
+        group=f"bench-prof-{uuid.uuid4().hex[:8]}",
+        handlers={event_type: watch},
         name="bench",
-    )  # fmt: skip
+    )
     loop.run(stop_at_end=True, install_signal_handlers=False, max_events=expected)
     profiler.disable()
     out = io.StringIO()
@@ -509,9 +521,14 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Report, s
         log("produce: mlbus EventProducer ...")
         r = produce_mlbus(main, pool, n)
         report.add(
-            Figure("mlbus_produce", "mlbus EventProducer.publish+flush", r["rate"],
-                   "raw_produce", detail=r)
-        )  # fmt: skip
+            Figure(
+                "mlbus_produce",
+                "mlbus EventProducer.publish+flush",
+                r["rate"],
+                "raw_produce",
+                detail=r,
+            )
+        )
         del records
 
         runs: dict[str, list[dict[str, Any]]] = {"raw": [], "json": [], "mlbus": []}
@@ -525,23 +542,37 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Report, s
         report.add(Figure("raw_consume", "raw confluent-kafka consume", r["rate"], detail=r))
         r = best(runs["json"])
         report.add(
-            Figure("json_loop", "consume + json.loads loop (baseline)", r["rate"],
-                   "raw_consume", detail=r)
-        )  # fmt: skip
+            Figure(
+                "json_loop",
+                "consume + json.loads loop (baseline)",
+                r["rate"],
+                "raw_consume",
+                detail=r,
+            )
+        )
         r = best(runs["mlbus"])
         loop = report.add(
-            Figure("mlbus_consume", "mlbus ConsumerLoop", r["rate"], "json_loop",
-                   f">= {CONSUME_TARGET_RATIO:.0%}, >= {CONSUME_TARGET_RATE / 1000:.0f}k/s",
-                   detail=r)
-        )  # fmt: skip
+            Figure(
+                "mlbus_consume",
+                "mlbus ConsumerLoop",
+                r["rate"],
+                "json_loop",
+                f">= {CONSUME_TARGET_RATIO:.0%}, >= {CONSUME_TARGET_RATE / 1000:.0f}k/s",
+                detail=r,
+            )
+        )
         ratio = report.ratio(loop) or 0.0
         loop.ok = ratio >= CONSUME_TARGET_RATIO and loop.value >= CONSUME_TARGET_RATE
         as_is = max(runs["mlbus"], key=lambda r: r["rate_as_is"])
         report.add(
-            Figure("mlbus_consume_as_is", "mlbus ConsumerLoop incl. consume() wait",
-                   as_is["rate_as_is"], "json_loop",
-                   detail=as_is | {"runs": [round(r["rate_as_is"]) for r in runs["mlbus"]]})
-        )  # fmt: skip
+            Figure(
+                "mlbus_consume_as_is",
+                "mlbus ConsumerLoop incl. consume() wait",
+                as_is["rate_as_is"],
+                "json_loop",
+                detail=as_is | {"runs": [round(r["rate_as_is"]) for r in runs["mlbus"]]},
+            )
+        )
 
         profile = None
         if args.profile or (not loop.ok and not args.no_profile):
@@ -568,10 +599,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Report, s
         for name, r in rates.items():
             targeted = name in ("encode_new", "wrap_encode", "round_trip")
             fig = Figure(
-                f"codec_{short}_{name}", f"{labels[name]} [{short}, {info['mean']:.0f} B]",
-                r["rate"], f"codec_{short}_json_loads" if name == "decode" else None,
-                f"> {CODEC_TARGET_RATE / 1000:.0f}k/s" if targeted else "", detail=r,
-            )  # fmt: skip
+                f"codec_{short}_{name}",
+                f"{labels[name]} [{short}, {info['mean']:.0f} B]",
+                r["rate"],
+                f"codec_{short}_json_loads" if name == "decode" else None,
+                f"> {CODEC_TARGET_RATE / 1000:.0f}k/s" if targeted else "",
+                detail=r,
+            )
             if targeted:
                 fig.ok = fig.value > CODEC_TARGET_RATE
             report.add(fig)
@@ -610,14 +644,16 @@ def table(report: Report) -> str:
     for f in report.figures.values():
         base = report.figures[f.baseline_key].value if f.baseline_key else None
         ratio = report.ratio(f)
-        rows.append((
-            f.label,
-            f"{f.value:,.0f}",
-            f"{base:,.0f}" if base else "",
-            f"{ratio:.2f}x" if ratio is not None else "",
-            f.target,
-            "" if f.ok is None else ("PASS" if f.ok else "FAIL"),
-        ))  # fmt: skip
+        rows.append(
+            (
+                f.label,
+                f"{f.value:,.0f}",
+                f"{base:,.0f}" if base else "",
+                f"{ratio:.2f}x" if ratio is not None else "",
+                f.target,
+                "" if f.ok is None else ("PASS" if f.ok else "FAIL"),
+            )
+        )
     lines += ["", *render_table(header, rows)]
     lines.append("")
     for key in ("raw_produce", "mlbus_produce"):
@@ -692,9 +728,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument("--no-pin", action="store_true", help="do not pin to CPUs")
     parser.add_argument(
-        "--profile", action="store_true",
+        "--profile",
+        action="store_true",
         help="cProfile one more mlbus loop pass (done anyway when the loop misses its target)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--no-profile", action="store_true", help="no profile even when the loop misses"
     )

@@ -57,9 +57,17 @@ class Figures:
 SUMMARY_ENV = "MLBUS_BENCH_SUMMARY"
 
 
-def summary_line(benchmark: str, label: str, value: float, unit: str, *,
-                 baseline: str = "", ratio: float | None = None, target: str = "",
-                 ok: bool | None = None) -> None:  # fmt: skip
+def summary_line(
+    benchmark: str,
+    label: str,
+    value: float,
+    unit: str,
+    *,
+    baseline: str = "",
+    ratio: float | None = None,
+    target: str = "",
+    ok: bool | None = None,
+) -> None:
     """Record one figure for bench/run_all.py's combined table (no-op when run alone)."""
     import json
     import os
@@ -67,8 +75,16 @@ def summary_line(benchmark: str, label: str, value: float, unit: str, *,
     path = os.environ.get(SUMMARY_ENV)
     if not path:
         return
-    entry = {"benchmark": benchmark, "label": label, "value": value, "unit": unit,
-             "baseline": baseline, "ratio": ratio, "target": target, "ok": ok}  # fmt: skip
+    entry = {
+        "benchmark": benchmark,
+        "label": label,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "ratio": ratio,
+        "target": target,
+        "ok": ok,
+    }
     with open(path, "a") as out:
         out.write(json.dumps(entry) + "\n")
 
@@ -77,5 +93,13 @@ def publish_summary(benchmark: str, report: Figures) -> None:
     """Every figure of `report`, for bench/run_all.py."""
     for f in report.figures.values():
         base = report.figures[f.baseline_key].label if f.baseline_key else ""
-        summary_line(benchmark, f.label, f.value, f.unit, baseline=base,
-                     ratio=report.ratio(f), target=f.target, ok=f.ok)  # fmt: skip
+        summary_line(
+            benchmark,
+            f.label,
+            f.value,
+            f.unit,
+            baseline=base,
+            ratio=report.ratio(f),
+            target=f.target,
+            ok=f.ok,
+        )

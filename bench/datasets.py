@@ -206,9 +206,12 @@ def timed(fn: Callable[[], Any], nbytes: int) -> dict[str, Any]:
     out = fn()
     t1, c1, s1 = now(), cpu_seconds(), steal_seconds()
     return {
-        "rate": nbytes / MB / (t1 - t0), "seconds": t1 - t0, "cpu": (c1 - c0) / (t1 - t0),
-        "steal": (s1 - s0) / (t1 - t0) / (os.cpu_count() or 1), "out": out,
-    }  # fmt: skip
+        "rate": nbytes / MB / (t1 - t0),
+        "seconds": t1 - t0,
+        "cpu": (c1 - c0) / (t1 - t0),
+        "steal": (s1 - s0) / (t1 - t0) / (os.cpu_count() or 1),
+        "out": out,
+    }
 
 
 # -- the four phases -----------------------------------------------------------------------
@@ -326,15 +329,19 @@ def memory_child(kind: str, arg: str, store_dir: str, bootstrap: str) -> None:
     seconds = now() - t0
     pool_peak = pool.max_memory()
     out = {
-        "kind": kind, "seconds": seconds, "created": registered.created,
-        "num_rows": registered.num_rows, "rss_before": rss_before,
+        "kind": kind,
+        "seconds": seconds,
+        "created": registered.created,
+        "num_rows": registered.num_rows,
+        "rss_before": rss_before,
         "rss_peak_increase": _status("VmHWM") - rss_before,
-        "pool_before": pool_before, "pool_peak_before": pool_peak_before,
+        "pool_before": pool_before,
+        "pool_peak_before": pool_peak_before,
         "pool_peak_increase": pool_peak - pool_before,
         # The pool's peak is process-wide: if set before registering (table generation),
         # the figure is only an upper bound.
         "pool_bound": pool_peak == pool_peak_before,
-    }  # fmt: skip
+    }
     sys.stdout.write(json.dumps(out) + "\n")
     sys.stdout.flush()
     os._exit(0)  # no teardown: nothing to clean up in this process, and it is faster
@@ -343,8 +350,10 @@ def memory_child(kind: str, arg: str, store_dir: str, bootstrap: str) -> None:
 def peak_memory(kind: str, arg: str, store_dir: Path, bootstrap: str) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, __file__, "--memory-child", kind, arg, str(store_dir), bootstrap],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"memory child failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -393,26 +402,32 @@ def explain_register(table: pa.Table, tmp: Path, registry: TimedRegistry, rounds
         with fs.open(str(path), "wb") as handle:
             registry_module.write_canonical(table.schema, from_table(table).batches, handle)
 
-    numeric = [f.name for f in table.schema if pa.types.is_integer(f.type)
-               or pa.types.is_floating(f.type)]  # fmt: skip
+    numeric = [
+        f.name for f in table.schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
+    ]
     categorical = [f.name for f in table.schema if f.name not in numeric]
     encode(lambda: pa.OSFile(str(path), "wb"))()
     data = path.read_bytes()
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("write_canonical, whole (fsspec file, as register)", canonical),
-        ("parquet encode -> native file (= raw write)",
-         encode(lambda: pa.OSFile(str(path), "wb"))),
-        ("parquet encode -> HashingSink(fsspec file), no stats",
-         encode(lambda: HashingSink(fs.open(str(path), "wb")))),
-        ("re-cut into canonical batches (from_table)",
-         lambda: _consume(canonical_batches(from_table(table).batches, ROW_GROUP_ROWS))),
+        ("parquet encode -> native file (= raw write)", encode(lambda: pa.OSFile(str(path), "wb"))),
+        (
+            "parquet encode -> HashingSink(fsspec file), no stats",
+            encode(lambda: HashingSink(fs.open(str(path), "wb"))),
+        ),
+        (
+            "re-cut into canonical batches (from_table)",
+            lambda: _consume(canonical_batches(from_table(table).batches, ROW_GROUP_ROWS)),
+        ),
         ("StatsBuilder, all columns", stats(table.schema.names)),
         (f"  StatsBuilder, the {len(numeric)} numeric columns", stats(numeric)),
         (f"  StatsBuilder, the {len(categorical)} string columns", stats(categorical)),
-        (f"sha256 of the {len(data) / MB:.0f} MB of Parquet bytes",
-         lambda: hashlib.sha256(data).digest()),
+        (
+            f"sha256 of the {len(data) / MB:.0f} MB of Parquet bytes",
+            lambda: hashlib.sha256(data).digest(),
+        ),
         ("log scan: registry.versions()", registry.versions),
-    ]  # fmt: skip
+    ]
     results: dict[str, list[dict[str, Any]]] = {}
     for _ in range(rounds):
         for label, fn in steps:
@@ -437,12 +452,15 @@ def explain_register(table: pa.Table, tmp: Path, registry: TimedRegistry, rounds
     for label, rs in results.items():
         r = max(rs, key=lambda r: r["rate"])
         cpu = sorted(x["cpu"] * x["seconds"] for x in rs)[len(rs) // 2]
-        lines.append(f"  {label:<54} {r['rate']:8.1f} MB/s  {r['seconds']:6.2f} s  "
-                     f"CPU {cpu:5.2f} s")  # fmt: skip
+        lines.append(
+            f"  {label:<54} {r['rate']:8.1f} MB/s  {r['seconds']:6.2f} s  CPU {cpu:5.2f} s"
+        )
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(18)
-    lines.append(f"cProfile of one register of the slice ({total:.2f} s under the profiler; "
-                 f"publish {registry.parts.get('publish', 0):.2f} s), by own time:")  # fmt: skip
+    lines.append(
+        f"cProfile of one register of the slice ({total:.2f} s under the profiler; "
+        f"publish {registry.parts.get('publish', 0):.2f} s), by own time:"
+    )
     lines.append(_trim_profile(out.getvalue()))
     return lines
 
@@ -473,23 +491,32 @@ def explain_read(
         ("decode (= raw read: threads, pre_buffer=True)", decode(True)),
         ("decode, pre_buffer=False", decode(True, pre_buffer=False)),
         ("decode, use_threads=False", decode(False)),
-        (f"sha256_of alone ({file_bytes / MB:.0f} MB file, 8 MiB chunks)",
-         lambda: sha256_of(fs, path)),
+        (
+            f"sha256_of alone ({file_bytes / MB:.0f} MB file, 8 MiB chunks)",
+            lambda: sha256_of(fs, path),
+        ),
         ("decode + sha256_of in a thread, joined", decode_while_hashing),
-        ("DatasetReader, verify=True",
-         lambda: _consume(iter(DatasetReader(store, uri, content_hash)))),
-        ("DatasetReader, verify=False",
-         lambda: _consume(iter(DatasetReader(store, uri, None, verify=False)))),
-    ]  # fmt: skip
+        (
+            "DatasetReader, verify=True",
+            lambda: _consume(iter(DatasetReader(store, uri, content_hash))),
+        ),
+        (
+            "DatasetReader, verify=False",
+            lambda: _consume(iter(DatasetReader(store, uri, None, verify=False))),
+        ),
+    ]
     for _ in range(repeat):
         for label, fn in runs:
             steps.setdefault(label, []).append(timed(fn, nbytes))
-    lines = [f"read path taken apart on the registered version, best of {repeat} "
-             "(MB/s of table bytes; seconds; process CPU, wall-clock share):"]  # fmt: skip
+    lines = [
+        f"read path taken apart on the registered version, best of {repeat} "
+        "(MB/s of table bytes; seconds; process CPU, wall-clock share):"
+    ]
     for label, rs in steps.items():
         r = max(rs, key=lambda r: r["rate"])
-        lines.append(f"  {label:<54} {r['rate']:8.1f} MB/s  {r['seconds']:6.2f} s  "
-                     f"CPU {r['cpu']:.0%}")  # fmt: skip
+        lines.append(
+            f"  {label:<54} {r['rate']:8.1f} MB/s  {r['seconds']:6.2f} s  CPU {r['cpu']:.0%}"
+        )
     return lines
 
 
@@ -500,8 +527,12 @@ def _trim_profile(text: str) -> str:
         if line.strip().startswith("ncalls"):
             started = True
         if started and line.strip():
-            keep.append("  " + line.replace(str(Path(sys.prefix).resolve()), "<venv>")
-                        .replace(str(Path(__file__).resolve().parent.parent), "."))  # fmt: skip
+            keep.append(
+                "  "
+                + line.replace(str(Path(sys.prefix).resolve()), "<venv>").replace(
+                    str(Path(__file__).resolve().parent.parent), "."
+                )
+            )
     return "\n".join(keep)
 
 
@@ -517,16 +548,23 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Report:
         batch_bytes = largest_writer_batch(table)
         nbytes = table.nbytes
         setup: dict[str, Any] = {
-            "table_bytes": nbytes, "rows": table.num_rows, "columns": table.num_columns,
-            "types": _type_summary(table.schema), "generate_seconds": round(now() - t0, 1),
-            "row_group_rows": ROW_GROUP_ROWS, "read_batch_rows": READ_BATCH,
-            "source_batch_rows": READ_BATCH_ROWS, "largest_batch_bytes": batch_bytes,
+            "table_bytes": nbytes,
+            "rows": table.num_rows,
+            "columns": table.num_columns,
+            "types": _type_summary(table.schema),
+            "generate_seconds": round(now() - t0, 1),
+            "row_group_rows": ROW_GROUP_ROWS,
+            "read_batch_rows": READ_BATCH,
+            "source_batch_rows": READ_BATCH_ROWS,
+            "largest_batch_bytes": batch_bytes,
             "writer_options": {k: v for k, v in WRITER_OPTIONS.items()},
-            "cpus": os.cpu_count(), "pyarrow": pa.__version__,
+            "cpus": os.cpu_count(),
+            "pyarrow": pa.__version__,
             "memory_pool": pa.default_memory_pool().backend_name,
-            "python": sys.version.split()[0], "repeat": args.repeat,
+            "python": sys.version.split()[0],
+            "repeat": args.repeat,
             "read_repeat": args.read_repeat,
-        }  # fmt: skip
+        }
         report = Report(setup)
 
         log("starting the embedded broker ...")
@@ -572,24 +610,47 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Report:
         setup["raw_file_identical"] = raw_hash == last.content_hash
 
         rw = report.add(Figure("raw_write", "raw pyarrow write_table", **_fig(runs["rw"])))
-        reg = report.add(Figure(
-            "mlbus_register", "mlbus DatasetRegistry.register", baseline_key=rw.key,
-            target=f">= {REGISTER_TARGET_RATIO:.0%}", **_fig(runs["reg"])))  # fmt: skip
+        reg = report.add(
+            Figure(
+                "mlbus_register",
+                "mlbus DatasetRegistry.register",
+                baseline_key=rw.key,
+                target=f">= {REGISTER_TARGET_RATIO:.0%}",
+                **_fig(runs["reg"]),
+            )
+        )
         reg.ok = (report.ratio(reg) or 0) >= REGISTER_TARGET_RATIO
         top = reg.detail
-        report.add(Figure(
-            "mlbus_write_canonical", "  of which write_canonical alone",
-            nbytes / MB / top["parts"]["write_canonical"], baseline_key=rw.key, unit="MB/s",
-            detail={"seconds": top["parts"]["write_canonical"]}))  # fmt: skip
+        report.add(
+            Figure(
+                "mlbus_write_canonical",
+                "  of which write_canonical alone",
+                nbytes / MB / top["parts"]["write_canonical"],
+                baseline_key=rw.key,
+                unit="MB/s",
+                detail={"seconds": top["parts"]["write_canonical"]},
+            )
+        )
         rr = report.add(Figure("raw_read", "raw pyarrow iter_batches", **_fig(runs["rr"])))
-        mr = report.add(Figure(
-            "mlbus_read", "mlbus DatasetReader (hash verified)", baseline_key=rr.key,
-            target=f">= {READ_TARGET_RATIO:.0%}", **_fig(runs["mr"])))  # fmt: skip
+        mr = report.add(
+            Figure(
+                "mlbus_read",
+                "mlbus DatasetReader (hash verified)",
+                baseline_key=rr.key,
+                target=f">= {READ_TARGET_RATIO:.0%}",
+                **_fig(runs["mr"]),
+            )
+        )
         mr.ok = (report.ratio(mr) or 0) >= READ_TARGET_RATIO
 
-        batch = report.add(Figure(
-            "largest_batch", f"largest writer batch ({ROW_GROUP_ROWS:,} rows)",
-            batch_bytes / MB, unit="MB"))  # fmt: skip
+        batch = report.add(
+            Figure(
+                "largest_batch",
+                f"largest writer batch ({ROW_GROUP_ROWS:,} rows)",
+                batch_bytes / MB,
+                unit="MB",
+            )
+        )
         for kind, arg, what in (
             ("table", f"{args.mb:g}", "in-memory table"),
             ("file", str(raw_path), "Parquet file"),
@@ -600,15 +661,28 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Report:
                 raise RuntimeError(f"memory child registered {mem}")
             bound = "<= " if mem["pool_bound"] else ""
             for key, label, value in (
-                (f"memory_{kind}_pool", f"register from {what}: Arrow pool peak {bound}+",
-                 mem["pool_peak_increase"]),
-                (f"memory_{kind}_rss", f"register from {what}: RSS peak +",
-                 mem["rss_peak_increase"]),
-            ):  # fmt: skip
-                fig = report.add(Figure(
-                    key, label, value / MB, batch.key, f"< {MEMORY_TARGET_RATIO}x", detail=mem,
-                    unit="MB",
-                ))  # fmt: skip
+                (
+                    f"memory_{kind}_pool",
+                    f"register from {what}: Arrow pool peak {bound}+",
+                    mem["pool_peak_increase"],
+                ),
+                (
+                    f"memory_{kind}_rss",
+                    f"register from {what}: RSS peak +",
+                    mem["rss_peak_increase"],
+                ),
+            ):
+                fig = report.add(
+                    Figure(
+                        key,
+                        label,
+                        value / MB,
+                        batch.key,
+                        f"< {MEMORY_TARGET_RATIO}x",
+                        detail=mem,
+                        unit="MB",
+                    )
+                )
                 fig.ok = value < MEMORY_TARGET_RATIO * batch_bytes
 
         explain: list[str] = []
@@ -663,14 +737,16 @@ def table_text(report: Report) -> str:
         base = report.baseline(f)
         ratio = report.ratio(f)
         unit = f" {f.unit}"
-        rows.append((
-            f.label,
-            f"{f.value:,.1f}{unit}",
-            f"{base:,.1f}{' MB/s' if f.unit == 'MB/s' else ' MB'}" if base else "",
-            f"{ratio:.2f}x" if ratio is not None else "",
-            f.target,
-            "" if f.ok is None else ("PASS" if f.ok else "FAIL"),
-        ))  # fmt: skip
+        rows.append(
+            (
+                f.label,
+                f"{f.value:,.1f}{unit}",
+                f"{base:,.1f}{' MB/s' if f.unit == 'MB/s' else ' MB'}" if base else "",
+                f"{ratio:.2f}x" if ratio is not None else "",
+                f.target,
+                "" if f.ok is None else ("PASS" if f.ok else "FAIL"),
+            )
+        )
     lines += [*render_table(header, rows), ""]
     for key in ("raw_write", "mlbus_register", "raw_read", "mlbus_read"):
         f = report.figures[key]
@@ -742,14 +818,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mb", type=float, default=500, help="table size in MB (default 500)")
     parser.add_argument("--repeat", type=int, default=3, help="best of N (default 3)")
     parser.add_argument(
-        "--read-repeat", type=int, default=3,
+        "--read-repeat",
+        type=int,
+        default=3,
         help="read pairs per round (reads are short and noisy: best of repeat x this)",
-    )  # fmt: skip
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument(
-        "--profile", action="store_true",
+        "--profile",
+        action="store_true",
         help="take register and read apart (done anyway for a path that misses its target)",
-    )  # fmt: skip
+    )
     parser.add_argument("--no-profile", action="store_true", help="never take a path apart")
     parser.add_argument(
         "--profile-mb", type=float, default=100, help="slice taken apart (default 100 MB)"
@@ -769,8 +848,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(as_json(report)))
     else:
         print(table_text(report))
-        state = "embedded broker stopped" if report.setup["broker_stopped"] else (
-            "EMBEDDED BROKER STILL RUNNING")  # fmt: skip
+        state = (
+            "embedded broker stopped"
+            if report.setup["broker_stopped"]
+            else ("EMBEDDED BROKER STILL RUNNING")
+        )
         temp = "temp dir removed" if report.setup["temp_removed"] else "TEMP DIR LEFT BEHIND"
         print(f"total wall time {report.setup['wall_seconds']} s; {state}; {temp}")
     return 0

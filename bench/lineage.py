@@ -84,8 +84,9 @@ def now() -> float:
 
 def consume(kafka: KafkaConfig, expected: int, *, parse: bool) -> dict[str, Any]:
     """Read the lineage topics from the beginning to their end, group-less."""
-    consumer = Consumer(kafka.consumer(None, **{"enable.partition.eof": True,
-                                                "queued.min.messages": 1_000_000}))  # fmt: skip
+    consumer = Consumer(
+        kafka.consumer(None, **{"enable.partition.eof": True, "queued.min.messages": 1_000_000})
+    )
     metadata = consumer.list_topics(timeout=10)
     partitions = [
         TopicPartition(kafka.topic(t), p, OFFSET_BEGINNING)
@@ -118,8 +119,12 @@ def consume(kafka: KafkaConfig, expected: int, *, parse: bool) -> dict[str, Any]
     finally:
         consumer.close()
     assert count == expected, f"read {count} records, expected {expected}"
-    return {"records": count, "decoded": decoded, "seconds": round(seconds, 3),
-            "rate": count / seconds if seconds else 0.0}  # fmt: skip
+    return {
+        "records": count,
+        "decoded": decoded,
+        "seconds": round(seconds, 3),
+        "rate": count / seconds if seconds else 0.0,
+    }
 
 
 def project_into(store: LineageStore, records: Iterable[Any], *, rebuild: bool) -> dict[str, Any]:
@@ -133,9 +138,14 @@ def project_into(store: LineageStore, records: Iterable[Any], *, rebuild: bool) 
     else:
         stats = Projector(store).project(records)
     seconds = now() - started
-    return {"records": stats.records, "projected": stats.projected, "skipped": stats.skipped,
-            "ignored": stats.ignored, "seconds": round(seconds, 3),
-            "rate": stats.records / seconds}  # fmt: skip
+    return {
+        "records": stats.records,
+        "projected": stats.projected,
+        "skipped": stats.skipped,
+        "ignored": stats.ignored,
+        "seconds": round(seconds, 3),
+        "rate": stats.records / seconds,
+    }
 
 
 def rebuild(kafka: KafkaConfig, store: LineageStore) -> dict[str, Any]:
@@ -144,8 +154,7 @@ def rebuild(kafka: KafkaConfig, store: LineageStore) -> dict[str, Any]:
     stats = rebuild_store(staging, read_log(kafka, TOPICS))
     swap_in(staging, store)
     seconds = now() - started
-    return {"records": stats.records, "seconds": round(seconds, 2),
-            "rate": stats.records / seconds}  # fmt: skip
+    return {"records": stats.records, "seconds": round(seconds, 2), "rate": stats.records / seconds}
 
 
 def query_latency(store: LineageStore, queries: int, seed: int = 3) -> dict[str, Any]:
@@ -192,19 +201,28 @@ def run(args: argparse.Namespace, log: Any) -> Report:
         else:
             broker = stack.enter_context(EmbeddedBroker(tmp / "broker", record=False))
             bootstrap, embedded = broker.bootstrap, True
-        kafka = KafkaConfig(bootstrap=bootstrap, embedded=embedded,
-                            topic_prefix=f"bench-{uuid.uuid4().hex[:8]}.")  # fmt: skip
+        kafka = KafkaConfig(
+            bootstrap=bootstrap, embedded=embedded, topic_prefix=f"bench-{uuid.uuid4().hex[:8]}."
+        )
         apply_topics(kafka)
-        report = Report(n, {"broker": "external" if external else "embedded Tansu",
-                            "cpus": os.cpu_count(), "postgres": bool(pg_url)})  # fmt: skip
+        report = Report(
+            n,
+            {
+                "broker": "external" if external else "embedded Tansu",
+                "cpus": os.cpu_count(),
+                "postgres": bool(pg_url),
+            },
+        )
 
         log(f"generating a log of {n:,} records ...")
         generated = generate_log(n, seed=1)
         records = as_log_records(generated)
         lineage_records = sum(1 for r in generated if r.topic in TOPICS)
-        report.setup |= {"records": len(records), "lineage_records": lineage_records,
-                         "mean_bytes": round(sum(len(r.value) for r in generated)
-                                             / len(generated))}  # fmt: skip
+        report.setup |= {
+            "records": len(records),
+            "lineage_records": lineage_records,
+            "mean_bytes": round(sum(len(r.value) for r in generated) / len(generated)),
+        }
         log("producing it ...")
         produce(kafka, generated, timeout=600)
         del generated
@@ -214,8 +232,9 @@ def run(args: argparse.Namespace, log: Any) -> Report:
         report.add(Figure("raw_consume", "raw consume (lineage topics)", r["rate"], detail=r))
         log("consume + decode ...")
         r = consume(kafka, lineage_records, parse=True)
-        report.add(Figure("decode", "consume + decode (baseline)", r["rate"], "raw_consume",
-                          detail=r))  # fmt: skip
+        report.add(
+            Figure("decode", "consume + decode (baseline)", r["rate"], "raw_consume", detail=r)
+        )
 
         log("archiving it to Parquet ...")
         archive = ObjectStore((tmp / "archive").as_uri())
@@ -227,9 +246,17 @@ def run(args: argparse.Namespace, log: Any) -> Report:
         log("projection into SQLite (rebuild from the archive) ...")
         sqlite_store = LineageStore(f"sqlite:///{tmp / 'bench.db'}")
         r = project_into(sqlite_store, read_archive(archive, TOPICS), rebuild=True)
-        report.add(Figure("sqlite", "projection → SQLite (rebuild, from the archive)",
-                          r["rate"], "decode", f">= {SQLITE_TARGET:,}/s",
-                          r["rate"] >= SQLITE_TARGET, r))  # fmt: skip
+        report.add(
+            Figure(
+                "sqlite",
+                "projection → SQLite (rebuild, from the archive)",
+                r["rate"],
+                "decode",
+                f">= {SQLITE_TARGET:,}/s",
+                r["rate"] >= SQLITE_TARGET,
+                r,
+            )
+        )
         sqlite_store.close()
         if pg_url:
             log("projection into PostgreSQL (rebuild from the archive) ...")
@@ -239,32 +266,62 @@ def run(args: argparse.Namespace, log: Any) -> Report:
             finally:
                 pg.drop()
                 pg.close()
-            report.add(Figure("postgres", "projection → PostgreSQL (rebuild, from the archive)",
-                              r["rate"], "decode", f">= {POSTGRES_TARGET:,}/s",
-                              r["rate"] >= POSTGRES_TARGET, r))  # fmt: skip
+            report.add(
+                Figure(
+                    "postgres",
+                    "projection → PostgreSQL (rebuild, from the archive)",
+                    r["rate"],
+                    "decode",
+                    f">= {POSTGRES_TARGET:,}/s",
+                    r["rate"] >= POSTGRES_TARGET,
+                    r,
+                )
+            )
         if args.live:
             log("projection into a live SQLite store (from memory) ...")
             live = LineageStore.open(f"sqlite:///{tmp / 'live.db'}")
             r = project_into(live, records, rebuild=False)
-            report.add(Figure("sqlite_live", "projection → SQLite (live store, WAL)", r["rate"],
-                              "decode", detail=r))  # fmt: skip
+            report.add(
+                Figure(
+                    "sqlite_live",
+                    "projection → SQLite (live store, WAL)",
+                    r["rate"],
+                    "decode",
+                    detail=r,
+                )
+            )
             live.close()
         del records
 
         log("rebuild from Kafka into SQLite ...")
         target = LineageStore(f"sqlite:///{tmp / 'rebuilt.db'}")
         r = rebuild(kafka, target)
-        report.add(Figure("rebuild", f"rebuild from Kafka ({r['records']:,} records)",
-                          r["seconds"], unit="s", detail=r))  # fmt: skip
+        report.add(
+            Figure(
+                "rebuild",
+                f"rebuild from Kafka ({r['records']:,} records)",
+                r["seconds"],
+                unit="s",
+                detail=r,
+            )
+        )
 
         log("upstream query latency ...")
         store = LineageStore(target.url)
         r = query_latency(store, args.queries)
         store.close()
         report.add(Figure("query_p50", "upstream query p50", r["p50_ms"], unit="ms", detail=r))
-        report.add(Figure("query_p99", "upstream query p99", r["p99_ms"], unit="ms",
-                          target=f"< {QUERY_P99_TARGET_MS:g} ms",
-                          ok=r["p99_ms"] < QUERY_P99_TARGET_MS, detail=r))  # fmt: skip
+        report.add(
+            Figure(
+                "query_p99",
+                "upstream query p99",
+                r["p99_ms"],
+                unit="ms",
+                target=f"< {QUERY_P99_TARGET_MS:g} ms",
+                ok=r["p99_ms"] < QUERY_P99_TARGET_MS,
+                detail=r,
+            )
+        )
         return report
 
 
@@ -274,10 +331,17 @@ def table(report: Report) -> str:
         ratio = report.ratio(f)
         value = f"{f.value:,.0f} {f.unit}" if f.unit == "events/s" else f"{f.value:,.2f} {f.unit}"
         verdict = "" if f.ok is None else ("ok" if f.ok else "MISSED")
-        rows.append([f.label, value, f"{ratio:.2f}x {f.baseline_key}" if ratio else "",
-                     f"{f.target} {verdict}".strip()])  # fmt: skip
-    lines = render_table(["figure", "value", "ratio to baseline", "target"], rows,
-                         right=frozenset({1}))  # fmt: skip
+        rows.append(
+            [
+                f.label,
+                value,
+                f"{ratio:.2f}x {f.baseline_key}" if ratio else "",
+                f"{f.target} {verdict}".strip(),
+            ]
+        )
+    lines = render_table(
+        ["figure", "value", "ratio to baseline", "target"], rows, right=frozenset({1})
+    )
     setup = ", ".join(f"{k}={v}" for k, v in report.setup.items())
     return "\n".join([f"lineage benchmark: {setup}", *lines])
 
@@ -288,8 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=2000, help="upstream queries timed")
     parser.add_argument("--postgres", default="", help="PostgreSQL URL (default: env)")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
-    parser.add_argument("--no-live", dest="live", action="store_false",
-                        help="skip the projection into a live SQLite store")  # fmt: skip
+    parser.add_argument(
+        "--no-live",
+        dest="live",
+        action="store_false",
+        help="skip the projection into a live SQLite store",
+    )
     args = parser.parse_args(argv)
     if args.events < 1000:
         parser.error("--events must be >= 1000")
@@ -302,9 +370,23 @@ def main(argv: list[str] | None = None) -> int:
     publish_summary("lineage", report)
     report.setup["wall_seconds"] = round(now() - started, 1)
     if args.json:
-        print(json.dumps({"setup": report.setup, "figures": {
-            k: {"value": f.value, "unit": f.unit, "ratio": report.ratio(f), "ok": f.ok,
-                "detail": f.detail} for k, f in report.figures.items()}}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "setup": report.setup,
+                    "figures": {
+                        k: {
+                            "value": f.value,
+                            "unit": f.unit,
+                            "ratio": report.ratio(f),
+                            "ok": f.ok,
+                            "detail": f.detail,
+                        }
+                        for k, f in report.figures.items()
+                    },
+                }
+            )
+        )
     else:
         print(table(report))
     return 0

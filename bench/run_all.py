@@ -65,11 +65,17 @@ def main(argv: list[str] | None = None) -> int:
             t = time.monotonic()
             with (results / f"{name}.txt").open("w") as out:
                 code = subprocess.call(
-                    command, stdout=out, stderr=subprocess.STDOUT,
+                    command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
                     env=os.environ | {SUMMARY_ENV: str(summary)},
-                )  # fmt: skip
-            print(f"[run_all] {name}: exit {code} in {time.monotonic() - t:.0f}s "
-                  f"(report: bench/results/{name}.txt)", file=sys.stderr, flush=True)  # fmt: skip
+                )
+            print(
+                f"[run_all] {name}: exit {code} in {time.monotonic() - t:.0f}s "
+                f"(report: bench/results/{name}.txt)",
+                file=sys.stderr,
+                flush=True,
+            )
             if code != 0:
                 failed.append(name)
         entries = [json.loads(line) for line in summary.read_text().splitlines() if line]
@@ -80,12 +86,22 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{e['ratio']:.2f}x" if e.get("ratio") is not None else ""
         verdict = {True: "pass", False: "MISS", None: ""}[e.get("ok")]
         target = f"{e['target']} {verdict}".strip() if e.get("target") else verdict
-        rows.append([e["benchmark"], e["label"], _format(e["value"], e["unit"]), ratio,
-                     e.get("baseline", ""), target])  # fmt: skip
+        rows.append(
+            [
+                e["benchmark"],
+                e["label"],
+                _format(e["value"], e["unit"]),
+                ratio,
+                e.get("baseline", ""),
+                target,
+            ]
+        )
     header = ["benchmark", "figure", "value", "ratio", "vs baseline", "target"]
     print("\n".join(render_table(header, rows, right=frozenset({2, 3}))))
-    print(f"\n{len(names)} benchmarks in {time.monotonic() - started:.0f}s"
-          + (f"; FAILED: {', '.join(failed)}" if failed else ""))  # fmt: skip
+    print(
+        f"\n{len(names)} benchmarks in {time.monotonic() - started:.0f}s"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

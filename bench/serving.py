@@ -81,18 +81,29 @@ def register_wide_family() -> None:
             self.side = side
             c = channels
             self.body = nn.Sequential(
-                nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(c, c * 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Flatten(), nn.Linear(c * 2 * (side // 4) ** 2, hidden), nn.ReLU(),
-                nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_classes),
-            )  # fmt: skip
+                nn.Conv2d(1, c, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(c, c * 2, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(c * 2 * (side // 4) ** 2, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden),
+                nn.ReLU(),
+                nn.Linear(hidden, n_classes),
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.body(x.view(-1, 1, self.side, self.side))
 
-    @family(WIDE, defaults={"channels": 16, "hidden": 3072},
-            bounds={"channels": (1, 512), "hidden": (1, 16384)},
-            description="bench: CNN stem + wide dense head for 28x28 images")  # fmt: skip
+    @family(
+        WIDE,
+        defaults={"channels": 16, "hidden": 3072},
+        bounds={"channels": (1, 512), "hidden": (1, 16384)},
+        description="bench: CNN stem + wide dense head for 28x28 images",
+    )
     def _wide(n_features: int, n_classes: int, p: Mapping[str, Any]) -> nn.Module:
         return WideCNN(math.isqrt(n_features), n_classes, int(p["channels"]), int(p["hidden"]))
 
@@ -183,9 +194,12 @@ def measure(url: str, body: bytes, clients: int, seconds: float) -> dict[str, fl
     process.join(30)
     elapsed, latencies = values[-1], values[:-1]
     return {
-        "rps": n / elapsed, "p50_ms": percentile(latencies, 50) * 1000,
-        "p99_ms": percentile(latencies, 99) * 1000, "requests": n, "errors": errors,
-    }  # fmt: skip
+        "rps": n / elapsed,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "requests": n,
+        "errors": errors,
+    }
 
 
 # -- the servers ---------------------------------------------------------------------------
@@ -199,8 +213,9 @@ class Running:
 
         self.server = server
         self.url = f"http://127.0.0.1:{port}"
-        self._uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1",
-                                                 port=port, log_level="error"))  # fmt: skip
+        self._uv = uvicorn.Server(
+            uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="error")
+        )
         self._thread = threading.Thread(target=self._uv.run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 60
@@ -238,12 +253,18 @@ def make_artifact(store: Any, name: str, family: str, side: int, params: dict[st
     hp = hyperparameters(family, params)
     model = build(family, len(features), 10, hp).eval()
     card = ModelCard(
-        family=family, hyperparameters=hp, features=features,
-        feature_types=dict.fromkeys(features, "double"), label="digit",
-        classes=[str(i) for i in range(10)], mean=[0.0] * len(features),
-        std=[1.0] * len(features), metrics={}, run_id=f"bench-{name}",
+        family=family,
+        hyperparameters=hp,
+        features=features,
+        feature_types=dict.fromkeys(features, "double"),
+        label="digit",
+        classes=[str(i) for i in range(10)],
+        mean=[0.0] * len(features),
+        std=[1.0] * len(features),
+        metrics={},
+        run_id=f"bench-{name}",
         dataset=DatasetRef(name=name, version="synthetic"),
-    )  # fmt: skip
+    )
     return Artifact(**artifacts.save(store, f"models/{name}", model, card)), model
 
 
@@ -265,8 +286,11 @@ def single_forward_ms(model: Any, n_features: int, repeat: int = 50) -> float:
 def promote(producer: Any, model: str, version: str, artifact: Any) -> None:
     from mlbus.schemas.models import ModelPromoted
 
-    producer.publish(ModelPromoted(model=model, version=version, reason="bench", actor="bench",
-                                   artifact=artifact))  # fmt: skip
+    producer.publish(
+        ModelPromoted(
+            model=model, version=version, reason="bench", actor="bench", artifact=artifact
+        )
+    )
     producer.flush()
 
 
@@ -286,13 +310,15 @@ def run(args: argparse.Namespace, log: Any) -> Report:
     # passes. Each server sets its forward threads' own (see the module doc).
     torch.set_num_threads(args.torch_threads)
     register_wide_family()
-    report = Report(figures={}, setup={"seconds_per_point": args.seconds,
-                                       "torch_threads": args.torch_threads})  # fmt: skip
+    report = Report(
+        figures={}, setup={"seconds_per_point": args.seconds, "torch_threads": args.torch_threads}
+    )
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         broker = stack.enter_context(EmbeddedBroker(tmp / "broker", record=False))
-        kafka = replace(KafkaConfig(bootstrap=broker.bootstrap, embedded=True),
-                        topic_prefix="bench.")  # fmt: skip
+        kafka = replace(
+            KafkaConfig(bootstrap=broker.bootstrap, embedded=True), topic_prefix="bench."
+        )
         apply_topics(kafka)
         store = ObjectStore((tmp / "objects").as_uri())
         producer = stack.enter_context(EventProducer(kafka, source="bench"))
@@ -309,13 +335,20 @@ def run(args: argparse.Namespace, log: Any) -> Report:
         servers = {}
         for mode, batching in (("naive", False), ("mlbus", True)):
             config = ServingSettings(
-                replica=f"bench-{mode}", max_batch_size=args.max_batch,
-                max_wait_us=args.max_wait_us, log_sample_rate=args.log_sample_rate,
-            )  # fmt: skip
-            server = ModelServer(kafka, store, config, batching=batching, stream_group=None,
-                                 torch_threads=args.forward_threads or None)  # fmt: skip
-            report.setup[f"{mode}_forward_threads"] = [server.forward_workers,
-                                                       server.torch_threads]  # fmt: skip
+                replica=f"bench-{mode}",
+                max_batch_size=args.max_batch,
+                max_wait_us=args.max_wait_us,
+                log_sample_rate=args.log_sample_rate,
+            )
+            server = ModelServer(
+                kafka,
+                store,
+                config,
+                batching=batching,
+                stream_group=None,
+                torch_threads=args.forward_threads or None,
+            )
+            report.setup[f"{mode}_forward_threads"] = [server.forward_workers, server.torch_threads]
             servers[mode] = Running(server, free_port())
             stack.callback(servers[mode].stop)
         for name, (side, _, _) in models.items():
@@ -323,39 +356,65 @@ def run(args: argparse.Namespace, log: Any) -> Report:
                 continue
             rng = np.random.default_rng(0)
             rows = rng.random((1, side * side), dtype=np.float32)
-            tensor = {"name": "input", "shape": [1, side * side], "datatype": "FP32",
-                      "data": rows.ravel().tolist()}  # fmt: skip
+            tensor = {
+                "name": "input",
+                "shape": [1, side * side],
+                "datatype": "FP32",
+                "data": rows.ravel().tolist(),
+            }
             body = orjson.dumps({"inputs": [tensor]})
             for clients in args.clients:
                 for mode in ("naive", "mlbus"):
                     url = f"{servers[mode].url}/v2/models/{name}/infer"
                     result = measure(url, body, clients, args.seconds)
                     key = f"{name}/{clients}/{mode}"
-                    log(f"{key}: {result['rps']:.0f} req/s p50 {result['p50_ms']:.1f} ms "
-                        f"p99 {result['p99_ms']:.1f} ms errors {result['errors']}")  # fmt: skip
+                    log(
+                        f"{key}: {result['rps']:.0f} req/s p50 {result['p50_ms']:.1f} ms "
+                        f"p99 {result['p99_ms']:.1f} ms errors {result['errors']}"
+                    )
                     target, ok = "", None
                     if mode == "mlbus" and name == WIDE and clients == 64:
                         target = ">= 4x naive"
                     if mode == "mlbus" and name == DIGITS and clients == 16:
                         target, ok = "p99 < 25 ms", result["p99_ms"] < 25
-                    figure = report.add(Figure(
-                        key, f"{name} {clients:>2} clients {mode}", result["rps"],
-                        baseline_key=f"{name}/{clients}/naive" if mode == "mlbus" else None,
-                        target=target, ok=ok, detail=result, unit="req/s",
-                    ))  # fmt: skip
+                    figure = report.add(
+                        Figure(
+                            key,
+                            f"{name} {clients:>2} clients {mode}",
+                            result["rps"],
+                            baseline_key=f"{name}/{clients}/naive" if mode == "mlbus" else None,
+                            target=target,
+                            ok=ok,
+                            detail=result,
+                            unit="req/s",
+                        )
+                    )
                     if target == ">= 4x naive":
                         figure.ok = (report.ratio(figure) or 0) >= 4
         report.setup["failed_requests"] = sum(f.detail["errors"] for f in report.figures.values())
         # Promotion to serving, on the mlbus server (digits).
         mlbus = servers["mlbus"]
         side, artifact, _ = models[DIGITS]
-        body = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
-                                         "data": [0.0] * 64}]})  # fmt: skip
+        body = orjson.dumps(
+            {
+                "inputs": [
+                    {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}
+                ]
+            }
+        )
         delays = promotion_delays(mlbus.url, producer, artifact, args.promotions, body)
         report.setup["promotion_delays_ms"] = [round(d * 1000, 1) for d in delays]
         p50, p99 = percentile(delays, 50) * 1000, percentile(delays, 99) * 1000
-        report.add(Figure("promotion/p50", "promotion to serving p50", p50, unit="ms",
-                          target="< 1000 ms", ok=p50 < 1000))  # fmt: skip
+        report.add(
+            Figure(
+                "promotion/p50",
+                "promotion to serving p50",
+                p50,
+                unit="ms",
+                target="< 1000 ms",
+                ok=p50 < 1000,
+            )
+        )
         report.add(Figure("promotion/p99", "promotion to serving p99", p99, unit="ms"))
         for mode in ("naive", "mlbus"):
             servers[mode].stop()
@@ -389,12 +448,16 @@ def table(report: Report) -> str:
     for f in report.figures.values():
         ratio = report.ratio(f)
         status = "" if f.ok is None else (" ok" if f.ok else " MISSED")
-        rows.append([
-            f.label, f"{f.value:,.0f} {f.unit}" if f.unit != "ms" else f"{f.value:.0f} ms",
-            f"{f.detail['p50_ms']:.1f}" if f.detail else "",
-            f"{f.detail['p99_ms']:.1f}" if f.detail else "",
-            f"{ratio:.2f}x" if ratio else "", f.target + status if f.target else "",
-        ])  # fmt: skip
+        rows.append(
+            [
+                f.label,
+                f"{f.value:,.0f} {f.unit}" if f.unit != "ms" else f"{f.value:.0f} ms",
+                f"{f.detail['p50_ms']:.1f}" if f.detail else "",
+                f"{f.detail['p99_ms']:.1f}" if f.detail else "",
+                f"{ratio:.2f}x" if ratio else "",
+                f.target + status if f.target else "",
+            ]
+        )
     naive, mlbus = report.setup["naive_forward_threads"], report.setup["mlbus_forward_threads"]
     lines = [
         "mlbus model server: micro-batching vs one forward pass per request "
@@ -402,10 +465,12 @@ def table(report: Report) -> str:
         f"threads x torch threads: naive {naive[0]} x {naive[1]}, mlbus {mlbus[0]} x {mlbus[1]})",
         f"single-sample forward: digits {report.setup[f'{DIGITS}_single_forward_ms']} ms, "
         f"wide-cnn {report.setup[f'{WIDE}_single_forward_ms']} ms",
-        "", *render_table(header, rows, right=frozenset({1, 2, 3, 4})), "",
+        "",
+        *render_table(header, rows, right=frozenset({1, 2, 3, 4})),
+        "",
         f"failed requests: {report.setup['failed_requests']}",
         f"promotion delays (ms): {report.setup['promotion_delays_ms']}",
-    ]  # fmt: skip
+    ]
     return "\n".join(lines)
 
 
@@ -418,10 +483,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-us", type=int, default=2000)
     parser.add_argument("--log-sample-rate", type=float, default=1.0, help="inference log")
     parser.add_argument("--models", default=f"{DIGITS},{WIDE}", help="comma-separated")
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="process default (single-sample forward time)")  # fmt: skip
-    parser.add_argument("--forward-threads", type=int, default=0,
-                        help="torch threads per forward thread; 0: each server's own")  # fmt: skip
+    parser.add_argument(
+        "--torch-threads", type=int, default=1, help="process default (single-sample forward time)"
+    )
+    parser.add_argument(
+        "--forward-threads",
+        type=int,
+        default=0,
+        help="torch threads per forward thread; 0: each server's own",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     args = parser.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -434,9 +504,17 @@ def main(argv: list[str] | None = None) -> int:
     publish_summary("serving", report)
     report.setup["wall_seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
-        print(json.dumps({"setup": report.setup, "figures": {
-            k: {"value": f.value, "ratio": report.ratio(f), "ok": f.ok, **f.detail}
-            for k, f in report.figures.items()}}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "setup": report.setup,
+                    "figures": {
+                        k: {"value": f.value, "ratio": report.ratio(f), "ok": f.ok, **f.detail}
+                        for k, f in report.figures.items()
+                    },
+                }
+            )
+        )
     else:
         print(table(report))
         print(f"total wall time {report.setup['wall_seconds']} s; embedded broker stopped")

@@ -76,16 +76,25 @@ def baseline() -> list[Any]:
         kind="numeric", null_count=0, histogram=Histogram(edges=EDGES, counts=COUNTS)
     )
     dataset = DatasetCreated(
-        name="bench", version="ds1", uri="file:///tmp/bench.parquet",
+        name="bench",
+        version="ds1",
+        uri="file:///tmp/bench.parquet",
         content_hash="sha256:" + "ab" * 32,
-        arrow_schema=[ColumnSchema(name=f, type="double") for f in FEATURES], num_rows=1000,
-        num_bytes=1, columns={f: hist for f in FEATURES},
-    )  # fmt: skip
+        arrow_schema=[ColumnSchema(name=f, type="double") for f in FEATURES],
+        num_rows=1000,
+        num_bytes=1,
+        columns={f: hist for f in FEATURES},
+    )
     promoted = [
-        ModelPromoted(model=f"m{i}", version="v1", reason="bench", actor="bench",
-                      dataset=DatasetRef(name="bench", version="ds1"))
+        ModelPromoted(
+            model=f"m{i}",
+            version="v1",
+            reason="bench",
+            actor="bench",
+            dataset=DatasetRef(name="bench", version="ds1"),
+        )
         for i in range(4)
-    ]  # fmt: skip
+    ]
     return [dataset, *promoted]
 
 
@@ -97,11 +106,16 @@ def records(n: int, seed: int = 1) -> list[tuple[str, bytes]]:
         model = f"m{i % 4}"
         t = BASE_MS + i * 5  # 200 records per second of event time
         payload = InferenceLogged(
-            request_id=f"r{i}", model=model, version="v1", replica="bench",
-            latency_seconds=round(math.exp(rng.gauss(-3, 0.6)), 6), ok=i % 50 != 0,
-            predictions=[rng.choice("abc")], feature_names=list(FEATURES),
+            request_id=f"r{i}",
+            model=model,
+            version="v1",
+            replica="bench",
+            latency_seconds=round(math.exp(rng.gauss(-3, 0.6)), 6),
+            ok=i % 50 != 0,
+            predictions=[rng.choice("abc")],
+            feature_names=list(FEATURES),
             inputs=[[round(rng.uniform(0, 10), 3) for _ in FEATURES]],
-        )  # fmt: skip
+        )
         _, value = encode_new(payload, source="bench", time=datetime.fromtimestamp(t / 1000, UTC))
         out.append((model, value))
     return out
@@ -127,10 +141,13 @@ async def aiokafka_rate(kafka: KafkaConfig, topic: str, n: int, aggregate: bool)
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap, enable_auto_commit=False, group_id=None,
-        max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
+        bootstrap_servers=kafka.bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
         fetch_max_wait_ms=10,
-    )  # fmt: skip
+    )
     await consumer.start()
     try:
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
@@ -161,8 +178,15 @@ def _aggregate(windows: dict[tuple[str, str, int], dict[str, Any]], value: bytes
     key = (data["model"], data["version"], start)
     w = windows.get(key)
     if w is None:
-        w = windows[key] = {"n": 0, "x": 0, "lat": {}, "sum": 0.0, "max": 0.0, "cls": {},
-                            "bins": {f: [0] * 10 for f in FEATURES}}  # fmt: skip
+        w = windows[key] = {
+            "n": 0,
+            "x": 0,
+            "lat": {},
+            "sum": 0.0,
+            "max": 0.0,
+            "cls": {},
+            "bins": {f: [0] * 10 for f in FEATURES},
+        }
     w["n"] += 1
     if not data.get("ok", True):
         w["x"] += 1
@@ -189,9 +213,10 @@ def faust_rate(kafka: KafkaConfig, n: int, data_dir: Path) -> tuple[float, dict[
 
     settings = StreamsSettings(window_seconds=10, hopping_seconds=60, grace_seconds=5)
     options = StreamsOptions(
-        app_id=f"{kafka.topic_prefix}bench-{uuid.uuid4().hex[:6]}", data_dir=data_dir,
+        app_id=f"{kafka.topic_prefix}bench-{uuid.uuid4().hex[:6]}",
+        data_dir=data_dir,
         idle_seconds=600,
-    )  # fmt: skip
+    )
     sa = StreamsApp(kafka, settings, options)
     marks: dict[str, Any] = {}
 
@@ -279,9 +304,17 @@ def run(events: int, log: Any) -> tuple[Report, dict[str, Any]]:
         log("faust app")
         rate, detail = faust_rate(kafka, events, data_dir)
         ok = rate >= TARGET_RATE and rate >= TARGET_RATIO * hand
-        report.add(Figure("faust", "faust app, all tables on (batch transport)", rate, "hand",
-                          target=f">= {TARGET_RATE:,}/s and >= {TARGET_RATIO:.0%}", ok=ok,
-                          detail=detail))  # fmt: skip
+        report.add(
+            Figure(
+                "faust",
+                "faust app, all tables on (batch transport)",
+                rate,
+                "hand",
+                target=f">= {TARGET_RATE:,}/s and >= {TARGET_RATIO:.0%}",
+                ok=ok,
+                detail=detail,
+            )
+        )
         log("breakdown without broker")
         for key, value in breakdown(data[: min(events, 20_000)]).items():
             report.add(Figure(key, f"no broker: {key.replace('_', ' ')}", value))
@@ -292,10 +325,14 @@ def table(report: Report) -> str:
     rows = []
     for f in report.figures.values():
         ratio = report.ratio(f)
-        rows.append([
-            f.label, f"{f.value:,.0f}", f"{ratio:.2f}" if ratio is not None else "",
-            f.target + ("" if f.ok is None else (" ok" if f.ok else " MISSED")),
-        ])  # fmt: skip
+        rows.append(
+            [
+                f.label,
+                f"{f.value:,.0f}",
+                f"{ratio:.2f}" if ratio is not None else "",
+                f.target + ("" if f.ok is None else (" ok" if f.ok else " MISSED")),
+            ]
+        )
     return "\n".join(render_table(["figure", "events/s", "ratio", "target"], rows))
 
 

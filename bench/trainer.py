@@ -109,8 +109,7 @@ def prepared_of(kafka: KafkaConfig, store: ObjectStore, name: str, version: str)
     features = [c.name for c in data.arrow_schema if c.name != label]
     with DatasetReader(store, data.uri, data.content_hash) as reader:
         x, labels = load_arrays(reader, num_rows=reader.num_rows, features=features, label=label)
-    return prepare(x, labels, features=features, label=label, seed=SEED, validation=0.15,
-                   test=0.15)  # fmt: skip
+    return prepare(x, labels, features=features, label=label, seed=SEED, validation=0.15, test=0.15)
 
 
 def plain_loop(data: Prepared, work: Workload) -> tuple[float, float]:
@@ -149,16 +148,27 @@ def _plain_loop(data: Prepared, work: Workload) -> tuple[float, float]:
 
 
 def worker_run(
-    kafka: KafkaConfig, store: ObjectStore, dataset: DatasetRef, work: Workload, n_train: int,
+    kafka: KafkaConfig,
+    store: ObjectStore,
+    dataset: DatasetRef,
+    work: Workload,
+    n_train: int,
     profile: bool,
-) -> tuple[float, float, float, str | None]:  # fmt: skip
+) -> tuple[float, float, float, str | None]:
     """(end-to-end samples/s, per-epoch samples/s, end-to-end samples per CPU second,
     profile text) of one request."""
     with EventProducer(kafka, source="bench") as producer:
-        request = producer.publish(TrainingRequested(
-            model=dataset.name, family=work.family, hyperparameters=work.params, seed=SEED,
-            max_epochs=work.epochs, device="cpu", dataset=dataset,
-        ))  # fmt: skip
+        request = producer.publish(
+            TrainingRequested(
+                model=dataset.name,
+                family=work.family,
+                hyperparameters=work.params,
+                seed=SEED,
+                max_epochs=work.epochs,
+                device="cpu",
+                dataset=dataset,
+            )
+        )
     timings: list[float] = []
     cpu: list[float] = []
     rates: list[float] = []
@@ -190,8 +200,13 @@ def worker_run(
                 cpu.append(work.epochs * n_train / (time.process_time() - started_cpu))
                 loop.stop()
 
-        loop = ConsumerLoop(kafka, group=f"bench-{request.id}", name="trainer",
-                            long_running=True, handlers={"training.requested": timed})  # fmt: skip
+        loop = ConsumerLoop(
+            kafka,
+            group=f"bench-{request.id}",
+            name="trainer",
+            long_running=True,
+            handlers={"training.requested": timed},
+        )
         thread = threading.Thread(target=loop.run, kwargs={"install_signal_handlers": False})
         thread.start()
         thread.join()
@@ -211,15 +226,23 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Report:
     wall = time.perf_counter()
     workloads = [
         Workload("digits", "digits CNN", "cnn", {}, args.digits_epochs),
-        Workload("tabular", f"tabular MLP ({args.rows:,} rows)", "mlp",
-                 {"batch_size": args.batch_size}, args.epochs),
-    ]  # fmt: skip
+        Workload(
+            "tabular",
+            f"tabular MLP ({args.rows:,} rows)",
+            "mlp",
+            {"batch_size": args.batch_size},
+            args.epochs,
+        ),
+    ]
     report.setup = {
-        "rows": args.rows, "repeat": args.repeat, "torch": torch.__version__,
+        "rows": args.rows,
+        "repeat": args.repeat,
+        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "workloads": {w.key: {"family": w.family, "params": w.params, "epochs": w.epochs}
-                      for w in workloads},
-    }  # fmt: skip
+        "workloads": {
+            w.key: {"family": w.family, "params": w.params, "epochs": w.epochs} for w in workloads
+        },
+    }
     with tempfile.TemporaryDirectory(prefix="mlbus-bench-trainer-") as tmp, ExitStack() as stack:
         broker = stack.enter_context(EmbeddedBroker(Path(tmp) / "broker", record=False))
         kafka = KafkaConfig(bootstrap=broker.bootstrap, embedded=True)
@@ -260,23 +283,55 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Report:
                 e2e_cpu = max(e2e_cpu, per_cpu)
                 if profile:
                     report.profiles[work.key] = profile
-            base = report.add(Figure(f"{work.key}.plain", f"{work.label}: plain PyTorch loop",
-                                     plain, unit="samples/s"))  # fmt: skip
-            report.add(Figure(f"{work.key}.epoch", f"{work.label}: mlbus, per epoch", epoch,
-                              base.key, unit="samples/s"))  # fmt: skip
-            whole = report.add(Figure(
-                f"{work.key}.e2e", f"{work.label}: mlbus worker end to end", e2e, base.key,
-                target=f">= {TARGET_RATIO:.0%}", unit="samples/s",
-                detail={"train_rows": n_train, "epochs": work.epochs},
-            ))  # fmt: skip
+            base = report.add(
+                Figure(
+                    f"{work.key}.plain",
+                    f"{work.label}: plain PyTorch loop",
+                    plain,
+                    unit="samples/s",
+                )
+            )
+            report.add(
+                Figure(
+                    f"{work.key}.epoch",
+                    f"{work.label}: mlbus, per epoch",
+                    epoch,
+                    base.key,
+                    unit="samples/s",
+                )
+            )
+            whole = report.add(
+                Figure(
+                    f"{work.key}.e2e",
+                    f"{work.label}: mlbus worker end to end",
+                    e2e,
+                    base.key,
+                    target=f">= {TARGET_RATIO:.0%}",
+                    unit="samples/s",
+                    detail={"train_rows": n_train, "epochs": work.epochs},
+                )
+            )
             ratio = report.ratio(whole)
             whole.ok = ratio is not None and ratio >= TARGET_RATIO
             # Samples per CPU second of the process: steadier than the wall clock on a
             # shared machine (the broker runs in its own process and is not counted).
-            base_cpu = report.add(Figure(f"{work.key}.plain_cpu", f"{work.label}: plain, CPU",
-                                         plain_cpu, unit="samples/cpu-s"))  # fmt: skip
-            report.add(Figure(f"{work.key}.e2e_cpu", f"{work.label}: mlbus e2e, CPU", e2e_cpu,
-                              base_cpu.key, unit="samples/cpu-s"))  # fmt: skip
+            base_cpu = report.add(
+                Figure(
+                    f"{work.key}.plain_cpu",
+                    f"{work.label}: plain, CPU",
+                    plain_cpu,
+                    unit="samples/cpu-s",
+                )
+            )
+            report.add(
+                Figure(
+                    f"{work.key}.e2e_cpu",
+                    f"{work.label}: mlbus e2e, CPU",
+                    e2e_cpu,
+                    base_cpu.key,
+                    unit="samples/cpu-s",
+                )
+            )
     report.setup["wall_seconds"] = round(time.perf_counter() - wall, 1)
     return report
 
@@ -286,10 +341,15 @@ def table(report: Report) -> str:
     for figure in report.figures.values():
         ratio = report.ratio(figure)
         verdict = "" if figure.ok is None else ("ok" if figure.ok else "BELOW TARGET")
-        rows.append([
-            figure.label, f"{figure.value:,.0f}", f"{ratio:.1%}" if ratio is not None else "",
-            figure.target, verdict,
-        ])  # fmt: skip
+        rows.append(
+            [
+                figure.label,
+                f"{figure.value:,.0f}",
+                f"{ratio:.1%}" if ratio is not None else "",
+                figure.target,
+                verdict,
+            ]
+        )
     header = ["figure", "samples/s (cpu-s)", "vs plain", "target", ""]
     return "\n".join(render_table(header, rows))
 
@@ -332,13 +392,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(as_json(report)))
     else:
         print(table(report))
-        state = "all targets met" if all(
-            f.ok for f in report.figures.values() if f.ok is not None
-        ) else "TARGET MISSED"  # fmt: skip
+        state = (
+            "all targets met"
+            if all(f.ok for f in report.figures.values() if f.ok is not None)
+            else "TARGET MISSED"
+        )
         print(f"total wall time {report.setup['wall_seconds']} s; {state}")
     for key, text in report.profiles.items():
-        print(f"\n-- profile of one mlbus worker run: {key}\n{text}",
-              file=sys.stderr if args.json else sys.stdout)  # fmt: skip
+        print(
+            f"\n-- profile of one mlbus worker run: {key}\n{text}",
+            file=sys.stderr if args.json else sys.stdout,
+        )
     return 0
 
 

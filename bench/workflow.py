@@ -75,12 +75,18 @@ policy:
 
 def completion(i: int) -> TrainingCompleted:
     return TrainingCompleted(
-        run_id=f"run-{i}", model="bench", version=f"v{i}", request_id=f"req-{i}", family="mlp",
+        run_id=f"run-{i}",
+        model="bench",
+        version=f"v{i}",
+        request_id=f"req-{i}",
+        family="mlp",
         dataset=DatasetRef(name="bench-data", version="d1"),
         artifact=Artifact(uri=f"file:///bench/v{i}/model.safetensors", sha256=SHA),
         metrics={"test": {"accuracy": 0.2 + i * 1e-4, "loss": 1.0 - i * 1e-4}},
-        epochs=1, code=CodeVersion(package_version="bench"), duration_seconds=1.0,
-    )  # fmt: skip
+        epochs=1,
+        code=CodeVersion(package_version="bench"),
+        duration_seconds=1.0,
+    )
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -95,10 +101,14 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def _plain_consumer(bootstrap: str, topic: str) -> Consumer:
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap, "group.id": "bench-unused", "enable.auto.commit": False,
-        "fetch.wait.max.ms": 10,
-    })  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "bench-unused",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     return consumer
@@ -115,8 +125,14 @@ def raw_relay(bootstrap: str, prefix: str, n: int) -> list[float]:
 
     def relay() -> None:
         consumer = _plain_consumer(bootstrap, first)
-        out = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "acks": "all",
-                        "enable.idempotence": True})  # fmt: skip
+        out = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "linger.ms": 0,
+                "acks": "all",
+                "enable.idempotence": True,
+            }
+        )
         while not stop.is_set():
             message = consumer.poll(0.1)
             if message is None or message.error() is not None or message.value() == b"warm-up":
@@ -155,8 +171,12 @@ def raw_relay(bootstrap: str, prefix: str, n: int) -> list[float]:
 def workflow(kafka: KafkaConfig, n: int, log: Any) -> list[float]:
     apply(kafka, PIPELINE, source="bench", actor="bench")
     decisions: queue.Queue[tuple[str | None, float]] = queue.Queue()
-    reader = TopicReader(kafka, [kafka.topic("model.promoted"), kafka.topic("model.rejected")],
-                         follow=True, poll_timeout=0.05)  # fmt: skip
+    reader = TopicReader(
+        kafka,
+        [kafka.topic("model.promoted"), kafka.topic("model.rejected")],
+        follow=True,
+        poll_timeout=0.05,
+    )
 
     def read() -> None:
         for message in reader:
@@ -215,10 +235,19 @@ def main(argv: list[str] | None = None) -> int:
             bootstrap, embedded = broker.bootstrap, True
         run_id = uuid.uuid4().hex[:8]
         kafka = KafkaConfig(bootstrap=bootstrap, embedded=embedded, topic_prefix=f"bench-{run_id}.")
-        used = tuple(TOPICS[t] for t in (
-            "pipeline.defined", "dataset.validated", "training.requested", "training.completed",
-            "training.failed", "model.promoted", "model.rejected", "serving.alert",
-        ))  # fmt: skip
+        used = tuple(
+            TOPICS[t]
+            for t in (
+                "pipeline.defined",
+                "dataset.validated",
+                "training.requested",
+                "training.completed",
+                "training.failed",
+                "model.promoted",
+                "model.rejected",
+                "serving.alert",
+            )
+        )
         apply_topics(kafka, catalog=used)
         log(f"raw relay: {args.completions:,} round trips ...")
         base = percentiles(raw_relay(bootstrap, f"bench-{run_id}-raw.", args.completions))
@@ -226,28 +255,55 @@ def main(argv: list[str] | None = None) -> int:
         mine = percentiles(workflow(replace(kafka), args.completions, log))
     ratio = {k: mine[k] / base[k] for k in ("p50_ms", "p99_ms")}
     result = {
-        "completions": args.completions, "broker": "external" if external else "embedded Tansu",
-        "baseline_raw_relay": base, "workflow": mine, "ratio": ratio,
-        "target_p99_ms": TARGET_P99_MS, "ok": mine["p99_ms"] < TARGET_P99_MS,
+        "completions": args.completions,
+        "broker": "external" if external else "embedded Tansu",
+        "baseline_raw_relay": base,
+        "workflow": mine,
+        "ratio": ratio,
+        "target_p99_ms": TARGET_P99_MS,
+        "ok": mine["p99_ms"] < TARGET_P99_MS,
         "wall_seconds": round(time.perf_counter() - started, 1),
-    }  # fmt: skip
+    }
     summary_line("workflow", "raw relay p99 (baseline)", base["p99_ms"], "ms")
-    summary_line("workflow", "training.completed -> model.promoted p50", mine["p50_ms"], "ms",
-                 baseline="raw relay p50", ratio=ratio["p50_ms"])  # fmt: skip
-    summary_line("workflow", "training.completed -> model.promoted p99", mine["p99_ms"], "ms",
-                 baseline="raw relay p99", ratio=ratio["p99_ms"],
-                 target=f"< {TARGET_P99_MS:.0f} ms", ok=result["ok"])  # fmt: skip
+    summary_line(
+        "workflow",
+        "training.completed -> model.promoted p50",
+        mine["p50_ms"],
+        "ms",
+        baseline="raw relay p50",
+        ratio=ratio["p50_ms"],
+    )
+    summary_line(
+        "workflow",
+        "training.completed -> model.promoted p99",
+        mine["p99_ms"],
+        "ms",
+        baseline="raw relay p99",
+        ratio=ratio["p99_ms"],
+        target=f"< {TARGET_P99_MS:.0f} ms",
+        ok=result["ok"],
+    )
     if args.json:
         print(json.dumps(result))
         return 0
     rows = [
-        ["raw relay (baseline)", f"{base['p50_ms']:.1f}", f"{base['p99_ms']:.1f}",
-         f"{base['max_ms']:.1f}", "", ""],
-        ["training.completed -> model.promoted", f"{mine['p50_ms']:.1f}",
-         f"{mine['p99_ms']:.1f}", f"{mine['max_ms']:.1f}",
-         f"x{ratio['p50_ms']:.2f} / x{ratio['p99_ms']:.2f}",
-         f"p99 < {TARGET_P99_MS:.0f} ms: {'ok' if result['ok'] else 'MISSED'}"],
-    ]  # fmt: skip
+        [
+            "raw relay (baseline)",
+            f"{base['p50_ms']:.1f}",
+            f"{base['p99_ms']:.1f}",
+            f"{base['max_ms']:.1f}",
+            "",
+            "",
+        ],
+        [
+            "training.completed -> model.promoted",
+            f"{mine['p50_ms']:.1f}",
+            f"{mine['p99_ms']:.1f}",
+            f"{mine['max_ms']:.1f}",
+            f"x{ratio['p50_ms']:.2f} / x{ratio['p99_ms']:.2f}",
+            f"p99 < {TARGET_P99_MS:.0f} ms: {'ok' if result['ok'] else 'MISSED'}",
+        ],
+    ]
     header = ["latency, ms", "p50", "p99", "max", "ratio p50/p99", "target"]
     print(f"{args.completions:,} completions, one at a time, {result['broker']} broker")
     print("\n".join(render_table(header, rows, right=frozenset({1, 2, 3, 4}))))

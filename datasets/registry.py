@@ -50,8 +50,17 @@ class Registered:
 
     @classmethod
     def of(cls, data: DatasetCreated, *, created: bool, event_id: str | None) -> Registered:
-        return cls(data.name, data.version, data.uri, data.content_hash, data.num_rows,
-                   data.num_bytes, created=created, event_id=event_id, payload=data)  # fmt: skip
+        return cls(
+            data.name,
+            data.version,
+            data.uri,
+            data.content_hash,
+            data.num_rows,
+            data.num_bytes,
+            created=created,
+            event_id=event_id,
+            payload=data,
+        )
 
 
 def object_key(name: str, version: str) -> str:

@@ -107,9 +107,14 @@ class _Numeric:
             if len(sample) < self.count:
                 counts = _scale(counts, self.count)
         return ColumnStats(
-            kind="numeric", null_count=self.nulls, min=low, max=high, mean=self.mean, std=std,
+            kind="numeric",
+            null_count=self.nulls,
+            min=low,
+            max=high,
+            mean=self.mean,
+            std=std,
             histogram=Histogram(edges=[float(e) for e in edges], counts=[int(c) for c in counts]),
-        )  # fmt: skip
+        )
 
 
 def _scale(counts: np.ndarray, total: int) -> np.ndarray:
@@ -169,9 +174,12 @@ class StatsBuilder:
         for i, field in enumerate(schema):
             kind = _kind(field.type)
             self._columns[field.name] = (
-                _Numeric(seed=i) if kind == "numeric" else _Categorical() if kind == "categorical"
+                _Numeric(seed=i)
+                if kind == "numeric"
+                else _Categorical()
+                if kind == "categorical"
                 else _Other()
-            )  # fmt: skip
+            )
 
     def add(self, batch: pa.RecordBatch) -> None:
         for name, column in zip(batch.schema.names, batch.columns, strict=True):

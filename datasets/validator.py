@@ -78,13 +78,18 @@ class Validator:
         check(self.store, data)
         self.producer.publish(
             DatasetValidated(
-                name=data.name, version=data.version, uri=data.uri,
-                content_hash=data.content_hash, num_rows=data.num_rows,
-                validator=self.name, checks=CHECKS, tags=data.tags,
+                name=data.name,
+                version=data.version,
+                uri=data.uri,
+                content_hash=data.content_hash,
+                num_rows=data.num_rows,
+                validator=self.name,
+                checks=CHECKS,
+                tags=data.tags,
                 label_column=data.label_column,
             ),
             causation=event,
             event_id=validated_id(event.id),
             subject=event.subject,
-        )  # fmt: skip
+        )
         self.producer.flush()  # confirmed before the loop may commit the announcement

@@ -110,12 +110,15 @@ class _ImageCNN(nn.Module):
         super().__init__()
         self.side = side
         self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(channels, channels * 2, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels * 2, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(channels * 2, channels * 4, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels * 2, channels * 4, 3, padding=1),
+            nn.ReLU(),
             nn.AdaptiveAvgPool2d(2),
-        )  # fmt: skip
+        )
         self.head = nn.Sequential(
             nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * 4 * 4, n_classes)
         )

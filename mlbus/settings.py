@@ -48,9 +48,10 @@ class ServingSettings(_Section):
         default=8 * 1024 * 1024, ge=1024, description="larger request bodies get 413"
     )
     torch_threads: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="intra-op threads of a heavy model's forward passes; 0 = the usable cores",
-    )  # fmt: skip
+    )
 
 
 class StreamsSettings(_Section):

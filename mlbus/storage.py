@@ -40,9 +40,12 @@ def _translate(error: BaseException, what: str) -> MlbusError:
         return StorageError(f"{what}: permission denied")
     name = type(error).__name__
     if isinstance(error, (ConnectionError, TimeoutError)) or name in (
-        "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
-        "ClientConnectorError", "ServerDisconnectedError",
-    ):  # fmt: skip
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+    ):
         return TransientError(f"{what}: object store unreachable ({name})")
     return StorageError(f"{what}: {name}: {error}")
 

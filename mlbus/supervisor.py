@@ -134,8 +134,10 @@ class Supervisor:
                     if now >= running.next_start:
                         running.restarts += 1
                         self._spawn(running)
-                        self.output("mlbus", f"restarted {running.service.name} "
-                                             f"(restart {running.restarts})")  # fmt: skip
+                        self.output(
+                            "mlbus",
+                            f"restarted {running.service.name} (restart {running.restarts})",
+                        )
                         changed = True
                 elif (
                     process is not None
@@ -169,8 +171,9 @@ class Supervisor:
                 left = max(0.1, deadline - time.monotonic())
                 codes.append((running.service.name, process.wait(left)))
             except subprocess.TimeoutExpired:
-                self.output("mlbus", f"{running.service.name} did not stop within "
-                                     f"{self.grace:.0f}s: killed")  # fmt: skip
+                self.output(
+                    "mlbus", f"{running.service.name} did not stop within {self.grace:.0f}s: killed"
+                )
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 codes.append((running.service.name, None))
@@ -188,15 +191,18 @@ class Supervisor:
                 "pid": r.process.pid if r.process else None,
                 "url": r.service.url,
                 "state": (
-                    "stopped" if self.stopping and r.process is None
-                    else "restarting" if r.process is None
-                    else "ready" if r.ready or not r.service.health
+                    "stopped"
+                    if self.stopping and r.process is None
+                    else "restarting"
+                    if r.process is None
+                    else "ready"
+                    if r.ready or not r.service.health
                     else "starting"
                 ),
                 "restarts": r.restarts,
             }
             for r in self._running
-        ]  # fmt: skip
+        ]
 
     # -- internals ------------------------------------------------------------------------
 
@@ -222,9 +228,11 @@ class Supervisor:
         running.next_start = None
         running.ready = False
         reader = threading.Thread(
-            target=self._pump, args=(service.name, process), name=f"log-{service.name}",
+            target=self._pump,
+            args=(service.name, process),
+            name=f"log-{service.name}",
             daemon=True,
-        )  # fmt: skip
+        )
         reader.start()
         running.readers = [reader]
 

@@ -27,9 +27,12 @@ from typing_extensions import TypedDict
 def _refuse_validators(model: type[BaseModel]) -> None:
     decorators = model.__pydantic_decorators__
     custom = [
-        *decorators.validators, *decorators.field_validators, *decorators.root_validators,
-        *decorators.model_validators, *decorators.computed_fields,
-    ]  # fmt: skip
+        *decorators.validators,
+        *decorators.field_validators,
+        *decorators.root_validators,
+        *decorators.model_validators,
+        *decorators.computed_fields,
+    ]
     if custom:
         raise TypeError(f"{model.__name__} has custom validators: no dict form ({custom})")
 

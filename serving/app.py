@@ -44,9 +44,18 @@ class TensorIn(BaseModel):
     name: str = Field(examples=["input"], description="the model's input: 'input'")
     shape: list[int] = Field(description="[batch, features]; batch >= 1")
     datatype: Literal[
-        "FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32",
+        "FP16",
+        "FP32",
+        "FP64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "UINT8",
+        "UINT16",
+        "UINT32",
         "UINT64",
-    ]  # fmt: skip
+    ]
     data: list[float] = Field(description="row-major flat values; finite numbers only")
 
 
@@ -206,10 +215,13 @@ class InferFastPath:
             )
         except ClientGone:
             return
-        await send({
-            "type": "http.response.start", "status": status,
-            "headers": [_JSON, (b"content-length", b"%d" % len(body))],
-        })  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [_JSON, (b"content-length", b"%d" % len(body))],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -224,13 +236,17 @@ def model_metadata(name: str, deployments: list[Deployment]) -> dict[str, Any]:
         "inputs": meta["inputs"],
         "outputs": meta["outputs"],
         "parameters": {
-            "version": d.version, "family": card.family, "features": d.features,
-            "feature_types": card.feature_types, "label": card.label,
+            "version": d.version,
+            "family": card.family,
+            "features": d.features,
+            "feature_types": card.feature_types,
+            "label": card.label,
             "classes": d.classes.tolist(),
             "dataset": card.dataset.model_dump() if card.dataset else None,
-            "run_id": card.run_id, "artifact_sha256": d.sha256,
+            "run_id": card.run_id,
+            "artifact_sha256": d.sha256,
         },
-    }  # fmt: skip
+    }
 
 
 def create_app(server: ModelServer) -> FastAPI:
@@ -245,9 +261,11 @@ def create_app(server: ModelServer) -> FastAPI:
             await asyncio.get_running_loop().run_in_executor(None, server.stop)
 
     app = FastAPI(
-        title="mlbus model server", version=mlbus.__version__, description=__doc__,
+        title="mlbus model server",
+        version=mlbus.__version__,
+        description=__doc__,
         lifespan=lifespan,
-    )  # fmt: skip
+    )
 
     install_error_handlers(app, body=oip_body)
     control = bearer_guard(
@@ -258,38 +276,50 @@ def create_app(server: ModelServer) -> FastAPI:
 
     @app.get("/v2", response_model=ServerMetadata, tags=["oip"])
     def server_metadata() -> dict[str, Any]:
-        return {"name": "mlbus", "version": mlbus.__version__,
-                "extensions": ["model_repository", "kafka_inference", "metrics"]}  # fmt: skip
+        return {
+            "name": "mlbus",
+            "version": mlbus.__version__,
+            "extensions": ["model_repository", "kafka_inference", "metrics"],
+        }
 
     @app.get("/v2/health/live", response_model=Live, tags=["oip"])
     def live() -> dict[str, bool]:
         return {"live": True}
 
-    @app.get("/v2/health/ready", response_model=Ready, tags=["oip"],
-             responses={503: {"model": Ready}})  # fmt: skip
+    @app.get(
+        "/v2/health/ready", response_model=Ready, tags=["oip"], responses={503: {"model": Ready}}
+    )
     def ready() -> Response:
         """Ready once the champions found in `model.promoted` at start are loaded."""
         return JSONResponse({"ready": server.ready}, 200 if server.ready else 503)
 
-    @app.get("/v2/models/{name}", response_model=ModelMetadata, tags=["oip"],
-             responses=_errors(404))  # fmt: skip
+    @app.get(
+        "/v2/models/{name}", response_model=ModelMetadata, tags=["oip"], responses=_errors(404)
+    )
     def metadata(name: str) -> dict[str, Any]:
         slot = server.registry.slot(name)
         return model_metadata(name, [d for d in (slot.current, slot.previous) if d])
 
-    @app.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata,
-             tags=["oip"], responses=_errors(404))  # fmt: skip
+    @app.get(
+        "/v2/models/{name}/versions/{version}",
+        response_model=ModelMetadata,
+        tags=["oip"],
+        responses=_errors(404),
+    )
     def version_metadata(name: str, version: str) -> dict[str, Any]:
         return model_metadata(name, [server.registry.get(name, version)])
 
-    @app.get("/v2/models/{name}/ready", response_model=Ready, tags=["oip"],
-             responses=_errors(404))  # fmt: skip
+    @app.get("/v2/models/{name}/ready", response_model=Ready, tags=["oip"], responses=_errors(404))
     def model_ready(name: str) -> dict[str, bool]:
         server.registry.slot(name)
         return {"ready": True}
 
-    @app.get("/v2/models/{name}/versions/{version}/ready", response_model=Ready, tags=["oip"],
-             responses=_errors(404))  # fmt: skip
+    @app.get(
+        "/v2/models/{name}/versions/{version}/ready",
+        response_model=Ready,
+        tags=["oip"],
+        responses=_errors(404),
+    )
     def version_ready(name: str, version: str) -> dict[str, bool]:
         server.registry.get(name, version)
         return {"ready": True}
@@ -308,16 +338,21 @@ def create_app(server: ModelServer) -> FastAPI:
             decoded = decode_request(doc, deployment)
             # One id for the response and the inference log, so the two can be joined.
             x, request_id = decoded.x, decoded.id or new_event_id()
-            answer = await server.infer(deployment, x, protocol="http", request_id=request_id,
-                                        started=started)  # fmt: skip
+            answer = await server.infer(
+                deployment, x, protocol="http", request_id=request_id, started=started
+            )
         except MlbusError as e:  # a refusal (unknown model, bad input, too large, not ready)
             server.failed(name, "http", type(e).__name__, started, deployment, x, e, request_id)
             return e.status, error_body(e)
         tensors, _ = outputs(
             answer.deployment, answer.probabilities, decoded.outputs, answer.labels
         )
-        body = {"model_name": name, "model_version": answer.deployment.version,
-                "id": request_id, "outputs": tensors}  # fmt: skip
+        body = {
+            "model_name": name,
+            "model_version": answer.deployment.version,
+            "id": request_id,
+            "outputs": tensors,
+        }
         return 200, dumps(body)
 
     async def infer_route(name: str, version: str | None, request: Request) -> Response:
@@ -327,11 +362,18 @@ def create_app(server: ModelServer) -> FastAPI:
     app.add_middleware(InferFastPath, infer=infer, limit=limit)
 
     infer_doc: dict[str, Any] = {
-        "response_model": InferResponse, "tags": ["oip"],
+        "response_model": InferResponse,
+        "tags": ["oip"],
         "responses": _errors(400, 404, 413, 503),
-        "openapi_extra": {"requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/InferRequest"}}}}},
-    }  # fmt: skip
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}
+                },
+            }
+        },
+    }
 
     @app.post("/v2/models/{name}/infer", **infer_doc)
     async def infer_champion(name: str, request: Request) -> Response:
@@ -345,8 +387,13 @@ def create_app(server: ModelServer) -> FastAPI:
 
     # -- control (OIP model repository extension) ------------------------------------------
 
-    @app.post("/v2/repository/index", response_model=list[RepositoryEntry], tags=["control"],
-              dependencies=[Depends(control)], responses=_errors(401))  # fmt: skip
+    @app.post(
+        "/v2/repository/index",
+        response_model=list[RepositoryEntry],
+        tags=["control"],
+        dependencies=[Depends(control)],
+        responses=_errors(401),
+    )
     def repository_index() -> list[dict[str, Any]]:
         out = []
         for name in server.registry.names():
@@ -356,9 +403,13 @@ def create_app(server: ModelServer) -> FastAPI:
                     out.append({"name": name, "version": d.version, "state": "READY"})
         return out
 
-    @app.post("/v2/repository/models/{name}/load", response_model=ModelMetadata,
-              tags=["control"], dependencies=[Depends(control)],
-              responses=_errors(401, 404, 503))  # fmt: skip
+    @app.post(
+        "/v2/repository/models/{name}/load",
+        response_model=ModelMetadata,
+        tags=["control"],
+        dependencies=[Depends(control)],
+        responses=_errors(401, 404, 503),
+    )
     def repository_load(name: str) -> dict[str, Any]:
         """Load the model's champion as `model.promoted` has it now (after an unload)."""
         champion = server.deployer.champion(name)
@@ -369,8 +420,12 @@ def create_app(server: ModelServer) -> FastAPI:
         slot = server.registry.slot(name)
         return model_metadata(name, [d for d in (slot.current, slot.previous) if d])
 
-    @app.post("/v2/repository/models/{name}/unload", tags=["control"],
-              dependencies=[Depends(control)], responses=_errors(401, 404))  # fmt: skip
+    @app.post(
+        "/v2/repository/models/{name}/unload",
+        tags=["control"],
+        dependencies=[Depends(control)],
+        responses=_errors(401, 404),
+    )
     def repository_unload(name: str) -> dict[str, Any]:
         """Stop serving the model on this replica (until it is loaded or promoted again)."""
         slot = server.registry.remove(name)
@@ -379,15 +434,20 @@ def create_app(server: ModelServer) -> FastAPI:
         server.deployer.report_unloaded(slot.current)
         return {"name": name, "unloaded": [slot.current.version]}
 
-    @app.get("/metrics", tags=["meta"], response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})  # fmt: skip
+    @app.get(
+        "/metrics",
+        tags=["meta"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
+    )
     def metrics() -> Response:
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            doc = get_openapi(title=app.title, version=app.version, description=app.description,
-                              routes=app.routes)  # fmt: skip
+            doc = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
             extra = InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(extra.pop("$defs", {}))

@@ -150,27 +150,47 @@ class Deployer:
         deployment = self.registry.find(name, version, artifact.sha256)
         if deployment is None:
             try:
-                deployment = load_verified(self.store, name, version, artifact.uri,
-                                           artifact.sha256, artifact.model_card_uri)  # fmt: skip
+                deployment = load_verified(
+                    self.store,
+                    name,
+                    version,
+                    artifact.uri,
+                    artifact.sha256,
+                    artifact.model_card_uri,
+                )
             except VerificationFailed as e:
                 log.warning("deployer: %s version %s refused: %s", name, version, e)
-                self._report(event, "failed", error=str(e), sha256=artifact.sha256,
-                             seconds=time.perf_counter() - started)  # fmt: skip
+                self._report(
+                    event,
+                    "failed",
+                    error=str(e),
+                    sha256=artifact.sha256,
+                    seconds=time.perf_counter() - started,
+                )
                 return None
         self.registry.install(deployment, as_previous=initial_previous)
         seconds = time.perf_counter() - started
-        log.info("deployer: %s version %s %s in %.3fs", name, version,
-                 "loaded" if initial_previous else "serving", seconds)  # fmt: skip
+        log.info(
+            "deployer: %s version %s %s in %.3fs",
+            name,
+            version,
+            "loaded" if initial_previous else "serving",
+            seconds,
+        )
         self._report(event, "loaded", sha256=artifact.sha256, seconds=seconds)
         return deployment
 
     def report_unloaded(self, deployment: Deployment) -> None:
         """Publish that this replica stopped serving `deployment` (a control request)."""
         self.producer.publish(
-            DeploymentUpdated(model=deployment.name, version=deployment.version,
-                              replica=self.replica, status="unloaded",
-                              artifact_sha256=deployment.sha256)
-        )  # fmt: skip
+            DeploymentUpdated(
+                model=deployment.name,
+                version=deployment.version,
+                replica=self.replica,
+                status="unloaded",
+                artifact_sha256=deployment.sha256,
+            )
+        )
         self.producer.flush(10.0)
 
     def _report(
@@ -186,9 +206,14 @@ class Deployer:
         if self.on_outcome:
             self.on_outcome(promoted.model, status)
         update = DeploymentUpdated(
-            model=promoted.model, version=promoted.version, replica=self.replica,
-            status=status, load_seconds=seconds, artifact_sha256=sha256, error=error,
-        )  # fmt: skip
+            model=promoted.model,
+            version=promoted.version,
+            replica=self.replica,
+            status=status,
+            load_seconds=seconds,
+            artifact_sha256=sha256,
+            error=error,
+        )
         event_id = str(uuid.uuid5(_NAMESPACE, f"{self.replica}/{event.id}/{status}"))
         try:
             self.producer.publish(update, causation=event, event_id=event_id)

@@ -173,10 +173,13 @@ def encode(sample: Sample, replica: str, source: str, **envelope: Any) -> bytes:
     latency is clamped at 0, names and rows are the card's and the model's input (finite:
     serving/tensors.py refuses NaN and infinities before a request reaches a model)."""
     data: dict[str, object] = {
-        "request_id": sample.request_id, "model": sample.model, "version": sample.version,
-        "replica": replica, "latency_seconds": max(0.0, sample.latency_seconds),
+        "request_id": sample.request_id,
+        "model": sample.model,
+        "version": sample.version,
+        "replica": replica,
+        "latency_seconds": max(0.0, sample.latency_seconds),
         "ok": sample.ok,
-    }  # fmt: skip
+    }
     if sample.error is not None:
         data["error"] = sample.error
     predictions = sample.predictions.tolist() if sample.predictions is not None else []
@@ -199,12 +202,16 @@ def record(sample: Sample, replica: str) -> InferenceLogged:
         names, inputs = kept[0], kept[1].tolist()
     predictions = sample.predictions.tolist() if sample.predictions is not None else []
     logged = InferenceLogged(
-        request_id=sample.request_id, model=sample.model, version=sample.version,
-        replica=replica, latency_seconds=max(0.0, sample.latency_seconds), ok=sample.ok,
+        request_id=sample.request_id,
+        model=sample.model,
+        version=sample.version,
+        replica=replica,
+        latency_seconds=max(0.0, sample.latency_seconds),
+        ok=sample.ok,
         error=sample.error,
         batch_size=len(sample.inputs) if sample.inputs is not None else len(predictions),
         predictions=predictions,
-    )  # fmt: skip
+    )
     if names is None:
         return logged
     # The feature names (from the card) and input rows (floats from numpy) are valid by

@@ -19,29 +19,43 @@ class ServingMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "mlbus_serve_requests", "inference requests answered",
-            ["model", "version", "protocol"], registry=r,
-        )  # fmt: skip
-        self.errors = Counter(
-            "mlbus_serve_errors", "inference requests refused or failed",
-            ["model", "protocol", "reason"], registry=r,
-        )  # fmt: skip
-        self.latency = Histogram(
-            "mlbus_serve_request_latency_seconds", "request latency, body read to response",
-            ["model", "protocol"], buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "mlbus_serve_batch_size", "rows per forward pass (after micro-batching)",
-            ["model", "version"], buckets=_BATCH_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.loaded = Gauge(
-            "mlbus_serve_model_loaded", "1 for each loaded version; role current|previous",
-            ["model", "version", "role"], registry=r,
-        )  # fmt: skip
-        self.deployments = Counter(
-            "mlbus_serve_deployments", "version loads by outcome", ["model", "status"],
+            "mlbus_serve_requests",
+            "inference requests answered",
+            ["model", "version", "protocol"],
             registry=r,
-        )  # fmt: skip
+        )
+        self.errors = Counter(
+            "mlbus_serve_errors",
+            "inference requests refused or failed",
+            ["model", "protocol", "reason"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "mlbus_serve_request_latency_seconds",
+            "request latency, body read to response",
+            ["model", "protocol"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "mlbus_serve_batch_size",
+            "rows per forward pass (after micro-batching)",
+            ["model", "version"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.loaded = Gauge(
+            "mlbus_serve_model_loaded",
+            "1 for each loaded version; role current|previous",
+            ["model", "version", "role"],
+            registry=r,
+        )
+        self.deployments = Counter(
+            "mlbus_serve_deployments",
+            "version loads by outcome",
+            ["model", "status"],
+            registry=r,
+        )
         self.log_published = Counter(
             "mlbus_serve_inference_log_published",
             "inference.logged records produced",
@@ -49,5 +63,6 @@ class ServingMetrics:
         )
         self.log_dropped = Counter(
             "mlbus_serve_inference_log_dropped",
-            "inference.logged samples dropped because the log queue was full", registry=r,
-        )  # fmt: skip
+            "inference.logged samples dropped because the log queue was full",
+            registry=r,
+        )

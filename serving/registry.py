@@ -203,10 +203,13 @@ class Registry:
                 return run(x)
 
             deployment.batcher = MicroBatcher(
-                forward, max_batch_size=self.max_batch_size, max_wait_us=self.max_wait_us,
-                executor=self.executor, batching=self.batching,
+                forward,
+                max_batch_size=self.max_batch_size,
+                max_wait_us=self.max_wait_us,
+                executor=self.executor,
+                batching=self.batching,
                 max_in_flight=self.max_in_flight,
-            )  # fmt: skip
+            )
         with self._lock:
             old = self._slots.get(deployment.name)
             if as_previous and old is not None:

@@ -121,31 +121,42 @@ class ModelServer:
         # sharing the cores.
         self.forward_workers = PIPELINE if batching else min(32, (os.cpu_count() or 1) + 4)
         self.torch_threads = (
-            torch_threads or config.torch_threads
-            or max(1, usable_cores() // self.forward_workers)
-        )  # fmt: skip
+            torch_threads or config.torch_threads or max(1, usable_cores() // self.forward_workers)
+        )
         self.executor = ThreadPoolExecutor(
-            self.forward_workers, thread_name_prefix="mlbus-forward",
-            initializer=torch.set_num_threads, initargs=(self.torch_threads,),
-        )  # fmt: skip
+            self.forward_workers,
+            thread_name_prefix="mlbus-forward",
+            initializer=torch.set_num_threads,
+            initargs=(self.torch_threads,),
+        )
         self.registry = Registry(
-            max_batch_size=config.max_batch_size, max_wait_us=config.max_wait_us,
-            batching=batching, executor=self.executor, torch_threads=self.torch_threads,
+            max_batch_size=config.max_batch_size,
+            max_wait_us=config.max_wait_us,
+            batching=batching,
+            executor=self.executor,
+            torch_threads=self.torch_threads,
             max_in_flight=self.forward_workers,
             on_batch=self._on_batch,
             on_change=self._on_change,
-        )  # fmt: skip
+        )
         self._deploy_producer = EventProducer(kafka, source=SOURCE)
         self._log_producer = EventProducer(kafka, source=SOURCE)
         self.deployer = Deployer(
-            kafka, store, self.registry, self._deploy_producer, replica=self.replica,
+            kafka,
+            store,
+            self.registry,
+            self._deploy_producer,
+            replica=self.replica,
             on_outcome=lambda model, status: self.metrics.deployments.labels(model, status).inc(),
-        )  # fmt: skip
+        )
         extra = {} if log_queue_size is None else {"queue_size": log_queue_size}
         self.inference_log = InferenceLog(
-            self._log_producer, self.metrics, replica=self.replica,
-            sample_rate=config.log_sample_rate, **extra,
-        )  # fmt: skip
+            self._log_producer,
+            self.metrics,
+            replica=self.replica,
+            sample_rate=config.log_sample_rate,
+            **extra,
+        )
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.stream_group = stream_group
         self.stream: StreamInference | None = None
@@ -200,8 +211,9 @@ class ModelServer:
         try:
             probabilities = await deployment.batcher.infer(x)
         except Exception as e:
-            self.failed(deployment.name, protocol, "model_error", started, deployment, x, e,
-                        request_id)  # fmt: skip
+            self.failed(
+                deployment.name, protocol, "model_error", started, deployment, x, e, request_id
+            )
             raise
         labels = deployment.classes[probabilities.argmax(axis=1)]
         latency = time.perf_counter() - started
@@ -209,9 +221,18 @@ class ModelServer:
         requests.inc()
         latencies.observe(latency)
         self.inference_log.offer(
-            Sample(deployment.name, deployment.version, request_id or new_event_id(),
-                   latency, True, None, labels, deployment.features, x)
-        )  # fmt: skip
+            Sample(
+                deployment.name,
+                deployment.version,
+                request_id or new_event_id(),
+                latency,
+                True,
+                None,
+                labels,
+                deployment.features,
+                x,
+            )
+        )
         return Answer(deployment, probabilities, labels)
 
     def failed(
@@ -233,9 +254,18 @@ class ModelServer:
         if deployment is not None:
             message = str(error) if isinstance(error, MlbusError) else repr(error)
             self.inference_log.offer(
-                Sample(deployment.name, deployment.version, request_id or new_event_id(),
-                       latency, False, message, None, deployment.features, x)
-            )  # fmt: skip
+                Sample(
+                    deployment.name,
+                    deployment.version,
+                    request_id or new_event_id(),
+                    latency,
+                    False,
+                    message,
+                    None,
+                    deployment.features,
+                    x,
+                )
+            )
 
     # -- metrics hooks ---------------------------------------------------------------------
 

@@ -81,9 +81,12 @@ class StreamInference:
         self.kafka = server.kafka
         self.producer = EventProducer(server.kafka, source="mlbus/serving")
         self.loop = ConsumerLoop(
-            server.kafka, group=group, handlers={"inference.requests": self.handle},
-            name="serving-stream", commit_interval=0.5,
-        )  # fmt: skip
+            server.kafka,
+            group=group,
+            handlers={"inference.requests": self.handle},
+            name="serving-stream",
+            commit_interval=0.5,
+        )
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -120,16 +123,19 @@ class StreamInference:
         if not _REPLY.match(reply):
             reply = RESULTS
             result = InferenceResult(
-                request_id=request.request_id, model=request.model,
+                request_id=request.request_id,
+                model=request.model,
                 error=f"reply_topic {request.reply_topic!r} must be {RESULTS} or "
                 f"{RESULTS}.<suffix>",
-            )  # fmt: skip
+            )
         else:
             result = self._answer(request, started)
         _, value = encode_new(
-            result, source="mlbus/serving", causation=event,
+            result,
+            source="mlbus/serving",
+            causation=event,
             event_id=str(uuid.uuid5(_NAMESPACE, event.id)),
-        )  # fmt: skip
+        )
         self.producer.produce(self.kafka.topic(reply), value, request.request_id)
         self.producer.flush(30.0)
 
@@ -144,31 +150,50 @@ class StreamInference:
             if loop is None:
                 raise NotReady("the server is not running")
             answer = asyncio.run_coroutine_threadsafe(
-                server.infer(deployment, x, protocol="kafka", request_id=request.request_id,
-                             started=started),
+                server.infer(
+                    deployment, x, protocol="kafka", request_id=request.request_id, started=started
+                ),
                 loop,
-            ).result(TIMEOUT)  # fmt: skip
+            ).result(TIMEOUT)
         except MlbusError as e:  # a refusal (unknown model, bad input, not ready)
-            server.failed(request.model, "kafka", type(e).__name__, started, deployment, x, e,
-                          request.request_id)  # fmt: skip
+            server.failed(
+                request.model,
+                "kafka",
+                type(e).__name__,
+                started,
+                deployment,
+                x,
+                e,
+                request.request_id,
+            )
             return InferenceResult(
-                request_id=request.request_id, model=request.model, version=request.version,
+                request_id=request.request_id,
+                model=request.model,
+                version=request.version,
                 error=f"{type(e).__name__}: {e}",
                 latency_seconds=time.perf_counter() - started,
-            )  # fmt: skip
+            )
         except Exception as e:  # the model failed: answered as an error, not a dead letter
             return InferenceResult(
-                request_id=request.request_id, model=request.model, version=request.version,
-                error=f"inference failed: {e!r}", latency_seconds=time.perf_counter() - started,
-            )  # fmt: skip
+                request_id=request.request_id,
+                model=request.model,
+                version=request.version,
+                error=f"inference failed: {e!r}",
+                latency_seconds=time.perf_counter() - started,
+            )
         tensors, _ = outputs(answer.deployment, answer.probabilities, labels=answer.labels)
         return InferenceResult(
-            request_id=request.request_id, model=request.model,
+            request_id=request.request_id,
+            model=request.model,
             version=answer.deployment.version,
-            outputs=[Tensor(name=t["name"], shape=t["shape"], datatype=t["datatype"],
-                            data=_plain(t["data"])) for t in tensors],
+            outputs=[
+                Tensor(
+                    name=t["name"], shape=t["shape"], datatype=t["datatype"], data=_plain(t["data"])
+                )
+                for t in tensors
+            ],
             latency_seconds=time.perf_counter() - started,
-        )  # fmt: skip
+        )
 
     @staticmethod
     def _rows(inputs: list[Tensor], deployment: Deployment) -> np.ndarray:

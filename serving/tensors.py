@@ -69,9 +69,12 @@ def decode_request(doc: Mapping[str, Any], deployment: Deployment) -> Request:
     if not isinstance(tensor, dict):
         raise MalformedRequest("each input must be an object with name, shape, datatype, data")
     x = to_array(
-        deployment, tensor.get("name"), tensor.get("shape"), tensor.get("datatype"),
+        deployment,
+        tensor.get("name"),
+        tensor.get("shape"),
+        tensor.get("datatype"),
         tensor.get("data"),
-    )  # fmt: skip
+    )
     return Request(request_id, x, requested_outputs(doc.get("outputs")))
 
 
@@ -167,10 +170,14 @@ def outputs(
                 {"name": LABEL, "datatype": "BYTES", "shape": [rows], "data": labels.tolist()}
             )
         else:
-            out.append({
-                "name": PROBABILITIES, "datatype": "FP32", "shape": [rows, k],
-                "data": probabilities.reshape(-1),
-            })  # fmt: skip
+            out.append(
+                {
+                    "name": PROBABILITIES,
+                    "datatype": "FP32",
+                    "shape": [rows, k],
+                    "data": probabilities.reshape(-1),
+                }
+            )
     return out, labels
 
 

@@ -85,12 +85,25 @@ def evaluate(
 
 
 def _alert(
-    metrics: ServingMetrics, rule: str, status: Literal["firing", "resolved"], metric: str,
-    value: float, threshold: float, windows: int, reason: str,
-) -> ServingAlert:  # fmt: skip
+    metrics: ServingMetrics,
+    rule: str,
+    status: Literal["firing", "resolved"],
+    metric: str,
+    value: float,
+    threshold: float,
+    windows: int,
+    reason: str,
+) -> ServingAlert:
     end: datetime = metrics.window_end
     return ServingAlert(
-        model=metrics.model, version=metrics.version, alert=rule, status=status,
-        metric=metric, value=value, threshold=threshold, windows=windows, window_end=end,
+        model=metrics.model,
+        version=metrics.version,
+        alert=rule,
+        status=status,
+        metric=metric,
+        value=value,
+        threshold=threshold,
+        windows=windows,
+        window_end=end,
         reason=reason,
-    )  # fmt: skip
+    )

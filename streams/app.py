@@ -143,21 +143,31 @@ class StreamsApp:
             TABLE, default=None, partitions=partitions, key_type=str, value_type=None
         )
         self.engine = Engine(
-            self.config, self.baselines, on_metrics=self.exporter.on_metrics,
-            on_alert=self.exporter.on_alert, on_late=self.exporter.on_late,
-        )  # fmt: skip
+            self.config,
+            self.baselines,
+            on_metrics=self.exporter.on_metrics,
+            on_alert=self.exporter.on_alert,
+            on_late=self.exporter.on_late,
+        )
         self.processor = _FaustProcessor(
-            kafka, self.engine, self.table, self.exporter, group=options.app_id, app=self.app,
+            kafka,
+            self.engine,
+            self.table,
+            self.exporter,
+            group=options.app_id,
+            app=self.app,
             topic=kafka.topic(EVENT_TYPE),
-        )  # fmt: skip
+        )
         self._wire()
 
     def _wire(self) -> None:
         app, processor = self.app, self.processor
         topic = app.topic(
-            self.kafka.topic(EVENT_TYPE), key_serializer="raw", value_serializer="raw",
+            self.kafka.topic(EVENT_TYPE),
+            key_serializer="raw",
+            value_serializer="raw",
             partitions=TOPICS[EVENT_TYPE].partitions,
-        )  # fmt: skip
+        )
 
         # Records of inference.logged reach the processor a whole fetch at a time through
         # the transport (streams/transport.py), which commits their offsets after the
@@ -209,9 +219,12 @@ class StreamsApp:
         """Run in the foreground until SIGTERM/SIGINT; the exit code."""
         self.start_side_services()
         worker = faust.Worker(
-            self.app, loglevel=self.options.loglevel, quiet=True, redirect_stdouts=False,
+            self.app,
+            loglevel=self.options.loglevel,
+            quiet=True,
+            redirect_stdouts=False,
             override_logging=False,
-        )  # fmt: skip
+        )
         code = 0
         try:
             worker.execute_from_commandline()

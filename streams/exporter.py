@@ -21,48 +21,63 @@ class Exporter:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry = registry or CollectorRegistry()
         self.requests = Counter(
-            "mlbus_serving_requests_total", "Logged inference requests in closed windows",
-            _MV, registry=registry,
-        )  # fmt: skip
+            "mlbus_serving_requests_total",
+            "Logged inference requests in closed windows",
+            _MV,
+            registry=registry,
+        )
         self.errors = Counter(
-            "mlbus_serving_errors_total", "Failed inference requests in closed windows",
-            _MV, registry=registry,
-        )  # fmt: skip
+            "mlbus_serving_errors_total",
+            "Failed inference requests in closed windows",
+            _MV,
+            registry=registry,
+        )
         self.latency = Gauge(
             "mlbus_serving_latency_seconds",
             "Request latency quantile of the last closed tumbling window",
-            (*_MV, "quantile"), registry=registry,
-        )  # fmt: skip
+            (*_MV, "quantile"),
+            registry=registry,
+        )
         self.error_ratio = Gauge(
-            "mlbus_serving_error_ratio", "Error rate of the last closed tumbling window",
-            _MV, registry=registry,
-        )  # fmt: skip
+            "mlbus_serving_error_ratio",
+            "Error rate of the last closed tumbling window",
+            _MV,
+            registry=registry,
+        )
         self.psi = Gauge(
             "mlbus_serving_psi",
             "Population Stability Index against the training baseline, last closed window",
-            (*_MV, "feature"), registry=registry,
-        )  # fmt: skip
+            (*_MV, "feature"),
+            registry=registry,
+        )
         self.late = Counter(
             "mlbus_serving_late_events_total",
             "Records that arrived after their window closed (beyond grace): not aggregated",
-            _MV, registry=registry,
-        )  # fmt: skip
+            _MV,
+            registry=registry,
+        )
         self.firing = Gauge(
-            "mlbus_serving_alert_firing", "1 while an alert rule is firing",
-            (*_MV, "alert"), registry=registry,
-        )  # fmt: skip
+            "mlbus_serving_alert_firing",
+            "1 while an alert rule is firing",
+            (*_MV, "alert"),
+            registry=registry,
+        )
         self.window_end = Gauge(
             "mlbus_serving_window_end_timestamp_seconds",
-            "Event-time end of the last closed tumbling window", _MV, registry=registry,
-        )  # fmt: skip
+            "Event-time end of the last closed tumbling window",
+            _MV,
+            registry=registry,
+        )
         self.deadletters = Counter(
-            "mlbus_streams_deadletters_total", "inference.logged records dead-lettered",
+            "mlbus_streams_deadletters_total",
+            "inference.logged records dead-lettered",
             registry=registry,
-        )  # fmt: skip
+        )
         self.records = Counter(
-            "mlbus_streams_records_total", "inference.logged records processed",
+            "mlbus_streams_records_total",
+            "inference.logged records processed",
             registry=registry,
-        )  # fmt: skip
+        )
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host, registry=self.registry)

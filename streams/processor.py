@@ -150,9 +150,11 @@ class StreamProcessor:
                     if not message.headers:
                         raise
                     event = decode_dict(  # maybe CloudEvents binary mode
-                        message.value, _AsConfluent(message).headers(),
-                        expected_type=EVENT_TYPE, max_bytes=max_bytes,
-                    )  # fmt: skip
+                        message.value,
+                        _AsConfluent(message).headers(),
+                        expected_type=EVENT_TYPE,
+                        max_bytes=max_bytes,
+                    )
             except InvalidEvent as e:
                 self._deadletter(message, e.reason)
                 continue
@@ -181,9 +183,10 @@ class StreamProcessor:
         idle_s = self.engine.config.idle_ms / 1000
         now = time.monotonic()
         due = [
-            p for p in self._restored
+            p
+            for p in self._restored
             if now - self._last_record.get(p, now) >= idle_s and self.caught_up(p)
-        ]  # fmt: skip
+        ]
         if not due:
             return
         async with self.lock:
@@ -255,9 +258,13 @@ class StreamProcessor:
         record = _AsConfluent(message)
         for copy in (True, False):
             letter = dead_letter(
-                record, reason=reason, error_type="InvalidEvent", consumer_group=self.group,
-                consumer=NAME, copy=copy,
-            )  # fmt: skip
+                record,
+                reason=reason,
+                error_type="InvalidEvent",
+                consumer_group=self.group,
+                consumer=NAME,
+                copy=copy,
+            )
             try:
                 self.producer.publish(letter, key=record.key())
                 break
@@ -269,8 +276,11 @@ class StreamProcessor:
         self.exporter.deadletters.inc()
         log.warning(
             "streams: dead-lettered %s/%s@%s: %s",
-            message.topic, message.partition, message.offset, reason,
-        )  # fmt: skip
+            message.topic,
+            message.partition,
+            message.offset,
+            reason,
+        )
 
 
 def _record_ms(message: RawMessage) -> int:

@@ -95,7 +95,7 @@ class Agg:
         "note",
         "start",
         "zero",
-    )  # fmt: skip
+    )
 
     def __init__(self, start: int, end: int) -> None:
         self.start = start
@@ -192,19 +192,27 @@ class Agg:
         if self.n:
             q = sketch.quantiles(self.lat, self.zero, (0.5, 0.95, 0.99))
             latency = Quantiles(
-                p50=q[0.5], p95=q[0.95], p99=q[0.99], mean=self.lat_sum / self.n,
+                p50=q[0.5],
+                p95=q[0.95],
+                p99=q[0.99],
+                mean=self.lat_sum / self.n,
                 max=self.lat_max,
-            )  # fmt: skip
+            )
         drift, note = self._drift(model, version, baselines)
         return ServingMetrics(
-            model=model, version=version,
-            window_start=_ts(self.start if start is None else start), window_end=_ts(self.end),
+            model=model,
+            version=version,
+            window_start=_ts(self.start if start is None else start),
+            window_end=_ts(self.end),
             window=kind,
-            requests=self.n, errors=self.errors,
+            requests=self.n,
+            errors=self.errors,
             error_rate=self.errors / self.n if self.n else 0.0,
-            latency_seconds=latency, class_distribution=dict(sorted(self.classes.items())),
-            psi=drift, drift_note=note,
-        )  # fmt: skip
+            latency_seconds=latency,
+            class_distribution=dict(sorted(self.classes.items())),
+            psi=drift,
+            drift_note=note,
+        )
 
     def _drift(
         self, model: str, version: str, baselines: Baselines
@@ -230,11 +238,19 @@ class Agg:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "s": self.start, "e": self.end, "n": self.n, "x": self.errors,
-            "l": {str(k): v for k, v in self.lat.items()}, "z": self.zero, "ls": self.lat_sum,
-            "lm": self.lat_max, "c": self.classes, "b": self.bins, "d": self.dataset,
+            "s": self.start,
+            "e": self.end,
+            "n": self.n,
+            "x": self.errors,
+            "l": {str(k): v for k, v in self.lat.items()},
+            "z": self.zero,
+            "ls": self.lat_sum,
+            "lm": self.lat_max,
+            "c": self.classes,
+            "b": self.bins,
+            "d": self.dataset,
             "note": self.note,
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Agg:
@@ -260,7 +276,7 @@ class Series:
         "partition",
         "recent",
         "version",
-    )  # fmt: skip
+    )
 
     def __init__(self, model: str, version: str, partition: int) -> None:
         self.model = model
@@ -287,11 +303,16 @@ class Series:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "m": self.model, "v": self.version, "p": self.partition, "o": self.offset,
+            "m": self.model,
+            "v": self.version,
+            "p": self.partition,
+            "o": self.offset,
             "open": [a.to_json() for a in self.open.values()],
             "recent": [a.to_json() for a in self.recent],
-            "hu": self.hop_until, "cu": self.closed_until, "al": self.alerts,
-        }  # fmt: skip
+            "hu": self.hop_until,
+            "cu": self.closed_until,
+            "al": self.alerts,
+        }
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Series:
@@ -407,10 +428,12 @@ class Engine:
     def _recompute_due(self, partition: int) -> None:
         cfg = self.config
         self.next_due[partition] = min(
-            (s.next_due(cfg.size_ms, cfg.hopping_ms)
-             for s in self.by_partition.get(partition, {}).values()),
+            (
+                s.next_due(cfg.size_ms, cfg.hopping_ms)
+                for s in self.by_partition.get(partition, {}).values()
+            ),
             default=_INF,
-        )  # fmt: skip
+        )
 
     def _close(self, partition: int) -> None:
         limit = self.watermarks[partition] - self.config.grace_ms
@@ -425,13 +448,17 @@ class Engine:
         for start in sorted(start for start, a in s.open.items() if a.end <= limit):
             agg = s.open.pop(start)
             metrics = agg.metrics(s.model, s.version, "tumbling", self.baselines)
-            self._emit(metrics, event_id("metrics", s.model, s.version, "tumbling", agg.start),
-                       agg.end)  # fmt: skip
+            self._emit(
+                metrics, event_id("metrics", s.model, s.version, "tumbling", agg.start), agg.end
+            )
             if self.on_metrics is not None:
                 self.on_metrics(metrics)
             for alert in evaluate(s.alerts, metrics, cfg.thresholds):
-                self._emit(alert, event_id("alert", s.model, s.version, alert.alert,
-                                           alert.status, agg.end), agg.end)  # fmt: skip
+                self._emit(
+                    alert,
+                    event_id("alert", s.model, s.version, alert.alert, alert.status, agg.end),
+                    agg.end,
+                )
                 if self.on_alert is not None:
                     self.on_alert(alert)
             s.closed_until = max(s.closed_until, agg.end)
@@ -443,10 +470,14 @@ class Engine:
         hop_limit = limit - limit % size
         if hop_limit <= s.hop_until:
             return changed
-        boundaries = sorted({
-            b for w in s.recent for b in range(w.end, w.start + hopping + 1, size)
-            if s.hop_until < b <= hop_limit
-        })  # fmt: skip
+        boundaries = sorted(
+            {
+                b
+                for w in s.recent
+                for b in range(w.end, w.start + hopping + 1, size)
+                if s.hop_until < b <= hop_limit
+            }
+        )
         for b in boundaries:
             members = [w for w in s.recent if w.start >= b - hopping and w.end <= b]
             if not members:
@@ -455,8 +486,7 @@ class Engine:
             for w in members:
                 merged.merge(w)
             metrics = merged.metrics(s.model, s.version, "hopping", self.baselines)
-            self._emit(metrics, event_id("metrics", s.model, s.version, "hopping", b - hopping),
-                       b)  # fmt: skip
+            self._emit(metrics, event_id("metrics", s.model, s.version, "hopping", b - hopping), b)
         s.hop_until = hop_limit
         s.recent = [w for w in s.recent if w.start + hopping > s.hop_until]
         return True

@@ -20,9 +20,10 @@ def test_s3_server_stores_objects(s3):
     import s3fs
 
     fs = s3fs.S3FileSystem(
-        key=s3["key"], secret=s3["secret"],
+        key=s3["key"],
+        secret=s3["secret"],
         client_kwargs={"endpoint_url": s3["endpoint_url"], "region_name": s3["region"]},
-    )  # fmt: skip
+    )
     fs.mkdir("harness-bucket", region_name=s3["region"])
     fs.pipe("harness-bucket/a/b.txt", b"hello")
     assert fs.cat("harness-bucket/a/b.txt") == b"hello"

@@ -73,10 +73,8 @@ def decode(weights: bytes, document: Mapping[str, Any]) -> Checkpoint:
     state: dict[int, dict[str, Any]] = {}
     for index in optimiser["states"]:
         mine = {
-            k.split(".", 2)[2]: v
-            for k, v in tensors.items()
-            if k.startswith(f"optimiser.{index}.")
-        }  # fmt: skip
+            k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optimiser.{index}.")
+        }
         state[int(index)] = mine | optimiser["scalars"].get(index, {})
     return Checkpoint(
         epoch=int(document["epoch"]),

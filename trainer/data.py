@@ -57,9 +57,15 @@ def load_arrays(
 
 
 def prepare(
-    x: np.ndarray, raw_labels: np.ndarray, *, features: Sequence[str], label: str,
-    seed: int, validation: float, test: float,
-) -> Prepared:  # fmt: skip
+    x: np.ndarray,
+    raw_labels: np.ndarray,
+    *,
+    features: Sequence[str],
+    label: str,
+    seed: int,
+    validation: float,
+    test: float,
+) -> Prepared:
     classes, y = np.unique(raw_labels, return_inverse=True)
     if len(classes) < 2:
         raise InvalidTrainingRequest(f"label column {label!r} has fewer than two classes")

@@ -145,14 +145,15 @@ def fit(
         if early_stopping is not None:
             value = metrics.get(early_stopping.metric)
             if value is not None:
-                best, stale = (value, 0) if _better(value, best, early_stopping) else (
-                    best, stale + 1
-                )  # fmt: skip
+                best, stale = (
+                    (value, 0) if _better(value, best, early_stopping) else (best, stale + 1)
+                )
                 finished = stale >= early_stopping.patience
         done = epoch
         if on_checkpoint is not None:
-            on_checkpoint(_snapshot(done, model, optimiser, generator, history, best, stale,
-                                    finished, target))  # fmt: skip
+            on_checkpoint(
+                _snapshot(done, model, optimiser, generator, history, best, stale, finished, target)
+            )
         if on_epoch is not None:
             on_epoch(epoch, metrics, rate)
     final: dict[str, dict[str, float]] = {}
@@ -167,10 +168,16 @@ def fit(
 
 
 def _snapshot(
-    epoch: int, model: nn.Module, optimiser: torch.optim.Optimizer, generator: torch.Generator,
-    history: list[dict[str, float]], best: float | None, stale: int, finished: bool,
+    epoch: int,
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    generator: torch.Generator,
+    history: list[dict[str, float]],
+    best: float | None,
+    stale: int,
+    finished: bool,
     device: torch.device,
-) -> Checkpoint:  # fmt: skip
+) -> Checkpoint:
     # Copies on the CPU: the checkpoint must not change while the next epoch trains.
     state = optimiser.state_dict()
     moments = {

@@ -136,29 +136,47 @@ class TrainingWorker:
             # the bus, with an id per retry so the notices are not taken for duplicates.
             retry = self._retries[run_id] = self._retries.get(run_id, 0) + 1
             notice = f"{run_id}/failed/{self.worker}/{retry}"
-            self._fail(request, event, run_id, f"{e}; retrying", type(e).__name__,
-                       retryable=True, event_id=notice)  # fmt: skip
+            self._fail(
+                request,
+                event,
+                run_id,
+                f"{e}; retrying",
+                type(e).__name__,
+                retryable=True,
+                event_id=notice,
+            )
             raise
         self._retries.pop(run_id, None)
 
-    def _handle(self, request: TrainingRequested, event: Event, run_id: str,
-                record: Record) -> None:  # fmt: skip
+    def _handle(
+        self, request: TrainingRequested, event: Event, run_id: str, record: Record
+    ) -> None:
         marker = f"runs/{run_id}/completed.json"
         if self.store.exists(marker):  # finished before: announce the same completion again
             done = TrainingCompleted.model_validate_json(self.store.read_bytes(marker))
             self._complete(done, event, run_id)
             return
         attempt = self._next_attempt(run_id)
-        identity = {"request_id": event.id, "family": request.family,
-                    "hyperparameters": request.hyperparameters, "seed": request.seed,
-                    "dataset": request.dataset.model_dump(mode="json")}  # fmt: skip
+        identity = {
+            "request_id": event.id,
+            "family": request.family,
+            "hyperparameters": request.hyperparameters,
+            "seed": request.seed,
+            "dataset": request.dataset.model_dump(mode="json"),
+        }
         resume = checkpoint.load(self.store, run_id, identity)
         self.producer.publish(
-            TrainingStarted(run_id=run_id, model=request.model, request_id=event.id,
-                            dataset=request.dataset, worker=self.worker, attempt=attempt,
-                            resumed_from_epoch=resume.epoch if resume else None),
+            TrainingStarted(
+                run_id=run_id,
+                model=request.model,
+                request_id=event.id,
+                dataset=request.dataset,
+                worker=self.worker,
+                attempt=attempt,
+                resumed_from_epoch=resume.epoch if resume else None,
+            ),
             causation=event,
-        )  # fmt: skip
+        )
         self.producer.flush()
         try:
             completed = self._train(request, event, run_id, record, resume, identity)
@@ -184,9 +202,14 @@ class TrainingWorker:
         return attempt
 
     def _train(
-        self, request: TrainingRequested, event: Event, run_id: str, record: Record,
-        resume: Checkpoint | None, identity: dict[str, Any],
-    ) -> TrainingCompleted:  # fmt: skip
+        self,
+        request: TrainingRequested,
+        event: Event,
+        run_id: str,
+        record: Record,
+        resume: Checkpoint | None,
+        identity: dict[str, Any],
+    ) -> TrainingCompleted:
         started = time.perf_counter()
         params = hyperparameters(request.family, request.hyperparameters)
         device = resolve_device(request.device)
@@ -197,12 +220,18 @@ class TrainingWorker:
             raise InvalidTrainingRequest(f"dataset {data.name} declares no label column")
         features = [c.name for c in data.arrow_schema if c.name != data.label_column]
         with DatasetReader(self.store, data.uri, data.content_hash) as reader:
-            x, labels = load_arrays(reader, num_rows=reader.num_rows, features=features,
-                                    label=data.label_column)  # fmt: skip
+            x, labels = load_arrays(
+                reader, num_rows=reader.num_rows, features=features, label=data.label_column
+            )
         prepared = prepare(
-            x, labels, features=features, label=data.label_column, seed=request.seed,
-            validation=request.split.validation, test=request.split.test,
-        )  # fmt: skip
+            x,
+            labels,
+            features=features,
+            label=data.label_column,
+            seed=request.seed,
+            validation=request.split.validation,
+            test=request.split.test,
+        )
         del x, labels
 
         def save(state: Checkpoint) -> None:
@@ -210,17 +239,31 @@ class TrainingWorker:
 
         def progress(epoch: int, metrics: dict[str, float], rate: float) -> None:
             self.producer.publish(
-                TrainingProgress(run_id=run_id, model=request.model, epoch=epoch,
-                                 max_epochs=request.max_epochs, metrics=metrics,
-                                 samples_per_second=rate),
+                TrainingProgress(
+                    run_id=run_id,
+                    model=request.model,
+                    epoch=epoch,
+                    max_epochs=request.max_epochs,
+                    metrics=metrics,
+                    samples_per_second=rate,
+                ),
                 causation=event,
-            )  # fmt: skip
+            )
             self.producer.poll(0)  # delivery is confirmed with the final event, not per epoch
 
-        result = fit(prepared, request.family, params, max_epochs=request.max_epochs,
-                     seed=request.seed, early_stopping=request.early_stopping,
-                     on_epoch=progress, should_stop=lambda: record.stopping,
-                     on_checkpoint=save, resume=resume, device=device)  # fmt: skip
+        result = fit(
+            prepared,
+            request.family,
+            params,
+            max_epochs=request.max_epochs,
+            seed=request.seed,
+            early_stopping=request.early_stopping,
+            on_epoch=progress,
+            should_stop=lambda: record.stopping,
+            on_checkpoint=save,
+            resume=resume,
+            device=device,
+        )
         if result.stopped:  # shutting down: the checkpoint of the last epoch is on the store
             raise Abandon(f"run {run_id} stopped after epoch {result.epochs}")
         metrics = result.metrics | {
@@ -246,18 +289,27 @@ class TrainingWorker:
         )
         saved = artifacts.save(self.store, f"models/{request.model}/{run_id}", result.model, card)
         return TrainingCompleted(
-            run_id=run_id, model=request.model, version=run_id[:12], request_id=event.id,
+            run_id=run_id,
+            model=request.model,
+            version=run_id[:12],
+            request_id=event.id,
             family=request.family,
             dataset=dataset,
-            artifact=Artifact(**saved), metrics=metrics,
-            confusion_matrix=result.confusion_matrix, labels=prepared.classes,
-            hyperparameters=params, seed=request.seed, epochs=result.epochs,
+            artifact=Artifact(**saved),
+            metrics=metrics,
+            confusion_matrix=result.confusion_matrix,
+            labels=prepared.classes,
+            hyperparameters=params,
+            seed=request.seed,
+            epochs=result.epochs,
             code=CodeVersion(
                 package_version=mlbus.__version__, git_commit=os.environ.get("MLBUS_GIT_COMMIT")
             ),
-            torch_version=torch.__version__, device=device,
-            duration_seconds=time.perf_counter() - started, peak_memory_bytes=peak,
-        )  # fmt: skip
+            torch_version=torch.__version__,
+            device=device,
+            duration_seconds=time.perf_counter() - started,
+            peak_memory_bytes=peak,
+        )
 
     def _complete(self, completed: TrainingCompleted, event: Event, run_id: str) -> None:
         self.producer.publish(
@@ -266,13 +318,26 @@ class TrainingWorker:
         self.producer.flush()
 
     def _fail(
-        self, request: TrainingRequested, event: Event, run_id: str, reason: str,
-        error_type: str, *, retryable: bool, event_id: str | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        request: TrainingRequested,
+        event: Event,
+        run_id: str,
+        reason: str,
+        error_type: str,
+        *,
+        retryable: bool,
+        event_id: str | None = None,
+    ) -> None:
         self.producer.publish(
-            TrainingFailed(run_id=run_id, model=request.model, request_id=event.id, reason=reason,
-                           retryable=retryable, error_type=error_type),
+            TrainingFailed(
+                run_id=run_id,
+                model=request.model,
+                request_id=event.id,
+                reason=reason,
+                retryable=retryable,
+                error_type=error_type,
+            ),
             causation=event,
             event_id=str(uuid.uuid5(_NAMESPACE, event_id or f"{run_id}/failed")),
-        )  # fmt: skip
+        )
         self.producer.flush()

@@ -113,8 +113,11 @@ def restore(
     for report in reports.values():
         log.info(
             "restore %s: %d archived, %d published, %d already there",
-            report.topic, report.archived, report.published, report.skipped,
-        )  # fmt: skip
+            report.topic,
+            report.archived,
+            report.published,
+            report.skipped,
+        )
     return list(reports.values())
 
 

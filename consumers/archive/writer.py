@@ -153,10 +153,17 @@ class Archiver:
         self.stats = ArchiveStats()
         self._archived: dict[Partition, int] = {}  # the high-water mark of each partition
         self.loop = PositionedLoop(
-            kafka, self, group=group, topics=self.topics, name="archive",
-            batch_size=batch_size, max_bytes=flush_bytes, max_seconds=flush_seconds,
-            backoff=backoff, consumer_overrides=consumer_overrides,
-        )  # fmt: skip
+            kafka,
+            self,
+            group=group,
+            topics=self.topics,
+            name="archive",
+            batch_size=batch_size,
+            max_bytes=flush_bytes,
+            max_seconds=flush_seconds,
+            backoff=backoff,
+            consumer_overrides=consumer_overrides,
+        )
 
     def stop(self) -> None:
         """Stop after the current batch: flush, commit, leave (safe from signals/threads)."""

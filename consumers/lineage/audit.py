@@ -139,8 +139,9 @@ def verify(report: AuditReport, records: Iterable[LogRecord]) -> AuditReport:
 
 
 def _with(e: AuditedEvent, status: str, detail: str | None) -> AuditedEvent:
-    return AuditedEvent(e.event_id, e.type, e.topic, e.partition, e.offset, e.time, e.sha256,
-                        status, detail)  # fmt: skip
+    return AuditedEvent(
+        e.event_id, e.type, e.topic, e.partition, e.offset, e.time, e.sha256, status, detail
+    )
 
 
 def _event_id(record: LogRecord) -> str | None:

@@ -33,8 +33,9 @@ def _datasets(graph: Graph, node: DatasetNode) -> str:
     label = f"{node.name}@{_short(node.version)}"
     if not node.known:
         label += "\\n(unknown upstream)"
-    node_id = graph.node(f"dataset:{node.name}@{node.version}", label,
-                         "dataset" if node.known else "unknown")  # fmt: skip
+    node_id = graph.node(
+        f"dataset:{node.name}@{node.version}", label, "dataset" if node.known else "unknown"
+    )
     for parent in node.parents:
         graph.edge(_datasets(graph, parent), node_id, "derived")
     return node_id
@@ -42,8 +43,11 @@ def _datasets(graph: Graph, node: DatasetNode) -> str:
 
 def upstream_graph(up: Upstream) -> Graph:
     graph = Graph()
-    model = graph.node(f"model:{up.model}@{up.version}", f"{up.model}@{_short(up.version)}"
-                       + ("\\n(serving)" if up.serving else ""), "model")  # fmt: skip
+    model = graph.node(
+        f"model:{up.model}@{up.version}",
+        f"{up.model}@{_short(up.version)}" + ("\\n(serving)" if up.serving else ""),
+        "model",
+    )
     if up.run.run_id is not None:
         run = graph.node(f"run:{up.run.run_id}", f"run {up.run.run_id}\\n{up.run.status}", "run")
         graph.edge(run, model, "produced")
@@ -53,11 +57,13 @@ def upstream_graph(up: Upstream) -> Graph:
     for dataset in up.datasets:
         graph.edge(_datasets(graph, dataset), run, "trained on")
     if not up.datasets:
-        graph.edge(graph.node("dataset:?", "dataset\\n(unknown upstream)", "unknown"), run,
-                   "trained on")  # fmt: skip
+        graph.edge(
+            graph.node("dataset:?", "dataset\\n(unknown upstream)", "unknown"), run, "trained on"
+        )
     for deployment in up.deployments:
-        replica = graph.node(f"replica:{deployment.replica}", f"replica {deployment.replica}",
-                             "replica")  # fmt: skip
+        replica = graph.node(
+            f"replica:{deployment.replica}", f"replica {deployment.replica}", "replica"
+        )
         graph.edge(model, replica, deployment.status)
     return graph
 
@@ -66,8 +72,9 @@ def downstream_graph(down: Downstream) -> Graph:
     graph = Graph()
     for use in down.versions:
         label = f"{use.name}@{_short(use.version)}" + ("" if use.known else "\\n(unknown)")
-        dataset = graph.node(f"dataset:{use.name}@{use.version}", label,
-                             "dataset" if use.known else "unknown")  # fmt: skip
+        dataset = graph.node(
+            f"dataset:{use.name}@{use.version}", label, "dataset" if use.known else "unknown"
+        )
         for child in use.derived:
             name = child.removeprefix("dataset:")
             graph.edge(dataset, graph.node(child, _short(name, 40), "dataset"), "derived")
@@ -80,8 +87,9 @@ def downstream_graph(down: Downstream) -> Graph:
                 model = graph.node(f"model:{u.model}@{u.version}", label, "model")
                 graph.edge(run, model, "produced")
                 for replica in u.replicas:
-                    node = graph.node(f"replica:{u.model}/{replica}", f"replica {replica}",
-                                      "replica")  # fmt: skip
+                    node = graph.node(
+                        f"replica:{u.model}/{replica}", f"replica {replica}", "replica"
+                    )
                     graph.edge(model, node, "serves")
     return graph
 
@@ -111,8 +119,13 @@ def to_dot(graph: Graph, title: str = "lineage") -> str:
 
 def to_mermaid(graph: Graph) -> str:
     ids = {node_id: f"n{i}" for i, node_id in enumerate(graph.nodes)}
-    shapes = {"dataset": ("[(", ")]"), "unknown": ("[/", "/]"), "run": ("(", ")"),
-              "model": ("[[", "]]"), "replica": ("[", "]")}  # fmt: skip
+    shapes = {
+        "dataset": ("[(", ")]"),
+        "unknown": ("[/", "/]"),
+        "run": ("(", ")"),
+        "model": ("[[", "]]"),
+        "replica": ("[", "]"),
+    }
     lines = ["flowchart LR"]
     for node_id, (label, kind) in graph.nodes.items():
         left, right = shapes[kind]

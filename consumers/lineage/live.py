@@ -40,17 +40,21 @@ class LiveProjector:
         self.group = group
         self.topics = list(topics)
         self.batch_size = batch_size
-        self.projector = Projector(store, topics=self.topics,
-                                   max_event_bytes=kafka.max_event_bytes)  # fmt: skip
+        self.projector = Projector(store, topics=self.topics, max_event_bytes=kafka.max_event_bytes)
         self.stats = ProjectStats()
         # Each poll of up to `batch_size` records is one SQL transaction. Eager assignment:
         # nothing is buffered between polls, so a stop-the-world rebalance costs nothing
         # here, and the group is joined in one round instead of cooperative-sticky's two.
         self.loop = PositionedLoop(
-            kafka, self, group=group, topics=self.topics, name="lineage projector",
-            batch_size=batch_size, poll_timeout=poll_timeout,
+            kafka,
+            self,
+            group=group,
+            topics=self.topics,
+            name="lineage projector",
+            batch_size=batch_size,
+            poll_timeout=poll_timeout,
             consumer_overrides={"partition.assignment.strategy": "range"},
-        )  # fmt: skip
+        )
         #: set once every assigned partition has been read to its end at least once
         self.caught_up: threading.Event = self.loop.caught_up
 

@@ -97,11 +97,22 @@ def _j(value: Any) -> str:
 def _dataset_created(e: Event, p: tuple, rows: Rows) -> None:
     d = e["data"]
     name, version, parents = d["name"], d["version"], d["parents"]
-    rows[t.dataset_versions].append((*p,
-        name, version, d["uri"], d["content_hash"], d["num_rows"], d["num_bytes"],
-        d["label_column"], _j(d["tags"]), _j([[x["name"], x["version"]] for x in parents]),
-        d["description"], d["created_by"],
-    ))  # fmt: skip
+    rows[t.dataset_versions].append(
+        (
+            *p,
+            name,
+            version,
+            d["uri"],
+            d["content_hash"],
+            d["num_rows"],
+            d["num_bytes"],
+            d["label_column"],
+            _j(d["tags"]),
+            _j([[x["name"], x["version"]] for x in parents]),
+            d["description"],
+            d["created_by"],
+        )
+    )
     for parent in parents:
         _edge(rows, p, "derived_from", ds(parent["name"], parent["version"]), ds(name, version))
 
@@ -116,20 +127,39 @@ def _dataset_validated(e: Event, p: tuple, rows: Rows) -> None:
 def _training_requested(e: Event, p: tuple, rows: Rows) -> None:
     d = e["data"]
     dataset, sweep = d["dataset"], d["sweep"]
-    rows[t.training_requests].append((*p,
-        d["model"], dataset["name"], dataset["version"], d["family"], _j(d["hyperparameters"]),
-        d["seed"], d["max_epochs"], d["requested_by"], d["pipeline"],
-        sweep["sweep_id"] if sweep else None, e["correlationid"],
-    ))  # fmt: skip
+    rows[t.training_requests].append(
+        (
+            *p,
+            d["model"],
+            dataset["name"],
+            dataset["version"],
+            d["family"],
+            _j(d["hyperparameters"]),
+            d["seed"],
+            d["max_epochs"],
+            d["requested_by"],
+            d["pipeline"],
+            sweep["sweep_id"] if sweep else None,
+            e["correlationid"],
+        )
+    )
 
 
 def _training_started(e: Event, p: tuple, rows: Rows) -> None:
     d = e["data"]
     dataset, run_id = d["dataset"], d["run_id"]
-    rows[t.training_runs].append((*p,
-        run_id, d["model"], d["request_id"], dataset["name"], dataset["version"], d["worker"],
-        d["attempt"],
-    ))  # fmt: skip
+    rows[t.training_runs].append(
+        (
+            *p,
+            run_id,
+            d["model"],
+            d["request_id"],
+            dataset["name"],
+            dataset["version"],
+            d["worker"],
+            d["attempt"],
+        )
+    )
     _edge(rows, p, "trained_on", ds(dataset["name"], dataset["version"]), run_node(run_id))
 
 
@@ -144,32 +174,68 @@ def _training_completed(e: Event, p: tuple, rows: Rows) -> None:
     d = e["data"]
     dataset, artifact, code = d["dataset"], d["artifact"], d["code"]
     model, version, run_id = d["model"], d["version"], d["run_id"]
-    rows[t.model_versions].append((*p,
-        model, version, run_id, d["request_id"], d["family"], dataset["name"],
-        dataset["version"], artifact["uri"], artifact["sha256"], _j(d["metrics"]),
-        _j(d["hyperparameters"]), d["seed"], d["epochs"], code["package_version"],
-        code["git_commit"], d["duration_seconds"],
-    ))  # fmt: skip
+    rows[t.model_versions].append(
+        (
+            *p,
+            model,
+            version,
+            run_id,
+            d["request_id"],
+            d["family"],
+            dataset["name"],
+            dataset["version"],
+            artifact["uri"],
+            artifact["sha256"],
+            _j(d["metrics"]),
+            _j(d["hyperparameters"]),
+            d["seed"],
+            d["epochs"],
+            code["package_version"],
+            code["git_commit"],
+            d["duration_seconds"],
+        )
+    )
     _edge(rows, p, "trained_on", ds(dataset["name"], dataset["version"]), run_node(run_id))
     _edge(rows, p, "produced", run_node(run_id), mv(model, version))
 
 
 def _training_failed(e: Event, p: tuple, rows: Rows) -> None:
     d = e["data"]
-    rows[t.run_failures].append((*p,
-        d["run_id"], d["model"], d["request_id"], d["reason"], d["retryable"], d["error_type"],
-        d["epoch"],
-    ))  # fmt: skip
+    rows[t.run_failures].append(
+        (
+            *p,
+            d["run_id"],
+            d["model"],
+            d["request_id"],
+            d["reason"],
+            d["retryable"],
+            d["error_type"],
+            d["epoch"],
+        )
+    )
 
 
 def _promoted(e: Event, p: tuple, rows: Rows) -> None:
     d = e["data"]
     policy, run_id = d["policy"], d["run_id"]
-    rows[t.decisions].append((*p,
-        "promoted", d["model"], d["version"], run_id, d["reason"], d["actor"],
-        policy["name"] if policy else None, policy["version"] if policy else None,
-        _j(d["evidence"]), d["rollback"], d["previous_version"], None, d["cause"],
-    ))  # fmt: skip
+    rows[t.decisions].append(
+        (
+            *p,
+            "promoted",
+            d["model"],
+            d["version"],
+            run_id,
+            d["reason"],
+            d["actor"],
+            policy["name"] if policy else None,
+            policy["version"] if policy else None,
+            _j(d["evidence"]),
+            d["rollback"],
+            d["previous_version"],
+            None,
+            d["cause"],
+        )
+    )
     if run_id:
         _edge(rows, p, "produced", run_node(run_id), mv(d["model"], d["version"]))
 
@@ -177,11 +243,24 @@ def _promoted(e: Event, p: tuple, rows: Rows) -> None:
 def _rejected(e: Event, p: tuple, rows: Rows) -> None:
     d = e["data"]
     policy = d["policy"]
-    rows[t.decisions].append((*p,
-        "rejected", d["model"], d["version"], d["run_id"], d["reason"], d["actor"],
-        policy["name"] if policy else None, policy["version"] if policy else None,
-        _j(d["evidence"]), False, None, d["champion_version"], None,
-    ))  # fmt: skip
+    rows[t.decisions].append(
+        (
+            *p,
+            "rejected",
+            d["model"],
+            d["version"],
+            d["run_id"],
+            d["reason"],
+            d["actor"],
+            policy["name"] if policy else None,
+            policy["version"] if policy else None,
+            _j(d["evidence"]),
+            False,
+            None,
+            d["champion_version"],
+            None,
+        )
+    )
 
 
 def _deployment_updated(e: Event, p: tuple, rows: Rows) -> None:
@@ -196,18 +275,35 @@ def _deployment_updated(e: Event, p: tuple, rows: Rows) -> None:
 
 def _pipeline_defined(e: Event, p: tuple, rows: Rows) -> None:
     d = e["data"]
-    rows[t.pipelines].append((*p,
-        d["name"], d["revision"], d["enabled"], d["dataset"], d["model"], d["family"],
-        _j(d["policy"]), d["actor"],
-    ))  # fmt: skip
+    rows[t.pipelines].append(
+        (
+            *p,
+            d["name"],
+            d["revision"],
+            d["enabled"],
+            d["dataset"],
+            d["model"],
+            d["family"],
+            _j(d["policy"]),
+            d["actor"],
+        )
+    )
 
 
 def _serving_alert(e: Event, p: tuple, rows: Rows) -> None:
     d = e["data"]
-    rows[t.alerts].append((*p,
-        d["model"], d["version"], d["alert"], d["status"], d["metric"], d["value"],
-        d["threshold"],
-    ))  # fmt: skip
+    rows[t.alerts].append(
+        (
+            *p,
+            d["model"],
+            d["version"],
+            d["alert"],
+            d["status"],
+            d["metric"],
+            d["value"],
+            d["threshold"],
+        )
+    )
 
 
 def _edge(rows: Rows, p: tuple, relation: str, src: str, dst: str) -> None:
@@ -292,8 +388,9 @@ class Projector:
                 ends[tp] = offset + 1
             value = record.value
             try:
-                event = decode_dict(value, record.headers or None, expected_type=topic,
-                                    max_bytes=max_bytes)  # fmt: skip
+                event = decode_dict(
+                    value, record.headers or None, expected_type=topic, max_bytes=max_bytes
+                )
             except MlbusError as e:
                 skipped.append((topic, partition, offset, str(e)[:1000]))
                 continue
@@ -304,16 +401,32 @@ class Projector:
             time = event["time"]
             when = micros(time) if time is not None else (record.timestamp_ms or 0) * 1000
             key = record.key
-            events.append((
-                event_id, event["type"], topic, partition, offset, when, record.timestamp_ms,
-                key.decode("utf-8", "replace") if key is not None else None, event["subject"],
-                event["source"], event["correlationid"], event["causationid"],
-                sha256(value or b"").hexdigest(),
-            ))  # fmt: skip
+            events.append(
+                (
+                    event_id,
+                    event["type"],
+                    topic,
+                    partition,
+                    offset,
+                    when,
+                    record.timestamp_ms,
+                    key.decode("utf-8", "replace") if key is not None else None,
+                    event["subject"],
+                    event["source"],
+                    event["correlationid"],
+                    event["causationid"],
+                    sha256(value or b"").hexdigest(),
+                )
+            )
             PROJECTIONS[topic](event, (event_id, topic, partition, offset, when), rows)
         positions = [(topic, partition, end) for (topic, partition), end in ends.items()]
-        stats = ProjectStats(records=len(records), projected=len(seen), skipped=len(skipped),
-                             ignored=ignored, batches=1)  # fmt: skip
+        stats = ProjectStats(
+            records=len(records),
+            projected=len(seen),
+            skipped=len(skipped),
+            ignored=ignored,
+            batches=1,
+        )
         return rows, positions, stats
 
     def write(self, conn: Connection, rows: Rows, positions: list[tuple]) -> None:

@@ -259,8 +259,15 @@ class LineageQueries:
         cut = _cut(as_of)
         m, d = t.model_versions, t.decisions
         with self.store.reading("listing models") as conn:
-            run = sa.select(m.c.model, m.c.version, m.c.run_id, m.c.time, m.c.dataset_name,
-                            m.c.dataset_version, m.c.metrics)  # fmt: skip
+            run = sa.select(
+                m.c.model,
+                m.c.version,
+                m.c.run_id,
+                m.c.time,
+                m.c.dataset_name,
+                m.c.dataset_version,
+                m.c.metrics,
+            )
             newest_first = (m.c.time.desc(), m.c.event_id.desc())
             trained = conn.execute(_known(run, m, cut).order_by(*newest_first)).all()
             decided = conn.execute(
@@ -345,10 +352,16 @@ class LineageQueries:
                 datasets.append(_dataset(sql, dataset_ref[0], dataset_ref[1]))
             serving = current == version
         return Upstream(
-            model=model, version=version, as_of=iso(cut) if cut is not None else None,
-            serving=serving, run=run, datasets=datasets, decisions=decisions,
-            deployments=deployments, provenance=_prov(produced) if produced else None,
-        )  # fmt: skip
+            model=model,
+            version=version,
+            as_of=iso(cut) if cut is not None else None,
+            serving=serving,
+            run=run,
+            datasets=datasets,
+            decisions=decisions,
+            deployments=deployments,
+            provenance=_prov(produced) if produced else None,
+        )
 
     # -- downstream ----------------------------------------------------------------------------
 
@@ -374,13 +387,20 @@ class LineageQueries:
         d, m = t.decisions, t.model_versions
         with self.store.reading() as conn:
             rows = conn.execute(
-                _known(sa.select(d).where(d.c.model == model, d.c.version == version), d, cut)
-                .order_by(d.c.time, d.c.offset)
-            ).all()  # fmt: skip
-            known = conn.execute(
-                _known(sa.select(m.c.event_id).where(m.c.model == model, m.c.version == version),
-                       m, cut).limit(1)
-            ).first() is not None  # fmt: skip
+                _known(
+                    sa.select(d).where(d.c.model == model, d.c.version == version), d, cut
+                ).order_by(d.c.time, d.c.offset)
+            ).all()
+            known = (
+                conn.execute(
+                    _known(
+                        sa.select(m.c.event_id).where(m.c.model == model, m.c.version == version),
+                        m,
+                        cut,
+                    ).limit(1)
+                ).first()
+                is not None
+            )
         if not rows and not known:
             raise NotInLineage(f"model version {model}@{version} is not known" + _at(as_of))
         return Why(model, version, known, [_decision(r) for r in rows])
@@ -474,15 +494,28 @@ def _one(rows: list[Any]) -> Any:
 
 
 def _serving(sql: _Sql, model: str) -> str | None:
-    row = _one(sql.select(t.decisions, {"model": model, "kind": "promoted"},
-                          '"time" DESC, "offset" DESC, "event_id" DESC', limit=1,
-                          columns='"version"'))  # fmt: skip
+    row = _one(
+        sql.select(
+            t.decisions,
+            {"model": model, "kind": "promoted"},
+            '"time" DESC, "offset" DESC, "event_id" DESC',
+            limit=1,
+            columns='"version"',
+        )
+    )
     return row.version if row is not None else None
 
 
 def _newest_version(sql: _Sql, model: str) -> str | None:
-    row = _one(sql.select(t.model_versions, {"model": model}, '"time" DESC, "event_id" DESC',
-                          limit=1, columns='"version"'))  # fmt: skip
+    row = _one(
+        sql.select(
+            t.model_versions,
+            {"model": model},
+            '"time" DESC, "event_id" DESC',
+            limit=1,
+            columns='"version"',
+        )
+    )
     return row.version if row is not None else None
 
 
@@ -506,12 +539,16 @@ def _summary(
     for version in sorted(set(runs) | promoted):
         run = runs.get(version)
         status = (
-            "champion" if champion and version == champion.version
-            else "rolled back" if version in rolled_back
-            else "promoted before" if version in promoted
-            else "rejected" if version in rejected
+            "champion"
+            if champion and version == champion.version
+            else "rolled back"
+            if version in rolled_back
+            else "promoted before"
+            if version in promoted
+            else "rejected"
+            if version in rejected
             else "candidate"
-        )  # fmt: skip
+        )
         reason = rejected.get(version)
         if run is None:  # promoted; its training.completed is not (yet) known
             versions.append(ModelVersion(version, status, None, None, None, {}, reason))
@@ -539,11 +576,19 @@ def _flat(metrics: dict[str, Any]) -> dict[str, float]:
 def _decision(r: Any) -> Decision:
     policy = f"{r.policy_name} v{r.policy_version}" if r.policy_name else None
     return Decision(
-        kind=r.kind, model=r.model, version=r.version, reason=r.reason, actor=r.actor,
-        policy=policy, evidence=_json(r.evidence), rollback=bool(r.rollback),
-        previous_version=r.previous_version, champion_version=r.champion_version,
-        run_id=r.run_id, provenance=_prov(r),
-    )  # fmt: skip
+        kind=r.kind,
+        model=r.model,
+        version=r.version,
+        reason=r.reason,
+        actor=r.actor,
+        policy=policy,
+        evidence=_json(r.evidence),
+        rollback=bool(r.rollback),
+        previous_version=r.previous_version,
+        champion_version=r.champion_version,
+        run_id=r.run_id,
+        provenance=_prov(r),
+    )
 
 
 def _run(sql: _Sql, run_id: str | None, produced: Any) -> tuple[Run, tuple[str, str] | None]:
@@ -638,8 +683,9 @@ def _ancestry(sql: _Sql, name: str, version: str) -> dict[Key, Any]:
     for _ in range(MAX_DEPTH + 1):  # nodes below depth MAX_DEPTH are cut, never read
         pairs = [{"name": n, "version": ver} for n, ver in sorted(wanted)]
         for chunk in range(0, len(pairs), PAIRS_PER_SELECT):
-            for row in sql.select(t.dataset_versions, pairs[chunk : chunk + PAIRS_PER_SELECT],
-                                  FIRST):  # fmt: skip
+            for row in sql.select(
+                t.dataset_versions, pairs[chunk : chunk + PAIRS_PER_SELECT], FIRST
+            ):
                 found.setdefault((row.name, row.version), row)  # the earliest counts (FIRST)
         parents = set()
         for key in wanted:
@@ -696,10 +742,18 @@ def _node(
             continue
         parents.append(_node(rows, parent, depth + 1, path | {key}, memo))
     node = DatasetNode(
-        name=key[0], version=key[1], known=True, uri=row.uri, content_hash=row.content_hash,
-        num_rows=row.num_rows, created_by=row.created_by, tags=_json(row.tags),
-        parents=parents, truncated=truncated, provenance=_prov(row),
-    )  # fmt: skip
+        name=key[0],
+        version=key[1],
+        known=True,
+        uri=row.uri,
+        content_hash=row.content_hash,
+        num_rows=row.num_rows,
+        created_by=row.created_by,
+        tags=_json(row.tags),
+        parents=parents,
+        truncated=truncated,
+        provenance=_prov(row),
+    )
     if memo is not None:
         memo[key, depth] = node
     return node
@@ -719,10 +773,16 @@ def _replicas_now(conn: Connection, model: str, cut: int | None) -> dict[str, st
     out = {}
     for replica in list(replicas):
         latest = conn.execute(
-            _known(sa.select(d.c.version, d.c.status).where(d.c.model == model,
-                                                            d.c.replica == replica), d, cut)
-            .order_by(d.c.time.desc(), d.c.offset.desc()).limit(1)
-        ).first()  # fmt: skip
+            _known(
+                sa.select(d.c.version, d.c.status).where(
+                    d.c.model == model, d.c.replica == replica
+                ),
+                d,
+                cut,
+            )
+            .order_by(d.c.time.desc(), d.c.offset.desc())
+            .limit(1)
+        ).first()
         if latest is not None and latest.status == "loaded":
             out[replica] = latest.version
     return out
@@ -744,19 +804,26 @@ def _versions(conn: Connection, name: str, cut: int | None) -> list[str]:
 def _uses(conn: Connection, sql: _Sql, name: str, version: str) -> DatasetUse:
     cut = sql.cut
     v, e = t.dataset_versions, t.lineage_edges
-    known = conn.execute(
-        _known(sa.select(v.c.event_id).where(v.c.name == name, v.c.version == version), v, cut)
-        .limit(1)
-    ).first() is not None  # fmt: skip
+    known = (
+        conn.execute(
+            _known(
+                sa.select(v.c.event_id).where(v.c.name == name, v.c.version == version), v, cut
+            ).limit(1)
+        ).first()
+        is not None
+    )
     node = f"dataset:{name}@{version}"
     derived = sorted(
         set(
             conn.execute(
-                _known(sa.select(e.c.dst).where(e.c.src == node, e.c.relation == "derived_from"),
-                       e, cut)
+                _known(
+                    sa.select(e.c.dst).where(e.c.src == node, e.c.relation == "derived_from"),
+                    e,
+                    cut,
+                )
             ).scalars()
         )
-    )  # fmt: skip
+    )
     m, r, q = t.model_versions, t.training_runs, t.training_requests
     uses: dict[str, ModelUse] = {}
     serving_cache: dict[str, str | None] = {}
@@ -773,22 +840,34 @@ def _uses(conn: Connection, sql: _Sql, name: str, version: str) -> DatasetUse:
         return replicas_cache[model]
 
     for row in conn.execute(
-        _known(sa.select(m).where(m.c.dataset_name == name, m.c.dataset_version == version), m,
-               cut).order_by(m.c.time, m.c.event_id)
-    ):  # fmt: skip
+        _known(
+            sa.select(m).where(m.c.dataset_name == name, m.c.dataset_version == version), m, cut
+        ).order_by(m.c.time, m.c.event_id)
+    ):
         if row.run_id in uses:
             continue
         d = t.decisions
-        kinds = conn.execute(
-            _known(sa.select(d.c.kind).where(d.c.model == row.model, d.c.version == row.version),
-                   d, cut).order_by(d.c.time, d.c.offset)
-        ).scalars().all()  # fmt: skip
+        kinds = (
+            conn.execute(
+                _known(
+                    sa.select(d.c.kind).where(d.c.model == row.model, d.c.version == row.version),
+                    d,
+                    cut,
+                ).order_by(d.c.time, d.c.offset)
+            )
+            .scalars()
+            .all()
+        )
         uses[row.run_id] = ModelUse(
-            model=row.model, version=row.version, run_id=row.run_id, status="completed",
+            model=row.model,
+            version=row.version,
+            run_id=row.run_id,
+            status="completed",
             serving_now=serving(row.model) == row.version,
             replicas=sorted(k for k, ver in replicas(row.model).items() if ver == row.version),
-            decisions=list(kinds), provenance=_prov(row),
-        )  # fmt: skip
+            decisions=list(kinds),
+            provenance=_prov(row),
+        )
     failed = {
         x.run_id
         for x in conn.execute(
@@ -802,18 +881,21 @@ def _uses(conn: Connection, sql: _Sql, name: str, version: str) -> DatasetUse:
         )
     }
     for row in conn.execute(
-        _known(sa.select(r).where(r.c.dataset_name == name, r.c.dataset_version == version), r,
-               cut).order_by(r.c.time, r.c.event_id)
-    ):  # fmt: skip
+        _known(
+            sa.select(r).where(r.c.dataset_name == name, r.c.dataset_version == version), r, cut
+        ).order_by(r.c.time, r.c.event_id)
+    ):
         if row.run_id not in uses:
             status = "failed" if row.run_id in failed else "started"
-            uses[row.run_id] = ModelUse(row.model, None, row.run_id, status, False, [], [],
-                                        _prov(row))  # fmt: skip
+            uses[row.run_id] = ModelUse(
+                row.model, None, row.run_id, status, False, [], [], _prov(row)
+            )
     started_requests = {u.provenance.event_id for u in uses.values()}
     for row in conn.execute(
-        _known(sa.select(q).where(q.c.dataset_name == name, q.c.dataset_version == version), q,
-               cut).order_by(q.c.time, q.c.event_id)
-    ):  # fmt: skip
+        _known(
+            sa.select(q).where(q.c.dataset_name == name, q.c.dataset_version == version), q, cut
+        ).order_by(q.c.time, q.c.event_id)
+    ):
         taken = conn.execute(
             _known(sa.select(r.c.run_id).where(r.c.request_id == row.event_id), r, cut).limit(1)
         ).first()

@@ -249,10 +249,12 @@ class LineageStore:
                 qualified = f'"{self.schema}"."{table.name}"' if self.schema else f'"{table.name}"'
                 rows = conn.exec_driver_sql(f"SELECT {columns} FROM {qualified} ORDER BY {order}")
                 out[_plain(table.name)] = [
-                    {n: (f(v) if f is not None and v is not None else v)
-                     for n, f, v in zip(names, convert, row, strict=True)}
+                    {
+                        n: (f(v) if f is not None and v is not None else v)
+                        for n, f, v in zip(names, convert, row, strict=True)
+                    }
                     for row in rows
-                ]  # fmt: skip
+                ]
         return out
 
     def dump_json(self) -> bytes:

@@ -67,10 +67,14 @@ def create_router(kafka: Callable[[], KafkaConfig]) -> APIRouter:
             definitions.apply, kafka(), text, source="request body", actor=actor
         )
         return JSONResponse(
-            {"published": applied.published, "event_id": applied.event_id,
-             "message": applied.message, "revision": applied.pipeline.revision},
+            {
+                "published": applied.published,
+                "event_id": applied.event_id,
+                "message": applied.message,
+                "revision": applied.pipeline.revision,
+            },
             status_code=201 if applied.published else 200,
-        )  # fmt: skip
+        )
 
     @router.post("/models/{model}/promote", status_code=201, summary="Promote a version by hand")
     def promote(model: str, body: Promote) -> Any:
@@ -79,8 +83,7 @@ def create_router(kafka: Callable[[], KafkaConfig]) -> APIRouter:
 
     @router.post("/models/{model}/rollback", status_code=201, summary="Roll back by hand")
     def rollback(model: str, body: Rollback) -> Any:
-        event = commands.rollback(kafka(), model, to=body.to, reason=body.reason,
-                                  actor=body.actor)  # fmt: skip
+        event = commands.rollback(kafka(), model, to=body.to, reason=body.reason, actor=body.actor)
         return _event(event)
 
     return router

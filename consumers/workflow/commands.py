@@ -74,12 +74,18 @@ def promote(kafka: KafkaConfig, model_name: str, version: str, *, reason: str, a
     return _publish(
         kafka,
         ModelPromoted(
-            model=model_name, version=full, run_id=run_id,
-            previous_version=champion.data.version if champion else None, reason=reason,
-            actor=actor, evidence=evidence, cause=run.id if run else None, artifact=artifact,
+            model=model_name,
+            version=full,
+            run_id=run_id,
+            previous_version=champion.data.version if champion else None,
+            reason=reason,
+            actor=actor,
+            evidence=evidence,
+            cause=run.id if run else None,
+            artifact=artifact,
             dataset=dataset,
         ),
-    )  # fmt: skip
+    )
 
 
 def rollback(
@@ -105,12 +111,19 @@ def rollback(
     return _publish(
         kafka,
         ModelPromoted(
-            model=model_name, version=full, run_id=run_id,
-            previous_version=champion.data.version, reason=reason, actor=actor,
+            model=model_name,
+            version=full,
+            run_id=run_id,
+            previous_version=champion.data.version,
+            reason=reason,
+            actor=actor,
             evidence={"manual": True, "from": champion.data.version, "to": full},
-            rollback=True, cause=champion.event_id, artifact=artifact, dataset=dataset,
+            rollback=True,
+            cause=champion.event_id,
+            artifact=artifact,
+            dataset=dataset,
         ),
-    )  # fmt: skip
+    )
 
 
 def _origin(

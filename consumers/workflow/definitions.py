@@ -194,9 +194,11 @@ def apply(kafka: KafkaConfig, text: str, *, source: str, actor: str) -> Applied:
     current = newest_revisions(kafka).get(parsed.name)
     if current is not None and content(current.data) == content(parsed):
         return Applied(
-            current.data, False, current.id,
+            current.data,
+            False,
+            current.id,
             f"pipeline {parsed.name} unchanged: revision {current.data.revision} is in force",
-        )  # fmt: skip
+        )
     revision = 1 if current is None else current.data.revision + 1
     pipeline = parsed.model_copy(update={"revision": revision})
     with EventProducer(kafka, source="mlbus/workflow") as producer:

@@ -47,9 +47,14 @@ class ChampionEvaluator:
         try:
             return self._evaluate(champion, candidate, split)
         except (MlbusError, KeyError, ValueError, RuntimeError) as e:
-            log.warning("workflow: cannot re-evaluate %s %s on %s@%s: %s", champion.model,
-                        champion.version, candidate.dataset.name,
-                        candidate.dataset.version[:12], e)  # fmt: skip
+            log.warning(
+                "workflow: cannot re-evaluate %s %s on %s@%s: %s",
+                champion.model,
+                champion.version,
+                candidate.dataset.name,
+                candidate.dataset.version[:12],
+                e,
+            )
             return None
 
     def _dataset(self, name: str, version: str) -> DatasetCreated:
@@ -67,8 +72,9 @@ class ChampionEvaluator:
         model, card = artifacts.load(self.store, art.uri, art.sha256, art.model_card_uri)
         data = self._dataset(candidate.dataset.name, candidate.dataset.version)
         features, label = card.features, card.label
-        with DatasetReader(self.store, data.uri, data.content_hash,
-                           columns=[*features, label]) as reader:  # fmt: skip
+        with DatasetReader(
+            self.store, data.uri, data.content_hash, columns=[*features, label]
+        ) as reader:
             table = reader.read_all()
         rows = split_indices(table.num_rows, candidate.seed, split.validation, split.test)["test"]
         if len(rows) == 0:
@@ -84,6 +90,7 @@ class ChampionEvaluator:
         known = y >= 0  # a class the champion never saw is simply a wrong answer
         loss = (
             nn.functional.cross_entropy(logits[known], torch.from_numpy(y[known])).item()
-            if known.any() else float("inf")
-        )  # fmt: skip
+            if known.any()
+            else float("inf")
+        )
         return {"test.accuracy": float((predicted == y).mean()), "test.loss": loss}

@@ -115,12 +115,16 @@ def judge(
         return Verdict(False, f"the run does not report {policy.metric}", evidence)
     if champion is None:
         evidence["champion"] = None
-        return Verdict(True, f"thresholds met, no champion to beat ({policy.metric} {mine:.4g})",
-                       evidence)  # fmt: skip
+        return Verdict(
+            True, f"thresholds met, no champion to beat ({policy.metric} {mine:.4g})", evidence
+        )
     theirs, how = _champion_metric(policy, champion, candidate, split, evaluator)
-    evidence["champion"] = {"version": champion.version, "evaluation": how,
-                            "run_id": champion.run.run_id if champion.run else None,
-                            policy.metric: theirs}  # fmt: skip
+    evidence["champion"] = {
+        "version": champion.version,
+        "evaluation": how,
+        "run_id": champion.run.run_id if champion.run else None,
+        policy.metric: theirs,
+    }
     if theirs is None:
         return Verdict(
             False,

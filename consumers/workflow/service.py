@@ -91,9 +91,12 @@ class WorkflowService:
         self._timer: threading.Thread | None = None
         self._producer: EventProducer | None = None
         self.loop = ConsumerLoop(
-            kafka, group=group, name="workflow", handlers=self.handlers(),
+            kafka,
+            group=group,
+            name="workflow",
+            handlers=self.handlers(),
             consumer_overrides=consumer_overrides,
-        )  # fmt: skip
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -108,8 +111,10 @@ class WorkflowService:
         self._timer.start()
         log.info(
             "workflow: %d pipeline(s), %d model(s), %d decision(s) in the log",
-            len(self.state.pipelines), len(self.state.models), len(self.state.decided),
-        )  # fmt: skip
+            len(self.state.pipelines),
+            len(self.state.models),
+            len(self.state.decided),
+        )
         return self
 
     def close(self) -> None:
@@ -218,8 +223,9 @@ class WorkflowService:
         while not self._closed.wait(self.tick):
             now, quiet = time.time(), time.monotonic() - QUIET
             with self._lock:
-                due = [n for n, p in self.pending.items()
-                       if p.deadline <= now and p.updated <= quiet]  # fmt: skip
+                due = [
+                    n for n, p in self.pending.items() if p.deadline <= now and p.updated <= quiet
+                ]
                 for name in due:
                     pending = self.pending.pop(name)
                     pipeline = self.state.pipelines.get(name)
@@ -243,19 +249,33 @@ class WorkflowService:
             if rid in self.state.decided:
                 continue
             request = TrainingRequested(
-                model=spec.model, dataset=DatasetRef(name=data.name, version=data.version),
-                family=spec.family, hyperparameters=params, seed=spec.seed,
-                max_epochs=spec.max_epochs, early_stopping=spec.early_stopping, split=spec.split,
-                requested_by=ACTOR, pipeline=spec.name,
+                model=spec.model,
+                dataset=DatasetRef(name=data.name, version=data.version),
+                family=spec.family,
+                hyperparameters=params,
+                seed=spec.seed,
+                max_epochs=spec.max_epochs,
+                early_stopping=spec.early_stopping,
+                split=spec.split,
+                requested_by=ACTOR,
+                pipeline=spec.name,
                 sweep=SweepPoint(sweep_id=sweep_id, index=index, size=len(points))
-                if sweep_id else None,
-            )  # fmt: skip
+                if sweep_id
+                else None,
+            )
             # The dataset event's correlation id ties every point (and the runs) together.
             self._publish(
                 request, cause=cause, event_id=rid, subject=f"{spec.name}@{spec.revision}"
             )
-            log.info("workflow: %s requested %s on %s@%s (%d/%d)", spec.name, spec.model,
-                     data.name, data.version[:12], index + 1, len(points))  # fmt: skip
+            log.info(
+                "workflow: %s requested %s on %s@%s (%d/%d)",
+                spec.name,
+                spec.model,
+                data.name,
+                data.version[:12],
+                index + 1,
+                len(points),
+            )
         self.state.last_trigger[spec.name] = max(
             position, self.state.last_trigger.get(spec.name, position)
         )
@@ -294,16 +314,24 @@ class WorkflowService:
             value = metric(other.data, policy.metric)
             self._publish(
                 ModelRejected(
-                    model=other.data.model, version=other.data.version, run_id=other.data.run_id,
+                    model=other.data.model,
+                    version=other.data.version,
+                    run_id=other.data.run_id,
                     reason=f"not the best run of its sweep on {policy.metric} "
-                           f"(best: {best.data.version}, {best_value})",
-                    actor=ACTOR, policy=PolicyRef(name=policy.name, version=policy.version),
-                    evidence={"sweep_id": request.sweep.sweep_id if request.sweep else None,
-                              "best": best.data.version, policy.metric: value,
-                              "best_value": best_value, "pipeline": pipeline.defined.name},
+                    f"(best: {best.data.version}, {best_value})",
+                    actor=ACTOR,
+                    policy=PolicyRef(name=policy.name, version=policy.version),
+                    evidence={
+                        "sweep_id": request.sweep.sweep_id if request.sweep else None,
+                        "best": best.data.version,
+                        policy.metric: value,
+                        "best_value": best_value,
+                        "pipeline": pipeline.defined.name,
+                    },
                 ),
-                cause=other, event_id=did,
-            )  # fmt: skip
+                cause=other,
+                event_id=did,
+            )
         self._decide_run(best, self.state.requests.get(best.data.request_id), sweep=len(runs))
 
     def _decide_run(
@@ -332,27 +360,45 @@ class WorkflowService:
         policy = pipeline.defined.policy
         verdict = judge(policy, data, self.state.split_of(data), champion, self.evaluator)
         evidence = verdict.evidence | {
-            "pipeline": pipeline.defined.name, "pipeline_revision": pipeline.defined.revision,
-        }  # fmt: skip
+            "pipeline": pipeline.defined.name,
+            "pipeline_revision": pipeline.defined.revision,
+        }
         if sweep is not None:
             evidence["sweep_runs"] = sweep
         ref = PolicyRef(name=policy.name, version=policy.version)
         if verdict.promote:
             decision: Payload = ModelPromoted(
-                model=data.model, version=data.version, run_id=data.run_id,
+                model=data.model,
+                version=data.version,
+                run_id=data.run_id,
                 previous_version=current.data.version if current else None,
-                reason=verdict.reason, actor=ACTOR, policy=ref, evidence=evidence,
-                cause=event.id, artifact=data.artifact, dataset=data.dataset,
-            )  # fmt: skip
+                reason=verdict.reason,
+                actor=ACTOR,
+                policy=ref,
+                evidence=evidence,
+                cause=event.id,
+                artifact=data.artifact,
+                dataset=data.dataset,
+            )
         else:
             decision = ModelRejected(
-                model=data.model, version=data.version, run_id=data.run_id,
-                reason=verdict.reason, actor=ACTOR, policy=ref,
-                champion_version=current.data.version if current else None, evidence=evidence,
-            )  # fmt: skip
+                model=data.model,
+                version=data.version,
+                run_id=data.run_id,
+                reason=verdict.reason,
+                actor=ACTOR,
+                policy=ref,
+                champion_version=current.data.version if current else None,
+                evidence=evidence,
+            )
         self._publish(decision, cause=event, event_id=did)
-        log.info("workflow: %s %s %s: %s", data.model, data.version,
-                 "promoted" if verdict.promote else "rejected", verdict.reason)  # fmt: skip
+        log.info(
+            "workflow: %s %s %s: %s",
+            data.model,
+            data.version,
+            "promoted" if verdict.promote else "rejected",
+            verdict.reason,
+        )
 
     # -- rollback ---------------------------------------------------------------------------
 
@@ -364,8 +410,12 @@ class WorkflowService:
         model = self.state.models.get(alert.model)
         current = model.champion if model else None
         if model is None or current is None or current.data.version != alert.version:
-            log.info("workflow: alert %s on %s %s: not the champion, nothing to roll back",
-                     alert.alert, alert.model, alert.version)  # fmt: skip
+            log.info(
+                "workflow: alert %s on %s %s: not the champion, nothing to roll back",
+                alert.alert,
+                alert.model,
+                alert.version,
+            )
             return
         pipeline = self.state.pipeline_for(alert.model, None)
         if pipeline is None:
@@ -379,28 +429,53 @@ class WorkflowService:
             last is not None
             and (time_of(event) - last).total_seconds() < policy.min_interval_seconds
         ):
-            log.warning("workflow: alert %s on %s %s: a rollback was made at %s; not again "
-                        "within %gs (flapping guard)", alert.alert, alert.model, alert.version,
-                        last.isoformat(), policy.min_interval_seconds)  # fmt: skip
+            log.warning(
+                "workflow: alert %s on %s %s: a rollback was made at %s; not again "
+                "within %gs (flapping guard)",
+                alert.alert,
+                alert.model,
+                alert.version,
+                last.isoformat(),
+                policy.min_interval_seconds,
+            )
             return
         target = model.previous_good()
         if target is None:
-            log.warning("workflow: alert on %s %s: no earlier good version to roll back to",
-                        alert.model, alert.version)  # fmt: skip
+            log.warning(
+                "workflow: alert on %s %s: no earlier good version to roll back to",
+                alert.model,
+                alert.version,
+            )
             return
         promotion = pipeline.defined.policy
         self._publish(
             ModelPromoted(
-                model=alert.model, version=target.data.version, run_id=target.data.run_id,
-                previous_version=current.data.version, reason="rollback", actor=ACTOR,
+                model=alert.model,
+                version=target.data.version,
+                run_id=target.data.run_id,
+                previous_version=current.data.version,
+                reason="rollback",
+                actor=ACTOR,
                 policy=PolicyRef(name=promotion.name, version=promotion.version),
-                evidence={"alert": alert.model_dump(mode="json"), "from": current.data.version,
-                          "to": target.data.version, "to_promoted_by": target.event_id,
-                          "pipeline": pipeline.defined.name},
-                rollback=True, cause=event.id, artifact=target.data.artifact,
+                evidence={
+                    "alert": alert.model_dump(mode="json"),
+                    "from": current.data.version,
+                    "to": target.data.version,
+                    "to_promoted_by": target.event_id,
+                    "pipeline": pipeline.defined.name,
+                },
+                rollback=True,
+                cause=event.id,
+                artifact=target.data.artifact,
                 dataset=target.data.dataset,
             ),
-            cause=event, event_id=rid,
-        )  # fmt: skip
-        log.warning("workflow: %s rolled back from %s to %s (alert %s)", alert.model,
-                    current.data.version, target.data.version, alert.alert)  # fmt: skip
+            cause=event,
+            event_id=rid,
+        )
+        log.warning(
+            "workflow: %s rolled back from %s to %s (alert %s)",
+            alert.model,
+            current.data.version,
+            target.data.version,
+            alert.alert,
+        )

@@ -83,8 +83,11 @@ class Model:
 
     def rolled_back(self) -> set[str]:
         """Versions a rollback moved away from: never a rollback target again."""
-        return {p.data.previous_version for p in self.promotions
-                if p.data.rollback and p.data.previous_version}  # fmt: skip
+        return {
+            p.data.previous_version
+            for p in self.promotions
+            if p.data.rollback and p.data.previous_version
+        }
 
     def previous_good(self) -> Promotion | None:
         """The newest earlier promotion of another version that was not rolled back from."""
@@ -135,10 +138,13 @@ class State:
             found = self.pipelines[request.pipeline]
             return found if found.defined.enabled else None
         return next(
-            (p for _, p in sorted(self.pipelines.items())
-             if p.defined.enabled and p.defined.model == model),
+            (
+                p
+                for _, p in sorted(self.pipelines.items())
+                if p.defined.enabled and p.defined.model == model
+            ),
             None,
-        )  # fmt: skip
+        )
 
     def split_of(self, completed: TrainingCompleted) -> Split:
         request = self.requests.get(completed.request_id)
@@ -222,9 +228,10 @@ class State:
         """Matching validated versions newer than the pipeline's last trigger, oldest first."""
         last = self.last_trigger.get(pipeline.defined.name)
         found = [
-            (position, event) for position, event in self.validated.values()
+            (position, event)
+            for position, event in self.validated.values()
             if self.matches(pipeline, event) and (last is None or position > last)
-        ]  # fmt: skip
+        ]
         return sorted(found, key=lambda item: item[0])
 
 

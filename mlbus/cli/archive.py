@@ -31,8 +31,9 @@ from mlbus.storage import ObjectStore
 
 log = logging.getLogger("mlbus.consumers.archive")
 
-archive_app = typer.Typer(help="The log archived as Parquet on the object store.",
-                          no_args_is_help=True)  # fmt: skip
+archive_app = typer.Typer(
+    help="The log archived as Parquet on the object store.", no_args_is_help=True
+)
 app.add_typer(archive_app, name="archive")
 
 
@@ -87,8 +88,10 @@ def _archive(manifest: Service, cfg: Settings, group: str | None, until_end: boo
     stats = archiver.run(stop_at_end=until_end)
     log.info(
         "archive: stopped; %d records in %d files (%d bytes) this run",
-        stats.records, stats.files, stats.bytes,
-    )  # fmt: skip
+        stats.records,
+        stats.files,
+        stats.bytes,
+    )
 
 
 # -- mlbus archive restore ------------------------------------------------------------------
@@ -233,8 +236,9 @@ def as_document(record: LogRecord) -> dict[str, Any]:
             out["event"] = parsed
             return out
     try:
-        event = decode(record.value, list(record.headers), expected_type=record.topic,
-                       max_bytes=1 << 31)  # fmt: skip
+        event = decode(
+            record.value, list(record.headers), expected_type=record.topic, max_bytes=1 << 31
+        )
         out["event"] = event.model_dump(mode="json", exclude_none=True)
     except InvalidEvent as e:
         out["invalid"] = e.reason
@@ -257,9 +261,13 @@ def _table(records: Iterable[LogRecord], output: Path | None) -> None:
     for r in records:
         event_id, event_type = identity(r.value, r.headers)
         table.add_row(
-            (_iso(r.timestamp_ms) or "-")[:23], r.topic, f"{r.partition}@{r.offset}",
-            escape(printable(r.key) or "-"), event_type or "[red]not an event[/]", event_id or "-",
-        )  # fmt: skip
+            (_iso(r.timestamp_ms) or "-")[:23],
+            r.topic,
+            f"{r.partition}@{r.offset}",
+            escape(printable(r.key) or "-"),
+            event_type or "[red]not an event[/]",
+            event_id or "-",
+        )
     if output is None:
         console.print(table)
         return
@@ -302,11 +310,14 @@ def write_parquet(records: Iterable[LogRecord], path: Path) -> int:
         with pq.ParquetWriter(str(path), SCHEMA, compression="zstd") as writer:
             for chunk in _chunks(records, 50_000):
                 table = archive_table(
-                    [r.topic for r in chunk], [r.partition for r in chunk],
-                    [r.offset for r in chunk], [r.timestamp_ms for r in chunk],
-                    [r.key for r in chunk], [r.headers for r in chunk],
+                    [r.topic for r in chunk],
+                    [r.partition for r in chunk],
+                    [r.offset for r in chunk],
+                    [r.timestamp_ms for r in chunk],
+                    [r.key for r in chunk],
+                    [r.headers for r in chunk],
                     [r.value for r in chunk],
-                )  # fmt: skip
+                )
                 writer.write_table(table)
                 count += len(chunk)
     except OSError as e:

@@ -126,19 +126,26 @@ def create_app(cfg: Settings) -> FastAPI:
                 await run_in_threadpool(opened.close)
 
     api = FastAPI(
-        title="mlbus", version=mlbus.__version__, description=__doc__,
-        dependencies=[Depends(token_guard(cfg))], lifespan=lifespan,
-    )  # fmt: skip
+        title="mlbus",
+        version=mlbus.__version__,
+        description=__doc__,
+        dependencies=[Depends(token_guard(cfg))],
+        lifespan=lifespan,
+    )
     api.state.producer = producer
     registry_ = CollectorRegistry()
     requests = Counter(
-        "mlbus_api_requests", "control-plane API requests", ["method", "route", "status"],
+        "mlbus_api_requests",
+        "control-plane API requests",
+        ["method", "route", "status"],
         registry=registry_,
-    )  # fmt: skip
+    )
     latency = Histogram(
-        "mlbus_api_request_duration_seconds", "control-plane API latency", ["method", "route"],
+        "mlbus_api_request_duration_seconds",
+        "control-plane API latency",
+        ["method", "route"],
         registry=registry_,
-    )  # fmt: skip
+    )
 
     @api.middleware("http")
     async def _measure(request: Request, call_next: Any) -> Response:

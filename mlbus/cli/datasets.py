@@ -85,9 +85,10 @@ def register(
         ) as bar:
             task = bar.add_task(f"registering {name}", total=None, rows=0, mb=0.0)
             result = registry.register(
-                source, **options,
+                source,
+                **options,
                 progress=lambda rows, written: bar.update(task, rows=rows, mb=written / 1e6),
-            )  # fmt: skip
+            )
     _report(result, json_out)
 
 
@@ -128,11 +129,14 @@ def list_datasets(json_out: Annotated[bool, typer.Option("--json")] = False) -> 
     for e in events:
         d = e.data
         table.add_row(
-            d.name, d.version[:12], f"{d.num_rows:,}", f"{d.num_bytes / 1e6:.2f}",
+            d.name,
+            d.version[:12],
+            f"{d.num_rows:,}",
+            f"{d.num_bytes / 1e6:.2f}",
             d.label_column or "-",
             ", ".join(f"{k}={v}" for k, v in d.tags.items()),
             e.time.isoformat(timespec="seconds") if e.time else "-",
-        )  # fmt: skip
+        )
     console.print(table if events else "no datasets yet")
 
 
@@ -163,10 +167,15 @@ def show(
         if s is not None and s.kind == "categorical":
             top = f"{s.distinct_count} / " + ", ".join(v.value for v in (s.top_values or [])[:3])
         stats.add_row(
-            column.name + (" (label)" if column.name == d.label_column else ""), column.type,
-            str(s.null_count) if s else "-", f(s and s.min), f(s and s.max), f(s and s.mean),
-            f(s and s.std), top,
-        )  # fmt: skip
+            column.name + (" (label)" if column.name == d.label_column else ""),
+            column.type,
+            str(s.null_count) if s else "-",
+            f(s and s.min),
+            f(s and s.max),
+            f(s and s.mean),
+            f(s and s.std),
+            top,
+        )
     console.print(stats)
 
 
@@ -185,8 +194,10 @@ def run_validator(manifest: Service, cfg: Settings) -> None:
     store = ObjectStore.from_settings(cfg)
     with EventProducer(kafka, source=manifest.source) as producer:
         loop = ConsumerLoop(
-            kafka, group=manifest.group_id(cfg.topic_prefix), name=manifest.name,
+            kafka,
+            group=manifest.group_id(cfg.topic_prefix),
+            name=manifest.name,
             handlers={"dataset.created": Validator(store, producer)},
-        )  # fmt: skip
+        )
         console.print("validating dataset.created; Ctrl-C stops")
         loop.run()

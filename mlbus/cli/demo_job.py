@@ -71,9 +71,12 @@ class Log:
         ).start()
 
     def wait(
-        self, what: str, match: Callable[[Event], bool], timeout: float,
+        self,
+        what: str,
+        match: Callable[[Event], bool],
+        timeout: float,
         show: Callable[[Event], None] | None = None,
-    ) -> Event:  # fmt: skip
+    ) -> Event:
         """The first event (seen before or arriving within `timeout`) that `match`es;
         every new event is passed to `show` on the way."""
         for event in self.seen:
@@ -102,8 +105,9 @@ def _show_training(event: Event) -> None:
     data: Any = event.data
     if event.type == "training.requested":
         ref = f"{data.dataset.name}@{data.dataset.version[:12]}"
-        console.print(f"   training.requested  {data.model} ({data.family}) on {ref} "
-                      f"by {data.requested_by}")  # fmt: skip
+        console.print(
+            f"   training.requested  {data.model} ({data.family}) on {ref} by {data.requested_by}"
+        )
     elif event.type == "training.started":
         console.print(f"   training.started    run {data.run_id[:12]} on worker {data.worker}")
     elif event.type == "training.progress":
@@ -117,17 +121,21 @@ def _show_training(event: Event) -> None:
         )
     elif event.type == "training.completed":
         test = data.metrics.get("test", {})
-        console.print(f"   training.completed  version [bold]{data.version}[/], test accuracy "
-                      f"[bold]{test.get('accuracy', float('nan')):.4f}[/] in "
-                      f"{data.duration_seconds:.1f}s")  # fmt: skip
+        console.print(
+            f"   training.completed  version [bold]{data.version}[/], test accuracy "
+            f"[bold]{test.get('accuracy', float('nan')):.4f}[/] in "
+            f"{data.duration_seconds:.1f}s"
+        )
     elif event.type == "training.failed":
         console.print(f"   [red]training.failed[/] {data.reason}")
     elif event.type in ("model.promoted", "model.rejected"):
         colour = "green" if event.type == "model.promoted" else "yellow"
         console.print(f"   [{colour}]{event.type}[/] {data.model}@{data.version}: {data.reason}")
     elif event.type == "deployment.updated":
-        console.print(f"   deployment.updated  replica {data.replica} {data.status} "
-                      f"{data.model}@{data.version}")  # fmt: skip
+        console.print(
+            f"   deployment.updated  replica {data.replica} {data.status} "
+            f"{data.model}@{data.version}"
+        )
 
 
 def _shifted_digits() -> pa.Table:
@@ -149,8 +157,16 @@ def _shifted_digits() -> pa.Table:
 
 
 def _predict(serve: str, rows: np.ndarray) -> tuple[str, list[str]]:
-    body = {"inputs": [{"name": "input", "shape": list(rows.shape), "datatype": "FP32",
-                        "data": rows.ravel().tolist()}]}  # fmt: skip
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(rows.shape),
+                "datatype": "FP32",
+                "data": rows.ravel().tolist(),
+            }
+        ]
+    }
     response = httpx.post(f"{serve}/v2/models/{MODEL}/infer", json=body, timeout=10)
     response.raise_for_status()
     answer = response.json()
@@ -195,10 +211,14 @@ def run_demo(pipeline: Path) -> None:
     console.rule("[bold]mlbus demo")
     with up_log.open("wb") as sink:
         up = subprocess.Popen(
-            [sys.executable, "-m", "mlbus", "up"], env=env, stdin=subprocess.DEVNULL,
-            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "mlbus", "up"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             preexec_fn=die_with_parent_guard(),
-        )  # fmt: skip
+        )
     ok = False
     try:
         ok = _run(up, root, ports, up_log, pipeline.resolve())
@@ -247,18 +267,25 @@ def _run(
         console.print(f"   {applied.message}", highlight=False)
         policy = applied.pipeline.policy
         bars = ", ".join(f"{t.metric} {t.op} {t.value:g}" for t in policy.thresholds)
-        console.print(f"   policy {policy.name} v{policy.version}: {bars}; must beat the "
-                      f"champion's {policy.metric}")  # fmt: skip
+        console.print(
+            f"   policy {policy.name} v{policy.version}: {bars}; must beat the "
+            f"champion's {policy.metric}"
+        )
 
         _step(3, "register the scikit-learn digits sample as dataset version 1")
         store = ObjectStore.from_settings(cfg)
         registry = DatasetRegistry(store, kafka)
         first = registry.register(
-            from_table(sample_table("digits"), "sklearn:digits"), name="digits", label="label",
-            tags={"source": "scikit-learn"}, description=SAMPLES["digits"],
-        )  # fmt: skip
-        console.print(f"   digits@{first.version[:12]}: {first.num_rows:,} rows → "
-                      f"dataset.created {first.event_id}")  # fmt: skip
+            from_table(sample_table("digits"), "sklearn:digits"),
+            name="digits",
+            label="label",
+            tags={"source": "scikit-learn"},
+            description=SAMPLES["digits"],
+        )
+        console.print(
+            f"   digits@{first.version[:12]}: {first.num_rows:,} rows → "
+            f"dataset.created {first.event_id}"
+        )
 
         _step(4, "the validator checks it, the workflow requests training, a worker trains")
         v1 = _await_promotion(log, timeout=150)
@@ -279,46 +306,78 @@ def _run(
         _step(7, "predictions over Kafka (inference.requests → inference.results)")
         request_id = str(uuid.uuid4())
         with EventProducer(kafka, source="mlbus/demo") as producer:
-            producer.publish(InferenceRequest(
-                request_id=request_id, model=MODEL,
-                inputs=[Tensor(name="input", shape=[3, 64], datatype="FP32",
-                               data=list(rows[8:11].ravel().tolist()))],
-            ))  # fmt: skip
+            producer.publish(
+                InferenceRequest(
+                    request_id=request_id,
+                    model=MODEL,
+                    inputs=[
+                        Tensor(
+                            name="input",
+                            shape=[3, 64],
+                            datatype="FP32",
+                            data=list(rows[8:11].ravel().tolist()),
+                        )
+                    ],
+                )
+            )
             producer.flush()
         result: Any = log.wait(
-            "inference.results", lambda e: e.type == "inference.results"
-            and e.data.request_id == request_id, timeout=30,
-        ).data  # fmt: skip
+            "inference.results",
+            lambda e: e.type == "inference.results" and e.data.request_id == request_id,
+            timeout=30,
+        ).data
         predicted = next(o.data for o in result.outputs if o.name == "label")
-        console.print(f"   request {request_id[:8]}… → version {result.version}: {predicted} "
-                      f"(truth {truth[8:11]})")  # fmt: skip
+        console.print(
+            f"   request {request_id[:8]}… → version {result.version}: {predicted} "
+            f"(truth {truth[8:11]})"
+        )
 
         _step(8, "serving metrics from the inference log (stream processors, 2 s windows)")
         with httpx.Client(timeout=10) as client:
             for i in range(0, 400, 8):
-                body = {"inputs": [{"name": "input", "shape": [8, 64], "datatype": "FP32",
-                                    "data": rows[i : i + 8].ravel().tolist()}]}  # fmt: skip
+                body = {
+                    "inputs": [
+                        {
+                            "name": "input",
+                            "shape": [8, 64],
+                            "datatype": "FP32",
+                            "data": rows[i : i + 8].ravel().tolist(),
+                        }
+                    ]
+                }
                 client.post(f"{serve}/v2/models/{MODEL}/infer", json=body).raise_for_status()
         metrics: Any = log.wait(
-            "serving.metrics", lambda e: e.type == "serving.metrics" and e.data.model == MODEL
-            and e.data.requests > 0 and e.data.window == "tumbling", timeout=60,
-        ).data  # fmt: skip
+            "serving.metrics",
+            lambda e: (
+                e.type == "serving.metrics"
+                and e.data.model == MODEL
+                and e.data.requests > 0
+                and e.data.window == "tumbling"
+            ),
+            timeout=60,
+        ).data
         latency = metrics.latency_seconds
         drift = f"max PSI {max(metrics.psi.values()):.3f}" if metrics.psi else metrics.drift_note
         p50, p99 = latency.p50 * 1000, latency.p99 * 1000
-        console.print(f"   {metrics.model}@{metrics.version} window "
-                      f"{metrics.window_start:%H:%M:%S}-{metrics.window_end:%H:%M:%S}: "
-                      f"{metrics.requests} requests, {metrics.errors} errors, "
-                      f"p50 {p50:.1f} ms, p99 {p99:.1f} ms; {drift}")  # fmt: skip
+        console.print(
+            f"   {metrics.model}@{metrics.version} window "
+            f"{metrics.window_start:%H:%M:%S}-{metrics.window_end:%H:%M:%S}: "
+            f"{metrics.requests} requests, {metrics.errors} errors, "
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms; {drift}"
+        )
 
         _step(9, "register dataset version 2 (the digits plus shifted copies) → retrain")
         second = registry.register(
-            from_table(_shifted_digits(), "digits+shifted"), name="digits", label="label",
+            from_table(_shifted_digits(), "digits+shifted"),
+            name="digits",
+            label="label",
             tags={"source": "scikit-learn", "augmented": "shift-right"},
             parents=[f"digits@{first.version}"],
-        )  # fmt: skip
-        console.print(f"   digits@{second.version[:12]}: {second.num_rows:,} rows, parent "
-                      f"digits@{first.version[:12]}")  # fmt: skip
+        )
+        console.print(
+            f"   digits@{second.version[:12]}: {second.num_rows:,} rows, parent "
+            f"digits@{first.version[:12]}"
+        )
         v2 = _await_promotion(log, timeout=180, after=v1)
         _await_loaded(log, v2, serve)
         version, labels = _predict(serve, rows[:8])
@@ -335,26 +394,37 @@ def _run(
 def _await_promotion(log: Log, *, timeout: float, after: str | None = None) -> str:
     decision = log.wait(
         "a promotion decision",
-        lambda e: e.type in ("model.promoted", "model.rejected")
-        and e.data.model == MODEL and e.data.version != after,
-        timeout=timeout, show=_show_training,
-    )  # fmt: skip
+        lambda e: (
+            e.type in ("model.promoted", "model.rejected")
+            and e.data.model == MODEL
+            and e.data.version != after
+        ),
+        timeout=timeout,
+        show=_show_training,
+    )
     data: Any = decision.data
     if decision.type == "model.rejected":
         raise DemoFailed(f"{MODEL}@{data.version} was rejected: {data.reason}")
     evidence = orjson.dumps(data.evidence).decode()
     policy = f"{data.policy.name} v{data.policy.version}" if data.policy else "-"
-    console.print(f"   policy {policy}, actor {data.actor}, evidence {evidence[:160]}",
-                  highlight=False)  # fmt: skip
+    console.print(
+        f"   policy {policy}, actor {data.actor}, evidence {evidence[:160]}", highlight=False
+    )
     return str(data.version)
 
 
 def _await_loaded(log: Log, version: str, serve: str) -> None:
     log.wait(
-        "deployment.updated", lambda e: e.type == "deployment.updated"
-        and e.data.model == MODEL and e.data.version == version
-        and e.data.status == "loaded", timeout=60, show=_show_training,
-    )  # fmt: skip
+        "deployment.updated",
+        lambda e: (
+            e.type == "deployment.updated"
+            and e.data.model == MODEL
+            and e.data.version == version
+            and e.data.status == "loaded"
+        ),
+        timeout=60,
+        show=_show_training,
+    )
     deadline = time.monotonic() + 10
     while _predict(serve, np.zeros((1, 64), np.float32))[0] != version:
         if time.monotonic() > deadline:

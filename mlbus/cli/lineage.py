@@ -116,9 +116,13 @@ def run_lineage(manifest: Service, cfg: Settings) -> None:
 
 
 def _project(
-    manifest: Service, cfg: Settings, group: str | None, batch: int, stop_at_end: bool,
+    manifest: Service,
+    cfg: Settings,
+    group: str | None,
+    batch: int,
+    stop_at_end: bool,
     schema: str | None,
-) -> None:  # fmt: skip
+) -> None:
     from mlbus.consumers.lineage.live import LiveProjector
 
     store = _store(schema)
@@ -126,8 +130,12 @@ def _project(
     projector = LiveProjector(kafka_config(cfg), store, group=group, batch_size=batch)
     log.info("lineage projector: %s → %s", ", ".join(projector.topics), _display(store.url))
     stats = projector.run(stop_at_end=stop_at_end)
-    log.info("lineage projector stopped: %d records, %d projected, %d skipped (undecodable)",
-             stats.records, stats.projected, stats.skipped)  # fmt: skip
+    log.info(
+        "lineage projector stopped: %d records, %d projected, %d skipped (undecodable)",
+        stats.records,
+        stats.projected,
+        stats.skipped,
+    )
     store.close()
 
 
@@ -172,14 +180,18 @@ def rebuild(
     try:
         with Progress(
             TextColumn("[bold]rebuilding from {task.fields[source]}"),
-            TextColumn("{task.fields[records]:,} records"), TimeElapsedColumn(),
-            console=err_console, transient=True,
-        ) as bar:  # fmt: skip
+            TextColumn("{task.fields[records]:,} records"),
+            TimeElapsedColumn(),
+            console=err_console,
+            transient=True,
+        ) as bar:
             task = bar.add_task("rebuild", total=None, source=source, records=0)
             stats = project_all(
-                staging, records, batch_size=batch,
+                staging,
+                records,
+                batch_size=batch,
                 progress=lambda n: bar.update(task, records=n),
-            )  # fmt: skip
+            )
     except BaseException:
         discard(staging)
         raise
@@ -208,8 +220,14 @@ def _has_events(store: Any) -> bool:
 # -- questions ----------------------------------------------------------------------------------
 
 
-def _output(result: Any, json_out: bool, dot: bool, mermaid: bool,
-            graph: Callable[[Any], Any], tree: Callable[[Any], Any]) -> None:  # fmt: skip
+def _output(
+    result: Any,
+    json_out: bool,
+    dot: bool,
+    mermaid: bool,
+    graph: Callable[[Any], Any],
+    tree: Callable[[Any], Any],
+) -> None:
     from mlbus.consumers.lineage.graph import to_dot, to_mermaid
 
     if sum((json_out, dot, mermaid)) > 1:
@@ -313,8 +331,11 @@ def history(
 
 
 def _decision_line(d: Any) -> str:
-    kind = "[red]rejected[/]" if d.kind == "rejected" else (
-        "[yellow]rolled back to[/]" if d.rollback else "[green]promoted[/]")  # fmt: skip
+    kind = (
+        "[red]rejected[/]"
+        if d.kind == "rejected"
+        else ("[yellow]rolled back to[/]" if d.rollback else "[green]promoted[/]")
+    )
     policy = f" under policy {d.policy}" if d.policy else ""
     return (
         f"{kind} {d.model}@{d.version} by {d.actor}{policy}: {d.reason} "
@@ -324,8 +345,10 @@ def _decision_line(d: Any) -> str:
 
 def _dataset_branch(parent: Tree, node: Any) -> None:
     if not node.known:
-        parent.add(f"[bold red]{node.name}@{node.version}: unknown upstream[/] "
-                   "[dim](no dataset.created for it)[/]")  # fmt: skip
+        parent.add(
+            f"[bold red]{node.name}@{node.version}: unknown upstream[/] "
+            "[dim](no dataset.created for it)[/]"
+        )
         return
     branch = parent.add(
         f"[cyan]dataset[/] {node.name}@{node.version} [dim]{node.uri} · {node.num_rows:,} rows · "
@@ -346,13 +369,19 @@ def _upstream_tree(up: Any) -> Tree:
         root.add("[bold red]run: unknown upstream[/] [dim](no training events for it)[/]")
     else:
         run = root.add(f"[yellow]run[/] {r.run_id} [dim]({r.status})[/]")
-        run.add(f"requested by {r.requested_by or '?'} · pipeline {r.pipeline or '-'} · "
-                f"request {r.request_id or '?'}")  # fmt: skip
-        run.add(f"family {r.family or '?'} · hyperparameters "
-                f"{orjson.dumps(r.hyperparameters, option=orjson.OPT_SORT_KEYS).decode()} · "
-                f"seed {r.seed}")  # fmt: skip
-        run.add(f"code {r.code_version or '?'} ({r.git_commit or 'no commit'}) · "
-                f"worker {r.worker or '?'} · epochs {r.epochs}")  # fmt: skip
+        run.add(
+            f"requested by {r.requested_by or '?'} · pipeline {r.pipeline or '-'} · "
+            f"request {r.request_id or '?'}"
+        )
+        run.add(
+            f"family {r.family or '?'} · hyperparameters "
+            f"{orjson.dumps(r.hyperparameters, option=orjson.OPT_SORT_KEYS).decode()} · "
+            f"seed {r.seed}"
+        )
+        run.add(
+            f"code {r.code_version or '?'} ({r.git_commit or 'no commit'}) · "
+            f"worker {r.worker or '?'} · epochs {r.epochs}"
+        )
         if r.metrics:
             run.add(f"metrics {orjson.dumps(r.metrics, option=orjson.OPT_SORT_KEYS).decode()}")
         if r.failure:
@@ -388,8 +417,10 @@ def _downstream_tree(down: Any) -> Tree:
             if u.replicas:
                 where += f" on {', '.join(u.replicas)}"
             model = f"{u.model}@{u.version}" if u.version else u.model
-            branch.add(f"run {u.run_id or '-'} ({u.status}) → {model}{where}"
-                       + (f" [dim]{', '.join(u.decisions)}[/]" if u.decisions else ""))  # fmt: skip
+            branch.add(
+                f"run {u.run_id or '-'} ({u.status}) → {model}{where}"
+                + (f" [dim]{', '.join(u.decisions)}[/]" if u.decisions else "")
+            )
     return root
 
 
@@ -413,12 +444,19 @@ def audit(
     report = plan(store, model, version)
     report = verify(report, _records(source, topics_of(report)))
     if json_out:
-        print(orjson.dumps(asdict(report) | {"ok": report.ok, "counts": report.counts},
-                           option=orjson.OPT_INDENT_2).decode())  # fmt: skip
+        print(
+            orjson.dumps(
+                asdict(report) | {"ok": report.ok, "counts": report.counts},
+                option=orjson.OPT_INDENT_2,
+            ).decode()
+        )
     else:
         for e in report.events:
-            mark = {"verified": "[green]✓[/]", "missing": "[red]✗ missing[/]",
-                    "changed": "[red]✗ changed[/]"}.get(e.status, "?")  # fmt: skip
+            mark = {
+                "verified": "[green]✓[/]",
+                "missing": "[red]✗ missing[/]",
+                "changed": "[red]✗ changed[/]",
+            }.get(e.status, "?")
             console.print(
                 f"{mark} {e.time} {e.type:<20} {e.event_id} [dim]{e.topic}/{e.partition}@"
                 f"{e.offset} sha256:{e.sha256[:12]}…[/]" + (f" ({e.detail})" if e.detail else "")

@@ -101,8 +101,18 @@ def show_settings() -> None:
     console.print_json(orjson.dumps(settings().redacted()).decode())
 
 
-_COLORS = ("cyan", "magenta", "green", "yellow", "blue", "bright_cyan", "bright_magenta",
-           "bright_green", "bright_yellow", "bright_blue")  # fmt: skip
+_COLORS = (
+    "cyan",
+    "magenta",
+    "green",
+    "yellow",
+    "blue",
+    "bright_cyan",
+    "bright_magenta",
+    "bright_green",
+    "bright_yellow",
+    "bright_blue",
+)
 
 
 def service_output(names: list[str]) -> Callable[[str, str], None]:
@@ -189,8 +199,11 @@ def up(
             show("mlbus", "stopping services…")
             codes = supervisor.stop()
             unclean = [f"{name} ({code})" for name, code in codes if code not in (0, -15)]
-            show("mlbus", "all services stopped" + (
-                f"; unclean exits: {', '.join(unclean)}" if unclean else " cleanly"))  # fmt: skip
+            show(
+                "mlbus",
+                "all services stopped"
+                + (f"; unclean exits: {', '.join(unclean)}" if unclean else " cleanly"),
+            )
         if broker is not None and started:
             broker.stop()
             console.print("embedded broker stopped")

@@ -15,8 +15,9 @@ from mlbus.cli.common import app, console, settings
 from mlbus.errors import MlbusError
 from mlbus.services import SERVICES, names, service
 
-services_app = typer.Typer(help="The platform's services, as their manifests declare them.",
-                           no_args_is_help=True)  # fmt: skip
+services_app = typer.Typer(
+    help="The platform's services, as their manifests declare them.", no_args_is_help=True
+)
 app.add_typer(services_app, name="services")
 
 
@@ -56,10 +57,13 @@ def services_list(
     table = Table("service", "group", "source", "reads", "writes", "health")
     for s in SERVICES:
         table.add_row(
-            s.name, s.group_id(cfg.topic_prefix) if s.group else "-", s.source,
-            ", ".join(s.reads) or "-", ", ".join(s.writes) or "-",
+            s.name,
+            s.group_id(cfg.topic_prefix) if s.group else "-",
+            s.source,
+            ", ".join(s.reads) or "-",
+            ", ".join(s.writes) or "-",
             f"{s.health.path} on {s.health.port}" if s.health else "process alive",
-        )  # fmt: skip
+        )
     console.print(table)
 
 

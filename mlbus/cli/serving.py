@@ -53,8 +53,13 @@ def _serve(manifest: Service, cfg: Settings, host: str | None, port: int | None)
         api_token=token,
         stream_group=manifest.group_id(cfg.topic_prefix),
     )
-    uv = uvicorn.Config(create_app(server), host=config.host, port=config.port,
-                        log_level="warning", timeout_graceful_shutdown=10)  # fmt: skip
+    uv = uvicorn.Config(
+        create_app(server),
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        timeout_graceful_shutdown=10,
+    )
     _graceful(uv).run()
 
 

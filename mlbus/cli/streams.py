@@ -51,9 +51,12 @@ def run_streams(manifest: Service, cfg: Settings) -> int:
 
 
 def _streams(
-    manifest: Service, cfg: Settings, metrics_port: int | None, app_id: str | None,
+    manifest: Service,
+    cfg: Settings,
+    metrics_port: int | None,
+    app_id: str | None,
     idle_seconds: float | None,
-) -> int:  # fmt: skip
+) -> int:
     from mlbus.streams.app import StreamsApp, StreamsOptions
 
     kafka = kafka_config(cfg)

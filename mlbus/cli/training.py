@@ -51,9 +51,12 @@ def run_trainer(manifest: Service, cfg: Settings) -> None:
     ):
         console.print(f"training worker {worker.worker} waiting for training.requested")
         ConsumerLoop(
-            kafka, group=manifest.group_id(cfg.topic_prefix), name=manifest.name,
-            long_running=True, handlers={"training.requested": worker},
-        ).run()  # fmt: skip
+            kafka,
+            group=manifest.group_id(cfg.topic_prefix),
+            name=manifest.name,
+            long_running=True,
+            handlers={"training.requested": worker},
+        ).run()
 
 
 def _value(text: str) -> float | int | str | bool:
@@ -98,14 +101,19 @@ def train(
     points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
     requests = [
         TrainingRequested(
-            model=model, dataset=DatasetRef(name=name, version=version), family=family,
-            hyperparameters=fixed | point, seed=seed, max_epochs=epochs, device=device,
+            model=model,
+            dataset=DatasetRef(name=name, version=version),
+            family=family,
+            hyperparameters=fixed | point,
+            seed=seed,
+            max_epochs=epochs,
+            device=device,
             requested_by="cli",
             sweep=SweepPoint(sweep_id=correlation, index=i, size=len(points)) if axes else None,
         )
         for correlation in [new_event_id()]
         for i, point in enumerate(points)
-    ]  # fmt: skip
+    ]
     events: queue.Queue[Any] = queue.Queue()
     reader = TopicReader(kafka, [kafka.topic(t) for t in FOLLOWED], start="end", follow=True)
     if wait or json_out:
@@ -130,11 +138,21 @@ def train(
     raise typer.Exit(1 if failed else 0)
 
 
-def _follow(ids: list[str], requests: list[TrainingRequested], events: queue.Queue[Any],
-            event_type: Any, json_out: bool) -> int:  # fmt: skip
+def _follow(
+    ids: list[str],
+    requests: list[TrainingRequested],
+    events: queue.Queue[Any],
+    event_type: Any,
+    json_out: bool,
+) -> int:
     results: dict[str, Any] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                  console=console if not json_out else None, disable=json_out) as bars:  # fmt: skip
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console if not json_out else None,
+        disable=json_out,
+    ) as bars:
         tasks = {
             i: bars.add_task(f"run {n + 1} {r.hyperparameters}", total=r.max_epochs, info="queued")
             for n, (i, r) in enumerate(zip(ids, requests, strict=True))
@@ -176,11 +194,20 @@ def _follow(ids: list[str], requests: list[TrainingRequested], events: queue.Que
             e = results[i]
             if e.type == "training.completed":
                 d = e.data
-                sys.stdout.write(orjson.dumps({
-                    "run_id": d.run_id, "version": d.version, "hyperparameters": d.hyperparameters,
-                    "metrics": d.metrics, "artifact_uri": d.artifact.uri,
-                    "artifact_sha256": d.artifact.sha256, "device": d.device,
-                }).decode() + "\n")  # fmt: skip
+                sys.stdout.write(
+                    orjson.dumps(
+                        {
+                            "run_id": d.run_id,
+                            "version": d.version,
+                            "hyperparameters": d.hyperparameters,
+                            "metrics": d.metrics,
+                            "artifact_uri": d.artifact.uri,
+                            "artifact_sha256": d.artifact.sha256,
+                            "device": d.device,
+                        }
+                    ).decode()
+                    + "\n"
+                )
         return failed
     table = Table(
         "run", "hyperparameters", "epochs", "test accuracy", "test loss", "p95 latency", "status"
@@ -190,12 +217,24 @@ def _follow(ids: list[str], requests: list[TrainingRequested], events: queue.Que
         if e.type == "training.completed":
             test = e.data.metrics.get("test", {})
             p95 = e.data.metrics.get("inference", {}).get("latency_p95_ms")
-            table.add_row(e.data.run_id[:12], str(requests[n].hyperparameters), str(e.data.epochs),
-                          f"{test.get('accuracy', float('nan')):.4f}",
-                          f"{test.get('loss', float('nan')):.4f}",
-                          "-" if p95 is None else f"{p95:.2f} ms", "[green]completed")  # fmt: skip
+            table.add_row(
+                e.data.run_id[:12],
+                str(requests[n].hyperparameters),
+                str(e.data.epochs),
+                f"{test.get('accuracy', float('nan')):.4f}",
+                f"{test.get('loss', float('nan')):.4f}",
+                "-" if p95 is None else f"{p95:.2f} ms",
+                "[green]completed",
+            )
         else:
-            table.add_row(e.data.run_id[:12], str(requests[n].hyperparameters), "-", "-", "-",
-                          "-", f"[red]failed[/]: {e.data.reason}")  # fmt: skip
+            table.add_row(
+                e.data.run_id[:12],
+                str(requests[n].hyperparameters),
+                "-",
+                "-",
+                "-",
+                "-",
+                f"[red]failed[/]: {e.data.reason}",
+            )
     console.print(table)
     return failed

@@ -17,10 +17,12 @@ from mlbus.cli.common import app, console, err_console, kafka_config, settings
 from mlbus.services import Service, service
 from mlbus.settings import Settings
 
-pipelines_app = typer.Typer(help="Pipelines: when to train, and how to promote.",
-                            no_args_is_help=True)  # fmt: skip
-models_app = typer.Typer(help="Models: versions, champions, manual decisions.",
-                         no_args_is_help=True)  # fmt: skip
+pipelines_app = typer.Typer(
+    help="Pipelines: when to train, and how to promote.", no_args_is_help=True
+)
+models_app = typer.Typer(
+    help="Models: versions, champions, manual decisions.", no_args_is_help=True
+)
 app.add_typer(pipelines_app, name="pipelines")
 app.add_typer(models_app, name="models")
 
@@ -76,8 +78,16 @@ def pipelines_list(
         policy = p["policy"]
         bars = ", ".join(f"{t['metric']} {t['op']} {t['value']:g}" for t in policy["thresholds"])
         summary = f"{policy['name']} v{policy['version']} ({bars or 'no thresholds'})"
-        table.add_row(p["name"], str(p["revision"]), "yes" if p["enabled"] else "no",
-                      p["dataset"], p["model"], p["family"], sweep, summary)  # fmt: skip
+        table.add_row(
+            p["name"],
+            str(p["revision"]),
+            "yes" if p["enabled"] else "no",
+            p["dataset"],
+            p["model"],
+            p["family"],
+            sweep,
+            summary,
+        )
     console.print(table)
 
 
@@ -113,9 +123,13 @@ def models_list(
                 note = f"{champion.actor}: {champion.reason}"
             dataset = f"{v.dataset['name']}@{v.dataset['version'][:12]}" if v.dataset else "-"
             table.add_row(
-                model.model, v.version, v.status,
-                "-" if accuracy is None else f"{accuracy:.4f}", dataset, note,
-            )  # fmt: skip
+                model.model,
+                v.version,
+                v.status,
+                "-" if accuracy is None else f"{accuracy:.4f}",
+                dataset,
+                note,
+            )
     console.print(table)
 
 
@@ -130,8 +144,11 @@ def models_promote(
     from mlbus.consumers.workflow.commands import promote
 
     event = promote(kafka_config(), model, version, reason=reason, actor=actor or _user())
-    console.print(f"promoted {model} {event.data.version} (was {event.data.previous_version}); "
-                  f"event {event.id}", highlight=False)  # fmt: skip
+    console.print(
+        f"promoted {model} {event.data.version} (was {event.data.previous_version}); "
+        f"event {event.id}",
+        highlight=False,
+    )
 
 
 @models_app.command("rollback")
@@ -145,8 +162,11 @@ def models_rollback(
     from mlbus.consumers.workflow.commands import rollback
 
     event = rollback(kafka_config(), model, to=to, reason=reason, actor=actor or _user())
-    console.print(f"rolled back {model} from {event.data.previous_version} to "
-                  f"{event.data.version}; event {event.id}", highlight=False)  # fmt: skip
+    console.print(
+        f"rolled back {model} from {event.data.previous_version} to "
+        f"{event.data.version}; event {event.id}",
+        highlight=False,
+    )
 
 
 @app.command("workflow")

@@ -125,9 +125,10 @@ def list_topics(
         else:
             statuses.append(_compare(admin, spec, name, existing, 10.0))
     others = sorted(
-        t for t in metadata.topics
+        t
+        for t in metadata.topics
         if t not in names and t.startswith(kafka.topic_prefix) and not t.startswith("__")
-    )  # fmt: skip
+    )
     return statuses, others
 
 

@@ -212,9 +212,11 @@ class ConsumerLoop:
             conf["enable.partition.eof"] = True
         self._consumer = Consumer(conf)
         self._consumer.subscribe(
-            list(self._types), on_assign=self._on_assign, on_revoke=self._on_revoke,
+            list(self._types),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
             on_lost=self._on_lost,
-        )  # fmt: skip
+        )
         restore = install_stop_handlers(self._on_signal) if install_signal_handlers else None
         try:
             self._loop(stop_at_end, max_events)
@@ -292,8 +294,9 @@ class ConsumerLoop:
                 self.stats.handled += 1
                 return True
             except Abandon:
-                log.info("%s: %s@%s/%s given back unfinished", self.name, topic, tp[1],
-                         message.offset())  # fmt: skip
+                log.info(
+                    "%s: %s@%s/%s given back unfinished", self.name, topic, tp[1], message.offset()
+                )
                 self._stopping.set()
                 return False
             except TransientError as e:
@@ -302,8 +305,14 @@ class ConsumerLoop:
                 delay = self.backoff.delay(attempt)
                 log.warning(
                     "%s: %s@%s/%s failed (attempt %d, retrying in %.1fs): %s",
-                    self.name, topic, tp[1], message.offset(), attempt, delay, e,
-                )  # fmt: skip
+                    self.name,
+                    topic,
+                    tp[1],
+                    message.offset(),
+                    attempt,
+                    delay,
+                    e,
+                )
                 if not self._wait_in_group(delay) or tp not in self._assigned:
                     return False
             except InvalidEvent as e:
@@ -369,9 +378,13 @@ class ConsumerLoop:
             self._deadletters = EventProducer(self.kafka, source=f"mlbus/{self.name}")
         for copy in (True, False):
             letter = dead_letter(
-                message, reason=reason, error_type=error_type, consumer_group=self.group,
-                consumer=self.name, copy=copy,
-            )  # fmt: skip
+                message,
+                reason=reason,
+                error_type=error_type,
+                consumer_group=self.group,
+                consumer=self.name,
+                copy=copy,
+            )
             try:
                 self._deadletters.publish(letter, key=message.key())
                 break
@@ -384,8 +397,12 @@ class ConsumerLoop:
         self.stats.deadlettered += 1
         log.warning(
             "%s: dead-lettered %s/%s@%s: %s",
-            self.name, message.topic(), message.partition(), message.offset(), reason,
-        )  # fmt: skip
+            self.name,
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            reason,
+        )
 
     def _on_message_error(self, message: Consumed, error: KafkaError) -> None:
         if error.code() == _EOF:

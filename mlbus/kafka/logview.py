@@ -181,9 +181,11 @@ class LogView:
             self._consumer = consumer
             self._partitions = [(tp.topic, tp.partition) for tp in found]
         self._consumer.assign(
-            [TopicPartition(t, p, self._positions.get((t, p), OFFSET_BEGINNING))
-             for t, p in self._partitions]
-        )  # fmt: skip
+            [
+                TopicPartition(t, p, self._positions.get((t, p), OFFSET_BEGINNING))
+                for t, p in self._partitions
+            ]
+        )
         self._assigned = True
         return self._consumer
 
@@ -204,13 +206,21 @@ class LogView:
         event_type = self.kafka.event_type(key[0])
         try:
             event = decode(
-                message.value(), message.headers(), expected_type=event_type,
+                message.value(),
+                message.headers(),
+                expected_type=event_type,
                 max_bytes=self.kafka.max_event_bytes,
-            )  # fmt: skip
+            )
         except MlbusError as e:
             self.skipped += 1
-            log.warning("%s: skipping the invalid record %s[%d]@%d: %s",
-                        self.name, event_type, key[1], offset, e)  # fmt: skip
+            log.warning(
+                "%s: skipping the invalid record %s[%d]@%d: %s",
+                self.name,
+                event_type,
+                key[1],
+                offset,
+                e,
+            )
             return False
         item = Positioned(event, event_type, key[1], offset)
         items.append(item)

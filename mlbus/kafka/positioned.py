@@ -175,8 +175,10 @@ class PositionedLoop:
         self._consumer = Consumer(conf)
         self._consumer.subscribe(
             [self.kafka.topic(t) for t in self.topics],
-            on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
-        )  # fmt: skip
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
         restore = install_stop_handlers(self._on_signal) if install_signal_handlers else None
         try:
             self._loop(stop_at_end)
@@ -238,8 +240,12 @@ class PositionedLoop:
             if parts and all(p.at_end for p in parts.values()):
                 if not self._logged_caught_up:
                     self._logged_caught_up = True
-                    log.info("%s: caught up with %d partitions (%d records written)",
-                             self.name, len(parts), self.stats.records)  # fmt: skip
+                    log.info(
+                        "%s: caught up with %d partitions (%d records written)",
+                        self.name,
+                        len(parts),
+                        self.stats.records,
+                    )
                 self.caught_up.set()
                 if stop_at_end:
                     return  # run() writes what is buffered
@@ -340,8 +346,9 @@ class PositionedLoop:
 
     def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if error is not None:
-            log.warning("%s: commit failed (the positions are kept by the sink): %s",
-                        self.name, error.str())  # fmt: skip
+            log.warning(
+                "%s: commit failed (the positions are kept by the sink): %s", self.name, error.str()
+            )
 
     # -- rebalances: positions come from the sink ------------------------------------------
 
@@ -358,9 +365,10 @@ class PositionedLoop:
             consumer.assign(partitions)
         self._logged_caught_up = False
         log.info(
-            "%s: assigned %s", self.name,
+            "%s: assigned %s",
+            self.name,
             ", ".join(f"{t}/{p}@{starts.get((t, p), 0)}" for t, p in keys) or "nothing",
-        )  # fmt: skip
+        )
 
     def _positions(self, keys: list[Partition]) -> Mapping[Partition, int]:
         attempt = 0
@@ -372,8 +380,9 @@ class PositionedLoop:
                 if attempt >= ASSIGN_ATTEMPTS:
                     raise
                 delay = self.backoff.delay(attempt)
-                log.warning("%s: cannot read the positions (retrying in %.1fs): %s",
-                            self.name, delay, e)  # fmt: skip
+                log.warning(
+                    "%s: cannot read the positions (retrying in %.1fs): %s", self.name, delay, e
+                )
                 time.sleep(delay)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -381,8 +390,9 @@ class PositionedLoop:
         try:
             self._commit(self._write(parts), asynchronous=False)  # hand over what is buffered
         except TransientError as e:
-            log.warning("%s: revoked partitions not written (the new owner reads them): %s",
-                        self.name, e)  # fmt: skip
+            log.warning(
+                "%s: revoked partitions not written (the new owner reads them): %s", self.name, e
+            )
         self._forget(consumer, partitions, parts, lost=False)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -393,9 +403,13 @@ class PositionedLoop:
         return [p for tp in partitions if (p := self._parts.get((tp.topic, tp.partition)))]
 
     def _forget(
-        self, consumer: Consumer, partitions: list[TopicPartition], parts: list[_Part], *,
+        self,
+        consumer: Consumer,
+        partitions: list[TopicPartition],
+        parts: list[_Part],
+        *,
         lost: bool,
-    ) -> None:  # fmt: skip
+    ) -> None:
         for p in parts:
             del self._parts[p.tp]
             self._buffered -= len(p.records)

@@ -104,9 +104,13 @@ def test_a_parquet_upload_with_parents(client: TestClient, kafka: KafkaConfig) -
     sink = io.BytesIO()
     pq.write_table(pa.table({"x": [1.0, 2.0]}), sink)
     derived = upload(
-        client, sink.getvalue(), filename="clean.parquet", name="clean",
-        parents=f"raw@{raw['version'][:12]}", description="cleaned",
-    )  # fmt: skip
+        client,
+        sink.getvalue(),
+        filename="clean.parquet",
+        name="clean",
+        parents=f"raw@{raw['version'][:12]}",
+        description="cleaned",
+    )
     assert derived.status_code == 201, derived.text
     event = next(e for e in read_events(kafka, "dataset.created") if e.data.name == "clean")
     assert [(p.name, p.version) for p in event.data.parents] == [("raw", raw["version"])]
@@ -134,8 +138,10 @@ def test_listing_and_showing_versions(client: TestClient) -> None:
     assert listed.status_code == 200
     rows = listed.json()
     assert [(r["name"], r["version"]) for r in rows] == [
-        ("train", v1["version"]), ("train", v2["version"]), ("test", other["version"]),
-    ]  # fmt: skip
+        ("train", v1["version"]),
+        ("train", v2["version"]),
+        ("test", other["version"]),
+    ]
     assert {r["event_id"] for r in rows} == {v1["event_id"], v2["event_id"], other["event_id"]}
     assert all("columns" not in r for r in rows)  # the summary leaves the statistics out
 
@@ -161,26 +167,41 @@ def test_bad_requests_are_400_and_register_nothing(
     outside = tmp_path / "outside.csv"
     outside.write_bytes(csv_bytes())
     cases = [
-        (client.post("/datasets", json={"uri": "file:///etc/passwd", "name": "x"}),
-         "StorageError", ["/etc/passwd", "outside"]),
-        (client.post("/datasets", json={"uri": "../../etc/passwd", "name": "x"}),
-         "StorageError", ["outside"]),
-        (client.post("/datasets", json={"uri": outside.as_uri(), "name": "x"}),
-         "StorageError", ["outside"]),
+        (
+            client.post("/datasets", json={"uri": "file:///etc/passwd", "name": "x"}),
+            "StorageError",
+            ["/etc/passwd", "outside"],
+        ),
+        (
+            client.post("/datasets", json={"uri": "../../etc/passwd", "name": "x"}),
+            "StorageError",
+            ["outside"],
+        ),
+        (
+            client.post("/datasets", json={"uri": outside.as_uri(), "name": "x"}),
+            "StorageError",
+            ["outside"],
+        ),
         (upload(client, b"", name="empty"), "InvalidDataset", ["empty"]),
         (upload(client, b"a,b\n1,2\n2,two\n", name="mixed"), "InvalidDataset", ["'b'", "mixed"]),
-        (upload(client, b"not parquet", filename="d.parquet", name="x"),
-         "InvalidDataset", ["not a Parquet file"]),
+        (
+            upload(client, b"not parquet", filename="d.parquet", name="x"),
+            "InvalidDataset",
+            ["not a Parquet file"],
+        ),
         (upload(client, b"{}", filename="d.json", name="x"), "InvalidDataset", ["format"]),
         (upload(client, csv_bytes()), "InvalidDataset", ["'name' is required"]),
         (upload(client, csv_bytes(), name="bad name"), "InvalidDataset", ["dataset name"]),
         (upload(client, csv_bytes(), name="x", label="target"), "InvalidDataset", ["target"]),
         (upload(client, csv_bytes(), name="x", tags="novalue"), "InvalidDataset", ["novalue"]),
         (upload(client, csv_bytes(), name="x", parents="ghost@abc"), "UnknownDataset", ["ghost"]),
-        (client.post("/datasets", content=b"rows=3", headers={"content-type": "text/plain"}),
-         "InvalidDataset", ["neither multipart nor JSON"]),
+        (
+            client.post("/datasets", content=b"rows=3", headers={"content-type": "text/plain"}),
+            "InvalidDataset",
+            ["neither multipart nor JSON"],
+        ),
         (client.post("/datasets", json={"name": "x"}), "InvalidDataset", ["'uri'"]),
-    ]  # fmt: skip
+    ]
     for response, kind, fragments in cases:
         status = 404 if kind == "UnknownDataset" else 400
         error_of(response, status, kind, *fragments)

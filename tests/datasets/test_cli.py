@@ -66,17 +66,42 @@ def test_sample_list_and_show(env: dict[str, str]) -> None:
 def test_register_again_and_show_with_lineage(env: dict[str, str], inbox: Path) -> None:
     path = write_csv(inbox / "shapes.csv")
     first = json.loads(
-        ok(mlbus("datasets", "register", str(path), "--name", "shapes", "--label", "label",
-                 "--tag", "team=vision", "--tag", "stage=raw", "--json", env=env)).stdout
-    )  # fmt: skip
+        ok(
+            mlbus(
+                "datasets",
+                "register",
+                str(path),
+                "--name",
+                "shapes",
+                "--label",
+                "label",
+                "--tag",
+                "team=vision",
+                "--tag",
+                "stage=raw",
+                "--json",
+                env=env,
+            )
+        ).stdout
+    )
     assert first["created"] is True and first["num_rows"] == 40
 
     again = ok(mlbus("datasets", "register", str(path), "--name", "shapes", env=env)).stdout
     assert "already registered" in again and "nothing published" in " ".join(again.split())
 
     child = write_csv(inbox / "subset.csv", rows=10)
-    ok(mlbus("datasets", "register", str(child), "--name", "subset",
-             "--parent", f"shapes@{first['version'][:8]}", env=env))  # fmt: skip
+    ok(
+        mlbus(
+            "datasets",
+            "register",
+            str(child),
+            "--name",
+            "subset",
+            "--parent",
+            f"shapes@{first['version'][:8]}",
+            env=env,
+        )
+    )
 
     listed = json_lines(ok(mlbus("datasets", "list", "--json", env=env)).stdout)
     assert [(r["name"], r["num_rows"]) for r in listed] == [("shapes", 40), ("subset", 10)]

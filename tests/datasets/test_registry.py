@@ -75,9 +75,13 @@ def test_register_publishes_dataset_created_with_everything(
     path = csv_file(inbox, table)
 
     result = registry.register_path(
-        path, name="iris", label="label", tags={"team": "ml", "source": "field"},
-        description="measured by hand", created_by="tests",
-    )  # fmt: skip
+        path,
+        name="iris",
+        label="label",
+        tags={"team": "ml", "source": "field"},
+        description="measured by hand",
+        created_by="tests",
+    )
 
     assert result.created and result.name == "iris"
     key = object_key("iris", result.version)
@@ -93,13 +97,18 @@ def test_register_publishes_dataset_created_with_everything(
     assert event.source == "mlbus/datasets"
     d = event.data
     assert (d.name, d.version, d.uri, d.content_hash) == (
-        "iris", result.version, result.uri, result.content_hash,
-    )  # fmt: skip
+        "iris",
+        result.version,
+        result.uri,
+        result.content_hash,
+    )
     assert (d.num_rows, d.num_bytes, d.format) == (150, len(stored), "parquet")
     assert [(c.name, c.type) for c in d.arrow_schema] == [
-        ("sepal_length", "double"), ("petal_width", "double"), ("species", "string"),
+        ("sepal_length", "double"),
+        ("petal_width", "double"),
+        ("species", "string"),
         ("label", "int64"),
-    ]  # fmt: skip
+    ]
     assert d.label_column == "label"
     assert d.tags == {"team": "ml", "source": "field"}
     assert d.description == "measured by hand" and d.created_by == "tests"
@@ -142,8 +151,10 @@ def test_registering_the_same_data_again_publishes_nothing(
     for result in (again, as_parquet):
         assert not result.created
         assert (result.version, result.event_id, result.uri) == (
-            first.version, first.event_id, first.uri,
-        )  # fmt: skip
+            first.version,
+            first.event_id,
+            first.uri,
+        )
     assert [e.id for e in created(kafka)] == [first.event_id]
     assert everything(store) == stored
     assert staging_leftovers(store) == []
@@ -232,9 +243,15 @@ def test_the_digits_sample_registers(registry: DatasetRegistry, kafka: KafkaConf
 
 
 def _refuse(
-    registry: DatasetRegistry, store: ObjectStore, kafka: KafkaConfig, path: Path,
-    options: dict, expected: type[MlbusError], fragment: str, announced: list[str],
-) -> None:  # fmt: skip
+    registry: DatasetRegistry,
+    store: ObjectStore,
+    kafka: KafkaConfig,
+    path: Path,
+    options: dict,
+    expected: type[MlbusError],
+    fragment: str,
+    announced: list[str],
+) -> None:
     before = everything(store)
     with pytest.raises(expected) as refused:
         registry.register_path(path, **options)
@@ -250,9 +267,13 @@ def _refuse(
      "unknown-parent-version", "parent-without-version", "outside-roots"],
 )  # fmt: skip
 def test_a_registration_refused_before_writing_leaves_nothing(
-    registry: DatasetRegistry, store: ObjectStore, kafka: KafkaConfig, inbox: Path,
-    tmp_path: Path, case: str,
-) -> None:  # fmt: skip
+    registry: DatasetRegistry,
+    store: ObjectStore,
+    kafka: KafkaConfig,
+    inbox: Path,
+    tmp_path: Path,
+    case: str,
+) -> None:
     announced: list[str] = []
     if "parent" in case:
         base = registry.register_path(csv_file(inbox, iris_like(), "base.csv"), name="base")
@@ -319,9 +340,10 @@ class UnreachableAnnouncer(DatasetRegistry):
 
     def __init__(self, store: ObjectStore, live: KafkaConfig) -> None:
         dead = replace(
-            live, bootstrap=f"127.0.0.1:{_closed_port()}",
+            live,
+            bootstrap=f"127.0.0.1:{_closed_port()}",
             extra={"message.timeout.ms": "500"},
-        )  # fmt: skip
+        )
         super().__init__(store, dead)
         self.live = live
 

@@ -38,8 +38,10 @@ def test_csv_types_are_inferred(tmp_path: Path) -> None:
     source = open_source(path)
     assert source.size == path.stat().st_size
     assert [(f.name, str(f.type)) for f in source.schema] == [
-        ("id", "int64"), ("score", "double"), ("name", "string"),
-    ]  # fmt: skip
+        ("id", "int64"),
+        ("score", "double"),
+        ("name", "string"),
+    ]
     data = pa.Table.from_batches(list(source.batches))
     assert data.column("score").to_pylist() == [0.5, 1.5, None]
 

@@ -75,18 +75,23 @@ def upstream_event(uri: str, raw: bytes, data: pa.Table, **changes: Any) -> dict
 
 def publish_upstream(kafka: KafkaConfig, event: dict[str, Any]) -> None:
     produce_raw(
-        kafka, kafka.topic("dataset.created"), json.dumps(event),
-        key=event["data"]["name"], headers=STRUCTURED_HEADERS,
-    )  # fmt: skip
+        kafka,
+        kafka.topic("dataset.created"),
+        json.dumps(event),
+        key=event["data"]["name"],
+        headers=STRUCTURED_HEADERS,
+    )
 
 
 def run_validator(kafka: KafkaConfig, store: ObjectStore, group: str) -> None:
     """Validate everything on dataset.created, up to the end of the topic."""
     with EventProducer(kafka, source="mlbus/datasets") as producer:
         loop = ConsumerLoop(
-            kafka, group=group, name="datasets-validator",
+            kafka,
+            group=group,
+            name="datasets-validator",
             handlers={"dataset.created": Validator(store, producer)},
-        )  # fmt: skip
+        )
         run_to_end(loop)
 
 
@@ -116,8 +121,12 @@ def test_a_registered_dataset_is_validated_once_by_id(
     assert validated.subject == created.subject
     d = validated.data
     assert (d.name, d.version, d.uri, d.content_hash, d.num_rows) == (
-        "digits", registered.version, registered.uri, registered.content_hash, 50,
-    )  # fmt: skip
+        "digits",
+        registered.version,
+        registered.uri,
+        registered.content_hash,
+        50,
+    )
     assert d.validator == "validator" and d.checks == CHECKS
 
     # Exactly-once effect by id: the same dataset.created processed again (here by another
@@ -226,9 +235,11 @@ def test_an_object_store_outage_is_retried_not_dead_lettered(
     publish_upstream(kafka, event)
     with EventProducer(kafka, source="mlbus/datasets") as producer:
         loop = ConsumerLoop(
-            kafka, group=group, handlers={"dataset.created": Validator(down, producer)},
+            kafka,
+            group=group,
+            handlers={"dataset.created": Validator(down, producer)},
             backoff=Backoff(initial=0.05, maximum=0.2),
-        )  # fmt: skip
+        )
         with LoopThread(loop):
             wait_until(
                 lambda: loop.stats.retries >= 2 or loop.stats.deadlettered,

@@ -33,9 +33,10 @@ def _gone(pid: int, timeout: float = 15.0) -> bool:
 def test_the_demo_flow_runs_on_s3_and_postgres_and_stops_everything(tmp_path, s3, postgres_url):
     bucket = f"mlbus-e2e-{uuid.uuid4().hex[:8]}"
     fs = s3fs.S3FileSystem(
-        key=s3["key"], secret=s3["secret"],
+        key=s3["key"],
+        secret=s3["secret"],
         client_kwargs={"endpoint_url": s3["endpoint_url"], "region_name": s3["region"]},
-    )  # fmt: skip
+    )
     fs.mkdir(bucket, region_name=s3["region"])
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLBUS_")} | {
         "MLBUS_DATA_DIR": str(tmp_path / "data"),
@@ -49,16 +50,26 @@ def test_the_demo_flow_runs_on_s3_and_postgres_and_stops_everything(tmp_path, s3
     }
     result = subprocess.run(
         [sys.executable, "-m", "mlbus", "demo", "--pipeline", str(HERE / "quick.yaml")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = result.stdout
     log = tmp_path / "data" / "demo" / "up.log"
     assert result.returncode == 0, f"{out}\n{result.stderr}\n{log.read_text()[-4000:]}"
     assert "demo passed" in out
-    for step in ("training.completed", "model.promoted", "deployment.updated",
-                 "POST /v2/models/digits/infer", "inference.results", "requests, 0 errors",
-                 "the digits plus shifted copies", "the server now answers with version",
-                 "audit trail of digits@"):  # fmt: skip
+    for step in (
+        "training.completed",
+        "model.promoted",
+        "deployment.updated",
+        "POST /v2/models/digits/infer",
+        "inference.results",
+        "requests, 0 errors",
+        "the digits plus shifted copies",
+        "the server now answers with version",
+        "audit trail of digits@",
+    ):
         assert step in out, f"missing {step!r} in\n{out}"
     # Both promotions happened and the second is what serves.
     promoted = re.findall(r"model\.promoted digits@(\S+):", out)

@@ -36,9 +36,12 @@ def announce_dataset(kafka: KafkaConfig) -> None:
 
 def settings_for(kafka: KafkaConfig, tmp_path: Path, **changes: object) -> Settings:
     return Settings(
-        data_dir=tmp_path / "data", kafka_bootstrap_servers=kafka.bootstrap,
-        topic_prefix=kafka.topic_prefix, kafka={"fetch.wait.max.ms": "10"}, **changes,
-    )  # fmt: skip
+        data_dir=tmp_path / "data",
+        kafka_bootstrap_servers=kafka.bootstrap,
+        topic_prefix=kafka.topic_prefix,
+        kafka={"fetch.wait.max.ms": "10"},
+        **changes,
+    )
 
 
 @pytest.fixture
@@ -123,8 +126,11 @@ def test_models_are_listed_from_the_lineage_store_without_the_log(kafka, tmp_pat
         Projector(store).project(read_log(kafka, TOPICS))
     state = read_state(kafka)  # what the workflow makes of the same log
     # The API's broker is a closed port: a listing that read the log could not answer.
-    gone = Settings(data_dir=tmp_path / "data", metadata_url=url,
-                    kafka_bootstrap_servers=f"127.0.0.1:{_closed_port()}")  # fmt: skip
+    gone = Settings(
+        data_dir=tmp_path / "data",
+        metadata_url=url,
+        kafka_bootstrap_servers=f"127.0.0.1:{_closed_port()}",
+    )
     response = TestClient(create_app(gone)).get("/models")
     assert response.status_code == 200, response.text
     listed = {m["model"]: m for m in response.json()}

@@ -49,9 +49,10 @@ def test_the_docstring_draws_every_error_class_with_its_status():
     stale = sorted(names - set(classes))
     assert not stale, f"mlbus/errors.py's docstring draws classes that do not exist: {stale}"
     wrong = sorted(
-        (name, status, classes[name].status) for name, status in nodes
+        (name, status, classes[name].status)
+        for name, status in nodes
         if classes[name].status != status
-    )  # fmt: skip
+    )
     assert not wrong, f"(class, drawn status, actual status): {wrong}"
 
 
@@ -66,8 +67,16 @@ def test_no_two_error_classes_share_a_name():
 def test_the_kernel_re_exports_the_contracts_errors():
     from mlbus.schemas import errors as contract
 
-    for name in ("MlbusError", "NotFound", "Invalid", "Conflict", "Unauthorized",
-                 "TransientError", "InvalidEvent", "UnknownTopic"):  # fmt: skip
+    for name in (
+        "MlbusError",
+        "NotFound",
+        "Invalid",
+        "Conflict",
+        "Unauthorized",
+        "TransientError",
+        "InvalidEvent",
+        "UnknownTopic",
+    ):
         assert getattr(mlbus.errors, name) is getattr(contract, name), name
 
 

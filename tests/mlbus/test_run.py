@@ -55,9 +55,13 @@ def test_run_validator_is_the_validator_alone_in_its_manifest_group(
 ) -> None:
     validator = service("validator")
     proc = subprocess.Popen(
-        [MLBUS, "run", "validator"], env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [MLBUS, "run", "validator"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         ok(mlbus("datasets", "sample", "iris", env=env))
         topic = kafka.topic("dataset.validated")

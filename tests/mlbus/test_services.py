@@ -49,8 +49,10 @@ def test_the_supervisor_runs_exactly_the_manifests_each_as_mlbus_run(tmp_path: P
     ]
     three = catalog(cfg, trainers=3)
     assert [p.name for p in three if p.args == ("run", "trainer")] == [
-        "trainer-1", "trainer-2", "trainer-3",
-    ]  # fmt: skip
+        "trainer-1",
+        "trainer-2",
+        "trainer-3",
+    ]
     assert not [p for p in catalog(cfg, trainers=0) if p.args == ("run", "trainer")]
     for p, s in zip(processes, SERVICES, strict=True):
         if s.health is None:

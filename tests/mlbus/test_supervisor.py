@@ -52,9 +52,10 @@ def wait_for(condition, timeout: float = 15.0) -> None:
 
 def test_a_crashing_service_is_restarted_and_reported_without_touching_the_others(tmp_path):
     supervisor, out = supervise(
-        tmp_path, [Process("steady", (STEADY,)), Process("flaky", (CRASHING,))],
+        tmp_path,
+        [Process("steady", (STEADY,)), Process("flaky", (CRASHING,))],
         backoff=(0.1, 0.4),
-    )  # fmt: skip
+    )
     stop = threading.Event()
     supervisor.start()
     steady_pid = supervisor.status()[0]["pid"]
@@ -103,8 +104,10 @@ def test_status_file_names_every_service_while_the_supervisor_lives(tmp_path):
 def test_select_picks_services_by_name_and_every_trainer_by_kind(tmp_path):
     services = catalog(Settings(data_dir=tmp_path), trainers=2)
     assert [s.name for s in select(services, "serve,trainer")] == [
-        "trainer-1", "trainer-2", "serve",
-    ]  # fmt: skip
+        "trainer-1",
+        "trainer-2",
+        "serve",
+    ]
     assert [s.name for s in select(services, None)] == [s.name for s in services]
     with pytest.raises(ConfigError, match="unknown service 'servr'"):
         select(services, "servr")

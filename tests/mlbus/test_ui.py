@@ -24,16 +24,25 @@ def test_ui_shows_models_recent_events_and_lineage_pictures(kafka, tmp_path):
     e = tables.events
     with store.reading() as conn:
         newest = conn.execute(
-            sa.select(e.c.id, e.c.key).where(e.c.type == "model.promoted")
-            .order_by(e.c.time.desc()).limit(1)
-        ).one()  # fmt: skip
+            sa.select(e.c.id, e.c.key)
+            .where(e.c.type == "model.promoted")
+            .order_by(e.c.time.desc())
+            .limit(1)
+        ).one()
     model = newest.key
     serving = LineageQueries(store).serving(model)
     assert serving is not None
-    client = TestClient(create_app(Settings(
-        data_dir=tmp_path / "data", kafka_bootstrap_servers=kafka.bootstrap,
-        topic_prefix=kafka.topic_prefix, metadata_url=url, kafka={"fetch.wait.max.ms": "10"},
-    )))  # fmt: skip
+    client = TestClient(
+        create_app(
+            Settings(
+                data_dir=tmp_path / "data",
+                kafka_bootstrap_servers=kafka.bootstrap,
+                topic_prefix=kafka.topic_prefix,
+                metadata_url=url,
+                kafka={"fetch.wait.max.ms": "10"},
+            )
+        )
+    )
 
     page = client.get("/ui")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

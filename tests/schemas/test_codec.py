@@ -20,25 +20,37 @@ SHA = "sha256:" + "ab" * 32
 
 def progress(**changes) -> TrainingProgress:
     fields = dict(
-        run_id="r1", model="digits", epoch=1, max_epochs=3,
-        metrics={"loss": 0.5}, samples_per_second=100.0,
-    )  # fmt: skip
+        run_id="r1",
+        model="digits",
+        epoch=1,
+        max_epochs=3,
+        metrics={"loss": 0.5},
+        samples_per_second=100.0,
+    )
     return TrainingProgress(**(fields | changes))
 
 
 def dataset(**changes) -> DatasetCreated:
     fields = dict(
-        name="digits", version="v1", uri="file:///tmp/d.parquet", content_hash=SHA,
-        arrow_schema=[ColumnSchema(name="x", type="double")], num_rows=10, num_bytes=100,
-    )  # fmt: skip
+        name="digits",
+        version="v1",
+        uri="file:///tmp/d.parquet",
+        content_hash=SHA,
+        arrow_schema=[ColumnSchema(name="x", type="double")],
+        num_rows=10,
+        num_bytes=100,
+    )
     return DatasetCreated(**(fields | changes))
 
 
 def envelope(**changes) -> bytes:
     event = {
-        "specversion": "1.0", "id": "e1", "source": "test", "type": "training.progress",
+        "specversion": "1.0",
+        "id": "e1",
+        "source": "test",
+        "type": "training.progress",
         "data": progress().model_dump(mode="json"),
-    }  # fmt: skip
+    }
     for key, value in changes.items():
         if key.startswith("data_"):
             event["data"][key[5:]] = value
@@ -96,10 +108,13 @@ def test_fast_encoder_is_byte_identical_to_the_model(epoch, loss, subject, micro
 
 def test_binary_mode_is_accepted():
     headers = [
-        ("ce_specversion", b"1.0"), ("ce_id", b"b1"), ("ce_source", b"kcat"),
-        ("ce_type", b"training.progress"), ("ce_time", b"2026-03-01T14:00:00Z"),
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"b1"),
+        ("ce_source", b"kcat"),
+        ("ce_type", b"training.progress"),
+        ("ce_time", b"2026-03-01T14:00:00Z"),
         ("content-type", b"application/json"),
-    ]  # fmt: skip
+    ]
     value = progress().model_dump_json().encode()
     with pytest.raises(InvalidEvent):
         decode(value)  # without its headers a bare payload is not an event

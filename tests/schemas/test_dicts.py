@@ -91,11 +91,21 @@ def test_every_single_field_mutation_is_judged_the_same_both_ways(log):
 
 
 def test_fields_left_out_take_the_models_defaults_and_the_dict_is_plain():
-    value = orjson.dumps({
-        "specversion": "1.0", "id": "e1", "source": "t", "type": "inference.logged",
-        "data": {"request_id": "r", "model": "m", "version": "1", "replica": "a",
-                 "latency_seconds": 0.01},
-    })  # fmt: skip
+    value = orjson.dumps(
+        {
+            "specversion": "1.0",
+            "id": "e1",
+            "source": "t",
+            "type": "inference.logged",
+            "data": {
+                "request_id": "r",
+                "model": "m",
+                "version": "1",
+                "replica": "a",
+                "latency_seconds": 0.01,
+            },
+        }
+    )
     event = decode_dict(value, expected_type="inference.logged")
     assert event == decode(value, expected_type="inference.logged").model_dump()
     assert event["data"]["ok"] is True and event["data"]["predictions"] == []
@@ -104,11 +114,23 @@ def test_fields_left_out_take_the_models_defaults_and_the_dict_is_plain():
 
 def test_a_default_that_is_a_model_or_mutable_comes_as_a_fresh_plain_value():
     # pipeline.defined: `split` defaults to a Split(), `tags` to {}
-    value = orjson.dumps({
-        "specversion": "1.0", "id": "e1", "source": "t", "type": "pipeline.defined",
-        "data": {"name": "p", "revision": 1, "dataset": "d", "model": "m", "family": "mlp",
-                 "policy": {"name": "default"}, "actor": "a"},
-    })  # fmt: skip
+    value = orjson.dumps(
+        {
+            "specversion": "1.0",
+            "id": "e1",
+            "source": "t",
+            "type": "pipeline.defined",
+            "data": {
+                "name": "p",
+                "revision": 1,
+                "dataset": "d",
+                "model": "m",
+                "family": "mlp",
+                "policy": {"name": "default"},
+                "actor": "a",
+            },
+        }
+    )
     first = decode_dict(value, expected_type="pipeline.defined")
     second = decode_dict(value, expected_type="pipeline.defined")
     assert first == decode(value, expected_type="pipeline.defined").model_dump()

@@ -53,17 +53,23 @@ def _train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int) -> Trained:
     from mlbus.trainer.training import fit
 
     features = [f"pixel_{i}" for i in range(x.shape[1])]
-    prepared = prepare(x, y, features=features, label="digit", seed=seed, validation=0.1,
-                       test=0.1)  # fmt: skip
+    prepared = prepare(x, y, features=features, label="digit", seed=seed, validation=0.1, test=0.1)
     params = {"channels": 8, "dropout": 0.0, "lr": 3e-3, "batch_size": 64, "weight_decay": 0.0}
     result = fit(prepared, "cnn", params, max_epochs=epochs, seed=seed)
     mean, std = prepared.standardisation.to_lists()
     card = ModelCard(
-        family="cnn", hyperparameters=params, features=features,
-        feature_types=dict.fromkeys(features, "double"), label="digit",
-        classes=prepared.classes, mean=mean, std=std, metrics=result.metrics,
-        dataset=DatasetRef(name="digits", version="test"), run_id=f"run-{seed}",
-    )  # fmt: skip
+        family="cnn",
+        hyperparameters=params,
+        features=features,
+        feature_types=dict.fromkeys(features, "double"),
+        label="digit",
+        classes=prepared.classes,
+        mean=mean,
+        std=std,
+        metrics=result.metrics,
+        dataset=DatasetRef(name="digits", version="test"),
+        run_id=f"run-{seed}",
+    )
     return Trained(result.model, card)
 
 
@@ -75,8 +81,9 @@ def digits() -> Digits:
     x = data.data.astype(np.float32)
     y = data.target.astype(np.int64)
     # Part of the data and few epochs: the tests need two different models, not good ones.
-    return Digits(x, y, _train(x[:600], y[:600], seed=1, epochs=1),
-                  _train(x[:600], y[:600], seed=2, epochs=2))  # fmt: skip
+    return Digits(
+        x, y, _train(x[:600], y[:600], seed=1, epochs=1), _train(x[:600], y[:600], seed=2, epochs=2)
+    )
 
 
 @pytest.fixture
@@ -92,9 +99,14 @@ def promote(
     kafka: KafkaConfig, model: str, version: str, artifact: Artifact, **changes: Any
 ) -> EventRef:
     payload = ModelPromoted(
-        model=model, version=version, reason="test", actor="tests", artifact=artifact,
-        dataset=DatasetRef(name="digits", version="test"), **changes,
-    )  # fmt: skip
+        model=model,
+        version=version,
+        reason="test",
+        actor="tests",
+        artifact=artifact,
+        dataset=DatasetRef(name="digits", version="test"),
+        **changes,
+    )
     return publish(kafka, [payload])[0]
 
 
@@ -119,8 +131,16 @@ class Running:
 
 
 def body(rows: np.ndarray, name: str = "input", datatype: str = "FP32") -> dict[str, Any]:
-    return {"inputs": [{"name": name, "shape": list(rows.shape), "datatype": datatype,
-                        "data": rows.reshape(-1).tolist()}]}  # fmt: skip
+    return {
+        "inputs": [
+            {
+                "name": name,
+                "shape": list(rows.shape),
+                "datatype": datatype,
+                "data": rows.reshape(-1).tolist(),
+            }
+        ]
+    }
 
 
 @contextmanager
@@ -139,11 +159,21 @@ def running(
     """A model server (uvicorn in a thread) on a free port; stopped on exit."""
     port = free_port()
     settings = ServingSettings(host="127.0.0.1", port=port, replica="test-replica", **config)
-    server = ModelServer(kafka, store, settings, api_token=api_token, stream_group=stream_group,
-                         log_queue_size=log_queue_size, batching=batching,
-                         torch_threads=torch_threads)  # fmt: skip
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port,
-                                       log_level="warning", lifespan="on"))  # fmt: skip
+    server = ModelServer(
+        kafka,
+        store,
+        settings,
+        api_token=api_token,
+        stream_group=stream_group,
+        log_queue_size=log_queue_size,
+        batching=batching,
+        torch_threads=torch_threads,
+    )
+    uv = uvicorn.Server(
+        uvicorn.Config(
+            create_app(server), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        )
+    )
     thread = threading.Thread(target=uv.run, name="uvicorn-test", daemon=True)
     thread.start()
     try:

@@ -33,8 +33,9 @@ def test_metadata_health_and_inference(kafka, store, digits):
         doc = r.json()
         assert doc["id"] == "req-1" and doc["model_version"] == "1"
         label, probabilities = doc["outputs"]
-        assert label["shape"] == [5] and all(x in meta["parameters"]["classes"]
-                                             for x in label["data"])  # fmt: skip
+        assert label["shape"] == [5] and all(
+            x in meta["parameters"]["classes"] for x in label["data"]
+        )
         p = np.asarray(probabilities["data"]).reshape(probabilities["shape"])
         assert p.shape == (5, 10) and np.allclose(p.sum(axis=1), 1.0, atol=1e-4)
         # Integer pixels (INT64) and FP64 are accepted; only the requested output comes back.
@@ -45,8 +46,11 @@ def test_metadata_health_and_inference(kafka, store, digits):
         assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["label"]
         assert r.json()["outputs"][0]["data"] == label["data"]
         # OIP allows the rows nested; a versioned infer answers the same.
-        nested = {"inputs": [{"name": "input", "shape": [5, 64], "datatype": "FP32",
-                              "data": rows.tolist()}]}  # fmt: skip
+        nested = {
+            "inputs": [
+                {"name": "input", "shape": [5, 64], "datatype": "FP32", "data": rows.tolist()}
+            ]
+        }
         r = c.post("/v2/models/digits/versions/1/infer", json=nested)
         assert r.status_code == 200 and r.json()["outputs"][0]["data"] == label["data"]
         assert r.headers["content-type"] == "application/json"
@@ -60,8 +64,11 @@ def test_bad_input_is_a_4xx_with_a_message(kafka, store, digits):
     row = digits.x[0].tolist()
 
     def tensor(**changes):
-        return {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}
-                           | changes]}  # fmt: skip
+        return {
+            "inputs": [
+                {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row} | changes
+            ]
+        }
 
     cases = {
         "wrong shape": (tensor(shape=[1, 63], data=row[:63]), 400, "64 features"),
@@ -85,16 +92,25 @@ def test_bad_input_is_a_4xx_with_a_message(kafka, store, digits):
             assert fragment in r.json()["error"], (case, r.json())
         raw = {
             "malformed JSON": (b'{"inputs": [', 400, "not valid JSON"),
-            "NaN": (b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", '
-                    b'"data": [' + b", ".join([b"NaN"] * 64) + b"]}]}", 400, "not valid JSON"),
-        }  # fmt: skip
+            "NaN": (
+                b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", '
+                b'"data": [' + b", ".join([b"NaN"] * 64) + b"]}]}",
+                400,
+                "not valid JSON",
+            ),
+        }
         for case, (data, status, fragment) in raw.items():
-            r = c.post("/v2/models/digits/infer", content=data,
-                       headers={"content-type": "application/json"})  # fmt: skip
+            r = c.post(
+                "/v2/models/digits/infer",
+                content=data,
+                headers={"content-type": "application/json"},
+            )
             assert r.status_code == status and fragment in r.json()["error"], (case, r.text)
         # An infinity that does get through JSON (1e400 parses to inf, or is refused).
-        nan_doc = (b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP64", '
-                   b'"data": [' + b", ".join([b"1e400"] * 64) + b"]}]}")  # fmt: skip
+        nan_doc = (
+            b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP64", '
+            b'"data": [' + b", ".join([b"1e400"] * 64) + b"]}]}"
+        )
         r = c.post("/v2/models/digits/infer", content=nan_doc)
         assert r.status_code == 400 and r.json()["error"], r.text
         big = b"x" * (50 * 1024 * 1024)  # 50 MB
@@ -141,10 +157,13 @@ def test_control_endpoints_need_the_token(kafka, store, digits):
         assert r.status_code == 200 and r.json()["versions"] == ["1"]
         assert c.post("/v2/models/digits/infer", json=body(digits.x[:1])).status_code == 200
         statuses = wait_until(
-            lambda: [e.data.status for e in read_events(kafka, "deployment.updated")]
-            if len(read_events(kafka, "deployment.updated")) >= 3 else None,
+            lambda: (
+                [e.data.status for e in read_events(kafka, "deployment.updated")]
+                if len(read_events(kafka, "deployment.updated")) >= 3
+                else None
+            ),
             "loaded, unloaded, loaded",
-        )  # fmt: skip
+        )
         assert statuses == ["loaded", "unloaded", "loaded"]
 
 
@@ -152,9 +171,15 @@ def test_openapi_document_describes_the_endpoints(kafka, store):
     with running(kafka, store) as srv, srv.client() as c:
         doc = c.get("/openapi.json").json()
         paths = doc["paths"]
-        for path in ("/v2/health/live", "/v2/health/ready", "/v2/models/{name}",
-                     "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer",
-                     "/v2/repository/models/{name}/load", "/metrics"):  # fmt: skip
+        for path in (
+            "/v2/health/live",
+            "/v2/health/ready",
+            "/v2/models/{name}",
+            "/v2/models/{name}/infer",
+            "/v2/models/{name}/versions/{version}/infer",
+            "/v2/repository/models/{name}/load",
+            "/metrics",
+        ):
             assert path in paths, path
         infer = paths["/v2/models/{name}/infer"]["post"]
         ref = infer["requestBody"]["content"]["application/json"]["schema"]["$ref"]
@@ -189,8 +214,10 @@ def test_the_infer_fast_path_routes_reads_and_answers():
 
     def call(method, path, chunks=(b"{}",), headers=(), root_path=""):
         sent: list[dict[str, Any]] = []
-        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
-                    for i, c in enumerate(chunks)] or [{"type": "http.disconnect"}]  # fmt: skip
+        messages = [
+            {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+            for i, c in enumerate(chunks)
+        ] or [{"type": "http.disconnect"}]
 
         async def receive():
             return messages.pop(0)
@@ -198,8 +225,13 @@ def test_the_infer_fast_path_routes_reads_and_answers():
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "method": method, "path": path, "root_path": root_path,
-                 "headers": list(headers)}  # fmt: skip
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "root_path": root_path,
+            "headers": list(headers),
+        }
         asyncio.run(fast(scope, receive, send))
         return sent
 
@@ -216,8 +248,12 @@ def test_the_infer_fast_path_routes_reads_and_answers():
     sent = call("POST", "/v2/models/m/infer", chunks=(b"123456", b"789012"))
     assert sent[0]["status"] == 413
     assert call("POST", "/v2/models/m/infer", chunks=()) == []  # the client went away
-    others = ["GET /v2/models/m/infer", "POST /v2/models/m/infer/", "POST /v2/models/m/load",
-              "POST /v2/repository/index"]  # fmt: skip
+    others = [
+        "GET /v2/models/m/infer",
+        "POST /v2/models/m/infer/",
+        "POST /v2/models/m/load",
+        "POST /v2/repository/index",
+    ]
     for request in others:
         call(*request.split())
     assert passed == others

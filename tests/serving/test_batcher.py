@@ -54,8 +54,9 @@ def test_an_error_reaches_every_caller_and_the_worker_goes_on():
         batcher = MicroBatcher(forward, max_batch_size=64, max_wait_us=20_000, executor=pool)
 
         async def main() -> None:
-            first = await asyncio.gather(*(batcher.infer(np.ones((1, 2))) for _ in range(3)),
-                                         return_exceptions=True)  # fmt: skip
+            first = await asyncio.gather(
+                *(batcher.infer(np.ones((1, 2))) for _ in range(3)), return_exceptions=True
+            )
             assert all(isinstance(e, RuntimeError) for e in first)
             assert (await batcher.infer(np.ones((1, 2)))).shape == (1, 2)
             batcher.close()
@@ -67,8 +68,13 @@ def test_an_error_reaches_every_caller_and_the_worker_goes_on():
 def test_naive_mode_runs_one_forward_per_request():
     sizes: list[int] = []
     with ThreadPoolExecutor(4) as pool:
-        batcher = MicroBatcher(lambda x: sizes.append(len(x)) or x, max_batch_size=64,
-                               max_wait_us=10_000, executor=pool, batching=False)  # fmt: skip
+        batcher = MicroBatcher(
+            lambda x: sizes.append(len(x)) or x,
+            max_batch_size=64,
+            max_wait_us=10_000,
+            executor=pool,
+            batching=False,
+        )
         _run(batcher, [np.ones((1, 3))] * 10)
     assert sizes == [1] * 10
 
@@ -131,8 +137,9 @@ async def _entered(gate: _Gate, n: int) -> None:
 def test_batches_run_concurrently_up_to_max_in_flight():
     gate = _Gate(meet=2)  # each forward waits for the other: one at a time would deadlock
     with ThreadPoolExecutor(4) as pool:
-        batcher = MicroBatcher(gate, max_batch_size=4, max_wait_us=0, executor=pool,
-                               max_in_flight=2)  # fmt: skip
+        batcher = MicroBatcher(
+            gate, max_batch_size=4, max_wait_us=0, executor=pool, max_in_flight=2
+        )
         inputs = [np.full((1, 3), i, dtype=np.float32) for i in range(8)]
         outputs = _run(batcher, inputs)
     for x, y in zip(inputs, outputs, strict=True):
@@ -150,8 +157,9 @@ def test_a_batch_takes_at_most_its_share_of_max_batch_size():
 
     with ThreadPoolExecutor(2) as pool:
         # Share: 8 rows / 2 batches in flight = 4 rows a batch.
-        batcher = MicroBatcher(forward, max_batch_size=8, max_wait_us=20_000, executor=pool,
-                               max_in_flight=2)  # fmt: skip
+        batcher = MicroBatcher(
+            forward, max_batch_size=8, max_wait_us=20_000, executor=pool, max_in_flight=2
+        )
         inputs = [np.full((1 + i % 3, 2), i, dtype=np.float32) for i in range(30)]
         inputs.append(np.full((6, 2), 99, dtype=np.float32))  # larger than a share alone
         outputs = _run(batcher, inputs)
@@ -169,14 +177,14 @@ def test_an_error_reaches_the_callers_of_its_batch_only():
         return x
 
     with ThreadPoolExecutor(2) as pool:
-        batcher = MicroBatcher(forward, max_batch_size=4, max_wait_us=0, executor=pool,
-                               max_in_flight=2)  # fmt: skip
+        batcher = MicroBatcher(
+            forward, max_batch_size=4, max_wait_us=0, executor=pool, max_in_flight=2
+        )
 
         async def main() -> list[object]:
             # Queued at once: [-1, 1] is the first batch (a share: 2 rows), [2, 3] the second.
             rows = [np.full((1, 1), v) for v in (-1.0, 1.0, 2.0, 3.0)]
-            return await asyncio.gather(*(batcher.infer(x) for x in rows),
-                                        return_exceptions=True)  # fmt: skip
+            return await asyncio.gather(*(batcher.infer(x) for x in rows), return_exceptions=True)
 
         first, second, third, fourth = asyncio.run(main())
     assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError)
@@ -186,8 +194,9 @@ def test_an_error_reaches_the_callers_of_its_batch_only():
 def test_close_with_batches_in_flight_still_answers_every_caller():
     gate = _Gate()
     with ThreadPoolExecutor(2) as pool:
-        batcher = MicroBatcher(gate, max_batch_size=4, max_wait_us=0, executor=pool,
-                               max_in_flight=2)  # fmt: skip
+        batcher = MicroBatcher(
+            gate, max_batch_size=4, max_wait_us=0, executor=pool, max_in_flight=2
+        )
 
         async def main() -> tuple[list[np.ndarray], list[np.ndarray]]:
             rows = [np.full((1, 2), i, dtype=np.float32) for i in range(10)]
@@ -213,8 +222,7 @@ def test_close_with_batches_in_flight_still_answers_every_caller():
 def test_an_executor_shut_down_under_queued_batches_answers_not_ready():
     gate = _Gate()
     pool = ThreadPoolExecutor(1)  # one thread: the second batch in flight waits in the pool
-    batcher = MicroBatcher(gate, max_batch_size=2, max_wait_us=0, executor=pool,
-                           max_in_flight=2)  # fmt: skip
+    batcher = MicroBatcher(gate, max_batch_size=2, max_wait_us=0, executor=pool, max_in_flight=2)
 
     async def main() -> list[object]:
         rows = [np.full((1, 1), float(i)) for i in range(6)]
@@ -243,10 +251,11 @@ def test_a_forward_that_answers_the_wrong_rows_fails_its_callers_not_the_worker(
 
         async def main() -> None:
             first = await asyncio.wait_for(
-                asyncio.gather(*(batcher.infer(np.ones((1, 2))) for _ in range(3)),
-                               return_exceptions=True),
+                asyncio.gather(
+                    *(batcher.infer(np.ones((1, 2))) for _ in range(3)), return_exceptions=True
+                ),
                 HANG,
-            )  # fmt: skip
+            )
             assert all(isinstance(e, RuntimeError) for e in first), first
             assert (await asyncio.wait_for(batcher.infer(np.ones((2, 2))), HANG)).shape == (2, 2)
 

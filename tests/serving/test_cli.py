@@ -26,9 +26,12 @@ def test_serve_answers_and_exits_0_on_sigterm(env, kafka, digits):  # noqa: F811
     promote(kafka, "digits", "1", save(store, digits.v1, "models/digits/v1"))
     port = free_port()
     process = subprocess.Popen(
-        [MLBUS, "serve", "--port", str(port)], env=env | FAST | {"MLBUS_API_TOKEN": "t"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [MLBUS, "serve", "--port", str(port)],
+        env=env | FAST | {"MLBUS_API_TOKEN": "t"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
 

@@ -29,8 +29,17 @@ from tests.serving.conftest import promote, running, save, wait_version
 
 def _sample(i: int, features: int = 4) -> Sample:
     x = np.full((2, features), float(i), dtype=np.float32)
-    return Sample("m", "1", f"r{i}", 0.001, True, None, np.asarray(["a", "b"], dtype=object),
-                  [f"f{j}" for j in range(features)], x)  # fmt: skip
+    return Sample(
+        "m",
+        "1",
+        f"r{i}",
+        0.001,
+        True,
+        None,
+        np.asarray(["a", "b"], dtype=object),
+        [f"f{j}" for j in range(features)],
+        x,
+    )
 
 
 def test_answered_requests_are_logged(kafka, store, digits):
@@ -38,9 +47,20 @@ def test_answered_requests_are_logged(kafka, store, digits):
     rows = digits.x[:3]
     with running(kafka, store) as srv, srv.client() as c:
         wait_version(srv, "digits", "1")
-        r = c.post("/v2/models/digits/infer", json={"id": "req-7", "inputs": [{
-            "name": "input", "shape": [3, 64], "datatype": "FP32",
-            "data": rows.reshape(-1).tolist()}]})  # fmt: skip
+        r = c.post(
+            "/v2/models/digits/infer",
+            json={
+                "id": "req-7",
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [3, 64],
+                        "datatype": "FP32",
+                        "data": rows.reshape(-1).tolist(),
+                    }
+                ],
+            },
+        )
         labels = r.json()["outputs"][0]["data"]
         c.post(
             "/v2/models/digits/infer",
@@ -79,7 +99,7 @@ def test_a_request_without_an_id_is_logged_under_the_id_it_was_answered_with(kaf
         logged = wait_until(
             lambda: e if len(e := read_events(kafka, "inference.logged")) >= 3 else None,
             "three inference.logged",
-        )  # fmt: skip
+        )
         assert c.get("/v2/health/live").status_code == 200
     assert len(set(answered)) == 3 and all(answered)
     assert sorted(e.data.request_id for e in logged) == sorted(answered)
@@ -87,8 +107,13 @@ def test_a_request_without_an_id_is_logged_under_the_id_it_was_answered_with(kaf
 
 def test_sampling_leaves_records_out():
     metrics = ServingMetrics()
-    log = InferenceLog(producer=None, metrics=metrics, replica="r", sample_rate=0.25,  # type: ignore[arg-type]
-                       queue_size=100_000)  # fmt: skip
+    log = InferenceLog(
+        producer=None,
+        metrics=metrics,
+        replica="r",
+        sample_rate=0.25,  # type: ignore[arg-type]
+        queue_size=100_000,
+    )
     taken = sum(log.offer(_sample(i)) for i in range(4000))
     assert 800 < taken < 1200
     none = InferenceLog(producer=None, metrics=metrics, replica="r", sample_rate=0.0)  # type: ignore[arg-type]
@@ -156,8 +181,9 @@ _WHEN = datetime(2026, 3, 1, 14, 0, 0, 123_456, tzinfo=UTC)
 def _encoded_both_ways(sample: Sample) -> tuple[bytes, bytes]:
     """`encode` and the codec's encoding of `record`, with the same id and time."""
     fast = encode(sample, "replica-1", "mlbus/serving", event_id="id-1", time=_WHEN)
-    _, slow = encode_new(record(sample, "replica-1"), source="mlbus/serving", event_id="id-1",
-                         time=_WHEN)  # fmt: skip
+    _, slow = encode_new(
+        record(sample, "replica-1"), source="mlbus/serving", event_id="id-1", time=_WHEN
+    )
     return fast, slow
 
 
@@ -180,12 +206,16 @@ def samples(draw: st.DrawFn) -> Sample:
         labels = draw(st.lists(st.sampled_from(["0", "7", "cat"]), min_size=rows, max_size=rows))
         predictions = np.asarray(labels, dtype=object)
     return Sample(
-        draw(st.sampled_from(["digits", "wide-cnn"])), draw(st.sampled_from(["1", "v2"])),
+        draw(st.sampled_from(["digits", "wide-cnn"])),
+        draw(st.sampled_from(["1", "v2"])),
         draw(st.text(min_size=1, max_size=12)),
         draw(st.floats(min_value=-1.0, max_value=10.0)),  # a clock step back: clamped at 0
-        ok, None if ok else draw(st.text(max_size=30)), predictions,
-        [f"f{j}" for j in range(features)], inputs,
-    )  # fmt: skip
+        ok,
+        None if ok else draw(st.text(max_size=30)),
+        predictions,
+        [f"f{j}" for j in range(features)],
+        inputs,
+    )
 
 
 @settings(max_examples=150, deadline=None)
@@ -205,12 +235,30 @@ def test_the_publisher_writes_each_kind_of_sample_as_the_model_would():
     """The cases the property covers by chance, named: an error (no predictions, inputs
     kept), no inputs at all, wide inputs reduced, more rows than MAX_VALUES allows."""
     wide = _sample(3, features=3000)
-    error = Sample("m", "1", "r-err", 0.002, False, "InvalidInput: boom", None, ["a", "b"],
-                   np.ones((3, 2), dtype=np.float32))  # fmt: skip
+    error = Sample(
+        "m",
+        "1",
+        "r-err",
+        0.002,
+        False,
+        "InvalidInput: boom",
+        None,
+        ["a", "b"],
+        np.ones((3, 2), dtype=np.float32),
+    )
     bare = Sample("m", "1", "r-bare", 0.002, False, "NotReady", None, ["a"], None)
     rows = np.random.default_rng(0).random((600, 64))
-    tall = Sample("m", "1", "r-tall", 0.0, True, None, np.asarray(["x"] * 600, dtype=object),
-                  [f"f{j}" for j in range(64)], rows)  # fmt: skip
+    tall = Sample(
+        "m",
+        "1",
+        "r-tall",
+        0.0,
+        True,
+        None,
+        np.asarray(["x"] * 600, dtype=object),
+        [f"f{j}" for j in range(64)],
+        rows,
+    )
     for sample in (wide, error, bare, tall):
         fast, slow = _encoded_both_ways(sample)
         assert fast == slow

@@ -30,8 +30,15 @@ def _deployment(version: str, weight: float) -> Deployment:
 
 
 def _card(std: list[float]) -> ModelCard:
-    return ModelCard(family="mlp", hyperparameters={}, features=["a", "b"], label="c",
-                     classes=["x", "y"], mean=[0.0, 0.0], std=std)  # fmt: skip
+    return ModelCard(
+        family="mlp",
+        hyperparameters={},
+        features=["a", "b"],
+        label="c",
+        classes=["x", "y"],
+        mean=[0.0, 0.0],
+        std=std,
+    )
 
 
 def test_swaps_keep_the_previous_version_and_in_flight_requests_finish_on_theirs():
@@ -80,10 +87,22 @@ class _Threads(nn.Module):
 
 def test_a_heavy_model_forwards_on_the_threads_budget_a_light_one_on_one():
     card = _card(std=[1.0, 1.0])
-    heavy = Deployment("heavy", "1", "sha256:" + "1" * 64, _Threads().eval(), card,
-                       row_seconds=PARALLEL_ROW_SECONDS * 5)  # fmt: skip
-    light = Deployment("light", "1", "sha256:" + "2" * 64, _Threads().eval(), card,
-                       row_seconds=PARALLEL_ROW_SECONDS / 5)  # fmt: skip
+    heavy = Deployment(
+        "heavy",
+        "1",
+        "sha256:" + "1" * 64,
+        _Threads().eval(),
+        card,
+        row_seconds=PARALLEL_ROW_SECONDS * 5,
+    )
+    light = Deployment(
+        "light",
+        "1",
+        "sha256:" + "2" * 64,
+        _Threads().eval(),
+        card,
+        row_seconds=PARALLEL_ROW_SECONDS / 5,
+    )
     x = np.ones((1, 2), dtype=np.float32)
     with ThreadPoolExecutor(1) as pool:
         registry = Registry(max_batch_size=8, max_wait_us=0, executor=pool, torch_threads=3)

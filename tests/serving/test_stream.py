@@ -12,8 +12,9 @@ from tests.serving.conftest import promote, running, save, wait_version
 
 
 def _request(request_id, rows, **changes):
-    tensor = Tensor(name="input", shape=list(rows.shape), datatype="FP32",
-                    data=rows.reshape(-1).tolist())  # fmt: skip
+    tensor = Tensor(
+        name="input", shape=list(rows.shape), datatype="FP32", data=rows.reshape(-1).tolist()
+    )
     fields = {"request_id": request_id, "model": "digits", "inputs": [tensor]}
     return InferenceRequest(**(fields | changes))
 
@@ -24,12 +25,15 @@ def test_stream_requests_are_answered_on_inference_results(kafka, store, digits,
     with running(kafka, store, stream_group=group) as srv:
         wait_version(srv, "digits", "1")
         expected = srv.infer("digits", rows).json()
-        publish(kafka, [
-            _request("r-ok", rows),
-            _request("r-unknown", rows, model="nope"),
-            _request("r-shape", rows[:, :10]),
-            _request("r-reply", rows, reply_topic="model.promoted"),
-        ])  # fmt: skip
+        publish(
+            kafka,
+            [
+                _request("r-ok", rows),
+                _request("r-unknown", rows, model="nope"),
+                _request("r-shape", rows[:, :10]),
+                _request("r-reply", rows, reply_topic="model.promoted"),
+            ],
+        )
 
         def answered():
             found = {e.data.request_id: e.data for e in read_events(kafka, "inference.results")}

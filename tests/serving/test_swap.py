@@ -70,8 +70,10 @@ def test_promotion_under_load_switches_versions_without_a_failed_request(kafka, 
         # Reported, not asserted (a loaded machine must not make this flaky): the switch
         # delay from producing the event to the first response from version 2.
         delay = first_v2 - promoted_at[0]
-        print(f"\nswitch to v2 {delay * 1000:.0f} ms after the promotion was produced; "
-              f"{len(results)} requests, 0 failed")  # fmt: skip
+        print(
+            f"\nswitch to v2 {delay * 1000:.0f} ms after the promotion was produced; "
+            f"{len(results)} requests, 0 failed"
+        )
         # Requests in flight at the swap may still finish on version 1 after the first answer
         # from version 2; a request sent after that answer is served by version 2.
         assert {v for _, _, v, sent in results if sent > first_v2} == {"2"}
@@ -80,10 +82,13 @@ def test_promotion_under_load_switches_versions_without_a_failed_request(kafka, 
         assert srv.infer("digits", rows, version="2").json()["model_version"] == "2"
 
         updates = wait_until(
-            lambda: [u for u in _deployments(kafka, "digits") if u.status == "loaded"]
-            if len(_deployments(kafka, "digits")) >= 2 else None,
+            lambda: (
+                [u for u in _deployments(kafka, "digits") if u.status == "loaded"]
+                if len(_deployments(kafka, "digits")) >= 2
+                else None
+            ),
             "deployment.updated for both loads",
-        )  # fmt: skip
+        )
         assert [u.version for u in updates] == ["1", "2"]
         assert all(u.replica == "test-replica" and u.load_seconds > 0 for u in updates)
         assert updates[1].artifact_sha256 == v2.sha256
@@ -107,10 +112,11 @@ def test_promotion_under_load_switches_versions_without_a_failed_request(kafka, 
         store.delete(store.key_of(gone.uri))
         promote(kafka, "digits", "4", gone)
         wait_until(
-            lambda: any(u.version == "4" and u.status == "failed"
-                        for u in _deployments(kafka, "digits")),
+            lambda: any(
+                u.version == "4" and u.status == "failed" for u in _deployments(kafka, "digits")
+            ),
             "the missing artifact reported failed",
-        )  # fmt: skip
+        )
         assert srv.infer("digits", rows).json()["model_version"] == "2"
         metrics = srv.client().get("/metrics").text
         assert 'mlbus_serve_model_loaded{model="digits",role="current",version="2"} 1.0' in metrics

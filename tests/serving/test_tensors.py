@@ -14,9 +14,15 @@ from mlbus.serving.tensors import float64, to_array
 
 
 def _deployment(features: int = 3) -> Deployment:
-    card = ModelCard(family="mlp", hyperparameters={}, label="c",
-                     features=[f"f{i}" for i in range(features)], classes=["a", "b"],
-                     mean=[0.0] * features, std=[1.0] * features)  # fmt: skip
+    card = ModelCard(
+        family="mlp",
+        hyperparameters={},
+        label="c",
+        features=[f"f{i}" for i in range(features)],
+        classes=["a", "b"],
+        mean=[0.0] * features,
+        std=[1.0] * features,
+    )
     return Deployment("m", "1", "sha256:" + "0" * 64, nn.Linear(features, 2).eval(), card)
 
 

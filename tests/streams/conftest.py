@@ -32,8 +32,11 @@ class StreamsProcess:
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()/kill()
         self.process = subprocess.Popen(
             [str(MLBUS), "streams", "--metrics-port", str(self.metrics_port), *args],
-            env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]

@@ -30,49 +30,71 @@ BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: event times are ours, not t
 
 def dataset() -> DatasetCreated:
     hist = ColumnStats(
-        kind="numeric", null_count=0, min=0.0, max=10.0,
+        kind="numeric",
+        null_count=0,
+        min=0.0,
+        max=10.0,
         histogram=Histogram(edges=EDGES, counts=COUNTS),
-    )  # fmt: skip
+    )
     label = ColumnStats(
-        kind="categorical", null_count=0,
+        kind="categorical",
+        null_count=0,
         top_values=[
             ValueCount(value=c, count=round(p * 1000))
             for c, p in zip(CLASSES, CLASS_P, strict=True)
         ],
-    )  # fmt: skip
+    )
     return DatasetCreated(
-        name="shapes", version="ds1", uri="file:///tmp/shapes.parquet", content_hash=SHA,
+        name="shapes",
+        version="ds1",
+        uri="file:///tmp/shapes.parquet",
+        content_hash=SHA,
         arrow_schema=[ColumnSchema(name=n, type="double") for n in FEATURES]
         + [ColumnSchema(name="label", type="string")],
-        num_rows=1000, num_bytes=10_000, columns={"f0": hist, "f1": hist, "label": label},
+        num_rows=1000,
+        num_bytes=10_000,
+        columns={"f0": hist, "f1": hist, "label": label},
         label_column="label",
-    )  # fmt: skip
+    )
 
 
 def completed(version: str, run_id: str) -> TrainingCompleted:
     return TrainingCompleted(
-        run_id=run_id, model="clf", version=version, request_id=f"req-{run_id}", family="mlp",
+        run_id=run_id,
+        model="clf",
+        version=version,
+        request_id=f"req-{run_id}",
+        family="mlp",
         dataset=DatasetRef(name="shapes", version="ds1"),
         artifact=Artifact(uri=f"file:///tmp/{run_id}.pt", sha256=SHA, size_bytes=1),
-        metrics={"test": {"accuracy": 0.9}}, epochs=1,
-        code=CodeVersion(package_version="0.1"), duration_seconds=1.0,
-    )  # fmt: skip
+        metrics={"test": {"accuracy": 0.9}},
+        epochs=1,
+        code=CodeVersion(package_version="0.1"),
+        duration_seconds=1.0,
+    )
 
 
 def promoted(version: str, run_id: str, with_dataset: bool) -> ModelPromoted:
     return ModelPromoted(
-        model="clf", version=version, run_id=run_id, reason="test", actor="tests",
+        model="clf",
+        version=version,
+        run_id=run_id,
+        reason="test",
+        actor="tests",
         dataset=DatasetRef(name="shapes", version="ds1") if with_dataset else None,
-    )  # fmt: skip
+    )
 
 
 def baseline_events() -> list:
     """clf v1 is promoted with a run id only (resolved through training.completed), clf v2
     with its dataset; model `plain` has no baseline at all."""
     return [
-        dataset(), completed("v1", "r1"), completed("v2", "r2"),
-        promoted("v1", "r1", False), promoted("v2", "r2", True),
-    ]  # fmt: skip
+        dataset(),
+        completed("v1", "r1"),
+        completed("v2", "r2"),
+        promoted("v1", "r1", False),
+        promoted("v2", "r2", True),
+    ]
 
 
 @dataclass
@@ -105,9 +127,12 @@ def _sample(rng: random.Random) -> float:
 
 
 def history(
-    total: int = 10_000, windows: int = 20, window_ms: int = 1000,
-    shift: range = range(6, 13), seed: int = 7,
-) -> History:  # fmt: skip
+    total: int = 10_000,
+    windows: int = 20,
+    window_ms: int = 1000,
+    shift: range = range(6, 13),
+    seed: int = 7,
+) -> History:
     """`total` records over `windows` tumbling windows: clf v1 (normal), clf v2 (inputs
     shifted by +3 in the `shift` windows), plain v1 (no baseline); 1 % errors on clf v1, 20 %
     on plain v1; plus one record older than every open window (late), after window 12."""
@@ -126,15 +151,23 @@ def history(
             shifted = version == "v2" and w in shift
             latency = round(math.exp(rng.gauss(math.log(0.05), 0.6)), 6)
             failing = (model == "plain" and n % 5 == 0) or (version == "v1" and n % 100 == 0)
-            inputs = [[_sample(rng) + (3.0 if shifted else 0.0) for _ in FEATURES]
-                      for _ in range(2)]  # fmt: skip
+            inputs = [
+                [_sample(rng) + (3.0 if shifted else 0.0) for _ in FEATURES] for _ in range(2)
+            ]
             predictions = rng.choices(CLASSES, CLASS_P, k=2)
             payload = InferenceLogged(
-                request_id=f"r{n}", model=model, version=version, replica="rep-1",
-                latency_seconds=latency, ok=not failing, error="boom" if failing else None,
-                batch_size=2, predictions=predictions, feature_names=list(FEATURES),
+                request_id=f"r{n}",
+                model=model,
+                version=version,
+                replica="rep-1",
+                latency_seconds=latency,
+                ok=not failing,
+                error="boom" if failing else None,
+                batch_size=2,
+                predictions=predictions,
+                feature_names=list(FEATURES),
                 inputs=inputs,
-            )  # fmt: skip
+            )
             out.append((payload, t))
             key = (model, version, start)
             expected.requests[key] += 1
@@ -144,10 +177,15 @@ def history(
                 expected.classes[key][p] += 1
         if w == 12:  # one record for window 2, long closed by now: late
             late = InferenceLogged(
-                request_id="late-1", model="clf", version="v1", replica="rep-1",
-                latency_seconds=0.01, predictions=["0"], feature_names=list(FEATURES),
+                request_id="late-1",
+                model="clf",
+                version="v1",
+                replica="rep-1",
+                latency_seconds=0.01,
+                predictions=["0"],
+                feature_names=list(FEATURES),
                 inputs=[[5.0, 5.0]],
-            )  # fmt: skip
+            )
             out.append((late, BASE_MS + 2 * window_ms + 10))
             expected.late += 1
     return History(out, expected, window_ms, windows)

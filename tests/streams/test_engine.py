@@ -86,14 +86,20 @@ def test_hopping_view_is_the_merge_of_the_tumbling_windows_it_covers():
     for offset, (payload, t) in enumerate(h.payloads):
         e.apply(0, offset, t, payload.model_dump())
     e.idle(0, NOW_MS)
-    tumbling = {(p.model, p.version, p.window_start): p for p, _, _ in e.outbox
-                if getattr(p, "window", None) == "tumbling"}  # fmt: skip
+    tumbling = {
+        (p.model, p.version, p.window_start): p
+        for p, _, _ in e.outbox
+        if getattr(p, "window", None) == "tumbling"
+    }
     for p, _, _ in e.outbox:
         if getattr(p, "window", None) != "hopping":
             continue
         series = (p.model, p.version)
-        covered = [t for (m, v, start), t in tumbling.items()
-                   if (m, v) == series and p.window_start <= start < p.window_end]  # fmt: skip
+        covered = [
+            t
+            for (m, v, start), t in tumbling.items()
+            if (m, v) == series and p.window_start <= start < p.window_end
+        ]
         assert p.requests == sum(t.requests for t in covered)
         assert p.latency_seconds.max == max(t.latency_seconds.max for t in covered)
 

@@ -77,8 +77,11 @@ def check_windows(h: History, metrics: dict[tuple[str, str, int], Event]) -> Non
         assert (m.requests, m.errors) == (x.requests[key], x.errors[key]), key
         assert m.class_distribution == dict(x.classes[key]), key
         lat = x.latencies[key]
-        for q, got in ((0.5, m.latency_seconds.p50), (0.95, m.latency_seconds.p95),
-                       (0.99, m.latency_seconds.p99)):  # fmt: skip
+        for q, got in (
+            (0.5, m.latency_seconds.p50),
+            (0.95, m.latency_seconds.p95),
+            (0.99, m.latency_seconds.p99),
+        ):
             assert abs(got - lq(lat, q)) <= 0.01 * lq(lat, q), (key, q, got, lq(lat, q))
         assert m.latency_seconds.max == max(lat)
         assert m.latency_seconds.mean == pytest.approx(sum(lat) / len(lat), rel=1e-9)
@@ -91,8 +94,9 @@ def finish_exactly(kafka: KafkaConfig, h: History, app: StreamsProcess, when: st
         lambda: (lambda e: e if len(tumbling(e)) >= expected_windows else None)(
             unique(read_events(kafka, "serving.metrics"))
         ),
-        lambda: f"all windows {when}\n{app.log()}", timeout=120,
-    )  # fmt: skip
+        lambda: f"all windows {when}\n{app.log()}",
+        timeout=120,
+    )
     assert app.stop() == 0, app.log()
     check_windows(h, tumbling(done))
     assert len(tumbling(done)) == expected_windows
@@ -105,14 +109,27 @@ def test_metrics_drift_alerts_prometheus_then_identical_replay(kafka, run_stream
     app = run_streams("--app-id", kafka.topic_prefix + "live", "--idle-seconds", IDLE)
     started(app)
     produce(kafka, records[:100])  # live: the app is consuming before the rest arrives
-    wait_until(lambda: (sample(app.scrape(), "mlbus_streams_records_total") or 0) > 0,
-               lambda: f"the app to consume\n{app.log()}", timeout=60)  # fmt: skip
+    wait_until(
+        lambda: (sample(app.scrape(), "mlbus_streams_records_total") or 0) > 0,
+        lambda: f"the app to consume\n{app.log()}",
+        timeout=60,
+    )
     bad = [
         ("clf", b"not json at all"),
-        ("clf", orjson.dumps({"specversion": "1.0", "id": "x", "source": "s",
-                              "type": "inference.logged", "data": {"model": "clf"}})),
+        (
+            "clf",
+            orjson.dumps(
+                {
+                    "specversion": "1.0",
+                    "id": "x",
+                    "source": "s",
+                    "type": "inference.logged",
+                    "data": {"model": "clf"},
+                }
+            ),
+        ),
         ("clf", encode_wrong_type()),
-    ]  # fmt: skip
+    ]
     produce(kafka, records[100:3000] + bad + records[3000:])
 
     expected_windows = len(h.expected.requests)
@@ -134,8 +151,11 @@ def test_metrics_drift_alerts_prometheus_then_identical_replay(kafka, run_stream
             continue
         worst = max(v for k, v in m.psi.items() if k.startswith("f"))
         assert (worst > 0.2) == (version == "v2" and w in h.expected.shifted_windows), (
-            model, version, w, m.psi,
-        )  # fmt: skip
+            model,
+            version,
+            w,
+            m.psi,
+        )
         assert m.psi["predicted_class"] < 0.2
 
     # the hopping view covers every record three times (3 s of 1 s windows)
@@ -150,8 +170,10 @@ def test_metrics_drift_alerts_prometheus_then_identical_replay(kafka, run_stream
     # alerts: psi of clf v2 fires after 3 shifted windows and resolves when the shift ends;
     # plain v1 (20 % errors) fires on error rate and stays firing
     end = lambda w: datetime.fromtimestamp((BASE_MS + (w + 1) * h.window_ms) / 1000, UTC)  # noqa: E731
-    got = sorted((a.data.model, a.data.version, a.data.alert, a.data.status, a.data.window_end)
-                 for a in alerts)  # fmt: skip
+    got = sorted(
+        (a.data.model, a.data.version, a.data.alert, a.data.status, a.data.window_end)
+        for a in alerts
+    )
     first, last = min(h.expected.shifted_windows), max(h.expected.shifted_windows)
     assert got == [
         ("clf", "v2", "psi", "firing", end(first + 2)),
@@ -177,8 +199,10 @@ def test_metrics_drift_alerts_prometheus_then_identical_replay(kafka, run_stream
     assert sample(page, "mlbus_serving_late_events_total", model="clf", version="v1") == 1
     assert sample(page, "mlbus_serving_psi", model="clf", version="v2", feature="f0") < 0.2
     assert sample(page, "mlbus_serving_psi", model="plain", version="v1", feature="f0") is None
-    assert sample(page, "mlbus_serving_alert_firing", model="plain", version="v1",
-                  alert="error_rate") == 1  # fmt: skip
+    assert (
+        sample(page, "mlbus_serving_alert_firing", model="plain", version="v1", alert="error_rate")
+        == 1
+    )
     assert sample(page, "mlbus_streams_deadletters_total") == 3
 
     # malformed records: dead-lettered with their reason, the stream went on
@@ -192,8 +216,11 @@ def test_metrics_drift_alerts_prometheus_then_identical_replay(kafka, run_stream
     # byte (ids and times are derived from the windows, not from when they were computed)
     replay = run_streams("--app-id", kafka.topic_prefix + "replay", "--idle-seconds", IDLE)
     started(replay)
-    wait_until(lambda: len(read_events(kafka, "serving.metrics")) >= 2 * len(live),
-               lambda: f"the replay's windows\n{replay.log()}", timeout=90)  # fmt: skip
+    wait_until(
+        lambda: len(read_events(kafka, "serving.metrics")) >= 2 * len(live),
+        lambda: f"the replay's windows\n{replay.log()}",
+        timeout=90,
+    )
     assert replay.stop() == 0, replay.log()
     everything = read_events(kafka, "serving.metrics")
     assert len(everything) == 2 * len(live)
@@ -220,8 +247,9 @@ def test_restart_recovers_tables_from_the_changelog(kafka, run_streams):
     produce(kafka, records[:half])
     wait_until(
         lambda: sample(first.scrape(), "mlbus_streams_records_total") == half,
-        lambda: f"the first half consumed\n{first.log()}", timeout=60,
-    )  # fmt: skip
+        lambda: f"the first half consumed\n{first.log()}",
+        timeout=60,
+    )
     before = unique(read_events(kafka, "serving.metrics"))
     assert before, "some windows closed before the restart"
     first.kill()  # SIGKILL: no chance to commit or flush anything more
@@ -252,8 +280,9 @@ def test_two_workers_share_the_log_and_one_takes_over_when_the_other_dies(kafka,
     produce(kafka, records[:half])
     wait_until(
         lambda: sum(consumed(w) for w in workers) >= half,
-        lambda: "the first half consumed\n" + "\n".join(w.log() for w in workers), timeout=90,
-    )  # fmt: skip
+        lambda: "the first half consumed\n" + "\n".join(w.log() for w in workers),
+        timeout=90,
+    )
     busier, survivor = sorted(workers, key=consumed, reverse=True)
     busier.kill()
     produce(kafka, records[half:])

@@ -38,15 +38,32 @@ def _interrupted_then_resumed(data, store, family, params, *, stop_after, max_ep
         checkpoint.save(store, "run", state, IDENTITY)
         done.append(state.epoch)
 
-    first = fit(data, family, params, max_epochs=max_epochs, seed=5, on_checkpoint=save,
-                should_stop=lambda: len(done) >= stop_after, **kw)  # fmt: skip
+    first = fit(
+        data,
+        family,
+        params,
+        max_epochs=max_epochs,
+        seed=5,
+        on_checkpoint=save,
+        should_stop=lambda: len(done) >= stop_after,
+        **kw,
+    )
     assert first.stopped and first.epochs == stop_after
     torch.manual_seed(12345)  # whatever the process did in between must not matter
     resume = checkpoint.load(store, "run", IDENTITY)
     assert resume is not None and resume.epoch == stop_after
     epochs: list[int] = []
-    second = fit(data, family, params, max_epochs=max_epochs, seed=5, resume=resume,
-                 on_checkpoint=save, on_epoch=lambda e, m, r: epochs.append(e), **kw)  # fmt: skip
+    second = fit(
+        data,
+        family,
+        params,
+        max_epochs=max_epochs,
+        seed=5,
+        resume=resume,
+        on_checkpoint=save,
+        on_epoch=lambda e, m, r: epochs.append(e),
+        **kw,
+    )
     assert epochs == list(range(stop_after + 1, second.epochs + 1))
     return second
 
@@ -82,8 +99,14 @@ def test_early_stopping_state_survives_a_resume(digits, tmp_path):
 def test_checkpoints_are_safetensors_and_json_and_only_the_last_is_kept(digits, tmp_path):
     store = ObjectStore(tmp_path.as_uri())
     params = hyperparameters("mlp", {})
-    fit(digits, "mlp", params, max_epochs=3, seed=5,
-        on_checkpoint=lambda s: checkpoint.save(store, "run", s, IDENTITY))  # fmt: skip
+    fit(
+        digits,
+        "mlp",
+        params,
+        max_epochs=3,
+        seed=5,
+        on_checkpoint=lambda s: checkpoint.save(store, "run", s, IDENTITY),
+    )
     keys = store.list("runs/run/checkpoint")
     assert keys == [
         "runs/run/checkpoint/checkpoint.json",
@@ -99,8 +122,14 @@ def test_checkpoints_are_safetensors_and_json_and_only_the_last_is_kept(digits, 
 def test_an_unusable_checkpoint_means_a_restart(digits, tmp_path):
     store = ObjectStore(tmp_path.as_uri())
     params = hyperparameters("mlp", {})
-    fit(digits, "mlp", params, max_epochs=1, seed=5,
-        on_checkpoint=lambda s: checkpoint.save(store, "run", s, IDENTITY))  # fmt: skip
+    fit(
+        digits,
+        "mlp",
+        params,
+        max_epochs=1,
+        seed=5,
+        on_checkpoint=lambda s: checkpoint.save(store, "run", s, IDENTITY),
+    )
     assert checkpoint.load(store, "run", IDENTITY | {"seed": 6}) is None  # another request's
     key = "runs/run/checkpoint/epoch-0001.safetensors"
     raw = bytearray(store.read_bytes(key))

@@ -20,8 +20,9 @@ FAST = {  # the embedded broker's settings (a configured bootstrap keeps Kafka's
 @pytest.fixture
 def worker(env):  # noqa: F811
     env = env | FAST
-    process = subprocess.Popen([MLBUS, "trainer"], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [MLBUS, "trainer"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     yield env
     process.send_signal(signal.SIGTERM)
     try:
@@ -33,10 +34,24 @@ def worker(env):  # noqa: F811
 
 def test_a_sweep_from_the_cli_is_trained_and_reported(worker):
     sample = json_lines(ok(mlbus("datasets", "sample", "digits", "--json", env=worker)).stdout)[0]
-    result = ok(mlbus(
-        "train", "digits", "--dataset", f"digits@{sample['version'][:10]}", "--family", "mlp",
-        "--epochs", "3", "--sweep", "hidden=16,32", "--wait", "--json", env=worker, timeout=180,
-    ))  # fmt: skip
+    result = ok(
+        mlbus(
+            "train",
+            "digits",
+            "--dataset",
+            f"digits@{sample['version'][:10]}",
+            "--family",
+            "mlp",
+            "--epochs",
+            "3",
+            "--sweep",
+            "hidden=16,32",
+            "--wait",
+            "--json",
+            env=worker,
+            timeout=180,
+        )
+    )
     runs = json_lines(result.stdout)
     assert sorted(r["hyperparameters"]["hidden"] for r in runs) == [16, 32]
     assert len({r["run_id"] for r in runs}) == 2
@@ -48,8 +63,18 @@ def test_a_sweep_from_the_cli_is_trained_and_reported(worker):
 def test_wait_exits_non_zero_when_a_run_fails(worker):
     sample = json_lines(ok(mlbus("datasets", "sample", "iris", "--json", env=worker)).stdout)[0]
     ref = f"iris@{sample['version'][:8]}"
-    result = mlbus("train", "iris", "--dataset", ref, "--family", "nosuch", "--wait", "--json",
-                   env=worker, timeout=120)  # fmt: skip
+    result = mlbus(
+        "train",
+        "iris",
+        "--dataset",
+        ref,
+        "--family",
+        "nosuch",
+        "--wait",
+        "--json",
+        env=worker,
+        timeout=120,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout.strip() == ""  # no completed run to report
 

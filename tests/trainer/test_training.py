@@ -60,8 +60,9 @@ def test_cnn_needs_square_images():
 def test_a_split_that_leaves_nothing_to_train_on_is_an_invalid_request(digits):
     x, labels = digits.x["train"].numpy(), digits.y["train"].numpy()
     with pytest.raises(InvalidTrainingRequest, match="leave rows to train on"):
-        prepare(x, labels, features=digits.features, label="label", seed=1, validation=0.5,
-                test=0.5)  # fmt: skip
+        prepare(
+            x, labels, features=digits.features, label="label", seed=1, validation=0.5, test=0.5
+        )
 
 
 def test_features_are_standardised_with_training_statistics(digits):
@@ -73,9 +74,13 @@ def test_features_are_standardised_with_training_statistics(digits):
 def test_digits_cnn_reaches_95_percent_and_is_deterministic(digits):
     epochs: list[int] = []
     first = fit(
-        digits, "cnn", hyperparameters("cnn", {}), max_epochs=15, seed=7,
+        digits,
+        "cnn",
+        hyperparameters("cnn", {}),
+        max_epochs=15,
+        seed=7,
         on_epoch=lambda epoch, metrics, rate: epochs.append(epoch),
-    )  # fmt: skip
+    )
     assert first.metrics["test"]["accuracy"] >= 0.95, first.metrics
     assert epochs == list(range(1, first.epochs + 1))
     again = _train(digits)
@@ -121,9 +126,15 @@ def test_a_tampered_artifact_is_refused(digits, tmp_path):
     result = _train(digits, epochs=1)
     store = ObjectStore(tmp_path.as_uri())
     mean, std = digits.standardisation.to_lists()
-    card = ModelCard(family="cnn", features=digits.features, label=digits.label,
-                     classes=digits.classes, hyperparameters=hyperparameters("cnn", {}),
-                     mean=mean, std=std)  # fmt: skip
+    card = ModelCard(
+        family="cnn",
+        features=digits.features,
+        label=digits.label,
+        classes=digits.classes,
+        hyperparameters=hyperparameters("cnn", {}),
+        mean=mean,
+        std=std,
+    )
     saved = artifacts.save(store, "m/r", result.model, card)
     raw = bytearray(store.read_bytes("m/r/model.safetensors"))
     raw[-1] ^= 0xFF

@@ -42,9 +42,12 @@ def _digits(kafka, store, sample="digits"):
 def _loop(kafka, group, store, producer):
     with contextlib.closing(TrainingWorker(kafka, store, producer)) as worker:
         yield ConsumerLoop(
-            kafka, group=group, name="trainer", long_running=True,
+            kafka,
+            group=group,
+            name="trainer",
+            long_running=True,
             handlers={"training.requested": worker},
-        )  # fmt: skip
+        )
 
 
 def _run_worker(kafka, group, store):
@@ -65,10 +68,13 @@ def test_a_request_trains_the_digits_cnn_and_publishes_the_run(kafka, group, tmp
     with EventProducer(kafka, source="test") as producer:
         request = producer.publish(
             TrainingRequested(
-                model="digits", family="cnn", seed=3, max_epochs=15,
+                model="digits",
+                family="cnn",
+                seed=3,
+                max_epochs=15,
                 dataset=DatasetRef(name="digits", version=dataset.version[:10]),
             )
-        )  # fmt: skip
+        )
     stats = _run_worker(kafka, group, store)
     assert stats.handled == 1 and stats.deadlettered == 0
 
@@ -101,10 +107,14 @@ def test_a_stopped_worker_checkpoints_and_the_next_resumes_to_the_same_metrics(
     store = ObjectStore(tmp_path.as_uri())
     dataset = _digits(kafka, store)
     payload = TrainingRequested(
-        model="digits", family="cnn", seed=4, max_epochs=12, device="cpu",
+        model="digits",
+        family="cnn",
+        seed=4,
+        max_epochs=12,
+        device="cpu",
         hyperparameters={"batch_size": 16},
         dataset=DatasetRef(name="digits", version=dataset.version),
-    )  # fmt: skip
+    )
     with EventProducer(kafka, source="test") as producer:
         interrupted = producer.publish(payload)
     run_id = run_id_for(interrupted.id)
@@ -128,8 +138,10 @@ def test_a_stopped_worker_checkpoints_and_the_next_resumes_to_the_same_metrics(
     _run_worker(kafka, group, store)
     started = [e.data for e in read_events(kafka, "training.started")]
     assert [(s.run_id, s.attempt, s.resumed_from_epoch) for s in started] == [
-        (run_id, 1, None), (run_id, 2, stopped_at), (run_id_for(whole.id), 1, None),
-    ]  # fmt: skip
+        (run_id, 1, None),
+        (run_id, 2, stopped_at),
+        (run_id_for(whole.id), 1, None),
+    ]
     epochs = [e.data.epoch for e in read_events(kafka, "training.progress")]
     assert epochs == [*range(1, 13), *range(1, 13)]
     completed = {e.data.request_id: e.data for e in read_events(kafka, "training.completed")}
@@ -147,9 +159,11 @@ def test_a_redelivered_request_announces_the_same_completion_without_training(
     store = ObjectStore(tmp_path.as_uri())
     dataset = _digits(kafka, store)
     payload = TrainingRequested(
-        model="digits", family="mlp", max_epochs=2,
+        model="digits",
+        family="mlp",
+        max_epochs=2,
         dataset=DatasetRef(name="digits", version=dataset.version),
-    )  # fmt: skip
+    )
     with EventProducer(kafka, source="test") as producer:
         ref = producer.publish(payload)
     _run_worker(kafka, group, store)
@@ -167,8 +181,9 @@ def test_bad_requests_fail_with_a_reason_and_are_not_retried(kafka, group, tmp_p
     good = DatasetRef(name="digits", version=dataset.version)
     with EventProducer(kafka, source="test") as producer:
         producer.publish(TrainingRequested(model="a", family="transformer", dataset=good))
-        producer.publish(TrainingRequested(model="b", family="mlp", dataset=good,
-                                           hyperparameters={"hidden": -1}))  # fmt: skip
+        producer.publish(
+            TrainingRequested(model="b", family="mlp", dataset=good, hyperparameters={"hidden": -1})
+        )
         missing = DatasetRef(name="digits", version="ffff")
         producer.publish(TrainingRequested(model="c", family="mlp", dataset=missing))
         producer.publish(TrainingRequested(model="d", family="mlp", dataset=good, device="cuda:99"))
@@ -196,20 +211,29 @@ def test_an_unreachable_object_store_is_retried_and_reported_retryable(kafka, gr
     server.start()
     bucket = f"trainer-{uuid.uuid4().hex[:8]}"
     options = {
-        "key": "testing", "secret": "testing", "skip_instance_cache": True,
+        "key": "testing",
+        "secret": "testing",
+        "skip_instance_cache": True,
         "client_kwargs": {"region_name": "eu-west-1"},
         "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
-    }  # fmt: skip
+    }
     try:
-        store = ObjectStore(f"s3://{bucket}/root", s3_endpoint_url=f"http://127.0.0.1:{port}",
-                            storage_options=options)  # fmt: skip
+        store = ObjectStore(
+            f"s3://{bucket}/root",
+            s3_endpoint_url=f"http://127.0.0.1:{port}",
+            storage_options=options,
+        )
         store.fs.mkdir(bucket, region_name="eu-west-1")
         dataset = _digits(kafka, store, sample="iris")  # small: every request goes to moto
         with EventProducer(kafka, source="test") as producer:
-            request = producer.publish(TrainingRequested(
-                model="digits", family="mlp", max_epochs=2,
-                dataset=DatasetRef(name="digits", version=dataset.version),
-            ))  # fmt: skip
+            request = producer.publish(
+                TrainingRequested(
+                    model="digits",
+                    family="mlp",
+                    max_epochs=2,
+                    dataset=DatasetRef(name="digits", version=dataset.version),
+                )
+            )
         server.stop()  # the object store goes down
         with (
             EventProducer(kafka, source="mlbus/trainer") as producer,

@@ -49,17 +49,21 @@ class Events:
 
     def _follow(self):
         for message in self._reader:
-            event = decode(message.value(), message.headers(),
-                           expected_type=self.kafka.event_type(message.topic()))  # fmt: skip
+            event = decode(
+                message.value(),
+                message.headers(),
+                expected_type=self.kafka.event_type(message.topic()),
+            )
             with self._lock:
                 self._events.append(event)
 
     def of(self, event_type, requests=None):
         with self._lock:
             return [
-                e for e in self._events
+                e
+                for e in self._events
                 if e.type == event_type and (requests is None or e.data.request_id in requests)
-            ]  # fmt: skip
+            ]
 
     def stop(self):
         self._reader.stop()
@@ -90,8 +94,13 @@ def workers(env, tmp_path):  # noqa: F811
 
     def start(name):
         log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed at teardown
-        process = subprocess.Popen([MLBUS, "trainer"], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+        process = subprocess.Popen(
+            [MLBUS, "trainer"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         started.append((process, log))
         return process
 
@@ -126,8 +135,11 @@ def test_two_workers_split_a_sweep_and_survive_a_sigkill(kafka, workers):
                 for name in probes:
                     probe = TrainingRequested(model=name, family="probe", dataset=dataset)
                     ids.add(producer.publish(probe).id)
-            wait_until(lambda: len(events.of("training.failed", ids)) == PARTITIONS,
-                       "the probes to fail", timeout=60)  # fmt: skip
+            wait_until(
+                lambda: len(events.of("training.failed", ids)) == PARTITIONS,
+                "the probes to fail",
+                timeout=60,
+            )
             seen = {e.data.worker for e in events.of("training.started", ids)}
             return any(map(_worker_id(first), seen)) and any(map(_worker_id(second), seen))
 
@@ -139,18 +151,24 @@ def test_two_workers_split_a_sweep_and_survive_a_sigkill(kafka, workers):
             requests = {
                 producer.publish(
                     TrainingRequested(
-                        model=name, family="cnn", dataset=dataset, seed=1, max_epochs=EPOCHS,
-                        device="cpu", hyperparameters={"batch_size": 32, "channels": 8},
+                        model=name,
+                        family="cnn",
+                        dataset=dataset,
+                        seed=1,
+                        max_epochs=EPOCHS,
+                        device="cpu",
+                        hyperparameters={"batch_size": 32, "channels": 8},
                         sweep=SweepPoint(sweep_id=sweep, index=i, size=4),
                     ),
                     correlationid=sweep,
                 ).id: name
                 for i, name in enumerate(names)
-            }  # fmt: skip
+            }
         landed = {
-            m.partition() for m in read_raw(kafka, kafka.topic("training.requested"))
+            m.partition()
+            for m in read_raw(kafka, kafka.topic("training.requested"))
             if m.key().decode() in names
-        }  # fmt: skip
+        }
         assert len(landed) == 4, "the sweep's model names did not land on 4 partitions"
 
         def running():
@@ -170,19 +188,22 @@ def test_two_workers_split_a_sweep_and_survive_a_sigkill(kafka, workers):
                     return worker, run_id, epochs[run_id]
             return None
 
-        worker, interrupted, epoch = wait_until(running, "both workers training the sweep",
-                                                timeout=90, interval=0.1)  # fmt: skip
+        worker, interrupted, epoch = wait_until(
+            running, "both workers training the sweep", timeout=90, interval=0.1
+        )
         victim = first if _worker_id(first)(worker) else second
         survivor = second if victim is first else first
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
 
         wait_until(
-            lambda: len({e.data.request_id for e in events.of("training.completed", requests)})
-            == 4,
+            lambda: (
+                len({e.data.request_id for e in events.of("training.completed", requests)}) == 4
+            ),
             lambda: f"4 completed runs; have {len(events.of('training.completed', requests))}",
-            timeout=180, interval=0.5,
-        )  # fmt: skip
+            timeout=180,
+            interval=0.5,
+        )
         assert survivor.poll() is None, "the survivor died"
         completed = events.of("training.completed", requests)
         assert len(completed) == 4, [e.data.run_id for e in completed]
@@ -191,8 +212,9 @@ def test_two_workers_split_a_sweep_and_survive_a_sigkill(kafka, workers):
         assert all(e.correlationid == sweep for e in completed)
         assert not events.of("training.failed", requests)
         # The interrupted run was taken over and continued from its checkpoint.
-        attempts = [e.data for e in events.of("training.started", requests)
-                    if e.data.run_id == interrupted]  # fmt: skip
+        attempts = [
+            e.data for e in events.of("training.started", requests) if e.data.run_id == interrupted
+        ]
         assert [a.attempt for a in attempts] == [1, 2]
         assert _worker_id(survivor)(attempts[1].worker)
         assert attempts[1].resumed_from_epoch is not None

@@ -38,10 +38,18 @@ def fill_log(kafka: KafkaConfig, n: int = 30) -> None:
     _, value = encode_new(progress(model="binary"), source="test")
 
     payload = orjson.dumps(orjson.loads(value)["data"])
-    produce(kafka, "training.progress", [(b"binary", payload, None)], headers=[
-        ("ce_specversion", b"1.0"), ("ce_id", b"binary-mode-id"), ("ce_source", b"test"),
-        ("ce_type", b"training.progress"), ("content-type", b"application/json"),
-    ])  # fmt: skip
+    produce(
+        kafka,
+        "training.progress",
+        [(b"binary", payload, None)],
+        headers=[
+            ("ce_specversion", b"1.0"),
+            ("ce_id", b"binary-mode-id"),
+            ("ce_source", b"test"),
+            ("ce_type", b"training.progress"),
+            ("content-type", b"application/json"),
+        ],
+    )
     produce(kafka, "dataset.created", [(b"ds0", b"\x00not json at all", None)])
     produce(kafka, "dataset.created", [(None, b'{"no": "key"}', None)])
 
@@ -63,10 +71,13 @@ def produce(
         if partition is not None:
             kwargs["partition"] = partition
         producer.produce(
-            kafka.topic(event_type), value, key,
+            kafka.topic(event_type),
+            value,
+            key,
             headers=list(headers if headers is not None else STRUCTURED_HEADERS),
-            on_delivery=lambda err, msg: failures.append(err) if err else None, **kwargs,
-        )  # fmt: skip
+            on_delivery=lambda err, msg: failures.append(err) if err else None,
+            **kwargs,
+        )
     assert producer.flush(DEADLINE) == 0 and not failures, failures
 
 

@@ -56,9 +56,16 @@ def test_every_record_is_archived_once_with_its_columns(log, store, group):
     assert all(k.split("/")[2].startswith("date=") for k in keys), keys[:3]
     table = pq.read_table(store.open(keys[0]))
     assert table.column_names == [
-        "topic", "partition", "offset", "timestamp", "key", "headers", "value", "event_id",
+        "topic",
+        "partition",
+        "offset",
+        "timestamp",
+        "key",
+        "headers",
+        "value",
+        "event_id",
         "event_type",
-    ]  # fmt: skip
+    ]
     rows = [
         row
         for f in list_files(store, ["training.progress", "dataset.created"])
@@ -105,8 +112,11 @@ def test_records_are_filed_under_the_date_of_their_timestamp(kafka, local, group
     archive(kafka, local, group)
     files = list_files(local, ["serving.alert"])
     assert [(f.day, f.first, f.last) for f in files] == [
-        ("2025-12-31", 0, 0), ("2026-01-01", 1, 2), ("2026-01-02", 3, 3), ("2025-12-31", 4, 4),
-    ]  # fmt: skip
+        ("2025-12-31", 0, 0),
+        ("2026-01-01", 1, 2),
+        ("2026-01-02", 3, 3),
+        ("2025-12-31", 4, 4),
+    ]
     assert [r.timestamp_ms for r in read_archive(local, ["serving.alert"])] == stamps
     window = read_archive(local, ["serving.alert"], since_ms=base, until_ms=base + day - 1)
     assert [r.offset for r in window] == [1, 2]
@@ -142,9 +152,13 @@ def test_a_flush_cut_short_by_the_store_keeps_its_files_and_the_retry_writes_the
 
     store = FailingStore((tmp_path / "flaky").as_uri(), {2, 3}, more_records)
     archiver = Archiver(
-        log, store, group=group, flush_bytes=10_000_000, flush_seconds=0.0,
+        log,
+        store,
+        group=group,
+        flush_bytes=10_000_000,
+        flush_seconds=0.0,
         backoff=Backoff(0.3, 0.3),
-    )  # fmt: skip
+    )
     running = threading.Thread(
         target=archiver.run, kwargs={"install_signal_handlers": False}, daemon=True
     )
@@ -165,9 +179,12 @@ def test_a_flush_cut_short_by_the_store_keeps_its_files_and_the_retry_writes_the
 def start_archiver(cli_env: dict[str, str], tmp_path: Path, name: str, **env: str):
     out = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(
-        [MLBUS, "archive", "run", "--group", "archiver"], env=cli_env | env, stdout=out,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [MLBUS, "archive", "run", "--group", "archiver"],
+        env=cli_env | env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     process.log_path = tmp_path / f"{name}.log"  # type: ignore[attr-defined]
     return process
 
@@ -240,6 +257,8 @@ def test_the_archive_reads_back_as_the_log(log, store, group):
     archive(log, store, group, flush_bytes=2000)
     topics = ["training.progress", "dataset.created"]
     assert list(read_archive(store, topics)) == [
-        r for r in sorted(the_log(log, topics),
-                          key=lambda r: (topics.index(r.topic), r.partition, r.offset))
-    ]  # fmt: skip
+        r
+        for r in sorted(
+            the_log(log, topics), key=lambda r: (topics.index(r.topic), r.partition, r.offset)
+        )
+    ]

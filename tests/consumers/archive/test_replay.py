@@ -33,10 +33,18 @@ def iso(ms: int) -> str:
 def fill(kafka) -> list[dict]:
     events = []
     for i, (key, hours) in enumerate(SCHEDULE):
-        event = {"specversion": "1.0", "id": str(uuid.uuid4()), "type": "model.promoted",
-                 "source": "test", "data": {"n": i}}  # fmt: skip
-        produce(kafka, "model.promoted", [(key.encode(), json.dumps(event).encode(),
-                                          NOW - hours * HOUR)])  # fmt: skip
+        event = {
+            "specversion": "1.0",
+            "id": str(uuid.uuid4()),
+            "type": "model.promoted",
+            "source": "test",
+            "data": {"n": i},
+        }
+        produce(
+            kafka,
+            "model.promoted",
+            [(key.encode(), json.dumps(event).encode(), NOW - hours * HOUR)],
+        )
         events.append({"key": key, "ts": NOW - hours * HOUR, "event": event})
     return events
 
@@ -63,12 +71,13 @@ def test_kafka_and_archive_give_the_same_records_and_filters(kafka, local, cli_e
     cases = {
         (): lambda e: True,
         ("--since", "2d"): lambda e: e["ts"] >= NOW - 48 * HOUR - 60_000,
-        ("--since", iso(NOW - 30 * HOUR), "--until", iso(NOW - 5 * HOUR)):
-            lambda e: NOW - 30 * HOUR <= e["ts"] <= NOW - 5 * HOUR,
+        ("--since", iso(NOW - 30 * HOUR), "--until", iso(NOW - 5 * HOUR)): lambda e: (
+            NOW - 30 * HOUR <= e["ts"] <= NOW - 5 * HOUR
+        ),
         ("--until", iso(NOW - 50 * HOUR)): lambda e: e["ts"] <= NOW - 50 * HOUR,
         ("--key", "b"): lambda e: e["key"] == "b",
         ("--key", "a", "--since", "40h"): lambda e: e["key"] == "a" and e["ts"] > NOW - 40 * HOUR,
-    }  # fmt: skip
+    }
     for args, wanted in cases.items():
         expected = sorted(e["event"]["id"] for e in events if wanted(e))
         from_kafka = replay(cli_env, *args)
@@ -103,8 +112,19 @@ def test_replay_joins_no_group_and_moves_no_offsets(kafka, local, cli_env):
 def test_parquet_and_table_formats(kafka, local, cli_env, tmp_path):
     events = fill(kafka)
     out = tmp_path / "replay.parquet"
-    result = ok(mlbus("replay", "model.promoted", "--format", "parquet", "--output", str(out),
-                      "--key", "a", env=cli_env))  # fmt: skip
+    result = ok(
+        mlbus(
+            "replay",
+            "model.promoted",
+            "--format",
+            "parquet",
+            "--output",
+            str(out),
+            "--key",
+            "a",
+            env=cli_env,
+        )
+    )
     assert "3 records" in result.stdout
     table = pq.read_table(out)
     assert sorted(table.column("event_id").to_pylist()) == sorted(
@@ -116,8 +136,9 @@ def test_parquet_and_table_formats(kafka, local, cli_env, tmp_path):
     assert shown.exit_code == 0, shown.output
     shown = shown.stdout
     assert all(e["event"]["id"] in shown for e in events)
-    refused = CliRunner().invoke(app, ["replay", "model.promoted", "--format", "parquet"],
-                                 env=cli_env)  # fmt: skip
+    refused = CliRunner().invoke(
+        app, ["replay", "model.promoted", "--format", "parquet"], env=cli_env
+    )
     assert refused.exit_code == 1 and "--output" in str(refused.exception)
     unknown = CliRunner().invoke(app, ["replay", "no.such.topic"], env=cli_env)
     assert unknown.exit_code == 1 and "unknown topic" in str(unknown.exception)

@@ -64,8 +64,12 @@ def test_restore_into_a_new_cluster_keeps_ids_keys_values_and_order(log, local, 
     for name in TOPICS_USED:
         count = sum(1 for r in source_log if r.topic == name)
         assert reports[name] | {"topic": name} == {
-            "topic": name, "archived": count, "published": count, "skipped": 0, "present": 0,
-        }  # fmt: skip
+            "topic": name,
+            "archived": count,
+            "published": count,
+            "skipped": 0,
+            "present": 0,
+        }
     assert_same_log(log, target)
     assert any(record_identity(r) == "binary-mode-id" for r in the_log(target, TOPICS_USED))
 
@@ -73,8 +77,9 @@ def test_restore_into_a_new_cluster_keeps_ids_keys_values_and_order(log, local, 
     again = CliRunner().invoke(app, ["archive", "restore", *TOPICS_USED], env=env)
     assert again.exit_code == 1 and isinstance(again.exception, TargetNotEmpty)
     # ... and with --force, nothing is published twice.
-    forced = CliRunner().invoke(app, ["archive", "restore", *TOPICS_USED, "--force", "--json"],
-                                env=env)  # fmt: skip
+    forced = CliRunner().invoke(
+        app, ["archive", "restore", *TOPICS_USED, "--force", "--json"], env=env
+    )
     assert forced.exit_code == 0, forced.output
     assert all(r["published"] == 0 for r in json_lines(forced.stdout))
     assert_same_log(log, target)
@@ -88,8 +93,9 @@ def test_an_interrupted_restore_is_finished_by_force(log, store, target):
 
     producer = Producer(target.producer())
     for r in partial:
-        producer.produce(target.topic(r.topic), r.value, r.key, headers=list(r.headers),
-                         timestamp=r.timestamp_ms)  # fmt: skip
+        producer.produce(
+            target.topic(r.topic), r.value, r.key, headers=list(r.headers), timestamp=r.timestamp_ms
+        )
     assert producer.flush(30) == 0
     with pytest.raises(TargetNotEmpty, match=r"dataset\.created"):
         restore(target, store, TOPICS_USED)

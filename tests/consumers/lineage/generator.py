@@ -77,9 +77,12 @@ class _Builder:
             f"{self.counter:012d}"
         )
         ref, value = encode_new(
-            payload, source="tests/generator", causation=cause, event_id=event_id,
+            payload,
+            source="tests/generator",
+            causation=cause,
+            event_id=event_id,
             time=self.clock,
-        )  # fmt: skip
+        )
         self.out.append(GenRecord(ref.type, ref.key.encode() if ref.key else None, value))
         return ref
 
@@ -106,132 +109,274 @@ def generate_log(events: int = 50_000, seed: int = 1) -> list[GenRecord]:
             if datasets and rng.random() < 0.5
             else []
         )
-        created = b.emit(DatasetCreated.model_validate({
-            "name": dname, "version": version, "uri": f"s3://bucket/{dname}/{version}.parquet",
-            "content_hash": _sha(rng), "arrow_schema": [{"name": "x", "type": "double"}],
-            "num_rows": rng.randint(10, 10_000), "num_bytes": rng.randint(100, 10**6),
-            "parents": parents, "tags": {"team": rng.choice(["a", "b"])},
-            "created_by": "etl",
-        }))  # fmt: skip
+        created = b.emit(
+            DatasetCreated.model_validate(
+                {
+                    "name": dname,
+                    "version": version,
+                    "uri": f"s3://bucket/{dname}/{version}.parquet",
+                    "content_hash": _sha(rng),
+                    "arrow_schema": [{"name": "x", "type": "double"}],
+                    "num_rows": rng.randint(10, 10_000),
+                    "num_bytes": rng.randint(100, 10**6),
+                    "parents": parents,
+                    "tags": {"team": rng.choice(["a", "b"])},
+                    "created_by": "etl",
+                }
+            )
+        )
         datasets.append((dname, version))
-        b.emit(DatasetValidated.model_validate({
-            "name": dname, "version": version, "uri": f"s3://bucket/{dname}/{version}.parquet",
-            "content_hash": _sha(rng), "num_rows": 10, "validator": "v", "checks": ["hash"],
-        }), cause=created)  # fmt: skip
+        b.emit(
+            DatasetValidated.model_validate(
+                {
+                    "name": dname,
+                    "version": version,
+                    "uri": f"s3://bucket/{dname}/{version}.parquet",
+                    "content_hash": _sha(rng),
+                    "num_rows": 10,
+                    "validator": "v",
+                    "checks": ["hash"],
+                }
+            ),
+            cause=created,
+        )
         if n % 9 == 0:
-            b.emit(PipelineDefined.model_validate({
-                "name": f"pipe-{model}", "revision": n, "dataset": dname, "model": model,
-                "family": "mlp", "policy": {"name": "default", "version": 1},
-                "actor": "alice",
-            }))  # fmt: skip
+            b.emit(
+                PipelineDefined.model_validate(
+                    {
+                        "name": f"pipe-{model}",
+                        "revision": n,
+                        "dataset": dname,
+                        "model": model,
+                        "family": "mlp",
+                        "policy": {"name": "default", "version": 1},
+                        "actor": "alice",
+                    }
+                )
+            )
         # an unknown upstream now and then: a request on a dataset nobody announced
         trained_on = {"name": dname, "version": version}
         if rng.random() < 0.05:
             trained_on = {"name": "ghost", "version": f"g{n}"}
         for attempt in range(rng.randint(1, 2)):
             hyper = {"lr": rng.choice([0.1, 0.01]), "hidden": rng.choice([32, 64])}
-            request = b.emit(TrainingRequested.model_validate({
-                "model": model, "dataset": trained_on, "family": "mlp",
-                "hyperparameters": hyper, "requested_by": rng.choice(["alice", "workflow"]),
-                "pipeline": f"pipe-{model}",
-            }), cause=created)  # fmt: skip
+            request = b.emit(
+                TrainingRequested.model_validate(
+                    {
+                        "model": model,
+                        "dataset": trained_on,
+                        "family": "mlp",
+                        "hyperparameters": hyper,
+                        "requested_by": rng.choice(["alice", "workflow"]),
+                        "pipeline": f"pipe-{model}",
+                    }
+                ),
+                cause=created,
+            )
             run_id = f"run-{n}-{attempt}"
-            b.emit(TrainingStarted.model_validate({
-                "run_id": run_id, "model": model, "request_id": request.id,
-                "dataset": trained_on, "worker": f"w{rng.randint(1, 3)}",
-            }), cause=request)  # fmt: skip
+            b.emit(
+                TrainingStarted.model_validate(
+                    {
+                        "run_id": run_id,
+                        "model": model,
+                        "request_id": request.id,
+                        "dataset": trained_on,
+                        "worker": f"w{rng.randint(1, 3)}",
+                    }
+                ),
+                cause=request,
+            )
             epochs = rng.randint(2, 6)
             for epoch in range(1, epochs + 1):
-                b.emit(TrainingProgress.model_validate({
-                    "run_id": run_id, "model": model, "epoch": epoch, "max_epochs": epochs,
-                    "metrics": {"loss": round(rng.random(), 4)}, "samples_per_second": 100.0,
-                }), cause=request)  # fmt: skip
+                b.emit(
+                    TrainingProgress.model_validate(
+                        {
+                            "run_id": run_id,
+                            "model": model,
+                            "epoch": epoch,
+                            "max_epochs": epochs,
+                            "metrics": {"loss": round(rng.random(), 4)},
+                            "samples_per_second": 100.0,
+                        }
+                    ),
+                    cause=request,
+                )
             if rng.random() < 0.15:
-                b.emit(TrainingFailed.model_validate({
-                    "run_id": run_id, "model": model, "request_id": request.id,
-                    "reason": "out of memory", "retryable": True,
-                }), cause=request)  # fmt: skip
+                b.emit(
+                    TrainingFailed.model_validate(
+                        {
+                            "run_id": run_id,
+                            "model": model,
+                            "request_id": request.id,
+                            "reason": "out of memory",
+                            "retryable": True,
+                        }
+                    ),
+                    cause=request,
+                )
                 continue
             mversion = f"{model}-{n}-{attempt}"
             accuracy = round(rng.random(), 4)
-            completed = b.emit(TrainingCompleted.model_validate({
-                "run_id": run_id, "model": model, "version": mversion, "request_id": request.id,
-                "family": "mlp", "dataset": trained_on,
-                "artifact": {"uri": f"s3://bucket/models/{mversion}", "sha256": _sha(rng)},
-                "metrics": {"test": {"accuracy": accuracy}}, "hyperparameters": hyper,
-                "epochs": epochs, "code": {"package_version": "0.1.0", "git_commit": "abc123"},
-                "duration_seconds": round(rng.random() * 100, 3),
-            }), cause=request)  # fmt: skip
+            completed = b.emit(
+                TrainingCompleted.model_validate(
+                    {
+                        "run_id": run_id,
+                        "model": model,
+                        "version": mversion,
+                        "request_id": request.id,
+                        "family": "mlp",
+                        "dataset": trained_on,
+                        "artifact": {"uri": f"s3://bucket/models/{mversion}", "sha256": _sha(rng)},
+                        "metrics": {"test": {"accuracy": accuracy}},
+                        "hyperparameters": hyper,
+                        "epochs": epochs,
+                        "code": {"package_version": "0.1.0", "git_commit": "abc123"},
+                        "duration_seconds": round(rng.random() * 100, 3),
+                    }
+                ),
+                cause=request,
+            )
             history = champion.setdefault(model, [])
             if rng.random() < 0.6:
-                b.emit(ModelPromoted.model_validate({
-                    "model": model, "version": mversion, "run_id": run_id,
-                    "previous_version": history[-1] if history else None,
-                    "reason": "better", "actor": "workflow",
-                    "policy": {"name": "default", "version": 1},
-                    "evidence": {"test.accuracy": accuracy},
-                }), cause=completed)  # fmt: skip
+                b.emit(
+                    ModelPromoted.model_validate(
+                        {
+                            "model": model,
+                            "version": mversion,
+                            "run_id": run_id,
+                            "previous_version": history[-1] if history else None,
+                            "reason": "better",
+                            "actor": "workflow",
+                            "policy": {"name": "default", "version": 1},
+                            "evidence": {"test.accuracy": accuracy},
+                        }
+                    ),
+                    cause=completed,
+                )
                 history.append(mversion)
                 for replica in ("r1", "r2"):
-                    b.emit(DeploymentUpdated.model_validate({
-                        "model": model, "version": mversion, "replica": replica,
-                        "status": "loaded",
-                    }))  # fmt: skip
+                    b.emit(
+                        DeploymentUpdated.model_validate(
+                            {
+                                "model": model,
+                                "version": mversion,
+                                "replica": replica,
+                                "status": "loaded",
+                            }
+                        )
+                    )
             else:
-                b.emit(ModelRejected.model_validate({
-                    "model": model, "version": mversion, "run_id": run_id, "reason": "worse",
-                    "actor": "workflow", "policy": {"name": "default", "version": 1},
-                    "evidence": {"test.accuracy": accuracy},
-                }), cause=completed)  # fmt: skip
+                b.emit(
+                    ModelRejected.model_validate(
+                        {
+                            "model": model,
+                            "version": mversion,
+                            "run_id": run_id,
+                            "reason": "worse",
+                            "actor": "workflow",
+                            "policy": {"name": "default", "version": 1},
+                            "evidence": {"test.accuracy": accuracy},
+                        }
+                    ),
+                    cause=completed,
+                )
         current = champion.get(model)
         if current:
             _data_plane(b, model, current[-1])
             if len(current) >= 2 and rng.random() < 0.1:
-                alert = b.emit(ServingAlert.model_validate({
-                    "model": model, "version": current[-1], "alert": "error_rate",
-                    "status": "firing", "metric": "error_rate", "value": 0.3, "threshold": 0.05,
-                    "windows": 3, "window_end": b.clock,
-                }))  # fmt: skip
+                alert = b.emit(
+                    ServingAlert.model_validate(
+                        {
+                            "model": model,
+                            "version": current[-1],
+                            "alert": "error_rate",
+                            "status": "firing",
+                            "metric": "error_rate",
+                            "value": 0.3,
+                            "threshold": 0.05,
+                            "windows": 3,
+                            "window_end": b.clock,
+                        }
+                    )
+                )
                 back = current[-2]
-                b.emit(ModelPromoted.model_validate({
-                    "model": model, "version": back, "previous_version": current[-1],
-                    "reason": "rollback: error_rate", "actor": "workflow", "rollback": True,
-                    "policy": {"name": "default", "version": 1}, "cause": alert.id,
-                }), cause=alert)  # fmt: skip
+                b.emit(
+                    ModelPromoted.model_validate(
+                        {
+                            "model": model,
+                            "version": back,
+                            "previous_version": current[-1],
+                            "reason": "rollback: error_rate",
+                            "actor": "workflow",
+                            "rollback": True,
+                            "policy": {"name": "default", "version": 1},
+                            "cause": alert.id,
+                        }
+                    ),
+                    cause=alert,
+                )
                 current.append(back)
         if rng.random() < 0.03:
-            b.garbage(rng.choice(["training.completed", "model.promoted", "dataset.created"]),
-                      model)  # fmt: skip
+            b.garbage(
+                rng.choice(["training.completed", "model.promoted", "dataset.created"]), model
+            )
     return _shuffle(b.out, rng)
 
 
 def _data_plane(b: _Builder, model: str, version: str) -> None:
     rid = f"req-{b.counter}"
-    b.emit(InferenceRequest.model_validate({
-        "request_id": rid, "model": model,
-        "inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}],
-    }))  # fmt: skip
-    b.emit(InferenceResult.model_validate({"request_id": rid, "model": model,
-                                           "version": version}))  # fmt: skip
-    b.emit(InferenceLogged.model_validate({"request_id": rid, "model": model, "version": version,
-                                           "replica": "r1", "latency_seconds": 0.01}))  # fmt: skip
+    b.emit(
+        InferenceRequest.model_validate(
+            {
+                "request_id": rid,
+                "model": model,
+                "inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}],
+            }
+        )
+    )
+    b.emit(InferenceResult.model_validate({"request_id": rid, "model": model, "version": version}))
+    b.emit(
+        InferenceLogged.model_validate(
+            {
+                "request_id": rid,
+                "model": model,
+                "version": version,
+                "replica": "r1",
+                "latency_seconds": 0.01,
+            }
+        )
+    )
     if b.rng.random() < 0.2:
         end = b.clock
-        b.emit(ServingMetrics.model_validate({
-            "model": model, "version": version, "window_start": end - timedelta(seconds=10),
-            "window_end": end, "requests": 10, "errors": 0,
-            "error_rate": 0.0,
-        }))  # fmt: skip
+        b.emit(
+            ServingMetrics.model_validate(
+                {
+                    "model": model,
+                    "version": version,
+                    "window_start": end - timedelta(seconds=10),
+                    "window_end": end,
+                    "requests": 10,
+                    "errors": 0,
+                    "error_rate": 0.0,
+                }
+            )
+        )
     if b.rng.random() < 0.02:
         b.emit(DeadLetter.model_validate(_deadletter_fields(b)))
 
 
 def _deadletter_fields(b: _Builder) -> dict[str, Any]:
     return {
-        "original": {"topic": "training.completed", "partition": 0, "offset": b.counter,
-                     "value_b64": "e25vdCBqc29u", "value_size": 9},
-        "reason": "value is not valid JSON", "error_type": "InvalidEvent",
-    }  # fmt: skip
+        "original": {
+            "topic": "training.completed",
+            "partition": 0,
+            "offset": b.counter,
+            "value_b64": "e25vdCBqc29u",
+            "value_size": 9,
+        },
+        "reason": "value is not valid JSON",
+        "error_type": "InvalidEvent",
+    }
 
 
 def _shuffle(records: list[GenRecord], rng: random.Random) -> list[GenRecord]:
@@ -272,10 +417,15 @@ def produce(
 ) -> dict[tuple[str, int], int]:
     """Produce every record in order (plain fast producer); {(topic, partition): next offset}
     of what was delivered, for waiting until a consumer has read it all."""
-    producer = Producer({
-        "bootstrap.servers": kafka.bootstrap, "linger.ms": 20, "batch.num.messages": 10_000,
-        "queue.buffering.max.messages": 1_000_000, "compression.type": "lz4",
-    })  # fmt: skip
+    producer = Producer(
+        {
+            "bootstrap.servers": kafka.bootstrap,
+            "linger.ms": 20,
+            "batch.num.messages": 10_000,
+            "queue.buffering.max.messages": 1_000_000,
+            "compression.type": "lz4",
+        }
+    )
     ends: dict[tuple[str, int], int] = {}
     errors: list[KafkaError] = []
 
@@ -289,8 +439,13 @@ def produce(
     for r in records:
         while True:
             try:
-                producer.produce(kafka.topic(r.topic), r.value, r.key, headers=list(r.headers),
-                                 on_delivery=delivered)  # fmt: skip
+                producer.produce(
+                    kafka.topic(r.topic),
+                    r.value,
+                    r.key,
+                    headers=list(r.headers),
+                    on_delivery=delivered,
+                )
                 break
             except BufferError:
                 producer.poll(0.1)

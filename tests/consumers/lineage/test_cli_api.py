@@ -39,8 +39,9 @@ def env(kafka: KafkaConfig, tmp_path: Path) -> dict[str, str]:
 
 
 def test_show_downstream_why_history_and_dump(env: dict[str, str]) -> None:
-    shown = json.loads(ok(mlbus("lineage", "show", "m", "--as-of", at(12).isoformat(), "--json",
-                                env=env)).stdout)  # fmt: skip
+    shown = json.loads(
+        ok(mlbus("lineage", "show", "m", "--as-of", at(12).isoformat(), "--json", env=env)).stdout
+    )
     assert (shown["version"], shown["serving"], shown["run"]["run_id"]) == ("2", True, "r2")
     assert shown["datasets"][0]["parents"][0]["name"] == "A"
     tree = ok(mlbus("lineage", "show", "m@2", env=env)).stdout
@@ -73,9 +74,15 @@ def test_audit_verifies_every_event_against_the_log(env: dict[str, str]) -> None
     assert report["ok"] and report["counts"] == {"verified": len(report["events"])}
     types = [e["type"] for e in report["events"]]
     # time order: the datasets, the request, the run, the promotion, the deployment
-    assert types == ["dataset.created", "dataset.created", "training.requested",
-                     "training.started", "training.completed", "model.promoted",
-                     "deployment.updated"]  # fmt: skip
+    assert types == [
+        "dataset.created",
+        "dataset.created",
+        "training.requested",
+        "training.started",
+        "training.completed",
+        "model.promoted",
+        "deployment.updated",
+    ]
     text = ok(mlbus("audit", "m@1", env=env)).stdout
     assert "✓" in text and "verified" in text
 

@@ -18,11 +18,18 @@ from tests.consumers.workflow.support import completed
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
-def promoted(version: str, previous: str | None, *, actor: str = "mlbus/workflow",
-             rollback: bool = False) -> ModelPromoted:  # fmt: skip
-    return ModelPromoted(model="m1", version=version, previous_version=previous, actor=actor,
-                         reason="rollback" if rollback else "better", rollback=rollback,
-                         policy={"name": "accuracy", "version": 2})  # fmt: skip
+def promoted(
+    version: str, previous: str | None, *, actor: str = "mlbus/workflow", rollback: bool = False
+) -> ModelPromoted:
+    return ModelPromoted(
+        model="m1",
+        version=version,
+        previous_version=previous,
+        actor=actor,
+        reason="rollback" if rollback else "better",
+        rollback=rollback,
+        policy={"name": "accuracy", "version": 2},
+    )
 
 
 HISTORY: list[Payload] = [
@@ -41,8 +48,11 @@ def project(store: LineageStore) -> list[str]:
     for i, payload in enumerate(HISTORY):
         ref, value = encode_new(payload, source="test", time=T0 + timedelta(minutes=i))
         ids.append(ref.id)
-        records.append(LogRecord(ref.type, 0, i, None, (ref.key or "").encode(),
-                                 tuple(STRUCTURED_HEADERS), value))  # fmt: skip
+        records.append(
+            LogRecord(
+                ref.type, 0, i, None, (ref.key or "").encode(), tuple(STRUCTURED_HEADERS), value
+            )
+        )
     Projector(store).project(records)
     return ids
 
@@ -52,9 +62,12 @@ def test_models_with_their_versions_status_and_champion(store: LineageStore) -> 
     m1, other = LineageQueries(store).models()
     assert (m1.model, other.model) == ("m1", "other")
     assert {v.version: v.status for v in m1.versions} == {
-        "a": "promoted before", "b": "champion", "c": "rolled back", "d": "rejected",
+        "a": "promoted before",
+        "b": "champion",
+        "c": "rolled back",
+        "d": "rejected",
         "e": "candidate",
-    }  # fmt: skip
+    }
     champion = m1.champion
     assert champion is not None and (champion.version, champion.actor) == ("b", "user:bob")
     assert champion.rollback and champion.event_id == ids[-1]
@@ -83,8 +96,9 @@ def test_recent_events_newest_first_and_versions_to_resolve_against(
     queries = LineageQueries(store)
     recent = queries.recent(["model.promoted", "model.rejected"], 2)
     assert [(e.id, e.type) for e in recent] == [
-        (ids[-1], "model.promoted"), (ids[-2], "model.rejected"),
-    ]  # fmt: skip
+        (ids[-1], "model.promoted"),
+        (ids[-2], "model.rejected"),
+    ]
     assert queries.model_versions("m1") == ["a", "b", "c", "d", "e"]
     assert queries.model_versions("ghost") == []
     assert queries.dataset_versions("iris") == ["v1"]

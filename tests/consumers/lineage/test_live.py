@@ -104,8 +104,11 @@ def test_sigkill_at_random_points_then_restart_equals_a_clean_rebuild(
         # would otherwise delay the next assignment
         process = subprocess.Popen(
             [MLBUS, "lineage", "project", "--group", f"lineage-kill-{trial}", "--batch", "37"],
-            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             if trial % 2 == 0:  # anywhere: starting up, joining, projecting
                 time.sleep(rng.uniform(0.2, 2.0))
@@ -128,9 +131,12 @@ def test_sigkill_at_random_points_then_restart_equals_a_clean_rebuild(
     final_log = tmp_path / "final.log"
     with open(final_log, "wb") as out:
         final = subprocess.Popen(
-            [MLBUS, "lineage", "project", "--group", "lineage-final"], env=env,
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [MLBUS, "lineage", "project", "--group", "lineage-final"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_until(lambda: caught_up(store, ends), "the restarted projector to catch up", 90)
         # SIGTERM once it runs (not while Python is still importing): exits 0

@@ -27,8 +27,9 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 def record(payload, offset: int, **envelope) -> LogRecord:  # type: ignore[no-untyped-def]
     ref, value = encode_new(payload, source="test", **envelope)
-    return LogRecord(ref.type, 0, offset, None, (ref.key or "").encode(),
-                     tuple(STRUCTURED_HEADERS), value)  # fmt: skip
+    return LogRecord(
+        ref.type, 0, offset, None, (ref.key or "").encode(), tuple(STRUCTURED_HEADERS), value
+    )
 
 
 def test_rows_do_not_depend_on_batching_order_or_duplicates(store: LineageStore) -> None:
@@ -64,23 +65,40 @@ def test_rows_do_not_depend_on_batching_order_or_duplicates(store: LineageStore)
 
 def test_out_of_order_pieces_are_linked_when_they_arrive(store: LineageStore) -> None:
     request = TrainingRequested.model_validate(
-        {"model": "m", "dataset": {"name": "ghost", "version": "g1"}, "family": "mlp",
-         "hyperparameters": {"lr": 0.1}, "requested_by": "alice"}
-    )  # fmt: skip
+        {
+            "model": "m",
+            "dataset": {"name": "ghost", "version": "g1"},
+            "family": "mlp",
+            "hyperparameters": {"lr": 0.1},
+            "requested_by": "alice",
+        }
+    )
     ref, _ = encode_new(request, source="test", event_id="req-1")
-    promoted = ModelPromoted(model="m", version="v1", run_id="run-1", reason="manual",
-                             actor="bob")  # fmt: skip
-    completed = TrainingCompleted.model_validate({
-        "run_id": "run-1", "model": "m", "version": "v1", "request_id": "req-1",
-        "family": "mlp", "dataset": {"name": "ghost", "version": "g1"},
-        "artifact": {"uri": "file:///a", "sha256": "sha256:" + "a" * 64},
-        "metrics": {"test": {"accuracy": 0.9}}, "epochs": 1,
-        "code": {"package_version": "0.1", "git_commit": "abc"}, "duration_seconds": 1.0,
-    })  # fmt: skip
-    started = TrainingStarted.model_validate({
-        "run_id": "run-1", "model": "m", "request_id": "req-1",
-        "dataset": {"name": "ghost", "version": "g1"}, "worker": "w1",
-    })  # fmt: skip
+    promoted = ModelPromoted(model="m", version="v1", run_id="run-1", reason="manual", actor="bob")
+    completed = TrainingCompleted.model_validate(
+        {
+            "run_id": "run-1",
+            "model": "m",
+            "version": "v1",
+            "request_id": "req-1",
+            "family": "mlp",
+            "dataset": {"name": "ghost", "version": "g1"},
+            "artifact": {"uri": "file:///a", "sha256": "sha256:" + "a" * 64},
+            "metrics": {"test": {"accuracy": 0.9}},
+            "epochs": 1,
+            "code": {"package_version": "0.1", "git_commit": "abc"},
+            "duration_seconds": 1.0,
+        }
+    )
+    started = TrainingStarted.model_validate(
+        {
+            "run_id": "run-1",
+            "model": "m",
+            "request_id": "req-1",
+            "dataset": {"name": "ghost", "version": "g1"},
+            "worker": "w1",
+        }
+    )
     projector = Projector(store)
     # a promotion of a version nobody has seen yet: stored, answered with what is known
     projector.project([record(promoted, 0, time=T0)])
@@ -117,8 +135,9 @@ def test_undecodable_records_are_counted_and_skipped(store: LineageStore) -> Non
 def test_a_new_projection_version_rebuilds_instead_of_migrating(
     store: LineageStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    Projector(store).project([record(ModelPromoted(model="m", version="v1", reason="r",
-                                                   actor="a"), 0)])  # fmt: skip
+    Projector(store).project(
+        [record(ModelPromoted(model="m", version="v1", reason="r", actor="a"), 0)]
+    )
     assert store.positions()
     monkeypatch.setattr(t, "PROJECTION_VERSION", "999")
     store.ensure()
@@ -143,11 +162,14 @@ def test_every_row_carries_its_provenance(store: LineageStore) -> None:
             if table is t.skipped:
                 continue
             nulls = conn.execute(
-                sa.select(sa.func.count()).select_from(table).where(
-                    sa.or_(table.c.topic.is_(None), table.c.offset.is_(None),
-                           table.c.time.is_(None))
+                sa.select(sa.func.count())
+                .select_from(table)
+                .where(
+                    sa.or_(
+                        table.c.topic.is_(None), table.c.offset.is_(None), table.c.time.is_(None)
+                    )
                 )
-            ).scalar()  # fmt: skip
+            ).scalar()
             assert nulls == 0, table.name
 
 
@@ -181,8 +203,11 @@ def test_a_rebuild_is_swapped_in_with_every_index_and_the_live_journal(
     def indexes(of: LineageStore) -> set[str]:
         with of.reading() as conn:
             inspector = sa.inspect(conn)
-            return {ix["name"] for table in t.metadata.sorted_tables
-                    for ix in inspector.get_indexes(table.name, schema=of.schema)}  # fmt: skip
+            return {
+                ix["name"]
+                for table in t.metadata.sorted_tables
+                for ix in inspector.get_indexes(table.name, schema=of.schema)
+            }
 
     wanted = {ix.name for table in t.metadata.sorted_tables for ix in table.indexes}
     staging = staging_for(store)

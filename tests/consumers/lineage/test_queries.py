@@ -25,23 +25,39 @@ SHA = "sha256:" + "ab" * 32
 
 
 def _dataset(name: str, parents: list[str], rows: int = 10) -> DatasetCreated:
-    return DatasetCreated.model_validate({
-        "name": name, "version": "v1", "uri": f"s3://b/{name}", "content_hash": SHA,
-        "arrow_schema": [{"name": "x", "type": "double"}], "num_rows": rows, "num_bytes": 100,
-        "parents": [{"name": p, "version": "v1"} for p in parents], "created_by": "etl",
-        "tags": {"name": name},
-    })  # fmt: skip
+    return DatasetCreated.model_validate(
+        {
+            "name": name,
+            "version": "v1",
+            "uri": f"s3://b/{name}",
+            "content_hash": SHA,
+            "arrow_schema": [{"name": "x", "type": "double"}],
+            "num_rows": rows,
+            "num_bytes": 100,
+            "parents": [{"name": p, "version": "v1"} for p in parents],
+            "created_by": "etl",
+            "tags": {"name": name},
+        }
+    )
 
 
 def _model(version: str, dataset: str) -> TrainingCompleted:
-    return TrainingCompleted.model_validate({
-        "run_id": f"run-{version}", "model": "m", "version": version,
-        "request_id": f"req-{version}", "family": "mlp",
-        "dataset": {"name": dataset, "version": "v1"},
-        "artifact": {"uri": f"file:///{version}", "sha256": SHA}, "metrics": {},
-        "hyperparameters": {}, "epochs": 1, "code": {"package_version": "0.1.0"},
-        "duration_seconds": 1.0,
-    })  # fmt: skip
+    return TrainingCompleted.model_validate(
+        {
+            "run_id": f"run-{version}",
+            "model": "m",
+            "version": version,
+            "request_id": f"req-{version}",
+            "family": "mlp",
+            "dataset": {"name": dataset, "version": "v1"},
+            "artifact": {"uri": f"file:///{version}", "sha256": SHA},
+            "metrics": {},
+            "hyperparameters": {},
+            "epochs": 1,
+            "code": {"package_version": "0.1.0"},
+            "duration_seconds": 1.0,
+        }
+    )
 
 
 CHAIN = MAX_DEPTH + 5
@@ -75,8 +91,11 @@ def queries(store: LineageStore) -> LineageQueries:
     records = []
     for i, payload in enumerate(HISTORY):
         ref, value = encode_new(payload, source="test", time=T0 + timedelta(minutes=i))
-        records.append(LogRecord(ref.type, 0, i, None, (ref.key or "").encode(),
-                                 tuple(STRUCTURED_HEADERS), value))  # fmt: skip
+        records.append(
+            LogRecord(
+                ref.type, 0, i, None, (ref.key or "").encode(), tuple(STRUCTURED_HEADERS), value
+            )
+        )
     Projector(store).project(records[::-1], batch_size=7)  # parents arrive after children
     return LineageQueries(store)
 
@@ -100,18 +119,32 @@ def _reference(store: LineageStore, name: str, cut: int | None = None) -> Datase
                 continue
             parents.append(node(parent, depth + 1, path | {name}))
         return DatasetNode(
-            name=name, version="v1", known=True, uri=row.uri, content_hash=row.content_hash,
-            num_rows=row.num_rows, created_by=row.created_by, tags=row.tags, parents=parents,
-            truncated=truncated, provenance=None,
-        )  # fmt: skip
+            name=name,
+            version="v1",
+            known=True,
+            uri=row.uri,
+            content_hash=row.content_hash,
+            num_rows=row.num_rows,
+            created_by=row.created_by,
+            tags=row.tags,
+            parents=parents,
+            truncated=truncated,
+            provenance=None,
+        )
 
     return node(name, 0, frozenset())
 
 
 def _shape(node: DatasetNode) -> tuple:
     """A node without its provenance (the reference does not build it)."""
-    return (node.name, node.known, node.num_rows, node.tags, node.truncated,
-            [_shape(p) for p in node.parents])  # fmt: skip
+    return (
+        node.name,
+        node.known,
+        node.num_rows,
+        node.tags,
+        node.truncated,
+        [_shape(p) for p in node.parents],
+    )
 
 
 def _names(node: DatasetNode) -> list[str]:
@@ -137,8 +170,20 @@ def _walk(node: DatasetNode) -> list[DatasetNode]:
 
 def test_ancestry_shapes_by_hand(queries: LineageQueries) -> None:
     top = queries.upstream("m", "diamond").datasets[0]
-    assert _names(top) == ["top", "join", "left", "base", "right", "base", "ghost",
-                           "left", "base", "right", "base", "ghost"]  # fmt: skip
+    assert _names(top) == [
+        "top",
+        "join",
+        "left",
+        "base",
+        "right",
+        "base",
+        "ghost",
+        "left",
+        "base",
+        "right",
+        "base",
+        "ghost",
+    ]
     assert [n.known for n in _walk(top) if n.name == "ghost"] == [False, False]
 
     r = queries.upstream("m", "cycle").datasets[0]

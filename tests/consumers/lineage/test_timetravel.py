@@ -28,29 +28,71 @@ def at(minute: float) -> datetime:
 
 
 def _dataset(name: str, parents: list[dict[str, str]]) -> DatasetCreated:
-    return DatasetCreated.model_validate({
-        "name": name, "version": "v1", "uri": f"s3://b/{name}", "content_hash": SHA,
-        "arrow_schema": [{"name": "x", "type": "double"}], "num_rows": 10, "num_bytes": 100,
-        "parents": parents, "created_by": "etl",
-    })  # fmt: skip
+    return DatasetCreated.model_validate(
+        {
+            "name": name,
+            "version": "v1",
+            "uri": f"s3://b/{name}",
+            "content_hash": SHA,
+            "arrow_schema": [{"name": "x", "type": "double"}],
+            "num_rows": 10,
+            "num_bytes": 100,
+            "parents": parents,
+            "created_by": "etl",
+        }
+    )
 
 
 def _run(n: int, dataset: str, t: float) -> list[tuple[float, Payload, str | None]]:
     ds = {"name": dataset, "version": "v1"}
     return [
-        (t, TrainingRequested.model_validate({
-            "model": "m", "dataset": ds, "family": "mlp", "hyperparameters": {"lr": n / 10},
-            "requested_by": "alice"}), f"req-{n}"),
-        (t + 0.5, TrainingStarted.model_validate({
-            "run_id": f"r{n}", "model": "m", "request_id": f"req-{n}", "dataset": ds,
-            "worker": "w1"}), None),
-        (t + 1, TrainingCompleted.model_validate({
-            "run_id": f"r{n}", "model": "m", "version": str(n), "request_id": f"req-{n}",
-            "family": "mlp", "dataset": ds, "artifact": {"uri": f"file:///m{n}", "sha256": SHA},
-            "metrics": {"test": {"accuracy": 0.8 + n / 100}}, "hyperparameters": {"lr": n / 10},
-            "epochs": 3, "code": {"package_version": "0.1.0", "git_commit": f"c{n}"},
-            "duration_seconds": 1.0}), None),
-    ]  # fmt: skip
+        (
+            t,
+            TrainingRequested.model_validate(
+                {
+                    "model": "m",
+                    "dataset": ds,
+                    "family": "mlp",
+                    "hyperparameters": {"lr": n / 10},
+                    "requested_by": "alice",
+                }
+            ),
+            f"req-{n}",
+        ),
+        (
+            t + 0.5,
+            TrainingStarted.model_validate(
+                {
+                    "run_id": f"r{n}",
+                    "model": "m",
+                    "request_id": f"req-{n}",
+                    "dataset": ds,
+                    "worker": "w1",
+                }
+            ),
+            None,
+        ),
+        (
+            t + 1,
+            TrainingCompleted.model_validate(
+                {
+                    "run_id": f"r{n}",
+                    "model": "m",
+                    "version": str(n),
+                    "request_id": f"req-{n}",
+                    "family": "mlp",
+                    "dataset": ds,
+                    "artifact": {"uri": f"file:///m{n}", "sha256": SHA},
+                    "metrics": {"test": {"accuracy": 0.8 + n / 100}},
+                    "hyperparameters": {"lr": n / 10},
+                    "epochs": 3,
+                    "code": {"package_version": "0.1.0", "git_commit": f"c{n}"},
+                    "duration_seconds": 1.0,
+                }
+            ),
+            None,
+        ),
+    ]
 
 
 def _loaded(version: str, t: float) -> tuple[float, Payload, None]:
@@ -88,8 +130,11 @@ def queries(store: LineageStore) -> LineageQueries:
     records: list[LogRecord] = []
     for i, (minute, payload, event_id) in enumerate(HISTORY):
         ref, value = encode_new(payload, source="test", time=at(minute), event_id=event_id)
-        records.append(LogRecord(ref.type, 0, i, None, (ref.key or "").encode(),
-                                 tuple(STRUCTURED_HEADERS), value))  # fmt: skip
+        records.append(
+            LogRecord(
+                ref.type, 0, i, None, (ref.key or "").encode(), tuple(STRUCTURED_HEADERS), value
+            )
+        )
     random.Random(1).shuffle(records)  # arrival order does not matter
     Projector(store).project(records, batch_size=4)
     return LineageQueries(store)
@@ -104,8 +149,12 @@ def test_which_version_served_when(queries: LineageQueries) -> None:
     assert queries.serving("m", at(16)) == "1"  # rolled back
     assert queries.serving("m") == "1"
     kinds = [(d.kind, d.version, d.rollback) for d in queries.history("m")]
-    assert kinds == [("promoted", "1", False), ("promoted", "2", False),
-                     ("rejected", "3", False), ("promoted", "1", True)]  # fmt: skip
+    assert kinds == [
+        ("promoted", "1", False),
+        ("promoted", "2", False),
+        ("rejected", "3", False),
+        ("promoted", "1", True),
+    ]
     assert len(queries.history("m", at(12))) == 2
 
 

@@ -74,9 +74,15 @@ def send(kafka: KafkaConfig, *payloads: Payload, **envelope: Any) -> list[EventR
 
 def validated(name: str = "iris", version: str = "v1", **tags: str) -> DatasetValidated:
     return DatasetValidated(
-        name=name, version=version, uri=f"file:///nowhere/{name}/{version}.parquet",
-        content_hash=SHA, num_rows=150, validator="test", tags=tags, label_column="label",
-    )  # fmt: skip
+        name=name,
+        version=version,
+        uri=f"file:///nowhere/{name}/{version}.parquet",
+        content_hash=SHA,
+        num_rows=150,
+        validator="test",
+        tags=tags,
+        label_column="label",
+    )
 
 
 def completed(
@@ -91,29 +97,50 @@ def completed(
     seed: int = 0,
 ) -> TrainingCompleted:
     return TrainingCompleted(
-        run_id=f"run-{version}", model=model, version=version,
-        request_id=request_id or f"req-{version}", family="mlp",
+        run_id=f"run-{version}",
+        model=model,
+        version=version,
+        request_id=request_id or f"req-{version}",
+        family="mlp",
         dataset=DatasetRef(name=dataset, version=dataset_version),
-        artifact=Artifact(uri=f"file:///models/{model}/{version}/model.safetensors", sha256=SHA,
-                          model_card_uri=f"file:///models/{model}/{version}/model_card.json"),
-        metrics={"test": {"accuracy": accuracy, "loss": 1 - accuracy},
-                 "inference": {"latency_p50_ms": latency / 2, "latency_p95_ms": latency}},
-        seed=seed, epochs=3, code=CodeVersion(package_version="test"), duration_seconds=1.0,
-    )  # fmt: skip
+        artifact=Artifact(
+            uri=f"file:///models/{model}/{version}/model.safetensors",
+            sha256=SHA,
+            model_card_uri=f"file:///models/{model}/{version}/model_card.json",
+        ),
+        metrics={
+            "test": {"accuracy": accuracy, "loss": 1 - accuracy},
+            "inference": {"latency_p50_ms": latency / 2, "latency_p95_ms": latency},
+        },
+        seed=seed,
+        epochs=3,
+        code=CodeVersion(package_version="test"),
+        duration_seconds=1.0,
+    )
 
 
 def failed(model: str, request_id: str) -> TrainingFailed:
     return TrainingFailed(
-        run_id=f"run-{request_id}", model=model, request_id=request_id, reason="boom",
+        run_id=f"run-{request_id}",
+        model=model,
+        request_id=request_id,
+        reason="boom",
         retryable=False,
-    )  # fmt: skip
+    )
 
 
 def alert(model: str, version: str, status: str = "firing", name: str = "error_rate") -> Any:
     return ServingAlert(
-        model=model, version=version, alert=name, status=status, metric="error_rate",
-        value=0.2, threshold=0.05, windows=3, window_end=datetime.now(UTC),
-    )  # fmt: skip
+        model=model,
+        version=version,
+        alert=name,
+        status=status,
+        metric="error_rate",
+        value=0.2,
+        threshold=0.05,
+        windows=3,
+        window_end=datetime.now(UTC),
+    )
 
 
 @contextmanager

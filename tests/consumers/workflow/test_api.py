@@ -20,8 +20,11 @@ def test_pipelines_and_models_over_http(kafka):
     client = TestClient(app)
     text = DIGITS_YAML.read_text()
 
-    bad = client.post("/pipelines", content=text.replace("family: cnn", "family: rnn"),
-                      headers={"content-type": "application/yaml"})  # fmt: skip
+    bad = client.post(
+        "/pipelines",
+        content=text.replace("family: cnn", "family: rnn"),
+        headers={"content-type": "application/yaml"},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "InvalidPipeline"
     assert bad.json()["error"]["message"].startswith("request body line 9: family: unknown")
     created = client.post("/pipelines", json={"definition": text, "actor": "user:ann"})
@@ -41,8 +44,9 @@ def test_pipelines_and_models_over_http(kafka):
     client.post("/models/digits/promote", json={"version": "v2", "reason": "better"})
     back = client.post("/models/digits/rollback", json={"reason": "v2 is slow", "actor": "ops"})
     assert back.status_code == 201 and (back.json()["version"], back.json()["rollback"]) == (
-        "v1", True,
-    )  # fmt: skip
+        "v1",
+        True,
+    )
     assert client.get("/models").status_code == 404  # the listing is the lineage store's
     *_, champion = read_events(kafka, "model.promoted")
     assert (champion.data.version, champion.data.actor) == ("v1", "ops")

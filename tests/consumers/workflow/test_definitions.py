@@ -21,12 +21,16 @@ def line_of(text: str, fragment: str) -> int:
 def test_the_shipped_digits_pipeline_is_valid():
     pipeline = parse(DIGITS, source="digits.yaml", actor="ci")
     assert (pipeline.name, pipeline.dataset, pipeline.model, pipeline.family) == (
-        "digits", "digits", "digits", "cnn",
-    )  # fmt: skip
+        "digits",
+        "digits",
+        "digits",
+        "cnn",
+    )
     assert pipeline.policy.name == "digits-accuracy" and pipeline.source == DIGITS
     assert [t.metric for t in pipeline.policy.thresholds] == [
-        "test.accuracy", "inference.latency_p95_ms",
-    ]  # fmt: skip
+        "test.accuracy",
+        "inference.latency_p95_ms",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -78,13 +82,17 @@ def test_a_sweep_is_the_grid_of_its_values():
 
 def test_apply_publishes_revisions_and_nothing_when_bad_or_unchanged(kafka, tmp_path):
     env = clean_env(
-        MLBUS_KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap, MLBUS_TOPIC_PREFIX=kafka.topic_prefix,
-        MLBUS_DATA_DIR=str(tmp_path / "data"), MLBUS_KAFKA__FETCH_WAIT_MAX_MS="10",
-    )  # fmt: skip
+        MLBUS_KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap,
+        MLBUS_TOPIC_PREFIX=kafka.topic_prefix,
+        MLBUS_DATA_DIR=str(tmp_path / "data"),
+        MLBUS_KAFKA__FETCH_WAIT_MAX_MS="10",
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text(DIGITS.replace("family: cnn", "family: transformer"))
-    one_line_error(mlbus("pipelines", "apply", str(bad), env=env),
-                   f"bad.yaml line {line_of(DIGITS, 'family: cnn')}: family: unknown")  # fmt: skip
+    one_line_error(
+        mlbus("pipelines", "apply", str(bad), env=env),
+        f"bad.yaml line {line_of(DIGITS, 'family: cnn')}: family: unknown",
+    )
     assert read_events(kafka, "pipeline.defined") == []
 
     good = tmp_path / "digits.yaml"
@@ -94,13 +102,15 @@ def test_apply_publishes_revisions_and_nothing_when_bad_or_unchanged(kafka, tmp_
     good.write_text("# a comment changes nothing\n" + DIGITS)
     out = ok(mlbus("pipelines", "apply", str(good), "--actor", "user:bob", env=env)).stdout
     assert "pipeline digits unchanged: revision 1 is in force" in out
-    updated = apply(kafka, DIGITS.replace("margin: 0.0 ", "margin: 0.01 "), source="d.yaml",
-                    actor="user:bob")  # fmt: skip
+    updated = apply(
+        kafka, DIGITS.replace("margin: 0.0 ", "margin: 0.01 "), source="d.yaml", actor="user:bob"
+    )
     assert updated.published and updated.message == "pipeline digits updated: revision 2"
 
     revisions = [e.data for e in read_events(kafka, "pipeline.defined")]
     assert [(r.revision, r.policy.margin, r.actor) for r in revisions] == [
-        (1, 0.0, "user:ann"), (2, 0.01, "user:bob"),
-    ]  # fmt: skip
+        (1, 0.0, "user:ann"),
+        (2, 0.01, "user:bob"),
+    ]
     (listed,) = list_pipelines(kafka)
     assert (listed["name"], listed["revision"], listed["policy"]["margin"]) == ("digits", 2, 0.01)

@@ -38,21 +38,34 @@ DECISIONS = ("training.requested", "model.promoted", "model.rejected")
 def test_digits_pipeline_from_registration_to_rollback(kafka, group, tmp_path):
     store = ObjectStore(tmp_path.joinpath("objects").as_uri())
     env = clean_env(
-        MLBUS_KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap, MLBUS_TOPIC_PREFIX=kafka.topic_prefix,
-        MLBUS_DATA_DIR=str(tmp_path / "data"), MLBUS_KAFKA__FETCH_WAIT_MAX_MS="10",
+        MLBUS_KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap,
+        MLBUS_TOPIC_PREFIX=kafka.topic_prefix,
+        MLBUS_DATA_DIR=str(tmp_path / "data"),
+        MLBUS_KAFKA__FETCH_WAIT_MAX_MS="10",
         COLUMNS="250",
-    )  # fmt: skip
+    )
     applied = ok(mlbus("pipelines", "apply", str(DIGITS_YAML), "--actor", "user:ci", env=env))
     assert "pipeline digits defined: revision 1" in applied.stdout
 
-    with EventProducer(kafka, source="test/trainer") as trainer_out, \
-            EventProducer(kafka, source="test/validator") as validator_out:  # fmt: skip
+    with (
+        EventProducer(kafka, source="test/trainer") as trainer_out,
+        EventProducer(kafka, source="test/validator") as validator_out,
+    ):
         worker = TrainingWorker(kafka, store, trainer_out)
-        trainer = ConsumerLoop(kafka, group=group + "-trainer", name="trainer", long_running=True,
-                               handlers={"training.requested": worker})  # fmt: skip
+        trainer = ConsumerLoop(
+            kafka,
+            group=group + "-trainer",
+            name="trainer",
+            long_running=True,
+            handlers={"training.requested": worker},
+        )
         validate = Validator(store, validator_out)
-        validator = ConsumerLoop(kafka, group=group + "-validator", name="validator",
-                                 handlers={"dataset.created": validate})  # fmt: skip
+        validator = ConsumerLoop(
+            kafka,
+            group=group + "-validator",
+            name="validator",
+            handlers={"dataset.created": validate},
+        )
         with closing(worker), LoopThread(trainer), LoopThread(validator), running(kafka, group):
             with DatasetRegistry(store, kafka) as registry:
                 dataset = registry.register(
@@ -66,15 +79,21 @@ def test_digits_pipeline_from_registration_to_rollback(kafka, group, tmp_path):
             (done,) = read_events(kafka, "training.completed")
             assert checked.causationid == created.id and request.causationid == checked.id
             assert done.causationid == request.id and promoted.causationid == done.id
-            assert {checked.correlationid, request.correlationid, done.correlationid,
-                    promoted.correlationid} == {created.correlationid}  # fmt: skip
+            assert {
+                checked.correlationid,
+                request.correlationid,
+                done.correlationid,
+                promoted.correlationid,
+            } == {created.correlationid}
             assert request.data.pipeline == "digits" and request.data.family == "cnn"
             assert request.data.dataset.version == dataset.version
 
             a = promoted.data
             assert (a.policy.name, a.policy.version, a.actor) == (
-                "digits-accuracy", 1, "mlbus/workflow",
-            )  # fmt: skip
+                "digits-accuracy",
+                1,
+                "mlbus/workflow",
+            )
             assert a.version == done.data.version and a.artifact == done.data.artifact
             assert a.dataset.version == dataset.version and a.cause == done.id
             assert a.evidence["champion"] is None and a.evidence["pipeline_revision"] == 1
@@ -86,11 +105,15 @@ def test_digits_pipeline_from_registration_to_rollback(kafka, group, tmp_path):
             accuracy = done.data.metrics["test"]["accuracy"]
             worse_metrics = done.data.metrics | {
                 "test": done.data.metrics["test"] | {"accuracy": accuracy - 0.001}
-            }  # fmt: skip
-            worse = done.data.model_copy(update={
-                "run_id": "worse-run", "version": "worse-run", "request_id": "by-hand",
-                "metrics": worse_metrics,
-            })  # fmt: skip
+            }
+            worse = done.data.model_copy(
+                update={
+                    "run_id": "worse-run",
+                    "version": "worse-run",
+                    "request_id": "by-hand",
+                    "metrics": worse_metrics,
+                }
+            )
             send(kafka, worse)
             (rejected,) = at_least(kafka, "model.rejected", 1)
             assert (
@@ -99,19 +122,34 @@ def test_digits_pipeline_from_registration_to_rollback(kafka, group, tmp_path):
             assert rejected.data.policy.name == "digits-accuracy"
 
             # An operator overrides the policy; then serving alerts on that version.
-            ok(mlbus("models", "promote", "digits", "worse-run", "--reason", "canary test",
-                     "--actor", "user:ann", env=env))  # fmt: skip
+            ok(
+                mlbus(
+                    "models",
+                    "promote",
+                    "digits",
+                    "worse-run",
+                    "--reason",
+                    "canary test",
+                    "--actor",
+                    "user:ann",
+                    env=env,
+                )
+            )
             manual = at_least(kafka, "model.promoted", 2)[-1].data
             assert (manual.version, manual.actor, manual.previous_version) == (
-                "worse-run", "user:ann", a.version,
-            )  # fmt: skip
+                "worse-run",
+                "user:ann",
+                a.version,
+            )
             (fired,) = send(kafka, alert("digits", "worse-run"))
             rollback = at_least(kafka, "model.promoted", 3)[-1]
             assert rollback.causationid == fired.id and rollback.data.rollback
             back = rollback.data
             assert (back.version, back.previous_version, back.reason) == (
-                a.version, "worse-run", "rollback",
-            )  # fmt: skip
+                a.version,
+                "worse-run",
+                "rollback",
+            )
             assert rollback.data.artifact == done.data.artifact
 
     counts = {t: len(read_raw(kafka, kafka.topic(t))) for t in DECISIONS}
@@ -126,5 +164,6 @@ def test_digits_pipeline_from_registration_to_rollback(kafka, group, tmp_path):
     (model,) = listed
     assert model["model"] == "digits" and model["champion"]["version"] == a.version
     assert {v["version"]: v["status"] for v in model["versions"]} == {
-        a.version: "champion", "worse-run": "rolled back",
-    }  # fmt: skip
+        a.version: "champion",
+        "worse-run": "rolled back",
+    }

@@ -34,12 +34,21 @@ def test_the_champion_re_evaluated_on_its_own_rows_scores_what_the_trainer_measu
         EventProducer(kafka, source="test") as producer,
         closing(TrainingWorker(kafka, store, producer)) as worker,
     ):
-        producer.publish(TrainingRequested(
-            model="digits", family="mlp", seed=5, max_epochs=3,
-            dataset=DatasetRef(name="digits", version=full.version),
-        ))  # fmt: skip
-        run_to_end(ConsumerLoop(kafka, group=group, long_running=True,
-                                handlers={"training.requested": worker}), timeout=120)  # fmt: skip
+        producer.publish(
+            TrainingRequested(
+                model="digits",
+                family="mlp",
+                seed=5,
+                max_epochs=3,
+                dataset=DatasetRef(name="digits", version=full.version),
+            )
+        )
+        run_to_end(
+            ConsumerLoop(
+                kafka, group=group, long_running=True, handlers={"training.requested": worker}
+            ),
+            timeout=120,
+        )
     (done,) = read_events(kafka, "training.completed")
     run = done.data
     evaluate = ChampionEvaluator(kafka, store)
@@ -50,9 +59,12 @@ def test_the_champion_re_evaluated_on_its_own_rows_scores_what_the_trainer_measu
     assert same["test.accuracy"] == pytest.approx(run.metrics["test"]["accuracy"], abs=1e-6)
     assert same["test.loss"] == pytest.approx(run.metrics["test"]["loss"], rel=1e-4)
 
-    other = run.model_copy(update={
-        "dataset": DatasetRef(name="digits", version=half.version), "seed": 1,
-    })  # fmt: skip
+    other = run.model_copy(
+        update={
+            "dataset": DatasetRef(name="digits", version=half.version),
+            "seed": 1,
+        }
+    )
     measured = evaluate(run, other, Split(test=0.2))
     assert measured is not None and 0.5 < measured["test.accuracy"] <= 1.0
     missing = other.model_copy(update={"dataset": DatasetRef(name="digits", version="nope")})

@@ -26,8 +26,12 @@ from tests.mlbus.kafka.support import read_events, wait_until
 def test_a_validated_version_with_matching_tags_requests_training(kafka, group):
     send(kafka, validated("iris", "v0"))  # before the pipeline existed: never triggers it
     define(kafka, pipeline_text(extra="tags: {team: vision}\n"))
-    refs = send(kafka, validated("iris", "v1", team="vision"), validated("iris", "v2"),
-                validated("wine", "v1", team="vision"))  # fmt: skip
+    refs = send(
+        kafka,
+        validated("iris", "v1", team="vision"),
+        validated("iris", "v2"),
+        validated("wine", "v1", team="vision"),
+    )
     catch_up(kafka, group)
     (request,) = read_events(kafka, "training.requested")
     assert request.causationid == refs[0].id and request.correlationid == refs[0].correlationid
@@ -42,8 +46,9 @@ def test_a_validated_version_with_matching_tags_requests_training(kafka, group):
 def test_versions_within_the_debounce_window_train_once_on_the_newest(kafka, group):
     define(kafka, pipeline_text(debounce=1.0))
     with running(kafka, group):
-        refs = send(kafka, validated("iris", "v1"), validated("iris", "v2"),
-                    validated("iris", "v3"))  # fmt: skip
+        refs = send(
+            kafka, validated("iris", "v1"), validated("iris", "v2"), validated("iris", "v3")
+        )
         (request,) = wait_until(lambda: read_events(kafka, "training.requested"), "a request")
     assert request.data.dataset.version == "v3" and request.causationid == refs[2].id
     catch_up(kafka, group)  # a restart: the window is closed and the trigger in the log
@@ -58,8 +63,12 @@ def test_a_sweep_is_decided_once_every_run_finished_on_its_best_run(kafka, group
     assert len(requests) == 4 and {r.correlationid for r in requests} == {cause.correlationid}
     assert sorted(r.data.sweep.index for r in requests) == [0, 1, 2, 3]
     assert len({r.data.sweep.sweep_id for r in requests}) == 1
-    assert {(r.data.hyperparameters["hidden"], r.data.hyperparameters["lr"])
-            for r in requests} == {(16, 0.001), (16, 0.01), (32, 0.001), (32, 0.01)}  # fmt: skip
+    assert {(r.data.hyperparameters["hidden"], r.data.hyperparameters["lr"]) for r in requests} == {
+        (16, 0.001),
+        (16, 0.01),
+        (32, 0.001),
+        (32, 0.01),
+    }
     by_index = {r.data.sweep.index: r for r in requests}
 
     scores = {0: 0.93, 1: 0.97, 2: 0.95}
@@ -79,8 +88,13 @@ def test_a_sweep_is_decided_once_every_run_finished_on_its_best_run(kafka, group
 
 def test_thresholds_then_the_champion_decide_with_policy_and_evidence(kafka, group):
     define(kafka, pipeline_text())
-    refs = send(kafka, completed("m1", "a", 0.95), completed("m1", "slow", 0.99, latency=80),
-                completed("m1", "b", 0.955), completed("m1", "c", 0.97))  # fmt: skip
+    refs = send(
+        kafka,
+        completed("m1", "a", 0.95),
+        completed("m1", "slow", 0.99, latency=80),
+        completed("m1", "b", 0.955),
+        completed("m1", "c", 0.97),
+    )
     catch_up(kafka, group)
     promoted = {e.data.version: e for e in read_events(kafka, "model.promoted")}
     rejected = {e.data.version: e.data for e in read_events(kafka, "model.rejected")}
@@ -97,8 +111,9 @@ def test_thresholds_then_the_champion_decide_with_policy_and_evidence(kafka, gro
     assert champion["version"] == "a" and champion["test.accuracy"] == 0.95
     assert champion["evaluation"].startswith("recorded")
     assert {t["metric"]: t["passed"] for t in c.data.evidence["thresholds"]} == {
-        "test.accuracy": True, "inference.latency_p95_ms": True,
-    }  # fmt: skip
+        "test.accuracy": True,
+        "inference.latency_p95_ms": True,
+    }
 
 
 def test_a_run_on_other_data_is_not_compared_without_an_evaluator(kafka, group):
@@ -147,16 +162,24 @@ def test_after_a_rollback_the_next_one_skips_versions_rolled_back_from(kafka, gr
     define(kafka, pipeline_text(interval=0))
 
     with running(kafka, group):
-        send(kafka, completed("m1", "a", 0.95), completed("m1", "b", 0.97),
-             completed("m1", "c", 0.99))  # fmt: skip
+        send(
+            kafka,
+            completed("m1", "a", 0.95),
+            completed("m1", "b", 0.97),
+            completed("m1", "c", 0.99),
+        )
         at_least(kafka, "model.promoted", 3)
         send(kafka, alert("m1", "c"))
         at_least(kafka, "model.promoted", 4)
         send(kafka, alert("m1", "b"))
         promoted = [e.data for e in at_least(kafka, "model.promoted", 5)]
     assert [(p.version, p.rollback) for p in promoted] == [
-        ("a", False), ("b", False), ("c", False), ("b", True), ("a", True),
-    ]  # fmt: skip
+        ("a", False),
+        ("b", False),
+        ("c", False),
+        ("b", True),
+        ("a", True),
+    ]
 
 
 def test_manual_and_automatic_decisions_are_both_events_and_the_later_wins(kafka, group):
@@ -169,8 +192,10 @@ def test_manual_and_automatic_decisions_are_both_events_and_the_later_wins(kafka
         send(kafka, completed("m1", "c", 0.99))  # the policy compares c with b: promoted
         promoted = [e.data for e in at_least(kafka, "model.promoted", 3)]
     assert [(p.version, p.actor) for p in promoted] == [
-        ("a", "mlbus/workflow"), ("b", "user:ann"), ("c", "mlbus/workflow"),
-    ]  # fmt: skip
+        ("a", "mlbus/workflow"),
+        ("b", "user:ann"),
+        ("c", "mlbus/workflow"),
+    ]
     assert promoted[2].previous_version == "b"
     back = commands.rollback(kafka, "m1", to=None, reason="c misbehaves", actor="user:bob")
     assert (back.data.version, back.data.rollback, back.data.actor) == ("b", True, "user:bob")

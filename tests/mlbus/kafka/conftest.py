@@ -17,9 +17,11 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Script]]:
     started: list[Script] = []
 
     def start(
-        source: str, args: Sequence[str], name: str = "consumer.py",
+        source: str,
+        args: Sequence[str],
+        name: str = "consumer.py",
         env: Mapping[str, str] | None = None,
-    ) -> Script:  # fmt: skip
+    ) -> Script:
         path = tmp_path / name
         if not path.exists():
             path.write_text(source)

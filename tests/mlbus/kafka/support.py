@@ -48,17 +48,26 @@ DEADLINE = 30.0
 
 def dataset(**changes: Any) -> DatasetCreated:
     fields = dict(
-        name="digits", version="v1", uri="file:///tmp/digits.parquet", content_hash=SHA,
-        arrow_schema=[ColumnSchema(name="x", type="double")], num_rows=10, num_bytes=100,
-    )  # fmt: skip
+        name="digits",
+        version="v1",
+        uri="file:///tmp/digits.parquet",
+        content_hash=SHA,
+        arrow_schema=[ColumnSchema(name="x", type="double")],
+        num_rows=10,
+        num_bytes=100,
+    )
     return DatasetCreated(**(fields | changes))
 
 
 def progress(**changes: Any) -> TrainingProgress:
     fields = dict(
-        run_id="r1", model="digits", epoch=1, max_epochs=3, metrics={"loss": 0.5},
+        run_id="r1",
+        model="digits",
+        epoch=1,
+        max_epochs=3,
+        metrics={"loss": 0.5},
         samples_per_second=100.0,
-    )  # fmt: skip
+    )
     return TrainingProgress(**(fields | changes))
 
 
@@ -113,9 +122,12 @@ def produce_raw(
     producer = Producer({"bootstrap.servers": kafka.bootstrap, **conf})
     reports: list[tuple[KafkaError | None, Message]] = []
     producer.produce(
-        topic, value, key, headers=list(headers or []),
+        topic,
+        value,
+        key,
+        headers=list(headers or []),
         on_delivery=lambda err, msg: reports.append((err, msg)),
-    )  # fmt: skip
+    )
     remaining = producer.flush(DEADLINE)
     assert remaining == 0 and len(reports) == 1, f"record to {topic} not confirmed"
     error, message = reports[0]
@@ -133,10 +145,12 @@ def publish(
     for payload in payloads:
         ref, value = encode_new(payload, source="test/publish")
         producer.produce(
-            kafka.topic(ref.type), value, key if key is not None else ref.key,
+            kafka.topic(ref.type),
+            value,
+            key if key is not None else ref.key,
             headers=STRUCTURED_HEADERS,
             on_delivery=lambda err, msg: failures.append(err) if err else None,
-        )  # fmt: skip
+        )
         refs.append(ref)
     assert producer.flush(DEADLINE) == 0 and not failures, f"not delivered: {failures}"
     return refs

@@ -114,9 +114,11 @@ def test_bad_record_is_dead_lettered_whole_and_the_loop_goes_on(kafka, group, ca
     value = case.value() if callable(case.value) else case.value
     handled = Recorder()
     loop = ConsumerLoop(
-        kafka, group=group, name="bad-input",
+        kafka,
+        group=group,
+        name="bad-input",
         handlers={"dataset.created": handled, "training.progress": handled},
-    )  # fmt: skip
+    )
     with LoopThread(loop) as running:
         bad = produce_raw(kafka, kafka.topic(case.topic), value, key=KEY, **(case.producer or {}))
         [good] = publish(kafka, [_good(case.topic)], key=KEY)  # same key: same partition, after
@@ -138,8 +140,10 @@ def test_bad_record_is_dead_lettered_whole_and_the_loop_goes_on(kafka, group, ca
     assert (dead.consumer_group, dead.consumer) == (group, "bad-input")
     original = dead.original
     assert (original.topic, original.partition, original.offset) == (
-        bad.topic, bad.partition, bad.offset,
-    )  # fmt: skip
+        bad.topic,
+        bad.partition,
+        bad.offset,
+    )
     assert base64.b64decode(original.key_b64 or "") == KEY
     if value is None:
         assert original.value_size == 0 and original.value_sha256 is None
@@ -212,9 +216,12 @@ def test_binary_mode_cloudevent_is_dispatched_as_a_typed_event(kafka, group):
         ("content-type", b"application/json"),
     ]
     produce_raw(
-        kafka, kafka.topic("dataset.created"), payload.model_dump_json(), key=b"iris",
+        kafka,
+        kafka.topic("dataset.created"),
+        payload.model_dump_json(),
+        key=b"iris",
         headers=headers,
-    )  # fmt: skip
+    )
     handled = Recorder()
     stats = run_to_end(ConsumerLoop(kafka, group=group, handlers={"dataset.created": handled}))
 

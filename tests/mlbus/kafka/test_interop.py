@@ -52,8 +52,10 @@ UPSTREAM_EVENT = {
 def _assert_is_the_upstream_event(event) -> None:  # type: ignore[no-untyped-def]
     assert type(event).__name__ == "DatasetCreatedEvent"
     assert (event.id, event.source, event.subject) == (
-        "etl-2026-11-21-digits", "etl/nightly", "digits@v7",
-    )  # fmt: skip
+        "etl-2026-11-21-digits",
+        "etl/nightly",
+        "digits@v7",
+    )
     assert event.data.num_rows == 1797 and event.data.label_column == "label"
     assert [c.name for c in event.data.arrow_schema] == ["pixel0", "label"]
     assert event.model_extra == {"traceparent": UPSTREAM_EVENT["traceparent"]}
@@ -96,8 +98,9 @@ def test_mlbus_tail_shows_a_plain_client_event_decoded(kafka, tmp_path):
 
     shown = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(r["partition"], r["offset"]) for r in shown] == [
-        (good.partition, good.offset), (bad.partition, bad.offset),
-    ]  # fmt: skip
+        (good.partition, good.offset),
+        (bad.partition, bad.offset),
+    ]
     decoded, invalid = shown
     assert decoded["key"] == "digits"
     assert decoded["event"]["id"] == UPSTREAM_EVENT["id"]

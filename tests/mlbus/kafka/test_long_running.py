@@ -32,9 +32,12 @@ def test_a_handler_longer_than_the_poll_interval_keeps_the_consumer_in_its_group
         done.append(event.id)
 
     loop = ConsumerLoop(
-        kafka, group=group, handlers={"training.progress": slow},
-        consumer_overrides=SHORT_POLL_INTERVAL, long_running=True,
-    )  # fmt: skip
+        kafka,
+        group=group,
+        handlers={"training.progress": slow},
+        consumer_overrides=SHORT_POLL_INTERVAL,
+        long_running=True,
+    )
     stats = run_to_end(loop, timeout=60)
     assert done == [ref.id] and stats.handled == 1
     topic = kafka.topic("training.progress")

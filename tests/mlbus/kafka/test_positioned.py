@@ -113,8 +113,9 @@ def offsets_in_log(kafka: KafkaConfig) -> dict[Partition, list[int]]:
 
 
 def loop(kafka: KafkaConfig, sink: Member, group: str, **kwargs: object) -> PositionedLoop:
-    return PositionedLoop(kafka, sink, group=group, topics=[TOPIC], name=sink.name,
-                          backoff=FAST, **kwargs)  # type: ignore[arg-type]  # fmt: skip
+    return PositionedLoop(
+        kafka, sink, group=group, topics=[TOPIC], name=sink.name, backoff=FAST, **kwargs
+    )  # type: ignore[arg-type]
 
 
 def run_to_end(positioned: PositionedLoop) -> None:
@@ -233,9 +234,10 @@ def test_a_rebalance_between_two_members_loses_and_duplicates_nothing(kafka, gro
     a, b = sink.member("a"), sink.member("b")
     # Batches cut by age, so that revocations find records buffered and must write them.
     options = {
-        "max_bytes": 10_000_000, "max_seconds": 0.3,
+        "max_bytes": 10_000_000,
+        "max_seconds": 0.3,
         "consumer_overrides": {"partition.assignment.strategy": strategy},
-    }  # fmt: skip
+    }
     members: list[Running] = []
     try:
         with Producing(kafka, lambda i: progress(model=f"m{i}"), per_batch=30, pause=0.01):

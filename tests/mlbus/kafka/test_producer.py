@@ -72,12 +72,15 @@ def test_send_keeps_an_existing_events_identity(kafka):
     original = decode(
         json.dumps(
             {
-                "specversion": "1.0", "id": "upstream-42", "source": "etl/nightly",
-                "type": "training.progress", "time": "2026-11-21T12:00:00Z",
+                "specversion": "1.0",
+                "id": "upstream-42",
+                "source": "etl/nightly",
+                "type": "training.progress",
+                "time": "2026-11-21T12:00:00Z",
                 "data": progress(model="wine-mlp").model_dump(mode="json"),
             }
         ).encode()
-    )  # fmt: skip
+    )
     with EventProducer(kafka, source="mlbus/relay") as producer:
         producer.send(original)
 

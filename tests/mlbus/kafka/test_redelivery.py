@@ -81,9 +81,7 @@ def test_sigkill_between_effect_and_commit_redelivers_and_the_effect_happens_onc
     attempts, marker = tmp_path / "attempts.txt", tmp_path / "marker.txt"
 
     def args(target_id: str) -> list[str]:
-        return [
-            kafka_arg(kafka), group, sql_url, suffix, str(attempts), str(marker), target_id
-        ]  # fmt: skip
+        return [kafka_arg(kafka), group, sql_url, suffix, str(attempts), str(marker), target_id]
 
     def seen() -> Counter[str]:
         with engine.connect() as conn:

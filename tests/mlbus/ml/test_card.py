@@ -15,12 +15,20 @@ from mlbus.ml.card import InvalidModelCard, ModelCard
 
 def _fields(**changes: Any) -> dict[str, Any]:
     return {
-        "family": "mlp", "hyperparameters": {"hidden": 8, "dropout": 0.1, "act": "relu"},
-        "features": ["a", "b"], "feature_types": {"a": "double", "b": "int64", "y": "string"},
-        "label": "y", "classes": ["no", "yes"], "mean": [0.5, 2.0], "std": [1.5, 0.0],
-        "metrics": {"test": {"accuracy": 0.9}}, "dataset": {"name": "d", "version": "v1"},
-        "run_id": "r", "torch_version": "2.0", "device": "cpu",
-    } | changes  # fmt: skip
+        "family": "mlp",
+        "hyperparameters": {"hidden": 8, "dropout": 0.1, "act": "relu"},
+        "features": ["a", "b"],
+        "feature_types": {"a": "double", "b": "int64", "y": "string"},
+        "label": "y",
+        "classes": ["no", "yes"],
+        "mean": [0.5, 2.0],
+        "std": [1.5, 0.0],
+        "metrics": {"test": {"accuracy": 0.9}},
+        "dataset": {"name": "d", "version": "v1"},
+        "run_id": "r",
+        "torch_version": "2.0",
+        "device": "cpu",
+    } | changes
 
 
 def test_a_card_round_trips_through_json_with_unknown_fields_kept():
