@@ -17,7 +17,8 @@ import orjson
 import sqlalchemy as sa
 
 from mlbus.consumers.lineage import tables as t
-from mlbus.consumers.lineage.queries import DatasetNode, LineageQueries, Upstream
+from mlbus.consumers.lineage.entities import DatasetNode, Upstream
+from mlbus.consumers.lineage.queries import LineageQueries
 from mlbus.consumers.lineage.store import LineageStore, iso
 from mlbus.kafka.reader import LogRecord
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mlbus.consumers.lineage.queries import DatasetNode, Downstream, Upstream
+from mlbus.consumers.lineage.entities import DatasetNode, Downstream, Upstream
 
 
 @dataclass

@@ -4,10 +4,10 @@ each optionally *as known at* a time T (only events whose time is <= T count) â€
 listings the control plane shows (every model with its versions and champion, the newest
 events), read from the store instead of replaying the log per request.
 
-Answers are plain dataclasses (JSON via `dataclasses.asdict`), never ORM rows. Links are
-joins on natural keys (run id, model@version, dataset@version), so a piece that arrived
-late is linked as soon as it is there, and a dataset nobody announced shows as unknown
-(`known=False`, "unknown upstream") instead of being invented.
+Answers are the plain dataclasses of entities.py (JSON via `dataclasses.asdict`), never
+ORM rows. Links are joins on natural keys (run id, model@version, dataset@version), so a
+piece that arrived late is linked as soon as it is there, and a dataset nobody announced
+shows as unknown (`known=False`, "unknown upstream") instead of being invented.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from collections import namedtuple
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -26,185 +25,27 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from mlbus.consumers.lineage import tables as t
+from mlbus.consumers.lineage.entities import (
+    Champion,
+    DatasetNode,
+    DatasetUse,
+    Decision,
+    Deployment,
+    Downstream,
+    Epoch,
+    ModelSummary,
+    ModelUse,
+    ModelVersion,
+    Provenance,
+    RecentEvent,
+    Run,
+    Upstream,
+    Why,
+)
 from mlbus.consumers.lineage.store import InvalidTime, LineageStore, NotInLineage, iso, micros
 
 MAX_DEPTH = 20  # dataset ancestry deeper than this is cut (and says so)
 PAIRS_PER_SELECT = 400  # far below SQLite's and PostgreSQL's limits on bound values
-
-
-@dataclass(frozen=True)
-class Provenance:
-    event_id: str
-    topic: str
-    partition: int
-    offset: int
-    time: str | None
-
-
-@dataclass(frozen=True)
-class DatasetNode:
-    name: str
-    version: str
-    known: bool
-    """False: no dataset.created for this version (as of the query): an unknown upstream"""
-    uri: str | None = None
-    content_hash: str | None = None
-    num_rows: int | None = None
-    created_by: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-    parents: list[DatasetNode] = field(default_factory=list)
-    truncated: bool = False
-    provenance: Provenance | None = None
-
-
-@dataclass(frozen=True)
-class Epoch:
-    epoch: int
-    max_epochs: int
-    metrics: dict[str, float]
-    event_id: str
-
-
-@dataclass(frozen=True)
-class Run:
-    run_id: str | None
-    status: str  # completed, failed, started, requested, unknown
-    request_id: str | None = None
-    family: str | None = None
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-    seed: int | None = None
-    epochs: int | None = None
-    code_version: str | None = None
-    git_commit: str | None = None
-    requested_by: str | None = None
-    pipeline: str | None = None
-    correlationid: str | None = None
-    worker: str | None = None
-    attempt: int | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    artifact_uri: str | None = None
-    artifact_sha256: str | None = None
-    duration_seconds: float | None = None
-    failure: str | None = None
-    progress: list[Epoch] = field(default_factory=list)
-    events: list[Provenance] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Decision:
-    kind: str  # promoted, rejected
-    model: str
-    version: str
-    reason: str
-    actor: str
-    policy: str | None
-    evidence: dict[str, Any]
-    rollback: bool
-    previous_version: str | None
-    champion_version: str | None
-    run_id: str | None
-    provenance: Provenance
-
-
-@dataclass(frozen=True)
-class Deployment:
-    replica: str
-    version: str
-    status: str
-    error: str | None
-    provenance: Provenance
-
-
-@dataclass(frozen=True)
-class Upstream:
-    model: str
-    version: str
-    as_of: str | None
-    serving: bool
-    """True when this version was the champion (last promotion) as of the query"""
-    run: Run
-    datasets: list[DatasetNode]
-    decisions: list[Decision]
-    deployments: list[Deployment]
-    provenance: Provenance | None
-    """the training.completed that produced the version; None if not (yet) seen"""
-
-
-@dataclass(frozen=True)
-class ModelUse:
-    model: str
-    version: str | None
-    run_id: str | None
-    status: str
-    serving_now: bool
-    replicas: list[str]
-    decisions: list[str]
-    provenance: Provenance
-
-
-@dataclass(frozen=True)
-class DatasetUse:
-    name: str
-    version: str
-    known: bool
-    derived: list[str]
-    uses: list[ModelUse]
-
-
-@dataclass(frozen=True)
-class Downstream:
-    dataset: str
-    as_of: str | None
-    versions: list[DatasetUse]
-
-
-@dataclass(frozen=True)
-class Why:
-    model: str
-    version: str
-    known_version: bool
-    decisions: list[Decision]
-
-
-@dataclass(frozen=True)
-class Champion:
-    """The newest promotion of a model: the version serving."""
-
-    version: str
-    since: str | None
-    actor: str
-    reason: str
-    rollback: bool
-    policy: dict[str, Any] | None
-    event_id: str
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    version: str
-    status: str  # champion, rolled back, promoted before, rejected, candidate
-    run_id: str | None
-    trained_at: str | None
-    dataset: dict[str, str] | None
-    metrics: dict[str, float]
-    """flat: "test.accuracy", "inference.latency_p95_ms", ... (unmeasured ones left out)"""
-    rejected: str | None
-    """the reason of the newest rejection, if the policy rejected it"""
-
-
-@dataclass(frozen=True)
-class ModelSummary:
-    model: str
-    champion: Champion | None
-    versions: list[ModelVersion]
-
-
-@dataclass(frozen=True)
-class RecentEvent:
-    time: str | None
-    type: str
-    id: str
-    subject: str | None
 
 
 def _prov(row: Any) -> Provenance:

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, Response
 from mlbus.cli.svg import render_svg
 
 if TYPE_CHECKING:
-    from mlbus.consumers.lineage.queries import ModelSummary, RecentEvent
+    from mlbus.consumers.lineage.entities import ModelSummary, RecentEvent
 
 _STYLE = """
 body{font-family:Helvetica,Arial,sans-serif;margin:2rem;color:#111827}

@@ -10,8 +10,9 @@ import pytest
 import sqlalchemy as sa
 
 from mlbus.consumers.lineage import tables as t
+from mlbus.consumers.lineage.entities import DatasetNode
 from mlbus.consumers.lineage.projector import Projector
-from mlbus.consumers.lineage.queries import MAX_DEPTH, DatasetNode, LineageQueries
+from mlbus.consumers.lineage.queries import MAX_DEPTH, LineageQueries
 from mlbus.consumers.lineage.store import LineageStore, NotInLineage, micros
 from mlbus.errors import MlbusError
 from mlbus.kafka.reader import LogRecord
