@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 from mlbus.datasets.registry import DatasetRegistry, Registered
 from mlbus.datasets.sources import FORMATS, InvalidDataset, open_source, open_stream
+from mlbus.settings import LimitsSettings
 
 
 def _summary(result: Registered) -> dict[str, Any]:
@@ -49,7 +50,12 @@ def _tags(value: Any) -> dict[str, str]:
     return tags
 
 
-def create_router(registry: Callable[[], DatasetRegistry]) -> APIRouter:
+def create_router(
+    registry: Callable[[], DatasetRegistry], limits: LimitsSettings | None = None
+) -> APIRouter:
+    """The routes; an .npz may unpack to `limits.max_archive_bytes` (the default unless
+    given)."""
+    unpacked = (limits or LimitsSettings()).max_archive_bytes
     router = APIRouter(prefix="/datasets", tags=["datasets"])
 
     @router.post("", status_code=201, summary="Register a dataset version")
@@ -66,7 +72,13 @@ def create_router(registry: Callable[[], DatasetRegistry]) -> APIRouter:
                 raise InvalidDataset(f"{upload.filename}: unknown format (parquet, csv or npz)")
 
             def run() -> Registered:
-                source = open_stream(upload.file, upload.size, upload.filename or "upload", kind)
+                source = open_stream(
+                    upload.file,
+                    upload.size,
+                    upload.filename or "upload",
+                    kind,
+                    max_archive_bytes=unpacked,
+                )
                 return _register(registry(), source, fields)
 
         else:
@@ -80,7 +92,8 @@ def create_router(registry: Callable[[], DatasetRegistry]) -> APIRouter:
             def run() -> Registered:
                 reg = registry()
                 fs, path = reg.store.resolve(str(fields["uri"]))
-                return _register(reg, open_source(path, fs), fields)
+                source = open_source(path, fs, max_archive_bytes=unpacked)
+                return _register(reg, source, fields)
 
         result = await run_in_threadpool(run)
         return JSONResponse(_summary(result), status_code=201 if result.created else 200)

@@ -1,6 +1,8 @@
 """Inputs a dataset version can be registered from, each read as a stream of Arrow record
 batches (never whole in memory): Parquet, CSV, a NumPy `.npz`, or an in-memory table.
-Unreadable or malformed input raises `InvalidDataset` naming the problem."""
+Unreadable or malformed input raises `InvalidDataset` naming the problem. An `.npz` is read
+whole, so its members' declared uncompressed sizes are checked against a limit
+(`limits.max_archive_bytes`) before any member is decompressed."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from mlbus.errors import Invalid
+from mlbus.settings import LimitsSettings
 from mlbus.tables import iter_row_groups
 
 #: Rows per batch read from inputs: the writer's row-group size, so that re-cutting input
@@ -37,9 +40,15 @@ class Source:
     description: str
 
 
-def open_source(path: str | Path, fs: Any = None, format: str | None = None) -> Source:
+def open_source(
+    path: str | Path,
+    fs: Any = None,
+    format: str | None = None,
+    *,
+    max_archive_bytes: int | None = None,
+) -> Source:
     """Open a Parquet, CSV or .npz file (by suffix unless `format` says) on `fs` (local by
-    default)."""
+    default); an .npz may unpack to `max_archive_bytes` (the setting's default unless given)."""
     name = str(path)
     kind = format or Path(name).suffix.lower().lstrip(".")
     opener = fs.open if fs is not None else open
@@ -55,13 +64,15 @@ def open_source(path: str | Path, fs: Any = None, format: str | None = None) -> 
     if local and kind != "npz":
         # pyarrow's native file reader: no Python file object, no copies into Python bytes.
         return open_stream(pa.OSFile(name, "rb"), size, name, kind)
-    return open_stream(opener(name, "rb"), size, name, kind)
+    return open_stream(opener(name, "rb"), size, name, kind, max_archive_bytes=max_archive_bytes)
 
 
 FORMATS = ("parquet", "pq", "csv", "txt", "npz")
 
 
-def open_stream(handle: Any, size: int | None, name: str, kind: str) -> Source:
+def open_stream(
+    handle: Any, size: int | None, name: str, kind: str, *, max_archive_bytes: int | None = None
+) -> Source:
     """A source from an open binary file (an upload, say); `kind` is a FORMATS entry."""
     if size == 0:
         handle.close()
@@ -73,14 +84,32 @@ def open_stream(handle: Any, size: int | None, name: str, kind: str) -> Source:
     if kind == "npz":
         import numpy as np
 
+        limit = max_archive_bytes or LimitsSettings().max_archive_bytes
         with handle:
             try:
+                _check_unpacked_size(handle, name, limit)
                 arrays = dict(np.load(handle, allow_pickle=False))
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
                 raise InvalidDataset(f"{name}: not a readable .npz ({e})") from None
+            except MemoryError:  # an array header that claims more than the member holds
+                raise InvalidDataset(f"{name}: an array larger than memory") from None
         return from_table(npz_table(arrays, name), name, size)
     handle.close()
     raise InvalidDataset(f"{name}: unknown format {kind!r} (parquet, csv or npz)")
+
+
+def _check_unpacked_size(handle: Any, name: str, limit: int) -> None:
+    """Refuse an archive whose members declare more than `limit` uncompressed bytes, from
+    its central directory alone. A member cannot unpack past its declared size: zipfile
+    stops there, and the CRC check then fails."""
+    with zipfile.ZipFile(handle) as archive:
+        unpacked = sum(member.file_size for member in archive.infolist())
+    if unpacked > limit:
+        raise InvalidDataset(
+            f"{name}: its members unpack to {unpacked} bytes, over the limit of {limit} "
+            "bytes (MLBUS_LIMITS__MAX_ARCHIVE_BYTES); register large data as Parquet"
+        )
+    handle.seek(0)
 
 
 def _parquet(handle: Any, size: int, name: str) -> Source:

@@ -30,12 +30,14 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   ├── InvalidTrainingRequest  400  trainer/data.py: nulls, one class, bad split
     │   │   └── DeviceUnavailable   400  trainer/worker.py: a device this worker does not have
     │   ├── InvalidPipeline         400  consumers/workflow/definitions.py: names the line
+    │   ├── InvalidPath             400  a path, URI or key with a NUL byte (storage.py, http.py)
     │   ├── InvalidTime             422  consumers/lineage/store.py: an as-of time that is not
     │   │                                ISO 8601; 422 as FastAPI answers for the other query
     │   │                                parameters (also a LineageError)
     │   ├── InvalidInput            400  serving/errors.py: a tensor that does not fit the card
     │   ├── MalformedRequest        400  serving/errors.py: not JSON, or not an inference request
-    │   └── PayloadTooLarge         413  serving/errors.py: larger than serving.max_body_bytes
+    │   └── PayloadTooLarge         413  a request body over its limit (api.max_body_bytes,
+    │                                    api.max_upload_bytes, serving.max_body_bytes)
     ├── Conflict                    409  well formed, but contradicts the current state
     │   ├── NothingToRollBack       409  consumers/workflow/commands.py: no earlier good version
     │   └── TargetNotEmpty          409  consumers/archive/restore.py: the topic holds records
@@ -85,8 +87,10 @@ __all__ = [
     "DeliveryError",
     "Invalid",
     "InvalidEvent",
+    "InvalidPath",
     "MlbusError",
     "NotFound",
+    "PayloadTooLarge",
     "TransientError",
     "Unauthorized",
     "UnknownDataset",
@@ -97,6 +101,17 @@ __all__ = [
 
 class ConfigError(MlbusError):
     """A setting is missing or wrong."""
+
+
+class InvalidPath(Invalid):
+    """A path, URI or object key that contains a NUL byte: no file system or store can name
+    it, and the C libraries underneath would cut it short."""
+
+
+class PayloadTooLarge(Invalid):
+    """A request body larger than the limit of the endpoint it was sent to."""
+
+    status = 413
 
 
 class DeliveryError(TransientError):

@@ -29,6 +29,16 @@ class ApiSettings(_Section):
 
     host: str = Field(default="127.0.0.1", description="interface the API listens on")
     port: int = Field(default=8000, ge=0, lt=65536, description="the API's port")
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="larger request bodies get 413, refused before they are read",
+    )
+    max_upload_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=1024,
+        description="larger multipart uploads (POST /datasets, streamed to disk) get 413",
+    )
 
 
 class ServingSettings(_Section):
@@ -77,6 +87,23 @@ class ArchiveSettings(_Section):
     flush_seconds: float = Field(default=60.0, gt=0, description="age that flushes a file")
 
 
+class LimitsSettings(_Section):
+    """Limits on what users submit, checked before it is expanded; env
+    `MLBUS_LIMITS__<FIELD>`."""
+
+    max_pipeline_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="larger pipeline YAML files are refused"
+    )
+    max_sweep_runs: int = Field(
+        default=1000, ge=1, description="a sweep whose grid has more points is refused"
+    )
+    max_archive_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1024,
+        description="an .npz whose members declare more uncompressed bytes is refused unread",
+    )
+
+
 class Settings(BaseSettings):
     """mlbus settings. Every field can be set as `MLBUS_<FIELD>`; extra librdkafka settings
     as `MLBUS_KAFKA__SECURITY_PROTOCOL=SASL_SSL` (becomes `security.protocol`) or as JSON in
@@ -121,6 +148,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     streams: StreamsSettings = StreamsSettings()
     archive: ArchiveSettings = ArchiveSettings()
+    limits: LimitsSettings = LimitsSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"
     )

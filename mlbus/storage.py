@@ -4,8 +4,9 @@
 Writes are staged: bytes go to a temporary key and are moved to their final key only when
 complete, so a failed write never leaves a partial object visible. Keys are relative paths
 inside the store's root; URIs from events or users are accepted only inside the store or an
-explicitly allowed root. s3fs/botocore/OS errors are translated here: an unreachable store
-is a `TransientError`, anything else a `StorageError`.
+explicitly allowed root, and never with a NUL byte (`InvalidPath`). s3fs/botocore/OS errors
+are translated here: an unreachable store is a `TransientError`, anything else a
+`StorageError`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from urllib.parse import urlparse
 
 import fsspec
 
-from mlbus.errors import Invalid, MlbusError, TransientError
+from mlbus.errors import Invalid, InvalidPath, MlbusError, TransientError
 
 STAGING = "_staging"
 
@@ -61,8 +62,17 @@ def translated(what: str) -> Iterator[None]:
         raise _translate(e, what) from e
 
 
+def refuse_nul(value: str, what: str) -> str:
+    """`value`, or `InvalidPath` if it holds a NUL byte: no file system or store can name
+    it, and the C libraries underneath would silently cut it there."""
+    if "\x00" in value:
+        raise InvalidPath(f"{what} {value!r} contains a NUL byte (\\x00)")
+    return value
+
+
 def clean_key(key: str) -> str:
-    """A normalized relative key; refuses absolute paths and `..` segments."""
+    """A normalized relative key; refuses absolute paths, `..` segments and NUL bytes."""
+    refuse_nul(key, "object key")
     if not key or key.startswith("/") or "\\" in key:
         raise StorageError(f"invalid object key {key!r}")
     normalized = posixpath.normpath(key)
@@ -115,7 +125,8 @@ class ObjectStore:
 
     def resolve(self, uri: str) -> tuple[Any, str]:
         """(filesystem, path) of a URI inside the store or an allowed root; refuses the rest
-        (`../../etc/passwd`, `file:///etc/`)."""
+        (`../../etc/passwd`, `file:///etc/`) and any with a NUL byte."""
+        refuse_nul(uri, "URI")
         if uri.startswith(self.url + "/"):
             return self.fs, self.path(self.key_of(uri))
         parsed = urlparse(uri)
@@ -258,7 +269,7 @@ class Staged:
 
 def check_local_path(path: str | os.PathLike[str], allowed_roots: Sequence[Path]) -> Path:
     """Resolve a user-given local path and refuse it unless it lies inside an allowed root."""
-    raw = str(path)
+    raw = refuse_nul(str(path), "path")
     if raw.startswith("file://"):
         raw = urlparse(raw).path
     resolved = Path(raw).expanduser().resolve()

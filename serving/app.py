@@ -30,9 +30,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import mlbus
 from mlbus.errors import MlbusError, UnknownModel
-from mlbus.http import bearer_guard, install_error_handlers
+from mlbus.http import bearer_guard, check_length, counted, header, install_error_handlers
 from mlbus.schemas.envelope import new_event_id
-from mlbus.serving.errors import NotReady, PayloadTooLarge
+from mlbus.serving.errors import NotReady
 from mlbus.serving.registry import Deployment
 from mlbus.serving.server import ModelServer
 from mlbus.serving.tensors import decode_request, dumps, outputs, parse_body
@@ -139,23 +139,9 @@ def error_body(error: MlbusError) -> bytes:
     return dumps(oip_body(type(error).__name__, str(error)))
 
 
-def check_length(length: bytes | str | None, limit: int) -> None:
-    """413 before reading a body whose declared length exceeds `limit` bytes."""
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"request body of {int(length)} bytes exceeds {limit} bytes")
-
-
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed `limit` bytes."""
-    check_length(request.headers.get("content-length"), limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():  # chunked bodies have no length to check first
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await receive_body(request.scope, request.receive, limit)
 
 
 class ClientGone(Exception):
@@ -163,22 +149,16 @@ class ClientGone(Exception):
 
 
 async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """`read_body` on the ASGI messages themselves."""
-    for key, value in scope["headers"]:
-        if key == b"content-length":
-            check_length(value, limit)
-            break
+    """The body from the ASGI messages themselves, with the kernel's limit (mlbus/http.py):
+    the declared length checked first, then the bytes counted as they arrive."""
+    check_length(header(scope, b"content-length"), limit)
+    receive = counted(receive, limit)
     chunks: list[bytes] = []
-    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
+        chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 

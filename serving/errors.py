@@ -1,20 +1,29 @@
 """The model server's errors. Each subclasses a semantic base of mlbus/errors.py and carries
 its HTTP status, which is also what serving/app.py answers (OIP body `{"error", "type"}`);
-serving/stream.py answers it as the `error` of an `inference.results` record. Two come from
+serving/stream.py answers it as the `error` of an `inference.results` record. Three come from
 the kernel, shared with other components: `UnknownModel` (404: no such model on this
-replica) and `Unauthorized` (401: a control endpoint without the bearer token).
+replica), `Unauthorized` (401: a control endpoint without the bearer token) and
+`PayloadTooLarge` (413: the body is larger than serving.max_body_bytes).
 
     NotFound          UnknownVersion      404: the model has no such loaded version
     Invalid           InvalidInput        400: a tensor that does not match the model card
                       MalformedRequest    400: not JSON, or not an inference request
-                      PayloadTooLarge     413: the body is larger than serving.max_body_bytes
     TransientError    NotReady            503: the model is loading, or the server is stopping
     MlbusError        VerificationFailed  500: a promoted version that cannot be served
 """
 
 from __future__ import annotations
 
-from mlbus.errors import Invalid, MlbusError, NotFound, TransientError
+from mlbus.errors import Invalid, MlbusError, NotFound, PayloadTooLarge, TransientError
+
+__all__ = [
+    "InvalidInput",
+    "MalformedRequest",
+    "NotReady",
+    "PayloadTooLarge",
+    "UnknownVersion",
+    "VerificationFailed",
+]
 
 
 class UnknownVersion(NotFound):
@@ -27,12 +36,6 @@ class InvalidInput(Invalid):
 
 class MalformedRequest(Invalid):
     """A body that is not JSON, or not an inference request."""
-
-
-class PayloadTooLarge(Invalid):
-    """A body larger than serving.max_body_bytes."""
-
-    status = 413
 
 
 class NotReady(TransientError):

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from mlbus.consumers.workflow import commands, definitions
 from mlbus.kafka.config import KafkaConfig
+from mlbus.settings import LimitsSettings
 
 
 class Promote(BaseModel):
@@ -44,7 +45,10 @@ def _event(event: Any) -> dict[str, Any]:
     return {"event_id": event.id, "type": event.type, **event.data.model_dump(mode="json")}
 
 
-def create_router(kafka: Callable[[], KafkaConfig]) -> APIRouter:
+def create_router(
+    kafka: Callable[[], KafkaConfig], limits: LimitsSettings | None = None
+) -> APIRouter:
+    """The routes; pipeline files are checked against `limits` (the defaults unless given)."""
     router = APIRouter(tags=["workflow"])
 
     @router.get("/pipelines", summary="Every pipeline's revision in force")
@@ -64,7 +68,7 @@ def create_router(kafka: Callable[[], KafkaConfig]) -> APIRouter:
         else:
             text = body.decode("utf-8", errors="replace")
         applied = await run_in_threadpool(
-            definitions.apply, kafka(), text, source="request body", actor=actor
+            definitions.apply, kafka(), text, source="request body", actor=actor, limits=limits
         )
         return JSONResponse(
             {

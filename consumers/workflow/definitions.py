@@ -2,12 +2,17 @@
 as `pipeline.defined` with the next revision (read from the log). Nothing is published
 when the file is wrong, or when it says what the newest revision already says.
 
+A file is refused before it is expanded when it is larger than `limits.max_pipeline_bytes`,
+uses a YAML alias (a pipeline never needs one, and nested aliases expand exponentially), or
+sweeps a grid of more than `limits.max_sweep_runs` points.
+
 Format and policy: infra/pipelines/README.md.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +27,7 @@ from mlbus.kafka.logview import LogView
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.workflow import PipelineDefined
+from mlbus.settings import LimitsSettings
 
 #: Metrics the trainer reports in `training.completed` (split → metric), as `split.metric`.
 KNOWN_METRICS = frozenset(
@@ -39,6 +45,50 @@ class InvalidPipeline(Invalid):
 
 
 Path_ = tuple[str | int, ...]
+
+
+class _AliasRefused(yaml.YAMLError):
+    def __init__(self, anchor: str, mark: yaml.Mark) -> None:
+        super().__init__(anchor)
+        self.anchor, self.problem_mark = anchor, mark
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: an alias (`*name`) is refused where it is met,
+    before any node refers to another, so a few hundred bytes of nested aliases cannot
+    expand into gigabytes when the document is walked or validated."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(str(event.anchor), event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _load(text: str, source: str, limits: LimitsSettings) -> tuple[yaml.Node | None, Any]:
+    """The document's node tree and its plain data, within the limits."""
+    size = len(text.encode())
+    if size > limits.max_pipeline_bytes:
+        raise InvalidPipeline(
+            f"{source}: {size} bytes, over the limit of {limits.max_pipeline_bytes} bytes for "
+            "a pipeline file (MLBUS_LIMITS__MAX_PIPELINE_BYTES)"
+        )
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    except _AliasRefused as e:
+        raise InvalidPipeline(
+            f"{source} line {e.problem_mark.line + 1}: YAML aliases (*{e.anchor}) are not "
+            "allowed in a pipeline file: write the value out"
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        detail = " ".join(str(e).split())
+        raise InvalidPipeline(f"{source} line {line}: not valid YAML ({detail})") from None
+    finally:
+        loader.dispose()
 
 
 class _Lines:
@@ -76,22 +126,23 @@ def _dotted(path: Iterable[str | int]) -> str:
     return out or "(document)"
 
 
-def parse(text: str, *, source: str = "pipeline", actor: str = "unknown") -> PipelineDefined:
-    """Check a pipeline file; `InvalidPipeline` naming `source` and the line if it is wrong.
-    The result has revision 1: `apply` sets the real one."""
+def parse(
+    text: str,
+    *,
+    source: str = "pipeline",
+    actor: str = "unknown",
+    limits: LimitsSettings | None = None,
+) -> PipelineDefined:
+    """Check a pipeline file; `InvalidPipeline` naming `source` and the line if it is wrong
+    (or over `limits`, the defaults unless given). The result has revision 1: `apply` sets
+    the real one."""
+    limits = limits or LimitsSettings()
 
     def fail(path: Iterable[str | int], message: str) -> InvalidPipeline:
         path = tuple(path)
         return InvalidPipeline(f"{source} line {lines.of(path)}: {_dotted(path)}: {message}")
 
-    try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else 1
-        detail = " ".join(str(e).split())
-        raise InvalidPipeline(f"{source} line {line}: not valid YAML ({detail})") from None
+    node, raw = _load(text, source, limits)
     lines = _Lines(node)
     if not isinstance(raw, dict):
         raise InvalidPipeline(f"{source} line 1: a pipeline is a mapping (name: ..., dataset: ...)")
@@ -113,6 +164,14 @@ def parse(text: str, *, source: str = "pipeline", actor: str = "unknown") -> Pip
         raise fail(("hyperparameters",), "a mapping of name: value")
     if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
         raise fail(("sweep",), "a mapping of name: [value, value, ...]")
+    runs = math.prod(len(values) for values in sweep.values())
+    if runs > limits.max_sweep_runs:
+        grid = " x ".join(f"{len(values)} {name}" for name, values in sweep.items())
+        raise fail(
+            ("sweep",),
+            f"{grid} = {runs} runs, over the limit of {limits.max_sweep_runs} "
+            "(MLBUS_LIMITS__MAX_SWEEP_RUNS)",
+        )
     try:
         hyperparameters(family, params)
     except InvalidModelSpec as e:
@@ -187,10 +246,17 @@ def newest_revisions(kafka: KafkaConfig) -> dict[str, Event]:
     return newest
 
 
-def apply(kafka: KafkaConfig, text: str, *, source: str, actor: str) -> Applied:
+def apply(
+    kafka: KafkaConfig,
+    text: str,
+    *,
+    source: str,
+    actor: str,
+    limits: LimitsSettings | None = None,
+) -> Applied:
     """Publish the file as the next revision of its pipeline, unless it is wrong (raises
     `InvalidPipeline`) or says what the newest revision says (nothing published)."""
-    parsed = parse(text, source=source, actor=actor)
+    parsed = parse(text, source=source, actor=actor, limits=limits)
     current = newest_revisions(kafka).get(parsed.name)
     if current is not None and content(current.data) == content(parsed):
         return Applied(

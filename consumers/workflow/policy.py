@@ -3,6 +3,13 @@ absolute thresholds first, then "beat the champion on the same evaluation data b
 margin". The verdict carries the reason and the evidence that `model.promoted` /
 `model.rejected` publish, so an audit reads why without re-running anything.
 
+One precision: every comparison (a threshold, the champion) is made on the metrics rounded to
+`PRECISION` significant digits, in decimal. The trainer computes metrics in float32, which
+carries 6 significant digits, so the float32 and the float64 rendering of one value
+(0.9851852059 and 0.9851851852) are the same metric; digits beyond that are noise, and a
+metric that equals the champion's at that precision is a tie, which keeps the champion
+(`TIE_RULE`). The evidence states the precision, the rule and the rounded values.
+
 Same evaluation data: the champion's recorded metrics are comparable when it was trained
 on the same dataset version with the same seed and split (then its test rows are the
 candidate's). Otherwise the service asks an `Evaluator` to re-evaluate the champion on the
@@ -14,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from mlbus.schemas.training import Split, TrainingCompleted
@@ -22,6 +30,20 @@ from mlbus.schemas.workflow import PromotionPolicy, Threshold
 #: (champion run, candidate run, candidate's split) → the champion's metrics ("test.accuracy",
 #: "test.loss") on the candidate's test rows, or None if it cannot be done.
 Evaluator = Callable[[TrainingCompleted, TrainingCompleted, Split], dict[str, float] | None]
+
+
+#: Significant digits every metric is compared at: float32's (C's FLT_DIG).
+PRECISION = 6
+TIE_RULE = (
+    f"metrics are compared at {PRECISION} significant digits; a candidate must beat the "
+    "champion by at least the margin at that precision, and by more than nothing when the "
+    "margin is 0: a tie keeps the champion"
+)
+
+
+def at_precision(value: float) -> Decimal:
+    """`value` rounded to `PRECISION` significant digits, exactly (a decimal)."""
+    return Decimal(f"{value:.{PRECISION}g}")
 
 
 def metric(run: TrainingCompleted, name: str) -> float | None:
@@ -43,13 +65,23 @@ def flat_metrics(run: TrainingCompleted) -> dict[str, float]:
 def passes(threshold: Threshold, value: float | None) -> bool:
     if value is None:
         return False  # not measured is not passed: a budget must be shown to hold
-    return value >= threshold.value if threshold.op == ">=" else value <= threshold.value
+    # At the one precision: a float32 0.9 (0.8999999762) meets ">= 0.9".
+    mine, bar = at_precision(value), Decimal(repr(threshold.value))
+    return mine >= bar if threshold.op == ">=" else mine <= bar
+
+
+def gain(policy: PromotionPolicy, candidate: float, champion: float) -> Decimal:
+    """How much better the candidate is, at `PRECISION` (negative: worse)."""
+    mine, theirs = at_precision(candidate), at_precision(champion)
+    return mine - theirs if policy.mode == "max" else theirs - mine
 
 
 def better(policy: PromotionPolicy, candidate: float, champion: float) -> bool:
-    """Better by at least the margin (strictly better when the margin is 0)."""
-    gain = candidate - champion if policy.mode == "max" else champion - candidate
-    return gain > 0 if policy.margin == 0 else gain >= policy.margin
+    """Better by at least the margin (strictly better when the margin is 0), at `PRECISION`
+    (`TIE_RULE`): the margin is taken as written, so a gain of exactly the margin counts."""
+    won = gain(policy, candidate, champion)
+    margin = Decimal(repr(policy.margin))
+    return won > 0 if margin == 0 else won >= margin
 
 
 @dataclass(frozen=True)
@@ -100,6 +132,8 @@ def judge(
         "metric": policy.metric,
         "mode": policy.mode,
         "margin": policy.margin,
+        "precision": f"{PRECISION} significant digits",
+        "rule": TIE_RULE,
     }
     failed = [c for c in checks if not c["passed"]]
     if failed:
@@ -131,17 +165,32 @@ def judge(
             f"cannot compare with champion {champion.version} on the same evaluation data ({how})",
             evidence,
         )
+    won = gain(policy, mine, theirs)
+    evidence["comparison"] = {
+        "candidate": str(at_precision(mine)),
+        "champion": str(at_precision(theirs)),
+        "gain": str(won),
+        "tie": won == 0,
+    }
+    shown = f"{at_precision(mine)} vs {at_precision(theirs)}"
     if better(policy, mine, theirs):
         return Verdict(
             True,
-            f"beats champion {champion.version} on {policy.metric}: {mine:.4g} vs {theirs:.4g} "
+            f"beats champion {champion.version} on {policy.metric}: {shown} "
             f"(margin {policy.margin:g})",
+            evidence,
+        )
+    if won == 0:
+        return Verdict(
+            False,
+            f"ties champion {champion.version} on {policy.metric}: {shown} at {PRECISION} "
+            "significant digits; a tie keeps the champion",
             evidence,
         )
     return Verdict(
         False,
-        f"does not beat champion {champion.version} on {policy.metric}: {mine:.4g} vs "
-        f"{theirs:.4g} (margin {policy.margin:g})",
+        f"does not beat champion {champion.version} on {policy.metric}: {shown} "
+        f"(margin {policy.margin:g})",
         evidence,
     )
 

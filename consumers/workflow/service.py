@@ -16,6 +16,7 @@ the next start: the rebuild lists validated versions no request was made for.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from mlbus.schemas.serving import ServingAlert
 from mlbus.schemas.training import SweepPoint, TrainingCompleted, TrainingFailed, TrainingRequested
 from mlbus.schemas.workflow import PipelineDefined
 from mlbus.services import service
+from mlbus.settings import LimitsSettings
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,10 @@ class WorkflowService:
         evaluator: Evaluator | None = None,
         tick: float = 0.1,
         consumer_overrides: dict[str, Any] | None = None,
+        limits: LimitsSettings | None = None,
     ) -> None:
         self.kafka = kafka
+        self.limits = limits or LimitsSettings()
         self.group = group
         self.evaluator = evaluator
         self.tick = tick
@@ -242,6 +246,21 @@ class WorkflowService:
     ) -> None:
         spec = pipeline.defined
         data: DatasetValidated = cause.data
+        runs = math.prod(len(values) for values in spec.sweep.values())
+        if runs > self.limits.max_sweep_runs:
+            # `apply` refuses such a file; a revision published by other means must not
+            # flood the trainers (or this process's memory) either.
+            log.error(
+                "workflow: %s revision %d sweeps %d runs, over the limit of %d "
+                "(MLBUS_LIMITS__MAX_SWEEP_RUNS): nothing requested for %s@%s",
+                spec.name,
+                spec.revision,
+                runs,
+                self.limits.max_sweep_runs,
+                data.name,
+                data.version[:12],
+            )
+            return
         points = sweep_points(spec)
         sweep_id = request_id(spec.name, cause.id, -1) if spec.sweep else None
         for index, params in enumerate(points):

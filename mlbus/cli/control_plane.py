@@ -1,7 +1,9 @@
 """The control-plane HTTP API (served by `mlbus api`, mlbus/cli/api.py): the routers of the
 components under one app, with one error body for every failure: {"error": {"type": ...,
 "message": ...}} (mlbus/http.py, with the status each error's class carries), optional
-bearer-token auth on every mutating endpoint (`MLBUS_API_TOKEN`), and `/metrics`."""
+bearer-token auth on every mutating endpoint (`MLBUS_API_TOKEN`), and `/metrics`. The token,
+a NUL byte in the path and the body's size (`api.max_body_bytes`, `api.max_upload_bytes`)
+are checked by `RequestGate` before any body is read."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from prometheus_client import (
 )
 
 import mlbus
-from mlbus.http import bearer_guard, install_error_handlers
+from mlbus.http import RequestGate, bearer_guard, install_error_handlers
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.training import TrainingRequested
@@ -34,14 +36,18 @@ from mlbus.storage import ObjectStore
 _READ_ONLY = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+_REFUSAL = "this endpoint changes state: send Authorization: Bearer <MLBUS_API_TOKEN>"
+
+
+def _token(cfg: Settings) -> str | None:
+    return cfg.api_token.get_secret_value() if cfg.api_token else None
+
+
 def token_guard(cfg: Settings) -> Any:
     """Dependency: with `MLBUS_API_TOKEN` set, every mutating request needs
-    `Authorization: Bearer <token>`; reading stays open."""
-    return bearer_guard(
-        cfg.api_token.get_secret_value() if cfg.api_token else None,
-        open_methods=_READ_ONLY,
-        message="this endpoint changes state: send Authorization: Bearer <MLBUS_API_TOKEN>",
-    )
+    `Authorization: Bearer <token>`; reading stays open. `RequestGate` refuses the same
+    requests before their body is read; the dependency documents the scheme in OpenAPI."""
+    return bearer_guard(_token(cfg), open_methods=_READ_ONLY, message=_REFUSAL)
 
 
 class SharedProducer:
@@ -133,6 +139,14 @@ def create_app(cfg: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     api.state.producer = producer
+    api.add_middleware(
+        RequestGate,
+        max_body_bytes=cfg.api.max_body_bytes,
+        max_upload_bytes=cfg.api.max_upload_bytes,
+        token=_token(cfg),
+        open_methods=_READ_ONLY,
+        message=_REFUSAL,
+    )
     registry_ = CollectorRegistry()
     requests = Counter(
         "mlbus_api_requests",
@@ -176,9 +190,9 @@ def create_app(cfg: Settings) -> FastAPI:
         return KafkaConfig.from_settings(cfg)
 
     lineage_store = _lazy_lineage_store(cfg)
-    api.include_router(datasets_router(registry))
+    api.include_router(datasets_router(registry, cfg.limits))
     api.include_router(training_router(producer, registry))
-    api.include_router(workflow_router(kafka))
+    api.include_router(workflow_router(kafka, cfg.limits))
     api.include_router(lineage_router(lineage_store))
     api.include_router(models_router(lineage_store))
     api.include_router(ui_router(lineage_store))

@@ -64,7 +64,7 @@ def register(
     tags = key_values(tag, "--tag")  # bad options fail before anything is contacted
     with _registry() as registry:  # closes its log view
         fs, resolved = registry.store.resolve(path)
-        source = open_source(resolved, fs)
+        source = open_source(resolved, fs, max_archive_bytes=settings().limits.max_archive_bytes)
         options: dict[str, Any] = dict(
             name=name,
             label=label,

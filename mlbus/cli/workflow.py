@@ -53,9 +53,10 @@ def pipelines_apply(
     """Publish a pipeline definition as its next revision (nothing if it is unchanged)."""
     from mlbus.consumers.workflow.definitions import apply, parse
 
+    limits = settings().limits
     text = file.read_text()
-    parse(text, source=str(file))  # a bad file fails here, before Kafka is contacted
-    applied = apply(kafka_config(), text, source=str(file), actor=actor or _user())
+    parse(text, source=str(file), limits=limits)  # a bad file fails here, before Kafka is used
+    applied = apply(kafka_config(), text, source=str(file), actor=actor or _user(), limits=limits)
     console.print(applied.message, highlight=False)
     if applied.published:
         console.print(f"event {applied.event_id}", highlight=False)
@@ -207,7 +208,7 @@ def _workflow(
         evaluator = ChampionEvaluator(kafka, ObjectStore.from_settings(cfg))
     console.print(f"workflow manager: group {group}", highlight=False)
     try:
-        WorkflowService(kafka, group=group, evaluator=evaluator).run()
+        WorkflowService(kafka, group=group, evaluator=evaluator, limits=cfg.limits).run()
     finally:
         if evaluator is not None:
             evaluator.close()

@@ -207,6 +207,27 @@ def test_npz_arrays_of_three_dimensions_are_refused(tmp_path: Path) -> None:
         open_source(path)
 
 
+def npz_bomb(path: Path, megabytes: int) -> Path:
+    """An .npz of zeros: a few kilobytes that unpack to `megabytes` MiB."""
+    np.savez_compressed(path, X=np.zeros((megabytes * 1024 * 1024 // 16, 2)))
+    return path
+
+
+def test_an_npz_that_unpacks_past_the_limit_is_refused_before_it_is_opened(
+    tmp_path: Path,
+) -> None:
+    path = npz_bomb(tmp_path / "bomb.npz", megabytes=16)
+    assert path.stat().st_size < 160 * 1024  # compressed over 100:1
+    limit = 4 * 1024 * 1024
+    with pytest.raises(InvalidDataset) as raised:
+        open_source(path, max_archive_bytes=limit)
+    assert f"{path}: its members unpack to 16777" in str(raised.value)
+    assert f"over the limit of {limit} bytes (MLBUS_LIMITS__MAX_ARCHIVE_BYTES)" in str(raised.value)
+    with path.open("rb") as handle, pytest.raises(InvalidDataset, match="over the limit"):
+        open_stream(handle, path.stat().st_size, "upload.npz", "npz", max_archive_bytes=limit)
+    assert open_source(path, max_archive_bytes=32 * 1024 * 1024).schema.names == ["f0", "f1"]
+
+
 def test_an_unknown_format_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "d.json"
     path.write_text('{"a": 1}')

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlbus.errors import MlbusError, TransientError
+from mlbus.errors import InvalidPath, MlbusError, TransientError
 from mlbus.settings import Settings
 from mlbus.storage import ObjectStore, StorageError, check_local_path, clean_key
 from tests.mlbus.storage_support import (
@@ -260,6 +260,27 @@ def test_a_store_with_no_allowed_roots_refuses_every_local_path(inbox: Path, tmp
     store = local_store(tmp_path / "store")
     with pytest.raises(StorageError, match="outside"):
         store.resolve(str(inbox / "data.csv"))
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["{inbox}/data.csv\x00.parquet", "file://{inbox}/\x00", "{store}/k\x00/obj.bin", "s3://b/\x00"],
+)
+def test_a_nul_byte_in_a_uri_is_refused_as_invalid(
+    store: ObjectStore, inbox: Path, uri: str
+) -> None:
+    """Before the file system sees it: C would cut the name at the NUL, Python refuses it
+    with a ValueError (a 500 at the API)."""
+    store.allowed_roots = [str(inbox), "s3://b"]
+    with pytest.raises(InvalidPath, match=r"contains a NUL byte \(\\x00\)"):
+        store.resolve(uri.format(inbox=inbox, store=store.url))
+
+
+def test_a_nul_byte_in_a_key_or_local_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidPath, match=r"object key 'a\\x00b' contains a NUL byte"):
+        clean_key("a\x00b")
+    with pytest.raises(InvalidPath, match="path"):
+        check_local_path(f"{tmp_path}/x\x00y", [tmp_path])
 
 
 def test_check_local_path_accepts_the_root_and_below_only(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from mlbus.consumers.workflow.commands import list_pipelines
 from mlbus.consumers.workflow.definitions import InvalidPipeline, apply, parse, sweep_points
+from mlbus.settings import LimitsSettings
 from tests.consumers.workflow.support import DIGITS_YAML, pipeline_text
 from tests.mlbus.kafka.support import read_events
 from tests.mlbus.test_cli import clean_env, mlbus, ok, one_line_error
@@ -114,3 +115,65 @@ def test_apply_publishes_revisions_and_nothing_when_bad_or_unchanged(kafka, tmp_
     ]
     (listed,) = list_pipelines(kafka)
     assert (listed["name"], listed["revision"], listed["policy"]["margin"]) == ("digits", 2, 0.01)
+
+
+#: "Billion laughs": nine levels of nine aliases each, under 400 bytes, would expand to 9**9
+#: strings when walked.
+LAUGHS = "\n".join(
+    [
+        'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]',
+        *(
+            f"{level}: &{level} [{','.join(['*' + previous] * 9)}]"
+            for previous, level in zip("abcdefgh", "bcdefghi", strict=True)
+        ),
+        "name: laughs",
+    ]
+)
+
+
+def test_an_alias_bomb_is_refused_before_it_expands():
+    assert len(LAUGHS.encode()) < 420
+    with pytest.raises(InvalidPipeline) as raised:
+        parse(LAUGHS, source="laughs.yaml")
+    assert str(raised.value) == (
+        "laughs.yaml line 2: YAML aliases (*a) are not allowed in a pipeline file: "
+        "write the value out"
+    )
+    # An alias anywhere, even a harmless one, is refused; an anchor alone is no harm.
+    reused = pipeline_text(extra="sweep:\n  hidden: &sizes [16, 32]\n  layers: *sizes\n")
+    with pytest.raises(InvalidPipeline, match=r"line \d+: YAML aliases \(\*sizes\)"):
+        parse(reused, source="p.yaml")
+    assert parse(pipeline_text(extra="sweep:\n  hidden: &sizes [16, 32]\n")).sweep
+
+
+def test_a_file_over_the_size_limit_is_refused_unparsed():
+    text = pipeline_text() + "#" * 2048 + "\n"
+    limits = LimitsSettings(max_pipeline_bytes=2048)
+    with pytest.raises(InvalidPipeline) as raised:
+        parse(text, source="big.yaml", limits=limits)
+    assert str(raised.value) == (
+        f"big.yaml: {len(text)} bytes, over the limit of 2048 bytes for a pipeline file "
+        "(MLBUS_LIMITS__MAX_PIPELINE_BYTES)"
+    )
+    assert parse(text, source="big.yaml").name == "p1"  # the default limit takes it
+
+
+def test_a_sweep_over_the_cap_is_refused_naming_its_size():
+    """About 2 KB of YAML asking for 432,000 runs."""
+    hidden = list(range(1, 301))
+    dropout = [round(0.01 * i, 2) for i in range(90)]
+    text = pipeline_text(
+        extra=f"sweep:\n  hidden: {hidden}\n  layers: {list(range(1, 17))}\n  dropout: {dropout}\n"
+    )
+    assert len(text) < 3000
+    with pytest.raises(InvalidPipeline) as raised:
+        parse(text, source="p.yaml")
+    assert str(raised.value) == (
+        f"p.yaml line {line_of(text, 'sweep:')}: sweep: 300 hidden x 16 layers x 90 dropout = "
+        "432000 runs, over the limit of 1000 (MLBUS_LIMITS__MAX_SWEEP_RUNS)"
+    )
+    small = LimitsSettings(max_sweep_runs=5)
+    six = pipeline_text(extra="sweep: {hidden: [16, 32], dropout: [0.0, 0.2, 0.4]}\n")
+    with pytest.raises(InvalidPipeline, match="2 hidden x 3 dropout = 6 runs, over the limit of 5"):
+        parse(six, limits=small)
+    assert len(sweep_points(parse(six, limits=LimitsSettings(max_sweep_runs=6)))) == 6

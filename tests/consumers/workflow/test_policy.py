@@ -68,3 +68,41 @@ def test_other_data_is_re_evaluated_or_not_compared():
     assert verdict.evidence["champion"]["evaluation"] == "re-evaluated on the candidate's test rows"
     seeded = champion(0.99, seed=7)  # another seed is another test set too
     assert judge(POLICY, completed(accuracy=0.95), SPLIT, seeded, evaluator).promote
+
+
+def test_a_tie_at_the_policys_precision_keeps_the_champion():
+    """133/135 as float32 (the trainer's) and as float64 differ only past float32's digits:
+    the same metric, a tie, which is not "strictly better"."""
+    float32, float64 = 0.9851852059364319, 0.9851851851851852
+    exact = PromotionPolicy(name="p", margin=0.0)
+    verdict = judge(exact, completed(accuracy=float32), SPLIT, champion(float64))
+    assert not verdict.promote
+    assert verdict.reason == (
+        "ties champion old on test.accuracy: 0.985185 vs 0.985185 at 6 significant digits; "
+        "a tie keeps the champion"
+    )
+    assert verdict.evidence["precision"] == "6 significant digits"
+    assert "a tie keeps the champion" in verdict.evidence["rule"]
+    assert verdict.evidence["comparison"] == {
+        "candidate": "0.985185",
+        "champion": "0.985185",
+        "gain": "0.000000",
+        "tie": True,
+    }
+    # One unit in the sixth digit is a win, whichever float carried it.
+    better = judge(exact, completed(accuracy=0.985186), SPLIT, champion(float64))
+    assert better.promote and better.evidence["comparison"]["tie"] is False
+
+
+def test_a_gain_of_exactly_the_margin_counts_and_thresholds_use_the_same_precision():
+    # In binary floats 0.905 - 0.805 is 0.09999999999999998, short of a 0.1 margin.
+    policy = PromotionPolicy(
+        name="p", margin=0.1, thresholds=[Threshold(metric="test.accuracy", value=0.9)]
+    )
+    verdict = judge(policy, completed(accuracy=0.905), SPLIT, champion(0.805))
+    assert verdict.promote and verdict.evidence["comparison"]["gain"] == "0.100"
+    # float32's 0.9 is 0.8999999762: the same metric as the bar, so it meets ">= 0.9".
+    at_bar = judge(policy, completed(accuracy=0.8999999761581421), SPLIT, None)
+    assert at_bar.promote and at_bar.evidence["thresholds"][0]["passed"]
+    below = judge(policy, completed(accuracy=0.899999), SPLIT, None)
+    assert not below.promote

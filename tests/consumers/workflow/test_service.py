@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from mlbus.consumers.workflow import commands
 from mlbus.consumers.workflow.state import decision_id, read_state
+from mlbus.settings import LimitsSettings
 from tests.consumers.workflow.support import (
     alert,
     at_least,
@@ -203,3 +204,20 @@ def test_manual_and_automatic_decisions_are_both_events_and_the_later_wins(kafka
     model = read_state(kafka).models["m1"]
     assert (model.champion.data.version, model.champion.data.actor) == ("b", "user:bob")
     assert model.rolled_back() == {"c"} and model.previous_good().data.version == "a"
+
+
+def test_a_sweep_over_the_cap_in_the_log_requests_nothing(kafka, group, caplog):
+    """`apply` refuses such a file; the service holds the same line against a revision that
+    reached the log by other means (here: applied under a larger cap)."""
+    define(kafka, pipeline_text(extra="sweep: {hidden: [16, 32], dropout: [0.0, 0.2, 0.4]}\n"))
+    define(
+        kafka, pipeline_text("p2", dataset="wine", model="m2", extra="sweep: {hidden: [16, 32]}\n")
+    )
+    send(kafka, validated("iris", "v1"), validated("wine", "v1"))
+    catch_up(kafka, group, limits=LimitsSettings(max_sweep_runs=5))
+    requests = read_events(kafka, "training.requested")
+    assert sorted((r.data.pipeline, r.data.sweep.index) for r in requests) == [
+        ("p2", 0),
+        ("p2", 1),
+    ]
+    assert "p1 revision 1 sweeps 6 runs, over the limit of 5" in caplog.text
