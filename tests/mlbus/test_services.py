@@ -110,6 +110,9 @@ def test_the_components_consume_what_their_manifests_say():
     archiver = Archiver(kafka, ObjectStore("memory://services-test"))
     assert set(archiver.topics) == set(service("archive").reads)
     assert {EVENT_TYPE, *FOLLOWED} == set(service("streams").reads)
+    from mlbus.serving.deployer import OUTCOMES, TOPIC
+
+    assert {TOPIC, OUTCOMES} <= set(service("serve").reads)
 
 
 def test_the_readme_service_table_is_current():
