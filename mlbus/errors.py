@@ -26,6 +26,8 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   ├── InvalidModelSpec        400  families.py: unknown family, bad hyperparameters
     │   ├── InvalidSplit            400  ml/split.py: fractions that leave no row to train on
     │   ├── InvalidModelCard        400  ml/card.py: a card that lacks or mistypes a field
+    │   ├── InvalidArtifact         400  artifacts.py: weights that are not safetensors or do
+    │   │                                not fit the model their card describes
     │   ├── InvalidDataset          400  datasets/sources.py: unreadable or malformed input
     │   ├── InvalidTrainingRequest  400  trainer/data.py: nulls, one class, bad split
     │   │   └── DeviceUnavailable   400  trainer/worker.py: a device this worker does not have

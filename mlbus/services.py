@@ -29,15 +29,21 @@ from mlbus.settings import Settings
 
 @dataclass(frozen=True)
 class HttpCheck:
-    """Healthy when `GET path` on the service's port answers 2xx. Ports and interfaces are
-    settings (dotted paths into `Settings`, e.g. `serving.port`); port 0 turns the server,
-    and so this check, off."""
+    """Healthy when `GET path` on the service's port answers 2xx; ready when `GET ready`
+    does. Ports and interfaces are settings (dotted paths into `Settings`, e.g.
+    `serving.port`); port 0 turns the server, and so this check, off."""
 
     port: str
     path: str
-    """answers once the process serves (what `mlbus up` waits for, the liveness check)"""
+    """answers once the process serves (the liveness check)"""
     ready: str | None = None
-    """answers once it can take traffic (Kubernetes readiness); default `path`"""
+    """answers once it can take traffic (what `mlbus up` waits for, Kubernetes readiness);
+    default `path`"""
+
+    @property
+    def ready_path(self) -> str:
+        return self.ready or self.path
+
     host: str | None = None
     """setting naming the interface it listens on; None: it listens on every interface"""
 
@@ -227,7 +233,7 @@ SERVICES: tuple[Service, ...] = (
         folder="serving/",
         role="model server (Open Inference Protocol v2, HTTP and Kafka)",
         source="mlbus/serving",
-        reads=("model.promoted", "inference.requests"),
+        reads=("model.promoted", "deployment.updated", "inference.requests"),
         writes=("deployment.updated", "inference.results", "inference.logged", DEADLETTER),
         build="mlbus.cli.serving:run_serving",
         deployment=Deployment(

@@ -62,6 +62,15 @@ class ServingSettings(_Section):
         ge=0,
         description="intra-op threads of a heavy model's forward passes; 0 = the usable cores",
     )
+    load_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="tries to load a promoted version while the object store is unreachable; "
+        "after the last one the version is failed",
+    )
+    load_retry_seconds: float = Field(
+        default=0.5, gt=0, description="wait before the second try; doubles each time, up to 30 s"
+    )
 
 
 class StreamsSettings(_Section):

@@ -50,7 +50,7 @@ def catalog(cfg: Settings, *, trainers: int = 1) -> list[Process]:
     processes = []
     for service in SERVICES:
         base = service.health.base_url(cfg) if service.health else None
-        health = f"{base}{service.health.path}" if base and service.health else None
+        health = f"{base}{service.health.ready_path}" if base and service.health else None
         names = [service.name]
         if service.name == "trainer":  # `mlbus up --trainers N`
             names = [f"trainer-{i}" for i in range(1, trainers + 1)]

@@ -32,7 +32,7 @@ import mlbus
 from mlbus.errors import MlbusError, UnknownModel
 from mlbus.http import bearer_guard, check_length, counted, header, install_error_handlers
 from mlbus.schemas.envelope import new_event_id
-from mlbus.serving.errors import NotReady
+from mlbus.serving.errors import NotReady, VerificationFailed
 from mlbus.serving.registry import Deployment
 from mlbus.serving.server import ModelServer
 from mlbus.serving.tensors import decode_request, dumps, outputs, parse_body
@@ -167,6 +167,16 @@ async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 Infer = Callable[[str, str | None, Callable[[], Awaitable[bytes]]], Awaitable[tuple[int, bytes]]]
 _JSON = (b"content-type", b"application/json")
+#: Seconds a client is asked to wait before trying again after a 503 (the model is loading,
+#: or the server is catching up with model.promoted).
+RETRY_AFTER = 1
+
+
+def headers_of(status: int) -> list[tuple[bytes, bytes]]:
+    """The headers of an infer answer besides its length: JSON, and `Retry-After` on a 503."""
+    if status == 503:
+        return [_JSON, (b"retry-after", b"%d" % RETRY_AFTER)]
+    return [_JSON]
 
 
 class InferFastPath:
@@ -199,7 +209,7 @@ class InferFastPath:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [_JSON, (b"content-length", b"%d" % len(body))],
+                "headers": [*headers_of(status), (b"content-length", b"%d" % len(body))],
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -270,7 +280,8 @@ def create_app(server: ModelServer) -> FastAPI:
         "/v2/health/ready", response_model=Ready, tags=["oip"], responses={503: {"model": Ready}}
     )
     def ready() -> Response:
-        """Ready once the champions found in `model.promoted` at start are loaded."""
+        """Ready once caught up with `model.promoted`: each model serves the newest version
+        that loads, and what cannot load is reported failed (deployment.updated)."""
         return JSONResponse({"ready": server.ready}, 200 if server.ready else 503)
 
     @app.get(
@@ -314,7 +325,7 @@ def create_app(server: ModelServer) -> FastAPI:
         deployment = x = request_id = None
         try:
             doc = parse_body(await read())
-            deployment = server.registry.get(name, version)
+            deployment = server.deployment(name, version)
             decoded = decode_request(doc, deployment)
             # One id for the response and the inference log, so the two can be joined.
             x, request_id = decoded.x, decoded.id or new_event_id()
@@ -337,7 +348,8 @@ def create_app(server: ModelServer) -> FastAPI:
 
     async def infer_route(name: str, version: str | None, request: Request) -> Response:
         status, body = await infer(name, version, lambda: read_body(request, limit))
-        return Response(body, status_code=status, media_type="application/json")
+        headers = {k.decode(): v.decode() for k, v in headers_of(status)}
+        return Response(body, status_code=status, headers=headers)
 
     app.add_middleware(InferFastPath, infer=infer, limit=limit)
 
@@ -388,15 +400,20 @@ def create_app(server: ModelServer) -> FastAPI:
         response_model=ModelMetadata,
         tags=["control"],
         dependencies=[Depends(control)],
-        responses=_errors(401, 404, 503),
+        responses=_errors(401, 404, 500, 503),
     )
     def repository_load(name: str) -> dict[str, Any]:
         """Load the model's champion as `model.promoted` has it now (after an unload)."""
         champion = server.deployer.champion(name)
         if champion is None:
             raise UnknownModel(f"model {name!r} was never promoted")
-        if server.deployer.handle(champion) is None:
-            raise NotReady(f"model {name!r} version {champion.data.version} failed to load")
+        if server.deployer.handle(champion, again=True) is None:
+            reason = server.deployer.failure(champion)
+            if reason is None:  # the server is stopping
+                raise NotReady(f"model {name!r} was not loaded: the server is stopping")
+            raise VerificationFailed(
+                f"model {name!r} version {champion.data.version} cannot load: {reason}"
+            )
         slot = server.registry.slot(name)
         return model_metadata(name, [d for d in (slot.current, slot.previous) if d])
 

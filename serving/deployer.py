@@ -1,10 +1,20 @@
 """Model lifecycle from the log: a log view of `model.promoted` (mlbus/kafka/logview.py) read
-from the beginning (newest promotion per model = its champion, the one before = its previous
-version), loads those, then follows the topic group-less, so every replica sees every
-promotion. Publishes `deployment.updated` for each load (loaded or failed).
+from the beginning (newest promotion per model = its champion), loads what it can, then
+follows the topic group-less, so every replica sees every promotion. Reads `deployment.updated`
+once at start (what this replica already reported); publishes `deployment.updated` for each
+load (loaded or failed).
 
 A promoted version is loaded and verified beside the serving one and swapped in only when
-it passed (serving/registry.py). Effects are idempotent: a redelivered promotion of the
+it passed (serving/registry.py). A version that cannot load (not safetensors, hash mismatch,
+unknown family, bad card, failed warm-up) is final: one `failed` deployment.updated with the
+reason, the serving version goes on, the promotion is never tried again by this process.
+Only an object store out of reach (`TransientError`) is tried again, with backoff, up to
+`load_attempts` times; then the version is failed too.
+
+After a restart each model serves the newest promoted version that loads, walking back from
+the champion, with the next one that loads as its previous version. A champion this replica
+already reported failed (deployment.updated of the same replica id) is not tried again; one
+it has no report of is tried once. Effects are idempotent: a redelivered promotion of the
 version already serving changes nothing, and each `deployment.updated` has an id derived
 from the replica and the promotion's event id.
 """
@@ -18,12 +28,13 @@ import uuid
 from collections.abc import Callable
 from typing import Literal
 
-from mlbus.errors import MlbusError
+from mlbus.errors import Abandon, MlbusError, TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.logview import LogView, Positioned
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import DeploymentUpdated, ModelPromoted
+from mlbus.schemas.training import Artifact
 from mlbus.serving.errors import VerificationFailed
 from mlbus.serving.registry import Deployment, Registry, load_verified
 from mlbus.storage import ObjectStore
@@ -32,12 +43,19 @@ log = logging.getLogger(__name__)
 
 _NAMESPACE = uuid.UUID("6a0d0f0e-8f53-4c55-9a1d-2b36c1e0b7a1")
 TOPIC = "model.promoted"
+OUTCOMES = "deployment.updated"
+#: The longest wait between two tries of a load while the object store is out of reach.
+MAX_RETRY_SECONDS = 30.0
+#: How the reason of a version failed because the object store stayed out of reach begins:
+#: such a failure is not final across restarts (a restarted replica tries it again).
+UNREACHABLE = "the object store could not be reached"
 
 
 class Deployer:
     """Runs in its own thread (`start()` / `stop()`); `ready` is set once the champions that
-    were in the log at start are loaded (or have failed to load). `champion()` answers from
-    the same view, caught up to the end of the log first."""
+    were in the log at start are loaded or reported failed (each model then serves the newest
+    version that loads). `champion()` answers from the same view, caught up to the end of
+    the log first."""
 
     def __init__(
         self,
@@ -48,6 +66,8 @@ class Deployer:
         *,
         replica: str,
         on_outcome: Callable[[str, str], None] | None = None,
+        load_attempts: int = 5,
+        load_retry_seconds: float = 0.5,
     ) -> None:
         self.kafka = kafka
         self.store = store
@@ -55,13 +75,19 @@ class Deployer:
         self.producer = producer
         self.replica = replica
         self.on_outcome = on_outcome
+        self.load_attempts = load_attempts
+        self.load_retry_seconds = load_retry_seconds
         self.ready = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._history: dict[str, list[Event[ModelPromoted]]] = {}  # model → last two versions
+        # model → its promotions, one per version, oldest first (a re-promoted version moves
+        # to the end): what a restart walks back through when the champion cannot load.
+        self._history: dict[str, list[Event[ModelPromoted]]] = {}
         self._following = False  # promotions folded from now on are new: handled as they come
         self._pending: list[Event[ModelPromoted]] = []
+        self._failed: dict[str, str] = {}  # promotion event id → why it cannot serve here
+        self._loading: set[str] = set()  # models with a load under way
         self.view = LogView(kafka, [TOPIC], on_event=self._fold, name="deployer")
 
     # -- control ---------------------------------------------------------------------------
@@ -83,6 +109,15 @@ class Deployer:
             events = self._history.get(name)
             return events[-1] if events else None
 
+    def loading(self, name: str) -> bool:
+        """Whether a version of `name` is being loaded now (the server answers 503, not 404,
+        for a model it does not serve yet)."""
+        return name in self._loading
+
+    def failure(self, event: Event[ModelPromoted]) -> str | None:
+        """Why the promotion `event` cannot serve on this replica (None: not known to fail)."""
+        return self._failed.get(event.id)
+
     # -- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -91,84 +126,131 @@ class Deployer:
             try:
                 if not self.ready.is_set():
                     self._catch_up()
+                    if self._stop.is_set():
+                        return
                     self.ready.set()
                 while not self._stop.is_set():
                     self.view.poll()
-                    with self._lock:
-                        new, self._pending = self._pending, []
-                    for event in new:
+                    while True:  # one at a time: nothing folded is dropped if one goes wrong
+                        with self._lock:
+                            if not self._pending:
+                                break
+                            event = self._pending.pop(0)
                         self.handle(event)
                 return
             except MlbusError as e:  # broker or store away: retry from where we are
                 log.warning("deployer: %s (retrying in %.1fs)", e, delay)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 10.0)
             except Exception:
-                log.exception("deployer: unexpected error (retrying)")
-                self._stop.wait(delay)
+                log.exception("deployer: unexpected error (retrying in %.1fs)", delay)
+            self._stop.wait(delay)
+            delay = min(delay * 2, 10.0)
 
     def _fold(self, item: Positioned) -> None:
         event: Event[ModelPromoted] = item.event
         with self._lock:
             versions = self._history.setdefault(event.data.model, [])
-            versions[:] = [e for e in versions if e.data.version != event.data.version][-1:]
+            versions[:] = [e for e in versions if e.data.version != event.data.version]
             versions.append(event)
             if self._following:
                 self._pending.append(event)
 
     def _catch_up(self) -> None:
-        """Read the topic to its end; load each model's champion and the version before."""
+        """Learn what this replica already reported failed, read `model.promoted` to its end,
+        and serve each model's newest version that loads (and the one before it)."""
+        self._failed.update(self._reported_failures())
         self.view.catch_up()
         with self._lock:  # what came after this is handled by the following loop
             history = {name: list(events) for name, events in self._history.items()}
             self._following = True
         for name, events in history.items():
+            serving = self._serve_newest(events)
             if self._stop.is_set():
                 return
-            if len(events) > 1:  # so that /versions/{previous}/infer works after a restart
-                self.handle(events[-2], initial_previous=True)
-            self.handle(events[-1])
-            log.info("deployer: %s caught up at version %s", name, events[-1].data.version)
+            if serving is None:
+                log.warning("deployer: %s caught up, no promoted version loads", name)
+            else:
+                log.info("deployer: %s caught up at version %s", name, serving.version)
+
+    def _serve_newest(self, events: list[Event[ModelPromoted]]) -> Deployment | None:
+        """Walk back from the champion: the first version that loads serves, the next one
+        that loads becomes its previous version (so /versions/{previous}/infer works after a
+        restart). Each is tried once; a failure is reported, not retried."""
+        serving: Deployment | None = None
+        for event in reversed(events):
+            if self._stop.is_set():
+                break
+            deployment = self.handle(event, initial_previous=serving is not None)
+            if deployment is None:
+                continue
+            if serving is not None:
+                break
+            serving = deployment
+        return serving
+
+    def _reported_failures(self) -> dict[str, str]:
+        """Promotions this replica already reported it cannot load, by the promotion's event
+        id, from `deployment.updated`: a restart does not try them again. A failure because
+        the store was out of reach is left out (it may load now), and so is one loaded later.
+        A replica id that changes with each process finds nothing: each champion is then
+        tried once."""
+        failed: dict[str, str] = {}
+
+        def fold(item: Positioned) -> None:
+            event: Event[DeploymentUpdated] = item.event
+            update = event.data
+            if update.replica != self.replica or not event.causationid:
+                return
+            error = update.error or "failed"
+            if update.status == "failed" and not error.startswith(UNREACHABLE):
+                failed[event.causationid] = error
+            elif update.status == "loaded":
+                failed.pop(event.causationid, None)
+
+        view = LogView(self.kafka, [OUTCOMES], on_event=fold, name="deployer outcomes")
+        try:
+            view.catch_up()
+        finally:
+            view.stop()
+        return failed
 
     # -- one promotion ---------------------------------------------------------------------
 
     def handle(
-        self, event: Event[ModelPromoted], *, initial_previous: bool = False
+        self, event: Event[ModelPromoted], *, initial_previous: bool = False, again: bool = False
     ) -> Deployment | None:
-        """Load, verify and swap in the promoted version; report the outcome."""
+        """Load, verify and swap in the promoted version; report the outcome. None: it cannot
+        serve (reported once; a promotion that failed is not tried again unless `again`)."""
         promoted: ModelPromoted = event.data
         artifact = promoted.artifact
         name, version = promoted.model, promoted.version
-        if artifact is None:
-            self._report(event, "failed", error="the promotion carries no artifact to load")
+        if not again and event.id in self._failed:
             return None
-        if not initial_previous:
-            current = self.registry.current(name)
-            if current and current.version == version and current.sha256 == artifact.sha256:
-                return current  # a redelivered or repeated promotion: nothing to do
+        if artifact is None:
+            self._fail(event, "the promotion carries no artifact to load")
+            return None
+        existing = self.registry.find(name, version, artifact.sha256)
+        if existing is not None and (
+            initial_previous or existing is self.registry.current(name)
+        ):  # a redelivered or repeated promotion, or a catch-up tried again: nothing to do
+            return existing
         started = time.perf_counter()
-        deployment = self.registry.find(name, version, artifact.sha256)
-        if deployment is None:
-            try:
-                deployment = load_verified(
-                    self.store,
-                    name,
-                    version,
-                    artifact.uri,
-                    artifact.sha256,
-                    artifact.model_card_uri,
-                )
-            except VerificationFailed as e:
-                log.warning("deployer: %s version %s refused: %s", name, version, e)
-                self._report(
-                    event,
-                    "failed",
-                    error=str(e),
-                    sha256=artifact.sha256,
-                    seconds=time.perf_counter() - started,
-                )
-                return None
-        self.registry.install(deployment, as_previous=initial_previous)
+        self._loading.add(name)
+        try:
+            deployment = existing or self._load(name, version, artifact)
+            self.registry.install(deployment, as_previous=initial_previous)
+        except Abandon:  # stopping: neither loaded nor failed
+            return None
+        except VerificationFailed as e:
+            self._fail(event, str(e), sha256=artifact.sha256, started=started)
+            return None
+        except Exception as e:  # untranslated: still final, never a retry storm
+            log.exception("deployer: %s version %s: unexpected error", name, version)
+            reason = f"unexpected error: {type(e).__name__}: {e}"
+            self._fail(event, reason, sha256=artifact.sha256, started=started)
+            return None
+        finally:
+            self._loading.discard(name)
+        self._failed.pop(event.id, None)
         seconds = time.perf_counter() - started
         log.info(
             "deployer: %s version %s %s in %.3fs",
@@ -179,6 +261,55 @@ class Deployer:
         )
         self._report(event, "loaded", sha256=artifact.sha256, seconds=seconds)
         return deployment
+
+    def _load(self, name: str, version: str, artifact: Artifact) -> Deployment:
+        """`load_verified`, tried again with backoff while the object store is out of reach;
+        `VerificationFailed` once `load_attempts` tries met a `TransientError`."""
+        delay = self.load_retry_seconds
+        attempt = 1
+        while True:
+            try:
+                return load_verified(
+                    self.store,
+                    name,
+                    version,
+                    artifact.uri,
+                    artifact.sha256,
+                    artifact.model_card_uri,
+                )
+            except TransientError as e:
+                if attempt >= self.load_attempts:
+                    raise VerificationFailed(f"{UNREACHABLE} in {attempt} attempts: {e}") from None
+                log.warning(
+                    "deployer: %s version %s: %s (attempt %d of %d; again in %.1fs)",
+                    name,
+                    version,
+                    e,
+                    attempt,
+                    self.load_attempts,
+                    delay,
+                )
+            if self._stop.wait(delay):
+                raise Abandon(f"stopping while loading {name} version {version}")
+            delay = min(delay * 2, MAX_RETRY_SECONDS)
+            attempt += 1
+
+    def _fail(
+        self,
+        event: Event[ModelPromoted],
+        reason: str,
+        *,
+        sha256: str | None = None,
+        started: float | None = None,
+    ) -> None:
+        """Remember that the promotion cannot serve here and report it, once."""
+        promoted: ModelPromoted = event.data
+        log.warning(
+            "deployer: %s version %s cannot serve: %s", promoted.model, promoted.version, reason
+        )
+        self._failed[event.id] = reason
+        seconds = None if started is None else time.perf_counter() - started
+        self._report(event, "failed", error=reason, sha256=sha256, seconds=seconds)
 
     def report_unloaded(self, deployment: Deployment) -> None:
         """Publish that this replica stopped serving `deployment` (a control request)."""

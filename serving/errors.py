@@ -8,7 +8,8 @@ replica), `Unauthorized` (401: a control endpoint without the bearer token) and
     NotFound          UnknownVersion      404: the model has no such loaded version
     Invalid           InvalidInput        400: a tensor that does not match the model card
                       MalformedRequest    400: not JSON, or not an inference request
-    TransientError    NotReady            503: the model is loading, or the server is stopping
+    TransientError    NotReady            503: the model is loading (or the server is catching
+                                          up with model.promoted), or the server is stopping
     MlbusError        VerificationFailed  500: a promoted version that cannot be served
 """
 

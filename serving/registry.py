@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mlbus import artifacts
-from mlbus.errors import MlbusError, UnknownModel
+from mlbus.errors import MlbusError, TransientError, UnknownModel
 from mlbus.ml.card import ModelCard
 from mlbus.serving.batcher import MicroBatcher
 from mlbus.serving.errors import UnknownVersion, VerificationFailed
@@ -91,16 +91,18 @@ def load_verified(
     `artifacts.load` before anything is deserialised; safetensors only), the card is valid
     (`ModelCard`: what serving needs, one mean and std per feature) and agrees with the
     weights, and a warm-up forward pass gives finite probabilities. Raises
-    `VerificationFailed` with the reason otherwise."""
+    `VerificationFailed` with the reason otherwise: final, the same artifact never serves.
+    A `TransientError` (the object store cannot be reached) is raised as it is: the caller
+    may try again."""
     started = time.perf_counter()
     if not card_uri:
         raise VerificationFailed("the promotion's artifact has no model_card_uri")
     try:
         model, card = artifacts.load(store, uri, sha256, card_uri)
-    except MlbusError as e:
+    except TransientError:
+        raise
+    except MlbusError as e:  # artifacts.load translates what safetensors and torch raise
         raise VerificationFailed(f"{type(e).__name__}: {e}") from None
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # unbuildable, bad weights
-        raise VerificationFailed(f"cannot build the model: {type(e).__name__}: {e}") from None
     deployment = Deployment(name, version, sha256, model, card)
     typical = np.asarray([card.mean], dtype=np.float32)  # one row of the training means
     try:

@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlbus.errors import MlbusError
+from mlbus.errors import MlbusError, NotFound
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.runtime import usable_cores
 from mlbus.schemas.envelope import new_event_id
 from mlbus.services import service
 from mlbus.serving.deployer import Deployer
+from mlbus.serving.errors import NotReady
 from mlbus.serving.inference_log import InferenceLog, Sample
 from mlbus.serving.metrics import UNKNOWN, ServingMetrics
 from mlbus.serving.registry import Deployment, Registry, Slot
@@ -148,6 +149,8 @@ class ModelServer:
             self._deploy_producer,
             replica=self.replica,
             on_outcome=lambda model, status: self.metrics.deployments.labels(model, status).inc(),
+            load_attempts=config.load_attempts,
+            load_retry_seconds=config.load_retry_seconds,
         )
         extra = {} if log_queue_size is None else {"queue_size": log_queue_size}
         self.inference_log = InferenceLog(
@@ -193,7 +196,25 @@ class ModelServer:
 
     @property
     def ready(self) -> bool:
+        """Caught up with `model.promoted`: each model serves the newest version that loads,
+        or its failure to load is reported."""
         return self.deployer.ready.is_set()
+
+    def deployment(self, name: str, version: str | None = None) -> Deployment:
+        """The loaded version that answers for `name` (its champion when `version` is None).
+        `NotReady` (503, ask again) rather than not found while the server is catching up or
+        is loading the model; not found once it is caught up and the model is not served."""
+        try:
+            return self.registry.get(name, version)
+        except NotFound:
+            if not self.ready:
+                raise NotReady(
+                    f"model {name!r} is not loaded yet: the server is catching up with "
+                    "model.promoted"
+                ) from None
+            if self.deployer.loading(name):
+                raise NotReady(f"model {name!r} is being loaded") from None
+            raise
 
     # -- inference -------------------------------------------------------------------------
 

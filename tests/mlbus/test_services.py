@@ -58,13 +58,17 @@ def test_the_supervisor_runs_exactly_the_manifests_each_as_mlbus_run(tmp_path: P
         if s.health is None:
             assert p.health is None
         else:
-            assert p.health == f"{s.health.base_url(cfg)}{s.health.path}"
+            assert p.health == f"{s.health.base_url(cfg)}{s.health.ready_path}"
 
 
 def test_health_urls_come_from_the_settings_and_port_0_turns_the_check_off(tmp_path: Path):
     cfg = Settings(data_dir=tmp_path, serving={"host": "0.0.0.0", "port": 9000})
     check = service("serve").health
     assert check is not None and check.base_url(cfg) == "http://127.0.0.1:9000"
+    # `mlbus up` waits for the model server's readiness (caught up with model.promoted),
+    # not for its liveness.
+    serve = next(p for p in catalog(cfg) if p.name == "serve")
+    assert serve.health == "http://127.0.0.1:9000/v2/health/ready"
     quiet = Settings(data_dir=tmp_path, streams={"metrics_port": 0})
     assert HttpCheck(port="streams.metrics_port", path="/metrics").base_url(quiet) is None
     streams = next(p for p in catalog(quiet) if p.name == "streams")
@@ -106,6 +110,9 @@ def test_the_components_consume_what_their_manifests_say():
     archiver = Archiver(kafka, ObjectStore("memory://services-test"))
     assert set(archiver.topics) == set(service("archive").reads)
     assert {EVENT_TYPE, *FOLLOWED} == set(service("streams").reads)
+    from mlbus.serving.deployer import OUTCOMES, TOPIC
+
+    assert {TOPIC, OUTCOMES} <= set(service("serve").reads)
 
 
 def test_the_readme_service_table_is_current():

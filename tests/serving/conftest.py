@@ -156,9 +156,11 @@ def running(
     torch_threads: int | None = None,
     **config: Any,
 ) -> Iterator[Running]:
-    """A model server (uvicorn in a thread) on a free port; stopped on exit."""
+    """A model server (uvicorn in a thread) on a free port, replica `test-replica` unless
+    `replica=` names another; stopped on exit."""
     port = free_port()
-    settings = ServingSettings(host="127.0.0.1", port=port, replica="test-replica", **config)
+    defaults = {"host": "127.0.0.1", "replica": "test-replica"}
+    settings = ServingSettings(**{**defaults, **config, "port": port})
     server = ModelServer(
         kafka,
         store,
