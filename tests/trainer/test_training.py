@@ -96,11 +96,10 @@ def test_early_stopping_stops_before_max_epochs(digits):
     assert result.epochs == 2  # nothing improves by 10: stop after the patience of one epoch
 
 
-def test_artifact_round_trip_gives_the_same_accuracy(digits, tmp_path):
-    result = _train(digits, epochs=5)
-    store = ObjectStore(tmp_path.as_uri())
+def cnn_card(digits) -> ModelCard:
+    """The card the trainer writes for a default CNN on the prepared `digits`."""
     mean, std = digits.standardisation.to_lists()
-    card = ModelCard(
+    return ModelCard(
         family="cnn",
         features=digits.features,
         label=digits.label,
@@ -109,6 +108,12 @@ def test_artifact_round_trip_gives_the_same_accuracy(digits, tmp_path):
         mean=mean,
         std=std,
     )
+
+
+def test_artifact_round_trip_gives_the_same_accuracy(digits, tmp_path):
+    result = _train(digits, epochs=5)
+    store = ObjectStore(tmp_path.as_uri())
+    card = cnn_card(digits)
     saved = artifacts.save(store, "models/digits/r1", result.model, card)
     model, loaded_card = artifacts.load(
         store, saved["uri"], saved["sha256"], saved["model_card_uri"]
@@ -125,16 +130,7 @@ def test_artifact_round_trip_gives_the_same_accuracy(digits, tmp_path):
 def test_a_tampered_artifact_is_refused(digits, tmp_path):
     result = _train(digits, epochs=1)
     store = ObjectStore(tmp_path.as_uri())
-    mean, std = digits.standardisation.to_lists()
-    card = ModelCard(
-        family="cnn",
-        features=digits.features,
-        label=digits.label,
-        classes=digits.classes,
-        hyperparameters=hyperparameters("cnn", {}),
-        mean=mean,
-        std=std,
-    )
+    card = cnn_card(digits)
     saved = artifacts.save(store, "m/r", result.model, card)
     raw = bytearray(store.read_bytes("m/r/model.safetensors"))
     raw[-1] ^= 0xFF
