@@ -20,6 +20,16 @@ _HOSTPORT = re.compile(r"^\[?[A-Za-z0-9.\-:_]+\]?:\d{1,5}$")
 _SECRET = re.compile(r"password|secret|token|key$|\.pem$|jaas|credential", re.IGNORECASE)
 
 
+def is_secret(key: str) -> bool:
+    """Whether the librdkafka setting `key` holds a secret (kept as a `SecretStr`, masked in
+    every repr and display)."""
+    return bool(_SECRET.search(key))
+
+
+def reveal(value: str | SecretStr) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
 class _Section(BaseModel):
     model_config = {"frozen": True, "extra": "forbid"}
 
@@ -129,10 +139,10 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str = Field(
         default="", description="host:port[,host:port…] of a Kafka cluster; empty = embedded"
     )
-    kafka: dict[str, str] = Field(
+    kafka: dict[str, str | SecretStr] = Field(
         default_factory=dict,
         description="extra librdkafka settings, passed through: MLBUS_KAFKA__SASL_MECHANISM=PLAIN "
-        "becomes sasl.mechanism (or JSON)",
+        "becomes sasl.mechanism (or JSON); secrets (passwords, keys, JAAS) are kept masked",
     )
     topic_prefix: str = Field(
         default="", description="prepended to every topic name (several stacks on one cluster)"
@@ -178,7 +188,12 @@ class Settings(BaseSettings):
         # MLBUS_KAFKA__SASL_MECHANISM arrives as {"sasl_mechanism": ...}: librdkafka's names
         # use dots, never underscores.
         if isinstance(value, dict):
-            return {str(k).lower().replace("_", "."): str(v) for k, v in value.items()}
+            out: dict[str, str | SecretStr] = {}
+            for k, v in value.items():
+                key = str(k).lower().replace("_", ".")
+                text = reveal(v) if isinstance(v, SecretStr) else str(v)
+                out[key] = SecretStr(text) if is_secret(key) else text
+            return out
         return value
 
     @field_validator("allowed_roots", mode="before")
@@ -250,7 +265,7 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The settings for display, with secrets masked."""
         out = self.model_dump(mode="json")
-        out["kafka"] = {k: ("***" if _SECRET.search(k) else v) for k, v in self.kafka.items()}
+        out["kafka"] = {k: ("***" if is_secret(k) else reveal(v)) for k, v in self.kafka.items()}
         out["metadata_url"] = _hide_password(self.metadata_url)
         return out
 

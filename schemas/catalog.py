@@ -37,6 +37,13 @@ DAY_MS = 24 * 3600 * 1000
 DEADLETTER = "mlbus.deadletter"
 
 
+def min_insync_replicas(replicas: int) -> int:
+    """How many of a topic's `replicas` an acks=all write needs in sync: 2 of 3 or more (one
+    broker may be down), 1 where there are fewer than 3. Every topic mlbus creates follows
+    it, the catalog's and the stream processors' changelogs alike."""
+    return 2 if replicas >= 3 else 1
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
@@ -51,15 +58,19 @@ class TopicSpec:
     replication: int = 3
     max_message_bytes: int | None = None
 
+    def replication_on(self, brokers: int) -> int:
+        """The replication factor on a cluster of `brokers`: the catalog's, or what a smaller
+        cluster can hold."""
+        return min(self.replication, max(1, brokers))
+
     def configs(self, replication: int | None = None) -> dict[str, str]:
         """Topic-level configs as Kafka names them, for a topic with `replication` replicas
-        (default the catalog's): acks=all then needs `min.insync.replicas` of them, which is
-        2 of 3 (one broker may be down) and 1 where there are fewer than 3."""
+        (default the catalog's), `min.insync.replicas` by `min_insync_replicas`."""
         replicas = replication or self.replication
         out = {
             "retention.ms": str(self.retention_ms),
             "cleanup.policy": self.cleanup_policy,
-            "min.insync.replicas": str(2 if replicas >= 3 else 1),
+            "min.insync.replicas": str(min_insync_replicas(replicas)),
         }
         if self.max_message_bytes:
             out["max.message.bytes"] = str(self.max_message_bytes)

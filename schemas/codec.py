@@ -1,8 +1,12 @@
 """The one codec of the contract: typed events to record bytes and back.
 
-Writes CloudEvents JSON structured mode. Reads structured mode, and binary mode (`ce_*`
-headers with the payload as the value) as other systems emit it. Every failure to read is
-an `InvalidEvent` whose reason names the field, so the consumer loop can dead-letter it.
+Writes CloudEvents JSON structured mode, with the Kafka binding's `partitionkey` extension
+holding the record key. Reads structured mode, and binary mode (`ce_*` headers with the
+payload as the value) as other systems emit it; which one a record is in is read from its
+headers first, as the CloudEvents Kafka binding says (`content-type:
+application/cloudevents…` is structured, else `ce_specversion` is binary, else structured),
+so a record is parsed once. Every failure to read is an `InvalidEvent` whose reason names
+the field, so the consumer loop can dead-letter it.
 """
 
 from __future__ import annotations
@@ -63,10 +67,11 @@ def attributes(
     correlationid: str | None = None,
     event_id: str | None = None,
     time: datetime | None = None,
+    partitionkey: str | None = None,
 ) -> dict[str, Any]:
     """The envelope attributes of a new event, absent ones left out. The correlation id is
     inherited from the causing event; an event with no cause starts a new correlation (its
-    own id)."""
+    own id). `partitionkey` is the record key the event is published with."""
     event_id = event_id or new_event_id()
     if causation is not None:
         correlationid = correlationid or causation.correlationid or causation.id
@@ -85,13 +90,29 @@ def attributes(
     attrs["correlationid"] = correlationid or event_id
     if causation is not None:
         attrs["causationid"] = causation.id
+    if partitionkey is not None:
+        attrs["partitionkey"] = partitionkey
     return attrs
 
 
+def key_text(key: str | bytes | None) -> str | None:
+    """A record key as the `partitionkey` extension carries it (a string): None for no key
+    or a key that is not UTF-8 (such a key cannot be a CloudEvents string attribute)."""
+    if key is None or isinstance(key, str):
+        return key
+    try:
+        return key.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def wrap(data: Payload, *, source: str, **envelope: Any) -> Event:
-    """Put a payload in its envelope (keyword arguments as for `attributes`)."""
-    event_type = spec_for_payload(data).name
-    return EVENT_MODELS[event_type](**attributes(event_type, source=source, **envelope), data=data)
+    """Put a payload in its envelope (keyword arguments as for `attributes`; `partitionkey`
+    defaults to the topic's key field)."""
+    spec = spec_for_payload(data)
+    envelope.setdefault("partitionkey", spec.key_of(data))
+    attrs = attributes(spec.name, source=source, **envelope)
+    return EVENT_MODELS[spec.name](**attrs, data=data)
 
 
 def encode(event: Event) -> bytes:
@@ -107,11 +128,16 @@ def encode_new(data: Payload, *, source: str, **envelope: Any) -> tuple[EventRef
     holds it to that).
     """
     spec = spec_for_payload(data)
+    envelope.setdefault("partitionkey", spec.key_of(data))
     attrs = attributes(spec.name, source=source, **envelope)
     body = data.__pydantic_serializer__.to_json(data, exclude_none=True)
     value = orjson.dumps(attrs, option=orjson.OPT_UTC_Z)[:-1] + b',"data":' + body + b"}"
     ref = EventRef(
-        attrs["id"], spec.name, spec.key_of(data), attrs["correlationid"], attrs.get("causationid")
+        attrs["id"],
+        spec.name,
+        attrs.get("partitionkey", spec.key_of(data)),
+        attrs["correlationid"],
+        attrs.get("causationid"),
     )
     return ref, value
 
@@ -128,21 +154,22 @@ def decode(
     `expected_type` is the event type the record's topic carries (`type` equals the topic).
     """
     value = _check_size(value, max_bytes)
-    try:
-        model = EVENT_MODELS.get(expected_type) if expected_type is not None else None
-        if model is not None:
-            # The topic says which model: skip the union's dispatch (a mismatching `type`
-            # fails here and is explained by the union below).
-            try:
-                return model.model_validate_json(value)
-            except ValidationError:
-                pass
-        event = ANY_EVENT.validate_json(value)
-    except ValidationError as structured_error:
-        ce_headers = _ce_headers(headers)
-        if ce_headers is None:
-            raise InvalidEvent(describe(structured_error)) from None
-        event = _decode_binary(value, ce_headers)
+    binary = _binary_attributes(headers)
+    if binary is not None:
+        event = _decode_binary(value, binary)
+    else:
+        try:
+            model = EVENT_MODELS.get(expected_type) if expected_type is not None else None
+            if model is not None:
+                # The topic says which model: skip the union's dispatch (a mismatching
+                # `type` fails here and is explained by the union below).
+                try:
+                    return model.model_validate_json(value)
+                except ValidationError:
+                    pass
+            event = ANY_EVENT.validate_json(value)
+        except ValidationError as e:
+            raise InvalidEvent(describe(e)) from None
     if expected_type is not None and event.type != expected_type:
         raise InvalidEvent(f"event type {event.type!r} does not belong on topic {expected_type!r}")
     return event
@@ -163,12 +190,13 @@ def decode_dict(
     model = EVENT_MODELS.get(expected_type)
     if model is None:
         raise InvalidEvent(f"unknown event type {expected_type!r}")
+    binary = _binary_attributes(headers)
+    document = value if binary is None else _binary_document(value, binary)
     try:
-        return dicts.adapter(model).validate_json(value)
+        return dicts.adapter(model).validate_json(document)
     except ValidationError:
         pass
-    # Not a valid structured event of this type: `decode` says why (or accepts the record
-    # in binary mode, whose attributes travel in headers).
+    # Not a valid event of this type: `decode` says why.
     return decode(value, headers, expected_type=expected_type, max_bytes=max_bytes).model_dump()
 
 
@@ -198,27 +226,40 @@ def decode_payload(event_type: str, data: bytes | str) -> Payload:
     return payload
 
 
-def _ce_headers(headers: Headers) -> dict[str, str] | None:
+def _binary_attributes(headers: Headers) -> dict[str, str] | None:
+    """The `ce_*` attributes (and `content-type`) of a binary-mode record; None for a
+    structured-mode one. The Kafka binding: a `content-type` of `application/cloudevents…`
+    means structured mode, else a `ce_specversion` header means binary mode, else the
+    record is taken as structured (what a plain client that sets no header sends)."""
     if not headers:
         return None
-    found = {}
+    found: dict[str, str] = {}
     for key, raw in headers:
         lowered = key.lower()
-        if lowered.startswith("ce_") or lowered == "content-type":
+        if lowered == "content-type":
+            text = (raw or b"").decode("utf-8", "replace")
+            if text.lower().startswith("application/cloudevents"):
+                return None
+            found[lowered] = text
+        elif lowered.startswith("ce_"):
             found[lowered] = (raw or b"").decode("utf-8", "replace")
     return found if "ce_specversion" in found else None
 
 
-def _decode_binary(value: bytes, ce_headers: dict[str, str]) -> Event:
+def _binary_document(value: bytes, ce_headers: dict[str, str]) -> bytes:
+    """The structured-mode document of a binary-mode record: its attributes with the raw
+    payload spliced in as `data`, so that one strict JSON validation covers both parts."""
     attributes: dict[str, str] = {k[3:]: v for k, v in ce_headers.items() if k.startswith("ce_")}
     content_type = ce_headers.get("content-type", "application/json")
     if "json" not in content_type:
         raise InvalidEvent(f"binary-mode event with non-JSON content type {content_type!r}")
     attributes["datacontenttype"] = content_type
-    # Splice the raw payload in, so that one strict JSON validation covers both parts.
-    document = orjson.dumps(attributes)[:-1] + b',"data":' + value + b"}"
+    return orjson.dumps(attributes)[:-1] + b',"data":' + value + b"}"
+
+
+def _decode_binary(value: bytes, ce_headers: dict[str, str]) -> Event:
     try:
-        return ANY_EVENT.validate_json(document)
+        return ANY_EVENT.validate_json(_binary_document(value, ce_headers))
     except ValidationError as e:
         raise InvalidEvent("binary mode: " + describe(e)) from None
 

@@ -56,4 +56,8 @@ class Event(BaseModel, Generic[P]):
         default=None, description="shared by every event of one pipeline run"
     )
     causationid: str | None = Field(default=None, description="id of the event that caused this")
+    partitionkey: str | None = Field(
+        default=None,
+        description="the record's key (the CloudEvents Kafka binding's partitionkey extension)",
+    )
     data: P

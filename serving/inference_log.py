@@ -188,6 +188,7 @@ def encode(sample: Sample, replica: str, source: str, **envelope: Any) -> bytes:
     kept = reduced(sample)
     if kept is not None:
         data["feature_names"], data["inputs"] = kept
+    envelope.setdefault("partitionkey", sample.model)
     event = attributes(TOPIC, source=source, **envelope)
     event["data"] = data
     return orjson.dumps(event, option=_OPTIONS)

@@ -34,8 +34,9 @@ from faust.types import TP
 
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
-from mlbus.schemas.catalog import TOPICS
+from mlbus.schemas.catalog import TOPICS, min_insync_replicas
 from mlbus.settings import StreamsSettings
+from mlbus.streams.connection import faust_broker_settings
 from mlbus.streams.drift import Baselines, baseline_view
 from mlbus.streams.exporter import Exporter
 from mlbus.streams.processor import EVENT_TYPE, StreamProcessor
@@ -59,47 +60,39 @@ class StreamsOptions:
     loglevel: str = "warning"
 
 
-def faust_broker_settings(kafka: KafkaConfig) -> dict[str, Any]:
-    """faust's connection settings from the kernel's KafkaConfig: short group timeouts on
-    the embedded broker, or when the deployment passes them through (MLBUS_KAFKA__…)."""
-    out: dict[str, Any] = {"broker": ",".join(f"kafka://{s}" for s in kafka.bootstrap.split(","))}
-    session = kafka.extra.get("session.timeout.ms")
-    heartbeat = kafka.extra.get("heartbeat.interval.ms")
-    if kafka.embedded:
-        session, heartbeat = session or "2000", heartbeat or "500"
-    if session:
-        out["broker_session_timeout"] = int(session) / 1000
-        out["broker_rebalance_timeout"] = max(int(session) / 1000, 2.0)
-    if heartbeat:
-        out["broker_heartbeat_interval"] = int(heartbeat) / 1000
-    return out
-
-
 def changelog_topic(app_id: str) -> str:
     return f"{app_id}-{TABLE}-changelog"
 
 
 def ensure_changelog(kafka: KafkaConfig, app_id: str) -> int:
-    """Create the table's changelog with the partitions of inference.logged (idempotent)."""
-    partitions = TOPICS[EVENT_TYPE].partitions
+    """Create the table's changelog with the partitions of inference.logged (idempotent);
+    its replication factor and `min.insync.replicas` follow the rule of the catalog's
+    topics (schemas/catalog.py), so acks=all writes succeed on any cluster size. Returns the
+    replication factor of new topics on this cluster."""
+    spec = TOPICS[EVENT_TYPE]
     admin = AdminClient(kafka.admin())
     name = changelog_topic(app_id)
     try:
-        existing = admin.list_topics(timeout=10).topics.get(name)
+        metadata = admin.list_topics(timeout=10)
     except KafkaException as e:
         raise TransientError(f"cannot reach Kafka at {kafka.bootstrap}: {e}") from None
+    replication = spec.replication_on(len(metadata.brokers))
+    existing = metadata.topics.get(name)
     if existing is not None and existing.error is None:
-        if len(existing.partitions) != partitions:
+        if len(existing.partitions) != spec.partitions:
             raise TransientError(
                 f"changelog {name} has {len(existing.partitions)} partitions, "
-                f"{EVENT_TYPE} has {partitions}: delete it (tables are rebuilt by replay)"
+                f"{EVENT_TYPE} has {spec.partitions}: delete it (tables are rebuilt by replay)"
             )
-        return partitions
+        return replication
     # Compaction is what a changelog wants on Kafka (the embedded broker stores but does
     # not enforce it: recovery then reads every record, which stays correct).
+    config = {
+        "cleanup.policy": "compact",
+        "min.insync.replicas": str(min_insync_replicas(replication)),
+    }
     futures = admin.create_topics(
-        [NewTopic(name, partitions, 1, config={"cleanup.policy": "compact"})],
-        operation_timeout=30,
+        [NewTopic(name, spec.partitions, replication, config=config)], operation_timeout=30
     )
     for future in futures.values():
         try:
@@ -107,7 +100,7 @@ def ensure_changelog(kafka: KafkaConfig, app_id: str) -> int:
         except KafkaException as e:
             if "exist" not in str(e).lower():
                 raise TransientError(f"cannot create {name}: {e}") from None
-    return partitions
+    return replication
 
 
 class StreamsApp:
@@ -124,21 +117,24 @@ class StreamsApp:
         self.follower = baseline_view(kafka, self.baselines)
         partitions = TOPICS[EVENT_TYPE].partitions
         options.data_dir.mkdir(parents=True, exist_ok=True)
-        self.app = App(
-            options.app_id,
-            **faust_broker_settings(kafka),
-            store="memory://",
-            datadir=str(options.data_dir),
-            processing_guarantee="at_least_once",
-            producer_max_batch_size=1,
-            topic_partitions=partitions,
-            topic_replication_factor=1,
-            consumer_auto_offset_reset="earliest",
-            web_enabled=options.web_port > 0,
-            web_port=options.web_port or 6066,
-            broker_commit_interval=1.0,
-            table_cleanup_interval=3600.0,
-        )
+        app_settings: dict[str, Any] = {
+            "store": "memory://",
+            "datadir": str(options.data_dir),
+            "processing_guarantee": "at_least_once",
+            "producer_max_batch_size": 1,
+            "topic_partitions": partitions,
+            # What faust creates itself (its leader topic); the changelog is created by
+            # ensure_changelog, replicated as the catalog's topics are.
+            "topic_replication_factor": TOPICS[EVENT_TYPE].replication_on(1),
+            "consumer_auto_offset_reset": "earliest",
+            "web_enabled": options.web_port > 0,
+            "web_port": options.web_port or 6066,
+            "broker_commit_interval": 1.0,
+            "table_cleanup_interval": 3600.0,
+        }
+        # The user's Kafka settings (MLBUS_KAFKA__*) win over mlbus's, as for every client.
+        app_settings.update(faust_broker_settings(kafka))
+        self.app = App(options.app_id, **app_settings)
         self.table = self.app.Table(
             TABLE, default=None, partitions=partitions, key_type=str, value_type=None
         )
@@ -206,7 +202,8 @@ class StreamsApp:
 
     def start_side_services(self, baseline_timeout: float = 60.0) -> None:
         """Topics, baselines (read to the end before the first record), the exporter."""
-        ensure_changelog(self.kafka, self.options.app_id)
+        replication = ensure_changelog(self.kafka, self.options.app_id)
+        self.app.conf.topic_replication_factor = replication
         self.follower.start()
         if not self.follower.wait(baseline_timeout):
             if self.follower.error is not None:  # the view keeps retrying; the service does not

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from mlbus.errors import DeliveryError, InvalidEvent
 from mlbus.kafka.config import KafkaConfig
-from mlbus.kafka.deadletter import dead_letter
+from mlbus.kafka.deadletter import dead_letter, dead_letter_headers
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.codec import decode_dict
 from mlbus.streams.exporter import Exporter
@@ -266,7 +266,7 @@ class StreamProcessor:
                 copy=copy,
             )
             try:
-                self.producer.publish(letter, key=record.key())
+                self.producer.publish(letter, key=record.key(), headers=dead_letter_headers(letter))
                 break
             except DeliveryError:
                 if not copy:

@@ -54,7 +54,7 @@ def apply_topics(
     for spec in catalog:
         name = kafka.topic(spec.name)
         # A cluster smaller than the catalog's replication gets what it can hold.
-        replication = min(spec.replication, brokers)
+        replication = spec.replication_on(brokers)
         existing = metadata.topics.get(name)
         if existing is None or existing.error is not None:
             to_create[name] = (spec, replication)

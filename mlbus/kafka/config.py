@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlbus.settings import Settings
+from pydantic import SecretStr
+
+from mlbus.settings import Settings, is_secret, reveal
 
 #: Python logger that receives librdkafka's own log lines (instead of raw stderr).
 LIBRDKAFKA_LOGGER = "mlbus.librdkafka"
@@ -22,11 +24,25 @@ MAX_RECORD_BYTES = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class KafkaConfig:
+    """Where the cluster is and how to talk to it. `extra` holds the user's librdkafka
+    settings (MLBUS_KAFKA__*); secret ones are `SecretStr`, so no repr or log shows them."""
+
     bootstrap: str
     embedded: bool = False
-    extra: Mapping[str, str] = field(default_factory=dict)
+    extra: Mapping[str, str | SecretStr] = field(default_factory=dict)
     topic_prefix: str = ""
     max_event_bytes: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        masked = {
+            k: SecretStr(v) if isinstance(v, str) and is_secret(k) else v
+            for k, v in self.extra.items()
+        }
+        object.__setattr__(self, "extra", masked)
+
+    def options(self) -> dict[str, str]:
+        """The user's librdkafka settings with their secrets, for a client's configuration."""
+        return {k: reveal(v) for k, v in self.extra.items()}
 
     @classmethod
     def from_settings(cls, settings: Settings, *, bootstrap: str | None = None) -> KafkaConfig:
@@ -64,7 +80,7 @@ class KafkaConfig:
         if self.embedded:
             # The embedded broker is restarted often; connection-close logs are noise there.
             conf["log.connection.close"] = False
-        conf.update(self.extra)
+        conf.update(self.options())
         return conf
 
     def producer(self, **overrides: Any) -> dict[str, Any]:
@@ -100,7 +116,7 @@ class KafkaConfig:
                 "heartbeat.interval.ms": 500,
                 "fetch.wait.max.ms": 10,
             }
-        conf.update(self.extra)  # what the user configured wins over mlbus's tuning
+        conf.update(self.options())  # what the user configured wins over mlbus's tuning
         conf.update(overrides)
         return conf
 

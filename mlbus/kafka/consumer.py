@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from mlbus.errors import Abandon, DeliveryError, InvalidEvent, TransientError
 from mlbus.kafka.config import KafkaConfig
-from mlbus.kafka.deadletter import dead_letter
+from mlbus.kafka.deadletter import dead_letter, dead_letter_headers
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.base import Payload
 from mlbus.schemas.catalog import TOPICS
@@ -386,7 +386,9 @@ class ConsumerLoop:
                 copy=copy,
             )
             try:
-                self._deadletters.publish(letter, key=message.key())
+                self._deadletters.publish(
+                    letter, key=message.key(), headers=dead_letter_headers(letter)
+                )
                 break
             except DeliveryError as e:  # e.g. too large for the producer: keep the metadata
                 if not copy:

@@ -1,5 +1,9 @@
 """Dead letters: a record a consumer could not process, kept whole on `mlbus.deadletter`
-with where it came from and why, so nothing is dropped silently and it can be replayed."""
+with where it came from and why, so nothing is dropped silently and it can be replayed.
+
+Besides mlbus's envelope, each dead letter carries the headers generic Kafka tools look
+for on a dead-letter queue: Kafka Connect's `__connect.errors.*` (original topic,
+partition, offset, exception class and message)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ from mlbus.schemas.deadletter import DeadLetter, Header, OriginalRecord
 #: offset and sha256 only, and headers beyond MAX_COPIED_HEADER_BYTES are left out.
 MAX_COPIED_BYTES = (MAX_RECORD_BYTES * 3) // 4 - 64 * 1024
 MAX_COPIED_HEADER_BYTES = 256 * 1024
+#: Kafka Connect's dead-letter-queue header names (its `DeadLetterQueueReporter`).
+CONNECT_HEADER_PREFIX = "__connect.errors."
+#: The reason is whole in the payload; the header keeps a bounded copy for generic tools.
+MAX_MESSAGE_HEADER_BYTES = 4096
 
 
 def _b64(raw: bytes | None) -> str | None:
@@ -65,6 +73,24 @@ def dead_letter(
         consumer_group=consumer_group,
         consumer=consumer,
     )
+
+
+def dead_letter_headers(letter: DeadLetter) -> list[tuple[str, bytes | None]]:
+    """The conventional dead-letter headers of `letter`, values as UTF-8 text as Kafka
+    Connect writes them."""
+    original = letter.original
+    message = letter.reason.encode("utf-8")
+    if len(message) > MAX_MESSAGE_HEADER_BYTES:
+        message = message[: MAX_MESSAGE_HEADER_BYTES - 3].decode("utf-8", "ignore").encode()
+        message += b"..."
+    fields = {
+        "topic": original.topic.encode(),
+        "partition": str(original.partition).encode(),
+        "offset": str(original.offset).encode(),
+        "exception.class.name": letter.error_type.encode(),
+        "exception.message": message,
+    }
+    return [(CONNECT_HEADER_PREFIX + name, value) for name, value in fields.items()]
 
 
 def original_value(letter: DeadLetter) -> bytes | None:

@@ -19,7 +19,14 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from mlbus.errors import DeliveryError, TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.schemas.base import Payload
-from mlbus.schemas.codec import STRUCTURED_HEADERS, Cause, EventRef, encode, encode_new
+from mlbus.schemas.codec import (
+    STRUCTURED_HEADERS,
+    Cause,
+    EventRef,
+    encode,
+    encode_new,
+    key_text,
+)
 from mlbus.schemas.envelope import Event
 
 log = logging.getLogger(__name__)
@@ -94,9 +101,14 @@ class EventProducer:
         correlationid: str | None = None,
         event_id: str | None = None,
         time: datetime | None = None,
+        headers: RawHeaders = (),
     ) -> EventRef:
         """Queue one event on its topic (the payload's type decides which); key defaults to
-        the topic's key field. Call `flush()` to confirm delivery."""
+        the topic's key field, and is the event's `partitionkey`. `headers` go beside the
+        structured-mode content type. Call `flush()` to confirm delivery."""
+        envelope: dict[str, Any] = {}
+        if key is not None:
+            envelope["partitionkey"] = key_text(key)
         ref, value = encode_new(
             data,
             source=self.source,
@@ -105,8 +117,10 @@ class EventProducer:
             correlationid=correlationid,
             event_id=event_id,
             time=time,
+            **envelope,
         )
-        self.produce(self.kafka.topic(ref.type), value, key if key is not None else ref.key)
+        sent = [*_STRUCTURED, *headers] if headers else None
+        self.produce(self.kafka.topic(ref.type), value, key if key is not None else ref.key, sent)
         return ref
 
     def send(self, event: Event, *, key: str | bytes | None = None) -> None:
@@ -114,7 +128,7 @@ class EventProducer:
         from mlbus.schemas.catalog import TOPICS
 
         if key is None:
-            key = TOPICS[event.type].key_of(event.data)
+            key = event.partitionkey or TOPICS[event.type].key_of(event.data)
         self.produce(self.kafka.topic(event.type), encode(event), key)
 
     def produce(

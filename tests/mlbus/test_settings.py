@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mlbus.errors import ConfigError
-from mlbus.settings import Settings, load_settings
+from mlbus.settings import Settings, load_settings, reveal
 
 
 @pytest.fixture(autouse=True)
@@ -239,8 +239,9 @@ def test_redacted_masks_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     assert shown["kafka"]["sasl.username"] == "alice"
     assert shown["kafka"]["sasl.password"] == "***"
     assert shown["metadata_url"] == "postgresql+psycopg://mlbus:***@db:5432/mlbus"
-    # Display only: the settings themselves keep the secrets.
-    assert s.kafka["sasl.password"] == "kafka-pass-1"
+    # Display only: the settings themselves keep the secrets, masked in every repr.
+    assert reveal(s.kafka["sasl.password"]) == "kafka-pass-1"
+    assert "kafka-pass-1" not in repr(s) and "kafka-pass-1" not in str(s)
     assert "db-pass-4" in s.metadata_url
     json.dumps(shown)  # serializable as the CLI prints it
 
@@ -273,3 +274,20 @@ def test_readme_configuration_reference_is_generated_from_the_settings_model():
     text = README.read_text()
     assert "| `MLBUS_SERVING__MAX_BATCH_SIZE` | `64` |" in text
     assert readme_with_settings(text) == text, "README settings table is stale: make docs"
+
+
+def test_kafka_secrets_are_masked_in_the_connection_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlbus.kafka.config import KafkaConfig
+
+    monkeypatch.setenv("MLBUS_KAFKA__SASL_USERNAME", "alice")
+    monkeypatch.setenv("MLBUS_KAFKA__SASL_PASSWORD", "kafka-pass-1")
+    monkeypatch.setenv("MLBUS_KAFKA__SASL_JAAS_CONFIG", "jaas-secret-2")
+    kafka = KafkaConfig.from_settings(load_settings(), bootstrap="h:9092")
+    for shown in (repr(kafka), str(kafka), repr(kafka.extra)):
+        assert "kafka-pass-1" not in shown and "jaas-secret-2" not in shown
+    assert "alice" in repr(kafka)
+    # What the clients are given still holds the secrets.
+    assert kafka.consumer("g")["sasl.password"] == "kafka-pass-1"
+    assert kafka.producer()["sasl.jaas.config"] == "jaas-secret-2"
+    direct = KafkaConfig(bootstrap="h:9092", extra={"sasl.password": "kafka-pass-3"})
+    assert "kafka-pass-3" not in repr(direct) and direct.admin()["sasl.password"] == "kafka-pass-3"

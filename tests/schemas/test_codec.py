@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlbus.errors import InvalidEvent, UnknownTopic
-from mlbus.schemas.codec import decode, decode_payload, encode, encode_new, wrap
+from mlbus.schemas.codec import decode, decode_dict, decode_payload, encode, encode_new, wrap
 from mlbus.schemas.datasets import ColumnSchema, DatasetCreated
 from mlbus.schemas.training import TrainingProgress, TrainingRequested
 
@@ -120,6 +120,47 @@ def test_binary_mode_is_accepted():
         decode(value)  # without its headers a bare payload is not an event
     event = decode(value, headers)
     assert event.id == "b1" and event.source == "kcat" and event.data == progress()
+
+
+BINARY_HEADERS = [
+    ("ce_specversion", b"1.0"),
+    ("ce_id", b"b1"),
+    ("ce_source", b"kcat"),
+    ("ce_type", b"training.progress"),
+    ("ce_partitionkey", b"digits"),
+    ("content-type", b"application/json"),
+]
+
+
+def test_the_content_type_header_picks_structured_mode_over_ce_headers():
+    # The Kafka binding: `content-type: application/cloudevents…` is structured mode, whatever
+    # other headers say; a bare payload there is not an event, not a binary-mode one.
+    headers = [*BINARY_HEADERS[:-1], ("Content-Type", b"application/cloudevents+json")]
+    with pytest.raises(InvalidEvent, match=r"specversion|id|source|type"):
+        decode(progress().model_dump_json().encode(), headers)
+    assert decode(encode(wrap(progress(), source="s")), headers).source == "s"
+
+
+def test_ce_headers_pick_binary_mode_and_the_value_is_only_the_data():
+    # A binary-mode record is parsed once, as binary: a value that would also read as a
+    # structured event is the data of the headers' event (and here not a valid payload).
+    structured = encode(wrap(progress(), source="structured"))
+    with pytest.raises(InvalidEvent, match="binary mode: data"):
+        decode(structured, BINARY_HEADERS)
+    event = decode(progress().model_dump_json().encode(), BINARY_HEADERS)
+    assert (event.id, event.source, event.partitionkey) == ("b1", "kcat", "digits")
+    as_dict = decode_dict(
+        progress().model_dump_json().encode(), BINARY_HEADERS, expected_type="training.progress"
+    )
+    assert as_dict == event.model_dump()
+
+
+def test_every_event_carries_its_record_key_as_partitionkey():
+    assert wrap(progress(), source="s").partitionkey == "digits"
+    ref, value = encode_new(dataset(name="iris"), source="s")
+    assert ref.key == "iris" and orjson.loads(value)["partitionkey"] == "iris"
+    ref, value = encode_new(progress(), source="s", partitionkey="other")
+    assert ref.key == "other" and decode(value).partitionkey == "other"
 
 
 @pytest.mark.parametrize(

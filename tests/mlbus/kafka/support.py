@@ -302,7 +302,7 @@ def run_to_end(loop: ConsumerLoop, timeout: float = DEADLINE, **kwargs: Any) -> 
 
 def kafka_arg(kafka: KafkaConfig) -> str:
     """The connection as one JSON argument for a consumer script (`KafkaConfig(**json)`)."""
-    return json.dumps(asdict(kafka) | {"extra": dict(kafka.extra)})
+    return json.dumps(asdict(kafka) | {"extra": kafka.options()})
 
 
 _runs = itertools.count(1)

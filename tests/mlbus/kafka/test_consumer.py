@@ -165,9 +165,25 @@ def test_dead_letter_keeps_key_and_headers_and_its_record_is_committed(kafka, gr
     [message] = read_raw(kafka, kafka.topic(DEADLETTER))
     assert message.key() == b"iris"  # the dead-letter topic is keyed by the original key
     assert dict(message.headers() or [])["content-type"] == b"application/cloudevents+json"
-    original = json.loads(message.value())["data"]["original"]
+    letter = json.loads(message.value())
+    original = letter["data"]["original"]
     assert original["offset"] == bad.offset
     assert [(h["key"], base64.b64decode(h["value_b64"])) for h in original["headers"]] == headers
+    assert letter["partitionkey"] == "iris"
+
+
+def test_dead_letter_carries_the_conventional_headers_generic_tools_read(kafka, group):
+    bad = produce_raw(kafka, kafka.topic("dataset.created"), b"{not json", key=b"iris")
+    run_to_end(ConsumerLoop(kafka, group=group, handlers={"dataset.created": Recorder()}))
+    [message] = read_raw(kafka, kafka.topic(DEADLETTER))
+    headers = dict(message.headers() or [])
+    # Kafka Connect's dead-letter-queue header names, values as UTF-8 text.
+    assert headers["__connect.errors.topic"] == bad.topic.encode()
+    assert headers["__connect.errors.partition"] == str(bad.partition).encode()
+    assert headers["__connect.errors.offset"] == str(bad.offset).encode()
+    assert headers["__connect.errors.exception.class.name"] == b"InvalidEvent"
+    assert b"not valid JSON" in headers["__connect.errors.exception.message"]
+    assert headers["content-type"] == b"application/cloudevents+json"  # still a CloudEvent
 
     again = run_to_end(ConsumerLoop(kafka, group=group, handlers={"dataset.created": Recorder()}))
     assert again.deadlettered == 0, "dead-lettered record came again: offset not committed"

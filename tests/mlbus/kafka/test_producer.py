@@ -37,6 +37,7 @@ def test_published_event_is_a_structured_cloudevent_keyed_by_its_entity(kafka):
         "datacontenttype": "application/json",
         "dataschema": "mlbus:schemas/training.requested/1",
         "correlationid": "run-1",
+        "partitionkey": "digits-mlp",  # the CloudEvents Kafka binding's key extension
         "data": {
             "model": "digits-mlp",
             "dataset": {"name": "digits", "version": "v1"},
