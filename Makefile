@@ -19,10 +19,21 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -qq -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-# kcat (a plain Kafka client) is what the interop tests publish and read with.
+# kcat (a plain Kafka client) is what the interop tests publish and read with; the AsyncAPI
+# parser (npm, under MLBUS_NODE_TOOLS) is what validates schemas/asyncapi.yaml.
+export MLBUS_NODE_TOOLS ?= $(HOME)/.cache/mlbus/node
+ASYNCAPI_PARSER := @asyncapi/parser@3.6.6
+
 tools:
 	@command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kcat >/dev/null; } \
 	  || { echo "kcat is needed by the tests: install it (Debian/Ubuntu: apt-get install kcat)"; exit 1; }
+	@{ command -v node >/dev/null && command -v npm >/dev/null; } \
+	  || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; } \
+	  || { echo "node and npm are needed by the tests: install them (Debian/Ubuntu: apt-get install nodejs npm)"; exit 1; }
+	@test -d $(MLBUS_NODE_TOOLS)/node_modules/@asyncapi/parser \
+	  || { mkdir -p $(MLBUS_NODE_TOOLS) && npm install -s --no-audit --no-fund \
+	       --prefix $(MLBUS_NODE_TOOLS) $(ASYNCAPI_PARSER); } \
+	  || { echo "cannot install $(ASYNCAPI_PARSER) from the npm registry into $(MLBUS_NODE_TOOLS)"; exit 1; }
 
 # Three workers on two cores: most tests wait on brokers, subprocesses and sockets, not the
 # CPU (each worker has its own session broker, S3 server and PostgreSQL database).

@@ -3,10 +3,12 @@
     python -m mlbus.schemas.generate           write schemas/json/ (refuses incompatible changes)
     python -m mlbus.schemas.generate --check   exit 1 if the files are stale or a change is breaking
 
-`schemas/json/<topic>.v1.json` is the current schema of each topic. Every revision ever
-written is kept, append-only, in `schemas/json/history/<topic>.v1/NNNN.json`; a change must
-be compatible with all of them (schemas/compat.py), which is what a test holds the models
-to. A breaking change needs a new major version (`.v2`) and a migration plan, not an edit.
+`schemas/json/<topic>.v1.json` is the current schema of each topic; `schemas/asyncapi.yaml`
+describes the topics as an AsyncAPI 3.0 document (schemas/asyncapi.py) that references them.
+Every revision ever written is kept, append-only, in
+`schemas/json/history/<topic>.v1/NNNN.json`; a change must be compatible with all of them
+(schemas/compat.py), which is what a test holds the models to. A breaking change needs a
+new major version (`.v2`) and a migration plan, not an edit.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mlbus.schemas import asyncapi
 from mlbus.schemas.catalog import CATALOG, EVENT_MODELS, TopicSpec
 from mlbus.schemas.compat import incompatibilities
 from mlbus.schemas.envelope import SCHEMA_MAJOR, dataschema_for
 
 JSON_DIR = Path(__file__).resolve().parent / "json"
+ASYNCAPI = Path(__file__).resolve().parent / "asyncapi.yaml"
 README = Path(__file__).resolve().parent.parent / "README.md"
 TABLE_BEGIN, TABLE_END = "<!-- topics:begin -->", "<!-- topics:end -->"
 
@@ -113,6 +117,8 @@ def readme_with_table(text: str) -> str:
 def main(argv: list[str]) -> int:
     if "--check" in argv:
         found = [p for spec in CATALOG for p in problems(spec)]
+        if not ASYNCAPI.exists() or ASYNCAPI.read_text() != asyncapi.render():
+            found.append("schemas/asyncapi.yaml is out of date (run `make schemas`)")
         for p in found:
             print(p)
         return 1 if found else 0
@@ -120,6 +126,10 @@ def main(argv: list[str]) -> int:
     for spec in CATALOG:
         if write(spec):
             print(f"wrote {current_path(spec).name}")
+    document = asyncapi.render()
+    if not ASYNCAPI.exists() or ASYNCAPI.read_text() != document:
+        ASYNCAPI.write_text(document)
+        print(f"wrote {ASYNCAPI.name}")
     if README.exists() and TABLE_BEGIN in README.read_text():
         README.write_text(readme_with_table(README.read_text()))
     return 0

@@ -119,7 +119,7 @@ class EventProducer:
             time=time,
             **envelope,
         )
-        sent = [*_STRUCTURED, *headers] if headers else None
+        sent = [*STRUCTURED_HEADERS, *headers] if headers else None
         self.produce(self.kafka.topic(ref.type), value, key if key is not None else ref.key, sent)
         return ref
 
