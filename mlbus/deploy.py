@@ -67,12 +67,53 @@ def compose_with_services(text: str, services: Sequence[Service] = SERVICES) -> 
     return head + compose_services(services) + tail
 
 
+#: The image's user (infra/Dockerfile: USER 10001); the pods run as it, never as root.
+RUN_AS = 10001
+#: CPU use the model server's autoscaler keeps its replicas at, in % of their request.
+HPA_CPU_PERCENT = 70
+
+
+def _double_cpu(cpu: str) -> str:
+    millis = int(cpu[:-1]) if cpu.endswith("m") else int(float(cpu) * 1000)
+    doubled = 2 * millis
+    return str(doubled // 1000) if doubled % 1000 == 0 else f"{doubled}m"
+
+
+def _probes(service: Service, port: int | None) -> dict[str, Any]:
+    """Liveness, readiness and startup probes from the manifest's health check; a service
+    with no HTTP endpoint is probed by `mlbus services alive` (the heartbeat `mlbus run`
+    keeps)."""
+    live: dict[str, Any]
+    ready: dict[str, Any]
+    if port is not None and service.health is not None:
+        live = {"httpGet": {"path": service.health.path, "port": "http"}, "timeoutSeconds": 3}
+        ready = {"httpGet": {"path": service.health.ready_path, "port": "http"}}
+        ready["timeoutSeconds"] = 3
+    else:
+        alive = {"exec": {"command": ["mlbus", "services", "alive", service.name]}}
+        live, ready = alive | {"timeoutSeconds": 10}, alive | {"timeoutSeconds": 10}
+    return {
+        # Up to 5 minutes to start (imports, catching up) before liveness counts.
+        "startupProbe": live | {"periodSeconds": 5, "failureThreshold": 60},
+        "livenessProbe": live | {"periodSeconds": 15, "failureThreshold": 4},
+        "readinessProbe": ready | {"periodSeconds": 5, "failureThreshold": 3},
+    }
+
+
 def _kubernetes(service: Service, cfg: Settings) -> list[dict[str, Any]]:
     name = f"mlbus-{service.name}"
+    plan = service.deployment
 
     def labels() -> dict[str, str]:  # a fresh dict each time: no YAML anchors
-        return {"app.kubernetes.io/name": name}
+        return {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "mlbus"}
 
+    def selector() -> dict[str, Any]:
+        return {"matchLabels": {"app.kubernetes.io/name": name}}
+
+    def metadata() -> dict[str, Any]:
+        return {"name": name, "namespace": NAMESPACE, "labels": labels()}
+
+    port = _port(service, cfg)
     container: dict[str, Any] = {
         "name": service.name,
         "image": IMAGE,
@@ -81,52 +122,103 @@ def _kubernetes(service: Service, cfg: Settings) -> list[dict[str, Any]]:
             {"configMapRef": {"name": "mlbus-settings"}},
             {"secretRef": {"name": "mlbus-secrets"}},
         ],
-        "resources": {
-            "requests": {"cpu": service.deployment.cpu, "memory": service.deployment.memory}
-        },
     }
-    port = _port(service, cfg)
-    if port is not None and service.health is not None:
+    if port is not None:
         container["ports"] = [{"name": "http", "containerPort": port}]
-        container["readinessProbe"] = {
-            "httpGet": {"path": service.health.ready or service.health.path, "port": "http"},
-            "periodSeconds": 5,
-        }
+    container |= _probes(service, port)
+    container["resources"] = {
+        "requests": {"cpu": plan.cpu, "memory": plan.memory},
+        "limits": {"cpu": _double_cpu(plan.cpu), "memory": plan.memory},
+    }
+    # The restricted Pod Security Standard; the data dir (MLBUS_DATA_DIR=/tmp/mlbus in the
+    # image) is the one writable place, an emptyDir: the durable state is in Kafka, the
+    # object store and PostgreSQL.
+    container["securityContext"] = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    container["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels()},
+        "metadata": metadata(),
         "spec": {
-            "replicas": service.deployment.replicas,
-            "selector": {"matchLabels": labels()},
+            "replicas": plan.replicas,
+            "selector": selector(),
             "template": {
                 "metadata": {"labels": labels()},
                 "spec": {
-                    "terminationGracePeriodSeconds": service.deployment.grace_seconds,
+                    "automountServiceAccountToken": False,
+                    "terminationGracePeriodSeconds": plan.grace_seconds,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": RUN_AS,
+                        "runAsGroup": RUN_AS,
+                        "fsGroup": RUN_AS,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
                 },
             },
         },
     }
-    if port is None:
-        return [deployment]
-    return [
-        deployment,
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": {
-                "selector": labels(),
-                "ports": [{"name": "http", "port": port, "targetPort": "http"}],
-            },
-        },
-    ]
+    docs: list[dict[str, Any]] = [deployment]
+    if port is not None:
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": metadata(),
+                "spec": {
+                    "selector": {"app.kubernetes.io/name": name},
+                    "ports": [{"name": "http", "port": port, "targetPort": "http"}],
+                },
+            }
+        )
+    if plan.min_available is not None:
+        docs.append(
+            {
+                "apiVersion": "policy/v1",
+                "kind": "PodDisruptionBudget",
+                "metadata": metadata(),
+                "spec": {"minAvailable": plan.min_available, "selector": selector()},
+            }
+        )
+    if plan.max_replicas is not None:
+        docs.append(
+            {
+                "apiVersion": "autoscaling/v2",
+                "kind": "HorizontalPodAutoscaler",
+                "metadata": metadata(),
+                "spec": {
+                    "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                    "minReplicas": plan.replicas,
+                    "maxReplicas": plan.max_replicas,
+                    "metrics": [
+                        {
+                            "type": "Resource",
+                            "resource": {
+                                "name": "cpu",
+                                "target": {
+                                    "type": "Utilization",
+                                    "averageUtilization": HPA_CPU_PERCENT,
+                                },
+                            },
+                        }
+                    ],
+                },
+            }
+        )
+    return docs
 
 
 def kubernetes_services(services: Sequence[Service] = SERVICES, cfg: Settings | None = None) -> str:
-    """A Deployment per service (and a Service in front of those with a port), each headed by
-    its scaling rule."""
+    """A Deployment per service (a Service in front of those with a port; a
+    PodDisruptionBudget and a HorizontalPodAutoscaler where the manifest asks for them), each
+    headed by its scaling rule."""
     cfg = cfg or Settings()
     parts = [
         "# Generated from mlbus/services.py by `mlbus services export --format k8s` "

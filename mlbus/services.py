@@ -71,7 +71,13 @@ class Deployment:
     grace_seconds: int = 30
     """SIGTERM to SIGKILL: in-flight work is finished and offsets committed in between"""
     cpu: str = "500m"
+    """CPU requested; the limit is twice it (a burst, never a throttled steady state)"""
     memory: str = "1Gi"
+    """memory requested, and its limit"""
+    max_replicas: int | None = None
+    """scaled by a horizontal pod autoscaler on CPU, from `replicas` up to this; None: not"""
+    min_available: int | None = None
+    """a PodDisruptionBudget keeps this many replicas through voluntary disruptions"""
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,8 @@ SERVICES: tuple[Service, ...] = (
             "freely (horizontal pod autoscaler on CPU or request rate): each replica reads "
             "every model.promoted itself, no consumer group.",
             replicas=2,
+            max_replicas=8,
+            min_available=1,
         ),
         health=HttpCheck(
             port="serving.port",

@@ -62,9 +62,6 @@ REFUSED_BECAUSE = {
     "group.id": "the streams service's consumer group is its app id (`mlbus streams "
     "--app-id`, default <topic prefix>mlbus-streams); setting one group for every service "
     "would make them steal each other's partitions",
-    "enable.idempotence": "faust's aiokafka producer is idempotent only under exactly-once "
-    "processing, which the streams service does not use (its writes are idempotent by "
-    "event id instead); only `false` is accepted",
     "sasl.oauthbearer.method": "OAUTHBEARER needs a token provider, which the streams "
     "service's aiokafka client is not given",
     "sasl.kerberos.keytab": "aiokafka uses the process's Kerberos ticket cache (kinit "
@@ -77,6 +74,13 @@ REFUSED_BECAUSE = {
     "ssl.certificate.location",
     "ssl.key.pem": "aiokafka loads the client key from a file: use ssl.key.location",
 }
+
+
+IDEMPOTENCE_REFUSED = (
+    "faust's aiokafka producer is idempotent only under exactly-once processing, which the "
+    "streams service does not use (its writes are idempotent by event id instead); only "
+    "`false` is accepted"
+)
 
 
 def env_name(key: str) -> str:
@@ -139,7 +143,7 @@ def _offset_reset(key: str, value: str) -> dict[str, Any]:
 
 def _idempotence(key: str, value: str) -> dict[str, Any]:
     if _bool(key, value):
-        raise ConfigError(f"{env_name(key)}=true is refused: {REFUSED_BECAUSE[key]}")
+        raise ConfigError(f"{env_name(key)}=true is refused: {IDEMPOTENCE_REFUSED}")
     return {}
 
 

@@ -1,9 +1,14 @@
-"""`mlbus run <service>` (one service alone in the foreground: what a container runs) and
+"""`mlbus run <service>` (one service alone in the foreground: what a container runs),
 `mlbus services list|export` (the manifests of mlbus/services.py, and infra/'s compose and
-Kubernetes definitions rendered from them)."""
+Kubernetes definitions rendered from them) and `mlbus services alive` (the probe of a service
+with no HTTP endpoint: `mlbus run` keeps a heartbeat file fresh while its process is up and
+its interpreter responsive)."""
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -28,8 +33,51 @@ def run(
     """Run one service alone in the foreground, until SIGTERM/SIGINT: what a container runs
     (`mlbus up` runs each service this way under its supervisor)."""
     manifest = service(name)
-    code = manifest.entry()(manifest, settings())
+    cfg = settings()
+    _start_heartbeat(heartbeat_path(cfg.data_dir, name))
+    code = manifest.entry()(manifest, cfg)
     raise typer.Exit(code or 0)
+
+
+#: How often `mlbus run` touches its heartbeat file, and how old `mlbus services alive`
+#: accepts it (a few missed beats: a busy interpreter is not a dead one).
+HEARTBEAT_SECONDS = 10.0
+HEARTBEAT_STALE_SECONDS = 60.0
+
+
+def heartbeat_path(data_dir: Path, name: str) -> Path:
+    return data_dir / "run" / f"{name}.alive"
+
+
+def _start_heartbeat(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def beat() -> None:
+        while True:
+            path.touch()
+            time.sleep(HEARTBEAT_SECONDS)
+
+    threading.Thread(target=beat, name="mlbus-heartbeat", daemon=True).start()
+
+
+@services_app.command("alive")
+def services_alive(
+    name: Annotated[str, typer.Argument(metavar="SERVICE", help=", ".join(names()))],
+    within: Annotated[
+        float, typer.Option("--within", help="seconds the last heartbeat may be old")
+    ] = HEARTBEAT_STALE_SECONDS,
+) -> None:
+    """Exit 0 if `mlbus run SERVICE` on this host beat within --within seconds (a container
+    probe for the services with no HTTP endpoint), 1 otherwise."""
+    path = heartbeat_path(settings().data_dir, service(name).name)
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        console.print(f"{name}: no heartbeat at {path}", highlight=False)
+        raise typer.Exit(1) from None
+    if age > within:
+        console.print(f"{name}: last heartbeat {age:.0f}s ago", highlight=False)
+        raise typer.Exit(1)
 
 
 @services_app.command("list")

@@ -188,7 +188,7 @@ def strimzi_topics(definitions: list[TopicDefinition], cluster: str = "mlbus") -
 
     docs = [
         {
-            "apiVersion": "kafka.strimzi.io/v1beta2",
+            "apiVersion": "kafka.strimzi.io/v1",
             "kind": "KafkaTopic",
             "metadata": {
                 # Kubernetes names allow no '.' at the ends and no '_': the real name is in

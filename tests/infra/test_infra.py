@@ -1,12 +1,21 @@
-"""infra/: every file parses, the generated topic and service definitions are current, and
-the compose file, the Kubernetes manifests, Prometheus and the topic catalog agree."""
+"""infra/: every file parses, the generated topic and service definitions are current, the
+compose file, the Kubernetes manifests, Prometheus and the topic catalog agree, and the files
+are valid for the tools that run them: the compose file against the compose specification's
+JSON Schema (tests/infra/compose-spec.json, vendored from compose-spec/compose-spec,
+Apache-2.0), the Kubernetes manifests with `kubernetes-validate --strict` (its schemas ship in
+the package; the Kubernetes version is pinned)."""
 
 from __future__ import annotations
 
+import base64
+import copy
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -101,4 +110,180 @@ def test_prometheus_scrapes_the_services_that_expose_metrics():
     for target in targets:
         host = target.split(":")[0]
         assert host in compose, f"prometheus scrapes {host}, which compose does not run"
-    assert {t.split(":")[0] for t in targets} == {"serve", "streams", "api"}
+    assert {t.split(":")[0] for t in targets} == {"serve", "streams", "api", "kafka-exporter"}
+
+
+# -- the compose file, as `docker compose` reads it -------------------------------------------
+
+COMPOSE_SCHEMA = Path(__file__).with_name("compose-spec.json")
+
+
+def _compose() -> dict:
+    return yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+
+
+def _compose_errors(doc: dict) -> list[str]:
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    return [f"{e.json_path}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def test_the_compose_file_follows_the_compose_specification():
+    assert _compose_errors(_compose()) == []
+    broken = _compose()
+    broken["services"]["kafka-1"]["volumes"] = "kafka-1:/var/lib/kafka/data"  # not a list
+    broken["services"]["serve"]["deploy"] = {"replica": 2}  # misspelt
+    assert len(_compose_errors(broken)) >= 2  # so the check above does check
+
+
+def test_the_kafka_cluster_id_is_a_kraft_uuid():
+    cluster_id = _compose()["x-kafka"]["environment"]["CLUSTER_ID"]
+    assert len(cluster_id) == 22
+    assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
+
+
+def test_every_broker_keeps_its_log_on_a_volume_and_answers_on_the_host():
+    compose = _compose()
+    services, volumes = compose["services"], compose["volumes"]
+    log_dir = compose["x-kafka"]["environment"]["KAFKA_LOG_DIRS"]
+    brokers = sorted(name for name in services if re.fullmatch(r"kafka-\d", name))
+    assert brokers == ["kafka-1", "kafka-2", "kafka-3"]
+    published = set()
+    for name in brokers:
+        broker = services[name]
+        [volume] = broker["volumes"]
+        source, target = volume.split(":")
+        assert target == log_dir and source in volumes, f"{name}: its log is not on a volume"
+        advertised = dict(
+            item.split("://")
+            for item in broker["environment"]["KAFKA_ADVERTISED_LISTENERS"].split(",")
+        )
+        host, port = advertised["HOST"].rsplit(":", 1)
+        assert host == "localhost"
+        [mapping] = broker["ports"]
+        outside, inside = mapping.split(":")
+        assert outside == port and inside == "19092", (
+            f"{name}: advertises a port it does not publish"
+        )
+        published.add(port)
+    assert len(published) == 3
+
+
+def test_kafka_exporter_reads_the_cluster():
+    exporter = _compose()["services"]["kafka-exporter"]
+    servers = [a.split("=", 1)[1] for a in exporter["command"] if a.startswith("--kafka.server=")]
+    assert sorted(servers) == ["kafka-1:9092", "kafka-2:9092", "kafka-3:9092"]
+
+
+# -- the Kubernetes manifests ---------------------------------------------------------------
+
+K8S = INFRA / "k8s"
+KUBERNETES_VERSION = "1.33.0"
+KUBERNETES_VALIDATE = Path(sys.executable).with_name("kubernetes-validate")
+
+
+def _kustomized() -> list[Path]:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return [K8S / name for name in kustomization["resources"]]
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _k8s_docs() -> list[dict]:
+    return [d for path in _kustomized() for d in _docs(path)]
+
+
+def _validate(*paths: Path) -> subprocess.CompletedProcess[str]:
+    assert KUBERNETES_VALIDATE.exists(), "kubernetes-validate is missing: pip install -e '.[dev]'"
+    return subprocess.run(
+        [
+            str(KUBERNETES_VALIDATE),
+            "--strict",
+            "--quiet",
+            "-k",
+            KUBERNETES_VERSION,
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_kustomization_holds_every_manifest():
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert {p.name for p in _kustomized()} == files
+
+
+def test_the_manifests_pass_kubernetes_validate_strict(tmp_path):
+    core = [
+        p
+        for p in _kustomized()
+        if all(not d["apiVersion"].startswith("kafka.strimzi.io") for d in _docs(p))
+    ]
+    done = _validate(*core)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # And it does reject what Kubernetes would: a misspelt field, a wrong type.
+    broken = copy.deepcopy(_docs(K8S / "services.yaml")[0])
+    container = broken["spec"]["template"]["spec"]["containers"][0]
+    container["livenessProbes"] = container.pop("livenessProbe")
+    broken["spec"]["replicas"] = "two"
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(broken))
+    assert _validate(path).returncode != 0
+
+
+def _deployments() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in _k8s_docs() if d["kind"] == "Deployment"}
+
+
+def test_every_deployment_has_probes_resources_and_a_restricted_security_context():
+    deployments = _deployments()
+    assert set(deployments) == {f"mlbus-{name}" for name in SERVICES}
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert probe in container, f"{name}: no {probe}"
+        resources = container["resources"]
+        assert set(resources["requests"]) == set(resources["limits"]) == {"cpu", "memory"}
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert context["readOnlyRootFilesystem"] is True
+    serve = deployments["mlbus-serve"]["spec"]["template"]["spec"]["containers"][0]
+    assert serve["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert serve["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    trainer = deployments["mlbus-trainer"]["spec"]["template"]["spec"]["containers"][0]
+    assert trainer["livenessProbe"]["exec"]["command"] == ["mlbus", "services", "alive", "trainer"]
+
+
+def test_the_model_server_has_a_disruption_budget_and_an_autoscaler():
+    docs = _k8s_docs()
+    serve = _deployments()["mlbus-serve"]
+    [pdb] = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert (
+        pdb["spec"]["selector"]["matchLabels"].items()
+        <= serve["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert 0 < pdb["spec"]["minAvailable"] < serve["spec"]["replicas"] + 1
+    [hpa] = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "mlbus-serve",
+    }
+    assert hpa["spec"]["minReplicas"] == serve["spec"]["replicas"] < hpa["spec"]["maxReplicas"]
+
+
+def test_topics_are_strimzi_v1_kafka_topics():
+    topics = _docs(K8S / "topics.yaml")
+    assert {d["apiVersion"] for d in topics} == {"kafka.strimzi.io/v1"}
+    for topic in topics:
+        assert topic["kind"] == "KafkaTopic"
+        assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "mlbus"
+        assert {"topicName", "partitions", "replicas", "config"} <= set(topic["spec"])

@@ -34,6 +34,11 @@ def test_run_names_the_services_when_the_service_is_unknown(tmp_path: Path) -> N
     one_line_error(result, "unknown service 'validatr'", "validator", "trainer", "serve", "api")
 
 
+def test_a_service_that_never_ran_is_not_alive(tmp_path: Path) -> None:
+    result = mlbus("services", "alive", "trainer", env=clean_env(MLBUS_DATA_DIR=str(tmp_path)))
+    assert result.returncode == 1 and "no heartbeat" in result.stdout
+
+
 def _committed(kafka: KafkaConfig, group: str, topic: str) -> int:
     """Records of `topic` that consumer group `group` has committed, over its partitions."""
     consumer = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": group})
@@ -81,6 +86,12 @@ def test_run_validator_is_the_validator_alone_in_its_manifest_group(
         while _committed(kafka, group, kafka.topic("dataset.created")) < 1:
             assert time.monotonic() < deadline, f"group {group} committed nothing"
             time.sleep(0.2)
+
+        # Its heartbeat: what the Kubernetes probes of a service with no HTTP endpoint ask.
+        alive = mlbus("services", "alive", "validator", env=env)
+        assert alive.returncode == 0, alive.stdout + alive.stderr
+        stale = mlbus("services", "alive", "validator", "--within", "0", env=env)
+        assert stale.returncode == 1 and "last heartbeat" in stale.stdout
 
         # The service itself, not a supervisor: no child process, no supervisor status.
         assert _children(proc.pid) == []
