@@ -156,7 +156,7 @@ def decode(
     value = _check_size(value, max_bytes)
     binary = _binary_attributes(headers)
     if binary is not None:
-        event = _decode_binary(value, binary)
+        event = _decode_binary(value, binary, expected_type)
     else:
         try:
             model = EVENT_MODELS.get(expected_type) if expected_type is not None else None
@@ -227,39 +227,44 @@ def decode_payload(event_type: str, data: bytes | str) -> Payload:
 
 
 def _binary_attributes(headers: Headers) -> dict[str, str] | None:
-    """The `ce_*` attributes (and `content-type`) of a binary-mode record; None for a
-    structured-mode one. The Kafka binding: a `content-type` of `application/cloudevents…`
-    means structured mode, else a `ce_specversion` header means binary mode, else the
-    record is taken as structured (what a plain client that sets no header sends)."""
+    """The CloudEvents attributes a binary-mode record carries in its headers (`ce_<name>`,
+    and `content-type` as `datacontenttype`); None for a structured-mode record. The Kafka
+    binding: a `content-type` of `application/cloudevents…` means structured mode, else a
+    `ce_specversion` header means binary mode, else the record is taken as structured (what
+    a plain client that sets no header sends)."""
     if not headers:
         return None
     found: dict[str, str] = {}
     for key, raw in headers:
-        lowered = key.lower()
-        if lowered == "content-type":
-            text = (raw or b"").decode("utf-8", "replace")
-            if text.lower().startswith("application/cloudevents"):
+        if key[:3].lower() == "ce_":
+            found[key[3:].lower()] = raw.decode("utf-8", "replace") if raw else ""
+        elif key.lower() == "content-type":
+            text = raw.decode("utf-8", "replace") if raw else ""
+            if text[:23].lower() == "application/cloudevents":
                 return None
-            found[lowered] = text
-        elif lowered.startswith("ce_"):
-            found[lowered] = (raw or b"").decode("utf-8", "replace")
-    return found if "ce_specversion" in found else None
+            found["datacontenttype"] = text
+    return found if "specversion" in found else None
 
 
-def _binary_document(value: bytes, ce_headers: dict[str, str]) -> bytes:
+def _binary_document(value: bytes, attributes: dict[str, str]) -> bytes:
     """The structured-mode document of a binary-mode record: its attributes with the raw
     payload spliced in as `data`, so that one strict JSON validation covers both parts."""
-    attributes: dict[str, str] = {k[3:]: v for k, v in ce_headers.items() if k.startswith("ce_")}
-    content_type = ce_headers.get("content-type", "application/json")
+    content_type = attributes.setdefault("datacontenttype", "application/json")
     if "json" not in content_type:
         raise InvalidEvent(f"binary-mode event with non-JSON content type {content_type!r}")
-    attributes["datacontenttype"] = content_type
     return orjson.dumps(attributes)[:-1] + b',"data":' + value + b"}"
 
 
-def _decode_binary(value: bytes, ce_headers: dict[str, str]) -> Event:
+def _decode_binary(value: bytes, attributes: dict[str, str], expected_type: str | None) -> Event:
+    document = _binary_document(value, attributes)
+    model = EVENT_MODELS.get(expected_type) if expected_type is not None else None
+    if model is not None:  # as in structured mode: the topic says which model
+        try:
+            return model.model_validate_json(document)
+        except ValidationError:
+            pass
     try:
-        return ANY_EVENT.validate_json(_binary_document(value, ce_headers))
+        return ANY_EVENT.validate_json(document)
     except ValidationError as e:
         raise InvalidEvent("binary mode: " + describe(e)) from None
 
