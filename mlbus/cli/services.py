@@ -110,7 +110,7 @@ def services_list(
             s.source,
             ", ".join(s.reads) or "-",
             ", ".join(s.writes) or "-",
-            f"{s.health.path} on {s.health.port}" if s.health else "process alive",
+            f"{s.health.path} on {s.health.port}" if s.health else "heartbeat (services alive)",
         )
     console.print(table)
 

@@ -224,3 +224,21 @@ def test_the_changelog_is_replicated_by_the_catalogs_rule(kafka):
     assert configs["min.insync.replicas"].value == wanted
     assert configs["cleanup.policy"].value == "compact"
     assert ensure_changelog(kafka, app_id) == replication  # idempotent
+
+
+def test_from_the_environment_as_every_service_reads_it(monkeypatch):
+    from mlbus.settings import load_settings
+
+    monkeypatch.setenv("MLBUS_KAFKA__SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("MLBUS_KAFKA__SASL_MECHANISM", "SCRAM-SHA-256")
+    monkeypatch.setenv("MLBUS_KAFKA__SASL_USERNAME", "streams")
+    monkeypatch.setenv("MLBUS_KAFKA__SASL_PASSWORD", "kafka-pass-2")
+    monkeypatch.setenv("MLBUS_KAFKA__SESSION_TIMEOUT_MS", "30000")
+    kafka = KafkaConfig.from_settings(load_settings(), bootstrap="h:9092")
+    out = faust_broker_settings(kafka)
+    assert out["broker_credentials"].password == "kafka-pass-2"
+    assert out["broker_session_timeout"] == 30.0
+    assert "kafka-pass-2" not in repr(out) + repr(kafka)
+    monkeypatch.setenv("MLBUS_KAFKA__FETCH_WAIT_MAX_MS", "10")
+    with pytest.raises(ConfigError, match="MLBUS_KAFKA__FETCH_WAIT_MAX_MS"):
+        faust_broker_settings(KafkaConfig.from_settings(load_settings(), bootstrap="h:9092"))
