@@ -88,7 +88,7 @@ class ServingSettings(_Section):
         default="inference.results.",
         min_length=1,
         description="stream inference replies to inference.results or to an existing topic "
-        "named <prefix><suffix> (after the topic prefix); it never creates one",
+        "whose name starts with this (after the topic prefix); it never creates one",
     )
 
 
