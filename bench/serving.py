@@ -32,10 +32,10 @@ client polling the mlbus server.
 
 A large request beside a small one (`--large-rows`, 65,000 by default; 0 skips it): the
 digits model's one-row latency alone (the baseline), and again while one 65,000-row request
-(8.3 MB of JSON, under the default body limit) runs on the same server; the large request is split into batches that
-take turns with the one-row requests (docs/serving.md, "Fair batching"). Its "batch window"
-is a full batch's latency alone (max_batch rows): the one-row request's median delay beside
-the large one should stay within 2 windows.
+(8.3 MB of JSON, under the default body limit) runs on the same server; the large request is
+split into batches that take turns with the one-row requests (docs/serving.md, "Fair
+batching"). Its "batch window" is a full batch's latency alone (max_batch rows): the one-row
+request's median delay beside the large one should stay within 2 windows.
 
 Targets: wide-cnn at 64 clients >= 4x naive; digits p99 < 25 ms at 16 clients;
 promotion-to-serving p50 < 1 s; zero failed requests; one-row delay beside a 65,000-row
