@@ -30,8 +30,16 @@ Promotion-to-serving: N promotions of the digits model (new version each time), 
 from `model.promoted` produced (flushed) to the first response from the new version, with a
 client polling the mlbus server.
 
+A large request beside a small one (`--large-rows`, 65,000 by default; 0 skips it): the
+digits model's one-row latency alone (the baseline), and again while one 65,000-row request
+(8.3 MB of JSON, under the default body limit) runs on the same server; the large request is
+split into batches that take turns with the one-row requests (docs/serving.md, "Fair
+batching"). Its "batch window" is a full batch's latency alone (max_batch rows): the one-row
+request's median delay beside the large one should stay within 2 windows.
+
 Targets: wide-cnn at 64 clients >= 4x naive; digits p99 < 25 ms at 16 clients;
-promotion-to-serving p50 < 1 s; zero failed requests.
+promotion-to-serving p50 < 1 s; zero failed requests; one-row delay beside a 65,000-row
+request <= 2 batch windows (median).
 """
 
 from __future__ import annotations
@@ -402,6 +410,8 @@ def run(args: argparse.Namespace, log: Any) -> Report:
                 ]
             }
         )
+        if args.large_rows:
+            beside_large(report, mlbus.url, args.large_rows, args.max_batch, log)
         delays = promotion_delays(mlbus.url, producer, artifact, args.promotions, body)
         report.setup["promotion_delays_ms"] = [round(d * 1000, 1) for d in delays]
         p50, p99 = percentile(delays, 50) * 1000, percentile(delays, 99) * 1000
@@ -419,6 +429,90 @@ def run(args: argparse.Namespace, log: Any) -> Report:
         for mode in ("naive", "mlbus"):
             servers[mode].stop()
     return report
+
+
+def beside_large(report: Report, url: str, rows: int, max_batch: int, log: Any) -> None:
+    """One-row latency alone and beside a `rows`-row request, on the digits model."""
+    import httpx
+    import orjson
+
+    def doc(n: int, value: int) -> bytes:  # integers: 65,000 rows are 8.3 MB, under the limit
+        x = [{"name": "input", "shape": [n, 64], "datatype": "FP32", "data": [value] * (n * 64)}]
+        return orjson.dumps({"inputs": x})
+
+    one, batch, large = doc(1, 3), doc(max_batch, 3), doc(rows, 5)
+    path = f"/v2/models/{DIGITS}/infer"
+    headers = {"content-type": "application/json"}
+
+    def latencies(client: httpx.Client, body: bytes, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            started = time.perf_counter()
+            r = client.post(path, content=body, headers=headers)
+            if r.status_code != 200:
+                raise RuntimeError(f"a request failed: {r.text[:200]}")
+            out.append(time.perf_counter() - started)
+        return out
+
+    def stats(values: list[float]) -> dict[str, float]:
+        return {
+            "p50_ms": percentile(values, 50) * 1000,
+            "p99_ms": percentile(values, 99) * 1000,
+            "max_ms": max(values) * 1000,
+            "n": len(values),
+        }
+
+    with httpx.Client(base_url=url, timeout=600) as client:
+        latencies(client, one, 20)  # warm
+        alone = stats(latencies(client, one, 200))
+        window = stats(latencies(client, batch, 100))
+        beside: list[float] = []
+        took: list[float] = []
+
+        def ask_large() -> None:
+            with httpx.Client(base_url=url, timeout=600) as big:
+                started = time.perf_counter()
+                r = big.post(path, content=large, headers=headers)
+                if r.status_code != 200:
+                    raise RuntimeError(f"the large request failed: {r.text[:200]}")
+                took.append(time.perf_counter() - started)
+
+        thread = threading.Thread(target=ask_large)
+        thread.start()
+        time.sleep(0.05)  # the large request is on its way
+        while thread.is_alive():
+            beside.extend(latencies(client, one, 1))
+        thread.join()
+    if not took:
+        raise RuntimeError("the large request did not finish")
+    near = stats(beside)
+    delay = near["p50_ms"] - alone["p50_ms"]
+    ok = delay <= 2 * window["p50_ms"]
+    log(
+        f"one row alone p50 {alone['p50_ms']:.1f} ms; beside {rows} rows p50 "
+        f"{near['p50_ms']:.1f} ms p99 {near['p99_ms']:.1f} ms max {near['max_ms']:.0f} ms "
+        f"({near['n']:.0f} requests); batch window {window['p50_ms']:.1f} ms; large request "
+        f"{took[0] * 1000:.0f} ms"
+    )
+    report.add(Figure("fair/alone", "1 row alone", alone["p50_ms"], unit="ms", detail=alone))
+    report.add(
+        Figure("fair/window", f"{max_batch} rows alone (window)", window["p50_ms"], unit="ms",
+               detail=window)
+    )  # fmt: skip
+    report.add(
+        Figure(
+            "fair/beside",
+            f"1 row beside {rows:,} rows",
+            near["p50_ms"],
+            baseline_key="fair/alone",
+            unit="ms",
+            detail=near,
+            target="delay <= 2 windows",
+            ok=ok,
+        )
+    )
+    report.setup["large_request_ms"] = round(took[0] * 1000, 1)
+    report.setup["one_row_beside_large_delay_ms"] = round(delay, 2)
 
 
 def promotion_delays(url: str, producer: Any, artifact: Any, n: int, body: bytes) -> list[float]:
@@ -471,6 +565,11 @@ def table(report: Report) -> str:
         f"failed requests: {report.setup['failed_requests']}",
         f"promotion delays (ms): {report.setup['promotion_delays_ms']}",
     ]
+    if "large_request_ms" in report.setup:
+        lines.append(
+            f"large request: {report.setup['large_request_ms']} ms; one-row median delay "
+            f"beside it: {report.setup['one_row_beside_large_delay_ms']} ms"
+        )
     return "\n".join(lines)
 
 
@@ -491,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="torch threads per forward thread; 0: each server's own",
+    )
+    parser.add_argument(
+        "--large-rows", type=int, default=65_000, help="rows of the large request; 0: skip"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     args = parser.parse_args(argv)

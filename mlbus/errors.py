@@ -39,7 +39,9 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   ├── InvalidInput            400  serving/errors.py: a tensor that does not fit the card
     │   ├── MalformedRequest        400  serving/errors.py: not JSON, or not an inference request
     │   └── PayloadTooLarge         413  a request body over its limit (api.max_body_bytes,
-    │                                    api.max_upload_bytes, serving.max_body_bytes)
+    │       │                            api.max_upload_bytes, serving.max_body_bytes)
+    │       └── TooManyRows         413  serving/errors.py: more input rows than
+    │                                    serving.max_rows_per_request
     ├── Conflict                    409  well formed, but contradicts the current state
     │   ├── NothingToRollBack       409  consumers/workflow/commands.py: no earlier good version
     │   └── TargetNotEmpty          409  consumers/archive/restore.py: the topic holds records

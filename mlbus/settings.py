@@ -81,6 +81,25 @@ class ServingSettings(_Section):
     load_retry_seconds: float = Field(
         default=0.5, gt=0, description="wait before the second try; doubles each time, up to 30 s"
     )
+    max_rows_per_request: int = Field(
+        default=100_000,
+        ge=1,
+        description="a request with more input rows gets 413; larger ones than max_batch_size "
+        "run in chunks, taking turns with other requests",
+    )
+    max_request_id_bytes: int = Field(
+        default=256,
+        ge=16,
+        le=4096,
+        description="a longer client-chosen request id is refused (400; a stream request is "
+        "dead-lettered)",
+    )
+    reply_topic_prefix: str = Field(
+        default="inference.results.",
+        min_length=1,
+        description="stream inference replies to inference.results or to an existing topic "
+        "whose name starts with this (after the topic prefix); it never creates one",
+    )
 
 
 class StreamsSettings(_Section):

@@ -42,7 +42,9 @@ from mlbus.serving.tensors import decode_request, dumps, outputs, parse_body
 
 class TensorIn(BaseModel):
     name: str = Field(examples=["input"], description="the model's input: 'input'")
-    shape: list[int] = Field(description="[batch, features]; batch >= 1")
+    shape: list[int] = Field(
+        description="[batch, features]; 1 <= batch <= serving.max_rows_per_request (else 413)"
+    )
     datatype: Literal[
         "FP16",
         "FP32",
@@ -64,7 +66,11 @@ class OutputRequest(BaseModel):
 
 
 class InferRequest(BaseModel):
-    id: str | None = None
+    id: str | None = Field(
+        default=None,
+        description="answered and logged with the result; over serving.max_request_id_bytes "
+        "bytes is a 400 (none: one is generated)",
+    )
     inputs: list[TensorIn] = Field(min_length=1, max_length=1)
     outputs: list[OutputRequest] | None = Field(default=None, description="default: both")
 
@@ -326,7 +332,12 @@ def create_app(server: ModelServer) -> FastAPI:
         try:
             doc = parse_body(await read())
             deployment = server.deployment(name, version)
-            decoded = decode_request(doc, deployment)
+            decoded = decode_request(
+                doc,
+                deployment,
+                max_rows=server.config.max_rows_per_request,
+                max_id_bytes=server.config.max_request_id_bytes,
+            )
             # One id for the response and the inference log, so the two can be joined.
             x, request_id = decoded.x, decoded.id or new_event_id()
             answer = await server.infer(

@@ -7,19 +7,28 @@ Up to `max_in_flight` batches may run at once (one per forward thread; the serve
 see serving.server.PIPELINE): while one batch is in its forward pass, the next one gathers,
 its requests parsed and decoded by the event loop, and starts as soon as a thread is free.
 A batch then takes at most its share of `max_batch_size` (divided among the batches in
-flight; a request that would overfill it opens the next batch, and only a request larger
-than the share alone makes a larger batch): otherwise a burst of requests (every client
-answered at once comes back at once) all joins one batch and the other forward thread has
-nothing to do.
+flight; a request that would overfill it opens the next batch): otherwise a burst of
+requests (every client answered at once comes back at once) all joins one batch and the
+other forward thread has nothing to do.
 
-Every caller hears back: its rows, the error of its batch's forward pass, or `NotReady` when
+Fair to small requests: a request larger than a share is split into chunks of at most a
+share, and after each chunk it goes back to the end of the line, so the requests that
+arrived meanwhile ride in the next batch (beside its next chunk when there is room). A
+concurrent small request waits for at most the batch in flight, never for the whole of a
+large one; the large one's rows are reassembled in order for its caller
+(docs/serving.md, "Fair batching").
+
+Every caller hears back: its rows, the error of its batch's forward pass (for a split
+request, the first failed chunk's; its other chunks are then dropped), or `NotReady` when
 the executor is shut down under a queued batch. `close()` stops gathering after the
-requests queued before it; batches already in flight still answer their callers.
+requests queued before it (and every chunk of theirs); batches already in flight still
+answer their callers.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 
@@ -28,9 +37,37 @@ import numpy as np
 from mlbus.serving.errors import NotReady
 
 Forward = Callable[[np.ndarray], np.ndarray]
-#: Queued requests: the input rows and the future their caller awaits.
-Batch = list[tuple[np.ndarray, "asyncio.Future[np.ndarray]"]]
 _CLOSE = None  # queue sentinel: drain what is before it, then stop
+
+
+class _Job:
+    """One caller's rows, taken in one or more chunks; its answer is assembled from them."""
+
+    __slots__ = ("answered", "future", "parts", "taken", "x")
+
+    def __init__(self, x: np.ndarray, future: asyncio.Future[np.ndarray]) -> None:
+        self.x = x
+        self.future = future
+        self.taken = 0  # rows handed to batches so far
+        self.answered = 0  # rows answered so far
+        self.parts: list[tuple[int, np.ndarray]] = []  # (first row, output rows)
+
+    def deliver(self, start: int, out: np.ndarray) -> None:
+        if self.future.done():  # a caller that went away (cancelled), or a failed chunk
+            return
+        if start == 0 and len(out) == len(self.x):  # in one piece: the common case
+            self.future.set_result(out)
+            return
+        self.parts.append((start, out))
+        self.answered += len(out)
+        if self.answered == len(self.x):
+            self.parts.sort(key=lambda part: part[0])  # batches may finish out of order
+            self.future.set_result(np.concatenate([p for _, p in self.parts]))
+            self.parts = []
+
+
+#: A batch: chunks of jobs, each (job, first row, end row).
+Batch = list[tuple[_Job, int, int]]
 
 
 class MicroBatcher:
@@ -64,8 +101,11 @@ class MicroBatcher:
         self._waiter: asyncio.Future[None] | None = None
         self._slot: asyncio.Future[None] | None = None  # awaited while every thread is busy
         self._in_flight = 0
-        # A request that did not fit in the last batch's share: the next batch's first.
-        self._carried: tuple[np.ndarray, asyncio.Future[np.ndarray]] | None = None
+        # Requests taken off the queue, not yet in a batch (arrival order), and requests
+        # larger than a share with rows left to run (in turns, after the new ones).
+        self._pending: deque[_Job] = deque()
+        self._split: deque[_Job] = deque()
+        self._split_starved = False
         self._last_requests = 0
         self._closed = False
 
@@ -112,49 +152,110 @@ class MicroBatcher:
         assert queue is not None
         loop = asyncio.get_running_loop()
         stopping = False
-        while not stopping:
+        while not (stopping and not self._pending and not self._split):
             if self._in_flight >= self.max_in_flight:  # gather once a forward thread is free
                 # No wakeup is lost: `_answer` runs on this loop, so it cannot run between
                 # the check and the await, and it resolves the slot it finds.
                 self._slot = loop.create_future()
                 await self._slot
                 continue
-            first, self._carried = self._carried, None
-            if first is None:
+            if not self._pending and not self._split and not stopping:
                 first = await queue.get()
-            if first is _CLOSE:
-                break
-            batch = [first]
-            rows = len(first[0])
+                if first is _CLOSE:
+                    break
+                self._pending.append(_Job(*first))
+            stopping = self._take(queue) or stopping
+            batch: Batch = []
             # Wait for company only under load (the last batch had several requests): a
             # lone client is not made to wait max_wait for requests that are not coming.
             deadline = loop.time() + (self.max_wait if self._last_requests > 1 else 0.0)
-            while rows < self.share:
+            rows = self._fill(batch, 0)
+            while rows < self.share and not (stopping or self._pending or self._split):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
                 if queue.empty():
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
                     await self._wait(loop, remaining)
-                    continue
-                item = queue.get_nowait()
-                if item is _CLOSE:
-                    stopping = True
-                    break
-                if rows + len(item[0]) > self.share:  # over the share: it opens the next one
-                    self._carried = item
-                    break
-                batch.append(item)
-                rows += len(item[0])
-            self._last_requests = len(batch)
-            self._start(loop, batch)
+                stopping = self._take(queue) or stopping
+                rows = self._fill(batch, rows)
+            if batch:
+                self._last_requests = len(batch)
+                self._start(loop, batch)
         # Batches still in flight are answered by `_answer` (a callback, not this task).
+
+    def _take(
+        self, queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]] | None]
+    ) -> bool:
+        """Move what is queued to the pending line; True once `close()`'s sentinel is seen
+        (what was queued after it is not taken)."""
+        while not queue.empty():
+            item = queue.get_nowait()
+            if item is _CLOSE:
+                return True
+            self._pending.append(_Job(*item))
+        return False
+
+    def _fill(self, batch: Batch, rows: int) -> int:
+        """Add pending requests to `batch` (holding `rows` rows) up to the share; the rows
+        it holds then. New requests go first, in arrival order (one that fits in a batch
+        but not in this one opens the next), then the chunks of split requests, in turns;
+        but a batch that gave the split requests waiting before it nothing makes the next
+        one start with them, so a steady stream of small requests cannot starve a large one."""
+        if self._split_starved:
+            self._split_starved = False
+            return self._new(batch, self._chunks(batch, rows))
+        waiting = bool(self._split)
+        rows = self._new(batch, rows)
+        before = rows
+        rows = self._chunks(batch, rows)
+        self._split_starved = waiting and rows == before and bool(self._split)
+        return rows
+
+    def _new(self, batch: Batch, rows: int) -> int:
+        pending = self._pending
+        while pending and rows < self.share:
+            job = pending[0]
+            if job.future.done():  # cancelled while queued
+                pending.popleft()
+                continue
+            room = self.share - rows
+            if len(job.x) <= room:
+                batch.append((job, 0, len(job.x)))
+                job.taken = len(job.x)
+                rows += len(job.x)
+            elif len(job.x) > self.share:  # split: its first chunk now, the rest in turns
+                batch.append((job, 0, room))
+                job.taken = room
+                rows += room
+                self._split.append(job)
+            else:
+                break
+            pending.popleft()
+        return rows
+
+    def _chunks(self, batch: Batch, rows: int) -> int:
+        split = self._split
+        while split and rows < self.share:
+            job = split[0]
+            if job.future.done():  # cancelled, or a chunk of it failed: drop the rest
+                split.popleft()
+                continue
+            take = min(len(job.x) - job.taken, self.share - rows)
+            batch.append((job, job.taken, job.taken + take))
+            job.taken += take
+            rows += take
+            if job.taken == len(job.x):
+                split.popleft()
+            else:
+                split.rotate(-1)  # the next split request's turn
+        return rows
 
     def _start(self, loop: asyncio.AbstractEventLoop, batch: Batch) -> None:
         """Run a batch's forward pass in the executor; `_answer` hands out its rows (a
         callback rather than a task per batch: a lone client's request pays for no more
         than the executor's round trip)."""
         try:
-            x = batch[0][0] if len(batch) == 1 else np.concatenate([b[0] for b in batch])
+            x = _rows(batch[0]) if len(batch) == 1 else np.concatenate([_rows(c) for c in batch])
         except Exception as e:  # rows that do not stack: the callers hear it
             _fail(batch, e)
             return
@@ -176,20 +277,23 @@ class MicroBatcher:
             return
         try:
             out = done.result()  # raises the forward's error
-            if len(out) != sum(len(rows) for rows, _ in batch):
+            if len(out) != sum(end - start for _, start, end in batch):
                 raise RuntimeError(f"the model answered {len(out)} rows for this batch")
         except Exception as e:  # every caller of the batch gets it, the worker goes on
             _fail(batch, e)
             return
-        start = 0
-        for rows, future in batch:
-            end = start + len(rows)
-            if not future.done():  # a caller that went away (cancelled) is skipped
-                future.set_result(out[start:end])
-            start = end
+        at = 0
+        for job, start, end in batch:
+            job.deliver(start, out[at : at + end - start])
+            at += end - start
+
+
+def _rows(chunk: tuple[_Job, int, int]) -> np.ndarray:
+    job, start, end = chunk
+    return job.x if start == 0 and end == len(job.x) else job.x[start:end]
 
 
 def _fail(batch: Batch, error: BaseException) -> None:
-    for _, future in batch:
-        if not future.done():
-            future.set_exception(error)
+    for job, _, _ in batch:
+        if not job.future.done():
+            job.future.set_exception(error)

@@ -7,7 +7,10 @@ replica), `Unauthorized` (401: a control endpoint without the bearer token) and
 
     NotFound          UnknownVersion      404: the model has no such loaded version
     Invalid           InvalidInput        400: a tensor that does not match the model card
-                      MalformedRequest    400: not JSON, or not an inference request
+                      MalformedRequest    400: not JSON, or not an inference request (or a
+                                          request id over serving.max_request_id_bytes)
+    PayloadTooLarge   TooManyRows         413: more input rows than
+                                          serving.max_rows_per_request
     TransientError    NotReady            503: the model is loading (or the server is catching
                                           up with model.promoted), or the server is stopping
     MlbusError        VerificationFailed  500: a promoted version that cannot be served
@@ -22,6 +25,7 @@ __all__ = [
     "MalformedRequest",
     "NotReady",
     "PayloadTooLarge",
+    "TooManyRows",
     "UnknownVersion",
     "VerificationFailed",
 ]
@@ -37,6 +41,10 @@ class InvalidInput(Invalid):
 
 class MalformedRequest(Invalid):
     """A body that is not JSON, or not an inference request."""
+
+
+class TooManyRows(PayloadTooLarge):
+    """More input rows than one request may carry (serving.max_rows_per_request)."""
 
 
 class NotReady(TransientError):

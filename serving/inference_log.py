@@ -6,12 +6,21 @@ Delivery is at most once by design (a sample may be dropped, never sent twice: t
 is idempotent); the log is a sample for metrics and drift, not an audit record.
 
 Each record carries the raw per-sample feature vectors for drift (the stream processors
-compute per-feature PSI against the training histograms of `dataset.created`). Reduction
-for wide inputs, so a record stays well under the 1 MB event limit: when a model has more
-than MAX_FEATURES features, every k-th feature is logged (k = ceil(features /
-MAX_FEATURES)), and `feature_names` names exactly the logged ones, so PSI per feature still
-applies; and only the first rows of a batch, up to MAX_VALUES logged values in all, are
-kept in `inputs` (`predictions` and `batch_size` always cover the whole batch).
+compute per-feature PSI against the training histograms of `dataset.created`). Every part of
+a record is bounded, so that no record exceeds MAX_RECORD_BYTES, below the 1 MiB event limit
+the stream processors read with (a larger record would be dead-lettered there, and its
+sample lost from the metrics):
+- wide inputs: when a model has more than MAX_FEATURES features, every k-th feature is
+  logged (k = ceil(features / MAX_FEATURES)), and `feature_names` names exactly the logged
+  ones, so PSI per feature still applies; feature names longer than NAMES_BYTES in all are
+  not logged, nor the inputs;
+- tall inputs: only the first rows of a batch, up to MAX_VALUES logged values in all, are
+  kept in `inputs`; `batch_size` always covers the whole batch, and `predictions` too up to
+  PREDICTION_BYTES of JSON (then the first rows);
+- the request id is bounded where the request arrives (serving.max_request_id_bytes), and
+  the error text is cut to MAX_ERROR_CHARS here;
+- a record that still exceeds MAX_RECORD_BYTES (a promotion with a huge version string) is
+  dropped and counted, never published.
 
 The publisher writes each record's bytes with orjson straight from the numpy rows (`encode`)
 instead of building the payload model and serializing it with pydantic, which took two
@@ -44,7 +53,15 @@ from mlbus.serving.metrics import ServingMetrics
 log = logging.getLogger(__name__)
 
 MAX_FEATURES = 1024
-MAX_VALUES = 32_768
+#: Input values logged per record: at most 25 bytes each in JSON (a float64 and its comma).
+MAX_VALUES = 16_384
+NAMES_BYTES = 64 * 1024
+PREDICTION_BYTES = 256 * 1024
+MAX_ERROR_CHARS = 1024
+#: The largest record published: inputs (MAX_VALUES x 25 B) and their names, predictions,
+#: an error of MAX_ERROR_CHARS (up to 6 B a character escaped), a bounded request id and the
+#: envelope fit with room to spare.
+MAX_RECORD_BYTES = 900 * 1024
 QUEUE_SIZE = 10_000
 #: After a burst's first sample the publisher sleeps this long, so that the samples of the
 #: requests answered with it are queued and handled in one go (one poll, one GIL hand-off).
@@ -130,6 +147,16 @@ class InferenceLog:
                     break
                 try:
                     value = encode(sample, self.replica, self.producer.source)
+                    if len(value) > MAX_RECORD_BYTES:
+                        self.metrics.log_dropped.inc()
+                        log.warning(
+                            "inference log: a %d-byte record of %s %s dropped (at most %d)",
+                            len(value),
+                            sample.model,
+                            sample.version[:64],
+                            MAX_RECORD_BYTES,
+                        )
+                        continue
                     self.producer.produce(self.topic, value, sample.model)
                     self.metrics.log_published.inc()
                 except MlbusError as e:
@@ -158,8 +185,39 @@ def reduced(sample: Sample) -> tuple[list[str], np.ndarray] | None:
         step = math.ceil(x.shape[1] / MAX_FEATURES)
         x = x[:, ::step]
         names = names[::step]
+    # Escaped, a character takes at most 6 bytes; names this long are a card's mistake.
+    if sum(len(n) for n in names) * 6 + 3 * len(names) > NAMES_BYTES:
+        return None
     rows = max(1, MAX_VALUES // x.shape[1])
     return names, np.ascontiguousarray(x[:rows], dtype=np.float64)
+
+
+def predictions(sample: Sample) -> list[Any]:
+    """The logged predictions: every row's label, or the first rows' up to PREDICTION_BYTES
+    of JSON (the labels of a very large request)."""
+    if sample.predictions is None:
+        return []
+    p = sample.predictions
+    labels = p.tolist()
+    # The common case, without encoding: an integer takes at most 21 bytes with its comma,
+    # a string of n characters 6n + 3 (escaped, quoted, comma).
+    most = 21 if p.dtype.kind in "iub" else p.itemsize // 4 * 6 + 3 if p.dtype.kind == "U" else 0
+    if most and len(labels) * most <= PREDICTION_BYTES:
+        return labels
+    size = len(orjson.dumps(labels))
+    if size <= PREDICTION_BYTES:
+        return labels
+    keep = len(labels) * PREDICTION_BYTES // size
+    while keep and len(orjson.dumps(labels[:keep])) > PREDICTION_BYTES:  # uneven labels
+        keep //= 2
+    return labels[:keep]
+
+
+def error_text(error: str | None) -> str | None:
+    """The logged error text, cut to MAX_ERROR_CHARS (an error may quote what was sent)."""
+    if error is None or len(error) <= MAX_ERROR_CHARS:
+        return error
+    return error[: MAX_ERROR_CHARS - 1] + "…"
 
 
 def encode(sample: Sample, replica: str, source: str, **envelope: Any) -> bytes:
@@ -181,10 +239,9 @@ def encode(sample: Sample, replica: str, source: str, **envelope: Any) -> bytes:
         "ok": sample.ok,
     }
     if sample.error is not None:
-        data["error"] = sample.error
-    predictions = sample.predictions.tolist() if sample.predictions is not None else []
-    data["batch_size"] = len(sample.inputs) if sample.inputs is not None else len(predictions)
-    data["predictions"] = predictions
+        data["error"] = error_text(sample.error)
+    data["batch_size"] = _batch_size(sample)
+    data["predictions"] = predictions(sample)
     kept = reduced(sample)
     if kept is not None:
         data["feature_names"], data["inputs"] = kept
@@ -201,7 +258,6 @@ def record(sample: Sample, replica: str) -> InferenceLogged:
     kept = reduced(sample)
     if kept is not None:
         names, inputs = kept[0], kept[1].tolist()
-    predictions = sample.predictions.tolist() if sample.predictions is not None else []
     logged = InferenceLogged(
         request_id=sample.request_id,
         model=sample.model,
@@ -209,12 +265,18 @@ def record(sample: Sample, replica: str) -> InferenceLogged:
         replica=replica,
         latency_seconds=max(0.0, sample.latency_seconds),
         ok=sample.ok,
-        error=sample.error,
-        batch_size=len(sample.inputs) if sample.inputs is not None else len(predictions),
-        predictions=predictions,
+        error=error_text(sample.error),
+        batch_size=_batch_size(sample),
+        predictions=predictions(sample),
     )
     if names is None:
         return logged
     # The feature names (from the card) and input rows (floats from numpy) are valid by
     # construction; validating them again was most of this function's time for wide models.
     return logged.model_copy(update={"feature_names": names, "inputs": inputs})
+
+
+def _batch_size(sample: Sample) -> int:
+    if sample.inputs is not None:
+        return len(sample.inputs)
+    return len(sample.predictions) if sample.predictions is not None else 0

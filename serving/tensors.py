@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from mlbus.serving.errors import InvalidInput, MalformedRequest
+from mlbus.serving.errors import InvalidInput, MalformedRequest, TooManyRows
 from mlbus.serving.registry import INPUT, LABEL, PROBABILITIES, Deployment
 
 #: Datatypes accepted for the input (all become float32 for the model).
@@ -32,6 +32,16 @@ _INT_RANGE = {
     "UINT64": (0, 2**64 - 1),
 }  # fmt: skip
 OUTPUTS = (LABEL, PROBABILITIES)
+#: The most characters of a client's value quoted in an error (a shape or name can be huge).
+SHOWN = 80
+
+
+def show(value: Any) -> str:
+    """`repr(value)`, cut to SHOWN characters: what an error message quotes of a request."""
+    text = (
+        repr(value) if not isinstance(value, list) or len(value) <= SHOWN else repr(value[:SHOWN])
+    )
+    return text if len(text) <= SHOWN else text[: SHOWN - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,18 +63,29 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return doc
 
 
-def decode_request(doc: Mapping[str, Any], deployment: Deployment) -> Request:
-    """Check an OIP request object against the deployment's card; `InvalidInput` or
-    `MalformedRequest` (each naming the input or field) if it does not fit."""
+def decode_request(
+    doc: Mapping[str, Any],
+    deployment: Deployment,
+    *,
+    max_rows: int | None = None,
+    max_id_bytes: int | None = None,
+) -> Request:
+    """Check an OIP request object against the deployment's card; `InvalidInput`,
+    `MalformedRequest` or `TooManyRows` (each naming the input, field or limit) if it does
+    not fit."""
     request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise MalformedRequest("'id' must be a string")
+    if request_id is not None:
+        if not isinstance(request_id, str):
+            raise MalformedRequest("'id' must be a string")
+        check_request_id(request_id, max_id_bytes)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise MalformedRequest("'inputs' must be a non-empty list of tensors")
     if len(inputs) != 1:
-        names = [i.get("name") if isinstance(i, dict) else None for i in inputs]
-        raise InvalidInput(f"model {deployment.name} takes one input {INPUT!r}, got {names}")
+        names = [i.get("name") if isinstance(i, dict) else None for i in inputs[:SHOWN]]
+        raise InvalidInput(
+            f"model {deployment.name} takes one input {INPUT!r}, got {len(inputs)}: {show(names)}"
+        )
     tensor = inputs[0]
     if not isinstance(tensor, dict):
         raise MalformedRequest("each input must be an object with name, shape, datatype, data")
@@ -74,8 +95,21 @@ def decode_request(doc: Mapping[str, Any], deployment: Deployment) -> Request:
         tensor.get("shape"),
         tensor.get("datatype"),
         tensor.get("data"),
+        max_rows=max_rows,
     )
     return Request(request_id, x, requested_outputs(doc.get("outputs")))
+
+
+def check_request_id(request_id: str, limit: int | None) -> None:
+    """Refuse a client-chosen request id longer than `limit` bytes (UTF-8): it is echoed
+    in the answer and logged with every sample (serving/inference_log.py)."""
+    if limit is None or len(request_id) * 4 <= limit:  # no UTF-8 character is longer
+        return
+    size = len(request_id.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise MalformedRequest(
+            f"the request id is {size} bytes; at most {limit} (serving.max_request_id_bytes)"
+        )
 
 
 def requested_outputs(outputs: Any) -> tuple[str, ...]:
@@ -88,27 +122,41 @@ def requested_outputs(outputs: Any) -> tuple[str, ...]:
     names = tuple(o["name"] for o in outputs)
     unknown = [n for n in names if n not in OUTPUTS]
     if unknown:
-        raise InvalidInput(f"unknown output {unknown[0]!r}; outputs are {', '.join(OUTPUTS)}")
+        raise InvalidInput(f"unknown output {show(unknown[0])}; outputs are {', '.join(OUTPUTS)}")
     return names or OUTPUTS
 
 
-def to_array(deployment: Deployment, name: Any, shape: Any, datatype: Any, data: Any) -> np.ndarray:
-    """The input tensor as float32 [rows, features], checked against the model card."""
+def to_array(
+    deployment: Deployment,
+    name: Any,
+    shape: Any,
+    datatype: Any,
+    data: Any,
+    *,
+    max_rows: int | None = None,
+) -> np.ndarray:
+    """The input tensor as float32 [rows, features], checked against the model card (and
+    `max_rows`, before its data is read)."""
     n = deployment.n_features
-    where = f"input {name!r}"
+    where = f"input {show(name)}"
     if name != INPUT:
         raise InvalidInput(f"{where}: model {deployment.name} takes one input named {INPUT!r}")
     if datatype not in NUMERIC:
         raise InvalidInput(
-            f"{where}: datatype {datatype!r} is not accepted; use FP32 (or FP64, INT*, UINT*)"
+            f"{where}: datatype {show(datatype)} is not accepted; use FP32 (or FP64, INT*, UINT*)"
         )
     if (
         not isinstance(shape, list)
         or len(shape) != 2
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
-        raise InvalidInput(f"{where}: shape must be [batch, {n}], got {shape!r}")
+        raise InvalidInput(f"{where}: shape must be [batch, {n}], got {show(shape)}")
     rows, cols = shape
+    if max_rows is not None and rows > max_rows:
+        raise TooManyRows(
+            f"{where}: {rows} rows; a request carries at most {max_rows} "
+            "(serving.max_rows_per_request): split it"
+        )
     if cols != n:
         raise InvalidInput(
             f"{where}: shape {shape} does not match the model's {n} features "

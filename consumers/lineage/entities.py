@@ -96,13 +96,18 @@ class Upstream:
     version: str
     as_of: str | None
     serving: bool
-    """True when this version was the champion (last promotion) as of the query"""
+    """True when a replica served this version as of the query (deployment.updated says
+    loaded); a promotion alone is not serving"""
     run: Run
     datasets: list[DatasetNode]
     decisions: list[Decision]
     deployments: list[Deployment]
     provenance: Provenance | None
     """the training.completed that produced the version; None if not (yet) seen"""
+    replicas: list[str] = field(default_factory=list)
+    """the replicas serving this version"""
+    load_failure: str | None = None
+    """why it does not serve: the newest reason a replica gave for failing to load it"""
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class ModelUse:
     run_id: str | None
     status: str
     serving_now: bool
+    """a replica serves this version (as of the query)"""
     replicas: list[str]
     decisions: list[str]
     provenance: Provenance
@@ -143,7 +149,8 @@ class Why:
 
 @dataclass(frozen=True)
 class Champion:
-    """The newest promotion of a model: the version serving."""
+    """The newest promotion of a model: the version decided on. It serves once a replica
+    loads it (`ModelSummary.serving`); one that failed to load never does."""
 
     version: str
     since: str | None
@@ -165,6 +172,12 @@ class ModelVersion:
     """flat: "test.accuracy", "inference.latency_p95_ms", ... (unmeasured ones left out)"""
     rejected: str | None
     """the reason of the newest rejection, if the policy rejected it"""
+    serving: bool = False
+    """a replica serves it (deployment.updated says loaded)"""
+    replicas: list[str] = field(default_factory=list)
+    """the replicas serving it"""
+    load_failure: str | None = None
+    """not serving because it failed to load: the newest reason a replica gave"""
 
 
 @dataclass(frozen=True)
@@ -172,6 +185,11 @@ class ModelSummary:
     model: str
     champion: Champion | None
     versions: list[ModelVersion]
+    serving: str | None = None
+    """the version the replicas serve (the newest loaded); may differ from the champion:
+    one that is still loading, or failed to load while its predecessor keeps serving"""
+    replicas: dict[str, str] = field(default_factory=dict)
+    """replica → the version it serves"""
 
 
 @dataclass(frozen=True)

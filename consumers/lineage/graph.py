@@ -45,7 +45,8 @@ def upstream_graph(up: Upstream) -> Graph:
     graph = Graph()
     model = graph.node(
         f"model:{up.model}@{up.version}",
-        f"{up.model}@{_short(up.version)}" + ("\\n(serving)" if up.serving else ""),
+        f"{up.model}@{_short(up.version)}"
+        + ("\\n(serving)" if up.serving else "\\n(failed to load)" if up.load_failure else ""),
         "model",
     )
     if up.run.run_id is not None:

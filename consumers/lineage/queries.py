@@ -1,5 +1,6 @@
 """Lineage questions asked of the projection: upstream of a model version, downstream of a
-dataset version, why a version was promoted or rejected, which version served at a time —
+dataset version, why a version was promoted or rejected, which version served at a time (as
+the replicas reported on deployment.updated: deployed.py) —
 each optionally *as known at* a time T (only events whose time is <= T count) — and the
 listings the control plane shows (every model with its versions and champion, the newest
 events), read from the store instead of replaying the log per request.
@@ -25,6 +26,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from mlbus.consumers.lineage import tables as t
+from mlbus.consumers.lineage.deployed import Deployed, fold
 from mlbus.consumers.lineage.entities import (
     Champion,
     DatasetNode,
@@ -77,9 +79,22 @@ class LineageQueries:
     # -- which version serves ------------------------------------------------------------------
 
     def serving(self, model: str, as_of: datetime | None = None) -> str | None:
-        """The version model `model` served at `as_of` (its last promotion then), or None."""
+        """The version of `model` a replica served at `as_of` (the newest one loaded, as
+        deployment.updated reported it), or None. A promoted version that no replica loaded
+        (yet, or ever: it failed) is not serving."""
         with self.store.reading() as conn:
-            return _serving(_Sql(conn, self.store, _cut(as_of)), model)
+            return _deployed(_Sql(conn, self.store, _cut(as_of)), model).serving
+
+    def champion(self, model: str, as_of: datetime | None = None) -> str | None:
+        """The version of `model` last promoted at `as_of` (a decision: serving once a
+        replica loads it), or None."""
+        with self.store.reading() as conn:
+            return _champion(_Sql(conn, self.store, _cut(as_of)), model)
+
+    def replicas(self, model: str, as_of: datetime | None = None) -> dict[str, str]:
+        """replica → the version of `model` it served at `as_of`."""
+        with self.store.reading() as conn:
+            return dict(_deployed(_Sql(conn, self.store, _cut(as_of)), model).replicas)
 
     def history(self, model: str, as_of: datetime | None = None) -> list[Decision]:
         """Every promotion and rejection of `model` (rollbacks included), oldest first."""
@@ -96,9 +111,9 @@ class LineageQueries:
 
     def models(self, as_of: datetime | None = None) -> list[ModelSummary]:
         """Every model (trained, promoted or rejected), by name, with its versions (trained
-        or promoted) and its champion, the newest promotion."""
+        or promoted), its champion (the newest promotion) and what its replicas serve."""
         cut = _cut(as_of)
-        m, d = t.model_versions, t.decisions
+        m, d, u = t.model_versions, t.decisions, t.deployments
         with self.store.reading("listing models") as conn:
             run = sa.select(
                 m.c.model,
@@ -114,6 +129,17 @@ class LineageQueries:
             decided = conn.execute(
                 _known(sa.select(d), d, cut).order_by(d.c.time, d.c.offset, d.c.event_id)
             ).all()
+            deployed = fold(
+                conn.execute(
+                    _known(
+                        sa.select(
+                            u.c.model, u.c.version, u.c.replica, u.c.status, u.c.error, u.c.time
+                        ),
+                        u,
+                        cut,
+                    ).order_by(u.c.time, u.c.offset, u.c.event_id)
+                ).all()
+            )
         runs: dict[str, dict[str, Any]] = {}
         for row in trained:  # newest first: the earliest announcement of a version wins
             runs.setdefault(row.model, {})[row.version] = row
@@ -124,9 +150,15 @@ class LineageQueries:
                 promotions.setdefault(row.model, []).append(row)
             else:
                 rejected.setdefault(row.model, {})[row.version] = row.reason
-        names = sorted(set(runs) | set(promotions) | set(rejected))
+        names = sorted(set(runs) | set(promotions) | set(rejected) | set(deployed))
         return [
-            _summary(name, runs.get(name, {}), promotions.get(name, []), rejected.get(name, {}))
+            _summary(
+                name,
+                runs.get(name, {}),
+                promotions.get(name, []),
+                rejected.get(name, {}),
+                deployed.get(name, Deployed()),
+            )
             for name in names
         ]
 
@@ -169,13 +201,14 @@ class LineageQueries:
     ) -> Upstream:
         """Where `model@version` came from: its run, the dataset versions it was trained on
         with their ancestry, hyperparameters, code version, who asked; its decisions and
-        deployments. No version: the one serving (at `as_of`), else the newest trained."""
+        deployments. No version: the one serving (at `as_of`), else the champion (promoted,
+        not loaded), else the newest trained."""
         cut = _cut(as_of)
         with self.store.reading("querying upstream lineage") as conn:
             sql = _Sql(conn, self.store, cut)
-            current = _serving(sql, model)
+            deployed = _deployed(sql, model)
             if version is None:
-                version = current or _newest_version(sql, model)
+                version = deployed.serving or _champion(sql, model) or _newest_version(sql, model)
                 if version is None:
                     raise NotInLineage(f"no version of model {model!r} is known" + _at(as_of))
             this = {"model": model, "version": version}
@@ -191,17 +224,19 @@ class LineageQueries:
             datasets = []
             if dataset_ref is not None:
                 datasets.append(_dataset(sql, dataset_ref[0], dataset_ref[1]))
-            serving = current == version
+            replicas = deployed.serves(version)
         return Upstream(
             model=model,
             version=version,
             as_of=iso(cut) if cut is not None else None,
-            serving=serving,
+            serving=bool(replicas),
             run=run,
             datasets=datasets,
             decisions=decisions,
             deployments=deployments,
             provenance=_prov(produced) if produced else None,
+            replicas=replicas,
+            load_failure=deployed.failure(version),
         )
 
     # -- downstream ----------------------------------------------------------------------------
@@ -334,7 +369,18 @@ def _one(rows: list[Any]) -> Any:
     return rows[0] if rows else None
 
 
-def _serving(sql: _Sql, model: str) -> str | None:
+def _deployed(sql: _Sql, model: str) -> Deployed:
+    rows = sql.select(
+        t.deployments,
+        {"model": model},
+        '"time", "offset", "event_id"',
+        columns='"model", "version", "replica", "status", "error", "time"',
+    )
+    return fold(rows).get(model, Deployed())
+
+
+def _champion(sql: _Sql, model: str) -> str | None:
+    """The newest promotion's version (a decision: not necessarily serving)."""
     row = _one(
         sql.select(
             t.decisions,
@@ -361,7 +407,11 @@ def _newest_version(sql: _Sql, model: str) -> str | None:
 
 
 def _summary(
-    name: str, runs: dict[str, Any], promotions: list[Any], rejected: dict[str, str]
+    name: str,
+    runs: dict[str, Any],
+    promotions: list[Any],
+    rejected: dict[str, str],
+    deployed: Deployed,
 ) -> ModelSummary:
     last = promotions[-1] if promotions else None
     champion = None
@@ -377,8 +427,10 @@ def _summary(
     # A rollback moves away from a version for good: it is never a rollback target again.
     rolled_back = {p.previous_version for p in promotions if p.rollback and p.previous_version}
     versions = []
-    for version in sorted(set(runs) | promoted):
+    for version in sorted(set(runs) | promoted | set(deployed.replicas.values())):
         run = runs.get(version)
+        replicas = deployed.serves(version)
+        failure = deployed.failure(version)
         status = (
             "champion"
             if champion and version == champion.version
@@ -392,14 +444,29 @@ def _summary(
         )
         reason = rejected.get(version)
         if run is None:  # promoted; its training.completed is not (yet) known
-            versions.append(ModelVersion(version, status, None, None, None, {}, reason))
+            versions.append(
+                ModelVersion(
+                    version, status, None, None, None, {}, reason, bool(replicas), replicas, failure
+                )
+            )
             continue
         dataset = {"name": run.dataset_name, "version": run.dataset_version}
         metrics = _flat(_json(run.metrics))
         versions.append(
-            ModelVersion(version, status, run.run_id, iso(run.time), dataset, metrics, reason)
+            ModelVersion(
+                version,
+                status,
+                run.run_id,
+                iso(run.time),
+                dataset,
+                metrics,
+                reason,
+                bool(replicas),
+                replicas,
+                failure,
+            )
         )
-    return ModelSummary(name, champion, versions)
+    return ModelSummary(name, champion, versions, deployed.serving, dict(deployed.replicas))
 
 
 def _flat(metrics: dict[str, Any]) -> dict[str, float]:
@@ -605,30 +672,6 @@ def _deployments(sql: _Sql, model: str, version: str) -> list[Deployment]:
     return [Deployment(r.replica, r.version, r.status, r.error, _prov(r)) for r in rows]
 
 
-def _replicas_now(conn: Connection, model: str, cut: int | None) -> dict[str, str]:
-    """replica → the version it has loaded (its latest deployment.updated says 'loaded')."""
-    d = t.deployments
-    replicas = conn.execute(
-        _known(sa.select(d.c.replica).where(d.c.model == model), d, cut).distinct()
-    ).scalars()
-    out = {}
-    for replica in list(replicas):
-        latest = conn.execute(
-            _known(
-                sa.select(d.c.version, d.c.status).where(
-                    d.c.model == model, d.c.replica == replica
-                ),
-                d,
-                cut,
-            )
-            .order_by(d.c.time.desc(), d.c.offset.desc())
-            .limit(1)
-        ).first()
-        if latest is not None and latest.status == "loaded":
-            out[replica] = latest.version
-    return out
-
-
 def _versions(conn: Connection, name: str, cut: int | None) -> list[str]:
     found: set[str] = set()
     for table, n, v in (
@@ -667,18 +710,12 @@ def _uses(conn: Connection, sql: _Sql, name: str, version: str) -> DatasetUse:
     )
     m, r, q = t.model_versions, t.training_runs, t.training_requests
     uses: dict[str, ModelUse] = {}
-    serving_cache: dict[str, str | None] = {}
-    replicas_cache: dict[str, dict[str, str]] = {}
+    deployed_cache: dict[str, Deployed] = {}
 
-    def serving(model: str) -> str | None:
-        if model not in serving_cache:
-            serving_cache[model] = _serving(sql, model)
-        return serving_cache[model]
-
-    def replicas(model: str) -> dict[str, str]:
-        if model not in replicas_cache:
-            replicas_cache[model] = _replicas_now(conn, model, cut)
-        return replicas_cache[model]
+    def deployed(model: str) -> Deployed:
+        if model not in deployed_cache:
+            deployed_cache[model] = _deployed(sql, model)
+        return deployed_cache[model]
 
     for row in conn.execute(
         _known(
@@ -704,8 +741,8 @@ def _uses(conn: Connection, sql: _Sql, name: str, version: str) -> DatasetUse:
             version=row.version,
             run_id=row.run_id,
             status="completed",
-            serving_now=serving(row.model) == row.version,
-            replicas=sorted(k for k, ver in replicas(row.model).items() if ver == row.version),
+            serving_now=bool(deployed(row.model).serves(row.version)),
+            replicas=deployed(row.model).serves(row.version),
             decisions=list(kinds),
             provenance=_prov(row),
         )

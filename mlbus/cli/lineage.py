@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
+from rich.markup import escape
 from rich.tree import Tree
 
 from mlbus.cli.common import app, console, err_console, kafka_config, settings
@@ -362,6 +363,8 @@ def _dataset_branch(parent: Tree, node: Any) -> None:
 
 def _upstream_tree(up: Any) -> Tree:
     serving = " [green](serving)[/]" if up.serving else ""
+    if up.load_failure:
+        serving = f" [red](not serving: failed to load: {escape(up.load_failure)})[/]"
     as_of = f" as of {up.as_of}" if up.as_of else ""
     root = Tree(f"[bold]{up.model}@{up.version}[/]{serving}{as_of}")
     r = up.run

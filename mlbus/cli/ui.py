@@ -1,8 +1,9 @@
 """`GET /ui`: a small read-only page of the control plane — every model with its serving
-version, the most recent events of the log, and a model's lineage graph as a picture
-(SVG drawn on the server: no JavaScript, nothing fetched from the internet). Everything on
-it is a query of the lineage store (the projector has already read and checked the log): a
-page view does not re-read the log."""
+version (loaded by a replica; a champion that is not is named beside it), the most recent
+events of the log, and a model's lineage graph as a picture (SVG drawn on the server: no
+JavaScript, nothing fetched from the internet). Everything on it is a query of the lineage
+store (the projector has already read and checked the log): a page view does not re-read
+the log."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from fastapi.responses import HTMLResponse, Response
 from mlbus.cli.svg import render_svg
 
 if TYPE_CHECKING:
-    from mlbus.consumers.lineage.entities import ModelSummary, RecentEvent
+    from mlbus.consumers.lineage.entities import ModelSummary, ModelVersion, RecentEvent
 
 _STYLE = """
 body{font-family:Helvetica,Arial,sans-serif;margin:2rem;color:#111827}
@@ -42,17 +43,33 @@ def _page(title: str, body: str) -> HTMLResponse:
 _CLASS = {"champion": "champion", "rejected": "rejected"}
 
 
+def _title(v: ModelVersion) -> str:
+    if v.load_failure:
+        return f"{v.status}, not serving: failed to load: {v.load_failure}"
+    return f"{v.status}, serving on {', '.join(v.replicas)}" if v.serving else v.status
+
+
 def _model_row(m: ModelSummary) -> str:
-    champion = m.champion.version if m.champion else "-"
+    # What the replicas serve (deployment.updated), not the last promotion: a champion that
+    # failed to load is shown beside the version that keeps serving.
+    serving = escape(m.serving or "-")
+    champion = m.champion.version if m.champion else None
+    if champion is not None and champion != m.serving:
+        failed = next((v.load_failure for v in m.versions if v.version == champion), None)
+        why = f"failed to load: {failed}" if failed else "not loaded yet"
+        serving += (
+            f" <span class='rejected' title='{escape(why)}'>(champion {escape(champion)}: "
+            f"{escape(why)})</span>"
+        )
     versions = " ".join(
-        f"<span class='{_CLASS.get(v.status, 'muted')}' title='{escape(v.status)}'>"
+        f"<span class='{_CLASS.get(v.status, 'muted')}' title='{escape(_title(v))}'>"
         f"{escape(v.version)}</span>"
         for v in m.versions
     )
     name = escape(m.model)
     return (
         f"<tr><td><a href='/ui/lineage/{name}'>{name}</a></td>"
-        f"<td class='champion'>{escape(champion)}</td><td>{versions}</td></tr>"
+        f"<td class='champion'>{serving}</td><td>{versions}</td></tr>"
     )
 
 

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import orjson
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mlbus.cli.common import app, console, err_console, kafka_config, settings
@@ -96,7 +97,8 @@ def pipelines_list(
 def models_list(
     json_out: Annotated[bool, typer.Option("--json", help="as JSON")] = False,
 ) -> None:
-    """Every model with its versions and its champion, from the lineage store (as far as its
+    """Every model with its versions, its champion and what its replicas serve (a champion
+    that failed to load is not serving), from the lineage store (as far as its
     projector has read the log: `mlbus up`, or `mlbus lineage project --stop-at-end`)."""
     from dataclasses import asdict
 
@@ -114,7 +116,7 @@ def models_list(
     if json_out:
         _json([asdict(m) for m in found])
         return
-    table = Table("model", "version", "status", "test accuracy", "dataset", "note")
+    table = Table("model", "version", "status", "serving", "test accuracy", "dataset", "note")
     for model in found:
         champion = model.champion
         for v in model.versions:
@@ -122,14 +124,17 @@ def models_list(
             note = v.rejected or ""
             if champion and v.status == "champion":
                 note = f"{champion.actor}: {champion.reason}"
+            if v.load_failure:  # promoted, but no replica could load it
+                note = f"failed to load: {v.load_failure}"
             dataset = f"{v.dataset['name']}@{v.dataset['version'][:12]}" if v.dataset else "-"
             table.add_row(
                 model.model,
                 v.version,
                 v.status,
+                f"yes ({len(v.replicas)})" if v.serving else "no",
                 "-" if accuracy is None else f"{accuracy:.4f}",
                 dataset,
-                note,
+                escape(note),
             )
     console.print(table)
 

@@ -108,6 +108,13 @@ def _compare(
     return TopicStatus(name, status, partitions, replication, "; ".join(differences))
 
 
+def topic_names(kafka: KafkaConfig, timeout: float = 10.0) -> set[str]:
+    """The names of the cluster's topics (a metadata request for all topics, which never
+    creates one); `TransientError` when the cluster cannot be reached."""
+    metadata = _metadata(_admin(kafka), kafka, timeout)
+    return {name for name, topic in metadata.topics.items() if topic.error is None}
+
+
 def list_topics(
     kafka: KafkaConfig, catalog: tuple[TopicSpec, ...] = CATALOG
 ) -> tuple[list[TopicStatus], list[str]]:

@@ -161,12 +161,13 @@ def test_a_batch_takes_at_most_its_share_of_max_batch_size():
             forward, max_batch_size=8, max_wait_us=20_000, executor=pool, max_in_flight=2
         )
         inputs = [np.full((1 + i % 3, 2), i, dtype=np.float32) for i in range(30)]
-        inputs.append(np.full((6, 2), 99, dtype=np.float32))  # larger than a share alone
+        big = np.arange(12, dtype=np.float32).reshape(6, 2)  # larger than a share alone
+        inputs.append(big)
         outputs = _run(batcher, inputs)
     for x, y in zip(inputs, outputs, strict=True):
-        assert np.array_equal(y, x + 1)
+        assert np.array_equal(y, x + 1)  # the split request's rows come back in order
     assert sum(sizes) == sum(len(x) for x in inputs)
-    assert sorted(sizes)[-1] == 6 and sorted(sizes)[-2] <= 4  # the big one ran alone
+    assert max(sizes) <= 4  # the big one was split into chunks of at most a share
     assert len(sizes) < len(inputs)  # still batched
 
 
@@ -260,3 +261,92 @@ def test_a_forward_that_answers_the_wrong_rows_fails_its_callers_not_the_worker(
             assert (await asyncio.wait_for(batcher.infer(np.ones((2, 2))), HANG)).shape == (2, 2)
 
         asyncio.run(main())
+
+
+def test_a_large_request_is_split_and_a_small_one_rides_in_the_next_batch():
+    """One request of 40 rows (max batch 4) and, once its first chunk is in the forward
+    pass, a one-row request: the small one is answered in the second batch, long before the
+    large one's last chunk, and the large one gets its 40 rows back in order."""
+    batches: list[list[float]] = []
+    first_running = threading.Event()
+    release = threading.Event()
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        batches.append(x[:, 0].tolist())
+        if len(batches) == 1:
+            first_running.set()
+            release.wait(10)
+        return x * 2
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(forward, max_batch_size=4, max_wait_us=0, executor=pool)
+        large = np.arange(40, dtype=np.float32).reshape(40, 1)
+        small = np.full((1, 1), -1.0, dtype=np.float32)
+        answered: list[str] = []
+
+        async def main() -> tuple[np.ndarray, np.ndarray]:
+            async def ask(name: str, x: np.ndarray) -> np.ndarray:
+                out = await batcher.infer(x)
+                answered.append(name)
+                return out
+
+            big = asyncio.ensure_future(ask("large", large))
+            await asyncio.get_running_loop().run_in_executor(None, first_running.wait, 10)
+            one = asyncio.ensure_future(ask("small", small))
+            await asyncio.sleep(0.05)  # queued while the first chunk is in its forward pass
+            release.set()
+            return await big, await one
+
+        big_out, small_out = asyncio.run(main())
+    assert np.array_equal(big_out, large * 2) and np.array_equal(small_out, small * 2)
+    assert answered == ["small", "large"]
+    assert all(len(b) <= 4 for b in batches) and len(batches) == 11
+    # The small request rode in the batch right after the one in flight.
+    assert -1.0 in batches[1]
+    assert [v for b in batches for v in b if v >= 0] == list(range(40))
+
+
+def test_a_cancelled_large_request_drops_its_remaining_chunks():
+    sizes: list[int] = []
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        sizes.append(len(x))
+        return x
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(forward, max_batch_size=2, max_wait_us=0, executor=pool)
+
+        async def main() -> np.ndarray:
+            big = asyncio.ensure_future(batcher.infer(np.ones((1000, 1))))
+            await asyncio.sleep(0.01)
+            big.cancel()
+            return await batcher.infer(np.ones((1, 1)))
+
+        assert asyncio.run(main()).shape == (1, 1)
+    assert sum(sizes) < 1000
+
+
+def test_a_stream_of_small_requests_does_not_starve_a_large_one():
+    """Small requests filling whole batches still leave a split request every other batch."""
+    batches: list[list[float]] = []
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        batches.append(x[:, 0].tolist())
+        return x
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(forward, max_batch_size=2, max_wait_us=0, executor=pool)
+        answered: list[str] = []
+
+        async def ask(name: str, x: np.ndarray) -> None:
+            await batcher.infer(x)
+            answered.append(name)
+
+        async def main() -> None:
+            large = ask("large", np.arange(20, dtype=np.float32).reshape(20, 1))
+            small = [ask(f"small{i}", np.full((2, 1), -1.0)) for i in range(30)]
+            await asyncio.gather(large, *small)
+
+        asyncio.run(main())
+    assert answered.index("large") < 25  # 10 chunks, one every other batch
+    assert all(len(b) <= 2 for b in batches)

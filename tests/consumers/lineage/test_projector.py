@@ -105,7 +105,8 @@ def test_out_of_order_pieces_are_linked_when_they_arrive(store: LineageStore) ->
     why = LineageQueries(store).why("m", "v1")
     assert not why.known_version and why.decisions[0].actor == "bob"
     up = LineageQueries(store).upstream("m", "v1")
-    assert up.serving and up.run.run_id == "run-1" and up.run.status == "unknown"
+    # promoted, but no replica reported loading it: not serving
+    assert not up.serving and up.run.run_id == "run-1" and up.run.status == "unknown"
     # then the completion (before its start), the start, and the request
     projector.project([record(completed, 0, time=T0)])
     projector.project([record(started, 0, time=T0)])

@@ -141,13 +141,17 @@ def queries(store: LineageStore) -> LineageQueries:
 
 
 def test_which_version_served_when(queries: LineageQueries) -> None:
+    # Serving is what a replica loaded (deployment.updated), not the last promotion.
     assert queries.serving("m", at(5)) is None
-    assert queries.serving("m", at(6)) == "1"
-    assert queries.serving("m", at(9.9)) == "1"
-    assert queries.serving("m", at(10)) == "2"
+    assert queries.serving("m", at(6)) is None  # promoted, not loaded yet
+    assert queries.serving("m", at(6.5)) == "1"
+    assert queries.serving("m", at(10)) == "1"  # 2 promoted, 1 still serves
+    assert queries.serving("m", at(10.5)) == "2"
     assert queries.serving("m", at(15)) == "2"  # the rejection of 3 changes nothing
-    assert queries.serving("m", at(16)) == "1"  # rolled back
+    assert queries.serving("m", at(16)) == "2"  # rolled back, not reloaded yet
+    assert queries.serving("m", at(16.5)) == "1"
     assert queries.serving("m") == "1"
+    assert queries.replicas("m") == {"r1": "1"}
     kinds = [(d.kind, d.version, d.rollback) for d in queries.history("m")]
     assert kinds == [
         ("promoted", "1", False),
