@@ -220,6 +220,8 @@ def _inflate(data: bytes, coding: str, limit: int) -> bytes:
 
 #: The name of the bearer scheme in the documents' `securitySchemes`.
 BEARER = "bearer"
+#: pydantic's `ref_template` for a schema placed under the document's components.
+REF = "#/components/schemas/{model}"
 
 
 def document_api(
@@ -231,17 +233,22 @@ def document_api(
 ) -> dict[str, Any]:
     """Make a FastAPI OpenAPI document say what the app answers. Every error status an
     operation declares (and those `errors(method, path, operation)` adds) has the app's
-    `error_schema`, not FastAPI's validation body, which no handler answers. Bearer
+    `error_schema` (its `$defs` under components, so `ref_template` must point there), not
+    FastAPI's validation body, which no handler answers. Bearer
     security and a 401 are declared on exactly the operations `guarded(method, path)`
     (methods in upper case) says need the token; none when it is None (no token set)."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
+    error_schema = dict(error_schema)
+    schemas.update(error_schema.pop("$defs", {}))
     schemas["Error"] = error_schema
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     secured = False
     for path, item in doc.get("paths", {}).items():
         for method, operation in item.items():
+            for parameter in operation.get("parameters", []):
+                _not_null(parameter.get("schema", {}))
             operation.pop("security", None)
             responses = operation.setdefault("responses", {})
             statuses = set(errors(method.upper(), path, operation))
@@ -266,6 +273,17 @@ def document_api(
     else:
         doc["components"].pop("securitySchemes")
     return doc
+
+
+def _not_null(schema: dict[str, Any]) -> None:
+    """A parameter's `anyOf: [X, null]` (FastAPI's optional parameter) as X: a path,
+    query or header value is absent or a string, never null."""
+    options = schema.get("anyOf")
+    if options and len(options) == 2 and {"type": "null"} in options:
+        [kept] = [o for o in options if o != {"type": "null"}]
+        del schema["anyOf"]
+        for key, value in kept.items():
+            schema.setdefault(key, value)
 
 
 _REASONS = {

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import mlbus
 from mlbus.errors import MlbusError, UnknownModel
 from mlbus.http import (
+    REF,
     bearer_guard,
     check_length,
     counted,
@@ -567,7 +568,7 @@ def create_app(server: ModelServer) -> FastAPI:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-            extra = InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            extra = InferRequest.model_json_schema(ref_template=REF)
             schemas.update(extra.pop("$defs", {}))
             schemas["InferRequest"] = extra
             for item in doc["paths"].values():
@@ -581,7 +582,7 @@ def create_app(server: ModelServer) -> FastAPI:
                 else None
             )
             app.openapi_schema = document_api(
-                doc, error_schema=ErrorBody.model_json_schema(), guarded=guarded
+                doc, error_schema=ErrorBody.model_json_schema(ref_template=REF), guarded=guarded
             )
         return app.openapi_schema
 
