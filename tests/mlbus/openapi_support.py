@@ -5,6 +5,7 @@ schemathesis's report as the message."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def schemathesis(
         command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path, check=False
     )
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
+    tested = re.search(r"Tested:\s+(\d+)", done.stdout)
+    assert tested is not None and int(tested[1]) > 0, done.stdout[-5000:]
 
 
 @contextmanager

@@ -168,6 +168,7 @@ def test_a_zip_bomb_is_refused_at_the_limit_without_inflating_it():
         (gzip.compress(b"x") + b"junk", "gzip", UndecodableBody, "not valid gzip"),
         (zlib.compress(b"x") + b"junk", "deflate", UndecodableBody, "4 bytes follow"),
     ],
+    ids=["br", "not gzip", "truncated", "junk after gzip", "junk after deflate"],
 )
 def test_bodies_that_do_not_inflate_are_refused(body, encoding, error, fragment):
     with pytest.raises(error, match=fragment):
