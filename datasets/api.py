@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
@@ -50,6 +50,47 @@ def _tags(value: Any) -> dict[str, str]:
     return tags
 
 
+_FIELDS = {
+    "name": {"type": "string", "minLength": 1},
+    "label": {"type": "string", "description": "the label column"},
+    "tags": {"type": "string", "description": "key=value,... or a JSON object"},
+    "parents": {"type": "string", "description": "name@version,... it was derived from"},
+    "description": {"type": "string"},
+}
+#: The request body, as the route reads it (OpenAPI): an upload, or a URI the store reads.
+REGISTER_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file", "name"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary",
+                             "description": "parquet, csv or npz (by its file name)"},
+                    **_FIELDS,
+                },
+            }
+        },
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["uri", "name"],
+                "properties": {
+                    "uri": {"type": "string", "minLength": 1,
+                            "description": "an object in the configured store"},
+                    **_FIELDS,
+                },
+            }
+        },
+    },
+}  # fmt: skip
+
+
+#: A dataset name or version in a path: no `@` (it separates them), not only blanks.
+RefPart = Annotated[str, Path(pattern=r"^[^@]*[^@\s][^@]*$")]
+
+
 def create_router(
     registry: Callable[[], DatasetRegistry], limits: LimitsSettings | None = None
 ) -> APIRouter:
@@ -58,7 +99,17 @@ def create_router(
     unpacked = (limits or LimitsSettings()).max_archive_bytes
     router = APIRouter(prefix="/datasets", tags=["datasets"])
 
-    @router.post("", status_code=201, summary="Register a dataset version")
+    @router.post(
+        "",
+        status_code=201,
+        summary="Register a dataset version",
+        responses={
+            200: {"description": "Already registered: the same content under the same name"},
+            400: {},
+            404: {},
+        },
+        openapi_extra={"requestBody": REGISTER_BODY},
+    )
     async def register(request: Request) -> JSONResponse:
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
@@ -105,8 +156,12 @@ def create_router(
             for e in registry().versions()
         ]
 
-    @router.get("/{name}/{version}", summary="One dataset version (its dataset.created event)")
-    def get_version(name: str, version: str) -> dict[str, Any]:
+    @router.get(
+        "/{name}/{version}",
+        summary="One dataset version (its dataset.created event)",
+        responses={400: {}, 404: {}},
+    )
+    def get_version(name: RefPart, version: RefPart) -> dict[str, Any]:
         return registry().get(f"{name}@{version}").model_dump(mode="json", exclude_none=True)
 
     return router

@@ -38,6 +38,9 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   │                                parameters (also a LineageError)
     │   ├── InvalidInput            400  serving/errors.py: a tensor that does not fit the card
     │   ├── MalformedRequest        400  serving/errors.py: not JSON, or not an inference request
+    │   ├── UndecodableBody         400  http.py: a gzip or deflate body that does not inflate
+    │   │   └── UnsupportedEncoding 415  http.py: a Content-Encoding other than gzip, deflate or
+    │   │                                identity
     │   └── PayloadTooLarge         413  a request body over its limit (api.max_body_bytes,
     │       │                            api.max_upload_bytes, serving.max_body_bytes)
     │       └── TooManyRows         413  serving/errors.py: more input rows than
@@ -97,9 +100,11 @@ __all__ = [
     "PayloadTooLarge",
     "TransientError",
     "Unauthorized",
+    "UndecodableBody",
     "UnknownDataset",
     "UnknownModel",
     "UnknownTopic",
+    "UnsupportedEncoding",
 ]
 
 
@@ -116,6 +121,16 @@ class PayloadTooLarge(Invalid):
     """A request body larger than the limit of the endpoint it was sent to."""
 
     status = 413
+
+
+class UndecodableBody(Invalid):
+    """A request body whose Content-Encoding cannot be undone: corrupt or truncated data."""
+
+
+class UnsupportedEncoding(UndecodableBody):
+    """A request body in a Content-Encoding the server does not read."""
+
+    status = 415
 
 
 class DeliveryError(TransientError):

@@ -2,8 +2,12 @@
 `MlbusError` with the status its class carries (mlbus/errors.py draws the tree), one
 bearer-token guard, and the body limit: a declared length checked before anything is read
 (`check_length`) and the bytes counted as they arrive (`counted`), which the model server's
-infer path and the control plane's `RequestGate` both use. Only API apps import this module:
-it is where the kernel needs FastAPI.
+infer path and the control plane's `RequestGate` both use. A compressed body
+(`Content-Encoding: gzip` or `deflate`) is inflated by `decode_content` under the same
+limit, counted on the inflated bytes.
+`document_api` makes an app's OpenAPI document say what these answer: the app's error
+body on every error status, bearer security only where the token is enforced. Only API
+apps import this module: it is where the kernel needs FastAPI.
 
 The JSON body names the problem's kind (the error's class name) and its message; its shape
 is the app's: the control plane's `{"error": {"type", "message"}}` (the default) or the
@@ -14,18 +18,26 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable, Collection, Mapping
-from typing import Annotated, Any
+import zlib
+from collections.abc import Callable, Collection, Iterable, Mapping
+from typing import Any
 
 import orjson
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlbus.errors import InvalidPath, MlbusError, PayloadTooLarge, Unauthorized
+from mlbus.errors import (
+    InvalidPath,
+    MlbusError,
+    PayloadTooLarge,
+    Unauthorized,
+    UndecodableBody,
+    UnsupportedEncoding,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +84,15 @@ def install_error_handlers(app: FastAPI, body: ErrorBody = nested_body) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         kind = _HTTP_KINDS.get(error.status_code, "HTTPError")
-        return respond(kind, str(error.detail), error.status_code, error.headers)
+        headers = error.headers
+        if error.status_code == 405:  # every route of the path, not only the first matched
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(app, request))}
+        return respond(kind, str(error.detail), error.status_code, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error serving %s %s", request.method, request.url.path)
         return respond("InternalError", f"{type(error).__name__}: {error}", 500)
-
-
-# Module level: FastAPI resolves a dependency's (string) annotations in its module's scope.
-_bearer = HTTPBearer(auto_error=False, description="the API token (MLBUS_API_TOKEN)")
 
 
 def _authorized(header: str | None, expected: bytes) -> bool:
@@ -98,22 +109,29 @@ def bearer_guard(
 ) -> Callable[..., None]:
     """A FastAPI dependency: with `token` set, a request whose method is not in
     `open_methods` needs `Authorization: Bearer <token>` or is refused with `Unauthorized`;
-    with no token, everything is open."""
+    with no token, everything is open. It declares nothing in OpenAPI: `document_api` does,
+    on the operations that really need the token."""
     expected = token.encode() if token else None
     refusal = message or "this endpoint needs 'Authorization: Bearer <MLBUS_API_TOKEN>'"
     methods = frozenset(open_methods)
 
-    def guard(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> None:
+    def guard(request: Request) -> None:
         if expected is None or request.method in methods:
             return
-        given = credentials.credentials if credentials is not None else ""
-        if not _authorized(f"Bearer {given}", expected):
+        if not _authorized(request.headers.get("authorization"), expected):
             raise Unauthorized(refusal)
 
     return guard
+
+
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """The methods some route of `app` answers on the request's path (RFC 9110's `Allow`)."""
+    path = request.scope.get("path", "")
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.methods and route.path_regex.fullmatch(path):
+            methods |= route.methods
+    return sorted(methods)
 
 
 # -- limits on what a request may send ------------------------------------------------------
@@ -148,6 +166,137 @@ def counted(receive: Receive, limit: int) -> Receive:
         return message
 
     return receive_counted
+
+
+#: zlib's window bits for each content coding (RFC 9110): gzip, and "deflate", which is the
+#: zlib format (some clients send raw deflate: tried when the zlib header is missing).
+_CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decode_content(body: bytes, encoding: bytes | str | None, limit: int) -> bytes:
+    """`body` with its `Content-Encoding` undone; `PayloadTooLarge` as soon as the inflated
+    bytes exceed `limit` (a few kilobytes of gzip can inflate to gigabytes: zlib is never
+    asked for more than the limit), `UnsupportedEncoding` for a coding other than gzip,
+    deflate or identity, `UndecodableBody` for data that does not inflate."""
+    if not encoding:
+        return body
+    text = encoding.decode("latin-1") if isinstance(encoding, bytes) else encoding
+    codings = [c.strip().lower() for c in text.split(",") if c.strip()]
+    for coding in reversed(codings):  # listed in the order they were applied
+        if coding == "identity":
+            continue
+        if coding not in _CODINGS:
+            raise UnsupportedEncoding(
+                f"Content-Encoding {coding!r} is not supported: send gzip, deflate or identity"
+            )
+        body = _inflate(body, coding, limit)
+    return body
+
+
+def _inflate(data: bytes, coding: str, limit: int) -> bytes:
+    wbits = _CODINGS[coding]
+    out = bytearray()
+    while True:  # a gzip body may hold several members, one after the other
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out += inflater.decompress(data, limit + 1 - len(out))
+        except zlib.error as e:
+            if coding == "deflate" and wbits > 0 and not out:
+                wbits = -zlib.MAX_WBITS  # raw deflate, without the zlib header
+                continue
+            raise UndecodableBody(f"the body is not valid {coding} data: {e}") from None
+        if len(out) > limit:
+            raise PayloadTooLarge(f"request body inflates to more than {limit} bytes")
+        if not inflater.eof:
+            raise UndecodableBody(f"the {coding} body is truncated")
+        data = inflater.unused_data
+        if not data or coding == "deflate":
+            if data:
+                raise UndecodableBody(f"{len(data)} bytes follow the end of the {coding} data")
+            return bytes(out)
+
+
+# -- what an app's OpenAPI document says ----------------------------------------------------
+
+#: The name of the bearer scheme in the documents' `securitySchemes`.
+BEARER = "bearer"
+#: pydantic's `ref_template` for a schema placed under the document's components.
+REF = "#/components/schemas/{model}"
+
+
+def document_api(
+    doc: dict[str, Any],
+    *,
+    error_schema: dict[str, Any],
+    guarded: Callable[[str, str], bool] | None = None,
+    errors: Callable[[str, str, dict[str, Any]], Iterable[int]] = lambda m, p, op: (),
+) -> dict[str, Any]:
+    """Make a FastAPI OpenAPI document say what the app answers. Every error status an
+    operation declares (and those `errors(method, path, operation)` adds) has the app's
+    `error_schema` (its `$defs` under components, so `ref_template` must point there), not
+    FastAPI's validation body, which no handler answers. Bearer
+    security and a 401 are declared on exactly the operations `guarded(method, path)`
+    (methods in upper case) says need the token; none when it is None (no token set)."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    error_schema = dict(error_schema)
+    schemas.update(error_schema.pop("$defs", {}))
+    schemas["Error"] = error_schema
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    secured = False
+    for path, item in doc.get("paths", {}).items():
+        for method, operation in item.items():
+            for parameter in operation.get("parameters", []):
+                _not_null(parameter.get("schema", {}))
+            operation.pop("security", None)
+            responses = operation.setdefault("responses", {})
+            statuses = set(errors(method.upper(), path, operation))
+            if guarded is not None and guarded(method.upper(), path):
+                operation["security"] = [{BEARER: []}]
+                statuses.add(401)
+                secured = True
+            for status in statuses:
+                responses.setdefault(str(status), {})
+            for code, response in responses.items():
+                if code[0] in "45":
+                    response["content"] = error
+                    response["description"] = _REASONS.get(code, response.get("description", ""))
+    schemes = doc["components"].setdefault("securitySchemes", {})
+    schemes.clear()
+    if secured:
+        schemes[BEARER] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "the API token (MLBUS_API_TOKEN)",
+        }
+    else:
+        doc["components"].pop("securitySchemes")
+    return doc
+
+
+def _not_null(schema: dict[str, Any]) -> None:
+    """A parameter's `anyOf: [X, null]` (FastAPI's optional parameter) as X: a path,
+    query or header value is absent or a string, never null."""
+    options = schema.get("anyOf")
+    if options and len(options) == 2 and {"type": "null"} in options:
+        [kept] = [o for o in options if o != {"type": "null"}]
+        del schema["anyOf"]
+        for key, value in kept.items():
+            schema.setdefault(key, value)
+
+
+_REASONS = {
+    "400": "Bad request: the error names the problem",
+    "401": "Without 'Authorization: Bearer <token>'",
+    "404": "Not found",
+    "409": "Conflicts with the current state",
+    "413": "The request body exceeds its limit",
+    "415": "A Content-Encoding other than gzip, deflate or identity",
+    "422": "A parameter or body that does not validate",
+    "500": "A version that cannot be served",
+    "503": "Not ready, or the broker or store is out of reach: try again (Retry-After)",
+}
 
 
 class RequestGate:

@@ -3,8 +3,10 @@ metadata, infer, versioned infer), the OIP model-repository control endpoints (b
 when `api_token` is set), and `/metrics` for Prometheus.
 
 Every refusal is a 4xx with the OIP error body `{"error": message, "type": kind}`; the
-infer body is read with a size limit and parsed with orjson (serving/tensors.py), not by
-FastAPI's validation, and the OpenAPI document describes it from the models below.
+infer body is read with a size limit (on its inflated size when it comes gzip- or
+deflate-encoded) and parsed with orjson (serving/tensors.py), not by FastAPI's validation,
+and the OpenAPI document describes it from the models below. Tensors may come and go as
+JSON or as binary data after it (the binary tensor extension, tritonclient's default).
 
 `POST .../infer` is answered by a plain ASGI middleware (`InferFastPath`) ahead of FastAPI's
 routing, request objects and dependency resolution, a large share of the event loop's time
@@ -19,7 +21,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -30,14 +32,33 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import mlbus
 from mlbus.errors import MlbusError, UnknownModel
-from mlbus.http import bearer_guard, check_length, counted, header, install_error_handlers
+from mlbus.http import (
+    REF,
+    bearer_guard,
+    check_length,
+    counted,
+    decode_content,
+    document_api,
+    header,
+    install_error_handlers,
+)
 from mlbus.schemas.envelope import new_event_id
 from mlbus.serving.errors import NotReady, VerificationFailed
 from mlbus.serving.registry import Deployment
 from mlbus.serving.server import ModelServer
-from mlbus.serving.tensors import decode_request, dumps, outputs, parse_body
+from mlbus.serving.tensors import decode_request, dumps, encode_response, outputs, parse_body
 
 # -- documented shapes (OpenAPI); requests are parsed by serving/tensors.py ----------------
+
+
+class InputParameters(BaseModel):
+    binary_data_size: int | None = Field(
+        default=None,
+        ge=0,
+        description="binary tensor extension: the tensor's values are this many bytes after "
+        "the JSON object (little-endian, row-major); the request then has the header "
+        "Inference-Header-Content-Length (the JSON object's length)",
+    )
 
 
 class TensorIn(BaseModel):
@@ -58,11 +79,30 @@ class TensorIn(BaseModel):
         "UINT32",
         "UINT64",
     ]
-    data: list[float] = Field(description="row-major flat values; finite numbers only")
+    data: list[float] | None = Field(
+        default=None,
+        description="row-major flat values, finite numbers only; absent when the values "
+        "come as binary data after the JSON object (parameters.binary_data_size)",
+    )
+    parameters: InputParameters | None = None
+
+
+class OutputParameters(BaseModel):
+    binary_data: bool | None = Field(
+        default=None, description="answer this output as binary data after the JSON object"
+    )
 
 
 class OutputRequest(BaseModel):
     name: Literal["label", "probabilities"]
+    parameters: OutputParameters | None = None
+
+
+class RequestParameters(BaseModel):
+    binary_data_output: bool | None = Field(
+        default=None,
+        description="answer every output without its own binary_data parameter as binary data",
+    )
 
 
 class InferRequest(BaseModel):
@@ -73,13 +113,21 @@ class InferRequest(BaseModel):
     )
     inputs: list[TensorIn] = Field(min_length=1, max_length=1)
     outputs: list[OutputRequest] | None = Field(default=None, description="default: both")
+    parameters: RequestParameters | None = None
+
+
+class OutputParametersOut(BaseModel):
+    binary_data_size: int = Field(description="the output's bytes after the JSON object")
 
 
 class TensorOut(BaseModel):
     name: Literal["label", "probabilities"]
     shape: list[int]
     datatype: Literal["BYTES", "FP32"]
-    data: list[float | str]
+    data: list[float | str] | None = Field(
+        default=None, description="absent when the output is answered as binary data"
+    )
+    parameters: OutputParametersOut | None = None
 
 
 class InferResponse(BaseModel):
@@ -125,6 +173,12 @@ class Ready(BaseModel):
     ready: bool
 
 
+class ModelReady(BaseModel):
+    name: str
+    version: str | None = Field(default=None, description="for a version's ready endpoint")
+    ready: bool
+
+
 class RepositoryEntry(BaseModel):
     name: str
     version: str
@@ -132,8 +186,22 @@ class RepositoryEntry(BaseModel):
     reason: str = ""
 
 
+def control_route(method: str, path: str) -> bool:
+    """Whether an operation is a control endpoint (the bearer token, when set)."""
+    return path.startswith("/v2/repository/")
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorBody} for s in statuses}
+
+
+BINARY_BODY = {"type": "string", "format": "binary"}
+JSON_LENGTH_HEADER = {
+    "description": "with binary outputs (application/octet-stream): the length of the JSON "
+    "object the outputs' binary data follows",
+    "schema": {"type": "integer", "minimum": 0},
+}
+RETRY_AFTER_HEADER = {"description": "seconds to wait", "schema": {"type": "integer"}}
 
 
 def oip_body(kind: str, message: str) -> dict[str, Any]:
@@ -143,11 +211,6 @@ def oip_body(kind: str, message: str) -> dict[str, Any]:
 
 def error_body(error: MlbusError) -> bytes:
     return dumps(oip_body(type(error).__name__, str(error)))
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit` bytes."""
-    return await receive_body(request.scope, request.receive, limit)
 
 
 class ClientGone(Exception):
@@ -169,17 +232,48 @@ async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+class Payload(NamedTuple):
+    """An infer request's body, inflated, and its `Inference-Header-Content-Length`."""
+
+    content: bytes
+    json_length: bytes | None = None
+
+
+async def receive_payload(scope: Scope, receive: Receive, limit: int) -> Payload:
+    """The body (`receive_body`) with its Content-Encoding undone, the inflated size under
+    the same limit, and the binary tensor extension's header."""
+    raw = await receive_body(scope, receive, limit)
+    content = decode_content(raw, header(scope, b"content-encoding"), limit)
+    return Payload(content, header(scope, b"inference-header-content-length"))
+
+
+class Answer(NamedTuple):
+    """An infer answer: its status, body and, when binary data follows the JSON object,
+    that object's length."""
+
+    status: int
+    body: bytes
+    json_length: int | None = None
+
+
 #: The OIP infer routes: /v2/models/{name}/infer and /v2/models/{name}/versions/{v}/infer.
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
-Infer = Callable[[str, str | None, Callable[[], Awaitable[bytes]]], Awaitable[tuple[int, bytes]]]
+Infer = Callable[[str, str | None, Callable[[], Awaitable[Payload]]], Awaitable[Answer]]
 _JSON = (b"content-type", b"application/json")
+_BINARY = (b"content-type", b"application/octet-stream")
+#: The binary tensor extension's header: the length of the JSON object that binary data
+#: follows (request and response).
+JSON_LENGTH = "Inference-Header-Content-Length"
 #: Seconds a client is asked to wait before trying again after a 503 (the model is loading,
 #: or the server is catching up with model.promoted).
 RETRY_AFTER = 1
 
 
-def headers_of(status: int) -> list[tuple[bytes, bytes]]:
-    """The headers of an infer answer besides its length: JSON, and `Retry-After` on a 503."""
+def headers_of(status: int, json_length: int | None = None) -> list[tuple[bytes, bytes]]:
+    """The headers of an infer answer besides its length: JSON (or binary data after the
+    JSON object, with its length), and `Retry-After` on a 503."""
+    if json_length is not None:
+        return [_BINARY, (JSON_LENGTH.lower().encode(), b"%d" % json_length)]
     if status == 503:
         return [_JSON, (b"retry-after", b"%d" % RETRY_AFTER)]
     return [_JSON]
@@ -206,16 +300,17 @@ class InferFastPath:
         if match is None:
             return await self.app(scope, receive, send)
         try:
-            status, body = await self.infer(
-                match[1], match[2], lambda: receive_body(scope, receive, self.limit)
+            status, body, json_length = await self.infer(
+                match[1], match[2], lambda: receive_payload(scope, receive, self.limit)
             )
         except ClientGone:
             return
+        headers = headers_of(status, json_length)
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [*headers_of(status), (b"content-length", b"%d" % len(body))],
+                "headers": [*headers, (b"content-length", b"%d" % len(body))],
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -275,16 +370,23 @@ def create_app(server: ModelServer) -> FastAPI:
         return {
             "name": "mlbus",
             "version": mlbus.__version__,
-            "extensions": ["model_repository", "kafka_inference", "metrics"],
+            "extensions": ["binary_tensor_data", "model_repository", "kafka_inference", "metrics"],
         }
 
+    # HEAD as well: probes and load balancers ask for the status alone.
+    @app.head("/v2/health/live", response_model=Live, tags=["oip"])
     @app.get("/v2/health/live", response_model=Live, tags=["oip"])
     def live() -> dict[str, bool]:
         return {"live": True}
 
-    @app.get(
-        "/v2/health/ready", response_model=Ready, tags=["oip"], responses={503: {"model": Ready}}
-    )
+    ready_doc: dict[str, Any] = {
+        "response_model": Ready,
+        "tags": ["oip"],
+        "responses": {503: {"model": Ready, "description": "Not caught up yet"}},
+    }
+
+    @app.head("/v2/health/ready", **ready_doc)
+    @app.get("/v2/health/ready", **ready_doc)
     def ready() -> Response:
         """Ready once caught up with `model.promoted`: each model serves the newest version
         that loads, and what cannot load is reported failed (deployment.updated)."""
@@ -306,35 +408,43 @@ def create_app(server: ModelServer) -> FastAPI:
     def version_metadata(name: str, version: str) -> dict[str, Any]:
         return model_metadata(name, [server.registry.get(name, version)])
 
-    @app.get("/v2/models/{name}/ready", response_model=Ready, tags=["oip"], responses=_errors(404))
-    def model_ready(name: str) -> dict[str, bool]:
-        server.registry.slot(name)
-        return {"ready": True}
-
     @app.get(
-        "/v2/models/{name}/versions/{version}/ready",
-        response_model=Ready,
+        "/v2/models/{name}/ready",
+        response_model=ModelReady,
+        response_model_exclude_none=True,
         tags=["oip"],
         responses=_errors(404),
     )
-    def version_ready(name: str, version: str) -> dict[str, bool]:
+    def model_ready(name: str) -> dict[str, Any]:
+        server.registry.slot(name)
+        return {"name": name, "ready": True}
+
+    @app.get(
+        "/v2/models/{name}/versions/{version}/ready",
+        response_model=ModelReady,
+        tags=["oip"],
+        responses=_errors(404),
+    )
+    def version_ready(name: str, version: str) -> dict[str, Any]:
         server.registry.get(name, version)
-        return {"ready": True}
+        return {"name": name, "version": version, "ready": True}
 
     # -- inference -------------------------------------------------------------------------
 
     async def infer(
-        name: str, version: str | None, read: Callable[[], Awaitable[bytes]]
-    ) -> tuple[int, bytes]:
-        """One inference request: its status and JSON body (`read` reads the request body)."""
+        name: str, version: str | None, read: Callable[[], Awaitable[Payload]]
+    ) -> Answer:
+        """One inference request: its status and body (`read` reads the request body)."""
         started = time.perf_counter()
         deployment = x = request_id = None
         try:
-            doc = parse_body(await read())
+            payload = await read()
+            doc, binary = parse_body(payload.content, payload.json_length)
             deployment = server.deployment(name, version)
             decoded = decode_request(
                 doc,
                 deployment,
+                binary,
                 max_rows=server.config.max_rows_per_request,
                 max_id_bytes=server.config.max_request_id_bytes,
             )
@@ -345,21 +455,24 @@ def create_app(server: ModelServer) -> FastAPI:
             )
         except MlbusError as e:  # a refusal (unknown model, bad input, too large, not ready)
             server.failed(name, "http", type(e).__name__, started, deployment, x, e, request_id)
-            return e.status, error_body(e)
+            return Answer(e.status, error_body(e))
         tensors, _ = outputs(
             answer.deployment, answer.probabilities, decoded.outputs, answer.labels
         )
-        body = {
+        doc = {
             "model_name": name,
             "model_version": answer.deployment.version,
             "id": request_id,
             "outputs": tensors,
         }
-        return 200, dumps(body)
+        return Answer(200, *encode_response(doc, decoded.binary))
+
+    async def read_payload(request: Request) -> Payload:
+        return await receive_payload(request.scope, request.receive, limit)
 
     async def infer_route(name: str, version: str | None, request: Request) -> Response:
-        status, body = await infer(name, version, lambda: read_body(request, limit))
-        headers = {k.decode(): v.decode() for k, v in headers_of(status)}
+        status, body, json_length = await infer(name, version, lambda: read_payload(request))
+        headers = {k.decode(): v.decode() for k, v in headers_of(status, json_length)}
         return Response(body, status_code=status, headers=headers)
 
     app.add_middleware(InferFastPath, infer=infer, limit=limit)
@@ -367,10 +480,21 @@ def create_app(server: ModelServer) -> FastAPI:
     infer_doc: dict[str, Any] = {
         "response_model": InferResponse,
         "tags": ["oip"],
-        "responses": _errors(400, 404, 413, 503),
+        "responses": {
+            200: {
+                "description": "The outputs: JSON, or JSON followed by binary data",
+                "content": {"application/octet-stream": {"schema": BINARY_BODY}},
+                "headers": {JSON_LENGTH: JSON_LENGTH_HEADER},
+            },
+            **_errors(400, 404, 413, 415),
+            503: {"model": ErrorBody, "headers": {"Retry-After": RETRY_AFTER_HEADER}},
+        },
         "openapi_extra": {
             "requestBody": {
                 "required": True,
+                "description": "The request as JSON; with the header "
+                "Inference-Header-Content-Length, binary tensor data follows the JSON object "
+                "(application/octet-stream). Content-Encoding gzip or deflate is accepted.",
                 "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}
                 },
@@ -395,7 +519,6 @@ def create_app(server: ModelServer) -> FastAPI:
         response_model=list[RepositoryEntry],
         tags=["control"],
         dependencies=[Depends(control)],
-        responses=_errors(401),
     )
     def repository_index() -> list[dict[str, Any]]:
         out = []
@@ -411,7 +534,7 @@ def create_app(server: ModelServer) -> FastAPI:
         response_model=ModelMetadata,
         tags=["control"],
         dependencies=[Depends(control)],
-        responses=_errors(401, 404, 500, 503),
+        responses=_errors(404, 500, 503),
     )
     def repository_load(name: str) -> dict[str, Any]:
         """Load the model's champion as `model.promoted` has it now (after an unload)."""
@@ -432,7 +555,7 @@ def create_app(server: ModelServer) -> FastAPI:
         "/v2/repository/models/{name}/unload",
         tags=["control"],
         dependencies=[Depends(control)],
-        responses=_errors(401, 404),
+        responses=_errors(404),
     )
     def repository_unload(name: str) -> dict[str, Any]:
         """Stop serving the model on this replica (until it is loaded or promoted again)."""
@@ -457,10 +580,22 @@ def create_app(server: ModelServer) -> FastAPI:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-            extra = InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            extra = InferRequest.model_json_schema(ref_template=REF)
             schemas.update(extra.pop("$defs", {}))
             schemas["InferRequest"] = extra
-            app.openapi_schema = doc
+            for item in doc["paths"].values():
+                for operation in item.values():
+                    # The parameters are path strings and the infer body is parsed by
+                    # serving/tensors.py (400): nothing here answers FastAPI's 422.
+                    operation.get("responses", {}).pop("422", None)
+            guarded = (
+                (lambda method, path: path.startswith("/v2/repository/"))
+                if server.api_token
+                else None
+            )
+            app.openapi_schema = document_api(
+                doc, error_schema=ErrorBody.model_json_schema(ref_template=REF), guarded=guarded
+            )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema

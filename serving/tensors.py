@@ -5,6 +5,12 @@ forward pass's probabilities become the `label` and `probabilities` outputs.
 The flat `data` list becomes an array in C, with no Python loop over its elements (packed as
 doubles by `struct`: three times faster than `np.array(list)`, which first walks the list to
 discover its shape); orjson writes the probabilities straight from the numpy array.
+
+The binary tensor extension (what tritonclient sends by default): the JSON object is the
+first `Inference-Header-Content-Length` bytes of the body, an input with the parameter
+`binary_data_size` has its values after it, little-endian and row-major; an output is
+answered the same way when its `binary_data` parameter (or the request's
+`binary_data_output`) says so, a BYTES element as a 4-byte length and its UTF-8 bytes.
 """
 
 from __future__ import annotations
@@ -44,6 +50,22 @@ def show(value: Any) -> str:
     return text if len(text) <= SHOWN else text[: SHOWN - 1] + "…"
 
 
+#: The numpy type of each datatype's binary data: little-endian, its native size.
+BINARY_DTYPES: dict[str, np.dtype[Any]] = {
+    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+    "INT8": np.dtype("i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"),
+}  # fmt: skip
+#: The binary tensor extension's parameters: the size of a tensor's binary data (input and
+#: response output), an output's choice, and the request's default for every output.
+BINARY_DATA_SIZE, BINARY_DATA, BINARY_DATA_OUTPUT = (
+    "binary_data_size",
+    "binary_data",
+    "binary_data_output",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """A decoded inference request: the input rows and what to answer."""
@@ -51,28 +73,51 @@ class Request:
     id: str | None
     x: np.ndarray  # float32 [rows, features], finite
     outputs: tuple[str, ...]
+    #: The outputs to answer as binary data (binary tensor extension).
+    binary: frozenset[str] = frozenset()
 
 
-def parse_body(body: bytes) -> dict[str, Any]:
+def parse_body(
+    body: bytes, header_length: bytes | str | None = None
+) -> tuple[dict[str, Any], bytes]:
+    """The request's JSON object and the binary data after it: with `header_length` (the
+    `Inference-Header-Content-Length` header), the JSON is that many first bytes."""
+    binary = b""
+    if header_length is not None:
+        text = (
+            header_length.decode("latin-1") if isinstance(header_length, bytes) else header_length
+        )
+        if not text.strip().isdigit() or int(text) > len(body):
+            raise MalformedRequest(
+                f"Inference-Header-Content-Length {text!r} is not a length within the body's "
+                f"{len(body)} bytes"
+            )
+        body, binary = body[: int(text)], body[int(text) :]
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise MalformedRequest(f"the body is not valid JSON: {e}") from None
+        hint = (
+            ""
+            if header_length is not None
+            else (" (binary tensor data needs the Inference-Header-Content-Length header)")
+        )
+        raise MalformedRequest(f"the body is not valid JSON: {e}{hint}") from None
     if not isinstance(doc, dict):
         raise MalformedRequest("the body must be a JSON object with an 'inputs' list")
-    return doc
+    return doc, binary
 
 
 def decode_request(
     doc: Mapping[str, Any],
     deployment: Deployment,
+    binary: bytes = b"",
     *,
     max_rows: int | None = None,
     max_id_bytes: int | None = None,
 ) -> Request:
-    """Check an OIP request object against the deployment's card; `InvalidInput`,
-    `MalformedRequest` or `TooManyRows` (each naming the input, field or limit) if it does
-    not fit."""
+    """Check an OIP request object (and the binary data after it) against the deployment's
+    card; `InvalidInput`, `MalformedRequest` or `TooManyRows` (each naming the input, field
+    or limit) if it does not fit."""
     request_id = doc.get("id")
     if request_id is not None:
         if not isinstance(request_id, str):
@@ -82,22 +127,32 @@ def decode_request(
     if not isinstance(inputs, list) or not inputs:
         raise MalformedRequest("'inputs' must be a non-empty list of tensors")
     if len(inputs) != 1:
-        names = [i.get("name") if isinstance(i, dict) else None for i in inputs[:SHOWN]]
-        raise InvalidInput(
-            f"model {deployment.name} takes one input {INPUT!r}, got {len(inputs)}: {show(names)}"
-        )
+        names = [i.get("name") if isinstance(i, dict) else None for i in inputs]
+        raise InvalidInput(f"model {deployment.name} takes one input {INPUT!r}, got {names}")
     tensor = inputs[0]
     if not isinstance(tensor, dict):
         raise MalformedRequest("each input must be an object with name, shape, datatype, data")
-    x = to_array(
-        deployment,
-        tensor.get("name"),
-        tensor.get("shape"),
-        tensor.get("datatype"),
-        tensor.get("data"),
-        max_rows=max_rows,
-    )
-    return Request(request_id, x, requested_outputs(doc.get("outputs")))
+    name, shape, datatype = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
+    size = _parameter(tensor, BINARY_DATA_SIZE, int, f"input {show(name)}")
+    if size is None:
+        if binary:
+            raise MalformedRequest(
+                f"{len(binary)} bytes follow the JSON object, but no input has the parameter "
+                f"{BINARY_DATA_SIZE!r}"
+            )
+        x = to_array(deployment, name, shape, datatype, tensor.get("data"), max_rows=max_rows)
+    else:
+        if size != len(binary):
+            raise MalformedRequest(
+                f"input {show(name)}: {BINARY_DATA_SIZE} is {size}, but {len(binary)} bytes of "
+                "binary data follow the JSON object"
+            )
+        if "data" in tensor:
+            raise MalformedRequest(f"input {show(name)} has both 'data' and {BINARY_DATA_SIZE!r}")
+        x = from_binary(deployment, name, shape, datatype, binary, max_rows=max_rows)
+    default = _parameter(doc, BINARY_DATA_OUTPUT, bool, "the request") or False
+    wanted, binary_outputs = requested_outputs(doc.get("outputs"), default)
+    return Request(request_id, x, wanted, binary_outputs)
 
 
 def check_request_id(request_id: str, limit: int | None) -> None:
@@ -112,9 +167,33 @@ def check_request_id(request_id: str, limit: int | None) -> None:
         )
 
 
-def requested_outputs(outputs: Any) -> tuple[str, ...]:
+def _parameter(obj: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    """A parameter of a request, input or output object (None when absent), of `kind`."""
+    parameters = obj.get("parameters")
+    if parameters is None:
+        return None
+    if not isinstance(parameters, dict):
+        raise MalformedRequest(f"{where}: 'parameters' must be an object")
+    value: Any = parameters.get(key)
+    if value is None:
+        return None
+    if kind is bool:
+        wrong = not isinstance(value, bool)
+    else:  # bool is an int to Python, not to JSON: a size of `true` is refused
+        wrong = not isinstance(value, int) or isinstance(value, bool) or value < 0
+    if wrong:
+        raise MalformedRequest(f"{where}: parameter {key!r} must be a {_KIND_NAMES[kind]}")
+    return value
+
+
+_KIND_NAMES = {int: "non-negative integer", bool: "boolean"}
+
+
+def requested_outputs(outputs: Any, binary: bool = False) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The outputs to answer, and those to answer as binary data (`binary`: the default of
+    an output without the `binary_data` parameter)."""
     if outputs is None:
-        return OUTPUTS
+        return OUTPUTS, frozenset(OUTPUTS) if binary else frozenset()
     if not isinstance(outputs, list) or not all(
         isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
     ):
@@ -123,20 +202,18 @@ def requested_outputs(outputs: Any) -> tuple[str, ...]:
     unknown = [n for n in names if n not in OUTPUTS]
     if unknown:
         raise InvalidInput(f"unknown output {show(unknown[0])}; outputs are {', '.join(OUTPUTS)}")
-    return names or OUTPUTS
+    chosen = {o["name"]: _parameter(o, BINARY_DATA, bool, f"output {o['name']!r}") for o in outputs}
+    as_binary = frozenset(n for n, b in chosen.items() if (binary if b is None else b))
+    if not names:
+        return OUTPUTS, frozenset(OUTPUTS) if binary else frozenset()
+    return names, as_binary
 
 
-def to_array(
-    deployment: Deployment,
-    name: Any,
-    shape: Any,
-    datatype: Any,
-    data: Any,
-    *,
-    max_rows: int | None = None,
-) -> np.ndarray:
-    """The input tensor as float32 [rows, features], checked against the model card (and
-    `max_rows`, before its data is read)."""
+def _check_tensor(
+    deployment: Deployment, name: Any, shape: Any, datatype: Any, max_rows: int | None
+) -> tuple[int, int]:
+    """The rows and columns of an input tensor whose name, datatype and shape fit the card
+    (and `max_rows`, checked before its data is read)."""
     n = deployment.n_features
     where = f"input {show(name)}"
     if name != INPUT:
@@ -164,6 +241,22 @@ def to_array(
         )
     if rows == 0:
         raise InvalidInput(f"{where}: empty batch (shape {shape})")
+    return rows, cols
+
+
+def to_array(
+    deployment: Deployment,
+    name: Any,
+    shape: Any,
+    datatype: Any,
+    data: Any,
+    *,
+    max_rows: int | None = None,
+) -> np.ndarray:
+    """The input tensor as float32 [rows, features], checked against the model card (and
+    `max_rows`, before its data is read)."""
+    rows, cols = _check_tensor(deployment, name, shape, datatype, max_rows)
+    where = f"input {show(name)}"
     if not isinstance(data, list):
         raise InvalidInput(f"{where}: data must be a list of numbers")
     array = float64(data, f"{where}: data must hold only numbers (datatype {datatype})")
@@ -171,8 +264,39 @@ def to_array(
         raise InvalidInput(
             f"{where}: data has {array.size} values, shape {shape} needs {rows * cols}"
         )
+    return _float32(array, rows, cols, datatype, where)
+
+
+def from_binary(
+    deployment: Deployment,
+    name: Any,
+    shape: Any,
+    datatype: Any,
+    data: bytes,
+    *,
+    max_rows: int | None = None,
+) -> np.ndarray:
+    """An input tensor sent as binary data, as float32 [rows, features]: the same checks
+    as `to_array` (an integer type's bytes cannot be out of its range; a float's can be NaN
+    or infinite)."""
+    rows, cols = _check_tensor(deployment, name, shape, datatype, max_rows)
+    dtype = BINARY_DTYPES[datatype]
+    if len(data) != rows * cols * dtype.itemsize:
+        raise InvalidInput(
+            f"input {show(name)}: {len(data)} bytes of binary data, shape {shape} of {datatype} "
+            f"needs {rows * cols * dtype.itemsize}"
+        )
+    array = np.frombuffer(data, dtype=dtype).astype(np.float64)
+    return _float32(array, rows, cols, datatype, f"input {show(name)}")
+
+
+def _float32(array: np.ndarray, rows: int, cols: int, datatype: str, where: str) -> np.ndarray:
+    """`array` (float64, the values as sent) as float32 [rows, features], refused if a value
+    is NaN, infinite, not of its integer datatype, or beyond its float datatype's range."""
     with np.errstate(over="ignore"):  # overflow is reported just below, as a 400
         x = array.reshape(rows, cols).astype(np.float32)
+        if datatype == "FP16":  # the values the client declared: FP16's, rounded or infinite
+            x = x.astype(np.float16).astype(np.float32)
     # One check on the common path (finite in FP32, so finite in the input); the input is
     # looked at again only to say why a tensor is refused.
     finite = bool(np.isfinite(x).all())
@@ -183,7 +307,8 @@ def to_array(
         if not (np.floor(array) == array).all() or array.min() < low or array.max() > high:
             raise InvalidInput(f"{where}: data does not fit datatype {datatype}")
     if not finite:
-        raise InvalidInput(f"{where}: data exceeds the FP32 range")
+        limit = "FP16" if datatype == "FP16" else "FP32"
+        raise InvalidInput(f"{where}: data exceeds the {limit} range")
     return x
 
 
@@ -231,3 +356,31 @@ def outputs(
 
 def dumps(doc: Any) -> bytes:
     return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def encode_response(
+    doc: dict[str, Any], binary: frozenset[str] = frozenset()
+) -> tuple[bytes, int | None]:
+    """The body of an infer answer, and the length of its JSON object when outputs follow
+    it as binary data (`Inference-Header-Content-Length`; None for plain JSON). The
+    outputs named in `binary` lose their `data` for a `binary_data_size` parameter."""
+    chunks: list[bytes] = []
+    if binary:
+        for tensor in doc["outputs"]:
+            if tensor["name"] in binary:
+                raw = to_bytes(tensor["datatype"], tensor.pop("data"))
+                tensor["parameters"] = {BINARY_DATA_SIZE: len(raw)}
+                chunks.append(raw)
+    head = dumps(doc)
+    if not chunks:
+        return head, None
+    return b"".join([head, *chunks]), len(head)
+
+
+def to_bytes(datatype: str, data: Any) -> bytes:
+    """A tensor's values as binary data: BYTES elements each a 4-byte little-endian length
+    and the UTF-8 bytes, numbers little-endian in their datatype's size."""
+    if datatype == "BYTES":
+        encoded = [str(v).encode() for v in data]
+        return b"".join(struct.pack("<I", len(e)) + e for e in encoded)
+    return np.ascontiguousarray(data, dtype=BINARY_DTYPES[datatype]).tobytes()

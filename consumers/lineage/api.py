@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 
@@ -28,6 +28,27 @@ from mlbus.consumers.lineage.queries import LineageQueries, parse_time
 from mlbus.consumers.lineage.store import LineageStore
 
 Format = Literal["json", "dot", "mermaid"]
+AsOf = Annotated[
+    str | None,
+    Query(
+        description="what was known at this time (ISO 8601; naive times are UTC)",
+        json_schema_extra={"format": "date-time"},
+    ),
+]
+#: What a graph route answers, by its `format`.
+GRAPH: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The graph: JSON, DOT (format=dot) or Mermaid (format=mermaid)",
+        "content": {
+            "text/vnd.graphviz": {"schema": {"type": "string"}},
+            "text/plain": {"schema": {"type": "string"}},
+        },
+    },
+    404: {},
+    422: {},
+}
+#: Unknown names (404), a bad as_of (422).
+ERRORS: dict[int | str, dict[str, Any]] = {404: {}, 422: {}}
 
 
 def models_router(store: Callable[[], LineageStore]) -> APIRouter:
@@ -62,43 +83,55 @@ def create_router(store: Callable[[], LineageStore] | None = None) -> APIRouter:
             return PlainTextResponse(to_mermaid(build(result)), media_type="text/plain")
         return asdict(result)
 
-    @router.get("/models/{model}/upstream", summary="Upstream lineage of a model version")
+    @router.get(
+        "/models/{model}/upstream", summary="Upstream lineage of a model version", responses=GRAPH
+    )
     async def upstream(
         request: Request,
         model: str,
         version: str | None = None,
-        as_of: str | None = None,
+        as_of: AsOf = None,
         format: Format = "json",
     ) -> Any:
         q = queries(request)
         result = await answer(lambda: q.upstream(model, version, parse_time(as_of)))
         return graph(result, format, upstream_graph)
 
-    @router.get("/models/{model}/serving", summary="The version serving (at a time)")
-    async def serving(request: Request, model: str, as_of: str | None = None) -> dict[str, Any]:
+    @router.get(
+        "/models/{model}/serving", summary="The version serving (at a time)", responses=ERRORS
+    )
+    async def serving(request: Request, model: str, as_of: AsOf = None) -> dict[str, Any]:
         q = queries(request)
         version = await answer(lambda: q.serving(model, parse_time(as_of)))
         return {"model": model, "as_of": as_of, "version": version}
 
-    @router.get("/models/{model}/history", summary="Promotions, rejections and rollbacks")
-    async def history(request: Request, model: str, as_of: str | None = None) -> list[Any]:
+    @router.get(
+        "/models/{model}/history", summary="Promotions, rejections and rollbacks", responses=ERRORS
+    )
+    async def history(request: Request, model: str, as_of: AsOf = None) -> list[Any]:
         q = queries(request)
         result = await answer(lambda: q.history(model, parse_time(as_of)))
         return [asdict(d) for d in result]
 
-    @router.get("/models/{model}/versions/{version}/why", summary="Why promoted or rejected")
-    async def why(
-        request: Request, model: str, version: str, as_of: str | None = None
-    ) -> dict[str, Any]:
+    @router.get(
+        "/models/{model}/versions/{version}/why",
+        summary="Why promoted or rejected",
+        responses=ERRORS,
+    )
+    async def why(request: Request, model: str, version: str, as_of: AsOf = None) -> dict[str, Any]:
         q = queries(request)
         return asdict(await answer(lambda: q.why(model, version, parse_time(as_of))))
 
-    @router.get("/datasets/{name}/downstream", summary="What used a dataset, and where it serves")
+    @router.get(
+        "/datasets/{name}/downstream",
+        summary="What used a dataset, and where it serves",
+        responses=GRAPH,
+    )
     async def downstream(
         request: Request,
         name: str,
         version: str | None = None,
-        as_of: str | None = None,
+        as_of: AsOf = None,
         format: Format = "json",
     ) -> Any:
         q = queries(request)

@@ -41,6 +41,25 @@ class Rollback(BaseModel):
     actor: str = Field(default="http", min_length=1)
 
 
+#: The request body, as the route reads it (OpenAPI).
+PIPELINE_BODY = {
+    "required": True,
+    "content": {
+        "application/yaml": {"schema": {"type": "string", "description": "the pipeline file"}},
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["definition"],
+                "properties": {
+                    "definition": {"type": "string", "description": "the pipeline file"},
+                    "actor": {"type": "string"},
+                },
+            }
+        },
+    },
+}
+
+
 def _event(event: Any) -> dict[str, Any]:
     return {"event_id": event.id, "type": event.type, **event.data.model_dump(mode="json")}
 
@@ -55,7 +74,13 @@ def create_router(
     def pipelines() -> list[dict[str, Any]]:
         return commands.list_pipelines(kafka())
 
-    @router.post("/pipelines", summary="Apply a pipeline definition (YAML)")
+    @router.post(
+        "/pipelines",
+        summary="Apply a pipeline definition (YAML)",
+        status_code=201,
+        responses={200: {"description": "Unchanged: the revision in force"}, 400: {}},
+        openapi_extra={"requestBody": PIPELINE_BODY},
+    )
     async def apply(request: Request) -> JSONResponse:
         body = await request.body()
         actor = request.headers.get("x-mlbus-actor", "http")
@@ -80,12 +105,22 @@ def create_router(
             status_code=201 if applied.published else 200,
         )
 
-    @router.post("/models/{model}/promote", status_code=201, summary="Promote a version by hand")
+    @router.post(
+        "/models/{model}/promote",
+        status_code=201,
+        summary="Promote a version by hand",
+        responses={404: {}, 409: {}, 422: {}},
+    )
     def promote(model: str, body: Promote) -> Any:
         event = commands.promote(kafka(), model, body.version, reason=body.reason, actor=body.actor)
         return _event(event)
 
-    @router.post("/models/{model}/rollback", status_code=201, summary="Roll back by hand")
+    @router.post(
+        "/models/{model}/rollback",
+        status_code=201,
+        summary="Roll back by hand",
+        responses={404: {}, 409: {}, 422: {}},
+    )
     def rollback(model: str, body: Rollback) -> Any:
         event = commands.rollback(kafka(), model, to=body.to, reason=body.reason, actor=body.actor)
         return _event(event)

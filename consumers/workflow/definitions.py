@@ -73,7 +73,10 @@ def _load(text: str, source: str, limits: LimitsSettings) -> tuple[yaml.Node | N
             f"{source}: {size} bytes, over the limit of {limits.max_pipeline_bytes} bytes for "
             "a pipeline file (MLBUS_LIMITS__MAX_PIPELINE_BYTES)"
         )
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.YAMLError as e:  # the reader refuses a character before anything is parsed
+        raise InvalidPipeline(f"{source}: not valid YAML ({' '.join(str(e).split())})") from None
     try:
         node = loader.get_single_node()
         return node, (loader.construct_document(node) if node is not None else None)

@@ -3,7 +3,12 @@ components under one app, with one error body for every failure: {"error": {"typ
 "message": ...}} (mlbus/http.py, with the status each error's class carries), optional
 bearer-token auth on every mutating endpoint (`MLBUS_API_TOKEN`), and `/metrics`. The token,
 a NUL byte in the path and the body's size (`api.max_body_bytes`, `api.max_upload_bytes`)
-are checked by `RequestGate` before any body is read."""
+are checked by `RequestGate` before any body is read.
+
+The OpenAPI document says what the app answers (`document_api`): the token only on the
+mutating operations and only when it is set, the error body and the gate's 400/413 where
+they can come back. A training request names a known family and a dataset version in the
+log before anything is published."""
 
 from __future__ import annotations
 
@@ -13,8 +18,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,9 +31,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from pydantic import BaseModel, ValidationError
 
 import mlbus
-from mlbus.http import RequestGate, bearer_guard, install_error_handlers
+from mlbus.families import FAMILIES, hyperparameters
+from mlbus.http import REF, RequestGate, bearer_guard, document_api, install_error_handlers
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.training import TrainingRequested
@@ -46,8 +56,64 @@ def _token(cfg: Settings) -> str | None:
 def token_guard(cfg: Settings) -> Any:
     """Dependency: with `MLBUS_API_TOKEN` set, every mutating request needs
     `Authorization: Bearer <token>`; reading stays open. `RequestGate` refuses the same
-    requests before their body is read; the dependency documents the scheme in OpenAPI."""
+    requests before their body is read; this is the same rule where the gate is not
+    mounted."""
     return bearer_guard(_token(cfg), open_methods=_READ_ONLY, message=_REFUSAL)
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorDetail
+
+
+class TrainingAccepted(BaseModel):
+    event_id: str
+    topic: str
+
+
+#: Operations that read the log or a store: the broker or store may be out of reach (503).
+_BACKED = ("/datasets", "/training", "/pipelines", "/models/", "/lineage")
+
+
+def _answered_by_the_app(method: str, path: str, operation: dict[str, Any]) -> set[int]:
+    """The statuses the app's middleware and handlers can answer an operation with, beside
+    those the route declares: `RequestGate`'s 400 (a NUL byte in the path or query) where
+    there are parameters, its 413 where there is a body, 503 where the broker or a store is
+    used."""
+    statuses = set()
+    if operation.get("parameters"):
+        statuses.add(400)
+    if "requestBody" in operation:
+        statuses.add(413)
+    if path.startswith(_BACKED):
+        statuses.add(503)
+    return statuses
+
+
+def openapi_document(api: FastAPI, cfg: Settings) -> dict[str, Any]:
+    """The app's OpenAPI document as the app answers (`document_api`); the known model
+    families listed where a training request names one."""
+    doc = get_openapi(
+        title=api.title, version=api.version, description=api.description, routes=api.routes
+    )
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    training = TrainingRequested.model_json_schema(ref_template=REF)
+    schemas.update(training.pop("$defs", {}))
+    schemas["TrainingRequested"] = training
+    training["properties"]["family"]["enum"] = sorted(FAMILIES)
+    token = _token(cfg)
+    return document_api(
+        doc,
+        error_schema=ErrorBody.model_json_schema(ref_template=REF),
+        guarded=(lambda method, path: method not in _READ_ONLY) if token else None,
+        errors=_answered_by_the_app,
+    )
 
 
 class SharedProducer:
@@ -80,14 +146,35 @@ class SharedProducer:
 def training_router(producer: SharedProducer, registry: Callable[[], Any]) -> APIRouter:
     """POST /training/requests: request a run (the same event `mlbus train` publishes). The
     dataset version may be a unique prefix: it is resolved here, against the log, so the
-    event carries the full version (404 for an unknown or ambiguous one)."""
+    event carries the full version (404 for an unknown or ambiguous one); the family and
+    its hyperparameters are checked as the trainer will check them (400), so that a
+    request that can never run is refused here, not failed later by the trainer."""
     router = APIRouter(prefix="/training", tags=["training"])
 
-    @router.post("/requests", status_code=202, summary="Request a training run")
-    async def request_training(request: TrainingRequested) -> dict[str, str]:
+    @router.post(
+        "/requests",
+        status_code=202,
+        summary="Request a training run",
+        response_model=TrainingAccepted,
+        responses={400: {}, 404: {}, 422: {}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/TrainingRequested"}
+                    }
+                },
+            }
+        },
+    )
+    async def request_training(http: Request) -> dict[str, str]:
+        request = _training_request(await http.body())
+
         def publish() -> str:
             typed = request.dataset
             found = registry().get(f"{typed.name}@{typed.version}").data
+            hyperparameters(request.family, request.hyperparameters)
             dataset = typed.model_copy(update={"version": found.version})
             shared = producer.get()
             ref = shared.publish(
@@ -99,6 +186,43 @@ def training_router(producer: SharedProducer, registry: Callable[[], Any]) -> AP
         return {"event_id": await run_in_threadpool(publish), "topic": "training.requested"}
 
     return router
+
+
+def _training_request(body: bytes) -> TrainingRequested:
+    """The body as a `TrainingRequested`: the contract's strict validation, except that a
+    number with no fraction is an integer, as JSON (and the OpenAPI document) has it:
+    `"max_epochs": 5.0` is 5. A refusal is FastAPI's 422, naming the field."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise RequestValidationError(
+            [{"loc": ("body",), "msg": f"not valid JSON: {e}", "type": "json_invalid"}]
+        ) from None
+    schema = TrainingRequested.model_json_schema()
+    try:
+        return TrainingRequested.model_validate(_integers(doc, schema, schema.get("$defs", {})))
+    except ValidationError as e:
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in e.errors()]
+        raise RequestValidationError(errors) from None
+
+
+def _integers(value: Any, schema: dict[str, Any], defs: dict[str, Any]) -> Any:
+    """`value` with every integral float made an int where `schema` wants an integer."""
+    ref = schema.get("$ref")
+    if ref:
+        schema = defs.get(ref.rsplit("/", 1)[-1], {})
+    options = [schema, *schema.get("anyOf", [])]
+    if isinstance(value, float) and value.is_integer():
+        types = {o.get("type") for o in options}
+        if "integer" in types and "number" not in types:  # a float field keeps its float
+            return int(value)
+    elif isinstance(value, dict):
+        for option in options:
+            option = defs.get(option["$ref"].rsplit("/", 1)[-1], {}) if "$ref" in option else option
+            if "properties" in option:
+                props = option["properties"]
+                return {k: _integers(v, props.get(k, {}), defs) for k, v in value.items()}
+    return value
 
 
 def _lazy_lineage_store(cfg: Settings) -> Any:
@@ -138,6 +262,13 @@ def create_app(cfg: Settings) -> FastAPI:
         dependencies=[Depends(token_guard(cfg))],
         lifespan=lifespan,
     )
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            api.openapi_schema = openapi_document(api, cfg)
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
     api.state.producer = producer
     api.add_middleware(
         RequestGate,

@@ -155,3 +155,29 @@ def test_models_are_listed_from_the_lineage_store_without_the_log(kafka, tmp_pat
         for version, run in model.runs.items():
             assert trained[version]["run_id"] == run.data.run_id
             assert trained[version]["dataset"] == run.data.dataset.model_dump()
+
+
+def test_a_training_request_for_an_unknown_family_is_refused_before_publishing(kafka, tmp_path):
+    announce_dataset(kafka)
+    client = TestClient(create_app(settings_for(kafka, tmp_path)))
+    response = client.post("/training/requests", json=REQUEST | {"family": "transformer"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (
+        error["type"] == "InvalidModelSpec"
+        and "unknown model family 'transformer'" in (error["message"])
+    )
+    bad = REQUEST | {"hyperparameters": {"layers": 99}}
+    response = client.post("/training/requests", json=bad | {"family": "mlp"})
+    assert response.status_code == 400 and "layers=99" in response.json()["error"]["message"]
+    assert read_events(kafka, "training.requested") == []
+    # A number without a fraction is the integer JSON says it is; a string is not.
+    response = client.post("/training/requests", json=REQUEST | {"max_epochs": 3.0})
+    assert response.status_code == 202, response.text
+    [event] = read_events(kafka, "training.requested")
+    assert event.data.max_epochs == 3 and isinstance(event.data.max_epochs, int)
+    response = client.post("/training/requests", json=REQUEST | {"max_epochs": "3"})
+    assert response.status_code == 422 and "max_epochs" in response.json()["error"]["message"]
+    document = client.get("/openapi.json").json()
+    family = document["components"]["schemas"]["TrainingRequested"]["properties"]["family"]
+    assert {"cnn", "mlp"} <= set(family["enum"])

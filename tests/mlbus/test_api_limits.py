@@ -189,3 +189,10 @@ def test_a_nul_byte_in_a_dataset_uri_is_a_400(
         "message": "URI 'data.csv\\x00.txt' contains a NUL byte (\\x00)",
     }
     assert read_events(kafka, "dataset.created") == []
+
+
+def test_a_pipeline_with_a_character_yaml_refuses_is_a_400(client: TestClient) -> None:
+    """YAML's reader refuses control characters before parsing: a 400, not a 500."""
+    response = client.post("/pipelines", json={"definition": "\x82p"})
+    assert response.status_code == 400, response.text
+    assert "not valid YAML" in response.json()["error"]["message"]

@@ -3,21 +3,27 @@ status and a body naming the problem, and one bearer guard protects what needs a
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from typing import Annotated
 
 import pytest
 from fastapi import Depends, FastAPI, Query
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 
 from mlbus.errors import (
     Conflict,
     Invalid,
     MlbusError,
     NotFound,
+    PayloadTooLarge,
     TransientError,
     Unauthorized,
+    UndecodableBody,
+    UnsupportedEncoding,
 )
-from mlbus.http import bearer_guard, install_error_handlers
+from mlbus.http import bearer_guard, decode_content, document_api, install_error_handlers
 
 BASES: dict[type[MlbusError], int] = {
     NotFound: 404, Invalid: 400, Conflict: 409, Unauthorized: 401, TransientError: 503,
@@ -121,3 +127,103 @@ def test_the_guard_leaves_open_methods_and_an_unset_token_open():
     refused = client.post("/thing")
     assert refused.status_code == 401 and refused.json()["error"]["message"] == "token please"
     assert guarded_app(None).post("/thing").status_code == 200
+
+
+# -- compressed bodies ------------------------------------------------------------------
+
+
+def test_gzip_and_deflate_bodies_are_inflated():
+    data = b'{"inputs": []}' * 10
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    for encoding, body in [
+        ("gzip", gzip.compress(data)),
+        ("x-gzip", gzip.compress(data)),
+        ("deflate", zlib.compress(data)),  # RFC 9110's deflate: the zlib format
+        ("deflate", raw.compress(data) + raw.flush()),  # raw deflate, as some clients send
+        ("GZIP", gzip.compress(data[:70]) + gzip.compress(data[70:])),  # two gzip members
+        ("identity", data),
+        ("deflate, gzip", gzip.compress(zlib.compress(data))),  # applied in this order
+        (None, data),
+    ]:
+        assert decode_content(body, encoding, limit=len(data)) == data, encoding
+
+
+def test_a_zip_bomb_is_refused_at_the_limit_without_inflating_it():
+    bomb = gzip.compress(b"\0" * (64 * 1024 * 1024), compresslevel=9)  # 64 kB -> 64 MB
+    with pytest.raises(PayloadTooLarge, match="inflates to more than 1000 bytes"):
+        decode_content(bomb, b"gzip", limit=1000)
+    # The limit counts every member of a gzip body together.
+    members = gzip.compress(b"a" * 600) + gzip.compress(b"b" * 600)
+    with pytest.raises(PayloadTooLarge):
+        decode_content(members, "gzip", limit=1000)
+    assert decode_content(members, "gzip", limit=1200) == b"a" * 600 + b"b" * 600
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding", "error", "fragment"),
+    [
+        (b"plain", "br", UnsupportedEncoding, "'br' is not supported"),
+        (b"plain", "gzip", UndecodableBody, "not valid gzip"),
+        (gzip.compress(b"x" * 100)[:-12], "gzip", UndecodableBody, "truncated"),
+        (gzip.compress(b"x") + b"junk", "gzip", UndecodableBody, "not valid gzip"),
+        (zlib.compress(b"x") + b"junk", "deflate", UndecodableBody, "4 bytes follow"),
+    ],
+    ids=["br", "not gzip", "truncated", "junk after gzip", "junk after deflate"],
+)
+def test_bodies_that_do_not_inflate_are_refused(body, encoding, error, fragment):
+    with pytest.raises(error, match=fragment):
+        decode_content(body, encoding, limit=1000)
+    assert UnsupportedEncoding.status == 415 and UndecodableBody.status == 400
+
+
+# -- what the OpenAPI document says -----------------------------------------------------
+
+
+def test_405_names_every_method_of_the_path():
+    app = raising_app()
+
+    @app.head("/thing")
+    @app.get("/thing")
+    def thing() -> None:
+        return None
+
+    with TestClient(app) as client:
+        r = client.post("/thing")
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+
+
+class Thing(BaseModel):
+    name: str
+
+
+def test_the_document_declares_the_token_and_errors_where_they_are():
+    app = FastAPI()
+
+    @app.get("/things/{name}", responses={404: {}})
+    def read(name: str, as_of: str | None = None) -> dict[str, str]:
+        return {}
+
+    @app.post("/things")
+    def write(body: Thing) -> dict[str, str]:
+        return {}
+
+    error = {"type": "object", "properties": {"error": {"type": "object"}}}
+
+    def document(guarded):
+        doc = document_api(app.openapi(), error_schema=error, guarded=guarded)
+        app.openapi_schema = None
+        return doc["paths"]["/things/{name}"]["get"], doc["paths"]["/things"]["post"], doc
+
+    read_op, write_op, doc = document(lambda method, path: method == "POST")
+    assert "security" not in read_op and write_op["security"] == [{"bearer": []}]
+    assert "401" in write_op["responses"] and "401" not in read_op["responses"]
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    for op in (read_op, write_op):  # every error with the app's body, not FastAPI's
+        for code in ("404", "422", "401"):
+            if code in op["responses"]:
+                content = op["responses"][code]["content"]["application/json"]
+                assert content["schema"] == {"$ref": "#/components/schemas/Error"}
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    read_op, write_op, doc = document(None)  # no token: nothing secured
+    assert "securitySchemes" not in doc["components"]
+    assert "security" not in write_op and "401" not in write_op["responses"]

@@ -5,11 +5,12 @@ what the server really does."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 from typing import Any
 
 import numpy as np
 
-from mlbus.serving.app import InferFastPath
+from mlbus.serving.app import Answer, InferFastPath
 from mlbus.serving.errors import PayloadTooLarge
 from tests.mlbus.kafka.support import read_events, wait_until
 from tests.serving.conftest import body, promote, running, save, wait_version
@@ -21,7 +22,14 @@ def test_metadata_health_and_inference(kafka, store, digits):
         wait_version(srv, "digits", "1")
         assert c.get("/v2/health/live").json() == {"live": True}
         assert c.get("/v2/health/ready").json() == {"ready": True}
-        assert c.get("/v2/models/digits/ready").json() == {"ready": True}
+        # The spec's ready bodies name the model (and the version asked about).
+        assert c.get("/v2/models/digits/ready").json() == {"name": "digits", "ready": True}
+        r = c.get("/v2/models/digits/versions/1/ready")
+        assert r.json() == {"name": "digits", "version": "1", "ready": True}
+        # HEAD on health: the status alone, for probes and load balancers.
+        for path in ("/v2/health/live", "/v2/health/ready"):
+            r = c.head(path)
+            assert r.status_code == 200 and r.content == b"", (path, r.text)
         meta = c.get("/v2/models/digits").json()
         assert meta["name"] == "digits" and meta["versions"] == ["1"]
         assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
@@ -57,6 +65,9 @@ def test_metadata_health_and_inference(kafka, store, digits):
         # Only POST infers: FastAPI answers the rest of the path's methods.
         r = c.get("/v2/models/digits/infer")
         assert r.status_code == 405 and r.json()["type"] == "MethodNotAllowed"
+        assert r.headers["allow"] == "POST"
+        r = c.post("/v2/health/live")
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
 
 
 def test_bad_input_is_a_4xx_with_a_message(kafka, store, digits):
@@ -144,6 +155,14 @@ def test_control_endpoints_need_the_token(kafka, store, digits):
     with running(kafka, store, api_token="s3cret") as srv, srv.client() as c:
         wait_version(srv, "digits", "1")
         assert c.post("/v2/repository/index").status_code == 401
+        # The document declares the token on the control endpoints, and only there.
+        doc = c.get("/openapi.json").json()
+        secured = {
+            path for path, item in doc["paths"].items() for op in item.values() if "security" in op
+        }
+        assert secured == {p for p in doc["paths"] if p.startswith("/v2/repository/")}
+        assert "401" in doc["paths"]["/v2/repository/index"]["post"]["responses"]
+        assert "401" not in doc["paths"]["/v2/models/{name}/infer"]["post"]["responses"]
         wrong = {"Authorization": "Bearer nope"}
         assert c.post("/v2/repository/models/digits/unload", headers=wrong).status_code == 401
         assert c.post("/v2/models/digits/infer", json=body(digits.x[:1])).status_code == 200
@@ -188,7 +207,9 @@ def test_openapi_document_describes_the_endpoints(kafka, store):
         tensor_ref = schemas["InferRequest"]["properties"]["inputs"]["items"]["$ref"]
         assert tensor_ref.removeprefix("#/components/schemas/") in schemas
         assert {"200", "400", "404", "413"} <= set(infer["responses"])
-        assert "security" in paths["/v2/repository/index"]["post"]
+        # No token: nothing is secured, and the document says so.
+        assert "securitySchemes" not in doc["components"]
+        assert not [op for item in paths.values() for op in item.values() if "security" in op]
         # Not ready before anything was read? This server had nothing to load: ready.
         assert c.get("/v2/health/ready").json() == {"ready": True}
         assert c.get("/v2/models/digits").status_code == 404
@@ -202,17 +223,19 @@ def test_the_infer_fast_path_routes_reads_and_answers():
 
     async def infer(name, version, read):
         try:
-            calls.append((name, version, await read()))
+            payload = await read()
         except PayloadTooLarge as e:
-            return 413, str(e).encode()
-        return 200, b'{"ok": true}'
+            return Answer(413, str(e).encode())
+        calls.append((name, version, payload.content))
+        if payload.json_length is not None:  # binary data after the JSON object
+            return Answer(200, b'{"ok": true}\x01\x02', 12)
+        return Answer(200, b'{"ok": true}')
 
     async def app(scope, receive, send):
         passed.append(f"{scope['method']} {scope['path']}")
 
-    fast = InferFastPath(app, infer=infer, limit=10)
-
-    def call(method, path, chunks=(b"{}",), headers=(), root_path=""):
+    def call(method, path, chunks=(b"{}",), headers=(), root_path="", limit=10):
+        fast = InferFastPath(app, infer=infer, limit=limit)
         sent: list[dict[str, Any]] = []
         messages = [
             {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
@@ -247,6 +270,17 @@ def test_the_infer_fast_path_routes_reads_and_answers():
     assert sent[0]["status"] == 413 and len(calls) == 3  # refused before reading
     sent = call("POST", "/v2/models/m/infer", chunks=(b"123456", b"789012"))
     assert sent[0]["status"] == 413
+    # A gzip body is inflated before `infer` sees it, within the same limit.
+    headers = [(b"content-encoding", b"gzip")]
+    call("POST", "/v2/models/m/infer", (gzip.compress(b"abc"),), headers, limit=100)
+    assert calls[-1] == ("m", None, b"abc")
+    sent = call("POST", "/v2/models/m/infer", (gzip.compress(b" " * 101),), headers, limit=100)
+    assert sent[0]["status"] == 413
+    # Binary outputs: the JSON object's length in a header, and no JSON content type.
+    headers = [(b"inference-header-content-length", b"2")]
+    sent = call("POST", "/v2/models/m/infer", headers=headers)
+    assert (b"inference-header-content-length", b"12") in sent[0]["headers"]
+    assert (b"content-type", b"application/octet-stream") in sent[0]["headers"]
     assert call("POST", "/v2/models/m/infer", chunks=()) == []  # the client went away
     others = [
         "GET /v2/models/m/infer",
