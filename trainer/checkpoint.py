@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -124,7 +125,8 @@ def load(store: ObjectStore, run_id: str, identity: Mapping[str, Any]) -> Checkp
         return decode(weights, document)
     except TransientError:
         raise
-    except (StorageError, KeyError, ValueError, TypeError) as e:
+    except (StorageError, SafetensorError, KeyError, ValueError, TypeError) as e:
+        # SafetensorError: tensor bytes that are not safetensors (never unpickled)
         log.warning("run %s: checkpoint unusable (%s); restarting", run_id, e)
         return None
 
