@@ -186,6 +186,7 @@ class PositionedLoop:
         self._retry_at = 0.0
         self._paused = False
         self._logged_caught_up = False  # once per assignment
+        self._verifying = False  # some partition's anchor is still to be checked
         self._stopping = threading.Event()
 
     # -- control ---------------------------------------------------------------------------
@@ -270,6 +271,8 @@ class PositionedLoop:
                     self._oldest = time.monotonic()
                 self._buffered += taken
                 self._bytes += size
+            if self._verifying:
+                self._ends_before_anchors(restarted)
             if self._due() and time.monotonic() >= self._retry_at:
                 self._try_write()
             if parts and all(p.at_end for p in parts.values()):
@@ -415,6 +418,23 @@ class PositionedLoop:
         assert self._consumer is not None
         self._consumer.seek(TopicPartition(*part.tp, OFFSET_BEGINNING))
 
+    def _ends_before_anchors(self, restarted: set[tuple[str, int]]) -> None:
+        """Partitions whose log ends at or before their anchor's offset: a new log. Apache
+        Kafka answers a fetch past the end with OFFSET_OUT_OF_RANGE (then the reset to the
+        beginning brings a record that is not the anchor's); the embedded broker answers
+        nothing at all, but its fetch responses carry the right high-water mark, which
+        librdkafka caches (docs/broker.md). In the same log the anchor lies below it."""
+        consumer = self._consumer
+        assert consumer is not None
+        for part in [p for p in self._parts.values() if p.verify is not None]:
+            try:
+                _, high = consumer.get_watermark_offsets(TopicPartition(*part.tp), cached=True)
+            except KafkaException:
+                continue  # nothing fetched yet
+            if part.verify is not None and 0 <= high <= part.verify.offset:
+                self._check(part, None, restarted)
+        self._verifying = any(p.verify is not None for p in self._parts.values())
+
     # -- rebalances: positions come from the sink ------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -449,6 +469,7 @@ class PositionedLoop:
         else:  # eager: `partitions` is the whole assignment
             consumer.assign(partitions)
         self._logged_caught_up = False
+        self._verifying = any(p.verify is not None for p in self._parts.values())
         log.info(
             "%s: assigned %s",
             self.name,

@@ -428,3 +428,19 @@ def copy_log(kafka: KafkaConfig, to: KafkaConfig, topics: Sequence[str]) -> int:
         copied += 1
     assert producer.flush(DEADLINE) == 0 and not failures, f"not delivered: {failures}"
     return copied
+
+
+def recreate_topics(kafka: KafkaConfig, topics: Sequence[str]) -> None:
+    """Delete `topics` and create them again, empty (the other way to a new log)."""
+    from confluent_kafka.admin import AdminClient
+
+    from mlbus.kafka.admin import apply_topics
+
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    for future in admin.delete_topics([kafka.topic(t) for t in topics]).values():
+        future.result(DEADLINE)
+    wait_until(
+        lambda: not set(map(kafka.topic, topics)) & set(admin.list_topics(timeout=10).topics),
+        "the topics to be gone",
+    )
+    apply_topics(kafka)
