@@ -18,11 +18,13 @@ anchor (anchor.py) is checked first: the partition is sought to the anchor's off
 record found there must be the anchor's. If it is not, the log is a new one: `on_new_log`
 "fail" raises `NewLog` (nothing of that partition is handed to the sink), "restart" calls
 `Sink.restart` (the sink sets aside what it holds of the old log) and reads the partition
-from its beginning. A revoked partition's buffer is
-written before it is handed over; a lost one (another member owns it already) is dropped
-unwritten. Records below a partition's position are skipped, never handed to the sink.
-Undecodable records are the sink's business (the archiver keeps them raw, the projector
-records them as skipped): nothing is dead-lettered here.
+from its beginning. A log that ends before the anchor's offset is new as well (told by the
+fetch's high-water mark where the broker answers such a fetch with nothing; docs/broker.md).
+
+A revoked partition's buffer is written before it is handed over; a lost one (another member
+owns it already) is dropped unwritten. Records below a partition's position are skipped,
+never handed to the sink. Undecodable records are the sink's business (the archiver keeps
+them raw, the projector records them as skipped): nothing is dead-lettered here.
 
 Batches are cut by size and age: with neither limit set every poll is written at once.
 SIGTERM/SIGINT finish the current batch, write what is buffered, commit and leave the group.
