@@ -18,6 +18,7 @@ from mlbus.kafka.config import KafkaConfig
 from mlbus.storage import ObjectStore
 from tests.consumers.archive.support import TOPICS_USED, fill_log, ordered, stored_rows, the_log
 from tests.mlbus.kafka.support import copy_log, new_log, recreate_topics
+from tests.mlbus.test_cli import mlbus, ok
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +143,23 @@ def test_the_same_log_and_a_byte_identical_copy_of_it_resume_where_the_files_end
     assert resumed.stats.records == 2 * 3 + 3
     assert ordered(read_archive(store, TOPICS_USED)) == the_log(copy, TOPICS_USED)
     assert not any(retired_logs(store, t) for t in TOPICS_USED)
+
+
+def test_mlbus_archive_run_stops_with_the_error_and_the_setting_makes_the_choice(
+    kafka, local, cli_env
+):
+    fill_log(kafka, 10)
+    ok(mlbus("archive", "run", "--until-end", "--group", "cli", env=cli_env))
+    old = the_log(kafka, TOPICS_USED)
+    recreate_topics(kafka, TOPICS_USED)
+    fill_log(kafka, 12)
+
+    failed = mlbus("archive", "run", "--until-end", "--group", "cli", env=cli_env)
+    assert failed.returncode != 0
+    assert "is a new log" in failed.stderr and "MLBUS_POSITIONS__ON_NEW_LOG" in failed.stderr
+    assert ordered(read_archive(local, TOPICS_USED)) == old
+
+    told = cli_env | {"MLBUS_POSITIONS__ON_NEW_LOG": "restart"}
+    ok(mlbus("archive", "run", "--until-end", "--group", "cli", env=told))
+    assert ordered(read_archive(local, TOPICS_USED)) == the_log(kafka, TOPICS_USED)
+    assert retired(local) == old
