@@ -47,7 +47,9 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │                                    serving.max_rows_per_request
     ├── Conflict                    409  well formed, but contradicts the current state
     │   ├── NothingToRollBack       409  consumers/workflow/commands.py: no earlier good version
-    │   └── TargetNotEmpty          409  consumers/archive/restore.py: the topic holds records
+    │   ├── TargetNotEmpty          409  consumers/archive/restore.py: the topic holds records
+    │   └── NewLog                  409  kafka/anchor.py: a partition's log is not the one a
+    │                                    store's positions belong to (positions.on_new_log)
     ├── Unauthorized                401  without the bearer token (mlbus/http.py `bearer_guard`)
     ├── TransientError              503  may succeed if retried (broker or store down): backoff
     │   ├── DeliveryError           503  the broker did not confirm a produced record

@@ -125,6 +125,18 @@ class ArchiveSettings(_Section):
     flush_seconds: float = Field(default=60.0, gt=0, description="age that flushes a file")
 
 
+class PositionsSettings(_Section):
+    """Stores of positions (the lineage store, the archive); env `MLBUS_POSITIONS__<FIELD>`."""
+
+    on_new_log: Literal["fail", "rebuild", "restart"] = Field(
+        default="fail",
+        description="when a partition's log is not the one a store's positions belong to "
+        "(topic recreated, broker restarted empty): fail = stop and say so; rebuild = rebuild "
+        "the store from the new log (the archive sets the old log's files aside); restart = "
+        "keep what the store holds and continue from the new log's offset 0",
+    )
+
+
 class LimitsSettings(_Section):
     """Limits on what users submit, checked before it is expanded; env
     `MLBUS_LIMITS__<FIELD>`."""
@@ -186,6 +198,7 @@ class Settings(BaseSettings):
     serving: ServingSettings = ServingSettings()
     streams: StreamsSettings = StreamsSettings()
     archive: ArchiveSettings = ArchiveSettings()
+    positions: PositionsSettings = PositionsSettings()
     limits: LimitsSettings = LimitsSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"

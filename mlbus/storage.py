@@ -190,6 +190,12 @@ class ObjectStore:
         with translated(f"deleting {self.uri(key)}"), contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.path(key))
 
+    def move(self, key: str, to: str) -> None:
+        """Move an object to another key (an S3 copy, then a delete: a move cut short
+        leaves both, and moving again finishes it)."""
+        with translated(f"moving {self.uri(key)} to {self.uri(to)}"):
+            self.fs.mv(self.path(key), self.path(to))
+
     def list(self, prefix: str) -> list[str]:
         """Keys below `prefix` (recursively), staging area excluded."""
         base = self.path(prefix) if prefix else self.root

@@ -3,11 +3,21 @@ and the listing that tells the archiver (high-water marks) and the reader (files
 order) what is there. Reads and writes no topic.
 
     archive/<topic>/date=YYYY-MM-DD/p<partition>-<first offset>-<last offset>.parquet
+    archive/<topic>/log=<id>/date=YYYY-MM-DD/p<partition>-<first>-<last>.parquet   (retired)
 
 `<topic>` is the contract's name (no deployment prefix), so an archive restores into any
 cluster. A file holds consecutive records of one partition (`first`..`last`, both
 inclusive) whose timestamps all fall on its UTC date; the name alone says which offsets a
 file covers, so the archiver finds what is archived by listing, without opening a file.
+
+The files directly under `<topic>/date=…` are the partition's *current* log: one log, never
+two spliced. When the archiver finds a partition on a new log (mlbus/kafka/anchor.py: the
+record at the offset of the last one archived is not that record any more) and is told to
+go on (`positions.on_new_log` rebuild or restart), it first moves that partition's files
+under `<topic>/log=<id>/` (`retire`), then archives the new log from its beginning. `<id>`
+names the retired log: the first 16 hex digits of the anchor digest of its last archived
+record, the same on every attempt, so a retirement cut short is finished by the next one.
+Readers see the current log unless asked for a retired one (`list_files(..., log=id)`).
 """
 
 from __future__ import annotations
@@ -46,7 +56,8 @@ SCHEMA = pa.schema(
 )
 
 _NAME = re.compile(
-    r"^(?P<topic>[^/]+)/date=(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2}|none)/"
+    r"^(?P<topic>[^/]+)/(?:log=(?P<log>[0-9a-z]+)/)?"
+    r"date=(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2}|none)/"
     r"p(?P<partition>[0-9]+)-(?P<first>[0-9]+)-(?P<last>[0-9]+)\.parquet$"
 )
 
@@ -60,10 +71,11 @@ class ArchiveFile:
     first: int
     last: int
     day: str  # YYYY-MM-DD, or NO_DATE
+    log: str | None = None  # a retired log's id; None: the current log
 
     @property
     def key(self) -> str:
-        return file_key(self.topic, self.day, self.partition, self.first, self.last)
+        return file_key(self.topic, self.day, self.partition, self.first, self.last, self.log)
 
 
 def day_of(timestamp_ms: int | None) -> str:
@@ -73,9 +85,12 @@ def day_of(timestamp_ms: int | None) -> str:
     return datetime.fromtimestamp(timestamp_ms / 1000, UTC).date().isoformat()
 
 
-def file_key(topic: str, day: str, partition: int, first: int, last: int) -> str:
+def file_key(
+    topic: str, day: str, partition: int, first: int, last: int, log: str | None = None
+) -> str:
     # Zero-padded offsets: keys sort like offsets, for people listing a bucket.
-    return f"{ROOT}/{topic}/date={day}/p{partition:04d}-{first:020d}-{last:020d}.parquet"
+    folder = f"{ROOT}/{topic}" if log is None else f"{ROOT}/{topic}/log={log}"
+    return f"{folder}/date={day}/p{partition:04d}-{first:020d}-{last:020d}.parquet"
 
 
 def parse_key(key: str) -> ArchiveFile | None:
@@ -91,11 +106,15 @@ def parse_key(key: str) -> ArchiveFile | None:
         first=int(match["first"]),
         last=int(match["last"]),
         day=match["date"],
+        log=match["log"],
     )
 
 
-def list_files(store: ObjectStore, topics: Iterable[str] | None = None) -> list[ArchiveFile]:
-    """Every archive file of `topics` (all when None), sorted by topic, partition, offsets.
+def list_files(
+    store: ObjectStore, topics: Iterable[str] | None = None, *, log: str | None = None
+) -> list[ArchiveFile]:
+    """Every archive file of `topics` (all when None) in the current log, or in the retired
+    log `log`, sorted by topic, partition, offsets.
 
     One recursive listing per topic: a file's key says everything needed, so nothing is
     opened. (S3 lists 1,000 keys per request; an archive flushed every minute is ~500k
@@ -106,13 +125,33 @@ def list_files(store: ObjectStore, topics: Iterable[str] | None = None) -> list[
     for topic in names:
         for key in store.list(f"{ROOT}/{topic}"):
             parsed = parse_key(key)
-            if parsed is not None and parsed.topic == topic:
+            if parsed is not None and parsed.topic == topic and parsed.log == log:
                 found.append(parsed)
     return sorted(found)
 
 
+def retired_logs(store: ObjectStore, topic: str) -> dict[str, list[ArchiveFile]]:
+    """The retired logs of `topic` (see the module docstring): id → its files."""
+    found: dict[str, list[ArchiveFile]] = {}
+    for key in store.list(f"{ROOT}/{topic}"):
+        parsed = parse_key(key)
+        if parsed is not None and parsed.topic == topic and parsed.log is not None:
+            found.setdefault(parsed.log, []).append(parsed)
+    return {log: sorted(files) for log, files in sorted(found.items())}
+
+
+def retire(store: ObjectStore, files: Sequence[ArchiveFile], log: str) -> None:
+    """Move `files` (the current log's, of one partition) under the retired log `log`,
+    oldest first: the newest file, whose last record names the log, goes last, so a
+    retirement cut short is resumed under the same id."""
+    for f in sorted(files, key=lambda f: (f.last, f.first)):
+        store.move(f.key, file_key(f.topic, f.day, f.partition, f.first, f.last, log))
+
+
 def _topics(store: ObjectStore) -> list[str]:
-    return sorted({f.topic for key in store.list(ROOT) if (f := parse_key(key)) is not None})
+    return sorted(
+        {f.topic for key in store.list(ROOT) if (f := parse_key(key)) is not None and not f.log}
+    )
 
 
 def high_water(files: Sequence[ArchiveFile]) -> dict[tuple[str, int], int]:

@@ -31,13 +31,15 @@ def read_archive(
     *,
     since_ms: int | None = None,
     until_ms: int | None = None,
+    log: str | None = None,
 ) -> Iterator[LogRecord]:
     """Every archived record of `topics` (contract names; None = every archived topic)
     with a timestamp in [`since_ms`, `until_ms`] (records without one are always included,
     as `read_log` does). Topic after topic (catalog order: datasets before training before
     models), partition after partition, in offset order within each partition; an offset
-    archived twice (overlapping files of two archiver members) is yielded once."""
-    files = list_files(store, topics)
+    archived twice (overlapping files of two archiver members) is yielded once. The current
+    log of each partition, or with `log` the retired log of that id (layout.py)."""
+    files = list_files(store, topics, log=log)
     order = {name: i for i, name in enumerate(topics or [s.name for s in CATALOG])}
     files.sort(key=lambda f: (order.get(f.topic, len(order)), f.topic, f.partition, f.first))
     lo_day, hi_day = days_between(since_ms, until_ms)

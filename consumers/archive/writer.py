@@ -17,6 +17,12 @@ Exactly once per record — the file *is* the position:
   lag monitoring and are never trusted over the store;
 - a flush cut short by a failing store leaves its first files written: the retry skips
   what they hold.
+- the last file's last record anchors the partition's log (mlbus/kafka/anchor.py): on
+  assignment the loop reads the record at its offset back from Kafka; another record or none
+  is a new log. Then `on_new_log` "fail" stops the archiver with `NewLog`; "rebuild" and
+  "restart" (the same here: the archive is rebuilt by archiving the new log) move the
+  partition's files to a retired log (layout.py `retire`) before the new log is archived
+  from its beginning, so two logs are never spliced in one file sequence.
 A revoked partition's buffer is flushed before it is handed over; a *lost* one (another
 member already owns it) is dropped unwritten. Should two members still overlap (a zombie
 past its session), they write the same records under different cuts, never different
@@ -30,22 +36,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mlbus.consumers.archive import DEFAULT_GROUP
 from mlbus.consumers.archive.layout import (
     NO_DATE,
+    ArchiveFile,
     archive_table,
     day_of,
     file_key,
     high_water,
     list_files,
+    retire,
 )
+from mlbus.kafka.anchor import ON_NEW_LOG, Anchor, Position
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Backoff, Consumed
 from mlbus.kafka.positioned import Batch, Partition, PositionedLoop
 from mlbus.schemas.catalog import TOPICS, topic
-from mlbus.storage import ObjectStore
+from mlbus.storage import ObjectStore, StorageError, translated
 
 DAY_MS = 24 * 3600 * 1000
 #: Retries of a failing object store: patient, the records wait in Kafka meanwhile.
@@ -59,6 +69,7 @@ class ArchiveStats:
     bytes: int = 0  # Parquet bytes written
     commits: int = 0
     skipped: int = 0  # records below the archive's high-water mark (already archived)
+    retired: int = 0  # files moved to a retired log (a partition found on a new log)
 
 
 class _Piece:
@@ -128,6 +139,26 @@ def write_piece(store: ObjectStore, table: pa.Table, key: str) -> int:
     return data.size
 
 
+def last_record(store: ObjectStore, f: ArchiveFile) -> Anchor:
+    """The anchor of the last record of `f` (the row at offset `f.last`), read from its last
+    row group only."""
+    with translated(f"reading {store.uri(f.key)}"), store.open(f.key) as handle:
+        parquet = pq.ParquetFile(handle)
+        group = parquet.read_row_group(
+            parquet.num_row_groups - 1, columns=["offset", "timestamp", "key", "value"]
+        )
+    row = group.filter(pc.equal(group.column("offset"), f.last))
+    if not row.num_rows:
+        raise StorageError(f"{store.uri(f.key)}: no record at offset {f.last}, as its name says")
+    at = row.num_rows - 1
+    return Anchor.of(
+        f.last,
+        row.column("key")[at].as_py(),
+        row.column("value")[at].as_py(),
+        row.column("timestamp").cast(pa.int64())[at].as_py(),
+    )
+
+
 class Archiver:
     """Archive `topics` (contract names; default: the whole catalog) into `store`."""
 
@@ -143,7 +174,10 @@ class Archiver:
         batch_size: int = 10_000,
         backoff: Backoff = STORE_BACKOFF,
         consumer_overrides: Mapping[str, Any] | None = None,
+        on_new_log: str = "fail",
     ) -> None:
+        if on_new_log not in ON_NEW_LOG:
+            raise ValueError(f"on_new_log {on_new_log!r}: one of {', '.join(ON_NEW_LOG)}")
         self.kafka = kafka
         self.store = store
         self.group = group
@@ -163,6 +197,7 @@ class Archiver:
             max_seconds=flush_seconds,
             backoff=backoff,
             consumer_overrides=consumer_overrides,
+            on_new_log="fail" if on_new_log == "fail" else "restart",
         )
 
     def stop(self) -> None:
@@ -183,13 +218,29 @@ class Archiver:
 
     # -- the positioned loop's sink --------------------------------------------------------
 
-    def positions(self, partitions: Sequence[Partition]) -> Mapping[Partition, int]:
-        """The archive's high-water mark of each partition that has files."""
-        marks = high_water(list_files(self.store, sorted({t for t, _ in partitions})))
-        found = {p: marks[p] for p in partitions if p in marks}
+    def positions(self, partitions: Sequence[Partition]) -> Mapping[Partition, int | Position]:
+        """The archive's high-water mark of each partition that has files, anchored by the
+        last record archived (read back from the newest file)."""
+        files = list_files(self.store, sorted({t for t, _ in partitions}))
+        marks = high_water(files)
+        newest = {
+            (f.topic, f.partition): f for f in files if f.last + 1 == marks[f.topic, f.partition]
+        }
+        found: dict[Partition, int | Position] = {}
         for p in partitions:
-            self._archived[p] = found.get(p, 0)
+            self._archived[p] = marks.get(p, 0)
+            if p in marks:
+                found[p] = Position(marks[p], last_record(self.store, newest[p]))
         return found
+
+    def restart(self, partition: Partition, old: Anchor) -> None:
+        """A new log in `partition`: its files move to a retired log named after `old` (the
+        last record archived), and the new log is archived from its beginning."""
+        topic_name, number = partition
+        files = [f for f in list_files(self.store, [topic_name]) if f.partition == number]
+        retire(self.store, files, old.digest[:16])
+        self._archived[partition] = 0
+        self.stats.retired += len(files)
 
     def write(self, batch: Batch, positions: Mapping[Partition, int]) -> None:
         """Each partition's records as files, in offset order (the names are the position).

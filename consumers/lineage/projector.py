@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 from mlbus.consumers.lineage import tables as t
 from mlbus.consumers.lineage.store import LineageStore, micros
 from mlbus.errors import MlbusError
+from mlbus.kafka.anchor import record_digest
 from mlbus.kafka.reader import LogRecord
 from mlbus.schemas.codec import DEFAULT_MAX_EVENT_BYTES, decode_dict
 
@@ -371,7 +372,7 @@ class Projector:
         events, skipped = rows[t.events], rows[t.skipped]
         topics, max_bytes, sha256 = self.topics, self.max_event_bytes, hashlib.sha256
         seen: set[str] = set()
-        ends: dict[tuple[str, int], int] = {}
+        lasts: dict[tuple[str, int], LogRecord] = {}  # each partition's last record
         ignored = 0
         # The per-record work is written out in this one loop: at a rebuild's rate each
         # attribute lookup and call here is a measurable share of the projection. Events are
@@ -384,8 +385,9 @@ class Projector:
                 continue
             partition, offset = record.partition, record.offset
             tp = (topic, partition)
-            if ends.get(tp, -1) <= offset:
-                ends[tp] = offset + 1
+            last = lasts.get(tp)
+            if last is None or last.offset <= offset:
+                lasts[tp] = record
             value = record.value
             try:
                 event = decode_dict(
@@ -419,7 +421,17 @@ class Projector:
                 )
             )
             PROJECTIONS[topic](event, (event_id, topic, partition, offset, when), rows)
-        positions = [(topic, partition, end) for (topic, partition), end in ends.items()]
+        # the position after each partition's last record, anchored by that record
+        positions = [
+            (
+                r.topic,
+                r.partition,
+                r.offset + 1,
+                r.offset,
+                record_digest(r.key, r.value, r.timestamp_ms),
+            )
+            for r in lasts.values()
+        ]
         stats = ProjectStats(
             records=len(records),
             projected=len(seen),
@@ -462,14 +474,19 @@ def _insert_sql(table: sa.Table, store: LineageStore) -> str:
 
 def _positions_sql(store: LineageStore) -> str:
     # never backwards: a batch read before a rebalance may commit after the partition's new
-    # owner did
+    # owner did; the anchor moves with the position (the anchor of the position kept)
     marker, greatest = ("%s", "GREATEST") if store.backend == "postgresql" else ("?", "MAX")
     name = store.qualified(t.positions)
+    newer = f'excluded."next_offset" >= {name}."next_offset"'
     return (
-        f'INSERT INTO {name} ("topic", "partition", "next_offset") '
-        f"VALUES ({marker}, {marker}, {marker}) "
+        f'INSERT INTO {name} ("topic", "partition", "next_offset", "anchor_offset", '
+        f'"anchor_digest") VALUES ({", ".join([marker] * 5)}) '
         f'ON CONFLICT ("topic", "partition") DO UPDATE SET '
-        f'"next_offset" = {greatest}({name}."next_offset", excluded."next_offset")'
+        f'"next_offset" = {greatest}({name}."next_offset", excluded."next_offset"), '
+        f'"anchor_offset" = CASE WHEN {newer} THEN excluded."anchor_offset" '
+        f'ELSE {name}."anchor_offset" END, '
+        f'"anchor_digest" = CASE WHEN {newer} THEN excluded."anchor_digest" '
+        f'ELSE {name}."anchor_digest" END'
     )
 
 

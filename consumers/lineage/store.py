@@ -25,6 +25,7 @@ from sqlalchemy.schema import CreateTable
 
 from mlbus.consumers.lineage import tables as t
 from mlbus.errors import Invalid, MlbusError, NotFound, TransientError
+from mlbus.kafka.anchor import Anchor, Position
 
 log = logging.getLogger("mlbus.consumers.lineage")
 
@@ -132,11 +133,27 @@ class LineageStore:
                     )
             else:
                 t.metadata.create_all(conn)
+            if "positions" in present and version == t.PROJECTION_VERSION:
+                self._add_anchor_columns(conn, inspector)
             if version != t.PROJECTION_VERSION:
                 conn.execute(
                     sa.insert(t.meta),
                     [{"key": "projection_version", "value": t.PROJECTION_VERSION}],
                 )
+
+    def _add_anchor_columns(self, conn: Connection, inspector: Any) -> None:
+        """A store made before positions kept their log's anchor: the columns are added
+        (nullable: the rows there keep no anchor until their next write). Not a projection
+        change, so no rebuild: the rows stay, and so do their positions."""
+        have = {c["name"] for c in inspector.get_columns("positions", schema=self.schema)}
+        for name in t.ANCHOR_COLUMNS:
+            if name not in have:
+                column = t.positions.c[name]
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(
+                    f'ALTER TABLE {self.qualified(t.positions)} ADD COLUMN "{name}" {kind}'
+                )
+                log.info("lineage store: positions.%s added (log anchors)", name)
 
     @property
     def heaps(self) -> bool:
@@ -225,6 +242,31 @@ class LineageStore:
         with self.reading() as conn:
             rows = conn.execute(sa.select(t.positions)).all()
         return {(r.topic, r.partition): r.next_offset for r in rows}
+
+    def anchored_positions(self) -> dict[tuple[str, int], Position]:
+        """`positions` with the anchor of the log each belongs to (None: stored before
+        anchors were kept)."""
+        with self.reading() as conn:
+            rows = conn.execute(sa.select(t.positions)).all()
+        return {
+            (r.topic, r.partition): Position(
+                r.next_offset,
+                None
+                if r.anchor_offset is None or r.anchor_digest is None
+                else Anchor(r.anchor_offset, r.anchor_digest),
+            )
+            for r in rows
+        }
+
+    def forget_position(self, topic: str, partition: int) -> None:
+        """Drop one partition's position (its log is a new one, read from its beginning):
+        the positions never move backwards, so the old one must go, not be overwritten."""
+        with self.transaction("resetting a position of the lineage store") as conn:
+            conn.execute(
+                sa.delete(t.positions).where(
+                    t.positions.c.topic == topic, t.positions.c.partition == partition
+                )
+            )
 
     def projection_version(self) -> str | None:
         with self.reading() as conn:

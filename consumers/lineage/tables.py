@@ -232,14 +232,21 @@ skipped = sa.Table(
     sa.Column("reason", sa.String, nullable=False),
 )
 
-#: The projector's position per topic-partition: written in the same transaction as the rows.
+#: The projector's position per topic-partition: written in the same transaction as the rows,
+#: with the anchor of the log it belongs to (mlbus/kafka/anchor.py: the offset and digest of
+#: the last record projected). The anchor columns came after the table: `ANCHOR_COLUMNS` are
+#: added to a store made without them (`LineageStore.ensure`), whose rows keep NULL anchors
+#: until their next write.
 positions = sa.Table(
     "positions",
     metadata,
     sa.Column("topic", sa.String, primary_key=True),
     sa.Column("partition", sa.Integer, primary_key=True),
     sa.Column("next_offset", sa.BigInteger, nullable=False),
+    sa.Column("anchor_offset", sa.BigInteger),
+    sa.Column("anchor_digest", sa.String),
 )
+ANCHOR_COLUMNS = ("anchor_offset", "anchor_digest")
 
 meta = sa.Table(
     "meta",

@@ -83,6 +83,7 @@ def _archive(manifest: Service, cfg: Settings, group: str | None, until_end: boo
         group=group,
         flush_bytes=cfg.archive.flush_bytes,
         flush_seconds=cfg.archive.flush_seconds,
+        on_new_log=cfg.positions.on_new_log,
     )
     log.info("archive: writing to %s/archive (group %s)", store.url, group)
     stats = archiver.run(stop_at_end=until_end)

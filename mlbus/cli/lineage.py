@@ -128,7 +128,13 @@ def _project(
 
     store = _store(schema)
     group = group or manifest.group_id(cfg.topic_prefix)
-    projector = LiveProjector(kafka_config(cfg), store, group=group, batch_size=batch)
+    projector = LiveProjector(
+        kafka_config(cfg),
+        store,
+        group=group,
+        batch_size=batch,
+        on_new_log=cfg.positions.on_new_log,
+    )
     log.info("lineage projector: %s → %s", ", ".join(projector.topics), _display(store.url))
     stats = projector.run(stop_at_end=stop_at_end)
     log.info(

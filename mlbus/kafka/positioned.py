@@ -13,11 +13,18 @@ the batch again from the sink's positions.
 
 On every (re)assignment each partition is sought to the position `Sink.positions` returns
 (its beginning when the sink has none), whatever the group committed; so a crash between a
-write and its Kafka commit re-reads nothing the sink holds. A revoked partition's buffer is
-written before it is handed over; a lost one (another member owns it already) is dropped
-unwritten. Records below a partition's position are skipped, never handed to the sink.
-Undecodable records are the sink's business (the archiver keeps them raw, the projector
-records them as skipped): nothing is dead-lettered here.
+write and its Kafka commit re-reads nothing the sink holds. A position that comes with an
+anchor (anchor.py) is checked first: the partition is sought to the anchor's offset, and the
+record found there must be the anchor's. If it is not, the log is a new one: `on_new_log`
+"fail" raises `NewLog` (nothing of that partition is handed to the sink), "restart" calls
+`Sink.restart` (the sink sets aside what it holds of the old log) and reads the partition
+from its beginning. A log that ends before the anchor's offset is new as well (told by the
+fetch's high-water mark where the broker answers such a fetch with nothing; docs/broker.md).
+
+A revoked partition's buffer is written before it is handed over; a lost one (another member
+owns it already) is dropped unwritten. Records below a partition's position are skipped,
+never handed to the sink. Undecodable records are the sink's business (the archiver keeps
+them raw, the projector records them as skipped): nothing is dead-lettered here.
 
 Batches are cut by size and age: with neither limit set every poll is written at once.
 SIGTERM/SIGINT finish the current batch, write what is buffered, commit and leave the group.
@@ -42,6 +49,7 @@ from confluent_kafka import (
 )
 
 from mlbus.errors import TransientError
+from mlbus.kafka.anchor import Anchor, NewLog, Position
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Backoff, Consumed, next_batch
 from mlbus.signals import install_stop_handlers
@@ -66,9 +74,10 @@ WRITE_BACKOFF = Backoff()
 class Sink(Protocol):
     """Where a positioned loop's records go, and where its positions are kept."""
 
-    def positions(self, partitions: Sequence[Partition]) -> Mapping[Partition, int]:
-        """The next offset to read of each of `partitions` (newly assigned); a partition
-        left out starts at its beginning. `TransientError` is retried with backoff."""
+    def positions(self, partitions: Sequence[Partition]) -> Mapping[Partition, int | Position]:
+        """The next offset to read of each of `partitions` (newly assigned), with the anchor
+        of its log when the sink keeps one (`Position`); a partition left out starts at its
+        beginning. `TransientError` is retried with backoff."""
         ...
 
     def write(self, batch: Batch, positions: Mapping[Partition, int]) -> None:
@@ -84,6 +93,18 @@ class Sink(Protocol):
         ...
 
 
+class Restartable(Protocol):
+    """A sink that can continue a partition from the beginning of a new log
+    (`on_new_log="restart"`)."""
+
+    def restart(self, partition: Partition, old: Anchor) -> None:
+        """`partition`'s log is a new one; `old` anchors what the sink holds of the old log.
+        Make the sink hold no position of `partition` any more (durably: a crash before the
+        next write must not bring the old position back), setting aside, not splicing, what
+        it holds of the old log. Raising ends `run`; the next run detects the new log again."""
+        ...
+
+
 @dataclass
 class PositionedStats:
     records: int = 0  # records written
@@ -91,20 +112,24 @@ class PositionedStats:
     commits: int = 0  # Kafka commits (informational)
     skipped: int = 0  # records below their partition's position (the sink has them)
     retries: int = 0  # writes that raised TransientError
+    new_logs: int = 0  # partitions found on a new log and restarted from their beginning
 
 
 class _Part:
     """One assigned partition: the records buffered and the offset after them."""
 
-    __slots__ = ("at_end", "key", "next", "records", "tp", "written")
+    __slots__ = ("at_end", "key", "next", "records", "tp", "verify", "written")
 
-    def __init__(self, tp: tuple[str, int], key: Partition, start: int | None) -> None:
+    def __init__(
+        self, tp: tuple[str, int], key: Partition, start: int | None, verify: Anchor | None = None
+    ) -> None:
         self.tp = tp  # (Kafka topic, partition)
         self.key = key  # (event type, partition)
         self.next = start if start is not None else 0  # first offset not yet taken
         self.written = start  # the position the sink holds; None: nothing yet
         self.records: list[Consumed] = []
         self.at_end = False
+        self.verify = verify  # the anchor still to be found at its offset
 
 
 class PositionedLoop:
@@ -113,7 +138,8 @@ class PositionedLoop:
     `max_bytes` and `max_seconds` cut batches: a write happens once the buffer holds
     `max_bytes` (key and value bytes plus `RECORD_OVERHEAD` a record) or its oldest record
     has waited `max_seconds`; with neither set, each poll of up to `batch_size` records is
-    written at once.
+    written at once. `on_new_log` ("fail" or "restart") is what a partition found on a new
+    log does (the module docstring); "restart" needs a sink with `restart` (`Restartable`).
     """
 
     def __init__(
@@ -130,7 +156,13 @@ class PositionedLoop:
         poll_timeout: float = 0.5,
         backoff: Backoff = WRITE_BACKOFF,
         consumer_overrides: Mapping[str, Any] | None = None,
+        on_new_log: str = "fail",
     ) -> None:
+        if on_new_log not in ("fail", "restart"):
+            raise ValueError(f"on_new_log {on_new_log!r}: the loop fails or restarts")
+        if on_new_log == "restart" and not hasattr(sink, "restart"):
+            raise ValueError(f"{name}: its sink cannot restart a partition on a new log")
+        self.on_new_log = on_new_log
         self.kafka = kafka
         self.sink = sink
         self.group = group
@@ -156,6 +188,7 @@ class PositionedLoop:
         self._retry_at = 0.0
         self._paused = False
         self._logged_caught_up = False  # once per assignment
+        self._verifying = False  # some partition's anchor is still to be checked
         self._stopping = threading.Event()
 
     # -- control ---------------------------------------------------------------------------
@@ -209,14 +242,19 @@ class PositionedLoop:
             # The per-record work of both services is this loop: kept to attribute reads.
             taken = 0
             size = 0
+            restarted: set[tuple[str, int]] = set()  # this batch's rest of them is stale
             for message in next_batch(consumer, self.batch_size, self.poll_timeout):
                 error = message.error()
                 if error is not None:
-                    self._on_message_error(message, error)
+                    self._on_message_error(message, error, restarted)
                     continue
-                part = parts.get((message.topic(), message.partition()))
-                if part is None:
+                tp = (message.topic(), message.partition())
+                part = parts.get(tp)
+                if part is None or tp in restarted:
                     continue  # revoked while this batch was in hand: the new owner reads it
+                if part.verify is not None:  # the first record read is the anchor's, or not
+                    self._check(part, Anchor.of_message(message), restarted)
+                    continue  # below the position (the sink has it), or stale after a restart
                 offset = message.offset()
                 if offset < part.next:
                     self.stats.skipped += 1  # the sink has it (see the module docstring)
@@ -235,6 +273,8 @@ class PositionedLoop:
                     self._oldest = time.monotonic()
                 self._buffered += taken
                 self._bytes += size
+            if self._verifying:
+                self._ends_before_anchors(restarted)
             if self._due() and time.monotonic() >= self._retry_at:
                 self._try_write()
             if parts and all(p.at_end for p in parts.values()):
@@ -334,11 +374,17 @@ class PositionedLoop:
         # one synchronous commit of every position, which also confirms the asynchronous ones
         self._commit(list(self._parts.values()), asynchronous=False)
 
-    def _on_message_error(self, message: Consumed, error: KafkaError) -> None:
+    def _on_message_error(
+        self, message: Consumed, error: KafkaError, restarted: set[tuple[str, int]]
+    ) -> None:
         if error.code() == _EOF:
-            part = self._parts.get((message.topic(), message.partition()))
-            if part is not None:
-                part.at_end = True
+            tp = (message.topic(), message.partition())
+            part = self._parts.get(tp)
+            if part is not None and tp not in restarted:
+                if part.verify is not None:  # the log ends before the anchor
+                    self._check(part, None, restarted)
+                else:
+                    part.at_end = True
         elif error.fatal():
             raise TransientError(f"{self.name} consumer: {error.str()}")
         else:
@@ -350,27 +396,89 @@ class PositionedLoop:
                 "%s: commit failed (the positions are kept by the sink): %s", self.name, error.str()
             )
 
+    # -- log identity ----------------------------------------------------------------------
+
+    def _check(self, part: _Part, found: Anchor | None, restarted: set[tuple[str, int]]) -> None:
+        """`found`: the first record read of a partition sought to its anchor (None: its
+        end came first). The same record: the same log. Otherwise `NewLog`, or a restart."""
+        anchor = part.verify
+        assert anchor is not None
+        if found == anchor:
+            part.verify = None
+            return
+        error = NewLog(self.name, part.key[0], part.key[1], anchor, found)
+        if self.on_new_log != "restart":
+            raise error
+        log.warning("%s; restarting it from its beginning (on_new_log=restart)", error)
+        self.sink.restart(part.key, anchor)  # type: ignore[attr-defined]  # checked in __init__
+        self.stats.new_logs += 1
+        part.verify = None
+        part.next = 0
+        part.written = None
+        part.at_end = False
+        restarted.add(part.tp)
+        assert self._consumer is not None
+        self._consumer.seek(TopicPartition(*part.tp, OFFSET_BEGINNING))
+
+    def _ends_before_anchors(self, restarted: set[tuple[str, int]]) -> None:
+        """Partitions whose log ends at or before their anchor's offset: a new log. Apache
+        Kafka answers a fetch past the end with OFFSET_OUT_OF_RANGE (then the reset to the
+        beginning brings a record that is not the anchor's); the embedded broker answers
+        nothing at all, but its fetch responses carry the right high-water mark, which
+        librdkafka caches (docs/broker.md). In the same log the anchor lies below it."""
+        consumer = self._consumer
+        assert consumer is not None
+        for part in [p for p in self._parts.values() if p.verify is not None]:
+            try:
+                _, high = consumer.get_watermark_offsets(TopicPartition(*part.tp), cached=True)
+            except KafkaException:
+                continue  # nothing fetched yet
+            if part.verify is not None and 0 <= high <= part.verify.offset:
+                self._check(part, None, restarted)
+        self._verifying = any(p.verify is not None for p in self._parts.values())
+
     # -- rebalances: positions come from the sink ------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(self.kafka.event_type(tp.topic), tp.partition) for tp in partitions]
-        starts = self._positions(keys)
+        found = self._positions(keys)
+        starts: dict[Partition, int] = {}
         for tp, key in zip(partitions, keys, strict=True):
-            start = starts.get(key)
-            tp.offset = OFFSET_BEGINNING if start is None else start
-            self._parts[(tp.topic, tp.partition)] = _Part((tp.topic, tp.partition), key, start)
+            position = found.get(key)
+            if isinstance(position, int):
+                position = Position(position)
+            start = anchor = None
+            if position is not None:
+                start, anchor = position.next, position.anchor
+                starts[key] = start
+                if anchor is None:
+                    log.warning(
+                        "%s: %s/%d: position %d has no log anchor (stored before anchors "
+                        "were kept): assumed to belong to this log",
+                        self.name,
+                        *key,
+                        start,
+                    )
+                elif anchor.offset >= start:  # a sink's defect: anchors lie below positions
+                    raise ValueError(f"{self.name}: {key}: anchor {anchor} at/after {start}")
+            # sought to the anchor, whose record is read back and compared before the rest
+            tp.offset = OFFSET_BEGINNING if start is None else anchor.offset if anchor else start
+            self._parts[(tp.topic, tp.partition)] = _Part(
+                (tp.topic, tp.partition), key, start, anchor
+            )
         if self._cooperative:
             consumer.incremental_assign(partitions)
         else:  # eager: `partitions` is the whole assignment
             consumer.assign(partitions)
         self._logged_caught_up = False
+        self._verifying = any(p.verify is not None for p in self._parts.values())
         log.info(
             "%s: assigned %s",
             self.name,
             ", ".join(f"{t}/{p}@{starts.get((t, p), 0)}" for t, p in keys) or "nothing",
         )
 
-    def _positions(self, keys: list[Partition]) -> Mapping[Partition, int]:
+    def _positions(self, keys: list[Partition]) -> Mapping[Partition, int | Position]:
         attempt = 0
         while True:
             try:

@@ -386,3 +386,61 @@ class Producing:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(DEADLINE)
+
+
+# -- new logs -----------------------------------------------------------------------------
+
+
+def new_log(kafka: KafkaConfig) -> KafkaConfig:
+    """`kafka` on a new log: every catalog topic again, empty, under a fresh prefix. What a
+    store keyed by contract topic sees after its topics were recreated or its broker
+    restarted empty (stores key positions by the contract's name, not the prefix)."""
+    from dataclasses import replace
+
+    from mlbus.kafka.admin import apply_topics
+
+    fresh = replace(kafka, topic_prefix=f"t{os.urandom(5).hex()}.")
+    apply_topics(fresh)
+    return fresh
+
+
+def copy_log(kafka: KafkaConfig, to: KafkaConfig, topics: Sequence[str]) -> int:
+    """Every record of `topics` re-produced into `to` as it was: same partition, key, value,
+    headers and CreateTime, in order, so each lands at its old offset (a byte-identical
+    restore of the log). Returns the number of records copied."""
+    from mlbus.kafka.reader import read_log
+
+    producer = Producer(
+        {"bootstrap.servers": to.bootstrap, "linger.ms": 5, "enable.idempotence": True}
+    )
+    failures: list[KafkaError] = []
+    copied = 0
+    for record in read_log(kafka, topics):
+        producer.produce(
+            to.topic(record.topic),
+            record.value,
+            record.key,
+            partition=record.partition,
+            headers=list(record.headers),
+            timestamp=record.timestamp_ms or 0,
+            on_delivery=lambda err, msg: failures.append(err) if err else None,
+        )
+        copied += 1
+    assert producer.flush(DEADLINE) == 0 and not failures, f"not delivered: {failures}"
+    return copied
+
+
+def recreate_topics(kafka: KafkaConfig, topics: Sequence[str]) -> None:
+    """Delete `topics` and create them again, empty (the other way to a new log)."""
+    from confluent_kafka.admin import AdminClient
+
+    from mlbus.kafka.admin import apply_topics
+
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    for future in admin.delete_topics([kafka.topic(t) for t in topics]).values():
+        future.result(DEADLINE)
+    wait_until(
+        lambda: not set(map(kafka.topic, topics)) & set(admin.list_topics(timeout=10).topics),
+        "the topics to be gone",
+    )
+    apply_topics(kafka)
