@@ -207,3 +207,11 @@ def test_an_object_that_changes_during_a_trusted_read_is_refused(local: ObjectSt
     with pytest.raises(HashMismatch, match="changed while it was read"):
         list(batches)
     reader.close()
+
+
+def test_mlbus_up_passes_the_choice_to_its_services(tmp_path: Path) -> None:
+    from mlbus.cli.platform import service_env
+
+    for choice in ("full", "cached"):
+        cfg = Settings(data_dir=tmp_path / "data", verify=choice)
+        assert service_env(cfg)["MLBUS_VERIFY"] == choice
