@@ -94,9 +94,10 @@ RefPart = Annotated[str, Path(pattern=r"^[^@]*[^@\s][^@]*$")]
 def create_router(
     registry: Callable[[], DatasetRegistry], limits: LimitsSettings | None = None
 ) -> APIRouter:
-    """The routes; an .npz may unpack to `limits.max_archive_bytes` (the default unless
-    given)."""
+    """The routes; an .npz may unpack to `limits.max_archive_bytes`, a Parquet row group to
+    `limits.max_row_group_bytes` (the defaults unless given)."""
     unpacked = (limits or LimitsSettings()).max_archive_bytes
+    row_group = (limits or LimitsSettings()).max_row_group_bytes
     router = APIRouter(prefix="/datasets", tags=["datasets"])
 
     @router.post(
@@ -129,6 +130,7 @@ def create_router(
                     upload.filename or "upload",
                     kind,
                     max_archive_bytes=unpacked,
+                    max_row_group_bytes=row_group,
                 )
                 return _register(registry(), source, fields)
 
@@ -143,7 +145,9 @@ def create_router(
             def run() -> Registered:
                 reg = registry()
                 fs, path = reg.store.resolve(str(fields["uri"]))
-                source = open_source(path, fs, max_archive_bytes=unpacked)
+                source = open_source(
+                    path, fs, max_archive_bytes=unpacked, max_row_group_bytes=row_group
+                )
                 return _register(reg, source, fields)
 
         result = await run_in_threadpool(run)

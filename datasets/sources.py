@@ -2,7 +2,9 @@
 batches (never whole in memory): Parquet, CSV, a NumPy `.npz`, or an in-memory table.
 Unreadable or malformed input raises `InvalidDataset` naming the problem. An `.npz` is read
 whole, so its members' declared uncompressed sizes are checked against a limit
-(`limits.max_archive_bytes`) before any member is decompressed."""
+(`limits.max_archive_bytes`) before any member is decompressed. A Parquet file is read one
+row group at a time, so its row groups' declared uncompressed sizes are checked against
+`limits.max_row_group_bytes` from the footer before any is read."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import pyarrow.parquet as pq
 
 from mlbus.errors import Invalid
 from mlbus.settings import LimitsSettings
-from mlbus.tables import iter_row_groups
+from mlbus.tables import check_row_groups, iter_row_groups
 
 #: Rows per batch read from inputs: the writer's row-group size, so that re-cutting input
 #: into canonical row groups is zero-copy.
@@ -46,9 +48,11 @@ def open_source(
     format: str | None = None,
     *,
     max_archive_bytes: int | None = None,
+    max_row_group_bytes: int | None = None,
 ) -> Source:
     """Open a Parquet, CSV or .npz file (by suffix unless `format` says) on `fs` (local by
-    default); an .npz may unpack to `max_archive_bytes` (the setting's default unless given)."""
+    default); an .npz may unpack to `max_archive_bytes`, a Parquet row group to
+    `max_row_group_bytes` (the settings' defaults unless given)."""
     name = str(path)
     kind = format or Path(name).suffix.lower().lstrip(".")
     opener = fs.open if fs is not None else open
@@ -63,22 +67,38 @@ def open_source(
     local = fs is None or "file" in getattr(fs, "protocol", ())
     if local and kind != "npz":
         # pyarrow's native file reader: no Python file object, no copies into Python bytes.
-        return open_stream(pa.OSFile(name, "rb"), size, name, kind)
-    return open_stream(opener(name, "rb"), size, name, kind, max_archive_bytes=max_archive_bytes)
+        return open_stream(
+            pa.OSFile(name, "rb"), size, name, kind, max_row_group_bytes=max_row_group_bytes
+        )
+    return open_stream(
+        opener(name, "rb"),
+        size,
+        name,
+        kind,
+        max_archive_bytes=max_archive_bytes,
+        max_row_group_bytes=max_row_group_bytes,
+    )
 
 
 FORMATS = ("parquet", "pq", "csv", "txt", "npz")
 
 
 def open_stream(
-    handle: Any, size: int | None, name: str, kind: str, *, max_archive_bytes: int | None = None
+    handle: Any,
+    size: int | None,
+    name: str,
+    kind: str,
+    *,
+    max_archive_bytes: int | None = None,
+    max_row_group_bytes: int | None = None,
 ) -> Source:
     """A source from an open binary file (an upload, say); `kind` is a FORMATS entry."""
     if size == 0:
         handle.close()
         raise InvalidDataset(f"{name}: the file is empty")
     if kind in ("parquet", "pq"):
-        return _parquet(handle, size or 0, name)
+        limit = max_row_group_bytes or LimitsSettings().max_row_group_bytes
+        return _parquet(handle, size or 0, name, limit)
     if kind in ("csv", "txt"):
         return _csv(handle, size or 0, name)
     if kind == "npz":
@@ -112,14 +132,20 @@ def _check_unpacked_size(handle: Any, name: str, limit: int) -> None:
     handle.seek(0)
 
 
-def _parquet(handle: Any, size: int, name: str) -> Source:
+def _parquet(handle: Any, size: int, name: str, max_row_group_bytes: int) -> Source:
     try:
         file = pq.ParquetFile(handle, pre_buffer=False)
+        check_row_groups(file, name, max_row_group_bytes, InvalidDataset)
     except (pa.ArrowInvalid, OSError) as e:
         handle.close()
         raise InvalidDataset(f"{name}: not a Parquet file ({e})") from None
+    except InvalidDataset:
+        handle.close()
+        raise
 
     def batches() -> Iterator[pa.RecordBatch]:
+        # One row group decoded at a time (pre-buffering off: it would keep every row
+        # group's compressed bytes until the end), each released before the next is read.
         try:
             yield from iter_row_groups(file, batch_size=READ_BATCH_ROWS)
         except pa.ArrowInvalid as e:

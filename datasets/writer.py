@@ -6,6 +6,11 @@ Canonical means the bytes depend only on the rows and the writer's fixed setting
 how the input was chunked: rows are re-cut into row groups of exactly ROW_GROUP_ROWS, so the
 same data registered twice (from the same file, or a different chunking of it) has the same
 sha256, which is its version id.
+
+Dictionary pages are capped at 128 KiB: a column with more distinct values than that per row
+group falls back to plain encoding early. With pyarrow's 1 MiB default, the dictionary memo
+of one high-cardinality float64 column of a row group alone took 32 MB (more than a whole
+row group of a 27-column table), and the half-dictionary-encoded chunk was larger on disk.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ WRITER_OPTIONS = dict(
     use_dictionary=True,
     write_statistics=True,
     data_page_size=1 << 20,
+    dictionary_pagesize_limit=128 * 1024,
 )
 
 
@@ -72,7 +78,11 @@ class Written:
 
 
 def canonical_batches(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
-    """Re-cut a stream into batches of exactly `rows` rows (the last one shorter)."""
+    """Re-cut a stream into batches of exactly `rows` rows (the last one shorter).
+
+    No reference to a batch outlives its use: the next input batch is read (decoded, for a
+    Parquet source) only after the previous one and every slice of it are released, so at
+    most one input batch and one output batch are alive at once."""
     pending: list[pa.RecordBatch] = []
     held = 0
     for batch in batches:
@@ -82,8 +92,11 @@ def canonical_batches(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[
             held += take
             batch = batch.slice(take)
             if held == rows:
-                yield _combine(pending)
+                out = _combine(pending)
                 pending, held = [], 0
+                yield out
+                del out
+        del batch  # an empty slice still holds its parent's buffers
     if held:
         yield _combine(pending)
 
@@ -118,6 +131,7 @@ def write_canonical(
             rows += batch.num_rows
             if progress is not None:
                 progress(rows, sink.written)
+            del batch  # released before the next one is cut (and read)
     finally:
         writer.close()
     if rows == 0:

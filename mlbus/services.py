@@ -132,9 +132,10 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "validator",
         folder="datasets/",
-        role="checks each new dataset version against its bytes (hash, schema, rows)",
+        role="checks each new dataset version against its bytes (hash, schema, rows, "
+        "version) and adds missing column statistics",
         source="mlbus/datasets",
-        reads=("dataset.created",),
+        reads=("dataset.created", "dataset.validated"),
         writes=("dataset.validated", DEADLETTER),
         build="mlbus.cli.datasets:run_validator",
         deployment=Deployment(
@@ -225,7 +226,13 @@ SERVICES: tuple[Service, ...] = (
         folder="streams/",
         role="faust processors: windowed metrics, drift, alerts, Prometheus",
         source="mlbus/streams",
-        reads=("inference.logged", "dataset.created", "training.completed", "model.promoted"),
+        reads=(
+            "inference.logged",
+            "dataset.created",
+            "dataset.validated",
+            "training.completed",
+            "model.promoted",
+        ),
         writes=("serving.metrics", "serving.alert", DEADLETTER),
         build="mlbus.cli.streams:run_streams",
         deployment=Deployment(

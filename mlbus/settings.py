@@ -152,6 +152,12 @@ class LimitsSettings(_Section):
         ge=1024,
         description="an .npz whose members declare more uncompressed bytes is refused unread",
     )
+    max_row_group_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=1024,
+        description="a Parquet file with a row group of more uncompressed bytes (as its footer "
+        "declares) is refused unread, when registered or validated",
+    )
 
 
 class Settings(BaseSettings):
@@ -190,6 +196,12 @@ class Settings(BaseSettings):
     )
     max_event_bytes: int = Field(
         default=1024 * 1024, ge=1024, description="larger records are dead-lettered unread"
+    )
+    verify: Literal["cached", "full"] = Field(
+        default="cached",
+        description="dataset reads: 'cached' hashes an object fully the first time and trusts "
+        "its unchanged identity (inode, size, times; S3 ETag) afterwards, recorded in "
+        "data_dir/verified; 'full' hashes every byte of every read (CLI: --verify full)",
     )
     api_token: SecretStr | None = Field(
         default=None, description="bearer token for mutating/control HTTP endpoints; None = open"

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import fsspec
 
 from mlbus.errors import Invalid, InvalidPath, MlbusError, TransientError
+from mlbus.verified import VerifiedObjects
 
 STAGING = "_staging"
 
@@ -118,10 +119,15 @@ class ObjectStore:
     def from_settings(cls, settings: Any) -> ObjectStore:
         store = cls(settings.object_store_url, s3_endpoint_url=settings.s3_endpoint_url or None)
         store.allowed_roots = list(settings.allowed_roots)
+        if settings.verify == "cached":
+            store.verified = VerifiedObjects(Path(settings.data_dir) / "verified")
         return store
 
     #: Folders and URI prefixes outside the store that data may be read from.
     allowed_roots: list[str] = []
+    #: Objects whose full hash matched before, by identity (mlbus/verified.py); None: every
+    #: verified read hashes every byte.
+    verified: VerifiedObjects | None = None
 
     def resolve(self, uri: str) -> tuple[Any, str]:
         """(filesystem, path) of a URI inside the store or an allowed root; refuses the rest

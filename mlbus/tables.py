@@ -5,7 +5,10 @@ Given the URI and content hash an event carries, `DatasetReader` streams the ver
 Arrow record batches (column projection, batch size) and verifies the sha256 of the stored
 bytes. The hash is computed by a second, sequential read in a thread while pyarrow decodes
 (hashlib releases the GIL), and checked when the stream ends: a consumer must treat what it
-read as unverified until the iterator is exhausted without a `HashMismatch`.
+read as unverified until the iterator is exhausted without a `HashMismatch`. When the store
+has a cache of verified objects (`mlbus.verified`, on unless `verify = "full"`), an object
+whose identity (inode, size, times; an S3 ETag) matches one whose full hash matched before is
+not hashed again; an identity that changes during the read is a `HashMismatch`.
 """
 
 from __future__ import annotations
@@ -20,8 +23,44 @@ import pyarrow.parquet as pq
 
 from mlbus.errors import MlbusError
 from mlbus.storage import ObjectStore, StorageError, translated
+from mlbus.verified import Identity, VerifiedObjects, object_identity
 
 CHUNK = 8 * 1024 * 1024
+
+
+class _Tally:
+    """Bytes hashed by `sha256_of` in this process: what the verification cache saves."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.bytes += n
+
+
+HASHED = _Tally()
+
+
+def check_row_groups(
+    file: pq.ParquetFile, name: str, limit: int, error: type[Exception] = StorageError
+) -> None:
+    """Raise `error` if a row group declares more than `limit` uncompressed bytes: reading
+    decompresses a whole row group at once, so this bounds memory before anything is read.
+    The larger of the row group's total_byte_size and the sum of its column chunks'
+    uncompressed sizes counts (writers fill in one or the other)."""
+    metadata = file.metadata
+    for index in range(metadata.num_row_groups):
+        group = metadata.row_group(index)
+        columns = sum(group.column(c).total_uncompressed_size for c in range(group.num_columns))
+        size = max(group.total_byte_size, columns)
+        if size > limit:
+            raise error(
+                f"{name}: row group {index} ({group.num_rows} rows) is {size} bytes "
+                f"uncompressed, over the limit of {limit} bytes "
+                "(MLBUS_LIMITS__MAX_ROW_GROUP_BYTES); write it with smaller row groups"
+            )
 
 
 def iter_row_groups(
@@ -31,12 +70,17 @@ def iter_row_groups(
 
     `ParquetFile.iter_batches` with pyarrow's default `pre_buffer=True` caches the compressed
     bytes of every row group it has read until the iteration ends, i.e. the whole file;
-    reading row group by row group bounds memory by the largest row group.
+    reading row group by row group bounds memory by the largest row group (see
+    `check_row_groups`).
     """
     for index in range(file.num_row_groups):
         group = file.read_row_group(index, columns=columns, use_threads=True)
-        yield from group.to_batches(max_chunksize=batch_size)
+        batches = group.to_batches(max_chunksize=batch_size)
         del group
+        while batches:
+            # Handed over and forgotten here: once the consumer drops a batch, nothing of
+            # this row group keeps it alive while the next row group is decoded.
+            yield batches.pop(0)
 
 
 class HashMismatch(MlbusError):
@@ -50,6 +94,7 @@ def sha256_of(fs: Any, path: str, stop: threading.Event | None = None) -> str:
     with fs.open(path, "rb", block_size=CHUNK) as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
+            HASHED.add(len(chunk))
             if stop is not None and stop.is_set():
                 break
     return "sha256:" + digest.hexdigest()
@@ -71,7 +116,10 @@ class _Hasher(threading.Thread):
 
 
 class DatasetReader:
-    """One dataset version on the object store (or an allowed root)."""
+    """One dataset version on the object store (or an allowed root). After a full
+    iteration, `verified_by` says how its bytes were checked: "sha256" (hashed while
+    decoded), "cache" (an unchanged object whose hash matched before) or None (verify=False).
+    """
 
     def __init__(
         self,
@@ -90,15 +138,24 @@ class DatasetReader:
         self.columns = list(columns) if columns is not None else None
         self.batch_size = batch_size
         self.verify = verify
+        self.verified_by: str | None = None
         self.fs, self.path = store.resolve(uri)
+        self._cache: VerifiedObjects | None = store.verified if verify else None
         local = "file" in getattr(self.fs, "protocol", ())
         with translated(f"reading {uri}"):  # local files through pyarrow's native reader
+            # Before opening: if the object is replaced after this, the identity at the end
+            # of the read differs, and the cache is not trusted.
+            self._identity = self._now() if self._cache is not None else None
             source = self.path if local else self.fs.open(self.path, "rb", block_size=CHUNK)
             # Pre-buffering (coalesced reads) pays off on object stores, not on local disks.
             self._file = pq.ParquetFile(source, pre_buffer=not local)
         missing = [c for c in self.columns or [] if c not in self._file.schema_arrow.names]
         if missing:
             raise StorageError(f"{uri} has no column(s) {', '.join(missing)}")
+
+    def _now(self) -> Identity | None:
+        with translated(f"reading {self.uri}"):
+            return object_identity(self.fs, self.path)
 
     @property
     def schema(self) -> pa.Schema:
@@ -112,7 +169,13 @@ class DatasetReader:
         return self._file.metadata.num_rows
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
-        hasher = _Hasher(self.fs, self.path) if self.verify else None
+        cached = (
+            self._cache.lookup(self.fs, self.path, self._identity)
+            if self._cache is not None
+            else None
+        )
+        trusted = cached is not None and cached == self.content_hash
+        hasher = _Hasher(self.fs, self.path) if self.verify and not trusted else None
         if hasher is not None:
             hasher.start()
         finished = False
@@ -127,8 +190,18 @@ class DatasetReader:
                 if not finished:
                     hasher.stop.set()
                 hasher.join()
-        if hasher is not None:
+        if trusted:
+            if self._now() != self._identity:
+                raise HashMismatch(
+                    f"{self.uri}: the object changed while it was read (its size, times or "
+                    "ETag differ from when the read began); read it again"
+                )
+            self.verified_by = "cache"
+        elif hasher is not None:
             self._check(hasher)
+            self.verified_by = "sha256"
+            if self._cache is not None and hasher.result is not None:
+                self._cache.record(self.fs, self.path, self._identity, self._now(), hasher.result)
 
     def _check(self, hasher: _Hasher) -> None:
         if hasher.error is not None:

@@ -85,7 +85,8 @@ CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("dataset.created", DatasetCreated, "name", 3,
               "a new immutable dataset version exists", "datasets, upstream systems"),
     TopicSpec("dataset.validated", DatasetValidated, "name", 3,
-              "a dataset.created checked against its bytes (hash, schema, rows)", "datasets"),
+              "a dataset.created checked against its bytes (hash, schema, rows, version), with "
+              "its column statistics", "datasets"),
     TopicSpec("training.requested", TrainingRequested, "model", 6,
               "train this spec on this dataset version", "workflow, CLI/API"),
     TopicSpec("training.started", TrainingStarted, "model", 6,

@@ -39,9 +39,19 @@ class ColumnStats(Part):
     top_values: list[ValueCount] | None = None
 
 
+VERSION_DESCRIPTION = (
+    "names one immutable content of the dataset, forever: 1 to 128 letters, digits, '.', '_' "
+    "or '-', starting with a letter or digit. mlbus uses the 64 hex digits of the sha256 of "
+    "the canonical content; an upstream publisher may use its own token (a date such as "
+    "2026-11-21, a run or release id) or the content hash's digits, but 64 hex digits must be "
+    "the content hash's. The validator refuses another format, and a re-announcement of a "
+    "name@version with a different content_hash (announce new content under a new version)"
+)
+
+
 class DatasetCreated(Payload):
     name: Name
-    version: NonEmpty = Field(description="content id: sha256 of the canonical content")
+    version: NonEmpty = Field(description=VERSION_DESCRIPTION)
     uri: NonEmpty = Field(description="where the Parquet data lives (file://, s3://)")
     format: Literal["parquet"] = "parquet"
     content_hash: Sha256 = Field(description="sha256 of the stored bytes at `uri`")
@@ -70,3 +80,11 @@ class DatasetValidated(Payload):
     checks: list[str] = []
     tags: dict[str, str] = Field(default={}, description="copied from the dataset.created")
     label_column: str | None = None
+    columns: dict[str, ColumnStats] = Field(
+        default={},
+        description="column statistics, the drift baseline: the dataset.created's, or "
+        "computed by the validator from the bytes when it had none (stats_computed)",
+    )
+    stats_computed: bool = Field(
+        default=False, description="true when the validator computed `columns` itself"
+    )

@@ -1,9 +1,11 @@
 """Training baselines for drift: which dataset a served (model, version) was trained on, found
 from the log (`model.promoted` → `training.completed` → `dataset.created`), its per-column
-histograms and label distribution, and the Population Stability Index against them.
+histograms and label distribution, and the Population Stability Index against them. An
+upstream `dataset.created` without statistics gets them from its `dataset.validated` (the
+validator computes them from the bytes).
 
-Reads model.promoted, training.completed and dataset.created (group-less, followed for new
-events by a log view, `baseline_view`); writes nothing.
+Reads model.promoted, training.completed, dataset.created and dataset.validated (group-less,
+followed for new events by a log view, `baseline_view`); writes nothing.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from dataclasses import dataclass
 
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.logview import LogView
-from mlbus.schemas.datasets import DatasetCreated
+from mlbus.schemas.datasets import DatasetCreated, DatasetValidated
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import ModelPromoted
 from mlbus.schemas.training import TrainingCompleted
 
 log = logging.getLogger(__name__)
 
-FOLLOWED = ("dataset.created", "training.completed", "model.promoted")
+FOLLOWED = ("dataset.created", "dataset.validated", "training.completed", "model.promoted")
 #: Probability given to an empty bin on either side, so that PSI stays finite (the usual
 #: choice; it caps one empty bin's contribution at a few units).
 EPSILON = 1e-4
@@ -136,6 +138,7 @@ class Baselines:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._datasets: dict[tuple[str, str], DatasetCreated] = {}
+        self._validated: dict[tuple[str, str], DatasetValidated] = {}
         self._runs: dict[str, TrainingCompleted] = {}
         self._trained: dict[tuple[str, str], TrainingCompleted] = {}
         self._promoted: dict[tuple[str, str], ModelPromoted] = {}
@@ -146,6 +149,8 @@ class Baselines:
         with self._lock:
             if isinstance(data, DatasetCreated):
                 self._datasets[(data.name, data.version)] = data
+            elif isinstance(data, DatasetValidated):
+                self._validated.setdefault((data.name, data.version), data)
             elif isinstance(data, TrainingCompleted):
                 self._runs[data.run_id] = data
                 self._trained[(data.model, data.version)] = data
@@ -184,6 +189,9 @@ class Baselines:
         dataset = self._datasets.get((ref.name, ref.version))
         if dataset is None:
             return f"no training baseline: dataset.created {ref.name}@{ref.version} not found"
+        validated = self._validated.get((ref.name, ref.version))
+        if not dataset.columns and validated is not None and validated.columns:
+            dataset = dataset.model_copy(update={"columns": validated.columns})
         baseline = baseline_of(dataset)
         if not baseline.features:
             return f"no training baseline: {ref.name}@{ref.version} has no column histograms"

@@ -37,9 +37,19 @@ def _global(
         typer.Option("--data-dir", help="local state folder [env: MLBUS_DATA_DIR; default .mlbus]"),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    verify: Annotated[
+        str | None,
+        typer.Option(
+            "--verify",
+            help="dataset reads: 'cached' (hash once, then trust an unchanged object) or "
+            "'full' (hash every read) [env: MLBUS_VERIFY; default cached]",
+        ),
+    ] = None,
 ) -> None:
     if data_dir is not None:
         _overrides["data_dir"] = data_dir
+    if verify is not None:
+        _overrides["verify"] = verify
     settings = load_settings(**_overrides)
     level = logging.DEBUG if verbose else getattr(logging, settings.log_level)
     if err_console.is_terminal:

@@ -64,7 +64,13 @@ def register(
     tags = key_values(tag, "--tag")  # bad options fail before anything is contacted
     with _registry() as registry:  # closes its log view
         fs, resolved = registry.store.resolve(path)
-        source = open_source(resolved, fs, max_archive_bytes=settings().limits.max_archive_bytes)
+        limits = settings().limits
+        source = open_source(
+            resolved,
+            fs,
+            max_archive_bytes=limits.max_archive_bytes,
+            max_row_group_bytes=limits.max_row_group_bytes,
+        )
         options: dict[str, Any] = dict(
             name=name,
             label=label,
@@ -193,11 +199,15 @@ def run_validator(manifest: Service, cfg: Settings) -> None:
     kafka = kafka_config(cfg)
     store = ObjectStore.from_settings(cfg)
     with EventProducer(kafka, source=manifest.source) as producer:
+        validator = Validator(store, producer, limits=cfg.limits)
         loop = ConsumerLoop(
             kafka,
             group=manifest.group_id(cfg.topic_prefix),
             name=manifest.name,
-            handlers={"dataset.created": Validator(store, producer)},
+            handlers={"dataset.created": validator},
         )
         console.print("validating dataset.created; Ctrl-C stops")
-        loop.run()
+        try:
+            loop.run()
+        finally:
+            validator.close()

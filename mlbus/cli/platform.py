@@ -135,9 +135,11 @@ def service_output(names: list[str]) -> Callable[[str, str], None]:
 
 def service_env(cfg: Settings) -> dict[str, str]:
     """The services' environment: the caller's, with the data dir made absolute (they find
-    the embedded broker through it) and output that suits a merged log."""
+    the embedded broker through it), the global options' settings, and output that suits a
+    merged log."""
     env = dict(os.environ)
     env["MLBUS_DATA_DIR"] = str(cfg.data_dir.resolve())
+    env["MLBUS_VERIFY"] = cfg.verify  # `mlbus --verify full up` reaches every service
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("COLUMNS", "160")  # rich wraps piped output at 80 columns otherwise
     if cfg.embedded:

@@ -272,3 +272,30 @@ def test_a_source_is_read_in_bounded_memory(tmp_path: Path, kind: str) -> None:
         f"(small: {peaks['small'] / 2**20:.0f} MiB, large: {peaks['large'] / 2**20:.0f} MiB): "
         f"the {kind} file is held in memory, not streamed"
     )
+
+
+# -- the row-group limit ---------------------------------------------------------------------
+
+
+def test_a_row_group_over_the_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "big-groups.parquet"
+    table = pa.table({"x": np.arange(100_000, dtype=np.float64), "y": np.arange(100_000)})
+    pq.write_table(table, path, row_group_size=40_000)  # ~640 KB uncompressed each
+    limit = 200_000
+
+    with pytest.raises(InvalidDataset) as refused:
+        open_source(path, max_row_group_bytes=limit)
+    message = str(refused.value)
+    assert "row group 0 (40000 rows)" in message and f"limit of {limit} bytes" in message
+    assert "MLBUS_LIMITS__MAX_ROW_GROUP_BYTES" in message
+
+    with pytest.raises(InvalidDataset, match="row group 0"):  # an upload: the same check
+        open_stream(
+            io.BytesIO(path.read_bytes()),
+            None,
+            "upload.parquet",
+            "parquet",
+            max_row_group_bytes=limit,
+        )
+
+    assert consume(path, max_row_group_bytes=1_000_000).equals(table)  # under it: read

@@ -18,6 +18,7 @@ import pytest
 
 from mlbus.datasets.registry import DatasetRegistry
 from mlbus.datasets.sources import from_table
+from mlbus.datasets.stats import StatsBuilder
 from mlbus.datasets.validator import CHECKS, Validator, check, validated_id
 from mlbus.errors import TransientError
 from mlbus.kafka.config import KafkaConfig
@@ -26,6 +27,7 @@ from mlbus.kafka.deadletter import original_value
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.codec import STRUCTURED_HEADERS
 from mlbus.schemas.datasets import DatasetCreated
+from mlbus.settings import LimitsSettings
 from mlbus.storage import ObjectStore
 from tests.mlbus.kafka.support import (
     LoopThread,
@@ -83,16 +85,22 @@ def publish_upstream(kafka: KafkaConfig, event: dict[str, Any]) -> None:
     )
 
 
-def run_validator(kafka: KafkaConfig, store: ObjectStore, group: str) -> None:
+def run_validator(
+    kafka: KafkaConfig, store: ObjectStore, group: str, limits: LimitsSettings | None = None
+) -> None:
     """Validate everything on dataset.created, up to the end of the topic."""
     with EventProducer(kafka, source="mlbus/datasets") as producer:
+        validator = Validator(store, producer, limits=limits)
         loop = ConsumerLoop(
             kafka,
             group=group,
             name="datasets-validator",
-            handlers={"dataset.created": Validator(store, producer)},
+            handlers={"dataset.created": validator},
         )
-        run_to_end(loop)
+        try:
+            run_to_end(loop)
+        finally:
+            validator.close()
 
 
 @pytest.fixture(params=STORE_KINDS)
@@ -128,6 +136,9 @@ def test_a_registered_dataset_is_validated_once_by_id(
         50,
     )
     assert d.validator == "validator" and d.checks == CHECKS
+    # The registry computed the statistics: the validated event carries them as they were.
+    assert d.columns == created.data.columns and set(d.columns) == {"x", "label"}
+    assert not d.stats_computed
 
     # Exactly-once effect by id: the same dataset.created processed again (here by another
     # group, as after a crash before the commit) publishes the very same event id.
@@ -246,4 +257,157 @@ def test_an_object_store_outage_is_retried_not_dead_lettered(
                 "the validator to retry or dead-letter",
             )
     assert dead_letters(kafka) == [], "an outage of the object store dead-lettered the event"
+    assert read_events(kafka, "dataset.validated") == []
+
+
+# -- what a version is ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> tuple[ObjectStore, Path]:
+    store = ObjectStore((tmp_path / "store").as_uri())
+    folder = tmp_path / "lake"
+    folder.mkdir()
+    store.allowed_roots = [str(folder)]
+    return store, folder
+
+
+def letters_by_id(kafka: KafkaConfig) -> dict[str, Any]:
+    return {json.loads(original_value(e.data))["id"]: e.data for e in dead_letters(kafka)}
+
+
+def test_a_version_that_is_not_a_version_token_is_refused(
+    lake: tuple[ObjectStore, Path], kafka: KafkaConfig, group: str
+) -> None:
+    store, folder = lake
+    data = table()
+    raw = parquet_bytes(data)
+    path = folder / "orders.parquet"
+    path.write_bytes(raw)
+    other_hex = "ab" * 32  # 64 hex digits that are not the content hash's
+    bad = {
+        version: upstream_event(path.as_uri(), raw, data, version=version)
+        for version in ("nightly run 7", "../2026", "v1@x", "x" * 129, "-v1", other_hex)
+    }
+    content_id = upstream_event(
+        path.as_uri(), raw, data, version=sha256_hex(raw).removeprefix("sha256:")
+    )
+    for event in [*bad.values(), content_id]:
+        publish_upstream(kafka, event)
+
+    run_validator(kafka, store, group)
+
+    letters = letters_by_id(kafka)
+    for version, event in bad.items():
+        letter = letters.get(event["id"])
+        assert letter is not None, f"version {version!r} was not refused"
+        assert letter.reason.startswith("version:"), letter.reason
+    assert "content id" in letters[bad[other_hex]["id"]].reason
+    (validated,) = read_events(kafka, "dataset.validated")
+    assert validated.causationid == content_id["id"]
+
+
+def test_a_version_announced_again_with_other_content_is_refused(
+    lake: tuple[ObjectStore, Path], kafka: KafkaConfig, group: str
+) -> None:
+    store, folder = lake
+    first_data, second_data = table(50), table(60)
+    first_raw, second_raw = parquet_bytes(first_data), parquet_bytes(second_data)
+    (folder / "a.parquet").write_bytes(first_raw)
+    (folder / "b.parquet").write_bytes(second_raw)
+    first = upstream_event((folder / "a.parquet").as_uri(), first_raw, first_data)
+    # The same name@version ("2026-11-21"), other bytes that match their own event.
+    other = upstream_event((folder / "b.parquet").as_uri(), second_raw, second_data)
+    # The same content announced once more (another id): nothing contradicts it.
+    repeated = upstream_event((folder / "a.parquet").as_uri(), first_raw, first_data)
+    for event in (first, other, repeated):
+        publish_upstream(kafka, event)
+
+    run_validator(kafka, store, group)
+
+    letters = letters_by_id(kafka)
+    assert set(letters) == {other["id"]}
+    reason = letters[other["id"]].reason
+    assert reason.startswith("version: lake-orders@2026-11-21 was validated with content hash")
+    assert sha256_hex(first_raw) in reason and "new version" in reason
+    validated = read_events(kafka, "dataset.validated")
+    assert [e.causationid for e in validated] == [first["id"], repeated["id"]]
+
+    # A new validator (its view of dataset.validated read afresh) knows the version too.
+    later = upstream_event((folder / "b.parquet").as_uri(), second_raw, second_data)
+    publish_upstream(kafka, later)
+    run_validator(kafka, store, group)
+    assert later["id"] in letters_by_id(kafka)
+
+
+# -- statistics for datasets announced without them ----------------------------------------
+
+
+def test_an_upstream_dataset_without_statistics_gets_them_in_dataset_validated(
+    lake: tuple[ObjectStore, Path], kafka: KafkaConfig, group: str
+) -> None:
+    store, folder = lake
+    data = pa.table(
+        {
+            "x": pa.array([i / 4 for i in range(3000)]),
+            "kind": pa.array(["a", "b", "b"] * 1000),
+            "label": pa.array([i % 3 for i in range(3000)]),
+        }
+    )
+    sink = io.BytesIO()
+    pq.write_table(data, sink, row_group_size=1000)  # several row groups
+    raw = sink.getvalue()
+    (folder / "orders.parquet").write_bytes(raw)
+    event = upstream_event((folder / "orders.parquet").as_uri(), raw, data)
+    assert "columns" not in event["data"]
+    publish_upstream(kafka, event)
+
+    run_validator(kafka, store, group)
+
+    assert dead_letters(kafka) == []
+    (validated,) = read_events(kafka, "dataset.validated")
+    expected = StatsBuilder(data.schema)
+    for batch in data.to_batches():
+        expected.add(batch)
+    assert validated.data.stats_computed
+    assert validated.data.columns == expected.result()
+    x = validated.data.columns["x"]
+    assert (x.min, x.max, x.histogram is not None) == (0.0, 2999 / 4, True)
+    assert validated.data.columns["kind"].distinct_count == 2
+
+
+def test_computing_statistics_still_checks_the_hash(
+    lake: tuple[ObjectStore, Path], kafka: KafkaConfig, group: str
+) -> None:
+    store, folder = lake
+    data = table()
+    raw = parquet_bytes(data)
+    (folder / "orders.parquet").write_bytes(raw)
+    event = upstream_event(
+        (folder / "orders.parquet").as_uri(), raw, data, content_hash=sha256_hex(b"other")
+    )
+    publish_upstream(kafka, event)
+
+    run_validator(kafka, store, group)
+
+    (letter,) = dead_letters(kafka)
+    assert letter.data.reason.startswith("content_hash:")
+    assert read_events(kafka, "dataset.validated") == []
+
+
+def test_a_row_group_over_the_limit_is_refused_unread(
+    lake: tuple[ObjectStore, Path], kafka: KafkaConfig, group: str
+) -> None:
+    store, folder = lake
+    data = table(5000)
+    raw = parquet_bytes(data)
+    (folder / "orders.parquet").write_bytes(raw)
+    publish_upstream(kafka, upstream_event((folder / "orders.parquet").as_uri(), raw, data))
+
+    run_validator(kafka, store, group, limits=LimitsSettings(max_row_group_bytes=4096))
+
+    (letter,) = dead_letters(kafka)
+    reason = letter.data.reason
+    assert reason.startswith("uri:") and "row group 0" in reason, reason
+    assert "MLBUS_LIMITS__MAX_ROW_GROUP_BYTES" in reason
     assert read_events(kafka, "dataset.validated") == []

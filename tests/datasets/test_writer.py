@@ -8,6 +8,7 @@ import hashlib
 import io
 import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -145,3 +146,34 @@ def test_canonical_batches_recut_exactly() -> None:
     out = list(canonical_batches(iter(table.to_batches(7)), 10))
     assert [b.num_rows for b in out] == [10, 10, 5]
     assert pa.Table.from_batches(out).equals(table)
+
+
+def test_a_multi_row_group_file_is_registered_one_batch_at_a_time(tmp_path: Path) -> None:
+    """Registering from Parquet decodes a row group only once the previous one is released:
+    when the writer asks for the next batch, none of the last one is allocated any more."""
+    table = data(ROW_GROUP_ROWS * 4)
+    path = tmp_path / "four-groups.parquet"
+    pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS)
+    assert pq.ParquetFile(path).num_row_groups == 4
+    source = open_source(path)
+    pool = pa.default_memory_pool()
+    held: list[int] = []
+    sizes: list[int] = []
+
+    def watched(batches: Any) -> Any:
+        base = pool.bytes_allocated()
+        for batch in batches:
+            sizes.append(batch.nbytes)
+            yield batch
+            del batch
+            held.append(pool.bytes_allocated() - base)  # the writer asks for the next one
+
+    written = write_canonical(source.schema, watched(source.batches), io.BytesIO())
+
+    assert len(sizes) == 4 and written.num_rows == table.num_rows
+    assert max(held) < 0.25 * max(sizes), (
+        f"{max(held) / 1e6:.1f} MB still allocated when the next batch is read "
+        f"(a batch is {max(sizes) / 1e6:.1f} MB)"
+    )
+    # The same version as the same rows from memory.
+    assert written.content_hash == write(table, None)[0].content_hash

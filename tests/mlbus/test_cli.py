@@ -557,6 +557,18 @@ def test_settings_shows_the_effective_settings_with_secrets_masked(tmp_path: Pat
     assert shown["data_dir"] == str(tmp_path / "data")
 
 
+def test_verify_full_is_a_global_option_and_a_setting(tmp_path: Path) -> None:
+    env = clean_env(MLBUS_DATA_DIR=str(tmp_path / "data"))
+    assert json.loads(ok(mlbus("settings", env=env)).stdout)["verify"] == "cached"
+    shown = json.loads(ok(mlbus("--verify", "full", "settings", env=env)).stdout)
+    assert shown["verify"] == "full"
+    from_env = json.loads(ok(mlbus("settings", env=env | {"MLBUS_VERIFY": "full"})).stdout)
+    assert from_env["verify"] == "full"
+    result = mlbus("--verify", "sometimes", "settings", env=env)
+    one_line_error(result, "MLBUS_VERIFY", "cached", "full")
+    assert result.returncode == 2
+
+
 # -- mlbus up -------------------------------------------------------------------------------
 
 
