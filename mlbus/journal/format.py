@@ -1,0 +1,346 @@
+"""The journal's files: append-only segments of CRC-framed record batches, and the small JSON
+side files (topics, consumer-group offsets, durable positions). Reads and writes bytes only;
+capture.py fills it from the broker and restore.py replays it (docs/broker.md, "Journal").
+
+Segment: a header (magic, format version, creation time) then frames. A frame is its body's
+length and CRC-32, then the body: one batch of consecutive records of one partition. A frame
+cut short or failing its CRC at the very end of a segment is a torn write (the process or the
+machine died while writing it): reported and skipped, the segment left as it is. Damage
+anywhere else makes the journal unreadable: refused, never rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlbus.errors import JournalTooNew, JournalUnreadable
+
+MAGIC = b"MLBUSJNL"
+#: The format this mlbus writes and the newest it reads. Raise it for any change a reader of
+#: the previous version would misread; keep reading every older one.
+VERSION = 1
+_HEADER = struct.Struct("<8sHHq")  # magic, version, flags, created (ms since the epoch)
+_FRAME = struct.Struct("<II")  # body length, CRC-32 of the body
+_BATCH = struct.Struct("<BHiI")  # kind, topic length, partition, record count
+_RECORD = struct.Struct("<qqbiiH")  # offset, timestamp, timestamp type, key len, value len, headers
+_HEADER_ENTRY = struct.Struct("<Hi")  # header name length, value length (-1: null)
+_KIND_RECORDS = 1
+#: A length this large is damage, not a batch (records are at most a few MB each).
+_MAX_FRAME = 1 << 30
+
+SEGMENT_GLOB = "segment-*.mlj"
+TOPICS_FILE = "topics.json"
+GROUPS_FILE = "groups.json"
+DURABLE_FILE = "durable.json"
+
+Headers = list[tuple[str, str | bytes | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    offset: int
+    timestamp: int
+    timestamp_type: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers | None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    topic: str
+    partition: int
+    records: list[Record]
+
+
+@dataclass
+class Torn:
+    """A torn final write: where it starts and how many bytes it holds."""
+
+    segment: Path
+    position: int
+    size: int
+    reason: str
+
+
+@dataclass
+class Scan:
+    """What reading the journal found."""
+
+    segments: int = 0
+    frames: int = 0
+    records: int = 0
+    bytes: int = 0
+    torn: list[Torn] = field(default_factory=list)
+    per_topic: dict[str, int] = field(default_factory=dict)
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def encode_batch(topic: str, partition: int, records: Sequence[Any]) -> bytes:
+    """One frame holding `records` (confluent-kafka Messages or `Record`s) of one partition,
+    consecutive in the order given."""
+    name = topic.encode()
+    parts = [_BATCH.pack(_KIND_RECORDS, len(name), partition, len(records)), name]
+    pack, pack_header, append = _RECORD.pack, _HEADER_ENTRY.pack, parts.append
+    for m in records:
+        if isinstance(m, Record):
+            offset, (ts_type, ts), key, value, headers = (
+                m.offset,
+                (m.timestamp_type, m.timestamp),
+                m.key,
+                m.value,
+                m.headers,
+            )
+        else:
+            offset, (ts_type, ts), key, value, headers = (
+                m.offset(),
+                m.timestamp(),
+                m.key(),
+                m.value(),
+                m.headers(),
+            )
+        append(
+            pack(
+                offset,
+                ts,
+                ts_type,
+                -1 if key is None else len(key),
+                -1 if value is None else len(value),
+                len(headers) if headers else 0,
+            )
+        )
+        if key:
+            append(key)
+        if value:
+            append(value)
+        if headers:
+            for hname, hvalue in headers:
+                encoded = hname.encode()
+                if isinstance(hvalue, str):
+                    hvalue = hvalue.encode()
+                append(pack_header(len(encoded), -1 if hvalue is None else len(hvalue)))
+                append(encoded)
+                if hvalue:
+                    append(hvalue)
+    body = b"".join(parts)
+    return _FRAME.pack(len(body), zlib.crc32(body)) + body
+
+
+class SegmentWriter:
+    """Appends frames to a new segment of `directory`. `write` hands them to the OS (they
+    survive the death of this process); `sync` makes them survive a power cut."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        existing = segments(directory)
+        number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 1
+        self.path = directory / f"segment-{number:08d}.mlj"
+        # O_EXCL: never append to (or clobber) a segment another writer left behind.
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        self._file = os.fdopen(fd, "ab", buffering=0)
+        self._file.write(_HEADER.pack(MAGIC, VERSION, 0, int(time.time() * 1000)))
+        self.sync()
+        _sync_dir(directory)
+        self.dirty = False
+
+    def write(self, frames: bytes) -> None:
+        view = memoryview(frames)
+        while view:  # an unbuffered write may be partial
+            written = self._file.write(view)
+            view = view[written or 0 :]
+        self.dirty = True
+
+    def sync(self) -> None:
+        os.fsync(self._file.fileno())
+        self.dirty = False
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.sync()
+            self._file.close()
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob(SEGMENT_GLOB))
+
+
+def check_header(path: Path, data: bytes) -> int:
+    """The segment's format version; JournalUnreadable / JournalTooNew otherwise."""
+    if len(data) < _HEADER.size:
+        raise JournalUnreadable(f"{path}: {len(data)} bytes, shorter than a journal header")
+    magic, version, _flags, _created = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise JournalUnreadable(f"{path}: not an mlbus journal segment (bad magic {magic!r})")
+    if version > VERSION:
+        raise JournalTooNew(
+            f"{path}: journal format {version} was written by a newer mlbus; this one reads "
+            f"format {VERSION} and older. Upgrade mlbus; the journal is left untouched"
+        )
+    if version < 1:
+        raise JournalUnreadable(f"{path}: journal format {version} does not exist")
+    return int(version)
+
+
+def read_segment(path: Path, scan: Scan | None = None) -> Iterator[Batch]:
+    """Every batch of one segment, in order; a torn tail is recorded in `scan` and ends it."""
+    scan = scan if scan is not None else Scan()
+    data = path.read_bytes()
+    check_header(path, data)
+    scan.segments += 1
+    scan.bytes += len(data)
+    position, end = _HEADER.size, len(data)
+    while position < end:
+        problem = None
+        if end - position < _FRAME.size:
+            problem = "a frame header cut short"
+        else:
+            length, crc = _FRAME.unpack_from(data, position)
+            start = position + _FRAME.size
+            if length > _MAX_FRAME or start + length > end:
+                problem = "a frame cut short"
+            elif zlib.crc32(data[start : start + length]) != crc:
+                problem = "a frame failing its checksum"
+        if problem is not None:
+            if not _is_tail(data, position, problem):
+                raise JournalUnreadable(
+                    f"{path}: {problem} at byte {position}, followed by more data: the journal "
+                    f"is damaged, not torn; it is left untouched (`mlbus journal verify`)"
+                )
+            scan.torn.append(Torn(path, position, end - position, problem))
+            return
+        batch = _decode_batch(data, start, length, path, position)
+        scan.frames += 1
+        scan.records += len(batch.records)
+        scan.per_topic[batch.topic] = scan.per_topic.get(batch.topic, 0) + len(batch.records)
+        yield batch
+        position = start + length
+
+
+def _is_tail(data: bytes, position: int, problem: str) -> bool:
+    """A damaged frame is a torn final write when nothing valid can follow it: it runs past
+    the end, or it is the segment's last frame by its own length, or the rest is zeros (a
+    file system may extend a file before the data lands)."""
+    if problem != "a frame failing its checksum":
+        return True
+    length, _ = _FRAME.unpack_from(data, position)
+    following = position + _FRAME.size + length
+    return following >= len(data) or not data[position:].strip(b"\0")
+
+
+def _decode_batch(data: bytes, start: int, length: int, path: Path, position: int) -> Batch:
+    try:
+        kind, name_len, partition, count = _BATCH.unpack_from(data, start)
+        if kind != _KIND_RECORDS:
+            raise ValueError(f"unknown frame kind {kind}")
+        at = start + _BATCH.size
+        topic = data[at : at + name_len].decode()
+        at += name_len
+        records: list[Record] = []
+        unpack, unpack_header, size, hsize = (
+            _RECORD.unpack_from,
+            _HEADER_ENTRY.unpack_from,
+            _RECORD.size,
+            _HEADER_ENTRY.size,
+        )
+        for _ in range(count):
+            offset, ts, ts_type, klen, vlen, nheaders = unpack(data, at)
+            at += size
+            key = value = None
+            if klen >= 0:
+                key = data[at : at + klen]
+                at += klen
+            if vlen >= 0:
+                value = data[at : at + vlen]
+                at += vlen
+            headers: Headers | None = None
+            if nheaders:
+                headers = []
+                for _ in range(nheaders):
+                    hlen, hvlen = unpack_header(data, at)
+                    at += hsize
+                    hname = data[at : at + hlen].decode()
+                    at += hlen
+                    hvalue = None
+                    if hvlen >= 0:
+                        hvalue = data[at : at + hvlen]
+                        at += hvlen
+                    headers.append((hname, hvalue))
+            records.append(Record(offset, ts, ts_type, key, value, headers))
+        if at != start + length:
+            raise ValueError("the records do not fill the frame")
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        # The CRC held, so these bytes are what a writer wrote: a format this code misreads.
+        raise JournalUnreadable(
+            f"{path}: frame at byte {position} cannot be decoded: {e}"
+        ) from None
+    return Batch(topic, partition, records)
+
+
+def read_journal(directory: Path, scan: Scan | None = None) -> Iterator[Batch]:
+    """Every batch of every segment, oldest first. Every header is checked before the first
+    batch is given, so a newer or foreign segment refuses the whole journal up front."""
+    paths = segments(directory)
+    for path in paths:
+        with open(path, "rb") as f:
+            check_header(path, f.read(_HEADER.size))
+    for path in paths:
+        yield from read_segment(path, scan)
+
+
+# -- side files ----------------------------------------------------------------------------
+
+
+def write_json(path: Path, content: dict[str, Any], *, durable: bool = True) -> None:
+    """Replace `path` atomically (a reader sees the old or the new file, whole)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(json.dumps(content, sort_keys=True).encode())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    tmp.replace(path)
+    if durable:
+        _sync_dir(path.parent)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A side file; {} when absent. A newer format is refused like a newer segment."""
+    try:
+        content = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise JournalUnreadable(f"{path}: not JSON ({e}); left untouched") from None
+    if not isinstance(content, dict):
+        raise JournalUnreadable(f"{path}: not a journal side file; left untouched")
+    version = content.get("format", 1)
+    if not isinstance(version, int) or version > VERSION:
+        raise JournalTooNew(
+            f"{path}: journal format {version} was written by a newer mlbus; this one reads "
+            f"format {VERSION} and older. Upgrade mlbus; the journal is left untouched"
+        )
+    return content
+
+
+def _sync_dir(directory: Path) -> None:
+    # A new or renamed file survives a power cut only once its directory entry does.
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
