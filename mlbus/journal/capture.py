@@ -89,6 +89,7 @@ class Capture:
         self._consumer = Consumer(conf)
         self._admin = AdminClient(self.kafka.admin())
         self._discover()  # assigned before the thread starts: nothing written is missed
+        self._sync()  # durable.json names this process: publishers wait for it from now on
         self._thread = threading.Thread(target=self._run, name="journal-capture", daemon=True)
         self._thread.start()
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlbus.errors import JournalTooNew, JournalUnreadable
+from mlbus.errors import DeliveryError, JournalTooNew, JournalUnreadable
 
 MAGIC = b"MLBUSJNL"
 #: The format this mlbus writes and the newest it reads. Raise it for any change a reader of
@@ -334,6 +334,44 @@ def read_json(path: Path) -> dict[str, Any]:
             f"format {VERSION} and older. Upgrade mlbus; the journal is left untouched"
         )
     return content
+
+
+def wait_durable(directory: Path, offsets: dict[tuple[str, int], int], timeout: float) -> None:
+    """Return once the journal of `directory` has every (topic, partition) up to its offset
+    on disk; at once if no `mlbus up` keeps a journal there. DeliveryError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = json.loads((directory / DURABLE_FILE).read_bytes())
+        except (FileNotFoundError, ValueError):
+            return  # no journal kept here
+        if not _alive(state.get("pid")):
+            return  # its `mlbus up` is gone: nothing will catch up
+        positions = state.get("positions", {})
+        missing = [
+            (topic, partition)
+            for (topic, partition), offset in offsets.items()
+            if positions.get(topic, {}).get(str(partition), 0) <= offset
+        ]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            topic, partition = missing[0]
+            raise DeliveryError(
+                f"the broker took the records but the journal in {directory} did not have "
+                f"{topic}[{partition}] on disk within {timeout:.0f}s"
+            )
+        time.sleep(0.01)
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _sync_dir(directory: Path) -> None:
