@@ -199,7 +199,9 @@ class Capture:
             entries = self._admin.describe_configs([resource])[resource].result(timeout=5.0)
         except KafkaException:
             return {}
-        return {k: v.value for k, v in entries.items() if v.value is not None and not v.is_default}
+        # The embedded broker answers with the configs the topic was created with (and flags
+        # them all as defaults): kept as they are.
+        return {k: v.value for k, v in entries.items() if v.value is not None}
 
     def _snapshot_groups(self) -> None:
         try:

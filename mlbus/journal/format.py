@@ -31,8 +31,11 @@ VERSION = 1
 _HEADER = struct.Struct("<8sHHq")  # magic, version, flags, created (ms since the epoch)
 _FRAME = struct.Struct("<II")  # body length, CRC-32 of the body
 _BATCH = struct.Struct("<BHiI")  # kind, topic length, partition, record count
-_RECORD = struct.Struct("<qqbiiH")  # offset, timestamp, timestamp type, key len, value len, headers
-_HEADER_ENTRY = struct.Struct("<Hi")  # header name length, value length (-1: null)
+# A batch is columnar: after its header and topic name, the records' offsets, timestamps (q
+# each), timestamp types (b), key, value and headers lengths (i each; -1: null), then each
+# record's key, value and headers bytes in turn. Decoding a column is one struct call.
+_HEADER_ENTRY = struct.Struct("<Hi")  # in a headers blob: name length, value length (-1: null)
+_HEADER_COUNT = struct.Struct("<H")
 _KIND_RECORDS = 1
 #: A length this large is damage, not a batch (records are at most a few MB each).
 _MAX_FRAME = 1 << 30
@@ -57,9 +60,34 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
+    """Consecutive records of one partition, as columns."""
+
     topic: str
     partition: int
-    records: list[Record]
+    offsets: list[int]
+    timestamps: list[int]
+    timestamp_types: list[int]
+    keys: list[bytes | None]
+    values: list[bytes | None]
+    headers: list[Headers | None]
+
+    @property
+    def records(self) -> list[Record]:
+        return [
+            Record(*fields)
+            for fields in zip(
+                self.offsets,
+                self.timestamps,
+                self.timestamp_types,
+                self.keys,
+                self.values,
+                self.headers,
+                strict=True,
+            )
+        ]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
 
 
 @dataclass
@@ -91,13 +119,17 @@ def encode_batch(topic: str, partition: int, records: Sequence[Any]) -> bytes:
     """One frame holding `records` (confluent-kafka Messages or `Record`s) of one partition,
     consecutive in the order given."""
     name = topic.encode()
-    parts = [_BATCH.pack(_KIND_RECORDS, len(name), partition, len(records)), name]
-    pack, pack_header, append = _RECORD.pack, _HEADER_ENTRY.pack, parts.append
+    n = len(records)
+    offsets, stamps, types, klens, vlens, hlens = [], [], [], [], [], []
+    data: list[bytes] = []
+    append = data.append
+    blobs: dict[Any, bytes] = {}  # most records of a topic carry the same headers
     for m in records:
         if isinstance(m, Record):
-            offset, (ts_type, ts), key, value, headers = (
+            offset, ts_type, ts, key, value, headers = (
                 m.offset,
-                (m.timestamp_type, m.timestamp),
+                m.timestamp_type,
+                m.timestamp,
                 m.key,
                 m.value,
                 m.headers,
@@ -110,31 +142,71 @@ def encode_batch(topic: str, partition: int, records: Sequence[Any]) -> bytes:
                 m.value(),
                 m.headers(),
             )
-        append(
-            pack(
-                offset,
-                ts,
-                ts_type,
-                -1 if key is None else len(key),
-                -1 if value is None else len(value),
-                len(headers) if headers else 0,
-            )
-        )
-        if key:
+        offsets.append(offset)
+        stamps.append(ts)
+        types.append(ts_type)
+        if key is None:
+            klens.append(-1)
+        else:
+            klens.append(len(key))
             append(key)
-        if value:
+        if value is None:
+            vlens.append(-1)
+        else:
+            vlens.append(len(value))
             append(value)
-        if headers:
-            for hname, hvalue in headers:
-                encoded = hname.encode()
-                if isinstance(hvalue, str):
-                    hvalue = hvalue.encode()
-                append(pack_header(len(encoded), -1 if hvalue is None else len(hvalue)))
-                append(encoded)
-                if hvalue:
-                    append(hvalue)
-    body = b"".join(parts)
+        if headers is None:
+            hlens.append(-1)
+        else:
+            marker = tuple(headers)
+            blob = blobs.get(marker)
+            if blob is None:
+                blob = blobs[marker] = _encode_headers(headers)
+            hlens.append(len(blob))
+            append(blob)
+    body = b"".join(
+        [
+            _BATCH.pack(_KIND_RECORDS, len(name), partition, n),
+            name,
+            struct.pack(
+                f"<{n}q{n}q{n}b{n}i{n}i{n}i", *offsets, *stamps, *types, *klens, *vlens, *hlens
+            ),
+            *data,
+        ]
+    )
     return _FRAME.pack(len(body), zlib.crc32(body)) + body
+
+
+def _encode_headers(headers: Sequence[tuple[str, str | bytes | None]]) -> bytes:
+    parts = [_HEADER_COUNT.pack(len(headers))]
+    for hname, hvalue in headers:
+        encoded = hname.encode()
+        if isinstance(hvalue, str):
+            hvalue = hvalue.encode()
+        parts.append(_HEADER_ENTRY.pack(len(encoded), -1 if hvalue is None else len(hvalue)))
+        parts.append(encoded)
+        if hvalue:
+            parts.append(hvalue)
+    return b"".join(parts)
+
+
+def _decode_headers(blob: bytes) -> Headers:
+    (count,) = _HEADER_COUNT.unpack_from(blob)
+    at = _HEADER_COUNT.size
+    headers: Headers = []
+    for _ in range(count):
+        hlen, hvlen = _HEADER_ENTRY.unpack_from(blob, at)
+        at += _HEADER_ENTRY.size
+        hname = blob[at : at + hlen].decode()
+        at += hlen
+        hvalue = None
+        if hvlen >= 0:
+            hvalue = blob[at : at + hvlen]
+            at += hvlen
+        headers.append((hname, hvalue))
+    if at != len(blob):
+        raise ValueError("a headers blob longer than its headers")
+    return headers
 
 
 class SegmentWriter:
@@ -212,6 +284,8 @@ def read_segment(path: Path, scan: Scan | None = None) -> Iterator[Batch]:
             start = position + _FRAME.size
             if length > _MAX_FRAME or start + length > end:
                 problem = "a frame cut short"
+            elif length < _BATCH.size:
+                problem = "a frame too short to hold a batch"
             elif zlib.crc32(data[start : start + length]) != crc:
                 problem = "a frame failing its checksum"
         if problem is not None:
@@ -224,8 +298,8 @@ def read_segment(path: Path, scan: Scan | None = None) -> Iterator[Batch]:
             return
         batch = _decode_batch(data, start, length, path, position)
         scan.frames += 1
-        scan.records += len(batch.records)
-        scan.per_topic[batch.topic] = scan.per_topic.get(batch.topic, 0) + len(batch.records)
+        scan.records += len(batch)
+        scan.per_topic[batch.topic] = scan.per_topic.get(batch.topic, 0) + len(batch)
         yield batch
         position = start + length
 
@@ -234,7 +308,7 @@ def _is_tail(data: bytes, position: int, problem: str) -> bool:
     """A damaged frame is a torn final write when nothing valid can follow it: it runs past
     the end, or it is the segment's last frame by its own length, or the rest is zeros (a
     file system may extend a file before the data lands)."""
-    if problem != "a frame failing its checksum":
+    if problem.endswith("cut short"):
         return True
     length, _ = _FRAME.unpack_from(data, position)
     following = position + _FRAME.size + length
@@ -243,43 +317,39 @@ def _is_tail(data: bytes, position: int, problem: str) -> bool:
 
 def _decode_batch(data: bytes, start: int, length: int, path: Path, position: int) -> Batch:
     try:
-        kind, name_len, partition, count = _BATCH.unpack_from(data, start)
+        kind, name_len, partition, n = _BATCH.unpack_from(data, start)
         if kind != _KIND_RECORDS:
             raise ValueError(f"unknown frame kind {kind}")
         at = start + _BATCH.size
         topic = data[at : at + name_len].decode()
         at += name_len
-        records: list[Record] = []
-        unpack, unpack_header, size, hsize = (
-            _RECORD.unpack_from,
-            _HEADER_ENTRY.unpack_from,
-            _RECORD.size,
-            _HEADER_ENTRY.size,
-        )
-        for _ in range(count):
-            offset, ts, ts_type, klen, vlen, nheaders = unpack(data, at)
-            at += size
-            key = value = None
-            if klen >= 0:
-                key = data[at : at + klen]
+        columns = struct.unpack_from(f"<{n}q{n}q{n}b{n}i{n}i{n}i", data, at)
+        at += n * (8 + 8 + 1 + 4 + 4 + 4)
+        klens, vlens, hlens = columns[3 * n : 4 * n], columns[4 * n : 5 * n], columns[5 * n :]
+        keys: list[bytes | None] = []
+        values: list[bytes | None] = []
+        headers: list[Headers | None] = []
+        decoded: dict[bytes, Headers] = {}
+        for klen, vlen, hlen in zip(klens, vlens, hlens, strict=True):
+            if klen < 0:
+                keys.append(None)
+            else:
+                keys.append(data[at : at + klen])
                 at += klen
-            if vlen >= 0:
-                value = data[at : at + vlen]
+            if vlen < 0:
+                values.append(None)
+            else:
+                values.append(data[at : at + vlen])
                 at += vlen
-            headers: Headers | None = None
-            if nheaders:
-                headers = []
-                for _ in range(nheaders):
-                    hlen, hvlen = unpack_header(data, at)
-                    at += hsize
-                    hname = data[at : at + hlen].decode()
-                    at += hlen
-                    hvalue = None
-                    if hvlen >= 0:
-                        hvalue = data[at : at + hvlen]
-                        at += hvlen
-                    headers.append((hname, hvalue))
-            records.append(Record(offset, ts, ts_type, key, value, headers))
+            if hlen < 0:
+                headers.append(None)
+            else:
+                blob = data[at : at + hlen]
+                at += hlen
+                found = decoded.get(blob)
+                if found is None:
+                    found = decoded[blob] = _decode_headers(blob)
+                headers.append(found)
         if at != start + length:
             raise ValueError("the records do not fill the frame")
     except (struct.error, ValueError, UnicodeDecodeError) as e:
@@ -287,7 +357,16 @@ def _decode_batch(data: bytes, start: int, length: int, path: Path, position: in
         raise JournalUnreadable(
             f"{path}: frame at byte {position} cannot be decoded: {e}"
         ) from None
-    return Batch(topic, partition, records)
+    return Batch(
+        topic,
+        partition,
+        list(columns[:n]),
+        list(columns[n : 2 * n]),
+        list(columns[2 * n : 3 * n]),
+        keys,
+        values,
+        headers,
+    )
 
 
 def read_journal(directory: Path, scan: Scan | None = None) -> Iterator[Batch]:

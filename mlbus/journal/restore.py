@@ -23,7 +23,15 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from mlbus.errors import JournalError
 from mlbus.journal.capture import Positions
-from mlbus.journal.format import GROUPS_FILE, TOPICS_FILE, Record, Scan, read_journal, read_json
+from mlbus.journal.format import (
+    GROUPS_FILE,
+    TOPICS_FILE,
+    Batch,
+    Record,
+    Scan,
+    read_journal,
+    read_json,
+)
 from mlbus.kafka.config import KafkaConfig
 
 
@@ -44,6 +52,10 @@ class Restored:
     @property
     def rate(self) -> float:
         return self.records / self.seconds if self.seconds else 0.0
+
+
+Run = tuple[Batch, int, int]
+"""records i..j-1 of a batch"""
 
 
 class _Replay:
@@ -86,12 +98,38 @@ class _Replay:
                     r.value,
                     r.key,
                     partition=partition,
-                    timestamp=r.timestamp if r.timestamp >= 0 else 0,
+                    timestamp=r.timestamp if r.timestamp > 0 else 0,
                     headers=r.headers,
                 )
                 return
             except BufferError:
                 producer.poll(0.05)
+
+    def produce_run(self, run: Run) -> None:
+        """The hot path: a slice of a batch, one `produce` call per record."""
+        batch, i, j = run
+        topic, partition = batch.topic, batch.partition
+        produce = self.producer.produce
+        for value, key, ts, headers in zip(
+            batch.values[i:j],
+            batch.keys[i:j],
+            batch.timestamps[i:j],
+            batch.headers[i:j],
+            strict=True,
+        ):
+            while True:
+                try:
+                    produce(
+                        topic,
+                        value,
+                        key,
+                        partition=partition,
+                        timestamp=ts if ts > 0 else 0,  # 0: none (librdkafka sets now)
+                        headers=headers,
+                    )
+                    break
+                except BufferError:
+                    self.producer.poll(0.05)
 
     def flush(self) -> None:
         if self.producer.flush(60.0):
@@ -99,31 +137,32 @@ class _Replay:
         if self.errors:
             raise JournalError(f"restore: {len(self.errors)} record(s) refused: {self.errors[0]}")
 
-    def emit(self, topic: str, partition: int, run: list[Record], skipped: int) -> None:
-        """Produce a run of consecutive records followed by `skipped` offsets. A skipped
-        offset held a transaction marker: the last `skipped` records of the run go out as
-        that many transactions, committed in turn, so a marker lands after them again."""
+    def emit(self, runs: list[Run], skipped: int) -> None:
+        """Produce consecutive records (slices of batches) followed by `skipped` offsets. A
+        skipped offset held a transaction marker: the last `skipped` records go out as that
+        many transactions, committed in turn, so a marker lands after them again."""
         if not skipped:
-            for r in run:
-                self.produce(self.producer, topic, partition, r)
+            for run in runs:
+                self.produce_run(run)
             return
-        if skipped > len(run):
+        records = [r for batch, i, j in runs for r in batch.records[i:j]]
+        topic, partition = runs[-1][0].topic, runs[-1][0].partition
+        if skipped > len(records):
             raise JournalError(
                 f"restore: {topic}[{partition}] skips {skipped} offsets after offset "
-                f"{run[-1].offset if run else -1}; only transaction markers can be "
+                f"{records[-1].offset if records else -1}; only transaction markers can be "
                 "re-created, and not this many here. The journal is left untouched"
             )
-        for r in run[:-skipped]:
+        for r in records[:-skipped]:
             self.produce(self.producer, topic, partition, r)
-        last = run[-skipped:]
         self.flush()
         producers = []
-        for i in range(skipped):
-            producer = Producer(self._conf(**{"transactional.id": f"mlbus-restore-{i}"}))
+        for n in range(skipped):
+            producer = Producer(self._conf(**{"transactional.id": f"mlbus-restore-{n}"}))
             producer.init_transactions(30.0)
             producer.begin_transaction()
             producers.append(producer)
-        for producer, record in zip(producers, last, strict=True):
+        for producer, record in zip(producers, records[-skipped:], strict=True):
             self.produce(producer, topic, partition, record)
             producer.flush(30.0)
         for producer in producers:
@@ -144,31 +183,44 @@ def restore(kafka: KafkaConfig, directory: Path) -> Restored:
     nexts: Positions = out.positions
     # Each partition's last run of records is held back until the next batch shows whether
     # offsets are skipped after it: the records before a skip go out in transactions.
-    held: dict[tuple[str, int], list[Record]] = {}
+    held: dict[tuple[str, int], list[Run]] = {}
     for batch in read_journal(directory, out.scan):
         key = (batch.topic, batch.partition)
         expected = nexts.setdefault(batch.topic, {}).get(batch.partition, 0)
-        records = [r for r in batch.records if r.offset >= expected]  # re-read after a crash
-        if not records:
+        offsets = batch.offsets
+        i = 0
+        while i < len(offsets) and offsets[i] < expected:  # re-read after a crash
+            i += 1
+        if i == len(offsets):
             continue
-        run = held.pop(key, [])
-        if not run and records[0].offset != expected:
+        runs = held.pop(key, [])
+        if not runs and offsets[i] != expected:
             raise JournalError(
                 f"restore: {batch.topic}[{batch.partition}] starts at offset "
-                f"{records[0].offset}, not {expected}; the journal is left untouched"
+                f"{offsets[i]}, not {expected}; the journal is left untouched"
             )
-        previous = run[-1].offset if run else expected - 1
-        for r in records:
-            if r.offset != previous + 1:
-                out.gaps += r.offset - previous - 1
-                replay.emit(batch.topic, batch.partition, run, r.offset - previous - 1)
-                run = []
-            run.append(r)
-            previous = r.offset
-        held[key] = run
-        nexts[batch.topic][batch.partition] = previous + 1
-    for (topic, partition), run in held.items():
-        replay.emit(topic, partition, run, 0)
+        if offsets[i] != expected:
+            out.gaps += offsets[i] - expected
+            replay.emit(runs, offsets[i] - expected)
+            runs = []
+        if offsets[-1] - offsets[i] == len(offsets) - 1 - i:  # no offset skipped inside
+            runs.append((batch, i, len(offsets)))
+        else:
+            start = i
+            for j in range(i + 1, len(offsets)):
+                if offsets[j] != offsets[j - 1] + 1:
+                    runs.append((batch, start, j))
+                    out.gaps += offsets[j] - offsets[j - 1] - 1
+                    replay.emit(runs, offsets[j] - offsets[j - 1] - 1)
+                    runs, start = [], j
+            runs.append((batch, start, len(offsets)))
+        if len(runs) > 1:  # only the last run can be followed by a skip
+            replay.emit(runs[:-1], 0)
+            runs = runs[-1:]
+        held[key] = runs
+        nexts[batch.topic][batch.partition] = offsets[-1] + 1
+    for runs in held.values():
+        replay.emit(runs, 0)
     replay.flush()
     out.records = out.scan.records
     out.groups, out.clamped = _restore_groups(kafka, groups, nexts)
