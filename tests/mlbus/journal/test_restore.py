@@ -152,7 +152,7 @@ def test_a_fresh_broker_gets_back_every_record_at_its_offset_and_every_group_off
     offsets_a, offsets_b = group_offsets(kafka, "group-a"), group_offsets(kafka, "group-b")
     first.stop()
 
-    second, fresh = brokers()
+    _, fresh = brokers()
     restored = restore(fresh, journal)
     assert everything(fresh) == before
     assert group_offsets(fresh, "group-a") == offsets_a
