@@ -234,11 +234,11 @@ def up(
             broker.stop()
             console.print("embedded broker stopped")
         lock.release()
-    if capture is not None and capture.error is not None:
-        console.print(f"[red]the journal stopped:[/] {escape(str(capture.error))}")
-        raise typer.Exit(1)
     if broker is not None and died.is_set():
         raise typer.Exit(_broker_died(broker))
+    if capture is not None and capture.error is not None:
+        console.print(f"[red]the journal stopped:[/] {escape(repr(capture.error))}")
+        raise typer.Exit(1)
 
 
 def _watch_broker(

@@ -167,7 +167,7 @@ class Capture:
         each topic's partitions and configs, so a restore can create it first."""
         try:
             metadata = self._admin.list_topics(timeout=5.0)
-        except KafkaException as e:
+        except (KafkaException, TimeoutError) as e:
             log.warning("journal: cannot list topics: %s", e)
             return
         new: list[TopicPartition] = []
@@ -197,7 +197,7 @@ class Capture:
         resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
         try:
             entries = self._admin.describe_configs([resource])[resource].result(timeout=5.0)
-        except KafkaException:
+        except (KafkaException, TimeoutError):
             return {}
         # The embedded broker answers with the configs the topic was created with (and flags
         # them all as defaults): kept as they are.
@@ -206,7 +206,7 @@ class Capture:
     def _snapshot_groups(self) -> None:
         try:
             listed = self._admin.list_consumer_groups().result(timeout=5.0)
-        except KafkaException as e:
+        except (KafkaException, TimeoutError) as e:
             log.warning("journal: cannot list consumer groups: %s", e)
             return
         groups: dict[str, dict[str, dict[str, int]]] = {}
@@ -215,7 +215,7 @@ class Capture:
             try:
                 future = self._admin.list_consumer_group_offsets(request)[listing.group_id]
                 result = future.result(timeout=5.0)
-            except KafkaException as e:
+            except (KafkaException, TimeoutError) as e:
                 log.warning("journal: offsets of group %s: %s", listing.group_id, e)
                 old = self._groups.get(listing.group_id)
                 if old:
