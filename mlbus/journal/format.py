@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import struct
 import time
@@ -250,7 +251,7 @@ def segments(directory: Path) -> list[Path]:
     return sorted(directory.glob(SEGMENT_GLOB))
 
 
-def check_header(path: Path, data: bytes) -> int:
+def check_header(path: Path, data: Any) -> int:
     """The segment's format version; JournalUnreadable / JournalTooNew otherwise."""
     if len(data) < _HEADER.size:
         raise JournalUnreadable(f"{path}: {len(data)} bytes, shorter than a journal header")
@@ -268,9 +269,17 @@ def check_header(path: Path, data: bytes) -> int:
 
 
 def read_segment(path: Path, scan: Scan | None = None) -> Iterator[Batch]:
-    """Every batch of one segment, in order; a torn tail is recorded in `scan` and ends it."""
-    scan = scan if scan is not None else Scan()
-    data = path.read_bytes()
+    """Every batch of one segment, in order; a torn tail is recorded in `scan` and ends it.
+    The file is mapped, not read: a segment may be larger than memory."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            check_header(path, b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            yield from _read_frames(path, mapped, scan if scan is not None else Scan())
+
+
+def _read_frames(path: Path, data: Any, scan: Scan) -> Iterator[Batch]:
     check_header(path, data)
     scan.segments += 1
     scan.bytes += len(data)
@@ -304,7 +313,7 @@ def read_segment(path: Path, scan: Scan | None = None) -> Iterator[Batch]:
         position = start + length
 
 
-def _is_tail(data: bytes, position: int, problem: str) -> bool:
+def _is_tail(data: Any, position: int, problem: str) -> bool:
     """A damaged frame is a torn final write when nothing valid can follow it: it runs past
     the end, or it is the segment's last frame by its own length, or the rest is zeros (a
     file system may extend a file before the data lands)."""
@@ -315,7 +324,7 @@ def _is_tail(data: bytes, position: int, problem: str) -> bool:
     return following >= len(data) or not data[position:].strip(b"\0")
 
 
-def _decode_batch(data: bytes, start: int, length: int, path: Path, position: int) -> Batch:
+def _decode_batch(data: Any, start: int, length: int, path: Path, position: int) -> Batch:
     try:
         kind, name_len, partition, n = _BATCH.unpack_from(data, start)
         if kind != _KIND_RECORDS:
