@@ -19,6 +19,7 @@ from mlbus.cli.common import app, console, kafka_config, settings, topics_app
 from mlbus.errors import MlbusError
 from mlbus.extras import require
 from mlbus.journal.capture import Capture
+from mlbus.journal.format import check_versions
 from mlbus.journal.restore import Restored, restore
 from mlbus.kafka.admin import (
     TopicStatus,
@@ -172,6 +173,9 @@ def up(
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     lock = DataDirLock(cfg.data_dir)
     lock.acquire()  # one platform per data dir; released however this process ends
+    journal_dir = cfg.data_dir / "journal"
+    if cfg.embedded and cfg.journal.enabled:
+        check_versions(journal_dir)  # a journal we cannot read refuses the start, untouched
     broker = EmbeddedBroker(cfg.data_dir) if cfg.embedded else None
     started = False
     supervisor: Supervisor | None = None
@@ -186,7 +190,6 @@ def up(
         statuses = apply_topics(kafka)
         if broker is not None and cfg.journal.enabled:
             # Before anyone can see the broker: the log as it was, then the journal resumes.
-            journal_dir = cfg.data_dir / "journal"
             restored = restore(kafka, journal_dir)
             _report_restore(restored, journal_dir)
             capture = Capture(

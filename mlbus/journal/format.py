@@ -378,6 +378,16 @@ def _decode_batch(data: Any, start: int, length: int, path: Path, position: int)
     )
 
 
+def check_versions(directory: Path) -> None:
+    """Refuse a journal this mlbus cannot read (foreign or newer segments or side files) by
+    their headers alone: before anything is started or produced."""
+    for path in segments(directory):
+        with open(path, "rb") as f:
+            check_header(path, f.read(_HEADER.size))
+    for name in (TOPICS_FILE, GROUPS_FILE):
+        read_json(directory / name)
+
+
 def read_journal(directory: Path, scan: Scan | None = None) -> Iterator[Batch]:
     """Every batch of every segment, oldest first. Every header is checked before the first
     batch is given, so a newer or foreign segment refuses the whole journal up front."""

@@ -16,10 +16,20 @@ import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient
 
+from mlbus.journal.format import segments
 from mlbus.kafka.config import KafkaConfig
-from tests.mlbus.journal.test_restore import everything
+from tests.mlbus.journal.test_restore import everything, journal_of
 from tests.mlbus.test_broker import pid_alive, wait_gone
-from tests.mlbus.test_cli import Up, dataset, ids_in, mlbus, ok, one_line_error, start_up
+from tests.mlbus.test_cli import (
+    Up,
+    clean_env,
+    dataset,
+    ids_in,
+    mlbus,
+    ok,
+    one_line_error,
+    start_up,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +121,35 @@ def test_a_second_up_on_the_same_data_dir_is_refused_naming_the_first(start_up: 
     third = start_up(first.data_dir)
     third.wait_up()
     assert third.stop(signal.SIGTERM) == 0, third.output()
+
+
+def test_up_restores_what_precedes_a_torn_final_write_and_says_so(
+    start_up: Any, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    journal_of(data_dir / "journal", "training.progress", {0: 7000})  # frames of 5000 + 2000
+    (segment,) = segments(data_dir / "journal")
+    torn = segment.read_bytes()[:-3]
+    segment.write_bytes(torn)
+    up = start_up(data_dir)
+    up.wait_up()
+    out = " ".join("".join(up.stdout).split())
+    assert "journal: a torn final write in segment-00000001.mlj" in out, up.output()
+    assert "journal: restored 5,000 records" in out, up.output()
+    assert up.stop(signal.SIGTERM) == 0, up.output()
+    assert segment.read_bytes() == torn, "the torn segment is left as it is"
+
+
+def test_up_refuses_a_newer_journal_in_one_line_and_leaves_it_untouched(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    journal_of(data_dir / "journal", "training.progress", {0: 10})
+    (segment,) = segments(data_dir / "journal")
+    data = bytearray(segment.read_bytes())
+    data[8] = 2  # format version 2
+    segment.write_bytes(bytes(data))
+    env = clean_env(MLBUS_DATA_DIR=str(data_dir))
+    result = mlbus("up", "--only", "validator", env=env, timeout=60)
+    one_line_error(result, "format 2 was written by a newer mlbus", "left untouched")
+    assert segment.read_bytes() == bytes(data)
+    assert sorted(p.name for p in (data_dir / "journal").iterdir()) == [segment.name]
+    assert not (data_dir / "broker.json").exists()
