@@ -137,6 +137,27 @@ class PositionsSettings(_Section):
     )
 
 
+class JournalSettings(_Section):
+    """The embedded broker's journal (`<data_dir>/journal`); env `MLBUS_JOURNAL__<FIELD>`."""
+
+    enabled: bool = Field(
+        default=True,
+        description="keep the embedded broker's log and group offsets across restarts",
+    )
+    sync_ms: int = Field(
+        default=200,
+        ge=1,
+        le=10_000,
+        description="longest wait before journaled records are synced to disk",
+    )
+    fetch_wait_ms: int = Field(
+        default=100, ge=1, le=1000, description="longest wait of the journal's fetches"
+    )
+    snapshot_seconds: float = Field(
+        default=1.0, gt=0, description="interval of the consumer-group offset snapshots"
+    )
+
+
 class LimitsSettings(_Section):
     """Limits on what users submit, checked before it is expanded; env
     `MLBUS_LIMITS__<FIELD>`."""
@@ -212,6 +233,7 @@ class Settings(BaseSettings):
     archive: ArchiveSettings = ArchiveSettings()
     positions: PositionsSettings = PositionsSettings()
     limits: LimitsSettings = LimitsSettings()
+    journal: JournalSettings = JournalSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"
     )

@@ -18,7 +18,7 @@ from rich.table import Table
 from mlbus.cli.common import app, console, kafka_config, key_values, settings
 from mlbus.errors import MlbusError
 from mlbus.kafka.consumer import ConsumerLoop
-from mlbus.kafka.producer import EventProducer
+from mlbus.kafka.producer import DurableProducer, EventProducer
 from mlbus.kafka.reader import TopicReader
 from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.codec import decode
@@ -125,7 +125,7 @@ def train(
         threading.Thread(target=follow, daemon=True).start()
         reader.caught_up.wait(30)
     correlation = requests[0].sweep.sweep_id if requests[0].sweep else None
-    with EventProducer(kafka, source="mlbus/cli") as producer:
+    with DurableProducer(kafka, source="mlbus/cli") as producer:
         ids = [producer.publish(r, correlationid=correlation).id for r in requests]
     if not (wait or json_out):
         for event_id, request in zip(ids, requests, strict=True):
