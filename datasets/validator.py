@@ -25,7 +25,7 @@ from mlbus.storage import ObjectStore, StorageError, translated
 from mlbus.tables import sha256_of
 
 _NAMESPACE = uuid.UUID("6f1c7d1e-5a8b-4c55-9d52-0d3f1f7a9a11")
-CHECKS = ["readable", "num_rows", "schema", "content_hash"]
+CHECKS = ["readable", "num_rows", "schema", "label_column", "content_hash"]
 
 
 def validated_id(created_id: str) -> str:
@@ -54,7 +54,19 @@ def check(store: ObjectStore, data: DatasetCreated) -> None:
     actual = [(f.name, str(f.type)) for f in schema]
     claimed = [(c.name, c.type) for c in data.arrow_schema]
     if actual != claimed:
-        raise InvalidEvent(f"arrow_schema: the event says {claimed}, the file has {actual}")
+        present = set(schema.names)
+        missing = [name for name, _ in claimed if name not in present]
+        what = (
+            f"column(s) {', '.join(map(repr, missing))} announced but not in the file; "
+            if missing
+            else ""
+        )
+        raise InvalidEvent(f"arrow_schema: {what}the event says {claimed}, the file has {actual}")
+    if data.label_column is not None and data.label_column not in schema.names:
+        raise InvalidEvent(
+            f"label_column: {data.label_column!r} is announced but not a column of the file "
+            f"(columns: {', '.join(schema.names)})"
+        )
     with translated(f"hashing {data.uri}"):
         digest = sha256_of(fs, path)
     if digest != data.content_hash:
@@ -87,6 +99,7 @@ class Validator:
                 checks=CHECKS,
                 tags=data.tags,
                 label_column=data.label_column,
+                arrow_schema=data.arrow_schema,
             ),
             causation=event,
             event_id=validated_id(event.id),

@@ -96,6 +96,33 @@ class ArchiveSettings(_Section):
     flush_seconds: float = Field(default=60.0, gt=0, description="age that flushes a file")
 
 
+class TrainerSettings(_Section):
+    """The training workers (`mlbus trainer`); env `MLBUS_TRAINER__<FIELD>`."""
+
+    validation_wait_seconds: float = Field(
+        default=120.0,
+        ge=0,
+        description="a request for a dataset version announced but not yet validated waits "
+        "this long after the announcement for the validator's verdict, then fails",
+    )
+    transactions: bool = Field(
+        default=True,
+        description="publish training.completed and commit its request's offset in one Kafka "
+        "transaction; off for a cluster that refuses transactional producers",
+    )
+
+
+class WorkflowSettings(_Section):
+    """The workflow manager (`mlbus workflow`); env `MLBUS_WORKFLOW__<FIELD>`."""
+
+    sweep_deadline_seconds: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="a sweep's runs still missing this long after it was requested are "
+        "declared failed (a pipeline's `deadline_seconds` overrides it)",
+    )
+
+
 class LimitsSettings(_Section):
     """Limits on what users submit, checked before it is expanded; env
     `MLBUS_LIMITS__<FIELD>`."""
@@ -158,6 +185,8 @@ class Settings(BaseSettings):
     streams: StreamsSettings = StreamsSettings()
     archive: ArchiveSettings = ArchiveSettings()
     limits: LimitsSettings = LimitsSettings()
+    trainer: TrainerSettings = TrainerSettings()
+    workflow: WorkflowSettings = WorkflowSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"
     )

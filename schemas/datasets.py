@@ -70,3 +70,8 @@ class DatasetValidated(Payload):
     checks: list[str] = []
     tags: dict[str, str] = Field(default={}, description="copied from the dataset.created")
     label_column: str | None = None
+    arrow_schema: list[ColumnSchema] = Field(
+        default=[],
+        description="the checked columns, copied from the dataset.created (what a trainer "
+        "reads); empty in events published before this field existed",
+    )

@@ -40,19 +40,28 @@ def trainer() -> None:
 
 def run_trainer(manifest: Service, cfg: Settings) -> None:
     """A training worker in the foreground (`mlbus run trainer`)."""
+    from mlbus.kafka.transaction import Transactional
     from mlbus.trainer.worker import TrainingWorker
 
     kafka = kafka_config(cfg)
+    group = manifest.group_id(cfg.topic_prefix)
+    transactions = Transactional(kafka, prefix=group) if cfg.trainer.transactions else None
     with (
         EventProducer(kafka, source=manifest.source) as producer,
         contextlib.closing(
-            TrainingWorker(kafka, ObjectStore.from_settings(cfg), producer)
+            TrainingWorker(
+                kafka,
+                ObjectStore.from_settings(cfg),
+                producer,
+                validation_wait_seconds=cfg.trainer.validation_wait_seconds,
+                transactions=transactions,
+            )
         ) as worker,
     ):
         console.print(f"training worker {worker.worker} waiting for training.requested")
         ConsumerLoop(
             kafka,
-            group=manifest.group_id(cfg.topic_prefix),
+            group=group,
             name=manifest.name,
             long_running=True,
             handlers={"training.requested": worker},
