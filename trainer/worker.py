@@ -54,6 +54,7 @@ from mlbus.schemas.training import (
     TrainingProgress,
     TrainingRequested,
     TrainingStarted,
+    run_id_for,
 )
 from mlbus.storage import ObjectStore
 from mlbus.tables import DatasetReader
@@ -65,10 +66,6 @@ from mlbus.trainer.training import Checkpoint, fit, inference_latency
 log = logging.getLogger(__name__)
 
 _NAMESPACE = uuid.UUID("0d6f3b8e-3c1e-4a7e-9a55-7f2d8c1b6e42")
-
-
-def run_id_for(request_id: str) -> str:
-    return str(uuid.uuid5(_NAMESPACE, request_id))
 
 
 class DeviceUnavailable(InvalidTrainingRequest):

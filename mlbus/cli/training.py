@@ -8,6 +8,7 @@ import itertools
 import queue
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import orjson
@@ -91,6 +92,15 @@ def train(
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if present, else cpu)")
     ] = None,
+    deadline_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--deadline",
+            help="seconds after which a sweep's runs without an outcome are declared failed "
+            "(default: MLBUS_WORKFLOW__SWEEP_DEADLINE_SECONDS)",
+            min=1,
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="follow the runs until they finish")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="completed runs as JSON lines")] = False,
 ) -> None:
@@ -108,6 +118,9 @@ def train(
         k: [_value(v) for v in vs.split(",") if v] for k, vs in key_values(sweep, "--sweep").items()
     }
     points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+    # The workflow declares the runs still missing then failed (the sweep then ends).
+    seconds = deadline_seconds or settings().workflow.sweep_deadline_seconds
+    deadline = datetime.now(UTC) + timedelta(seconds=seconds)
     requests = [
         TrainingRequested(
             model=model,
@@ -118,7 +131,9 @@ def train(
             max_epochs=epochs,
             device=device,
             requested_by="cli",
-            sweep=SweepPoint(sweep_id=correlation, index=i, size=len(points)) if axes else None,
+            sweep=SweepPoint(sweep_id=correlation, index=i, size=len(points), deadline=deadline)
+            if axes
+            else None,
         )
         for correlation in [new_event_id()]
         for i, point in enumerate(points)
