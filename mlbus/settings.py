@@ -105,10 +105,11 @@ class TrainerSettings(_Section):
         description="a request for a dataset version announced but not yet validated waits "
         "this long after the announcement for the validator's verdict, then fails",
     )
-    transactions: bool = Field(
-        default=True,
-        description="publish training.completed and commit its request's offset in one Kafka "
-        "transaction; off for a cluster that refuses transactional producers",
+    transactions: bool | None = Field(
+        default=None,
+        description="publish a run's outcome and commit its request's offset in one Kafka "
+        "transaction; empty = on against a configured cluster, off on the embedded broker "
+        "(which never ends a dead worker's transaction)",
     )
 
 

@@ -46,7 +46,12 @@ def run_trainer(manifest: Service, cfg: Settings) -> None:
 
     kafka = kafka_config(cfg)
     group = manifest.group_id(cfg.topic_prefix)
-    transactions = Transactional(kafka, prefix=group) if cfg.trainer.transactions else None
+    # The embedded broker never ends the open transaction of a killed worker, and its
+    # read_committed readers stop there for good (docs/broker.md): no transactions there.
+    wanted = cfg.trainer.transactions
+    if wanted is None:
+        wanted = not kafka.embedded
+    transactions = Transactional(kafka, prefix=group) if wanted else None
     with (
         EventProducer(kafka, source=manifest.source) as producer,
         contextlib.closing(

@@ -307,7 +307,7 @@ class ConsumerLoop:
         attempt = 0
         while True:
             try:
-                self._call(handler, event, Record(message, self._stopping, self._group_metadata))
+                self._call(handler, event, Record(message, self._stopping, self._group()))
                 self.stats.handled += 1
                 return True
             except Abandon:
@@ -390,10 +390,16 @@ class ConsumerLoop:
             if still:
                 consumer.resume(still)
 
-    def _group_metadata(self) -> object:
+    def _group(self) -> Callable[[], object]:
+        """How a handler gets the group's metadata. A long-running handler's thread gets it
+        as of the dispatch: librdkafka's call blocks while this thread polls. A membership
+        that changed since then fences the handler's transaction, which is what it should."""
         consumer = self._consumer
         assert consumer is not None
-        return consumer.consumer_group_metadata()
+        if not self.long_running:
+            return consumer.consumer_group_metadata
+        metadata = consumer.consumer_group_metadata()
+        return lambda: metadata
 
     def _deadletter(self, message: Consumed, reason: str, error_type: str) -> None:
         if self._deadletters is None:

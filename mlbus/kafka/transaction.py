@@ -9,9 +9,12 @@ What that guarantees depends on the broker (docs/broker.md):
   visible event, and the redelivered record publishes them once. Until the broker aborts a
   dead worker's open transaction (`transaction.timeout.ms`), read_committed readers of those
   partitions wait at it.
-- The embedded broker (Tansu) runs transactions but delivers aborted and unfinished
-  transactional records to read_committed readers: the log may show the same event (same
-  id) twice. Consumers stay idempotent by event id, so the second copy has no effect.
+- The embedded broker (Tansu 0.6) runs transactions, but never ends the open transaction of
+  a producer that died: read_committed readers of that partition then stop at it for good,
+  later committed records included (measured; docs/broker.md). So mlbus does not use this on
+  the embedded broker (`trainer.transactions` empty = off there): the outcome is published,
+  then the offset committed, and a crash in between leaves a second copy with the same event
+  id, which every consumer drops by id.
 
 The offset commit is fenced by the group's generation (KIP-447): a worker that lost its
 partition meanwhile cannot commit it, the transaction aborts, and the new owner redoes it.
