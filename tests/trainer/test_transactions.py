@@ -25,17 +25,26 @@ from mlbus.consumers.workflow.state import decision_id
 from mlbus.datasets.registry import DatasetRegistry
 from mlbus.datasets.samples import sample_table
 from mlbus.datasets.sources import from_table
+from mlbus.errors import Abandon
 from mlbus.kafka.config import KafkaConfig
-from mlbus.kafka.consumer import ConsumerLoop
+from mlbus.kafka.consumer import ConsumerLoop, Record
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.transaction import Transactional
 from mlbus.schemas.base import DatasetRef
-from mlbus.schemas.training import TrainingRequested, run_id_for
+from mlbus.schemas.codec import wrap
+from mlbus.schemas.envelope import Event
+from mlbus.schemas.training import TrainingFailed, TrainingRequested, run_id_for
 from mlbus.services import service
 from mlbus.storage import ObjectStore
 from mlbus.trainer.worker import TrainingWorker
 from tests.consumers.workflow.support import catch_up, decisions, define, pipeline_text
-from tests.mlbus.kafka.support import Script, committed_offset, read_events, run_to_end
+from tests.mlbus.kafka.support import (
+    LoopThread,
+    Script,
+    committed_offset,
+    read_events,
+    run_to_end,
+)
 from tests.mlbus.test_cli import clean_env
 from tests.trainer.test_cli import FAST
 from tests.trainer.test_worker import validate
@@ -115,3 +124,45 @@ def test_a_trainer_killed_between_publish_and_commit_leaves_one_completion(
     assert len(made["model.promoted"]) + len(made["model.rejected"]) == 1
     (decision,) = made["model.promoted"] + made["model.rejected"]
     assert decision.id == decision_id(completions[0].id)
+
+
+def test_a_transaction_publishes_the_outcome_and_commits_the_offset_together(
+    kafka: KafkaConfig, group: str
+) -> None:
+    """The transactional path itself, from a long-running handler's thread (as the worker
+    runs): the outcome is visible and the offset committed, though the loop commits nothing
+    (the handler gives its record back right after)."""
+    with EventProducer(kafka, source="test") as producer:
+        request = producer.publish(
+            TrainingRequested(model="m", family="mlp", dataset=DatasetRef(name="d", version="v"))
+        )
+    transactions = Transactional(kafka, prefix=group)
+
+    def handler(event: Event, record: Record) -> None:
+        outcome = wrap(
+            TrainingFailed(
+                run_id=run_id_for(event.id),
+                model="m",
+                request_id=event.id,
+                reason="test",
+                retryable=False,
+            ),
+            source="test",
+            causation=event,
+        )
+        transactions.finish(record, [outcome])
+        raise Abandon("the loop must not commit this record itself")
+
+    loop = ConsumerLoop(
+        kafka, group=group, long_running=True, handlers={"training.requested": handler}
+    )
+    try:
+        stats = LoopThread(loop).start().join(120)
+    finally:
+        transactions.close()
+    assert stats.handled == 0 and stats.commits == 0
+    (failed,) = read_events(kafka, "training.failed")
+    assert failed.causationid == request.id
+    topic = kafka.topic("training.requested")
+    committed = [committed_offset(kafka, group, topic, p) for p in range(6)]
+    assert sorted(o for o in committed if o is not None) == [1]
