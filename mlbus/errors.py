@@ -30,7 +30,9 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   │                                not fit the model their card describes
     │   ├── InvalidDataset          400  datasets/sources.py: unreadable or malformed input
     │   ├── InvalidTrainingRequest  400  trainer/data.py: nulls, one class, bad split
-    │   │   └── DeviceUnavailable   400  trainer/worker.py: a device this worker does not have
+    │   │   ├── DeviceUnavailable   400  trainer/worker.py: a device this worker does not have
+    │   │   └── DatasetNotValidated 400  trainer/lookup.py: a version the validator refused,
+    │   │                                or did not validate in time: never trained
     │   ├── InvalidPipeline         400  consumers/workflow/definitions.py: names the line
     │   ├── InvalidPath             400  a path, URI or key with a NUL byte (storage.py, http.py)
     │   ├── InvalidTime             422  consumers/lineage/store.py: an as-of time that is not

@@ -158,6 +158,34 @@ class JournalSettings(_Section):
     )
 
 
+class TrainerSettings(_Section):
+    """The training workers (`mlbus trainer`); env `MLBUS_TRAINER__<FIELD>`."""
+
+    validation_wait_seconds: float = Field(
+        default=120.0,
+        ge=0,
+        description="a request for a dataset version announced but not yet validated waits "
+        "this long after the announcement for the validator's verdict, then fails",
+    )
+    transactions: bool | None = Field(
+        default=None,
+        description="publish a run's outcome and commit its request's offset in one Kafka "
+        "transaction; empty = on against a configured cluster, off on the embedded broker "
+        "(which never ends a dead worker's transaction)",
+    )
+
+
+class WorkflowSettings(_Section):
+    """The workflow manager (`mlbus workflow`); env `MLBUS_WORKFLOW__<FIELD>`."""
+
+    sweep_deadline_seconds: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="a sweep's runs still missing this long after it was requested are "
+        "declared failed (a pipeline's `deadline_seconds` overrides it)",
+    )
+
+
 class LimitsSettings(_Section):
     """Limits on what users submit, checked before it is expanded; env
     `MLBUS_LIMITS__<FIELD>`."""
@@ -234,6 +262,8 @@ class Settings(BaseSettings):
     positions: PositionsSettings = PositionsSettings()
     limits: LimitsSettings = LimitsSettings()
     journal: JournalSettings = JournalSettings()
+    trainer: TrainerSettings = TrainerSettings()
+    workflow: WorkflowSettings = WorkflowSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"
     )
