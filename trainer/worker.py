@@ -15,7 +15,9 @@ the run id; a finished run leaves a marker, so a redelivered request re-announce
 completion (same event id, which consumers drop as a duplicate) instead of training again.
 The outcome and the request's offset are committed in one Kafka transaction when
 transactions are on (mlbus/kafka/transaction.py: on Apache Kafka a crash between the two
-leaves one completion on the log; on the embedded broker a copy may show, same id).
+leaves one completion on the log). Without transactions (the embedded broker) a worker first
+reads the outcomes already on the log and does not publish one whose id is there: a crash
+between publishing and committing leaves one completion on the log too.
 A redelivered unfinished run (worker killed, shut down, transient failure) resumes from its
 last epoch checkpoint (`training.started` with `attempt` > 1 and `resumed_from_epoch`) and
 ends with the metrics an uninterrupted run would have had. On shutdown the run checkpoints
@@ -41,6 +43,7 @@ from mlbus.errors import Abandon, MlbusError, TransientError
 from mlbus.families import hyperparameters
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Record
+from mlbus.kafka.logview import LogView
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.transaction import Transactional
 from mlbus.ml.card import ModelCard
@@ -134,11 +137,18 @@ class TrainingWorker:
         #: Finishes a request (its outcome and its offset) in one transaction; None: the
         #: outcome is published, and the loop commits the offset later.
         self.transactions = transactions
+        #: The final outcomes on the log (read incrementally before each one is published
+        #: without a transaction) and the ids seen so far.
+        self._outcomes = LogView(
+            kafka, ["training.completed", "training.failed"], name="published run outcomes"
+        )
+        self._published: set[str] = set()
 
     def close(self) -> None:
         """Stop the log views of the datasets and the transactional producer (the worker's
         owner calls this)."""
         self.datasets.close()
+        self._outcomes.stop()
         if self.transactions is not None:
             self.transactions.close()
 
@@ -363,8 +373,23 @@ class TrainingWorker:
         if self.transactions is not None and record.group_metadata() is not None:
             self.transactions.finish(record, [outcome])
             return
+        if self._on_log(outcome.id):
+            # Published by a worker that died before committing the request's offset: the
+            # loop commits it now, and the log keeps the one copy.
+            log.info("trainer: %s %s is on the log already", outcome.type, outcome.id)
+            return
         self.producer.send(outcome)
         self.producer.flush()
+        self._published.add(outcome.id)
+
+    def _on_log(self, event_id: str) -> bool:
+        """Whether an outcome with this id was published (read up to the log's end now:
+        everything a dead worker had acknowledged is there)."""
+        if event_id in self._published:
+            return True
+        for item in self._outcomes.catch_up(timeout=60):
+            self._published.add(item.event.id)
+        return event_id in self._published
 
     def _notice(
         self,

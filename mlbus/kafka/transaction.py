@@ -13,8 +13,9 @@ What that guarantees depends on the broker (docs/broker.md):
   a producer that died: read_committed readers of that partition then stop at it for good,
   later committed records included (measured; docs/broker.md). So mlbus does not use this on
   the embedded broker (`trainer.transactions` empty = off there): the outcome is published,
-  then the offset committed, and a crash in between leaves a second copy with the same event
-  id, which every consumer drops by id.
+  then the offset committed. The trainer reads the outcomes on the log before publishing one,
+  so the worker that redoes a request whose outcome a crashed worker had published only
+  commits (one copy on the log); consumers are idempotent by event id besides.
 
 The offset commit is fenced by the group's generation (KIP-447): a worker that lost its
 partition meanwhile cannot commit it, the transaction aborts, and the new owner redoes it.
