@@ -126,7 +126,8 @@ class ArchiveSettings(_Section):
 
 
 class PositionsSettings(_Section):
-    """Stores of positions (the lineage store, the archive); env `MLBUS_POSITIONS__<FIELD>`."""
+    """Stores of positions (the lineage store, the archive, the stream processors' table);
+    env `MLBUS_POSITIONS__<FIELD>`."""
 
     on_new_log: Literal["fail", "rebuild", "restart"] = Field(
         default="fail",

@@ -107,7 +107,11 @@ class StreamsApp:
     """The composed app: faust app, engine, processor, exporter, baseline follower."""
 
     def __init__(
-        self, kafka: KafkaConfig, settings: StreamsSettings, options: StreamsOptions
+        self,
+        kafka: KafkaConfig,
+        settings: StreamsSettings,
+        options: StreamsOptions,
+        on_new_log: str = "fail",
     ) -> None:
         self.kafka = kafka
         self.options = options
@@ -153,6 +157,7 @@ class StreamsApp:
             group=options.app_id,
             app=self.app,
             topic=kafka.topic(EVENT_TYPE),
+            on_new_log=on_new_log,
         )
         self._wire()
 
@@ -172,6 +177,10 @@ class StreamsApp:
         # reaching it means the transport is not the batching one: a loud failure, not a
         # silently much slower app.
         async def on_batch(batches: dict[TP, list[Any]]) -> None:
+            # A partition restarted on a new log is sought back to offset 0: its records of
+            # this fetch are dropped, and so not committed by the transport.
+            for partition in await processor.verify({tp.partition: b for tp, b in batches.items()}):
+                del batches[TP(topic.get_topic_name(), partition)]
             records = [r for part in batches.values() for r in part]
             # A catching-up fetch can hold tens of thousands of records: handled in chunks,
             # so that faust's timers and the idle tick are not held up for seconds.
@@ -247,6 +256,10 @@ class _FaustProcessor(StreamProcessor):
         except Exception:  # not assigned (yet), or the consumer is restarting
             return None
         return value if isinstance(value, int) and value >= 0 else None
+
+    async def _rewind(self, partition: int) -> bool:
+        await self._app.consumer.seek(TP(self._topic, partition), 0)
+        return True
 
     async def _flush_changelog(self) -> None:
         # The changelog records must be on the broker before faust commits the batch's

@@ -9,6 +9,14 @@ committed (streams/transport.py, after the batch). A restart re-reads from the c
 records at or below a series' stored offset only move stream time (no double counting), and
 outputs carry deterministic ids, so one that is published twice is one event to consumers.
 
+Log identity (mlbus/kafka/anchor.py): the state also keeps, per partition, the anchor of the
+last record applied. Before a partition's first batch after an assignment the record at the
+anchor's offset is compared with it (from the batch when it holds that offset, else read back
+with a group-less consumer); another record, or none, means `inference.logged` is a new log
+whose records the stored series offsets would skip. `positions.on_new_log` decides: `fail`
+raises `NewLog`, which stops the app; `restart` (and `rebuild`, the same here) resets the
+partition's series offsets and folds the new log from offset 0 (docs/streams.md).
+
 Outputs go through the kernel's confluent `EventProducer` rather than faust's aiokafka
 producer: it is idempotent with acks=all (aiokafka idempotence fails on the embedded broker,
 docs/broker.md), encodes with the one codec, and the dead-letter path is the kernel's.
@@ -21,10 +29,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from mlbus.errors import DeliveryError, InvalidEvent
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from mlbus.errors import DeliveryError, InvalidEvent, TransientError
+from mlbus.kafka.anchor import Anchor, NewLog
 from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.consumer import Consumed
 from mlbus.kafka.deadletter import dead_letter, dead_letter_headers
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.codec import decode_dict
@@ -97,6 +109,57 @@ def watermark_key(partition: int) -> str:
     return f"w|{partition}"
 
 
+def anchor_key(partition: int) -> str:
+    return f"a|{partition}"
+
+
+_GONE = (KafkaError._PARTITION_EOF, KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE)
+#: Seconds the read-back of an anchor's record may take before the check gives up.
+ANCHOR_READ_SECONDS = 15.0
+
+
+def record_anchor(message: RawMessage) -> Anchor:
+    ts = message.timestamp
+    return Anchor.of(
+        message.offset, message.key, message.value, ts if ts is not None and ts >= 0 else None
+    )
+
+
+def read_anchor(
+    kafka: KafkaConfig, topic: str, partition: int, offset: int, timeout: float
+) -> Anchor | None:
+    """The anchor of the first record at or after `offset` (None: the log ends before it),
+    read by a group-less consumer that commits nothing. Blocking: run it in a thread."""
+    conf = kafka.consumer(None, **{"enable.partition.eof": True, "auto.offset.reset": "error"})
+    consumer = Consumer(conf)
+    tp = TopicPartition(topic, partition)
+    try:
+        consumer.assign([TopicPartition(topic, partition, offset)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.2)
+            if message is None:
+                # The embedded broker answers a fetch past the end with nothing, but with the
+                # right high-water mark (docs/broker.md); Kafka answers OFFSET_OUT_OF_RANGE.
+                try:
+                    _, high = consumer.get_watermark_offsets(tp, cached=True)
+                except KafkaException:
+                    continue
+                if 0 <= high <= offset:
+                    return None
+                continue
+            error = message.error()
+            if error is None:
+                return Anchor.of_message(cast("Consumed", message))
+            if error.code() in _GONE:  # the log ends before `offset` (or starts after it)
+                return None
+            if error.fatal() or not error.retriable():
+                raise TransientError(f"reading {topic}/{partition}@{offset}: {error.str()}")
+        raise TransientError(f"{topic}/{partition}: offset {offset} not read in {timeout:.0f}s")
+    finally:
+        consumer.close()
+
+
 class StreamProcessor:
     def __init__(
         self,
@@ -107,7 +170,11 @@ class StreamProcessor:
         *,
         group: str,
         producer: EventProducer | None = None,
+        on_new_log: str = "fail",
     ) -> None:
+        if on_new_log not in ("fail", "rebuild", "restart"):
+            raise ValueError(f"on_new_log {on_new_log!r}: fail, rebuild or restart")
+        self.on_new_log = on_new_log
         self.kafka = kafka
         self.engine = engine
         self.table = table
@@ -118,11 +185,77 @@ class StreamProcessor:
         self._restored: set[int] = set()
         self._last_record: dict[int, float] = {}  # partition → wall time of its last record
         self._last_offset: dict[int, int] = {}  # partition → offset of its last record
+        self._last_message: dict[int, RawMessage] = {}  # partition → its last record
+        self._verified: set[int] = set()  # partitions whose log was checked since assigned
+        self.new_logs = 0  # partitions found on a new log and restarted
         self._pending = False
         self.processed = 0
         self.deadlettered = 0
 
     # -- the agent's batches ---------------------------------------------------------------
+
+    async def verify(self, batches: dict[int, list[RawMessage]]) -> set[int]:
+        """Check the log of each partition seen for the first time since its assignment
+        (`batches`: its records of this fetch, in offset order) against its stored anchor.
+        Returns the partitions whose records must be dropped: restarted on a new log and
+        sought back to offset 0 (their committed offsets were the old log's)."""
+        drop: set[int] = set()
+        async with self.lock:
+            for partition, records in batches.items():
+                if partition in self._verified or not records:
+                    continue
+                raw = self.table.data.get(anchor_key(partition))
+                if raw is None or raw.get("o", -1) < 0:
+                    self._verified.add(partition)  # nothing stored yet, or just restarted
+                    continue
+                anchor = Anchor(raw["o"], raw["d"])
+                found = await self._found(partition, records, anchor.offset)
+                if found == anchor:
+                    self._verified.add(partition)
+                    continue
+                error = NewLog(NAME, EVENT_TYPE, partition, anchor, found)
+                if self.on_new_log == "fail":
+                    log.error("%s", error)
+                    raise error
+                log.warning("%s; folding it from offset 0 (on_new_log=%s)", error, self.on_new_log)
+                await self._restart(partition)
+                self.new_logs += 1
+                self._verified.add(partition)
+                if records[0].offset > 0 and await self._rewind(partition):
+                    drop.add(partition)
+        return drop
+
+    async def _found(
+        self, partition: int, records: Sequence[RawMessage], offset: int
+    ) -> Anchor | None:
+        """The record at `offset` (or the first after it): from the batch, else read back."""
+        if records[0].offset <= offset <= records[-1].offset:
+            for message in records:
+                if message.offset >= offset:
+                    return record_anchor(message)
+        topic = records[0].topic
+        return await asyncio.get_running_loop().run_in_executor(
+            None, read_anchor, self.kafka, topic, partition, offset, ANCHOR_READ_SECONDS
+        )
+
+    async def _restart(self, partition: int) -> None:
+        """Forget the partition's series offsets (what else it holds stays: windows, alert
+        state, stream time) and its anchor, durably before any record of the new log is
+        applied: a crash then re-detects nothing and double counts nothing."""
+        table = self.table
+        for key, value in list(table.data.items()):
+            if key.startswith("s|") and value.get("p") == partition and value.get("o", -1) >= 0:
+                value = dict(value, o=-1)
+                table.data[key] = value
+                table.send_changelog(partition, key, value)
+        marker = {"o": -1}  # no anchor: the state holds no position in any log
+        table.data[anchor_key(partition)] = marker
+        table.send_changelog(partition, anchor_key(partition), marker)
+        await self._flush_changelog()
+
+    async def _rewind(self, partition: int) -> bool:
+        """Seek the partition back to offset 0 (the faust app does); True if done."""
+        return False
 
     async def handle(self, messages: Sequence[RawMessage]) -> None:
         async with self.lock:
@@ -135,12 +268,14 @@ class StreamProcessor:
         now = time.monotonic()
         max_bytes = self.kafka.max_event_bytes
         last_record, last_offset = self._last_record, self._last_offset
+        last_message = self._last_message
         for message in messages:
             partition = message.partition
             if partition not in self._restored:
                 self._restore(partition)
             last_record[partition] = now
             last_offset[partition] = message.offset
+            last_message[partition] = message
             try:
                 try:
                     event = decode_dict(
@@ -201,6 +336,8 @@ class StreamProcessor:
             self._restored.discard(partition)
             self._last_record.pop(partition, None)
             self._last_offset.pop(partition, None)
+            self._last_message.pop(partition, None)
+            self._verified.discard(partition)
 
     # -- effects: publish, then persist ------------------------------------------------------
 
@@ -214,7 +351,7 @@ class StreamProcessor:
         if self._pending:
             await asyncio.get_running_loop().run_in_executor(None, self.producer.flush)
             self._pending = False
-        if engine.dirty_series or engine.dirty_partitions:
+        if engine.dirty_series or engine.dirty_partitions or self._last_message:
             self._persist()
             await self._flush_changelog()
 
@@ -227,6 +364,14 @@ class StreamProcessor:
             name, value = series_key(s.key), s.to_json()
             table.data[name] = value
             table.send_changelog(s.partition, name, value)
+        # Anchors after the series: a crash between them leaves an older anchor of the same
+        # log, still found at its offset.
+        for partition, message in self._last_message.items():
+            anchor = record_anchor(message)
+            name, value = anchor_key(partition), {"o": anchor.offset, "d": anchor.digest}
+            table.data[name] = value
+            table.send_changelog(partition, name, value)
+        self._last_message.clear()
         # Watermarks last: a crash before them only makes the restart re-derive stream time
         # from the redelivered records.
         for partition in engine.dirty_partitions:

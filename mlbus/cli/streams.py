@@ -76,4 +76,4 @@ def _streams(
         + (f", metrics on :{port}/metrics" if port else ""),
         highlight=False,
     )
-    return StreamsApp(kafka, cfg.streams, options).run()
+    return StreamsApp(kafka, cfg.streams, options, cfg.positions.on_new_log).run()
