@@ -49,6 +49,8 @@ def catalog(cfg: Settings, *, trainers: int = 1) -> list[Process]:
     in start order (stopped in reverse); `trainers` training workers, named trainer-1…N."""
     processes = []
     for service in SERVICES:
+        if not service.enabled(cfg):
+            continue
         base = service.health.base_url(cfg) if service.health else None
         health = f"{base}{service.health.ready_path}" if base and service.health else None
         names = [service.name]
