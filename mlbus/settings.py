@@ -176,7 +176,9 @@ class OpenLineageSettings(_Section):
     topic: str = Field(
         default="openlineage.events", description="Kafka transport's topic (topic prefix added)"
     )
-    namespace: str = Field(default="mlbus", min_length=1, description="jobs' and datasets'")
+    namespace: str = Field(
+        default="mlbus", min_length=1, description="OpenLineage namespace of the jobs and datasets"
+    )
     producer: str = Field(
         default="urn:mlbus:openlineage",
         min_length=1,

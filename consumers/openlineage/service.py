@@ -38,6 +38,12 @@ from mlbus.settings import OpenLineageSettings
 log = logging.getLogger(__name__)
 
 
+NOT_CONFIGURED = (
+    "openlineage: no transport configured; set MLBUS_OPENLINEAGE__URL (a Marquez-compatible "
+    "server) or MLBUS_OPENLINEAGE__TRANSPORT=kafka|console"
+)
+
+
 def transport(cfg: OpenLineageSettings, kafka: KafkaConfig) -> Transport:
     """The client transport the settings name; ConfigError when they name none."""
     kind = cfg.kind
@@ -54,10 +60,7 @@ def transport(cfg: OpenLineageSettings, kafka: KafkaConfig) -> Transport:
         )
     if kind == "console":
         return ConsoleTransport(ConsoleConfig())
-    raise ConfigError(
-        "openlineage: no transport configured; set MLBUS_OPENLINEAGE__URL (a Marquez-compatible "
-        "server) or MLBUS_OPENLINEAGE__TRANSPORT=kafka|console"
-    )
+    raise ConfigError(NOT_CONFIGURED)
 
 
 class OpenLineageEmitter:

@@ -6,7 +6,10 @@ very same bytes."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +29,7 @@ from mlbus.schemas.training import TrainingRequested, TrainingStarted
 from mlbus.settings import OpenLineageSettings
 from tests.consumers.workflow.support import SHA, completed, failed, send, validated
 from tests.mlbus.kafka.support import run_to_end
+from tests.mlbus.test_cli import MLBUS, env  # noqa: F401 - env is a fixture
 
 SPEC = Path(__file__).parent / "spec"
 
@@ -212,3 +216,35 @@ def test_without_a_url_or_transport_it_refuses_to_start():
         transport(OpenLineageSettings(), KafkaConfig(bootstrap="127.0.0.1:1"))
     with pytest.raises(ValueError, match=r"needs openlineage\.url"):
         OpenLineageSettings(transport="http")
+
+
+def test_mlbus_run_openlineage_sends_the_log_and_stops_on_sigterm(
+    env: dict[str, str],  # noqa: F811 - the fixture imported above
+    kafka: KafkaConfig,
+    receiver: Receiver,
+) -> None:
+    publish_flow(kafka)
+    proc = subprocess.Popen(
+        [MLBUS, "run", "openlineage"],
+        env=env | {"MLBUS_OPENLINEAGE__URL": receiver.url},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(receiver.posts) < 7:
+            assert proc.poll() is None, f"mlbus run openlineage exited: {proc.communicate()}"
+            assert time.monotonic() < deadline, f"{len(receiver.posts)} of 7 events within 60s"
+            time.sleep(0.2)
+        for body in receiver.bodies():
+            assert_valid(json.loads(body))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {out}\nstderr: {err}"
+        assert "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
