@@ -55,12 +55,40 @@ def transport(cfg: OpenLineageSettings, kafka: KafkaConfig) -> Transport:
         params["retry"] = {"total": 0}
         return HttpTransport(HttpConfig.from_dict(params))
     if kind == "kafka":
-        return KafkaTransport(
+        return ConfirmedKafkaTransport(
             OLKafkaConfig(config=kafka.producer(), topic=kafka.topic(cfg.topic), flush=True)
         )
     if kind == "console":
         return ConsoleTransport(ConsoleConfig())
     raise ConfigError(NOT_CONFIGURED)
+
+
+class ConfirmedKafkaTransport(KafkaTransport):
+    """The client's Kafka transport (same topic, same keys: a run's job, or its parent's, so
+    a lineage chain stays in one partition), but a record that is not delivered raises
+    TransientError instead of being logged and lost, so its event is retried."""
+
+    def emit(self, event: Any) -> None:
+        if self.producer is None:
+            self._setup_producer(self.kafka_config.config)
+        assert self.producer is not None
+        failed: list[str] = []
+
+        def delivered(error: Any, _message: Any) -> None:
+            if error is not None:
+                failed.append(str(error))
+
+        self.producer.produce(
+            topic=self.topic,
+            key=self.message_key or self._get_message_key(event),
+            value=Serde.to_json(event).encode("utf-8"),
+            on_delivery=delivered,
+        )
+        left = self.producer.flush(timeout=30.0)
+        if failed or left:
+            raise TransientError(
+                f"openlineage: not delivered to {self.topic}: {failed[0] if failed else 'timeout'}"
+            )
 
 
 class OpenLineageEmitter:
@@ -121,8 +149,8 @@ class OpenLineageEmitter:
                     f"run {run_event.run.runId} ({status}): {Serde.to_json(run_event)[:500]}"
                 ) from e
             raise TransientError(f"openlineage: the server answered {status}") from e
-        except (requests.ConnectionError, requests.Timeout) as e:
-            raise TransientError(f"openlineage: server unreachable: {e}") from e
+        except requests.RequestException as e:  # unreachable, timed out, 5xx past its retries
+            raise TransientError(f"openlineage: server unavailable: {e}") from e
         self.emitted += 1
 
     def run(self, *, stop_at_end: bool = False, install_signal_handlers: bool = True) -> LoopStats:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
 from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 
@@ -27,9 +28,10 @@ from mlbus.schemas.datasets import ColumnSchema, ColumnStats, DatasetCreated
 from mlbus.schemas.models import DeploymentUpdated, ModelPromoted
 from mlbus.schemas.training import TrainingRequested, TrainingStarted
 from mlbus.settings import OpenLineageSettings
+from tests.conftest import unique
 from tests.consumers.workflow.support import SHA, completed, failed, send, validated
 from tests.mlbus.kafka.support import run_to_end
-from tests.mlbus.test_cli import MLBUS, env  # noqa: F401 - env is a fixture
+from tests.mlbus.test_cli import MLBUS, env, read_topic  # noqa: F401 - env is a fixture
 
 SPEC = Path(__file__).parent / "spec"
 
@@ -248,3 +250,56 @@ def test_mlbus_run_openlineage_sends_the_log_and_stops_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_the_kafka_transport_writes_the_same_events_to_a_topic(kafka, group, receiver):
+    publish_flow(kafka)
+    cfg = OpenLineageSettings(transport="kafka", topic=unique("ol-"), namespace="test-ns")
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    for future in admin.create_topics([NewTopic(kafka.topic(cfg.topic), 1, 1)]).values():
+        future.result(timeout=30)
+    with OpenLineageEmitter(kafka, cfg, group=group) as emitter:
+        run_to_end(emitter.loop, timeout=60)
+    records = read_topic(kafka.bootstrap, kafka.topic(cfg.topic))
+    assert len(records) == emitter.emitted == 7
+    for record in records:
+        event = json.loads(record.value())
+        assert_valid(event)
+        assert record.key().decode() == f"run:test-ns/{_key_job(event)}"
+    # The same bytes as over HTTP.
+    emit_all(kafka, receiver.url, group + "-http")
+    assert sorted(r.value() for r in records) == sorted(receiver.bodies())
+
+
+def _key_job(event: dict[str, Any]) -> str:
+    parent = event["run"].get("facets", {}).get("parent")
+    return parent["job"]["name"] if parent else event["job"]["name"]
+
+
+def test_a_server_unavailable_for_a_while_gets_every_event_once_it_answers(kafka, group):
+    answers = iter([503, 503])  # then 201 for good
+    bodies: list[bytes] = []
+
+    class Flaky(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            status = next(answers, 201)
+            if status == 201:
+                bodies.append(body)
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        publish_flow(kafka)
+        emitter = emit_all(kafka, f"http://127.0.0.1:{server.server_address[1]}", group)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert emitter.loop.stats.retries >= 2 and emitter.loop.stats.deadlettered == 0
+    assert len(bodies) == emitter.emitted == 7
