@@ -67,6 +67,12 @@ def select(services: Sequence[Process], only: str | None) -> list[Process]:
     wanted = {name.strip() for name in only.split(",") if name.strip()}
     known = {s.name.split("-")[0] for s in services} | {s.name for s in services}
     unknown = sorted(wanted - known)
+    off = [m for m in SERVICES if m.name in unknown and m.enabled_by]
+    if off:
+        raise ConfigError(
+            f"--only: service {off[0].name!r} is off until configured ({off[0].enabled_by} is "
+            f"false); `mlbus run {off[0].name}` says what to set"
+        )
     if unknown:
         raise ConfigError(
             f"--only: unknown service {unknown[0]!r}; services: {', '.join(sorted(known))}"

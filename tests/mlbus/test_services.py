@@ -14,7 +14,7 @@ from mlbus.kafka.config import KafkaConfig
 from mlbus.schemas.catalog import TOPICS
 from mlbus.services import SERVICES, HttpCheck, service
 from mlbus.settings import Settings
-from mlbus.supervisor import catalog
+from mlbus.supervisor import catalog, select
 
 
 def test_every_topic_a_service_reads_or_writes_is_in_the_contract():
@@ -68,6 +68,8 @@ def test_an_optional_service_runs_in_mlbus_up_only_once_configured(tmp_path: Pat
     assert "openlineage" not in default and "lineage" in default
     console = Settings(data_dir=tmp_path, openlineage={"transport": "console"})
     assert "openlineage" in [p.name for p in catalog(console)]
+    with pytest.raises(ConfigError, match="'openlineage' is off until configured"):
+        select(catalog(Settings(data_dir=tmp_path)), "lineage,openlineage")
 
 
 def test_health_urls_come_from_the_settings_and_port_0_turns_the_check_off(tmp_path: Path):
