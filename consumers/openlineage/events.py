@@ -230,9 +230,9 @@ class Mapper:
             )
         if error is not None:
             run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
-                message=error.reason,
+                # The log keeps the exception's class, not its stack trace.
+                message=f"{error.error_type}: {error.reason}" if error.error_type else error.reason,
                 programmingLanguage="python",
-                stackTrace=error.error_type,
                 producer=self.producer,
             )
         return self._event(
