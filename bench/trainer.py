@@ -69,7 +69,7 @@ from mlbus.schemas.training import TrainingRequested
 from mlbus.storage import ObjectStore
 from mlbus.tables import DatasetReader
 from mlbus.trainer.data import Prepared, load_arrays, prepare
-from mlbus.trainer.worker import TrainingWorker, find_dataset
+from mlbus.trainer.worker import TrainingWorker
 
 TARGET_RATIO = 0.85
 SEED = 0
@@ -103,13 +103,28 @@ def synthetic(rows: int, features: int = 20, classes: int = 4) -> pa.Table:
 def prepared_of(kafka: KafkaConfig, store: ObjectStore, name: str, version: str) -> Prepared:
     """The tensors the worker trains on, built as it builds them (untimed)."""
     with dataset_versions(kafka) as known:
-        data = find_dataset([e.data for e in known.events()], name, version)
+        found = known.get((name, version))
+    assert found is not None, f"{name}@{version} is not in the log"
+    data = found.data
     label = data.label_column
     assert label is not None
     features = [c.name for c in data.arrow_schema if c.name != label]
     with DatasetReader(store, data.uri, data.content_hash) as reader:
         x, labels = load_arrays(reader, num_rows=reader.num_rows, features=features, label=label)
     return prepare(x, labels, features=features, label=label, seed=SEED, validation=0.15, test=0.15)
+
+
+def validate(kafka: KafkaConfig, store: ObjectStore) -> None:
+    """Run the validator over what is announced: the worker trains validated versions only."""
+    from mlbus.datasets.validator import Validator
+
+    with EventProducer(kafka, source="mlbus/datasets") as producer:
+        ConsumerLoop(
+            kafka,
+            group="bench-validator",
+            name="validator",
+            handlers={"dataset.created": Validator(store, producer)},
+        ).run(stop_at_end=True, install_signal_handlers=False)
 
 
 def plain_loop(data: Prepared, work: Workload) -> tuple[float, float]:
@@ -263,6 +278,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> Report:
             ).version,
         }
         registry.close()
+        validate(kafka, store)
         for work in workloads:
             dataset = DatasetRef(name=work.key, version=versions[work.key])
             data = prepared_of(kafka, store, work.key, dataset.version)

@@ -40,7 +40,7 @@ from mlbus.tables import DatasetReader, HashMismatch, check_row_groups, sha256_o
 from mlbus.verified import object_identity
 
 _NAMESPACE = uuid.UUID("6f1c7d1e-5a8b-4c55-9d52-0d3f1f7a9a11")
-CHECKS = ["readable", "num_rows", "schema", "content_hash", "version"]
+CHECKS = ["readable", "num_rows", "schema", "label_column", "content_hash", "version"]
 VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEX64 = re.compile(r"^[0-9A-Fa-f]{64}$")
 
@@ -95,7 +95,19 @@ def check(
     actual = [(f.name, str(f.type)) for f in schema]
     claimed = [(c.name, c.type) for c in data.arrow_schema]
     if actual != claimed:
-        raise InvalidEvent(f"arrow_schema: the event says {claimed}, the file has {actual}")
+        present = set(schema.names)
+        missing = [name for name, _ in claimed if name not in present]
+        what = (
+            f"column(s) {', '.join(map(repr, missing))} announced but not in the file; "
+            if missing
+            else ""
+        )
+        raise InvalidEvent(f"arrow_schema: {what}the event says {claimed}, the file has {actual}")
+    if data.label_column is not None and data.label_column not in schema.names:
+        raise InvalidEvent(
+            f"label_column: {data.label_column!r} is announced but not a column of the file "
+            f"(columns: {', '.join(schema.names)})"
+        )
     if not data.columns:
         return _hash_with_stats(store, data, schema)
     with translated(f"hashing {data.uri}"):
@@ -189,6 +201,7 @@ class Validator:
                 label_column=data.label_column,
                 columns=computed if computed is not None else data.columns,
                 stats_computed=computed is not None,
+                arrow_schema=data.arrow_schema,
             ),
             causation=event,
             event_id=validated_id(event.id),

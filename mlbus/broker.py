@@ -4,7 +4,8 @@ memory storage, on a free loopback port.
 `mlbus up`, `make demo` and the test fixture start one. Its address is recorded in
 `<data_dir>/broker.json`, so every other mlbus command run with no cluster configured talks
 to the broker of the running `mlbus up` in the same data dir. Nothing survives a restart of
-this broker (memory storage); see docs/broker.md for what it does and does not do.
+this broker (memory storage): `mlbus up` keeps and restores its log with mlbus/journal/; see
+docs/broker.md for what it does and does not do.
 """
 
 from __future__ import annotations

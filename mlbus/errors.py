@@ -30,7 +30,9 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   │                                not fit the model their card describes
     │   ├── InvalidDataset          400  datasets/sources.py: unreadable or malformed input
     │   ├── InvalidTrainingRequest  400  trainer/data.py: nulls, one class, bad split
-    │   │   └── DeviceUnavailable   400  trainer/worker.py: a device this worker does not have
+    │   │   ├── DeviceUnavailable   400  trainer/worker.py: a device this worker does not have
+    │   │   └── DatasetNotValidated 400  trainer/lookup.py: a version the validator refused,
+    │   │                                or did not validate in time: never trained
     │   ├── InvalidPipeline         400  consumers/workflow/definitions.py: names the line
     │   ├── InvalidPath             400  a path, URI or key with a NUL byte (storage.py, http.py)
     │   ├── InvalidTime             422  consumers/lineage/store.py: an as-of time that is not
@@ -46,6 +48,7 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │       └── TooManyRows         413  serving/errors.py: more input rows than
     │                                    serving.max_rows_per_request
     ├── Conflict                    409  well formed, but contradicts the current state
+    │   ├── PlatformRunning         409  lock.py: another `mlbus up` holds the data dir
     │   ├── NothingToRollBack       409  consumers/workflow/commands.py: no earlier good version
     │   ├── TargetNotEmpty          409  consumers/archive/restore.py: the topic holds records
     │   └── NewLog                  409  kafka/anchor.py: a partition's log is not the one a
@@ -62,6 +65,9 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │                                    record is not committed
     ├── BrokerError                 503  the embedded broker cannot be started or reached
     │   └── BrokerNotRunning        503  no broker configured and none running in the data dir
+    ├── JournalError                500  journal/: the embedded log's journal cannot be used
+    │   ├── JournalUnreadable       500  not a journal, or damaged before its tail (left as is)
+    │   └── JournalTooNew           500  written by a newer mlbus (format version above ours)
     ├── HashMismatch                500  tables.py: stored bytes do not hash to what the event
     │                                    claims (or it claims no hash)
     ├── LineageError                500  consumers/lineage/store.py: the store cannot answer
@@ -97,9 +103,13 @@ __all__ = [
     "Invalid",
     "InvalidEvent",
     "InvalidPath",
+    "JournalError",
+    "JournalTooNew",
+    "JournalUnreadable",
     "MlbusError",
     "NotFound",
     "PayloadTooLarge",
+    "PlatformRunning",
     "TransientError",
     "Unauthorized",
     "UndecodableBody",
@@ -153,6 +163,23 @@ class BrokerError(MlbusError):
 
 class BrokerNotRunning(BrokerError):
     """No Kafka cluster is configured and no embedded broker runs in the data dir."""
+
+
+class PlatformRunning(Conflict):
+    """Another `mlbus up` holds the data dir's lock: one platform per data dir."""
+
+
+class JournalError(MlbusError):
+    """The embedded log's journal (mlbus/journal/) cannot be read, written or restored."""
+
+
+class JournalUnreadable(JournalError):
+    """A journal file that is not a journal, or is damaged before its tail; it is left
+    untouched (a torn tail alone is not this: it is reported and skipped)."""
+
+
+class JournalTooNew(JournalError):
+    """A journal written in a newer format than this mlbus reads; left untouched."""
 
 
 # Shared by the components that look names up in the log (workflow, serving, trainer,

@@ -153,7 +153,7 @@ SERVICES: tuple[Service, ...] = (
         folder="trainer/",
         role="training workers: Arrow → torch, checkpoints, artifacts",
         source="mlbus/trainer",
-        reads=("training.requested", "dataset.created"),
+        reads=("training.requested", "dataset.validated", "dataset.created", DEADLETTER),
         writes=(*_TRAINING, DEADLETTER),
         build="mlbus.cli.training:run_trainer",
         keeps="artifacts, checkpoints",
@@ -182,7 +182,13 @@ SERVICES: tuple[Service, ...] = (
             "model.rejected",
             "serving.alert",
         ),
-        writes=("training.requested", "model.promoted", "model.rejected", DEADLETTER),
+        writes=(
+            "training.requested",
+            "training.failed",
+            "model.promoted",
+            "model.rejected",
+            DEADLETTER,
+        ),
         build="mlbus.cli.workflow:run_workflow",
         deployment=Deployment(
             "1. Decisions (debounce, sweeps, champion comparison) need one view per model; a "

@@ -137,6 +137,55 @@ class PositionsSettings(_Section):
     )
 
 
+class JournalSettings(_Section):
+    """The embedded broker's journal (`<data_dir>/journal`); env `MLBUS_JOURNAL__<FIELD>`."""
+
+    enabled: bool = Field(
+        default=True,
+        description="keep the embedded broker's log and group offsets across restarts",
+    )
+    sync_ms: int = Field(
+        default=200,
+        ge=1,
+        le=10_000,
+        description="longest wait before journaled records are synced to disk",
+    )
+    fetch_wait_ms: int = Field(
+        default=100, ge=1, le=1000, description="longest wait of the journal's fetches"
+    )
+    snapshot_seconds: float = Field(
+        default=1.0, gt=0, description="interval of the consumer-group offset snapshots"
+    )
+
+
+class TrainerSettings(_Section):
+    """The training workers (`mlbus trainer`); env `MLBUS_TRAINER__<FIELD>`."""
+
+    validation_wait_seconds: float = Field(
+        default=120.0,
+        ge=0,
+        description="a request for a dataset version announced but not yet validated waits "
+        "this long after the announcement for the validator's verdict, then fails",
+    )
+    transactions: bool | None = Field(
+        default=None,
+        description="publish a run's outcome and commit its request's offset in one Kafka "
+        "transaction; empty = on against a configured cluster, off on the embedded broker "
+        "(which never ends a dead worker's transaction)",
+    )
+
+
+class WorkflowSettings(_Section):
+    """The workflow manager (`mlbus workflow`); env `MLBUS_WORKFLOW__<FIELD>`."""
+
+    sweep_deadline_seconds: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="a sweep's runs still missing this long after it was requested are "
+        "declared failed (a pipeline's `deadline_seconds` overrides it)",
+    )
+
+
 class LimitsSettings(_Section):
     """Limits on what users submit, checked before it is expanded; env
     `MLBUS_LIMITS__<FIELD>`."""
@@ -253,6 +302,9 @@ class Settings(BaseSettings):
     archive: ArchiveSettings = ArchiveSettings()
     positions: PositionsSettings = PositionsSettings()
     limits: LimitsSettings = LimitsSettings()
+    journal: JournalSettings = JournalSettings()
+    trainer: TrainerSettings = TrainerSettings()
+    workflow: WorkflowSettings = WorkflowSettings()
     openlineage: OpenLineageSettings = OpenLineageSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"

@@ -88,3 +88,8 @@ class DatasetValidated(Payload):
     stats_computed: bool = Field(
         default=False, description="true when the validator computed `columns` itself"
     )
+    arrow_schema: list[ColumnSchema] = Field(
+        default=[],
+        description="the checked columns, copied from the dataset.created (what a trainer "
+        "reads); empty in events published before this field existed",
+    )

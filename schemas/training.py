@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from typing import Literal
 
 from pydantic import Field
@@ -29,6 +31,12 @@ class SweepPoint(Part):
     sweep_id: NonEmpty
     index: int = Field(ge=0)
     size: int = Field(ge=1)
+    deadline: datetime | None = Field(
+        default=None,
+        description="when the sweep's runs still without an outcome are declared failed "
+        "(a training.failed with error_type DeadlineExceeded, published by the workflow); "
+        "None: the workflow's default after the first request",
+    )
 
 
 class TrainingRequested(Payload):
@@ -99,6 +107,20 @@ class TrainingCompleted(Payload):
     device: str | None = None
     duration_seconds: float = Field(ge=0.0)
     peak_memory_bytes: int | None = None
+
+
+#: `error_type` of the `training.failed` the workflow publishes for a sweep's run that had no
+#: outcome by the sweep's deadline. Final for the sweep: an outcome that comes later does not
+#: replace it.
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+
+_RUNS = uuid.UUID("0d6f3b8e-3c1e-4a7e-9a55-7f2d8c1b6e42")
+
+
+def run_id_for(request_id: str) -> str:
+    """The run id of the run a `training.requested` asks for (uuid5 of its event id): every
+    worker that takes the request, and the workflow declaring it failed, name the same run."""
+    return str(uuid.uuid5(_RUNS, request_id))
 
 
 class TrainingFailed(Payload):

@@ -59,6 +59,13 @@ class PipelineDefined(Payload):
     debounce_seconds: float = Field(
         default=0.0, ge=0.0, description="versions within this window trigger one run, newest"
     )
+    deadline_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="a sweep's runs without an outcome this long after it was requested are "
+        "declared failed and the sweep is decided on the runs it has; None = the workflow's "
+        "default (MLBUS_WORKFLOW__SWEEP_DEADLINE_SECONDS)",
+    )
     policy: PromotionPolicy
     rollback: RollbackPolicy = RollbackPolicy()
     actor: NonEmpty = Field(description="who applied it")

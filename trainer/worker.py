@@ -1,11 +1,21 @@
 """The training worker: consumes `training.requested` (a long-running handler: the consumer
 stays in its group while a run trains), publishes `training.started`, one
-`training.progress` per epoch, and `training.completed` or `training.failed`.
+`training.progress` per epoch, and `training.completed` or `training.failed`. It trains only
+validated dataset versions (lookup.py reads `dataset.validated`).
+
+Every failure that can be known (a dataset not validated, a missing column, an unknown
+family, bad hyperparameters, an unreadable file, a bug) ends the run with one non-retryable
+`training.failed` naming it; only a `TransientError` (object store or broker away) is
+retried, announced by retryable notices. Records that do not decode are dead-lettered by the
+loop before they get here.
 
 Exactly-once effect: the run id is derived from the request's event id, the artifact and
 the epoch checkpoints are written under it, and `training.completed` has an id derived from
 the run id; a finished run leaves a marker, so a redelivered request re-announces the same
 completion (same event id, which consumers drop as a duplicate) instead of training again.
+The outcome and the request's offset are committed in one Kafka transaction when
+transactions are on (mlbus/kafka/transaction.py: on Apache Kafka a crash between the two
+leaves one completion on the log; on the embedded broker a copy may show, same id).
 A redelivered unfinished run (worker killed, shut down, transient failure) resumes from its
 last epoch checkpoint (`training.started` with `attempt` > 1 and `resumed_from_epoch`) and
 ends with the metrics an uninterrupted run would have had. On shutdown the run checkpoints
@@ -21,22 +31,20 @@ import resource
 import socket
 import time
 import uuid
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 import mlbus
 from mlbus import artifacts
-from mlbus.errors import Abandon, TransientError, UnknownDataset
-from mlbus.families import InvalidModelSpec, hyperparameters
+from mlbus.errors import Abandon, MlbusError, TransientError
+from mlbus.families import hyperparameters
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Record
-from mlbus.kafka.logview import dataset_versions
 from mlbus.kafka.producer import EventProducer
+from mlbus.kafka.transaction import Transactional
 from mlbus.ml.card import ModelCard
-from mlbus.refs import resolve
-from mlbus.schemas.datasets import DatasetCreated
+from mlbus.schemas.codec import wrap
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.training import (
     Artifact,
@@ -46,11 +54,13 @@ from mlbus.schemas.training import (
     TrainingProgress,
     TrainingRequested,
     TrainingStarted,
+    run_id_for,
 )
-from mlbus.storage import ObjectStore, StorageError
-from mlbus.tables import DatasetReader, HashMismatch
+from mlbus.storage import ObjectStore
+from mlbus.tables import DatasetReader
 from mlbus.trainer import checkpoint
 from mlbus.trainer.data import InvalidTrainingRequest, load_arrays, prepare
+from mlbus.trainer.lookup import DatasetLookup, Trainable
 from mlbus.trainer.training import Checkpoint, fit, inference_latency
 
 log = logging.getLogger(__name__)
@@ -58,18 +68,21 @@ log = logging.getLogger(__name__)
 _NAMESPACE = uuid.UUID("0d6f3b8e-3c1e-4a7e-9a55-7f2d8c1b6e42")
 
 
-def run_id_for(request_id: str) -> str:
-    return str(uuid.uuid5(_NAMESPACE, request_id))
-
-
 class DeviceUnavailable(InvalidTrainingRequest):
     """The request names a device this worker does not have (CUDA on a CPU-only machine)."""
 
 
-#: Failures that a retry cannot fix: the run is reported failed, not retried.
-_PERMANENT = (
-    InvalidTrainingRequest, InvalidModelSpec, UnknownDataset, HashMismatch, StorageError,
-)  # fmt: skip
+#: A failure's reason is cut to this many characters (an error may echo whole inputs).
+MAX_REASON = 2000
+
+
+def reason_of(error: BaseException) -> str:
+    """What a `training.failed` says about an error: its message for mlbus's own errors,
+    prefixed with its type for any other (a `KeyError` says little more than a name)."""
+    text = str(error).strip()
+    if not isinstance(error, MlbusError) or not text:
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
 
 
 def resolve_device(requested: str | None) -> str:
@@ -96,17 +109,6 @@ def resolve_device(requested: str | None) -> str:
     return name
 
 
-def find_dataset(datasets: Iterable[DatasetCreated], name: str, version: str) -> DatasetCreated:
-    """The `dataset.created` of name@version among `datasets`. The edges publish full
-    versions; a unique prefix is still accepted, for requests already in the log from before
-    they did."""
-    found: dict[str, DatasetCreated] = {}
-    for data in datasets:
-        if data.name == name:
-            found[data.version] = data
-    return found[resolve(name, version, found, kind="dataset", error=UnknownDataset)]
-
-
 class TrainingWorker:
     """Handler for `training.requested`; run it in a ConsumerLoop with long_running=True.
 
@@ -114,38 +116,53 @@ class TrainingWorker:
     checkpoint keys, and the ids of `training.completed`/`training.failed` derive from it).
     """
 
-    def __init__(self, kafka: KafkaConfig, store: ObjectStore, producer: EventProducer) -> None:
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        store: ObjectStore,
+        producer: EventProducer,
+        *,
+        validation_wait_seconds: float = 120.0,
+        transactions: Transactional | None = None,
+    ) -> None:
         self.kafka = kafka
         self.store = store
         self.producer = producer
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._retries: dict[str, int] = {}  # run id → transient failures seen by this process
-        self.datasets = dataset_versions(kafka, name="trainer datasets")
+        self.datasets = DatasetLookup(kafka, wait_seconds=validation_wait_seconds)
+        #: Finishes a request (its outcome and its offset) in one transaction; None: the
+        #: outcome is published, and the loop commits the offset later.
+        self.transactions = transactions
 
     def close(self) -> None:
-        """Stop the log view of `dataset.created` (the worker's owner calls this)."""
+        """Stop the log views of the datasets and the transactional producer (the worker's
+        owner calls this)."""
         self.datasets.close()
+        if self.transactions is not None:
+            self.transactions.close()
 
     def __call__(self, event: Event[TrainingRequested], record: Record) -> None:
         request: TrainingRequested = event.data
         run_id = run_id_for(event.id)
         try:
             self._handle(request, event, run_id, record)
+        except Abandon:
+            raise  # given back unfinished: not a failure of the run
         except TransientError as e:
             # The loop retries the request with backoff (staying in its group); say so on
             # the bus, with an id per retry so the notices are not taken for duplicates.
             retry = self._retries[run_id] = self._retries.get(run_id, 0) + 1
-            notice = f"{run_id}/failed/{self.worker}/{retry}"
-            self._fail(
-                request,
-                event,
-                run_id,
-                f"{e}; retrying",
-                type(e).__name__,
-                retryable=True,
-                event_id=notice,
-            )
+            self._notice(request, event, run_id, f"{e}; retrying", type(e).__name__, retry)
             raise
+        except Exception as e:
+            # Anything else is known now and a retry would meet it again: the run fails with
+            # its reason, and the request is handled (never dead-lettered, so whoever waits
+            # for its outcome gets one).
+            if not isinstance(e, MlbusError):
+                log.exception("trainer: run %s failed", run_id)
+            failed = self._failure(request, event, run_id, reason_of(e), type(e).__name__)
+            self._finish(failed, record)
         self._retries.pop(run_id, None)
 
     def _handle(
@@ -154,8 +171,14 @@ class TrainingWorker:
         marker = f"runs/{run_id}/completed.json"
         if self.store.exists(marker):  # finished before: announce the same completion again
             done = TrainingCompleted.model_validate_json(self.store.read_bytes(marker))
-            self._complete(done, event, run_id)
+            self._finish(self._completion(done, event, run_id), record)
             return
+        # Only a validated version, as the log has them now (it may have been announced a
+        # moment ago: the lookup waits a while for the validator's verdict). Before
+        # `training.started`: a refused request never starts.
+        data = self.datasets.find(
+            request.dataset.name, request.dataset.version, stopping=lambda: record.stopping
+        )
         attempt = self._next_attempt(run_id)
         identity = {
             "request_id": event.id,
@@ -178,15 +201,9 @@ class TrainingWorker:
             causation=event,
         )
         self.producer.flush()
-        try:
-            completed = self._train(request, event, run_id, record, resume, identity)
-        except (TransientError, Abandon):
-            raise  # retried / given back: not a failure of the run
-        except _PERMANENT as e:
-            self._fail(request, event, run_id, str(e), type(e).__name__, retryable=False)
-            return
+        completed = self._train(request, event, run_id, record, data, resume, identity)
         self.store.write_bytes(marker, completed.model_dump_json().encode())
-        self._complete(completed, event, run_id)
+        self._finish(self._completion(completed, event, run_id), record)
 
     def _next_attempt(self, run_id: str) -> int:
         """1 for the first delivery of a request, +1 for each redelivery that got this far
@@ -207,19 +224,21 @@ class TrainingWorker:
         event: Event,
         run_id: str,
         record: Record,
+        data: Trainable,
         resume: Checkpoint | None,
         identity: dict[str, Any],
     ) -> TrainingCompleted:
         started = time.perf_counter()
         params = hyperparameters(request.family, request.hyperparameters)
         device = resolve_device(request.device)
-        # As the log has them now: the version may have been announced a moment ago.
-        known = [e.data for e in self.datasets.events()]
-        data = find_dataset(known, request.dataset.name, request.dataset.version)
         if not data.label_column:
             raise InvalidTrainingRequest(f"dataset {data.name} declares no label column")
         features = [c.name for c in data.arrow_schema if c.name != data.label_column]
-        with DatasetReader(self.store, data.uri, data.content_hash) as reader:
+        if not features:
+            raise InvalidTrainingRequest(f"dataset {data.name}@{data.version} has no features")
+        columns = [*features, data.label_column]
+        # The reader checks the columns are in the file (a StorageError naming them).
+        with DatasetReader(self.store, data.uri, data.content_hash, columns=columns) as reader:
             x, labels = load_arrays(
                 reader, num_rows=reader.num_rows, features=features, label=data.label_column
             )
@@ -311,33 +330,63 @@ class TrainingWorker:
             peak_memory_bytes=peak,
         )
 
-    def _complete(self, completed: TrainingCompleted, event: Event, run_id: str) -> None:
-        self.producer.publish(
-            completed, causation=event, event_id=str(uuid.uuid5(_NAMESPACE, f"{run_id}/completed"))
+    def _completion(self, completed: TrainingCompleted, event: Event, run_id: str) -> Event:
+        """The `training.completed` of a run: the same event id however often it is sent."""
+        return wrap(
+            completed,
+            source=self.producer.source,
+            causation=event,
+            event_id=str(uuid.uuid5(_NAMESPACE, f"{run_id}/completed")),
         )
+
+    def _failure(
+        self, request: TrainingRequested, event: Event, run_id: str, reason: str, error_type: str
+    ) -> Event:
+        """The final `training.failed` of a run (not retryable; one id per run)."""
+        return wrap(
+            TrainingFailed(
+                run_id=run_id,
+                model=request.model,
+                request_id=event.id,
+                reason=reason,
+                retryable=False,
+                error_type=error_type,
+            ),
+            source=self.producer.source,
+            causation=event,
+            event_id=str(uuid.uuid5(_NAMESPACE, f"{run_id}/failed")),
+        )
+
+    def _finish(self, outcome: Event, record: Record) -> None:
+        """Publish a run's outcome, with the request's offset in the same transaction when
+        transactions are on (mlbus/kafka/transaction.py says what that guarantees where)."""
+        if self.transactions is not None and record.group_metadata() is not None:
+            self.transactions.finish(record, [outcome])
+            return
+        self.producer.send(outcome)
         self.producer.flush()
 
-    def _fail(
+    def _notice(
         self,
         request: TrainingRequested,
         event: Event,
         run_id: str,
         reason: str,
         error_type: str,
-        *,
-        retryable: bool,
-        event_id: str | None = None,
+        retry: int,
     ) -> None:
+        """A retryable `training.failed`: the run is not over (an id per retry, so the
+        notices are not taken for duplicates)."""
         self.producer.publish(
             TrainingFailed(
                 run_id=run_id,
                 model=request.model,
                 request_id=event.id,
                 reason=reason,
-                retryable=retryable,
+                retryable=True,
                 error_type=error_type,
             ),
             causation=event,
-            event_id=str(uuid.uuid5(_NAMESPACE, event_id or f"{run_id}/failed")),
+            event_id=str(uuid.uuid5(_NAMESPACE, f"{run_id}/failed/{self.worker}/{retry}")),
         )
         self.producer.flush()

@@ -20,6 +20,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from mlbus.consumers.workflow.definitions import sweep_points
@@ -30,6 +31,7 @@ from mlbus.consumers.workflow.state import (
     Position,
     State,
     Sweep,
+    deadline_id,
     decision_id,
     read_state,
     request_id,
@@ -45,10 +47,17 @@ from mlbus.schemas.datasets import DatasetValidated
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import ModelPromoted, ModelRejected
 from mlbus.schemas.serving import ServingAlert
-from mlbus.schemas.training import SweepPoint, TrainingCompleted, TrainingFailed, TrainingRequested
+from mlbus.schemas.training import (
+    DEADLINE_EXCEEDED,
+    SweepPoint,
+    TrainingCompleted,
+    TrainingFailed,
+    TrainingRequested,
+    run_id_for,
+)
 from mlbus.schemas.workflow import PipelineDefined
 from mlbus.services import service
-from mlbus.settings import LimitsSettings
+from mlbus.settings import LimitsSettings, WorkflowSettings
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +91,11 @@ class WorkflowService:
         tick: float = 0.1,
         consumer_overrides: dict[str, Any] | None = None,
         limits: LimitsSettings | None = None,
+        settings: WorkflowSettings | None = None,
     ) -> None:
         self.kafka = kafka
         self.limits = limits or LimitsSettings()
+        self.settings = settings or WorkflowSettings()
         self.group = group
         self.evaluator = evaluator
         self.tick = tick
@@ -227,6 +238,10 @@ class WorkflowService:
         while not self._closed.wait(self.tick):
             now, quiet = time.time(), time.monotonic() - QUIET
             with self._lock:
+                try:
+                    self.expire(datetime.now(UTC))
+                except Exception:  # the broker is down: try again on the next tick
+                    log.exception("workflow: declaring overdue sweep runs failed; retrying")
                 due = [
                     n for n, p in self.pending.items() if p.deadline <= now and p.updated <= quiet
                 ]
@@ -263,6 +278,8 @@ class WorkflowService:
             return
         points = sweep_points(spec)
         sweep_id = request_id(spec.name, cause.id, -1) if spec.sweep else None
+        seconds = spec.deadline_seconds or self.settings.sweep_deadline_seconds
+        deadline = datetime.now(UTC) + timedelta(seconds=seconds)
         for index, params in enumerate(points):
             rid = request_id(spec.name, cause.id, index)
             if rid in self.state.decided:
@@ -278,7 +295,9 @@ class WorkflowService:
                 split=spec.split,
                 requested_by=ACTOR,
                 pipeline=spec.name,
-                sweep=SweepPoint(sweep_id=sweep_id, index=index, size=len(points))
+                sweep=SweepPoint(
+                    sweep_id=sweep_id, index=index, size=len(points), deadline=deadline
+                )
                 if sweep_id
                 else None,
             )
@@ -298,6 +317,49 @@ class WorkflowService:
         self.state.last_trigger[spec.name] = max(
             position, self.state.last_trigger.get(spec.name, position)
         )
+
+    # -- deadlines --------------------------------------------------------------------------
+
+    def expire(self, now: datetime) -> None:
+        """Declare failed every run of a sweep past its deadline that has no outcome: one
+        `training.failed` each (DeadlineExceeded, id derived from the request's), after which
+        the sweep is decided on the runs it has. The expiry is an event in the log, so a
+        rebuild sees the same outcomes and never consults the clock."""
+        for sweep in list(self.state.sweeps.values()):
+            if sweep.finished:
+                continue
+            due = sweep.due(self.settings.sweep_deadline_seconds)
+            if due is None or due > now:
+                continue
+            for request in sweep.missing():
+                self._expire_run(request, due)
+
+    def _expire_run(self, request: Event[TrainingRequested], due: datetime) -> None:
+        data: TrainingRequested = request.data
+        fid = deadline_id(request.id)
+        if fid in self.state.decided:
+            return
+        failed = self._publish(
+            TrainingFailed(
+                run_id=run_id_for(request.id),
+                model=data.model,
+                request_id=request.id,
+                reason=f"deadline: no outcome by {due.isoformat()}, the deadline of sweep "
+                f"{data.sweep.sweep_id if data.sweep else '?'}",
+                retryable=False,
+                error_type=DEADLINE_EXCEEDED,
+            ),
+            cause=request,
+            event_id=fid,
+        )
+        log.warning(
+            "workflow: %s run %s of sweep %s had no outcome by its deadline %s: failed",
+            data.model,
+            data.sweep.index if data.sweep else "?",
+            data.sweep.sweep_id if data.sweep else "?",
+            due.isoformat(),
+        )
+        self.decide(failed)
 
     # -- policy -----------------------------------------------------------------------------
 

@@ -13,14 +13,20 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.logview import LogView
 from mlbus.schemas.datasets import DatasetValidated
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import ModelPromoted
-from mlbus.schemas.training import Split, TrainingCompleted, TrainingFailed, TrainingRequested
+from mlbus.schemas.training import (
+    DEADLINE_EXCEEDED,
+    Split,
+    TrainingCompleted,
+    TrainingFailed,
+    TrainingRequested,
+)
 from mlbus.schemas.workflow import PipelineDefined
 
 _NAMESPACE = uuid.UUID("3c9a1f52-8f0e-4b0a-b7b5-2f6f4f1f9c21")
@@ -43,6 +49,17 @@ def decision_id(completed_id: str) -> str:
 def request_id(pipeline: str, validated_id: str, index: int) -> str:
     """The id of the `training.requested` a pipeline publishes for one sweep point."""
     return str(uuid.uuid5(_NAMESPACE, f"request/{pipeline}/{validated_id}/{index}"))
+
+
+def deadline_id(request_id: str) -> str:
+    """The id of the `training.failed` declaring a sweep's run failed at the deadline."""
+    return str(uuid.uuid5(_NAMESPACE, f"deadline/{request_id}"))
+
+
+def past_deadline(event: Event) -> bool:
+    """A `training.failed` the workflow published at a sweep's deadline."""
+    data = event.data
+    return isinstance(data, TrainingFailed) and data.error_type == DEADLINE_EXCEEDED
 
 
 def rollback_id(alert_id: str) -> str:
@@ -106,10 +123,40 @@ class Model:
 class Sweep:
     size: int
     outcomes: dict[str, Event] = field(default_factory=dict)  # request id → completed/failed
+    requests: dict[str, Event] = field(default_factory=dict)  # request id → training.requested
+    #: the deadline the requests carry (the earliest), and when the first was requested
+    deadline: datetime | None = None
+    requested: datetime | None = None
 
     @property
     def finished(self) -> bool:
         return len(self.outcomes) >= self.size
+
+    def due(self, default_seconds: float) -> datetime | None:
+        """When runs still missing are declared failed: the requests' deadline, else
+        `default_seconds` after the first request; None before any request is known."""
+        if self.deadline is not None:
+            return self.deadline
+        if self.requested is None:
+            return None
+        return self.requested + timedelta(seconds=default_seconds)
+
+    def missing(self) -> list[Event]:
+        """The requests known without an outcome, by sweep index."""
+        waiting = [e for rid, e in self.requests.items() if rid not in self.outcomes]
+        return sorted(waiting, key=lambda e: e.data.sweep.index)
+
+    def record(self, event: Event) -> None:
+        """An outcome of one of its runs. A retryable failure is not one (the worker retries);
+        a deadline failure is final, whatever arrives for that run before or after it, so the
+        sweep's outcomes do not depend on the order of the two topics."""
+        data: TrainingCompleted | TrainingFailed = event.data
+        if isinstance(data, TrainingFailed) and data.retryable:
+            return
+        current = self.outcomes.get(data.request_id)
+        if current is not None and past_deadline(current):
+            return
+        self.outcomes[data.request_id] = event
 
 
 @dataclass
@@ -168,6 +215,8 @@ class State:
         elif event.type == "training.requested":
             self.decided.add(event.id)
             self.requests[event.id] = data
+            if data.sweep is not None:
+                self._requested(event, data)
             trigger = self.validated.get(event.causationid or "")
             if data.pipeline and trigger is not None:
                 before = self.last_trigger.get(data.pipeline)
@@ -191,10 +240,24 @@ class State:
     def _outcome(self, event: Event, data: TrainingCompleted | TrainingFailed) -> None:
         if isinstance(data, TrainingCompleted):
             self.model(data.model).runs[data.version] = event
+        if past_deadline(event):
+            self.decided.add(event.id)
         request = self.requests.get(data.request_id)
         if request is not None and request.sweep is not None:
             sweep = self.sweeps.setdefault(request.sweep.sweep_id, Sweep(request.sweep.size))
-            sweep.outcomes[data.request_id] = event
+            sweep.record(event)
+
+    def _requested(self, event: Event, data: TrainingRequested) -> None:
+        assert data.sweep is not None
+        sweep = self.sweeps.setdefault(data.sweep.sweep_id, Sweep(data.sweep.size))
+        sweep.requests[event.id] = event
+        at = time_of(event)
+        sweep.requested = at if sweep.requested is None else min(sweep.requested, at)
+        if data.sweep.deadline is not None:
+            deadline = data.sweep.deadline
+            if deadline.tzinfo is None:
+                deadline = deadline.replace(tzinfo=UTC)
+            sweep.deadline = deadline if sweep.deadline is None else min(sweep.deadline, deadline)
 
     def _promoted(self, event: Event[ModelPromoted], position: Position | None) -> bool:
         data: ModelPromoted = event.data

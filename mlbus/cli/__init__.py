@@ -38,6 +38,7 @@ from mlbus.cli import (  # noqa: E402, F401
     datasets,
     demo,
     events,
+    journal,
     lineage,
     platform,
     services,

@@ -13,7 +13,7 @@ from rich.table import Table
 from mlbus.cli.common import app, console, kafka_config, settings
 from mlbus.cli.render import as_json, as_line, decode_record
 from mlbus.errors import InvalidEvent, MlbusError
-from mlbus.kafka.producer import EventProducer
+from mlbus.kafka.producer import DurableProducer
 from mlbus.kafka.reader import TopicReader
 from mlbus.schemas.base import Payload
 from mlbus.schemas.catalog import DEADLETTER, topic
@@ -86,7 +86,7 @@ def publish(
                 f"invalid {spec.name}{where}: {e.reason}; nothing was published"
             ) from None
     kafka = kafka_config()
-    with EventProducer(kafka, source=source) as producer:
+    with DurableProducer(kafka, source=source) as producer:
         ids = []
         for item in items:
             if isinstance(item, Event):

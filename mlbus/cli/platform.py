@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import orjson
@@ -17,6 +18,9 @@ from mlbus.broker import EmbeddedBroker
 from mlbus.cli.common import app, console, kafka_config, settings, topics_app
 from mlbus.errors import MlbusError
 from mlbus.extras import require
+from mlbus.journal.capture import Capture
+from mlbus.journal.format import check_versions
+from mlbus.journal.restore import Restored, restore
 from mlbus.kafka.admin import (
     TopicStatus,
     apply_topics,
@@ -26,6 +30,7 @@ from mlbus.kafka.admin import (
     topic_definitions,
 )
 from mlbus.kafka.config import KafkaConfig
+from mlbus.lock import DataDirLock
 from mlbus.settings import Settings
 from mlbus.supervisor import Supervisor, catalog, select
 
@@ -168,9 +173,15 @@ def up(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = DataDirLock(cfg.data_dir)
+    lock.acquire()  # one platform per data dir; released however this process ends
+    journal_dir = cfg.data_dir / "journal"
+    if cfg.embedded and cfg.journal.enabled:
+        check_versions(journal_dir)  # a journal we cannot read refuses the start, untouched
     broker = EmbeddedBroker(cfg.data_dir) if cfg.embedded else None
     started = False
     supervisor: Supervisor | None = None
+    capture: Capture | None = None
     died = threading.Event()
     show = service_output([s.name for s in services])
     try:
@@ -179,6 +190,19 @@ def up(
             started = True
         kafka = KafkaConfig.from_settings(cfg, bootstrap=broker.bootstrap if broker else None)
         statuses = apply_topics(kafka)
+        if broker is not None and cfg.journal.enabled:
+            # Before anyone can see the broker: the log as it was, then the journal resumes.
+            restored = restore(kafka, journal_dir)
+            _report_restore(restored, journal_dir)
+            capture = Capture(
+                kafka,
+                journal_dir,
+                positions=restored.positions,
+                sync_seconds=cfg.journal.sync_ms / 1000,
+                snapshot_seconds=cfg.journal.snapshot_seconds,
+                fetch_wait_ms=cfg.journal.fetch_wait_ms,
+            )
+            capture.start()
         if broker is not None:
             broker.announce()  # only now may other commands find it: the topics exist
         console.print(topic_table(statuses))
@@ -193,7 +217,9 @@ def up(
             table.add_row(str(row["service"]), str(row["pid"]), str(row["url"] or "-"))
         console.print(table)
         console.print(f"[green]mlbus is up[/] (data dir {cfg.data_dir}); Ctrl-C stops it.")
-        watcher = threading.Thread(target=_watch_broker, args=(broker, stop, died), daemon=True)
+        watcher = threading.Thread(
+            target=_watch_broker, args=(broker, capture, stop, died), daemon=True
+        )
         watcher.start()
         supervisor.watch(stop)
     finally:
@@ -206,20 +232,52 @@ def up(
                 "all services stopped"
                 + (f"; unclean exits: {', '.join(unclean)}" if unclean else " cleanly"),
             )
+        if capture is not None:
+            capture.stop()  # after the services: their last records and offsets are kept
+            console.print(f"journal: {capture.records} records captured this run")
         if broker is not None and started:
             broker.stop()
             console.print("embedded broker stopped")
+        lock.release()
     if broker is not None and died.is_set():
         raise typer.Exit(_broker_died(broker))
+    if capture is not None and capture.error is not None:
+        console.print(f"[red]the journal stopped:[/] {escape(repr(capture.error))}")
+        raise typer.Exit(1)
 
 
 def _watch_broker(
-    broker: EmbeddedBroker | None, stop: threading.Event, died: threading.Event
+    broker: EmbeddedBroker | None,
+    capture: Capture | None,
+    stop: threading.Event,
+    died: threading.Event,
 ) -> None:
     while broker is not None and not stop.wait(0.5):
         if not broker.alive():
             died.set()
             stop.set()
+        if capture is not None and not capture.alive():
+            stop.set()  # no journal, no durability: stop rather than run without it
+
+
+def _report_restore(restored: Restored, journal_dir: Path) -> None:
+    for torn in restored.scan.torn:
+        console.print(
+            f"[yellow]journal: a torn final write[/] in {torn.segment.name} at byte "
+            f"{torn.position} ({torn.size} bytes, {torn.reason}): skipped; everything before "
+            "it is restored and the file is left as it is (`mlbus journal verify`)"
+        )
+    for clamp in restored.clamped:
+        console.print(f"[yellow]journal: group offset past the journal's end, set back:[/] {clamp}")
+    if not restored.scan.segments:
+        console.print(f"journal: none yet in {journal_dir}; a new one starts")
+        return
+    console.print(
+        f"journal: restored {restored.records:,} records of {restored.topics} topics"
+        + (f" ({restored.gaps} transaction markers)" if restored.gaps else "")
+        + f" and the offsets of {restored.groups} consumer groups in {restored.seconds:.2f}s"
+        + (f" ({restored.rate:,.0f} records/s)" if restored.records else "")
+    )
 
 
 def _broker_died(broker: EmbeddedBroker) -> int:

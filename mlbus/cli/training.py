@@ -8,6 +8,7 @@ import itertools
 import queue
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import orjson
@@ -18,7 +19,7 @@ from rich.table import Table
 from mlbus.cli.common import app, console, kafka_config, key_values, settings
 from mlbus.errors import MlbusError
 from mlbus.kafka.consumer import ConsumerLoop
-from mlbus.kafka.producer import EventProducer
+from mlbus.kafka.producer import DurableProducer, EventProducer
 from mlbus.kafka.reader import TopicReader
 from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.codec import decode
@@ -40,19 +41,33 @@ def trainer() -> None:
 
 def run_trainer(manifest: Service, cfg: Settings) -> None:
     """A training worker in the foreground (`mlbus run trainer`)."""
+    from mlbus.kafka.transaction import Transactional
     from mlbus.trainer.worker import TrainingWorker
 
     kafka = kafka_config(cfg)
+    group = manifest.group_id(cfg.topic_prefix)
+    # The embedded broker never ends the open transaction of a killed worker, and its
+    # read_committed readers stop there for good (docs/broker.md): no transactions there.
+    wanted = cfg.trainer.transactions
+    if wanted is None:
+        wanted = not kafka.embedded
+    transactions = Transactional(kafka, prefix=group) if wanted else None
     with (
         EventProducer(kafka, source=manifest.source) as producer,
         contextlib.closing(
-            TrainingWorker(kafka, ObjectStore.from_settings(cfg), producer)
+            TrainingWorker(
+                kafka,
+                ObjectStore.from_settings(cfg),
+                producer,
+                validation_wait_seconds=cfg.trainer.validation_wait_seconds,
+                transactions=transactions,
+            )
         ) as worker,
     ):
         console.print(f"training worker {worker.worker} waiting for training.requested")
         ConsumerLoop(
             kafka,
-            group=manifest.group_id(cfg.topic_prefix),
+            group=group,
             name=manifest.name,
             long_running=True,
             handlers={"training.requested": worker},
@@ -82,6 +97,15 @@ def train(
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if present, else cpu)")
     ] = None,
+    deadline_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--deadline",
+            help="seconds after which a sweep's runs without an outcome are declared failed "
+            "(default: MLBUS_WORKFLOW__SWEEP_DEADLINE_SECONDS)",
+            min=1,
+        ),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="follow the runs until they finish")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="completed runs as JSON lines")] = False,
 ) -> None:
@@ -99,6 +123,9 @@ def train(
         k: [_value(v) for v in vs.split(",") if v] for k, vs in key_values(sweep, "--sweep").items()
     }
     points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+    # The workflow declares the runs still missing then failed (the sweep then ends).
+    seconds = deadline_seconds or settings().workflow.sweep_deadline_seconds
+    deadline = datetime.now(UTC) + timedelta(seconds=seconds)
     requests = [
         TrainingRequested(
             model=model,
@@ -109,7 +136,9 @@ def train(
             max_epochs=epochs,
             device=device,
             requested_by="cli",
-            sweep=SweepPoint(sweep_id=correlation, index=i, size=len(points)) if axes else None,
+            sweep=SweepPoint(sweep_id=correlation, index=i, size=len(points), deadline=deadline)
+            if axes
+            else None,
         )
         for correlation in [new_event_id()]
         for i, point in enumerate(points)
@@ -125,7 +154,7 @@ def train(
         threading.Thread(target=follow, daemon=True).start()
         reader.caught_up.wait(30)
     correlation = requests[0].sweep.sweep_id if requests[0].sweep else None
-    with EventProducer(kafka, source="mlbus/cli") as producer:
+    with DurableProducer(kafka, source="mlbus/cli") as producer:
         ids = [producer.publish(r, correlationid=correlation).id for r in requests]
     if not (wait or json_out):
         for event_id, request in zip(ids, requests, strict=True):

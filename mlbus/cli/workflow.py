@@ -213,7 +213,9 @@ def _workflow(
         evaluator = ChampionEvaluator(kafka, ObjectStore.from_settings(cfg))
     console.print(f"workflow manager: group {group}", highlight=False)
     try:
-        WorkflowService(kafka, group=group, evaluator=evaluator, limits=cfg.limits).run()
+        WorkflowService(
+            kafka, group=group, evaluator=evaluator, limits=cfg.limits, settings=cfg.workflow
+        ).run()
     finally:
         if evaluator is not None:
             evaluator.close()

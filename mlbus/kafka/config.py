@@ -32,6 +32,8 @@ class KafkaConfig:
     extra: Mapping[str, str | SecretStr] = field(default_factory=dict)
     topic_prefix: str = ""
     max_event_bytes: int = 1024 * 1024
+    journal: str | None = None
+    """the embedded broker's journal folder, when it keeps one (mlbus/journal/)"""
 
     def __post_init__(self) -> None:
         masked = {
@@ -60,6 +62,11 @@ class KafkaConfig:
             extra=dict(settings.kafka),
             topic_prefix=settings.topic_prefix,
             max_event_bytes=settings.max_event_bytes,
+            journal=(
+                str(settings.data_dir / "journal")
+                if embedded and settings.journal.enabled
+                else None
+            ),
         )
 
     # -- topic naming: `type` equals the topic name, behind an optional prefix --------------

@@ -71,11 +71,28 @@ def next_batch(consumer: Consumer, size: int, timeout: float) -> list[Consumed]:
 class Record:
     """Where an event came from: a read-only view of the Kafka record (no copies)."""
 
-    __slots__ = ("_message", "_stopping")
+    __slots__ = ("_group", "_message", "_stopping")
 
-    def __init__(self, message: Consumed, stopping: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        message: Consumed,
+        stopping: threading.Event | None = None,
+        group: Callable[[], object] | None = None,
+    ) -> None:
         self._message = message
         self._stopping = stopping
+        self._group = group
+
+    def group_metadata(self) -> object:
+        """The consumer group's metadata (generation, member) as of now, for committing this
+        record's offset in a producer's transaction (`mlbus.kafka.transaction`); None for a
+        record read outside a consumer loop."""
+        return self._group() if self._group is not None else None
+
+    @property
+    def next_offset(self) -> TopicPartition:
+        """The position to commit once this record is done."""
+        return TopicPartition(self.topic, self.partition, self.offset + 1)
 
     @property
     def stopping(self) -> bool:
@@ -290,7 +307,7 @@ class ConsumerLoop:
         attempt = 0
         while True:
             try:
-                self._call(handler, event, Record(message, self._stopping))
+                self._call(handler, event, Record(message, self._stopping, self._group()))
                 self.stats.handled += 1
                 return True
             except Abandon:
@@ -372,6 +389,17 @@ class ConsumerLoop:
             still = [tp for tp in paused if (tp.topic, tp.partition) in self._assigned]
             if still:
                 consumer.resume(still)
+
+    def _group(self) -> Callable[[], object]:
+        """How a handler gets the group's metadata. A long-running handler's thread gets it
+        as of the dispatch: librdkafka's call blocks while this thread polls. A membership
+        that changed since then fences the handler's transaction, which is what it should."""
+        consumer = self._consumer
+        assert consumer is not None
+        if not self.long_running:
+            return consumer.consumer_group_metadata
+        metadata = consumer.consumer_group_metadata()
+        return lambda: metadata
 
     def _deadletter(self, message: Consumed, reason: str, error_type: str) -> None:
         if self._deadletters is None:

@@ -3,7 +3,9 @@
 Idempotent with acks=all (kafka/config.py). Records are queued by `publish()` and confirmed
 by `flush()`, which raises `DeliveryError` if the broker did not take every record — so a
 command reports success only after the broker has the events. Only failed deliveries call
-back into Python (`delivery.report.only.error`), which keeps the hot path in librdkafka.
+back into Python (`delivery.report.only.error`), which keeps the hot path in librdkafka —
+except for a producer that waits for the embedded broker's journal (`DurableProducer`, the
+CLI's): it notes where each record landed and `flush()` returns once the journal has them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -51,11 +54,13 @@ class _Outcomes:
     """Delivery outcomes. librdkafka's callbacks point here, not at the EventProducer, so
     that no reference cycle keeps a dropped producer (and its threads) alive."""
 
-    __slots__ = ("failed", "fatal")
+    __slots__ = ("delivered", "failed", "fatal")
 
     def __init__(self) -> None:
         self.failed: list[Undelivered] = []
         self.fatal: str | None = None
+        self.delivered: dict[tuple[str, int], int] = {}
+        """(topic, partition) → the last offset delivered there, when delivery is reported"""
 
     def on_delivery(self, error: KafkaError | None, message: Any) -> None:
         if error is not None:
@@ -64,6 +69,9 @@ class _Outcomes:
                     message.topic(), message.value(), message.key(), message.headers(), error.str()
                 )
             )
+        else:
+            where = (message.topic(), message.partition())
+            self.delivered[where] = max(message.offset(), self.delivered.get(where, -1))
 
     def on_error(self, error: KafkaError) -> None:
         if error.fatal():
@@ -74,11 +82,16 @@ class _Outcomes:
 class EventProducer:
     """Publishes typed events. `source` names the producing service (CloudEvents `source`)."""
 
+    #: `flush()` also waits until the embedded broker's journal has the records on disk (if
+    #: one is kept): what a command acknowledges to its user survives a power cut.
+    waits_for_journal = False
+
     def __init__(self, kafka: KafkaConfig, *, source: str, **overrides: Any) -> None:
         self.kafka = kafka
         self.source = source
+        self.journal = kafka.journal if self.waits_for_journal else None
         conf = kafka.producer(**overrides)
-        conf["delivery.report.only.error"] = True
+        conf["delivery.report.only.error"] = self.journal is None
         self._outcomes = _Outcomes()
         conf["on_delivery"] = self._outcomes.on_delivery
         conf["error_cb"] = self._outcomes.on_error
@@ -173,6 +186,11 @@ class EventProducer:
                 f"{remaining} record(s) not confirmed by the broker within {timeout:.0f}s "
                 f"(is it reachable at {self.kafka.bootstrap}?)"
             )
+        if self.journal is not None and self._outcomes.delivered:
+            from mlbus.journal.format import wait_durable
+
+            wait_durable(Path(self.journal), self._outcomes.delivered, timeout)
+            self._outcomes.delivered = {}
 
     def retry_undelivered(self) -> int:
         """Queue again every record the broker did not take; returns how many."""
@@ -200,3 +218,10 @@ class EventProducer:
         else:  # do not hide the original error behind a delivery error
             self._producer.flush(5.0)
             self._producer.close()
+
+
+class DurableProducer(EventProducer):
+    """An EventProducer whose `flush()` returns once the embedded broker's journal has the
+    records on disk: for commands that tell a user their events are kept."""
+
+    waits_for_journal = True

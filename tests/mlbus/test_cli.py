@@ -688,25 +688,6 @@ def test_up_stops_cleanly_on_a_signal(start_up: Any, sig: signal.Signals) -> Non
     wait_gone(up.broker_pid, what=f"the broker of an `mlbus up` stopped by {sig.name}")
 
 
-def test_a_second_up_on_the_same_data_dir_refuses(start_up: Any) -> None:
-    first = start_up()
-    state = first.wait_up()
-
-    second = mlbus("up", env=first.env, timeout=30)
-    assert second.returncode == 1
-    one_line_error(second, "already runs", state["bootstrap"])
-    assert "embedded broker stopped" not in second.stdout, (
-        "the refused `mlbus up` claims to have stopped a broker it never started"
-    )
-    # The first one is untouched.
-    assert first.proc.poll() is None
-    assert pid_alive(first.broker_pid)
-    assert json.loads((first.data_dir / "broker.json").read_text()) == state
-
-    assert first.stop(signal.SIGTERM) == 0
-    wait_gone(first.broker_pid)
-
-
 def test_up_exits_non_zero_when_its_broker_dies(start_up: Any) -> None:
     up = start_up()
     up.wait_up()

@@ -19,17 +19,25 @@ FAST = {  # the embedded broker's settings (a configured bootstrap keeps Kafka's
 
 @pytest.fixture
 def worker(env):  # noqa: F811
+    """A training worker and the validator beside it (the worker trains validated
+    versions only)."""
     env = env | FAST
-    process = subprocess.Popen(
-        [MLBUS, "trainer"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    processes = [
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for command in ([MLBUS, "trainer"], [MLBUS, "datasets", "validate"])
+    ]
     yield env
-    process.send_signal(signal.SIGTERM)
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
     try:
-        assert process.wait(30) == 0, process.stdout.read() if process.stdout else ""
+        for process in processes:
+            assert process.wait(30) == 0, process.stdout.read() if process.stdout else ""
     finally:
-        if process.poll() is None:
-            process.kill()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
 
 
 def test_a_sweep_from_the_cli_is_trained_and_reported(worker):

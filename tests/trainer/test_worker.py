@@ -20,6 +20,7 @@ from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.training import TrainingRequested
 from mlbus.storage import ObjectStore
 from mlbus.trainer.worker import TrainingWorker, run_id_for
+from tests.conftest import unique
 from tests.mlbus.kafka.support import (
     LoopThread,
     committed_offset,
@@ -30,12 +31,31 @@ from tests.mlbus.kafka.support import (
 
 
 def _digits(kafka, store, sample="digits"):
+    """A registered and validated sample (the worker trains validated versions only)."""
     from mlbus.datasets.registry import DatasetRegistry
     from mlbus.datasets.samples import sample_table
     from mlbus.datasets.sources import from_table
 
     with DatasetRegistry(store, kafka) as registry:
-        return registry.register(from_table(sample_table(sample)), name="digits", label="label")
+        registered = registry.register(
+            from_table(sample_table(sample)), name="digits", label="label"
+        )
+    validate(kafka, store)
+    return registered
+
+
+def validate(kafka, store):
+    """Run the validator over everything announced so far."""
+    from mlbus.datasets.validator import Validator
+
+    with EventProducer(kafka, source="mlbus/datasets") as producer:
+        loop = ConsumerLoop(
+            kafka,
+            group=unique("validator-"),
+            name="validator",
+            handlers={"dataset.created": Validator(store, producer)},
+        )
+        run_to_end(loop)
 
 
 @contextlib.contextmanager

@@ -92,10 +92,10 @@ def workers(env, tmp_path):  # noqa: F811
     env = env | FAST | {"OMP_NUM_THREADS": "1"}
     started = []
 
-    def start(name):
+    def start(name, *command):
         log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed at teardown
         process = subprocess.Popen(
-            [MLBUS, "trainer"],
+            [MLBUS, *(command or ("trainer",))],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -120,6 +120,7 @@ def test_two_workers_split_a_sweep_and_survive_a_sigkill(kafka, workers):
     cli_env, start = workers
     sample = json_lines(ok(mlbus("datasets", "sample", "digits", "--json", env=cli_env)).stdout)[0]
     dataset = DatasetRef(name="digits", version=sample["version"])
+    start("validator", "datasets", "validate")  # the workers train validated versions only
     first, second = start("a"), start("b")
     events = Events(kafka)
     try:

@@ -20,6 +20,7 @@ from mlbus.schemas.training import Split, TrainingRequested
 from mlbus.storage import ObjectStore
 from mlbus.trainer.worker import TrainingWorker
 from tests.mlbus.kafka.support import read_events, run_to_end
+from tests.trainer.test_worker import validate
 
 
 def test_the_champion_re_evaluated_on_its_own_rows_scores_what_the_trainer_measured(
@@ -30,6 +31,7 @@ def test_the_champion_re_evaluated_on_its_own_rows_scores_what_the_trainer_measu
     with DatasetRegistry(store, kafka) as registry:
         full = registry.register(from_table(table), name="digits", label="label")
         half = registry.register(from_table(table.slice(0, 900)), name="digits", label="label")
+    validate(kafka, store)  # the worker trains validated versions only
     with (
         EventProducer(kafka, source="test") as producer,
         closing(TrainingWorker(kafka, store, producer)) as worker,

@@ -1,0 +1,232 @@
+"""Journal capture: a thread of `mlbus up` that reads every topic of the embedded broker
+group-less, from where the journal ends, and appends each record to the journal as it is
+written; every `snapshot_seconds` it records every consumer group's committed offsets.
+
+Reads every topic of the broker (the contract topics and what services create, such as the
+streams changelog); writes none. The loss bound this gives is in docs/broker.md: a record
+reaches the file (and survives the death of every process) about one fetch wait after its
+producer's acknowledgement, and the disk (a power cut) within `sync_seconds` more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaException,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, ConfigResource
+
+from mlbus.journal.format import (
+    DURABLE_FILE,
+    GROUPS_FILE,
+    TOPICS_FILE,
+    VERSION,
+    SegmentWriter,
+    encode_batch,
+    read_json,
+    write_json,
+)
+from mlbus.kafka.config import KafkaConfig
+
+log = logging.getLogger(__name__)
+
+Positions = dict[str, dict[int, int]]
+"""topic → partition → next offset"""
+
+
+class Capture:
+    """Start with `start()`, stop with `stop()` (what was read is written and synced)."""
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        directory: Path,
+        *,
+        positions: Positions | None = None,
+        sync_seconds: float = 0.2,
+        snapshot_seconds: float = 1.0,
+        fetch_wait_ms: int = 100,
+    ) -> None:
+        self.kafka = kafka
+        self.directory = directory
+        self.positions: Positions = {t: dict(p) for t, p in (positions or {}).items()}
+        self.sync_seconds = sync_seconds
+        self.snapshot_seconds = snapshot_seconds
+        self.fetch_wait_ms = fetch_wait_ms
+        self.records = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._topics: dict[str, Any] = read_json(directory / TOPICS_FILE).get("topics", {})
+        self._groups: dict[str, dict[str, dict[str, int]]] = {}
+        self._assigned: set[tuple[str, int]] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._writer = SegmentWriter(self.directory)
+        conf = self.kafka.consumer(
+            None,
+            **{
+                "isolation.level": "read_uncommitted",  # every record, as the broker has it
+                "fetch.wait.max.ms": self.fetch_wait_ms,
+                "queued.min.messages": 100000,
+                "enable.partition.eof": False,
+            },
+        )
+        self._consumer = Consumer(conf)
+        self._admin = AdminClient(self.kafka.admin())
+        self._discover()  # assigned before the thread starts: nothing written is missed
+        self._sync()  # durable.json names this process: publishers wait for it from now on
+        self._thread = threading.Thread(target=self._run, name="journal-capture", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        last_sync = last_discover = last_snapshot = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                messages = self._consumer.consume(5000, timeout=self.fetch_wait_ms / 1000)
+                if messages:
+                    self._write(messages)
+                now = time.monotonic()
+                if self._writer.dirty and now - last_sync >= self.sync_seconds:
+                    self._sync()
+                    last_sync = now
+                if now - last_discover >= 1.0:
+                    self._discover()
+                    last_discover = now
+                if now - last_snapshot >= self.snapshot_seconds:
+                    self._snapshot_groups()
+                    last_snapshot = now
+            # Stopping: take what the broker still has (the services stopped first), then
+            # make it durable with the groups' final offsets.
+            while messages := self._consumer.consume(5000, timeout=0.5):
+                self._write(messages)
+            self._sync()
+            self._snapshot_groups()
+        except BaseException as e:  # reported by the supervisor, which stops the platform
+            self.error = e
+            log.exception("journal capture failed")
+        finally:
+            self._writer.close()
+            self._consumer.close()
+
+    def _write(self, messages: list[Any]) -> None:
+        by_partition: dict[tuple[str, int], list[Any]] = defaultdict(list)
+        for m in messages:
+            if m.error() is not None:
+                continue  # transient fetch errors; librdkafka retries the partition
+            by_partition[(m.topic(), m.partition())].append(m)
+        frames = []
+        for (topic, partition), batch in by_partition.items():
+            frames.append(encode_batch(topic, partition, batch))
+            self.positions.setdefault(topic, {})[partition] = batch[-1].offset() + 1
+            self.records += len(batch)
+        self._writer.write(b"".join(frames))
+
+    def _sync(self) -> None:
+        self._writer.sync()
+        # Read by publishers that wait for the journal (`wait_durable`); a signal, not data.
+        write_json(
+            self.directory / DURABLE_FILE,
+            {
+                "format": VERSION,
+                "pid": os.getpid(),
+                "positions": {
+                    t: {str(p): o for p, o in ps.items()} for t, ps in self.positions.items()
+                },
+            },
+            durable=False,
+        )
+
+    def _discover(self) -> None:
+        """Assign every partition not yet read (new topics: from their beginning) and record
+        each topic's partitions and configs, so a restore can create it first."""
+        try:
+            metadata = self._admin.list_topics(timeout=5.0)
+        except (KafkaException, TimeoutError) as e:
+            log.warning("journal: cannot list topics: %s", e)
+            return
+        new: list[TopicPartition] = []
+        changed = False
+        for name, topic in metadata.topics.items():
+            if topic.error is not None or name.startswith("__"):
+                continue
+            known = self._topics.get(name)
+            if known is None or known["partitions"] != len(topic.partitions):
+                self._topics[name] = {
+                    "partitions": len(topic.partitions),
+                    "configs": self._configs(name),
+                }
+                changed = True
+            for partition in topic.partitions:
+                if (name, partition) in self._assigned:
+                    continue
+                start = self.positions.get(name, {}).get(partition, OFFSET_BEGINNING)
+                new.append(TopicPartition(name, partition, start))
+                self._assigned.add((name, partition))
+        if changed:  # before any of the topic's records is written
+            write_json(self.directory / TOPICS_FILE, {"format": VERSION, "topics": self._topics})
+        if new:
+            self._consumer.incremental_assign(new)
+
+    def _configs(self, topic: str) -> dict[str, str]:
+        resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+        try:
+            entries = self._admin.describe_configs([resource])[resource].result(timeout=5.0)
+        except (KafkaException, TimeoutError):
+            return {}
+        # The embedded broker answers with the configs the topic was created with (and flags
+        # them all as defaults): kept as they are.
+        return {k: v.value for k, v in entries.items() if v.value is not None}
+
+    def _snapshot_groups(self) -> None:
+        try:
+            listed = self._admin.list_consumer_groups().result(timeout=5.0)
+        except (KafkaException, TimeoutError) as e:
+            log.warning("journal: cannot list consumer groups: %s", e)
+            return
+        groups: dict[str, dict[str, dict[str, int]]] = {}
+        for listing in listed.valid:
+            request = [ConsumerGroupTopicPartitions(listing.group_id)]
+            try:
+                future = self._admin.list_consumer_group_offsets(request)[listing.group_id]
+                result = future.result(timeout=5.0)
+            except (KafkaException, TimeoutError) as e:
+                log.warning("journal: offsets of group %s: %s", listing.group_id, e)
+                old = self._groups.get(listing.group_id)
+                if old:
+                    groups[listing.group_id] = old
+                continue
+            offsets: dict[str, dict[str, int]] = {}
+            for tp in result.topic_partitions or []:
+                if tp.offset >= 0:
+                    offsets.setdefault(tp.topic, {})[str(tp.partition)] = tp.offset
+            if offsets:
+                groups[listing.group_id] = offsets
+        if groups != self._groups:
+            write_json(self.directory / GROUPS_FILE, {"format": VERSION, "groups": groups})
+            self._groups = groups
