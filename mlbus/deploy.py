@@ -34,7 +34,8 @@ def _port(service: Service, cfg: Settings) -> int | None:
 def compose_services(services: Sequence[Service] = SERVICES, cfg: Settings | None = None) -> str:
     """The compose entries of the mlbus services, between their markers. Each extends the
     hand-written `x-mlbus` anchor (image, environment, dependencies). A service with a port
-    publishes it, and so runs once per host; the others run their deployment's replicas."""
+    publishes it, and so runs once per host; the others run their deployment's replicas. An
+    optional service (`enabled_by`) belongs to a compose profile of its name."""
     cfg = cfg or Settings()
     lines = [
         COMPOSE_BEGIN,
@@ -45,10 +46,13 @@ def compose_services(services: Sequence[Service] = SERVICES, cfg: Settings | Non
         command = f'command: ["run", "{service.name}"]'
         port = _port(service, cfg)
         replicas = service.deployment.replicas if port is None else 1
-        if port is None and replicas == 1:
+        if port is None and replicas == 1 and not service.enabled_by:
             lines.append(f"  {service.name}: {{<<: *mlbus, {command}}}")
             continue
         lines += [f"  {service.name}:", "    <<: *mlbus", f"    {command}"]
+        if service.enabled_by:
+            # Optional: started only with `--profile <name>`, once its settings are given.
+            lines.append(f'    profiles: ["{service.name}"]')
         if replicas != 1:
             lines.append(f"    deploy: {{replicas: {replicas}}}")
         if port is not None:
@@ -145,7 +149,9 @@ def _kubernetes(service: Service, cfg: Settings) -> list[dict[str, Any]]:
         "kind": "Deployment",
         "metadata": metadata(),
         "spec": {
-            "replicas": plan.replicas,
+            # An optional service (`enabled_by`) is declared but scaled to 0: it needs its
+            # settings in mlbus-settings first, then `kubectl scale`.
+            "replicas": 0 if service.enabled_by else plan.replicas,
             "selector": selector(),
             "template": {
                 "metadata": {"labels": labels()},

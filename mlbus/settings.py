@@ -210,6 +210,47 @@ class LimitsSettings(_Section):
     )
 
 
+class OpenLineageSettings(_Section):
+    """The OpenLineage emitter (`mlbus run openlineage`); env `MLBUS_OPENLINEAGE__<FIELD>`.
+    Off unless a URL or a transport is set."""
+
+    url: str = Field(
+        default="", description="Marquez-compatible server (http://marquez:5000); sets HTTP"
+    )
+    transport: Literal["", "http", "kafka", "console"] = Field(
+        default="", description="empty = http when `url` is set, else off"
+    )
+    endpoint: str = Field(default="api/v1/lineage", description="HTTP path of the lineage API")
+    api_key: SecretStr | None = Field(default=None, description="HTTP bearer token, if any")
+    timeout: float = Field(default=5.0, gt=0, description="HTTP timeout, seconds")
+    topic: str = Field(
+        default="openlineage.events", description="Kafka transport's topic (topic prefix added)"
+    )
+    namespace: str = Field(
+        default="mlbus", min_length=1, description="OpenLineage namespace of the jobs and datasets"
+    )
+    producer: str = Field(
+        default="urn:mlbus:openlineage",
+        min_length=1,
+        description="URI naming the producer in every event",
+    )
+
+    @property
+    def kind(self) -> str:
+        """The transport in force: http, kafka, console, or "" (off)."""
+        return self.transport or ("http" if self.url else "")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.kind)
+
+    @model_validator(mode="after")
+    def _http_needs_url(self) -> OpenLineageSettings:
+        if self.kind == "http" and not self.url:
+            raise ValueError("openlineage.transport http needs openlineage.url")
+        return self
+
+
 class Settings(BaseSettings):
     """mlbus settings. Every field can be set as `MLBUS_<FIELD>`; extra librdkafka settings
     as `MLBUS_KAFKA__SECURITY_PROTOCOL=SASL_SSL` (becomes `security.protocol`) or as JSON in
@@ -265,6 +306,7 @@ class Settings(BaseSettings):
     journal: JournalSettings = JournalSettings()
     trainer: TrainerSettings = TrainerSettings()
     workflow: WorkflowSettings = WorkflowSettings()
+    openlineage: OpenLineageSettings = OpenLineageSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"
     )

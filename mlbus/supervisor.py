@@ -49,6 +49,8 @@ def catalog(cfg: Settings, *, trainers: int = 1) -> list[Process]:
     in start order (stopped in reverse); `trainers` training workers, named trainer-1…N."""
     processes = []
     for service in SERVICES:
+        if not service.enabled(cfg):
+            continue
         base = service.health.base_url(cfg) if service.health else None
         health = f"{base}{service.health.ready_path}" if base and service.health else None
         names = [service.name]
@@ -65,6 +67,12 @@ def select(services: Sequence[Process], only: str | None) -> list[Process]:
     wanted = {name.strip() for name in only.split(",") if name.strip()}
     known = {s.name.split("-")[0] for s in services} | {s.name for s in services}
     unknown = sorted(wanted - known)
+    off = [m for m in SERVICES if m.name in unknown and m.enabled_by]
+    if off:
+        raise ConfigError(
+            f"--only: service {off[0].name!r} is off until configured ({off[0].enabled_by} is "
+            f"false); `mlbus run {off[0].name}` says what to set"
+        )
     if unknown:
         raise ConfigError(
             f"--only: unknown service {unknown[0]!r}; services: {', '.join(sorted(known))}"

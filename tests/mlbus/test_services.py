@@ -14,7 +14,7 @@ from mlbus.kafka.config import KafkaConfig
 from mlbus.schemas.catalog import TOPICS
 from mlbus.services import SERVICES, HttpCheck, service
 from mlbus.settings import Settings
-from mlbus.supervisor import catalog
+from mlbus.supervisor import catalog, select
 
 
 def test_every_topic_a_service_reads_or_writes_is_in_the_contract():
@@ -41,7 +41,7 @@ def test_names_are_unique_and_group_ids_follow_one_scheme():
 
 
 def test_the_supervisor_runs_exactly_the_manifests_each_as_mlbus_run(tmp_path: Path):
-    cfg = Settings(data_dir=tmp_path)
+    cfg = Settings(data_dir=tmp_path, openlineage={"url": "http://marquez:5000"})
     processes = catalog(cfg, trainers=1)
     assert [p.args for p in processes] == [("run", s.name) for s in SERVICES]
     assert [p.name for p in processes] == [
@@ -59,6 +59,17 @@ def test_the_supervisor_runs_exactly_the_manifests_each_as_mlbus_run(tmp_path: P
             assert p.health is None
         else:
             assert p.health == f"{s.health.base_url(cfg)}{s.health.ready_path}"
+
+
+def test_an_optional_service_runs_in_mlbus_up_only_once_configured(tmp_path: Path):
+    optional = [s.name for s in SERVICES if s.enabled_by]
+    assert optional == ["openlineage"]
+    default = [p.name for p in catalog(Settings(data_dir=tmp_path))]
+    assert "openlineage" not in default and "lineage" in default
+    console = Settings(data_dir=tmp_path, openlineage={"transport": "console"})
+    assert "openlineage" in [p.name for p in catalog(console)]
+    with pytest.raises(ConfigError, match="'openlineage' is off until configured"):
+        select(catalog(Settings(data_dir=tmp_path)), "lineage,openlineage")
 
 
 def test_health_urls_come_from_the_settings_and_port_0_turns_the_check_off(tmp_path: Path):
@@ -113,6 +124,10 @@ def test_the_components_consume_what_their_manifests_say():
     from mlbus.serving.deployer import OUTCOMES, TOPIC
 
     assert {TOPIC, OUTCOMES} <= set(service("serve").reads)
+    from mlbus.consumers.openlineage.events import MAPPED
+
+    # Beside the mapped types, the emitter looks training requests up (the pipeline run).
+    assert {*MAPPED, "training.requested"} == set(service("openlineage").reads)
 
 
 def test_the_readme_service_table_is_current():
