@@ -103,6 +103,12 @@ class Service:
     """whether it consumes in a consumer group (`group_id`); False: group-less readers only"""
     keeps: str = ""
     """what it writes besides topics, if anything (README)"""
+    fetch_wait_ms: int | None = 500
+    """on the embedded broker, how long a fetch of its consumers waits (librdkafka's
+    fetch.wait.max.ms, unless MLBUS_KAFKA__FETCH_WAIT_MAX_MS is set): the broker answers a
+    waiting fetch only when the wait is over (docs/broker.md), so this is both the latency
+    of the service's reaction and what its idle polling costs the broker. None: its client
+    chooses (faust's aiokafka waits its own 1.5 s)"""
 
     def group_id(self, prefix: str = "") -> str:
         """Its consumer group: `<topic prefix>mlbus-<name>`."""
@@ -182,6 +188,7 @@ SERVICES: tuple[Service, ...] = (
             "1. Decisions (debounce, sweeps, champion comparison) need one view per model; a "
             "second replica only takes over partitions on failure."
         ),
+        fetch_wait_ms=100,  # a decision within ~0.1 s of a completion (bench/workflow.py)
     ),
     Service(
         "lineage",
@@ -240,6 +247,7 @@ SERVICES: tuple[Service, ...] = (
             "like the topic."
         ),
         health=HttpCheck(port="streams.metrics_port", path="/metrics"),
+        fetch_wait_ms=None,  # faust's; the streams service refuses fetch.wait.max.ms
     ),
     Service(
         "serve",
@@ -262,6 +270,7 @@ SERVICES: tuple[Service, ...] = (
             ready="/v2/health/ready",
             host="serving.host",
         ),
+        fetch_wait_ms=100,  # Kafka inference requests and swaps within ~0.1 s
     ),
     Service(
         "api",
@@ -283,6 +292,7 @@ SERVICES: tuple[Service, ...] = (
         deployment=Deployment("freely; stateless (reads the log and the metadata store)."),
         health=HttpCheck(port="api.port", path="/health", host="api.host"),
         group=False,
+        fetch_wait_ms=100,  # what it answers follows the log closely
     ),
 )
 
