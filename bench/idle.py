@@ -128,6 +128,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the data dir")
+    parser.add_argument("--only", help="`mlbus up --only`: the services to run (default all)")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="mlbus-idle-"))
@@ -142,7 +143,7 @@ def main() -> int:
     log = root / "up.log"
     with log.open("wb") as sink:
         up = subprocess.Popen(
-            [sys.executable, "-m", "mlbus", "up"],
+            [sys.executable, "-m", "mlbus", "up", *(["--only", args.only] if args.only else [])],
             env=env,
             cwd=ROOT,
             stdin=subprocess.DEVNULL,

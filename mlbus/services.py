@@ -103,12 +103,12 @@ class Service:
     """whether it consumes in a consumer group (`group_id`); False: group-less readers only"""
     keeps: str = ""
     """what it writes besides topics, if anything (README)"""
-    fetch_wait_ms: int | None = 500
-    """on the embedded broker, how long a fetch of its consumers waits (librdkafka's
-    fetch.wait.max.ms, unless MLBUS_KAFKA__FETCH_WAIT_MAX_MS is set): the broker answers a
+    fetch_wait_ms: int | None = 1000
+    """on the embedded broker, how long a fetch of its librdkafka consumers waits
+    (fetch.wait.max.ms, unless MLBUS_KAFKA__FETCH_WAIT_MAX_MS is set): the broker answers a
     waiting fetch only when the wait is over (docs/broker.md), so this is both the latency
-    of the service's reaction and what its idle polling costs the broker. None: its client
-    chooses (faust's aiokafka waits its own 1.5 s)"""
+    of the service's reaction and what its idle polling costs the broker. None: the
+    embedded profile's 10 ms. (faust's aiokafka consumer waits its own 1.5 s.)"""
 
     def group_id(self, prefix: str = "") -> str:
         """Its consumer group: `<topic prefix>mlbus-<name>`."""
@@ -188,7 +188,7 @@ SERVICES: tuple[Service, ...] = (
             "1. Decisions (debounce, sweeps, champion comparison) need one view per model; a "
             "second replica only takes over partitions on failure."
         ),
-        fetch_wait_ms=100,  # a decision within ~0.1 s of a completion (bench/workflow.py)
+        fetch_wait_ms=250,  # a decision within a quarter second of a completion
     ),
     Service(
         "lineage",
@@ -247,7 +247,6 @@ SERVICES: tuple[Service, ...] = (
             "like the topic."
         ),
         health=HttpCheck(port="streams.metrics_port", path="/metrics"),
-        fetch_wait_ms=None,  # faust's; the streams service refuses fetch.wait.max.ms
     ),
     Service(
         "serve",
@@ -292,7 +291,7 @@ SERVICES: tuple[Service, ...] = (
         deployment=Deployment("freely; stateless (reads the log and the metadata store)."),
         health=HttpCheck(port="api.port", path="/health", host="api.host"),
         group=False,
-        fetch_wait_ms=100,  # what it answers follows the log closely
+        fetch_wait_ms=500,  # what it answers follows the log within half a second
     ),
 )
 

@@ -18,8 +18,8 @@ from rich.table import Table
 
 from mlbus.cli.common import app, console, settings
 from mlbus.errors import MlbusError
+from mlbus.kafka.config import EMBEDDED_FETCH_WAIT_MS
 from mlbus.services import SERVICES, Service, names, service
-from mlbus.settings import Settings
 
 services_app = typer.Typer(
     help="The platform's services, as their manifests declare them.", no_args_is_help=True
@@ -34,19 +34,18 @@ def run(
     """Run one service alone in the foreground, until SIGTERM/SIGINT: what a container runs
     (`mlbus up` runs each service this way under its supervisor)."""
     manifest = service(name)
-    cfg = polling(manifest, settings())
+    cfg = settings()
+    polling(manifest)
     _start_heartbeat(heartbeat_path(cfg.data_dir, name))
     code = manifest.entry()(manifest, cfg)
     raise typer.Exit(code or 0)
 
 
-def polling(manifest: Service, cfg: Settings) -> Settings:
-    """`cfg` with the service's fetch wait on the embedded broker (`Service.fetch_wait_ms`),
-    unless the user set one: each service as reactive as it needs, and no more costly."""
-    if not cfg.embedded or manifest.fetch_wait_ms is None or "fetch.wait.max.ms" in cfg.kafka:
-        return cfg
-    kafka = {**cfg.kafka, "fetch.wait.max.ms": str(manifest.fetch_wait_ms)}
-    return cfg.model_copy(update={"kafka": kafka})
+def polling(manifest: Service) -> None:
+    """This process's consumers poll the embedded broker at the service's pace
+    (`Service.fetch_wait_ms`): each service as reactive as it needs, and no more costly."""
+    if manifest.fetch_wait_ms is not None:
+        EMBEDDED_FETCH_WAIT_MS[0] = manifest.fetch_wait_ms
 
 
 #: How often `mlbus run` touches its heartbeat file, and how old `mlbus services alive`

@@ -10,9 +10,11 @@ import sys
 
 import pytest
 
+import mlbus.cli.services as services_cli
 from mlbus.cli.services import polling
+from mlbus.kafka import config
+from mlbus.kafka.config import KafkaConfig
 from mlbus.services import SERVICES, service
-from mlbus.settings import Settings
 
 pytestmark = pytest.mark.unit
 
@@ -65,14 +67,15 @@ def test_families_check_hyperparameters_without_torch_and_build_with_it() -> Non
 
 
 def test_each_service_polls_the_embedded_broker_at_its_own_pace(monkeypatch) -> None:
+    monkeypatch.setattr(config, "EMBEDDED_FETCH_WAIT_MS", [10])
+    monkeypatch.setattr(services_cli, "EMBEDDED_FETCH_WAIT_MS", config.EMBEDDED_FETCH_WAIT_MS)
     monkeypatch.delenv("MLBUS_KAFKA__FETCH_WAIT_MAX_MS", raising=False)
-    monkeypatch.delenv("MLBUS_KAFKA_BOOTSTRAP_SERVERS", raising=False)
-    cfg = Settings()
-    assert polling(service("serve"), cfg).kafka["fetch.wait.max.ms"] == "100"
-    assert polling(service("archive"), cfg).kafka["fetch.wait.max.ms"] == "500"
-    assert "fetch.wait.max.ms" not in polling(service("streams"), cfg).kafka  # faust's own
-    monkeypatch.setenv("MLBUS_KAFKA__FETCH_WAIT_MAX_MS", "10")  # the user's choice wins
-    assert polling(service("archive"), Settings()).kafka["fetch.wait.max.ms"] == "10"
-    monkeypatch.setenv("MLBUS_KAFKA_BOOTSTRAP_SERVERS", "kafka:9092")  # a cluster: Kafka's
-    monkeypatch.delenv("MLBUS_KAFKA__FETCH_WAIT_MAX_MS")
-    assert "fetch.wait.max.ms" not in polling(service("archive"), Settings()).kafka
+    embedded = KafkaConfig("127.0.0.1:9092", embedded=True)
+    assert embedded.consumer("g")["fetch.wait.max.ms"] == 10  # the tests' profile
+    polling(service("archive"))
+    assert embedded.consumer("g")["fetch.wait.max.ms"] == 1000
+    polling(service("serve"))
+    assert embedded.consumer(None)["fetch.wait.max.ms"] == 100
+    assert "fetch.wait.max.ms" not in KafkaConfig("kafka:9092").consumer("g")  # Kafka's
+    mine = KafkaConfig("127.0.0.1:9092", embedded=True, extra={"fetch.wait.max.ms": "5"})
+    assert mine.consumer("g")["fetch.wait.max.ms"] == "5"  # the user's choice wins
