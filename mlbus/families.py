@@ -6,19 +6,23 @@ the worker or the server.
 
 Built in: `mlp` (tabular) and `cnn` (square grey images given as pixel columns: 8x8 digits,
 28x28 MNIST-like; the side is the square root of the feature count).
+
+torch is imported when a module is built, not with this module: the API and the workflow
+manager check hyperparameters against the families without paying torch's memory at idle.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from mlbus.errors import Invalid
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class InvalidModelSpec(Invalid):
@@ -96,6 +100,8 @@ def build(name: str, n_features: int, n_classes: int, params: Mapping[str, Any])
     description="multi-layer perceptron for tabular data",
 )
 def _mlp(n_features: int, n_classes: int, p: Mapping[str, Any]) -> nn.Module:
+    from torch import nn
+
     layers: list[nn.Module] = []
     width = n_features
     for _ in range(int(p["layers"])):
@@ -105,26 +111,33 @@ def _mlp(n_features: int, n_classes: int, p: Mapping[str, Any]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-class _ImageCNN(nn.Module):
-    def __init__(self, side: int, n_classes: int, channels: int, dropout: float) -> None:
-        super().__init__()
-        self.side = side
-        self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(channels, channels * 2, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(channels * 2, channels * 4, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2),
-        )
-        self.head = nn.Sequential(
-            nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * 4 * 4, n_classes)
-        )
+@functools.cache
+def _image_cnn() -> type[nn.Module]:
+    import torch
+    from torch import nn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x.view(-1, 1, self.side, self.side)))
+    class ImageCNN(nn.Module):
+        def __init__(self, side: int, n_classes: int, channels: int, dropout: float) -> None:
+            super().__init__()
+            self.side = side
+            self.features = nn.Sequential(
+                nn.Conv2d(1, channels, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(channels, channels * 2, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(channels * 2, channels * 4, 3, padding=1),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(2),
+            )
+            self.head = nn.Sequential(
+                nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * 4 * 4, n_classes)
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.features(x.view(-1, 1, self.side, self.side)))
+
+    return ImageCNN
 
 
 @family(
@@ -139,4 +152,4 @@ def _cnn(n_features: int, n_classes: int, p: Mapping[str, Any]) -> nn.Module:
         raise InvalidModelSpec(
             f"cnn needs square images as pixel columns; {n_features} features is not a square"
         )
-    return _ImageCNN(side, n_classes, int(p["channels"]), float(p["dropout"]))
+    return _image_cnn()(side, n_classes, int(p["channels"]), float(p["dropout"]))

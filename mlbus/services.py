@@ -106,6 +106,12 @@ class Service:
     enabled_by: str | None = None
     """setting (dotted path) that must be true for `mlbus up` to start it; None: always.
     `mlbus run <name>` starts it regardless (and fails clearly if it is not configured)."""
+    fetch_wait_ms: int | None = 1000
+    """on the embedded broker, how long a fetch of its librdkafka consumers waits
+    (fetch.wait.max.ms, unless MLBUS_KAFKA__FETCH_WAIT_MAX_MS is set): the broker answers a
+    waiting fetch only when the wait is over (docs/broker.md), so this is both the latency
+    of the service's reaction and what its idle polling costs the broker. None: the
+    embedded profile's 10 ms. (faust's aiokafka consumer waits its own 1.5 s.)"""
 
     def enabled(self, cfg: Settings) -> bool:
         return self.enabled_by is None or bool(_setting(cfg, self.enabled_by))
@@ -194,6 +200,7 @@ SERVICES: tuple[Service, ...] = (
             "1. Decisions (debounce, sweeps, champion comparison) need one view per model; a "
             "second replica only takes over partitions on failure."
         ),
+        fetch_wait_ms=250,  # a decision within a quarter second of a completion
     ),
     Service(
         "lineage",
@@ -301,6 +308,7 @@ SERVICES: tuple[Service, ...] = (
             ready="/v2/health/ready",
             host="serving.host",
         ),
+        fetch_wait_ms=100,  # Kafka inference requests and swaps within ~0.1 s
     ),
     Service(
         "api",
@@ -322,6 +330,7 @@ SERVICES: tuple[Service, ...] = (
         deployment=Deployment("freely; stateless (reads the log and the metadata store)."),
         health=HttpCheck(port="api.port", path="/health", host="api.host"),
         group=False,
+        fetch_wait_ms=500,  # what it answers follows the log within half a second
     ),
 )
 

@@ -5,25 +5,20 @@ candidate's dataset version (`mlbus.tables.DatasetReader`, hash verified), rebui
 candidate's test split and applies the champion's own preprocessing (its model card's
 feature list and standardisation). The split and the standardisation are the trainer's
 own: both come from the kernel (`mlbus.ml.split`, `mlbus.ml.preprocessing`).
+torch, numpy and pyarrow are imported at the first evaluation: the workflow manager idles
+without them.
 """
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
-import torch
-from torch import nn
-
-from mlbus import artifacts
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.logview import dataset_versions
-from mlbus.ml.split import split_indices
 from mlbus.schemas.datasets import DatasetCreated
 from mlbus.schemas.training import Split, TrainingCompleted
 from mlbus.storage import ObjectStore
-from mlbus.tables import DatasetReader
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +61,14 @@ class ChampionEvaluator:
     def _evaluate(
         self, champion: TrainingCompleted, candidate: TrainingCompleted, split: Split
     ) -> dict[str, float]:
+        import numpy as np
+        import torch
+        from torch import nn
+
+        from mlbus import artifacts
+        from mlbus.ml.split import split_indices
+        from mlbus.tables import DatasetReader
+
         art = champion.artifact
         if art.model_card_uri is None:
             raise MlbusError("the champion's artifact has no model card")

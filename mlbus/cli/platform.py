@@ -147,11 +147,7 @@ def service_env(cfg: Settings) -> dict[str, str]:
     env["MLBUS_VERIFY"] = cfg.verify  # `mlbus --verify full up` reaches every service
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("COLUMNS", "160")  # rich wraps piped output at 80 columns otherwise
-    if cfg.embedded:
-        # A dozen consumers polling the embedded broker every 10 ms keep it busy on a whole
-        # core while nothing happens (it does not answer a waiting fetch early: docs/broker.md);
-        # 100 ms costs a tenth of that and at most 100 ms per hop.
-        env.setdefault("MLBUS_KAFKA__FETCH_WAIT_MAX_MS", "100")
+    # Each service's fetch wait on the embedded broker is its manifest's (`mlbus run`).
     return env
 
 

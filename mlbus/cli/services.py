@@ -18,7 +18,8 @@ from rich.table import Table
 
 from mlbus.cli.common import app, console, settings
 from mlbus.errors import MlbusError
-from mlbus.services import SERVICES, names, service
+from mlbus.kafka.config import EMBEDDED_FETCH_WAIT_MS
+from mlbus.services import SERVICES, Service, names, service
 
 services_app = typer.Typer(
     help="The platform's services, as their manifests declare them.", no_args_is_help=True
@@ -34,9 +35,17 @@ def run(
     (`mlbus up` runs each service this way under its supervisor)."""
     manifest = service(name)
     cfg = settings()
+    polling(manifest)
     _start_heartbeat(heartbeat_path(cfg.data_dir, name))
     code = manifest.entry()(manifest, cfg)
     raise typer.Exit(code or 0)
+
+
+def polling(manifest: Service) -> None:
+    """This process's consumers poll the embedded broker at the service's pace
+    (`Service.fetch_wait_ms`): each service as reactive as it needs, and no more costly."""
+    if manifest.fetch_wait_ms is not None:
+        EMBEDDED_FETCH_WAIT_MS[0] = manifest.fetch_wait_ms
 
 
 #: How often `mlbus run` touches its heartbeat file, and how old `mlbus services alive`

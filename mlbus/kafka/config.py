@@ -22,6 +22,12 @@ LIBRDKAFKA_LOGGER = "mlbus.librdkafka"
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 
 
+#: fetch.wait.max.ms of this process's consumers on the embedded broker (short: it answers a
+#: waiting fetch only when the wait is over, docs/broker.md). `mlbus run` sets its service's
+#: (`Service.fetch_wait_ms`, mlbus/services.py); MLBUS_KAFKA__FETCH_WAIT_MAX_MS wins.
+EMBEDDED_FETCH_WAIT_MS = [10]
+
+
 @dataclass(frozen=True)
 class KafkaConfig:
     """Where the cluster is and how to talk to it. `extra` holds the user's librdkafka
@@ -121,7 +127,7 @@ class KafkaConfig:
             conf |= {
                 "session.timeout.ms": 2000,
                 "heartbeat.interval.ms": 500,
-                "fetch.wait.max.ms": 10,
+                "fetch.wait.max.ms": EMBEDDED_FETCH_WAIT_MS[0],
             }
         conf.update(self.options())  # what the user configured wins over mlbus's tuning
         conf.update(overrides)
