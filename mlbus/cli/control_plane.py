@@ -200,7 +200,10 @@ def _training_request(body: bytes) -> TrainingRequested:
         ) from None
     schema = TrainingRequested.model_json_schema()
     try:
-        return TrainingRequested.model_validate(_integers(doc, schema, schema.get("$defs", {})))
+        # Validated as JSON (strict JSON mode takes an ISO 8601 string for a datetime, as
+        # the document says), after the integral floats were made integers.
+        normalised = _integers(doc, schema, schema.get("$defs", {}))
+        return TrainingRequested.model_validate_json(orjson.dumps(normalised))
     except ValidationError as e:
         errors = [{**error, "loc": ("body", *error["loc"])} for error in e.errors()]
         raise RequestValidationError(errors) from None
