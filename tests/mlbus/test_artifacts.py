@@ -18,8 +18,9 @@ from mlbus.storage import ObjectStore
 from mlbus.tables import HashMismatch
 
 
-def _saved(tmp_path: Path) -> tuple[ObjectStore, dict]:
-    store = ObjectStore(tmp_path.as_uri())
+def saved_artifact(root: Path) -> tuple[ObjectStore, dict]:
+    """An mlp artifact saved on a store at `root` (the store and the saved reference)."""
+    store = ObjectStore(root.as_uri())
     params = hyperparameters("mlp", {"hidden": 4})
     card = ModelCard(
         family="mlp",
@@ -42,7 +43,7 @@ def _rewrite_card(store: ObjectStore, saved: dict, **changes: object) -> None:
 def test_bytes_that_are_not_safetensors_are_an_invalid_artifact_even_with_their_real_hash(
     tmp_path: Path,
 ):
-    store, saved = _saved(tmp_path)
+    store, saved = saved_artifact(tmp_path)
     parquet = b"PAR1" + bytes(range(256)) * 4 + b"PAR1"  # what a dataset's file starts with
     store.write_bytes("datasets/d/1/data.parquet", parquet)
     uri = store.uri("datasets/d/1/data.parquet")
@@ -52,7 +53,7 @@ def test_bytes_that_are_not_safetensors_are_an_invalid_artifact_even_with_their_
 
 
 def test_each_way_an_artifact_cannot_load_has_its_own_error(tmp_path: Path):
-    store, saved = _saved(tmp_path)
+    store, saved = saved_artifact(tmp_path)
     args = (store, saved["uri"], saved["sha256"], saved["model_card_uri"])
     artifacts.load(*args)  # as saved, it loads
     with pytest.raises(HashMismatch):

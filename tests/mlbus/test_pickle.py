@@ -15,9 +15,9 @@ import torch
 
 from mlbus import artifacts
 from mlbus.artifacts import InvalidArtifact
-from mlbus.families import build, hyperparameters
-from mlbus.ml.card import InvalidModelCard, ModelCard
+from mlbus.ml.card import InvalidModelCard
 from mlbus.storage import ObjectStore
+from tests.mlbus.test_artifacts import saved_artifact
 
 
 class Detonator:
@@ -57,18 +57,7 @@ def test_the_payloads_are_live(tmp_path: Path, kind: str) -> None:
 
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[ObjectStore, dict]:
-    store = ObjectStore((tmp_path / "objects").as_uri())
-    params = hyperparameters("mlp", {"hidden": 4})
-    card = ModelCard(
-        family="mlp",
-        hyperparameters=params,
-        features=["a", "b"],
-        label="c",
-        classes=["x", "y"],
-        mean=[0.0, 0.0],
-        std=[1.0, 1.0],
-    )
-    return store, artifacts.save(store, "m/1", build("mlp", 2, 2, params), card)
+    return saved_artifact(tmp_path / "objects")
 
 
 @pytest.mark.parametrize("kind", ["pickle", "torch.save"])
