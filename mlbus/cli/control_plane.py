@@ -13,6 +13,7 @@ log before anything is published."""
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -103,7 +104,7 @@ def openapi_document(api: FastAPI, cfg: Settings) -> dict[str, Any]:
         title=api.title, version=api.version, description=api.description, routes=api.routes
     )
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    training = TrainingRequested.model_json_schema(ref_template=REF)
+    training = _bounded(TrainingRequested.model_json_schema(ref_template=REF))
     schemas.update(training.pop("$defs", {}))
     schemas["TrainingRequested"] = training
     training["properties"]["family"]["enum"] = sorted(FAMILIES)
@@ -201,12 +202,54 @@ def _training_request(body: bytes) -> TrainingRequested:
     schema = TrainingRequested.model_json_schema()
     try:
         # Validated as JSON (strict JSON mode takes an ISO 8601 string for a datetime, as
-        # the document says), after the integral floats were made integers.
+        # the document says), after the integral floats were made integers. The standard
+        # library writes it back (orjson refuses integers beyond 64 bits; they are refused
+        # below, naming the field).
         normalised = _integers(doc, schema, schema.get("$defs", {}))
-        return TrainingRequested.model_validate_json(orjson.dumps(normalised))
+        request = TrainingRequested.model_validate_json(json.dumps(normalised))
     except ValidationError as e:
         errors = [{**error, "loc": ("body", *error["loc"])} for error in e.errors()]
         raise RequestValidationError(errors) from None
+    # An event carries 64-bit integers (what every Kafka client's JSON reader takes).
+    huge = _beyond_64_bits(request.model_dump(mode="json"), ("body",))
+    if huge:
+        raise RequestValidationError(
+            [{"loc": huge, "msg": "an integer beyond the 64-bit range", "type": "int_range"}]
+        )
+    return request
+
+
+def _bounded(schema: Any) -> Any:
+    """`schema` with the signed 64-bit range on every integer without bounds: what an event
+    can carry (`_beyond_64_bits` refuses the rest)."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer":
+            schema.setdefault("minimum", -(2**63))
+            schema.setdefault("maximum", 2**63 - 1)
+        for value in schema.values():
+            _bounded(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _bounded(value)
+    return schema
+
+
+def _beyond_64_bits(value: Any, loc: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Where in `value` an integer lies beyond the signed 64-bit range, if anywhere."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return loc if not -(2**63) <= value < 2**63 else None
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for key, item in items:
+        found = _beyond_64_bits(item, (*loc, key))
+        if found:
+            return found
+    return None
 
 
 def _integers(value: Any, schema: dict[str, Any], defs: dict[str, Any]) -> Any:

@@ -55,10 +55,14 @@ MAX_EVENT_BYTES = 64 * 1024
 #: not read are ignored. A topic missing here is expected to be dead-lettered: the test says
 #: so when it is not.
 READ_GROUPLESS: dict[str, frozenset[str]] = {
+    "validator": frozenset({"dataset.validated"}),
     "trainer": frozenset({"dataset.created", "dataset.validated"}),
     "workflow": frozenset({"dataset.created", "model.rejected"}),
     "serve": frozenset({"model.promoted", "deployment.updated"}),
-    "streams": frozenset({"dataset.created", "training.completed", "model.promoted"}),
+    "streams": frozenset(
+        {"dataset.created", "dataset.validated", "training.completed", "model.promoted"}
+    ),
+    "openlineage": frozenset({"training.requested"}),
 }
 SHA = "sha256:" + "ab" * 32
 
@@ -230,7 +234,6 @@ def platform(kafka: KafkaConfig, tmp_path: Path) -> Iterator[tuple[dict[str, str
         # The session broker is the embedded one: short group timeouts (docs/broker.md).
         "MLBUS_KAFKA__SESSION_TIMEOUT_MS": "2000",
         "MLBUS_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
-        "MLBUS_KAFKA__FETCH_WAIT_MAX_MS": "10",
         "MLBUS_ARCHIVE__FLUSH_SECONDS": "0.5",
         "MLBUS_API__PORT": str(_free_port()),
         "MLBUS_API__HOST": "127.0.0.1",
@@ -238,6 +241,8 @@ def platform(kafka: KafkaConfig, tmp_path: Path) -> Iterator[tuple[dict[str, str
         "MLBUS_SERVING__HOST": "127.0.0.1",
         "MLBUS_STREAMS__METRICS_PORT": str(_free_port()),
         "MLBUS_LOG_LEVEL": "WARNING",
+        # Off unless configured: the console transport runs it without an endpoint.
+        "MLBUS_OPENLINEAGE__TRANSPORT": "console",
     }
     running: list[Running] = []
     try:
