@@ -13,6 +13,7 @@ log before anything is published."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 import time
@@ -199,7 +200,7 @@ def _training_request(body: bytes) -> TrainingRequested:
         raise RequestValidationError(
             [{"loc": ("body",), "msg": f"not valid JSON: {e}", "type": "json_invalid"}]
         ) from None
-    schema = TrainingRequested.model_json_schema()
+    schema = _training_schema()
     try:
         # Validated as JSON (strict JSON mode takes an ISO 8601 string for a datetime, as
         # the document says), after the integral floats were made integers. The standard
@@ -217,6 +218,12 @@ def _training_request(body: bytes) -> TrainingRequested:
             [{"loc": huge, "msg": "an integer beyond the 64-bit range", "type": "int_range"}]
         )
     return request
+
+
+@functools.cache
+def _training_schema() -> dict[str, Any]:
+    """TrainingRequested's JSON Schema, built once (not on every request)."""
+    return TrainingRequested.model_json_schema()
 
 
 def _bounded(schema: Any) -> Any:
