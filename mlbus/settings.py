@@ -401,6 +401,12 @@ class Settings(BaseSettings):
         """True when no cluster is configured and the embedded broker is used."""
         return not self.kafka_bootstrap_servers
 
+    def __repr_args__(self) -> Any:
+        # The metadata URL is a plain string (SQLAlchemy needs it whole), so its password is
+        # masked here: a repr ends up in logs and tracebacks.
+        for name, value in super().__repr_args__():
+            yield name, (_hide_password(value) if name == "metadata_url" else value)
+
     def redacted(self) -> dict[str, Any]:
         """The settings for display, with secrets masked."""
         out = self.model_dump(mode="json")
