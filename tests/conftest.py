@@ -22,6 +22,12 @@ from mlbus.kafka.config import KafkaConfig
 
 POSTGRES_URL = os.environ.get("MLBUS_TEST_POSTGRES_URL", "")
 
+# Several test workers share few cores: torch's default of one OpenMP thread per core in every
+# worker (and in every service a test starts, which inherit this) oversubscribes them, and
+# spinning OpenMP threads then slow each other down many times over. Tests that are about
+# thread counts set their own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     kafka = os.environ.get("MLBUS_TEST_KAFKA_BOOTSTRAP") or "embedded Tansu broker"
