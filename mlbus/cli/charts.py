@@ -97,6 +97,15 @@ def line_chart(title: str, series: Sequence[Series], *, x_label: str = "epoch") 
     for i, s in enumerate(series):
         finite = [(x, y) for x, y in s.points if math.isfinite(y)]
         stroke = color(i)
+        legend_y = H + 18 * i + 4
+        label = s.label if finite else f"{s.label} (no epochs reported)"
+        out.append(
+            f'<line x1="{LEFT}" x2="{LEFT + 22}" y1="{legend_y}" y2="{legend_y}" '
+            f'stroke="{stroke}" stroke-width="3"/>'
+            f'<text x="{LEFT + 30}" y="{legend_y + 4}">{escape(label)}</text>'
+        )
+        if not finite:
+            continue
         if len(finite) == 1:
             x, y = finite[0]
             shape = f'<circle cx="{sx(x)}" cy="{sy(y)}" r="3" fill="{stroke}"'
@@ -108,12 +117,6 @@ def line_chart(title: str, series: Sequence[Series], *, x_label: str = "epoch") 
         out.append(
             f'{shape} class="curve" data-run="{escape(s.key)}"><title>{escape(s.label)}'
             f"</title></{'circle' if len(finite) == 1 else 'path'}>"
-        )
-        legend_y = H + 18 * i + 4
-        out.append(
-            f'<line x1="{LEFT}" x2="{LEFT + 22}" y1="{legend_y}" y2="{legend_y}" '
-            f'stroke="{stroke}" stroke-width="3"/>'
-            f'<text x="{LEFT + 30}" y="{legend_y + 4}">{escape(s.label)}</text>'
         )
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -50,8 +50,10 @@ def render_svg(
     nodes: Mapping[str, tuple[str, str]],
     edges: Sequence[tuple[str, str, str]],
     title: str = "lineage",
+    links: Mapping[str, str] | None = None,
 ) -> str:
-    """`nodes`: id → (label with `\\n` line breaks, kind); `edges`: (source, target, label)."""
+    """`nodes`: id → (label with `\\n` line breaks, kind); `edges`: (source, target, label);
+    `links`: id → the URL a click on the node opens (the /ui pages; none in a file)."""
     rank = {node: 0 for node in nodes}
     for _ in range(len(nodes)):  # longest path by relaxation: graphs here are small DAGs
         changed = False
@@ -123,6 +125,9 @@ def render_svg(
         fill, stroke, dash = _FILL.get(kind, _FILL["replica"])
         dashes = f' stroke-dasharray="{dash}"' if dash else ""
         tooltip = escape(node + "\n" + label.replace("\\n", " "))
+        href = (links or {}).get(node)
+        if href:
+            out.append(f'<a href="{escape(href)}">')
         out.append(
             f'<g class="node"><title>{tooltip}</title><rect x="{x}" y="{y}" width="{w}" '
             f'height="{h}" rx="8" fill="{fill}" stroke="{stroke}"{dashes}/>'
@@ -134,6 +139,6 @@ def render_svg(
                 f'<text x="{x + w / 2}" y="{dy}" text-anchor="middle" fill="{stroke}">'
                 f"{escape(line)}</text>"
             )
-        out.append("</g>")
+        out.append("</g></a>" if href else "</g>")
     out.append("</svg>")
     return "\n".join(out) + "\n"

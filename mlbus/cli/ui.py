@@ -143,4 +143,12 @@ def lineage_svg(store: Any, model: str, version: str | None = None) -> str:
 
     up = LineageQueries(store).upstream(model, version)  # NotInLineage: 404 (mlbus/http.py)
     graph = upstream_graph(up)
-    return render_svg(graph.nodes, graph.edges, f"lineage of {up.model}@{up.version}")
+    links = {}
+    for node in graph.nodes:  # runs and model versions open their pages
+        kind, _, name = node.partition(":")
+        if kind == "run" and name != "?":
+            links[node] = f"/ui/runs/{quote(name, safe='')}"
+        elif kind == "model":
+            links[node] = f"/ui/models/{quote(name.rpartition('@')[0], safe='')}"
+    title = f"lineage of {up.model}@{up.version}"
+    return render_svg(graph.nodes, graph.edges, title, links)

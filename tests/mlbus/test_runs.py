@@ -52,10 +52,7 @@ class Sweep:
     data_dir: Path
     runs: list[str]
     champion: str
-
-    @property
-    def store(self) -> LineageStore:
-        return LineageStore.open(f"sqlite:///{self.data_dir / 'metadata.db'}")
+    champion_run: str
 
 
 def _until(what: str, check: Any, timeout: float = 300) -> Any:
@@ -109,9 +106,10 @@ def sweep(broker: KafkaConfig, tmp_path_factory: pytest.TempPathFactory) -> Iter
                     None,
                 ),
             )
+            champion_run = RunQueries(store).resolve(f"digits@{champion}")
         finally:
             store.close()
-        yield Sweep(env, kafka, tmp / "data", runs, champion)
+        yield Sweep(env, kafka, tmp / "data", runs, champion, champion_run)
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
@@ -275,7 +273,10 @@ class Visit:
 
     def collect(self) -> None:
         self.links.update(
-            self.page.eval_on_selector_all("a[href]", "links => links.map(a => a.href)")
+            self.page.eval_on_selector_all(  # SVG links too: their href is no string
+                "a[href]",
+                "links => links.map(a => new URL(a.getAttribute('href'), document.baseURI).href)",
+            )
         )
         assert not self.errors, self.errors
 
@@ -335,6 +336,7 @@ def test_ui_runs_compare_and_model_pages_in_a_browser(sweep: Sweep, browser: Any
                 assert visit.page.request.get(link).status == 200, link
         assert any("/ui/lineage/digits?version=" in link for link in checked)
         assert any("/ui/runs/" in link for link in checked)
+        assert any(link.endswith(f"/ui/runs/{sweep.champion_run}") for link in checked)
 
 
 def test_a_lineage_graph_with_long_names_stays_readable_in_a_browser(browser: Any) -> None:
