@@ -105,12 +105,13 @@ def list_runs(
 
 
 def _headline(runs: Sequence[RunSummary]) -> str | None:
-    """The metric a listing shows: the test split's first, which every finished run has."""
+    """The metric a listing shows: the test-split metric (not a loss) most runs have."""
+    counts: dict[str, int] = {}
     for run in runs:
         for name in run.metrics:
             if name.startswith("test.") and not name.endswith("loss"):
-                return name
-    return None
+                counts[name] = counts.get(name, 0) + 1
+    return max(sorted(counts), key=lambda n: counts[n], default=None)
 
 
 @runs_app.command("show")
