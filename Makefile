@@ -19,14 +19,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -qq -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-# kcat (a plain Kafka client) is what the interop tests publish and read with; the AsyncAPI
-# parser (npm, under MLBUS_NODE_TOOLS) is what validates schemas/asyncapi.yaml.
+# kcat (a plain Kafka client) is what the interop tests publish and read with; Debian's
+# chromium is what Playwright drives in the /ui browser tests (never `playwright install`,
+# which downloads a browser from a CDN); the AsyncAPI parser (npm, under MLBUS_NODE_TOOLS) is what validates schemas/asyncapi.yaml.
 export MLBUS_NODE_TOOLS ?= $(HOME)/.cache/mlbus/node
 ASYNCAPI_PARSER := @asyncapi/parser@3.6.6
 
 tools:
 	@command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kcat >/dev/null; } \
 	  || { echo "kcat is needed by the tests: install it (Debian/Ubuntu: apt-get install kcat)"; exit 1; }
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+	  || { echo "chromium is needed by the /ui browser tests: install it (Debian/Ubuntu: apt-get install chromium)"; exit 1; }
 	@{ command -v node >/dev/null && command -v npm >/dev/null; } \
 	  || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; } \
 	  || { echo "node and npm are needed by the tests: install them (Debian/Ubuntu: apt-get install nodejs npm)"; exit 1; }

@@ -38,6 +38,8 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   ├── InvalidTime             422  consumers/lineage/store.py: an as-of time that is not
     │   │                                ISO 8601; 422 as FastAPI answers for the other query
     │   │                                parameters (also a LineageError)
+    │   ├── InvalidRunQuery         422  consumers/lineage/runs.py: an unknown run status, a run
+    │   │                                id prefix naming several runs (also a LineageError)
     │   ├── InvalidInput            400  serving/errors.py: a tensor that does not fit the card
     │   ├── MalformedRequest        400  serving/errors.py: not JSON, or not an inference request
     │   ├── UndecodableBody         400  http.py: a gzip or deflate body that does not inflate

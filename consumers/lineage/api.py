@@ -6,6 +6,9 @@ GET /lineage/models/{model}/history?as_of=          promotions, rejections, roll
 GET /lineage/models/{model}/versions/{version}/why  decisions with policy and evidence
 GET /lineage/datasets/{name}/downstream?version=&as_of=&format=json|dot|mermaid
 GET /models                     every model, its versions and its champion (`models_router`)
+GET /runs?model=&status=&sort=&limit=   training runs (`runs_router`, runs.py)
+GET /runs/{run_id}              one run: request, curves, final metrics, confusion matrix…
+GET /runs/compare?ids=          runs side by side (ids repeated or comma-separated)
 
 The store is `app.state.lineage_store` (a `LineageStore`, set by the app that mounts the
 router), or the one `create_router(store)` was given. Errors are raised and answered by the
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -25,6 +28,7 @@ from fastapi.responses import PlainTextResponse
 
 from mlbus.consumers.lineage.graph import downstream_graph, to_dot, to_mermaid, upstream_graph
 from mlbus.consumers.lineage.queries import LineageQueries, parse_time
+from mlbus.consumers.lineage.runs import STATUSES, Comparison, RunDetail, RunQueries, RunSummary
 from mlbus.consumers.lineage.store import LineageStore
 
 Format = Literal["json", "dot", "mermaid"]
@@ -60,6 +64,52 @@ def models_router(store: Callable[[], LineageStore]) -> APIRouter:
     async def models() -> list[dict[str, Any]]:
         found = await run_in_threadpool(lambda: LineageQueries(store()).models())
         return [asdict(m) for m in found]
+
+    return router
+
+
+RunStatus = Literal["requested", "running", "completed", "failed"]
+assert set(get_args(RunStatus)) == set(STATUSES)
+
+
+def runs_router(store: Callable[[], LineageStore]) -> APIRouter:
+    """GET /runs, /runs/compare, /runs/{run_id}: experiments, answered from the store's
+    projection of the training topics. A run is named by its id, a unique prefix of it, or
+    `model@version` (the run that produced the version)."""
+    router = APIRouter(prefix="/runs", tags=["runs"])
+
+    @router.get("", summary="Training runs, newest first or best first by a metric")
+    async def runs(
+        model: str | None = None,
+        status: RunStatus | None = None,
+        sort: Annotated[
+            str | None,
+            Query(description="a metric (e.g. test.accuracy, test.rmse): best run first"),
+        ] = None,
+        limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
+    ) -> list[RunSummary]:
+        return await run_in_threadpool(
+            lambda: RunQueries(store()).list(model, status, sort=sort, limit=limit)
+        )
+
+    # Declared before `/runs/{run_id}`, which would otherwise take "compare" for a run id.
+    @router.get(
+        "/compare",
+        summary="Runs side by side: hyperparameters, metrics, learning curves",
+        responses={404: {}, 422: {}},
+    )
+    async def compare(
+        ids: Annotated[
+            list[str],
+            Query(description="the runs: repeated, or comma-separated", min_length=1),
+        ],
+    ) -> Comparison:
+        refs = [part for item in ids for part in item.split(",") if part.strip()]
+        return await run_in_threadpool(lambda: RunQueries(store()).compare(refs))
+
+    @router.get("/{run_id}", summary="One training run", responses={404: {}, 422: {}})
+    async def run(run_id: str) -> RunDetail:
+        return await run_in_threadpool(lambda: RunQueries(store()).show(run_id))
 
     return router
 

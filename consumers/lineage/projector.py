@@ -26,6 +26,7 @@ from mlbus.errors import MlbusError
 from mlbus.kafka.anchor import record_digest
 from mlbus.kafka.reader import LogRecord
 from mlbus.schemas.codec import DEFAULT_MAX_EVENT_BYTES, decode_dict
+from mlbus.schemas.training import run_id_for
 
 log = logging.getLogger("mlbus.consumers.lineage")
 
@@ -125,6 +126,21 @@ def _dataset_validated(e: Event, p: tuple, rows: Rows) -> None:
     )
 
 
+#: Fields of a request or a completion with columns of their own; the others go to `details`.
+_REQUEST_COLUMNS = frozenset(
+    ("model", "dataset", "family", "hyperparameters", "seed", "max_epochs", "requested_by",
+     "pipeline")
+)  # fmt: skip
+_COMPLETION_COLUMNS = frozenset(
+    ("run_id", "model", "version", "request_id", "family", "dataset", "metrics",
+     "hyperparameters", "seed", "epochs", "code", "duration_seconds")
+)  # fmt: skip
+
+
+def _details(d: dict[str, Any], columns: frozenset[str]) -> str:
+    return _j({k: v for k, v in d.items() if k not in columns})
+
+
 def _training_requested(e: Event, p: tuple, rows: Rows) -> None:
     d = e["data"]
     dataset, sweep = d["dataset"], d["sweep"]
@@ -142,6 +158,8 @@ def _training_requested(e: Event, p: tuple, rows: Rows) -> None:
             d["pipeline"],
             sweep["sweep_id"] if sweep else None,
             e["correlationid"],
+            run_id_for(p[0]),
+            _details(d, _REQUEST_COLUMNS),
         )
     )
 
@@ -159,6 +177,7 @@ def _training_started(e: Event, p: tuple, rows: Rows) -> None:
             dataset["version"],
             d["worker"],
             d["attempt"],
+            d["resumed_from_epoch"],
         )
     )
     _edge(rows, p, "trained_on", ds(dataset["name"], dataset["version"]), run_node(run_id))
@@ -167,7 +186,15 @@ def _training_started(e: Event, p: tuple, rows: Rows) -> None:
 def _training_progress(e: Event, p: tuple, rows: Rows) -> None:
     d = e["data"]
     rows[t.run_progress].append(
-        (*p, d["run_id"], d["model"], d["epoch"], d["max_epochs"], _j(d["metrics"]))
+        (
+            *p,
+            d["run_id"],
+            d["model"],
+            d["epoch"],
+            d["max_epochs"],
+            _j(d["metrics"]),
+            d["samples_per_second"],
+        )
     )
 
 
@@ -194,6 +221,7 @@ def _training_completed(e: Event, p: tuple, rows: Rows) -> None:
             code["package_version"],
             code["git_commit"],
             d["duration_seconds"],
+            _details(d, _COMPLETION_COLUMNS),
         )
     )
     _edge(rows, p, "trained_on", ds(dataset["name"], dataset["version"]), run_node(run_id))

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 #: Bump when a table or the meaning of a column changes: a store with another version is
 #: dropped and rebuilt from the log, never migrated.
-PROJECTION_VERSION = "1"
+PROJECTION_VERSION = "2"
 
 metadata = sa.MetaData()
 
@@ -94,7 +94,14 @@ training_requests = _table(
     sa.Column("pipeline", sa.String),
     sa.Column("sweep_id", sa.String),
     sa.Column("correlationid", sa.String),
+    # the run the request asks for (`schemas.training.run_id_for`: every worker names it so)
+    sa.Column("run_id", sa.String, nullable=False),
+    # the rest of the request (early stopping, split, device, sweep point, and fields the
+    # contract gains later), so a run shows everything it was asked with
+    sa.Column("details", sa.JSON, nullable=False),
     sa.Index("ix_training_requests_dataset", "dataset_name", "dataset_version"),
+    sa.Index("ix_training_requests_run", "run_id", "time", "event_id"),
+    sa.Index("ix_training_requests_model", "model", "time", "event_id"),
 )
 
 training_runs = _table(
@@ -106,6 +113,7 @@ training_runs = _table(
     sa.Column("dataset_version", sa.String, nullable=False),
     sa.Column("worker", sa.String, nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("resumed_from_epoch", sa.Integer),
     sa.Index("ix_training_runs_run", "run_id", "time", "event_id"),
     sa.Index("ix_training_runs_request", "request_id"),
     sa.Index("ix_training_runs_dataset", "dataset_name", "dataset_version"),
@@ -118,6 +126,7 @@ run_progress = _table(
     sa.Column("epoch", sa.Integer, nullable=False),
     sa.Column("max_epochs", sa.Integer, nullable=False),
     sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Column("samples_per_second", sa.Float),
     sa.Index("ix_run_progress_run", "run_id", "epoch", "time", "event_id"),
 )
 
@@ -151,6 +160,10 @@ model_versions = _table(
     sa.Column("code_version", sa.String, nullable=False),
     sa.Column("git_commit", sa.String),
     sa.Column("duration_seconds", sa.Float, nullable=False),
+    # the rest of the completion: confusion matrix and labels, the artifact's format, size
+    # and model card, device, torch version, peak memory, and fields the contract gains later
+    sa.Column("details", sa.JSON, nullable=False),
+    sa.Index("ix_model_versions_run", "run_id", "time", "event_id"),
     sa.Index("ix_model_versions_version", "model", "version", "time", "event_id"),
     sa.Index("ix_model_versions_newest", "model", "time", "event_id"),
     sa.Index("ix_model_versions_dataset", "dataset_name", "dataset_version"),

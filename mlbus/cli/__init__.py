@@ -41,6 +41,7 @@ from mlbus.cli import (  # noqa: E402, F401
     journal,
     lineage,
     platform,
+    runs,
     services,
     serving,
     streams,

@@ -80,7 +80,7 @@ class TrainingAccepted(BaseModel):
 
 
 #: Operations that read the log or a store: the broker or store may be out of reach (503).
-_BACKED = ("/datasets", "/training", "/pipelines", "/models/", "/lineage")
+_BACKED = ("/datasets", "/training", "/pipelines", "/models/", "/lineage", "/runs")
 
 
 def _answered_by_the_app(method: str, path: str, operation: dict[str, Any]) -> set[int]:
@@ -367,7 +367,7 @@ def create_app(cfg: Settings) -> FastAPI:
 
     from mlbus.cli.ui import create_router as ui_router
     from mlbus.consumers.lineage.api import create_router as lineage_router
-    from mlbus.consumers.lineage.api import models_router
+    from mlbus.consumers.lineage.api import models_router, runs_router
     from mlbus.consumers.workflow.api import create_router as workflow_router
 
     def kafka() -> KafkaConfig:
@@ -379,6 +379,7 @@ def create_app(cfg: Settings) -> FastAPI:
     api.include_router(workflow_router(kafka, cfg.limits))
     api.include_router(lineage_router(lineage_store))
     api.include_router(models_router(lineage_store))
+    api.include_router(runs_router(lineage_store))
     api.include_router(ui_router(lineage_store))
 
     install_error_handlers(api)

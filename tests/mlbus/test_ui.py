@@ -47,7 +47,8 @@ def test_ui_shows_models_recent_events_and_lineage_pictures(kafka, tmp_path):
     page = client.get("/ui")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert newest.id in page.text  # the newest promotion is among the recent events
-    assert f"<a href='/ui/lineage/{model}'>{model}</a>" in page.text
+    assert f"<a href='/ui/models/{model}'>{model}</a>" in page.text  # its model page
+    assert f"<a href='/ui/lineage/{model}'>lineage</a>" in page.text
 
     picture = client.get(f"/ui/lineage/{model}.svg")
     assert picture.status_code == 200, picture.text
