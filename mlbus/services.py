@@ -62,6 +62,22 @@ class HttpCheck:
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """Where the service's Prometheus metrics are: `GET path` on the port a setting names
+    (dotted path into `Settings`); port 0 turns them off. Every registry holds the process,
+    platform and GC collectors and the consumer lag of the service's groups (mlbus/metrics.py)."""
+
+    port: str
+    path: str = "/metrics"
+    own_server: bool = True
+    """True: `mlbus run` starts a small HTTP server for them (the service has none);
+    False: the service's own HTTP server answers `path`"""
+
+    def port_of(self, cfg: Settings) -> int:
+        return int(_setting(cfg, self.port))
+
+
+@dataclass(frozen=True)
 class Deployment:
     """How a container platform runs the service (infra/docker-compose.yml, infra/k8s)."""
 
@@ -97,6 +113,8 @@ class Service:
     """"module:function" of the composition root that builds and runs it in the
     foreground: `function(service, settings) -> exit code | None`"""
     deployment: Deployment
+    metrics: Metrics
+    """its /metrics (every service has one)"""
     health: HttpCheck | None = None
     """None: healthy while its process lives"""
     group: bool = True
@@ -150,6 +168,7 @@ SERVICES: tuple[Service, ...] = (
         reads=("dataset.created", "dataset.validated"),
         writes=("dataset.validated", DEADLETTER),
         build="mlbus.cli.datasets:run_validator",
+        metrics=Metrics(port="metrics.validator_port"),
         deployment=Deployment(
             "up to dataset.created's partitions (3); each replica validates its share."
         ),
@@ -163,6 +182,7 @@ SERVICES: tuple[Service, ...] = (
         writes=(*_TRAINING, DEADLETTER),
         build="mlbus.cli.training:run_trainer",
         keeps="artifacts, checkpoints",
+        metrics=Metrics(port="metrics.trainer_port"),
         deployment=Deployment(
             "up to training.requested's partitions (6) — one run at a time per replica; more "
             "replicas than partitions sit idle. Give each the CPU/GPU a run needs.",
@@ -196,6 +216,7 @@ SERVICES: tuple[Service, ...] = (
             DEADLETTER,
         ),
         build="mlbus.cli.workflow:run_workflow",
+        metrics=Metrics(port="metrics.workflow_port"),
         deployment=Deployment(
             "1. Decisions (debounce, sweeps, champion comparison) need one view per model; a "
             "second replica only takes over partitions on failure."
@@ -221,6 +242,7 @@ SERVICES: tuple[Service, ...] = (
         writes=(),
         build="mlbus.cli.lineage:run_lineage",
         keeps="SQL",
+        metrics=Metrics(port="metrics.lineage_port"),
         deployment=Deployment(
             "up to the partitions of the contract topics (3); the store is PostgreSQL "
             "(MLBUS_METADATA_URL), positions are kept with the rows."
@@ -235,6 +257,7 @@ SERVICES: tuple[Service, ...] = (
         writes=(),
         build="mlbus.cli.archive:run_archive",
         keeps="Parquet",
+        metrics=Metrics(port="metrics.archive_port"),
         deployment=Deployment(
             "up to the contract topics' partitions; each replica archives its partitions "
             "exactly once."
@@ -258,6 +281,7 @@ SERVICES: tuple[Service, ...] = (
         ),
         writes=(DEADLETTER,),
         build="mlbus.cli.openlineage:run_openlineage",
+        metrics=Metrics(port="metrics.openlineage_port"),
         deployment=Deployment(
             "off until configured (MLBUS_OPENLINEAGE__URL or __TRANSPORT): compose profile "
             "`openlineage`, 0 replicas here. Then 1 is plenty (a few events per training run); "
@@ -281,6 +305,7 @@ SERVICES: tuple[Service, ...] = (
         ),
         writes=("serving.metrics", "serving.alert", DEADLETTER),
         build="mlbus.cli.streams:run_streams",
+        metrics=Metrics(port="streams.metrics_port", own_server=False),
         deployment=Deployment(
             "up to inference.logged's partitions (6); windowed tables are partitioned by model "
             "like the topic."
@@ -295,6 +320,7 @@ SERVICES: tuple[Service, ...] = (
         reads=("model.promoted", "deployment.updated", "inference.requests"),
         writes=("deployment.updated", "inference.results", "inference.logged", DEADLETTER),
         build="mlbus.cli.serving:run_serving",
+        metrics=Metrics(port="serving.port", own_server=False),
         deployment=Deployment(
             "freely (horizontal pod autoscaler on CPU or request rate): each replica reads "
             "every model.promoted itself, no consumer group.",
@@ -327,6 +353,7 @@ SERVICES: tuple[Service, ...] = (
         ),
         writes=("dataset.created", "pipeline.defined", "training.requested", "model.promoted"),
         build="mlbus.cli.api:run_api",
+        metrics=Metrics(port="api.port", own_server=False),
         deployment=Deployment("freely; stateless (reads the log and the metadata store)."),
         health=HttpCheck(port="api.port", path="/health", host="api.host"),
         group=False,

@@ -210,6 +210,26 @@ class LimitsSettings(_Section):
     )
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics (`/metrics`) of the services; env `MLBUS_METRICS__<FIELD>`. The
+    services without an HTTP server of their own (validator, trainer, workflow, lineage,
+    archive, openlineage) get a small one from `mlbus run` on these ports; 0 turns one off."""
+
+    host: str = Field(default="0.0.0.0", description="interface the metrics servers listen on")
+    validator_port: int = Field(default=9201, ge=0, lt=65536, description="validator; 0 = off")
+    trainer_port: int = Field(default=9202, ge=0, lt=65536, description="trainer; 0 = off")
+    workflow_port: int = Field(default=9203, ge=0, lt=65536, description="workflow; 0 = off")
+    lineage_port: int = Field(default=9204, ge=0, lt=65536, description="lineage; 0 = off")
+    archive_port: int = Field(default=9205, ge=0, lt=65536, description="archive; 0 = off")
+    openlineage_port: int = Field(default=9206, ge=0, lt=65536, description="openlineage; 0 = off")
+    lag_interval_ms: int = Field(
+        default=5000,
+        ge=0,
+        description="how often consumers report their lag (librdkafka statistics.interval.ms); "
+        "0 = no mlbus_consumer_lag",
+    )
+
+
 class OpenLineageSettings(_Section):
     """The OpenLineage emitter (`mlbus run openlineage`); env `MLBUS_OPENLINEAGE__<FIELD>`.
     Off unless a URL or a transport is set."""
@@ -307,6 +327,7 @@ class Settings(BaseSettings):
     trainer: TrainerSettings = TrainerSettings()
     workflow: WorkflowSettings = WorkflowSettings()
     openlineage: OpenLineageSettings = OpenLineageSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR"
     )

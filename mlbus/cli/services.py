@@ -20,6 +20,7 @@ from mlbus.cli.common import app, console, settings
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import EMBEDDED_FETCH_WAIT_MS
 from mlbus.services import SERVICES, Service, names, service
+from mlbus.settings import Settings
 
 services_app = typer.Typer(
     help="The platform's services, as their manifests declare them.", no_args_is_help=True
@@ -37,6 +38,7 @@ def run(
     cfg = settings()
     polling(manifest)
     _start_heartbeat(heartbeat_path(cfg.data_dir, name))
+    serve_metrics(manifest, cfg)
     code = manifest.entry()(manifest, cfg)
     raise typer.Exit(code or 0)
 
@@ -46,6 +48,18 @@ def polling(manifest: Service) -> None:
     (`Service.fetch_wait_ms`): each service as reactive as it needs, and no more costly."""
     if manifest.fetch_wait_ms is not None:
         EMBEDDED_FETCH_WAIT_MS[0] = manifest.fetch_wait_ms
+
+
+def serve_metrics(manifest: Service, cfg: Settings) -> None:
+    """/metrics of a service with no HTTP server of its own, on its manifest's port (0: off):
+    the process, platform and GC collectors and its consumer groups' lag."""
+    if not manifest.metrics.own_server:
+        return
+    port = manifest.metrics.port_of(cfg)
+    if port:
+        from mlbus.metrics import serve
+
+        serve(port, cfg.metrics.host)
 
 
 #: How often `mlbus run` touches its heartbeat file, and how old `mlbus services alive`

@@ -7,6 +7,7 @@ real cluster keeps Kafka's defaults.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from mlbus.kafka import lag
 from mlbus.settings import Settings, is_secret, reveal
 
 #: Python logger that receives librdkafka's own log lines (instead of raw stderr).
@@ -40,6 +42,9 @@ class KafkaConfig:
     max_event_bytes: int = 1024 * 1024
     journal: str | None = None
     """the embedded broker's journal folder, when it keeps one (mlbus/journal/)"""
+    stats_interval_ms: int = 0
+    """how often group consumers report their lag to mlbus.kafka.lag (librdkafka
+    statistics.interval.ms); 0: they do not"""
 
     def __post_init__(self) -> None:
         masked = {
@@ -73,6 +78,7 @@ class KafkaConfig:
                 if embedded and settings.journal.enabled
                 else None
             ),
+            stats_interval_ms=settings.metrics.lag_interval_ms,
         )
 
     # -- topic naming: `type` equals the topic name, behind an optional prefix --------------
@@ -118,6 +124,10 @@ class KafkaConfig:
         }
         if group is not None:
             conf["group.id"] = group
+            if self.stats_interval_ms:
+                # Consumer lag per partition for /metrics (mlbus/kafka/lag.py).
+                conf["statistics.interval.ms"] = self.stats_interval_ms
+                conf["stats_cb"] = functools.partial(lag.record, group, self.stats_interval_ms)
         else:  # group-less reader (tail, replay): never commits, joins nothing
             conf["group.id"] = "mlbus-reader-unused"
             conf["enable.auto.offset.store"] = False
