@@ -7,7 +7,6 @@ the metrics. The HTTP app (serving/app.py) and the stream consumer share `infer(
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -16,7 +15,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +28,7 @@ from mlbus.services import service
 from mlbus.serving.deployer import Deployer
 from mlbus.serving.errors import NotReady
 from mlbus.serving.inference_log import InferenceLog, Sample
-from mlbus.serving.metrics import UNKNOWN, ServingMetrics
+from mlbus.serving.metrics import NO_VERSION, UNKNOWN, ServingMetrics
 from mlbus.serving.registry import Deployment, Registry, Slot
 from mlbus.serving.stream import StreamInference
 from mlbus.settings import ServingSettings
@@ -160,7 +158,6 @@ class ModelServer:
             sample_rate=config.log_sample_rate,
             **extra,
         )
-        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.stream_group = stream_group
         self.stream: StreamInference | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -238,7 +235,7 @@ class ModelServer:
             raise
         labels = deployment.classes[probabilities.argmax(axis=1)]
         latency = time.perf_counter() - started
-        requests, latencies = self._answered(deployment, protocol)
+        requests, latencies = self.metrics.answered(deployment.name, deployment.version, protocol)
         requests.inc()
         latencies.observe(latency)
         self.inference_log.offer(
@@ -271,7 +268,9 @@ class ModelServer:
         label = model if model is not None and model in self.registry.names() else UNKNOWN
         self.metrics.errors.labels(label, protocol, reason).inc()
         latency = time.perf_counter() - started
-        self.metrics.latency.labels(label, protocol).observe(latency)
+        code = str(error.status) if isinstance(error, MlbusError) else "500"
+        version = deployment.version if deployment is not None else NO_VERSION
+        self.metrics.refused(label, version, protocol, code, latency)
         if deployment is not None:
             message = str(error) if isinstance(error, MlbusError) else repr(error)
             self.inference_log.offer(
@@ -290,31 +289,24 @@ class ModelServer:
 
     # -- metrics hooks ---------------------------------------------------------------------
 
-    def _answered(self, deployment: Deployment, protocol: str) -> tuple[Any, Any]:
-        """The request counter and latency histogram of a version and protocol: looked up
-        once (`labels()` validates and locks on every call; this is every request's path)."""
-        key = (deployment.name, deployment.version, protocol)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (
-                self.metrics.requests.labels(*key),
-                self.metrics.latency.labels(deployment.name, protocol),
-            )
-        return children
-
     def _on_batch(self, deployment: Deployment, rows: int) -> None:
-        self.metrics.batch_size.labels(deployment.name, deployment.version).observe(rows)
+        self.metrics.batch(deployment.name, deployment.version, rows)
 
     def _on_change(self, name: str, old: Slot | None, new: Slot | None) -> None:
-        gauge = self.metrics.loaded
-        for slot in (old,):
+        """The loaded gauge follows the slot; a version in neither role any more is retired
+        and its series leave /metrics."""
+
+        def roles(slot: Slot | None) -> dict[str, str]:
             if slot is None:
-                continue
-            for role, d in (("current", slot.current), ("previous", slot.previous)):
-                if d is not None:
-                    with contextlib.suppress(KeyError):
-                        gauge.remove(name, d.version, role)
-        if new is not None:
-            gauge.labels(name, new.current.version, "current").set(1)
-            if new.previous is not None:
-                gauge.labels(name, new.previous.version, "previous").set(1)
+                return {}
+            pairs = (("current", slot.current), ("previous", slot.previous))
+            return {d.version: role for role, d in pairs if d is not None}
+
+        before, after = roles(old), roles(new)
+        for version, role in before.items():
+            if after.get(version) != role:
+                self.metrics.unmark_loaded(name, version, role)
+            if version not in after:
+                self.metrics.retire(name, version)
+        for version, role in after.items():
+            self.metrics.mark_loaded(name, version, role)
