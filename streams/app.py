@@ -117,7 +117,8 @@ class StreamsApp:
         self.options = options
         self.config = WindowConfig.from_settings(settings, options.idle_seconds)
         self.baselines = Baselines()
-        self.exporter = Exporter()
+        self.exporter = Exporter(retired=self.baselines.retired, lag=self._lag)
+        self.baselines.on_promoted = self.exporter.sweep
         self.follower = baseline_view(kafka, self.baselines)
         partitions = TOPICS[EVENT_TYPE].partitions
         options.data_dir.mkdir(parents=True, exist_ok=True)
@@ -220,6 +221,27 @@ class StreamsApp:
             log.warning("streams: training baselines not read within %.0fs", baseline_timeout)
         if self.options.metrics_port:
             self.exporter.serve(self.options.metrics_port)
+
+    def _lag(self) -> dict[tuple[str, str, int], int]:
+        """The app's consumer lag per partition: faust reads with aiokafka, not librdkafka,
+        so this is the fetch responses' high-water mark (right on the embedded broker too,
+        docs/broker.md) minus the next offset the app processes, which the transport
+        commits after each batch (streams/transport.py). Read from the metrics server's
+        thread: a consumer in the middle of a rebalance answers nothing this time."""
+        figures: dict[tuple[str, str, int], int] = {}
+        try:
+            consumer = self.app.consumer
+            read = getattr(consumer, "_read_offset", {})  # faust's per-partition progress
+            topic = self.kafka.topic(EVENT_TYPE)
+            for tp in [tp for tp in list(consumer.assignment()) if tp.topic == topic]:
+                # No position yet: nothing committed, so the app reads from the start of the
+                # log (auto_offset_reset earliest), counted from offset 0.
+                high, position = consumer.highwater(tp), read.get(tp) or 0
+                if isinstance(high, int) and high >= 0:
+                    figures[(self.options.app_id, tp.topic, tp.partition)] = max(0, high - position)
+        except Exception:  # not started yet, stopping, or reassigning
+            return {}
+        return figures
 
     def run(self) -> int:
         """Run in the foreground until SIGTERM/SIGINT; the exit code."""

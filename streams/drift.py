@@ -14,7 +14,7 @@ import bisect
 import logging
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mlbus.kafka.config import KafkaConfig
@@ -143,9 +143,25 @@ class Baselines:
         self._trained: dict[tuple[str, str], TrainingCompleted] = {}
         self._promoted: dict[tuple[str, str], ModelPromoted] = {}
         self._cache: dict[tuple[str, str], Baseline | str] = {}
+        # Each model's last two promoted versions: what a model server keeps loaded (current
+        # and previous); the other versions are retired.
+        self._served: dict[str, list[str]] = {}
+        self.on_promoted: Callable[[str], None] | None = None
+        """called with the model's name after each promotion (the exporter's sweep)"""
 
     def add(self, event: Event) -> None:
         data = event.data
+        self._add(data)
+        if isinstance(data, ModelPromoted) and self.on_promoted is not None:
+            self.on_promoted(data.model)
+
+    def retired(self, model: str, version: str) -> bool:
+        """Whether `version` is neither of its model's last two promotions (a model with no
+        promotion in the log retires nothing)."""
+        served = self._served.get(model)
+        return served is not None and version not in served
+
+    def _add(self, data: object) -> None:
         with self._lock:
             if isinstance(data, DatasetCreated):
                 self._datasets[(data.name, data.version)] = data
@@ -156,6 +172,8 @@ class Baselines:
                 self._trained[(data.model, data.version)] = data
             elif isinstance(data, ModelPromoted):
                 self._promoted[(data.model, data.version)] = data
+                served = [v for v in self._served.get(data.model, []) if v != data.version]
+                self._served[data.model] = [*served[-1:], data.version]
             else:
                 return
             self._cache.clear()  # a new fact may complete any chain

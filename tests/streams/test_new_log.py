@@ -92,7 +92,7 @@ def test_a_recreated_log_stops_the_app_or_is_folded_from_offset_0(kafka, run_str
     page = third.scrape()
     for model, version in (("clf", "v1"), ("clf", "v2"), ("plain", "v1")):
         total = sum(n for k, n in h2.expected.requests.items() if k[:2] == (model, version))
-        got = sample(page, "mlbus_serving_requests_total", model=model, version=version)
+        got = sample(page, "mlbus_serving_logged_requests_total", model=model, version=version)
         assert got == total, (model, version, got, total)
     assert third.stop() == 0, third.log()
     assert "is a new log" in third.log()

@@ -14,11 +14,13 @@ import pytest
 from confluent_kafka import Producer
 
 from mlbus.kafka.config import KafkaConfig
+from mlbus.schemas.catalog import TOPICS
 from mlbus.schemas.codec import STRUCTURED_HEADERS, encode
 from mlbus.schemas.envelope import Event
 from tests.mlbus.kafka.support import dead_letters, publish, read_events, wait_until
+from tests.promtool import check_metrics
 from tests.streams.conftest import StreamsProcess
-from tests.streams.support import BASE_MS, History, baseline_events, encoded, history
+from tests.streams.support import BASE_MS, History, baseline_events, encoded, history, promoted
 from tests.streams.support import lower_quantile as lq
 
 IDLE = "4"  # seconds without records before the last windows close (see streams.windows)
@@ -186,15 +188,15 @@ def test_metrics_drift_alerts_prometheus_then_identical_replay(kafka, run_stream
     for model, version in (("clf", "v1"), ("clf", "v2"), ("plain", "v1")):
         keys = [k for k in h.expected.requests if k[:2] == (model, version)]
         labels = {"model": model, "version": version}
-        assert sample(page, "mlbus_serving_requests_total", **labels) == sum(
+        assert sample(page, "mlbus_serving_logged_requests_total", **labels) == sum(
             h.expected.requests[k] for k in keys
         )
-        assert sample(page, "mlbus_serving_errors_total", **labels) == sum(
+        assert sample(page, "mlbus_serving_logged_errors_total", **labels) == sum(
             h.expected.errors[k] for k in keys
         )
         last_window = max(keys, key=lambda k: k[2])
         lat = h.expected.latencies[last_window]
-        p99 = sample(page, "mlbus_serving_latency_seconds", quantile="0.99", **labels)
+        p99 = sample(page, "mlbus_serving_window_latency_seconds", q="0.99", **labels)
         assert abs(p99 - lq(lat, 0.99)) <= 0.01 * lq(lat, 0.99)
     assert sample(page, "mlbus_serving_late_events_total", model="clf", version="v1") == 1
     assert sample(page, "mlbus_serving_psi", model="clf", version="v2", feature="f0") < 0.2
@@ -204,6 +206,28 @@ def test_metrics_drift_alerts_prometheus_then_identical_replay(kafka, run_stream
         == 1
     )
     assert sample(page, "mlbus_streams_deadletters_total") == 3
+    # Prometheus's own checker accepts the page; the app's lag is there, per partition
+    check_metrics(page)
+    group, logged = kafka.topic_prefix + "live", kafka.topic("inference.logged")
+    lags = [
+        sample(page, "mlbus_consumer_lag", group=group, topic=logged, partition=str(p))
+        for p in range(TOPICS["inference.logged"].partitions)
+    ]
+    assert any(lag is not None for lag in lags) and all(lag is None or lag >= 0 for lag in lags)
+    assert sample(page, "process_resident_memory_bytes") > 0
+    # A third promotion of clf retires v1 (a model server keeps the last two): its series go
+    publish(kafka, [promoted("v3", "r2", True)])
+    wait_until(
+        lambda: (
+            'version="v1"'
+            not in "".join(line for line in app.scrape().splitlines() if 'model="clf"' in line)
+        ),
+        lambda: f"clf v1's series to leave\n{app.scrape()}",
+        timeout=30,
+    )
+    page = app.scrape()
+    assert sample(page, "mlbus_serving_logged_requests_total", model="clf", version="v2")
+    assert sample(page, "mlbus_serving_logged_requests_total", model="plain", version="v1")
 
     # malformed records: dead-lettered with their reason, the stream went on
     letters = dead_letters(kafka)
