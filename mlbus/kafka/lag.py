@@ -6,8 +6,10 @@ Reads and writes no topic.
 The lag is librdkafka's own figure: the partition's high-water mark, as the last fetch
 response carried it, minus the group's committed offset (`consumer_lag`); before the group
 has committed anything on a partition, minus the consumer's stored position instead
-(`consumer_lag_stored`). Fetch responses carry a correct high-water mark on the embedded
-broker too, where a ListOffsets "latest" does not (docs/broker.md).
+(`consumer_lag_stored`), and before it has read anything there, minus the partition's log
+start (the consumers start from the earliest offset: all of it is still to read). Fetch
+responses carry a correct high-water mark on the embedded broker too, where a ListOffsets
+"latest" does not (docs/broker.md).
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def record(group: str, interval_ms: int, stats: str) -> None:
             lag = p.get("consumer_lag", -1)
             if lag < 0:
                 lag = p.get("consumer_lag_stored", -1)
+            if lag < 0:  # nothing committed or read yet: all of it is to read (earliest)
+                high, low = p.get("hi_offset", -1), p.get("lo_offset", -1)
+                lag = high - low if high >= 0 and low >= 0 else -1
             if lag >= 0:
                 lags[(topic, partition)] = lag
     stale = max(STALE_INTERVALS * interval_ms / 1000, 15.0)
