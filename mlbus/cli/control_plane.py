@@ -28,7 +28,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
-    CollectorRegistry,
     Counter,
     Histogram,
     generate_latest,
@@ -40,6 +39,7 @@ from mlbus.families import FAMILIES, hyperparameters
 from mlbus.http import REF, RequestGate, bearer_guard, document_api, install_error_handlers
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
+from mlbus.metrics import new_registry
 from mlbus.schemas.training import TrainingRequested
 from mlbus.services import service
 from mlbus.settings import Settings
@@ -331,7 +331,7 @@ def create_app(cfg: Settings) -> FastAPI:
         open_methods=_READ_ONLY,
         message=_REFUSAL,
     )
-    registry_ = CollectorRegistry()
+    registry_ = new_registry()  # with the process, platform and GC collectors
     requests = Counter(
         "mlbus_api_requests",
         "control-plane API requests",

@@ -22,6 +22,7 @@ from mlbus.kafka.reader import read_log
 from mlbus.settings import Settings
 from tests.consumers.lineage.generator import generate_log, produce
 from tests.mlbus.kafka.support import dataset, read_events
+from tests.promtool import check_metrics
 
 #: The version users type is a prefix of the one in the log; events carry the full one.
 FULL = "abc" + "0" * 61
@@ -100,6 +101,8 @@ def test_metrics_count_requests_by_route_and_status(kafka, tmp_path):
     assert 'mlbus_api_requests_total{method="GET",route="/health",status="200"} 1.0' in text
     assert 'route="(unmatched)",status="404"' in text
     assert "mlbus_api_request_duration_seconds_bucket" in text
+    assert "process_resident_memory_bytes" in text and "python_info" in text
+    check_metrics(text)
     assert "/metrics" not in client.get("/openapi.json").json()["paths"]
 
 
