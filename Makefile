@@ -21,9 +21,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 # kcat (a plain Kafka client) is what the interop tests publish and read with; Debian's
 # chromium is what Playwright drives in the /ui browser tests (never `playwright install`,
-# which downloads a browser from a CDN); the AsyncAPI parser (npm, under MLBUS_NODE_TOOLS) is what validates schemas/asyncapi.yaml.
+# which downloads a browser from a CDN); the AsyncAPI parser (npm, under MLBUS_NODE_TOOLS) is
+# what validates schemas/asyncapi.yaml; promtool (Prometheus's checker, at MLBUS_PROMTOOL)
+# checks every /metrics, the rules and the config. promtool comes out of Debian's prometheus
+# package, unpacked rather than installed: the package would pull in a Prometheus server and
+# its web assets, and start it.
 export MLBUS_NODE_TOOLS ?= $(HOME)/.cache/mlbus/node
 ASYNCAPI_PARSER := @asyncapi/parser@3.6.6
+export MLBUS_PROMTOOL ?= $(HOME)/.cache/mlbus/bin/promtool
 
 tools:
 	@command -v kcat >/dev/null || { apt-get update -qq && apt-get install -y -qq kcat >/dev/null; } \
@@ -37,6 +42,13 @@ tools:
 	  || { mkdir -p $(MLBUS_NODE_TOOLS) && npm install -s --no-audit --no-fund \
 	       --prefix $(MLBUS_NODE_TOOLS) $(ASYNCAPI_PARSER); } \
 	  || { echo "cannot install $(ASYNCAPI_PARSER) from the npm registry into $(MLBUS_NODE_TOOLS)"; exit 1; }
+	@test -x $(MLBUS_PROMTOOL) || command -v promtool >/dev/null \
+	  || { dir=$$(mktemp -d) && cd $$dir && { apt-get download prometheus >/dev/null 2>&1 \
+	         || { apt-get update -qq && apt-get download prometheus >/dev/null; }; } \
+	       && dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool \
+	       && mkdir -p $$(dirname $(MLBUS_PROMTOOL)) && mv usr/bin/promtool $(MLBUS_PROMTOOL) \
+	       && cd / && rm -rf $$dir; } \
+	  || { echo "promtool is needed by the tests: install it (Debian/Ubuntu: apt-get install prometheus) or set MLBUS_PROMTOOL"; exit 1; }
 
 # Three workers on two cores: most tests wait on brokers, subprocesses and sockets, not the
 # CPU (each worker has its own session broker, S3 server and PostgreSQL database).
@@ -73,12 +85,13 @@ schemas: install
 docs: install  ## regenerate the README's configuration reference and service table
 	$(BIN)/python -m mlbus.docs
 
-infra: install  ## regenerate infra/'s topics (from the catalog) and services (from the manifests)
+infra: install  ## regenerate infra/'s topics (from the catalog), services and Prometheus scrapes (from the manifests)
 	$(BIN)/mlbus topics export --format yaml > infra/kafka/topics.yaml
 	$(BIN)/mlbus topics export --format sh > infra/kafka/create-topics.sh
 	$(BIN)/mlbus topics export --format strimzi > infra/k8s/topics.yaml
 	$(BIN)/mlbus services export --format compose --into infra/docker-compose.yml
 	$(BIN)/mlbus services export --format k8s > infra/k8s/services.yaml
+	$(BIN)/mlbus services export --format prometheus > infra/prometheus/prometheus.yml
 
 bench: install  ## every benchmark, one table (bench/results/ keeps each report)
 	$(BIN)/python bench/run_all.py

@@ -1,7 +1,8 @@
 """infra/'s service definitions rendered from the manifests (mlbus/services.py): the mlbus
 services of infra/docker-compose.yml (between its generated markers; the rest of that file
-is written by hand) and infra/k8s/services.yaml (whole). `mlbus services export` prints
-them, `make infra` writes them, tests/infra checks that the committed files are current.
+is written by hand), infra/k8s/services.yaml and infra/prometheus/prometheus.yml (whole).
+`mlbus services export` prints them, `make infra` writes them, tests/infra checks that the
+committed files are current.
 
 Every container runs `mlbus run <service>`: the service alone, no supervisor inside; the
 container platform restarts it and scales it.
@@ -118,6 +119,7 @@ def _kubernetes(service: Service, cfg: Settings) -> list[dict[str, Any]]:
         return {"name": name, "namespace": NAMESPACE, "labels": labels()}
 
     port = _port(service, cfg)
+    metrics_port = service.metrics.port_of(cfg)
     container: dict[str, Any] = {
         "name": service.name,
         "image": IMAGE,
@@ -129,6 +131,8 @@ def _kubernetes(service: Service, cfg: Settings) -> list[dict[str, Any]]:
     }
     if port is not None:
         container["ports"] = [{"name": "http", "containerPort": port}]
+    if service.metrics.own_server and metrics_port:
+        container["ports"] = [{"name": "metrics", "containerPort": metrics_port}]
     container |= _probes(service, port)
     container["resources"] = {
         "requests": {"cpu": plan.cpu, "memory": plan.memory},
@@ -154,7 +158,16 @@ def _kubernetes(service: Service, cfg: Settings) -> list[dict[str, Any]]:
             "replicas": 0 if service.enabled_by else plan.replicas,
             "selector": selector(),
             "template": {
-                "metadata": {"labels": labels()},
+                "metadata": {
+                    "labels": labels(),
+                    # Found by a Prometheus that scrapes annotated pods (the community
+                    # chart's kubernetes-pods job): every pod of every service.
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(metrics_port),
+                        "prometheus.io/path": service.metrics.path,
+                    },
+                },
                 "spec": {
                     "automountServiceAccountToken": False,
                     "terminationGracePeriodSeconds": plan.grace_seconds,
@@ -237,3 +250,42 @@ def kubernetes_services(services: Sequence[Service] = SERVICES, cfg: Settings | 
         body = "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
         parts.append(("---\n" if i else "") + head + body)
     return "".join(parts)
+
+
+#: What Prometheus scrapes besides the services (compose's kafka-exporter), and how often.
+KAFKA_EXPORTER = "kafka-exporter:9308"
+SCRAPE_SECONDS = 5
+
+
+def prometheus_config(services: Sequence[Service] = SERVICES, cfg: Settings | None = None) -> str:
+    """infra/prometheus/prometheus.yml: a job per service scraping its /metrics (the port and
+    path of its manifest) on every container of it, found by compose's DNS (one A record per
+    replica), kafka-exporter, and the alert rules beside it (alerts.yml)."""
+    cfg = cfg or Settings()
+    jobs: list[dict[str, Any]] = []
+    for service in services:
+        port = service.metrics.port_of(cfg)
+        if not port:
+            continue
+        jobs.append(
+            {
+                "job_name": f"mlbus-{service.name}",
+                "metrics_path": service.metrics.path,
+                "dns_sd_configs": [{"names": [service.name], "type": "A", "port": port}],
+            }
+        )
+    jobs.append({"job_name": "kafka-exporter", "static_configs": [{"targets": [KAFKA_EXPORTER]}]})
+    interval = f"{SCRAPE_SECONDS}s"
+    config = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": ["alerts.yml"],
+        "scrape_configs": jobs,
+    }
+    head = (
+        "# Generated from mlbus/services.py by `mlbus services export --format prometheus` "
+        "(make infra); do not edit.\n"
+        "# Every service's /metrics, on each of its containers (compose's DNS answers a "
+        "service's name\n# with one address per replica), kafka-exporter (brokers, topics, "
+        "consumer groups) and the\n# alert rules of alerts.yml (written by hand).\n"
+    )
+    return head + yaml.safe_dump(config, sort_keys=False)

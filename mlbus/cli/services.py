@@ -140,7 +140,7 @@ def services_list(
 
 @services_app.command("export")
 def services_export(
-    fmt: Annotated[str, typer.Option("--format", help="compose or k8s")] = "compose",
+    fmt: Annotated[str, typer.Option("--format", help="compose, k8s or prometheus")] = "compose",
     into: Annotated[
         Path | None,
         typer.Option(
@@ -150,18 +150,24 @@ def services_export(
     ] = None,
 ) -> None:
     """The services for a container platform, each `mlbus run <service>`: compose entries
-    (between the markers of infra/docker-compose.yml) or Kubernetes Deployments
-    (infra/k8s/services.yaml); `make infra` writes both."""
-    from mlbus.deploy import compose_services, compose_with_services, kubernetes_services
+    (between the markers of infra/docker-compose.yml), Kubernetes Deployments
+    (infra/k8s/services.yaml) or the Prometheus configuration scraping every service's
+    /metrics (infra/prometheus/prometheus.yml); `make infra` writes them."""
+    from mlbus.deploy import (
+        compose_services,
+        compose_with_services,
+        kubernetes_services,
+        prometheus_config,
+    )
 
     if fmt == "compose":
         if into is None:
             print(compose_services(), end="")
         else:
             into.write_text(compose_with_services(into.read_text()))
-    elif fmt == "k8s":
+    elif fmt in ("k8s", "prometheus"):
         if into is not None:
-            raise MlbusError("--into is for --format compose; redirect k8s to a file")
-        print(kubernetes_services(), end="")
+            raise MlbusError(f"--into is for --format compose; redirect {fmt} to a file")
+        print(kubernetes_services() if fmt == "k8s" else prometheus_config(), end="")
     else:
-        raise MlbusError(f"--format {fmt!r}: use compose or k8s")
+        raise MlbusError(f"--format {fmt!r}: use compose, k8s or prometheus")

@@ -19,11 +19,14 @@ import jsonschema
 import pytest
 import yaml
 
-from mlbus.deploy import compose_with_services, kubernetes_services
+from mlbus.deploy import compose_with_services, kubernetes_services, prometheus_config
 from mlbus.errors import ConfigError
 from mlbus.kafka.admin import create_topics_script, strimzi_topics, topic_definitions
 from mlbus.schemas.catalog import CATALOG
+from mlbus.services import SERVICES as ALL_SERVICES
 from mlbus.services import names
+from mlbus.settings import Settings
+from tests import promtool
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 CONTRACT = {spec.name for spec in CATALOG}
@@ -102,15 +105,55 @@ def test_every_service_runs_alone_in_compose_and_in_kubernetes():
         assert f"# mlbus {name}\n# Scale:" in text, f"{name}: the scaling rule belongs next to it"
 
 
-def test_prometheus_scrapes_the_services_that_expose_metrics():
-    config = yaml.safe_load((INFRA / "prometheus" / "prometheus.yml").read_text())
-    jobs = config["scrape_configs"]
-    targets = {t for job in jobs for static in job["static_configs"] for t in static["targets"]}
+def test_prometheus_scrapes_every_service_on_its_manifest_port():
+    text = (INFRA / "prometheus" / "prometheus.yml").read_text()
+    assert text == prometheus_config(), "run `make infra`"
+    config = yaml.safe_load(text)
     compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())["services"]
-    for target in targets:
-        host = target.split(":")[0]
+    cfg = Settings()
+    scraped: dict[str, tuple[str, int]] = {}
+    for job in config["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            [name] = sd["names"]
+            scraped[name] = (job["metrics_path"], sd["port"])
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.split(":")
+                scraped[host] = ("/metrics", int(port))
+    for host in scraped:
         assert host in compose, f"prometheus scrapes {host}, which compose does not run"
-    assert {t.split(":")[0] for t in targets} == {"serve", "streams", "api", "kafka-exporter"}
+    for s in ALL_SERVICES:
+        assert scraped[s.name] == (s.metrics.path, s.metrics.port_of(cfg)), s.name
+    assert set(scraped) == SERVICES | {"kafka-exporter"}
+    # The rules it loads are mounted beside it.
+    assert config["rule_files"] == ["alerts.yml"]
+    mounts = compose["prometheus"]["volumes"]
+    assert "./prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
+
+
+def test_promtool_accepts_the_prometheus_config_and_rules_and_the_alerts_fire():
+    prometheus = INFRA / "prometheus"
+    assert "SUCCESS" in promtool.check("config", str(prometheus / "prometheus.yml"))
+    assert "SUCCESS: 8 rules found" in promtool.check("rules", str(prometheus / "alerts.yml"))
+    # alerts.test.yml: each alert fires on the series meant to raise it, and only on them.
+    done = subprocess.run(
+        [promtool.promtool(), "test", "rules", "alerts.test.yml"],
+        cwd=prometheus,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_alert_rules_cover_every_service_that_always_runs():
+    rules = yaml.safe_load((INFRA / "prometheus" / "alerts.yml").read_text())
+    exprs = {r["alert"]: r["expr"] for g in rules["groups"] for r in g["rules"]}
+    for s in ALL_SERVICES:
+        if s.enabled_by is None:
+            assert f'absent(up{{job="mlbus-{s.name}"}})' in exprs["MlbusServiceAbsent"], s.name
+    assert {"MlbusServiceDown", "MlbusConsumerLagGrowing", "MlbusServeErrorRatio"} <= set(exprs)
+    assert "MlbusInputDrift" in exprs
 
 
 # -- the compose file, as `docker compose` reads it -------------------------------------------
@@ -287,3 +330,19 @@ def test_topics_are_strimzi_v1_kafka_topics():
         assert topic["kind"] == "KafkaTopic"
         assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "mlbus"
         assert {"topicName", "partitions", "replicas", "config"} <= set(topic["spec"])
+
+
+def test_every_pod_is_annotated_for_prometheus_with_its_metrics_port():
+    docs = [d for d in yaml.safe_load_all((INFRA / "k8s" / "services.yaml").read_text()) if d]
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    cfg = Settings()
+    for s in ALL_SERVICES:
+        pod = deployments[f"mlbus-{s.name}"]["spec"]["template"]
+        port = s.metrics.port_of(cfg)
+        assert pod["metadata"]["annotations"] == {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(port),
+            "prometheus.io/path": s.metrics.path,
+        }, s.name
+        [container] = pod["spec"]["containers"]
+        assert port in [p["containerPort"] for p in container["ports"]], s.name
