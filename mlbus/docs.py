@@ -75,16 +75,19 @@ def _topics(names: tuple[str, ...]) -> str:
 
 def services_table() -> str:
     rows = [
-        "| service | folder | role | consumer group | reads | writes |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| service | folder | role | consumer group | reads | writes | /metrics |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    cfg = Settings()
     for s in SERVICES:
         writes = _topics(s.writes) if s.writes else "—"
         if s.keeps:
             writes += f" ({s.keeps})"
         group = f"`{s.group_id()}`" if s.group else "—"
+        metrics = f"`:{s.metrics.port_of(cfg)}{s.metrics.path}` (`{s.metrics.port}`)"
         rows.append(
-            f"| `{s.name}` | `{s.folder}` | {s.role} | {group} | {_topics(s.reads)} | {writes} |"
+            f"| `{s.name}` | `{s.folder}` | {s.role} | {group} | {_topics(s.reads)} | {writes} "
+            f"| {metrics} |"
         )
     return "\n".join(rows)
 

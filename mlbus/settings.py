@@ -215,7 +215,9 @@ class MetricsSettings(_Section):
     services without an HTTP server of their own (validator, trainer, workflow, lineage,
     archive, openlineage) get a small one from `mlbus run` on these ports; 0 turns one off."""
 
-    host: str = Field(default="0.0.0.0", description="interface the metrics servers listen on")
+    host: str = Field(
+        default="127.0.0.1", description="interface the metrics servers of `mlbus run` listen on"
+    )
     validator_port: int = Field(default=9201, ge=0, lt=65536, description="validator; 0 = off")
     trainer_port: int = Field(default=9202, ge=0, lt=65536, description="trainer; 0 = off")
     workflow_port: int = Field(default=9203, ge=0, lt=65536, description="workflow; 0 = off")
