@@ -90,10 +90,15 @@ class ServingMetrics:
         self._lock = threading.Lock()
         self._series: dict[tuple[str, str], set[tuple[Any, tuple[str, ...]]]] = {}
         self._answered: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        # Retired versions: a request still in flight at the swap, answered by one after its
+        # series were removed, must not bring them back for good.
+        self._retired: set[tuple[str, str]] = set()
 
     def _child(self, metric: Any, model: str, version: str, *rest: str) -> Any:
         labels = (model, version, *rest)
         with self._lock:
+            if (model, version) in self._retired:
+                return _NOWHERE
             self._series.setdefault((model, version), set()).add((metric, labels))
         return metric.labels(*labels)
 
@@ -106,7 +111,8 @@ class ServingMetrics:
                 self._child(self.requests, model, version, protocol, OK),
                 self._child(self.latency, model, version, protocol),
             )
-            self._answered[key] = children
+            if children[0] is not _NOWHERE:  # a retired version's is looked up each time
+                self._answered[key] = children
         return children
 
     def refused(self, model: str, version: str, protocol: str, code: str, latency: float) -> None:
@@ -117,6 +123,8 @@ class ServingMetrics:
         self._child(self.batch_size, model, version).observe(rows)
 
     def mark_loaded(self, model: str, version: str, role: str) -> None:
+        with self._lock:
+            self._retired.discard((model, version))  # loaded again (a rollback)
         self._child(self.loaded, model, version, role).set(1)
 
     def unmark_loaded(self, model: str, version: str, role: str) -> None:
@@ -126,9 +134,26 @@ class ServingMetrics:
     def retire(self, model: str, version: str) -> None:
         """Remove every series of a version this replica no longer serves."""
         with self._lock:
+            self._retired.add((model, version))
             series = self._series.pop((model, version), set())
             for key in [k for k in self._answered if k[:2] == (model, version)]:
                 del self._answered[key]
         for metric, labels in series:
             with contextlib.suppress(KeyError):  # already removed (a role change)
                 metric.remove(*labels)
+
+
+class _Nowhere:
+    """Where the figures of a retired version's stragglers go."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+
+_NOWHERE = _Nowhere()

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlbus.serving.metrics import ServingMetrics
 from tests.mlbus.kafka.support import publish, wait_until
 from tests.promtool import check_metrics
 from tests.serving.conftest import promote, running, save, wait_version
@@ -91,3 +93,28 @@ def test_requests_latency_retirement_lag_and_promtool(kafka, store, digits, grou
         assert _sum(page, "mlbus_serve_model_loaded", version="2", role="previous") == 1
         assert _sum(page, "mlbus_serve_model_loaded", version="3", role="current") == 1
         check_metrics(page)
+
+
+def test_a_retired_versions_stragglers_do_not_bring_its_series_back() -> None:
+    metrics = ServingMetrics()
+    requests, latency = metrics.answered("m", "1", "http")
+    requests.inc()
+    latency.observe(0.01)
+    metrics.mark_loaded("m", "1", "current")
+    metrics.retire("m", "1")
+    # a request in flight at the swap, answered by version 1 after it retired
+    requests, latency = metrics.answered("m", "1", "http")
+    requests.inc()
+    latency.observe(0.01)
+    metrics.refused("m", "1", "http", "500", 0.01)
+    page = generate_latest(metrics.registry).decode()
+    assert 'version="1"' not in page
+    # rolled back to: counted again
+    metrics.mark_loaded("m", "1", "current")
+    requests, _ = metrics.answered("m", "1", "http")
+    requests.inc()
+    page = generate_latest(metrics.registry).decode()
+    assert (
+        'mlbus_serve_requests_total{code="200",model="m",protocol="http",version="1"} 1.0' in page
+    )
+    check_metrics(page)
