@@ -130,3 +130,16 @@ def test_each_service_serves_its_metrics_with_its_lag_and_promtool_accepts_them(
                 proc.kill()
                 proc.wait()
             logs[name].close()
+
+
+def test_a_taken_metrics_port_is_logged_and_the_service_goes_on(caplog) -> None:
+    import socket
+
+    from mlbus.metrics import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve(port, "127.0.0.1") is False
+    assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
