@@ -42,7 +42,7 @@ class LagCollector(Collector):
         family = GaugeMetricFamily(
             "mlbus_consumer_lag",
             "Records between a partition's high-water mark and the consumer group's committed "
-            "offset (librdkafka statistics of this process's consumers)",
+            "offset, as this process's consumers see them",
             labels=("group", "topic", "partition"),
         )
         figures = dict(lag.snapshot())
@@ -82,7 +82,7 @@ def process_registry() -> CollectorRegistry:
         return _process_registry
 
 
-def serve(port: int, host: str = "0.0.0.0", registry: CollectorRegistry | None = None) -> bool:
+def serve(port: int, host: str = "127.0.0.1", registry: CollectorRegistry | None = None) -> bool:
     """Serve `registry` (default: `process_registry()`) at http://host:port/metrics in a
     daemon thread. False, logged, when the port is taken: the service runs on without
     metrics rather than die (several platforms on one host, tests running many services)."""
