@@ -1,6 +1,7 @@
 """What every service's Prometheus registry holds besides its own figures: the process,
-platform and garbage-collector collectors, and the consumer lag of the process's consumer
-groups (mlbus/kafka/lag.py) as `mlbus_consumer_lag{group,topic,partition}`; and the small
+platform and garbage-collector collectors, the consumer lag of the process's consumer groups
+(mlbus/kafka/lag.py) as `mlbus_consumer_lag{group,topic,partition}` and what its consumer
+loops did with their records (`mlbus_consumer_records_total{group,outcome}`); and the small
 HTTP server `mlbus run` gives the services that have no HTTP server of their own.
 Reads and writes no topic.
 """
@@ -19,10 +20,10 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from mlbus.kafka import lag
+from mlbus.kafka import lag, observed
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,25 @@ class LagCollector(Collector):
         return [GaugeMetricFamily("mlbus_consumer_lag", "", labels=("group", "topic", "partition"))]
 
 
+class LoopCollector(Collector):
+    """`mlbus_consumer_records_total{group,outcome}`: what this process's consumer loops did
+    with the records they read (mlbus/kafka/observed.py)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "mlbus_consumer_records",
+            "Records this process's consumer loops handled, dead-lettered, wrote (positioned "
+            "loops), skipped as already written, or retried",
+            labels=("group", "outcome"),
+        )
+        for (group, outcome), value in sorted(observed.totals().items()):
+            family.add_metric((group, outcome), value)
+        yield family
+
+    def describe(self) -> list[Any]:
+        return [CounterMetricFamily("mlbus_consumer_records", "", labels=("group", "outcome"))]
+
+
 def new_registry(lag_source: LagSource | None = None) -> CollectorRegistry:
     """A registry with the process (CPU, memory, file descriptors), platform (Python
     version) and GC collectors and the consumer lag: what every /metrics of mlbus exposes.
@@ -66,6 +86,7 @@ def new_registry(lag_source: LagSource | None = None) -> CollectorRegistry:
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     registry.register(LagCollector(lag_source))
+    registry.register(LoopCollector())
     return registry
 
 

@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol, TypeVar, cast
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from mlbus.errors import Abandon, DeliveryError, InvalidEvent, TransientError
+from mlbus.kafka import observed
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.deadletter import dead_letter, dead_letter_headers
 from mlbus.kafka.producer import EventProducer
@@ -195,6 +196,7 @@ class ConsumerLoop:
         self.on_handler_error = on_handler_error
         self.long_running = long_running
         self.stats = LoopStats()
+        observed.watch(self)  # its counts on /metrics
         self._handlers = dict(handlers)
         self._types = {kafka.topic(t): t for t in handlers}  # topic → the type it carries
         self._overrides = dict(consumer_overrides or {})

@@ -49,6 +49,7 @@ from confluent_kafka import (
 )
 
 from mlbus.errors import TransientError
+from mlbus.kafka import observed
 from mlbus.kafka.anchor import Anchor, NewLog, Position
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Backoff, Consumed, next_batch
@@ -174,6 +175,7 @@ class PositionedLoop:
         self.poll_timeout = poll_timeout
         self.backoff = backoff
         self.stats = PositionedStats()
+        observed.watch(self)  # its counts on /metrics
         #: set once every assigned partition has been read to its end (records may still
         #: be buffered then)
         self.caught_up = threading.Event()

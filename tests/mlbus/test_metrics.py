@@ -116,6 +116,14 @@ def test_each_service_serves_its_metrics_with_its_lag_and_promtool_accepts_them(
             assert time.monotonic() < deadline, f"no consumer lag on /metrics of {sorted(pending)}"
             time.sleep(0.3)
         for name, page in pages.items():
+            group = service(name).group_id(kafka.topic_prefix)
+            outcomes = {
+                s.labels["outcome"]
+                for family in text_string_to_metric_families(page)
+                for s in family.samples
+                if s.name == "mlbus_consumer_records_total" and s.labels["group"] == group
+            }
+            assert outcomes & {"handled", "written"}, (name, outcomes)
             assert "process_resident_memory_bytes" in page, name
             assert "python_gc_objects_collected_total" in page, name
             check_metrics(page)
