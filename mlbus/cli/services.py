@@ -107,7 +107,8 @@ def services_alive(
 def services_list(
     json_lines: Annotated[bool, typer.Option("--json", help="JSON lines")] = False,
 ) -> None:
-    """Every service: its consumer group, source, topics read and written, health check."""
+    """Every service: its consumer group, source, topics read and written, health check and
+    /metrics."""
     cfg = settings()
     rows = [
         {
@@ -117,6 +118,7 @@ def services_list(
             "reads": list(s.reads),
             "writes": list(s.writes),
             "health": s.health and f"{s.health.path} on {s.health.port}",
+            "metrics": f"{s.metrics.path} on {s.metrics.port}",
             "build": s.build,
         }
         for s in SERVICES
@@ -125,7 +127,7 @@ def services_list(
         for row in rows:
             print(orjson.dumps(row).decode())
         return
-    table = Table("service", "group", "source", "reads", "writes", "health")
+    table = Table("service", "group", "source", "reads", "writes", "health", "metrics")
     for s in SERVICES:
         table.add_row(
             s.name,
@@ -134,6 +136,7 @@ def services_list(
             ", ".join(s.reads) or "-",
             ", ".join(s.writes) or "-",
             f"{s.health.path} on {s.health.port}" if s.health else "heartbeat (services alive)",
+            f"{s.metrics.path} on {s.metrics.port}",
         )
     console.print(table)
 

@@ -151,3 +151,14 @@ def test_a_taken_metrics_port_is_logged_and_the_service_goes_on(caplog) -> None:
         port = taken.getsockname()[1]
         assert serve(port, "127.0.0.1") is False
     assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
+
+
+def test_services_list_shows_where_each_service_serves_its_metrics(tmp_path: Path) -> None:
+    import json
+
+    from tests.mlbus.test_cli import clean_env
+
+    result = ok(mlbus("services", "list", "--json", env=clean_env(MLBUS_DATA_DIR=str(tmp_path))))
+    rows = {row["service"]: row for row in map(json.loads, result.stdout.splitlines())}
+    assert rows["trainer"]["metrics"] == "/metrics on metrics.trainer_port"
+    assert rows["serve"]["metrics"] == "/metrics on serving.port"
