@@ -227,10 +227,14 @@ class StreamsApp:
         so this is the fetch responses' high-water mark (right on the embedded broker too,
         docs/broker.md) minus the next offset the app processes, which the transport
         commits after each batch (streams/transport.py). Read from the metrics server's
-        thread: a consumer in the middle of a rebalance answers nothing this time."""
+        thread: a consumer in the middle of a rebalance answers nothing this time, and one
+        faust has not made yet is not made here (`app.consumer` would make it, bound to this
+        thread's event loop instead of the worker's)."""
         figures: dict[tuple[str, str, int], int] = {}
+        consumer = getattr(self.app, "_consumer", None)
+        if consumer is None:
+            return figures
         try:
-            consumer = self.app.consumer
             read = getattr(consumer, "_read_offset", {})  # faust's per-partition progress
             topic = self.kafka.topic(EVENT_TYPE)
             for tp in [tp for tp in list(consumer.assignment()) if tp.topic == topic]:
