@@ -15,7 +15,12 @@ one at MLBUS_BENCH_BOOTSTRAP), over the same pre-produced `inference.logged` top
                     the agent's topic over a fetch at a time (streams/transport.py), the
                     codec's validated decode (`decode_dict`), the window engine, its table
                     changelog (producer_max_batch_size=1), outputs through the EventProducer
-4. breakdown        without a broker: codec decode_dict alone, engine apply alone (where the
+4. quixstreams      the same windows and aggregates written with quixstreams (what a user
+                    would pick instead of faust), bench/peers/quix_streams.py, run by the python
+                    of a separate environment (`make bench-peers`, bench/peers/README.md; found
+                    through --quix-python or MLBUS_BENCH_QUIX_PYTHON); skipped, and said so,
+                    when that environment is missing
+5. breakdown        without a broker: codec decode_dict alone, engine apply alone (where the
                     faust app's time goes)
 
 Rates are timed from the first batch in hand to the last record processed, so the group
@@ -33,6 +38,7 @@ import math
 import os
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -64,6 +70,10 @@ from mlbus.streams.drift import Baselines
 
 TARGET_RATE = 20_000
 TARGET_RATIO = 0.5
+TARGET_PEER_RATIO = 1.0  # the faust app against quixstreams
+ROOT = Path(__file__).resolve().parent.parent
+QUIX_ENV = "MLBUS_BENCH_QUIX_PYTHON"
+QUIX_DEFAULT = ROOT / ".bench-peers" / "quix" / "bin" / "python"
 EDGES = [float(i) for i in range(11)]
 COUNTS = [10, 40, 90, 160, 200, 200, 160, 90, 40, 10]
 FEATURES = ("f0", "f1", "f2", "f3")
@@ -240,7 +250,56 @@ def faust_rate(kafka: KafkaConfig, n: int, data_dir: Path) -> tuple[float, dict[
     return rate, {"first_batch": marks["first_n"], "outputs_series": len(sa.engine.series)}
 
 
-# -- 4: breakdown without a broker ----------------------------------------------------------------
+# -- 4: quixstreams, in its own environment ---------------------------------------------------
+
+
+def quix_python(option: str | None) -> Path | None:
+    """The python of the quixstreams environment: --quix-python, MLBUS_BENCH_QUIX_PYTHON, or
+    `make bench-peers`'s default; None when there is none."""
+    for candidate in (option, os.environ.get(QUIX_ENV), str(QUIX_DEFAULT)):
+        if candidate and Path(candidate).exists():
+            return Path(candidate)
+    return None
+
+
+def quix_rate(
+    kafka: KafkaConfig, topic: str, n: int, python: Path, tumbling_only: bool = False
+) -> tuple[float, dict[str, Any]]:
+    # The same client settings as mlbus's consumers (fetch sizes, the embedded broker's
+    # short group timeouts), minus what quixstreams sets itself.
+    own = {"bootstrap.servers", "group.id", "enable.auto.commit", "auto.offset.reset", "logger"}
+    config = {k: v for k, v in kafka.consumer(None).items() if k not in own and not callable(v)}
+    config.pop("partition.assignment.strategy", None)  # quixstreams' own choice
+    config = {k: v for k, v in config.items() if isinstance(v, str | int | float | bool)}
+    with tempfile.TemporaryDirectory(prefix="mlbus-quix-") as state:
+        command = [
+            str(python),
+            str(ROOT / "bench" / "peers" / "quix_streams.py"),
+            f"--bootstrap={kafka.bootstrap}",
+            f"--topic={topic}",
+            f"--output={kafka.topic_prefix}quix-metrics",
+            f"--group={kafka.topic_prefix}quix-{uuid.uuid4().hex[:6]}",
+            f"--events={n}",
+            f"--state-dir={state}",
+            f"--window-ms={WINDOW_MS}",
+            "--hopping-ms=60000",
+            "--grace-ms=5000",
+            f"--edges={json.dumps(EDGES)}",
+            f"--counts={json.dumps(COUNTS)}",
+            f"--consumer-config={json.dumps(config)}",
+            *(["--tumbling-only"] if tumbling_only else []),
+        ]
+        # Its own environment only: no mlbus on its path.
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        raise SystemExit(f"quixstreams run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(lines[-1])
+    return float(result.pop("rate")), result
+
+
+# -- 5: breakdown without a broker ----------------------------------------------------------------
 
 
 def breakdown(data: list[tuple[str, bytes]]) -> dict[str, float]:
@@ -271,9 +330,9 @@ class Report(Figures):
         self.figures: dict[str, Figure] = {}
 
 
-def run(events: int, log: Any) -> tuple[Report, dict[str, Any]]:
+def run(events: int, log: Any, quix: Path | None = None) -> tuple[Report, dict[str, Any]]:
     report = Report()
-    setup: dict[str, Any] = {"events": events}
+    setup: dict[str, Any] = {"events": events, "quixstreams": str(quix) if quix else None}
     with ExitStack() as stack:
         external = os.environ.get("MLBUS_BENCH_BOOTSTRAP")
         if external:
@@ -315,6 +374,44 @@ def run(events: int, log: Any) -> tuple[Report, dict[str, Any]]:
                 detail=detail,
             )
         )
+        if quix is None:
+            log(
+                "quixstreams: skipped, no environment (make bench-peers, or "
+                f"{QUIX_ENV}=<its python>; bench/peers/README.md)"
+            )
+        else:
+            log(f"quixstreams ({quix})")
+            peer, peer_detail = quix_rate(kafka, topic, events, quix)
+            report.add(
+                Figure(
+                    "quix",
+                    "quixstreams, same windows (tumbling + hopping)",
+                    peer,
+                    "hand",
+                    detail=peer_detail,
+                )
+            )
+            log("quixstreams, tumbling windows only")
+            light, light_detail = quix_rate(kafka, topic, events, quix, tumbling_only=True)
+            report.add(
+                Figure(
+                    "quix_tumbling",
+                    "quixstreams, tumbling windows only",
+                    light,
+                    "hand",
+                    detail=light_detail,
+                )
+            )
+            report.add(
+                Figure(
+                    "faust_vs_quix",
+                    "faust app against quixstreams",
+                    rate,
+                    "quix",
+                    target=f">= {TARGET_PEER_RATIO:.1f}x",
+                    ok=rate >= TARGET_PEER_RATIO * peer,
+                )
+            )
         log("breakdown without broker")
         for key, value in breakdown(data[: min(events, 20_000)]).items():
             report.add(Figure(key, f"no broker: {key.replace('_', ' ')}", value))
@@ -340,12 +437,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--quix-python",
+        help=f"python of the quixstreams environment (default: ${QUIX_ENV}, else {QUIX_DEFAULT})",
+    )
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:
         print(f"[bench/streams] {message}", file=sys.stderr, flush=True)
 
-    report, setup = run(args.events, log)
+    report, setup = run(args.events, log, quix_python(args.quix_python))
     publish_summary("streams", report)
     if args.json:
         print(json.dumps({k: f.value for k, f in report.figures.items()} | setup))
