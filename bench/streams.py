@@ -24,8 +24,11 @@ one at MLBUS_BENCH_BOOTSTRAP), over the same pre-produced `inference.logged` top
                     faust app's time goes)
 
 Rates are timed from the first batch in hand to the last record processed, so the group
-join and table recovery are excluded. The end is known by count, never by end offsets
-(wrong on the embedded broker, docs/broker.md).
+join and table recovery are excluded. Raw, hand loop and app are run `--repeat` times (the
+hand loop and the app alternating) and the best of each is kept: on a shared machine
+interference only ever slows a run down (docs/performance.md). quixstreams runs once: it is
+an order of magnitude slower, and its figure is only compared with the app's. The end is
+known by count, never by end offsets (wrong on the embedded broker, docs/broker.md).
 """
 
 from __future__ import annotations
@@ -330,9 +333,15 @@ class Report(Figures):
         self.figures: dict[str, Figure] = {}
 
 
-def run(events: int, log: Any, quix: Path | None = None) -> tuple[Report, dict[str, Any]]:
+def run(
+    events: int, log: Any, quix: Path | None = None, repeat: int = 3
+) -> tuple[Report, dict[str, Any]]:
     report = Report()
-    setup: dict[str, Any] = {"events": events, "quixstreams": str(quix) if quix else None}
+    setup: dict[str, Any] = {
+        "events": events,
+        "repeat": repeat,
+        "quixstreams": str(quix) if quix else None,
+    }
     with ExitStack() as stack:
         external = os.environ.get("MLBUS_BENCH_BOOTSTRAP")
         if external:
@@ -355,13 +364,31 @@ def run(events: int, log: Any, quix: Path | None = None) -> tuple[Report, dict[s
         producer.flush(30)
 
         log("raw aiokafka consume")
-        raw = asyncio.run(aiokafka_rate(kafka, topic, events, aggregate=False))
+        raw = max(
+            asyncio.run(aiokafka_rate(kafka, topic, events, aggregate=False)) for _ in range(repeat)
+        )
         report.add(Figure("raw", "raw aiokafka consume (getmany, no group)", raw))
-        log("hand-written aiokafka loop")
-        hand = asyncio.run(aiokafka_rate(kafka, topic, events, aggregate=True))
-        report.add(Figure("hand", "hand-written aiokafka + dict aggregates", hand, "raw"))
-        log("faust app")
-        rate, detail = faust_rate(kafka, events, data_dir)
+        # The hand loop and the app alternate, so that both see the same spells of load
+        # from whatever else runs on the machine; the best of each is kept.
+        hands, rates, details = [], [], []
+        for attempt in range(repeat):
+            log(f"hand-written aiokafka loop ({attempt + 1}/{repeat})")
+            hands.append(asyncio.run(aiokafka_rate(kafka, topic, events, aggregate=True)))
+            log(f"faust app ({attempt + 1}/{repeat})")
+            rate, detail = faust_rate(kafka, events, data_dir / f"run{attempt}")
+            rates.append(rate)
+            details.append(detail)
+        hand, rate = max(hands), max(rates)
+        detail = details[rates.index(rate)] | {"runs": [round(r) for r in rates]}
+        report.add(
+            Figure(
+                "hand",
+                "hand-written aiokafka + dict aggregates",
+                hand,
+                "raw",
+                detail={"runs": [round(h) for h in hands]},
+            )
+        )
         ok = rate >= TARGET_RATE and rate >= TARGET_RATIO * hand
         report.add(
             Figure(
@@ -438,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of raw, hand loop and app; best kept"
+    )
+    parser.add_argument(
         "--quix-python",
         help=f"python of the quixstreams environment (default: ${QUIX_ENV}, else {QUIX_DEFAULT})",
     )
@@ -446,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[bench/streams] {message}", file=sys.stderr, flush=True)
 
-    report, setup = run(args.events, log, quix_python(args.quix_python))
+    report, setup = run(args.events, log, quix_python(args.quix_python), args.repeat)
     publish_summary("streams", report)
     if args.json:
         print(json.dumps({k: f.value for k, f in report.figures.items()} | setup))
