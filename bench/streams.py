@@ -457,7 +457,13 @@ def table(report: Report) -> str:
                 f.target + ("" if f.ok is None else (" ok" if f.ok else " MISSED")),
             ]
         )
-    return "\n".join(render_table(["figure", "events/s", "ratio", "target"], rows))
+    lines = render_table(["figure", "events/s", "ratio", "target"], rows)
+    for f in report.figures.values():
+        if "runs" in f.detail:
+            lines.append(f"{f.key} runs: " + ", ".join(f"{r:,}" for r in f.detail["runs"]))
+        elif f.key.startswith("quix"):
+            lines.append(f"{f.key}: {json.dumps(f.detail)}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
