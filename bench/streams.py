@@ -149,7 +149,10 @@ def produce(kafka: KafkaConfig, topic: str, data: list[tuple[str, bytes]]) -> No
 # -- 1 and 2: aiokafka, raw and hand-written -------------------------------------------------
 
 
-async def aiokafka_rate(kafka: KafkaConfig, topic: str, n: int, aggregate: bool) -> float:
+async def aiokafka_rate(
+    kafka: KafkaConfig, topic: str, n: int, aggregate: bool
+) -> tuple[float, float]:
+    """Records per second, and the process's CPU microseconds per record."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     consumer = AIOKafkaConsumer(
@@ -166,17 +169,18 @@ async def aiokafka_rate(kafka: KafkaConfig, topic: str, n: int, aggregate: bool)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         windows: dict[tuple[str, str, int], dict[str, Any]] = {}
-        seen, started = 0, None
+        seen, started, cpu = 0, None, 0.0
         while seen < n:
             batches = await consumer.getmany(timeout_ms=500, max_records=5000)
             if started is None and batches:
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
             for messages in batches.values():
                 seen += len(messages)
                 if aggregate:
                     for message in messages:
                         _aggregate(windows, message.value)
-        return n / (time.perf_counter() - (started or time.perf_counter()))
+        rate = n / (time.perf_counter() - (started or time.perf_counter()))
+        return rate, (time.process_time() - cpu) / n * 1e6
     finally:
         await consumer.stop()
 
@@ -242,8 +246,10 @@ def faust_rate(kafka: KafkaConfig, n: int, data_dir: Path) -> tuple[float, dict[
         done = processor.processed + processor.deadlettered
         if "first" not in marks:
             marks["first"], marks["first_n"] = time.perf_counter(), done
+            marks["cpu"] = time.process_time()
         if done >= n and "last" not in marks:
             marks["last"] = time.perf_counter()
+            marks["cpu"] = (time.process_time() - marks["cpu"]) / (done - marks["first_n"]) * 1e6
             os.kill(os.getpid(), signal.SIGTERM)  # the worker's own graceful stop
 
     processor.handle = timed  # type: ignore[method-assign]  # the bench times the app from inside
@@ -251,7 +257,8 @@ def faust_rate(kafka: KafkaConfig, n: int, data_dir: Path) -> tuple[float, dict[
     if "last" not in marks:
         raise SystemExit("the faust app stopped before processing every record")
     rate = (n - marks["first_n"]) / (marks["last"] - marks["first"])
-    return rate, {"first_batch": marks["first_n"], "outputs_series": len(sa.engine.series)}
+    detail = {"first_batch": marks["first_n"], "outputs_series": len(sa.engine.series)}
+    return rate, detail | {"cpu_us": round(marks["cpu"], 2)}
 
 
 # -- 4: quixstreams, in its own environment ---------------------------------------------------
@@ -366,28 +373,34 @@ def run(
 
         log("raw aiokafka consume")
         raw = max(
-            asyncio.run(aiokafka_rate(kafka, topic, events, aggregate=False)) for _ in range(repeat)
+            asyncio.run(aiokafka_rate(kafka, topic, events, aggregate=False))[0]
+            for _ in range(repeat)
         )
         report.add(Figure("raw", "raw aiokafka consume (getmany, no group)", raw))
         # The hand loop and the app alternate, so that both see the same spells of load
         # from whatever else runs on the machine; the best of each is kept.
-        hands, rates, details = [], [], []
+        hands, hand_cpu, rates, details = [], [], [], []
         for attempt in range(repeat):
             log(f"hand-written aiokafka loop ({attempt + 1}/{repeat})")
-            hands.append(asyncio.run(aiokafka_rate(kafka, topic, events, aggregate=True)))
+            hand_rate, cpu = asyncio.run(aiokafka_rate(kafka, topic, events, aggregate=True))
+            hands.append(hand_rate)
+            hand_cpu.append(round(cpu, 2))
             log(f"faust app ({attempt + 1}/{repeat})")
             rate, detail = faust_rate(kafka, events, data_dir / f"run{attempt}")
             rates.append(rate)
             details.append(detail)
         hand, rate = max(hands), max(rates)
-        detail = details[rates.index(rate)] | {"runs": [round(r) for r in rates]}
+        detail = details[rates.index(rate)] | {
+            "runs": [round(r) for r in rates],
+            "cpu_us": [d["cpu_us"] for d in details],
+        }
         report.add(
             Figure(
                 "hand",
                 "hand-written aiokafka + dict aggregates",
                 hand,
                 "raw",
-                detail={"runs": [round(h) for h in hands]},
+                detail={"runs": [round(h) for h in hands], "cpu_us": hand_cpu},
             )
         )
         ok = rate >= TARGET_RATE and rate >= TARGET_RATIO * hand
@@ -462,6 +475,8 @@ def table(report: Report) -> str:
     for f in report.figures.values():
         if "runs" in f.detail:
             lines.append(f"{f.key} runs: " + ", ".join(f"{r:,}" for r in f.detail["runs"]))
+            cpu = ", ".join(f"{c:.1f}" for c in f.detail["cpu_us"])
+            lines.append(f"{f.key} CPU per record, µs (whole process, timed span): {cpu}")
         elif f.key.startswith("quix"):
             lines.append(f"{f.key}: {json.dumps(f.detail)}")
     return "\n".join(lines)
