@@ -83,12 +83,12 @@ bench: install  ## every benchmark, one table (bench/results/ keeps each report)
 # The systems benchmarks compare mlbus with, each in its own environment (never in mlbus's
 # dependencies): bench/peers/README.md.
 PEERS ?= .bench-peers
-$(PEERS)/quix/bin/python: bench/peers/requirements-quix.txt
-	test -x $@ || $(PYTHON) -m venv $(PEERS)/quix
+$(PEERS)/quix/.installed: bench/peers/requirements-quix.txt
+	test -x $(PEERS)/quix/bin/python || $(PYTHON) -m venv $(PEERS)/quix
 	$(PEERS)/quix/bin/python -m pip install -qq -r bench/peers/requirements-quix.txt
 	touch $@
 
-bench-peers: $(PEERS)/quix/bin/python  ## quixstreams for bench/streams.py
+bench-peers: $(PEERS)/quix/.installed  ## quixstreams for bench/streams.py
 
 clean:
 	rm -rf $(VENV) .mlbus .pytest_cache
