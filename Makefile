@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MLBUS_TEST_POSTGRES_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
-.PHONY: install tools test unit integration demo lint schemas docs infra bench clean
+.PHONY: install tools test unit integration demo lint schemas docs infra bench bench-peers clean
 
 install: $(STAMP)
 
@@ -95,6 +95,16 @@ infra: install  ## regenerate infra/'s topics (from the catalog), services and P
 
 bench: install  ## every benchmark, one table (bench/results/ keeps each report)
 	$(BIN)/python bench/run_all.py
+
+# The systems benchmarks compare mlbus with, each in its own environment (never in mlbus's
+# dependencies): bench/peers/README.md.
+PEERS ?= .bench-peers
+$(PEERS)/quix/.installed: bench/peers/requirements-quix.txt
+	test -x $(PEERS)/quix/bin/python || $(PYTHON) -m venv $(PEERS)/quix
+	$(PEERS)/quix/bin/python -m pip install -qq -r bench/peers/requirements-quix.txt
+	touch $@
+
+bench-peers: $(PEERS)/quix/.installed  ## quixstreams for bench/streams.py
 
 clean:
 	rm -rf $(VENV) .mlbus .pytest_cache

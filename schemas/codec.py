@@ -11,9 +11,9 @@ the field, so the consumer loop can dead-letter it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import orjson
 from pydantic import ValidationError
@@ -198,6 +198,29 @@ def decode_dict(
         pass
     # Not a valid event of this type: `decode` says why.
     return decode(value, headers, expected_type=expected_type, max_bytes=max_bytes).model_dump()
+
+
+def dict_decoder(
+    expected_type: str, max_bytes: int = DEFAULT_MAX_EVENT_BYTES
+) -> Callable[[bytes | None], dict[str, Any]]:
+    """`decode_dict` of records without headers (structured mode), bound to one event type:
+    the same dicts and the same `InvalidEvent`s, with the per-call lookups done once. For
+    a consumer's per-record loop (streams/processor.py); a record it does not accept goes
+    through `decode_dict` itself, which says why."""
+    model = EVENT_MODELS.get(expected_type)
+    if model is None:
+        raise InvalidEvent(f"unknown event type {expected_type!r}")
+    validate = dicts.adapter(model).validator.validate_json
+
+    def decode_one(value: bytes | None) -> dict[str, Any]:
+        if value is not None and len(value) <= max_bytes:
+            try:
+                return cast("dict[str, Any]", validate(value))
+            except ValidationError:
+                pass
+        return decode_dict(value, expected_type=expected_type, max_bytes=max_bytes)
+
+    return decode_one
 
 
 def _check_size(value: bytes | None, max_bytes: int) -> bytes:

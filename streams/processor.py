@@ -39,7 +39,7 @@ from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Consumed
 from mlbus.kafka.deadletter import dead_letter, dead_letter_headers
 from mlbus.kafka.producer import EventProducer
-from mlbus.schemas.codec import decode_dict
+from mlbus.schemas.codec import decode_dict, dict_decoder
 from mlbus.streams.exporter import Exporter
 from mlbus.streams.windows import Engine
 
@@ -191,6 +191,7 @@ class StreamProcessor:
         self._pending = False
         self.processed = 0
         self.deadlettered = 0
+        self._decode = dict_decoder(EVENT_TYPE, kafka.max_event_bytes)
 
     # -- the agent's batches ---------------------------------------------------------------
 
@@ -265,6 +266,7 @@ class StreamProcessor:
     def apply(self, messages: Iterable[RawMessage]) -> None:
         """Decode and apply records in order (synchronous: the hot path)."""
         apply = self.engine.apply
+        decode = self._decode
         now = time.monotonic()
         max_bytes = self.kafka.max_event_bytes
         last_record, last_offset = self._last_record, self._last_offset
@@ -278,9 +280,7 @@ class StreamProcessor:
             last_message[partition] = message
             try:
                 try:
-                    event = decode_dict(
-                        message.value, expected_type=EVENT_TYPE, max_bytes=max_bytes
-                    )
+                    event = decode(message.value)  # decode_dict, structured mode
                 except InvalidEvent:
                     if not message.headers:
                         raise

@@ -16,7 +16,8 @@ from collections.abc import Iterable, Mapping
 #: Relative accuracy of every quantile estimate.
 ALPHA = 0.005
 GAMMA = (1 + ALPHA) / (1 - ALPHA)
-_INV_LOG_GAMMA = 1.0 / math.log(GAMMA)
+#: 1 / ln(GAMMA): bucket_of's factor (streams/windows.py inlines bucket_of with it).
+INV_LOG_GAMMA = 1.0 / math.log(GAMMA)
 #: Latencies at or below this (1 µs) are counted as zero: below any real serving latency.
 MIN_VALUE = 1e-6
 
@@ -25,7 +26,7 @@ def bucket_of(value: float) -> int | None:
     """Bucket index of a latency; None for the zero bucket."""
     if value <= MIN_VALUE:
         return None
-    return math.ceil(math.log(value) * _INV_LOG_GAMMA)
+    return math.ceil(math.log(value) * INV_LOG_GAMMA)
 
 
 def bucket_value(index: int) -> float:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import uuid
 from bisect import bisect_right
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -33,6 +33,9 @@ from mlbus.streams import sketch
 from mlbus.streams.alerts import Thresholds, evaluate
 from mlbus.streams.drift import CLASS_KEY, Baseline, Baselines, class_psi, psi
 
+_MIN_LATENCY = sketch.MIN_VALUE
+_INV_LOG_GAMMA = sketch.INV_LOG_GAMMA
+_ceil, _log, _isfinite = math.ceil, math.log, math.isfinite
 _NAMESPACE = uuid.UUID("6f1c2b1e-5a43-4c5e-9a55-3d1b0f0c7e10")
 _NEVER = -(2**62)
 _INF = 2**62
@@ -73,6 +76,22 @@ def _ts(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
+_Binning = list[tuple[int, tuple[float, ...], list[int], int]]
+
+
+def _binning(names: Sequence[str], baseline: Baseline, bins: dict[str, list[int]]) -> _Binning:
+    """(input position, bin edges, counts to add to, last bin) for each input a record with
+    these feature names contributes to a window's bins: the inputs named by the baseline
+    that the window has counts for, in the order of the names."""
+    out = []
+    for j, name in enumerate(names):
+        feature = baseline.features.get(name)
+        counts = bins.get(name)
+        if feature is not None and counts is not None:
+            out.append((j, feature.edges, counts, len(counts) - 1))
+    return out
+
+
 def event_id(*parts: object) -> str:
     """Deterministic id of an output: a replay or a redelivery publishes the same id, so
     consumers (idempotent by id) see one event."""
@@ -83,6 +102,7 @@ class Agg:
     """One window of one model version: counts, latency sketch, classes, input bins."""
 
     __slots__ = (
+        "_plan",
         "bins",
         "classes",
         "dataset",
@@ -110,6 +130,9 @@ class Agg:
         self.bins: dict[str, list[int]] | None = None
         self.dataset: str | None = None
         self.note: str | None = None
+        # How add() bins a record's inputs, for the (baseline, bins, feature names) it was
+        # made for: rebuilt when any of them changes, so it never outlives what it reads.
+        self._plan: tuple[Baseline, dict[str, list[int]], Sequence[str], _Binning] | None = None
 
     def use_baseline(self, baseline: Baseline | str) -> None:
         if isinstance(baseline, str):
@@ -125,11 +148,13 @@ class Agg:
         if not data.get("ok", True):
             self.errors += 1
         latency = data["latency_seconds"]
-        index = sketch.bucket_of(latency)
-        if index is None:
+        # sketch.bucket_of, inlined (once per record: the call was a visible share of apply)
+        if latency <= _MIN_LATENCY:
             self.zero += 1
         else:
-            self.lat[index] = self.lat.get(index, 0) + 1
+            index = _ceil(_log(latency) * _INV_LOG_GAMMA)
+            lat = self.lat
+            lat[index] = lat.get(index, 0) + 1
         self.lat_sum += latency
         if latency > self.lat_max:
             self.lat_max = latency
@@ -143,16 +168,16 @@ class Agg:
         inputs = data.get("inputs")
         if bins is None or not inputs or isinstance(baseline, str):
             return
-        features = baseline.features
-        isfinite = math.isfinite
-        for j, name in enumerate(data.get("feature_names") or baseline.positional):
-            feature = features.get(name)
-            counts = bins.get(name)
-            if feature is None or counts is None:
-                continue
-            edges, last = feature.edges, len(counts) - 1
-            for sample in inputs:
-                if j < len(sample):
+        names = data.get("feature_names") or baseline.positional
+        plan = self._plan
+        if plan is None or plan[0] is not baseline or plan[1] is not bins or plan[2] != names:
+            plan = self._plan = (baseline, bins, names, _binning(names, baseline, bins))
+        steps = plan[3]
+        isfinite = _isfinite
+        for sample in inputs:
+            size = len(sample)
+            for j, edges, counts, last in steps:
+                if j < size:
                     x = sample[j]
                     if isfinite(x):
                         # FeatureBaseline.bin_of, inlined: the call was a large share of apply()
@@ -390,11 +415,13 @@ class Engine:
             return
         s.offset = offset
         self.dirty_series.add(key)
-        size = self.config.size_ms
+        config = self.config
+        size = config.size_ms
         start = time_ms - time_ms % size
         end = start + size
-        watermark = self.watermarks.get(partition, _NEVER)
-        if end <= s.closed_until or end + self.config.grace_ms <= watermark:
+        watermarks = self.watermarks
+        watermark = watermarks.get(partition, _NEVER)
+        if end <= s.closed_until or end + config.grace_ms <= watermark:
             self.late += 1
             if self.on_late is not None:
                 self.on_late(key[0], key[1])
@@ -407,7 +434,12 @@ class Engine:
                 if end < self.next_due.get(partition, _INF):
                     self.next_due[partition] = end
             agg.add(data, baseline)
-        self.advance(partition, time_ms)
+        # advance(partition, time_ms), inlined: nothing above moved the watermark
+        if time_ms > watermark:
+            watermarks[partition] = time_ms
+            self.dirty_partitions.add(partition)
+            if time_ms - config.grace_ms >= self.next_due.get(partition, _INF):
+                self._close(partition)
 
     def advance(self, partition: int, time_ms: int) -> None:
         """Move a partition's stream time forward; close what that makes due."""

@@ -13,7 +13,7 @@ from pydantic import BaseModel, field_validator
 from mlbus.errors import InvalidEvent
 from mlbus.schemas import dicts
 from mlbus.schemas.catalog import TOPICS
-from mlbus.schemas.codec import decode, decode_dict
+from mlbus.schemas.codec import decode, decode_dict, dict_decoder
 from tests.consumers.lineage.generator import generate_log
 
 WRONG: list[Any] = [None, "", "x", -1, 0, 1.5, True, [], {}, ["x"], {"x": 1}, "2026-13-45"]
@@ -25,6 +25,11 @@ def outcome(fn: Any, value: bytes, topic: str) -> tuple[str, Any]:
     except InvalidEvent as e:
         return "refused", e.reason
     return "accepted", event if isinstance(event, dict) else event.model_dump()
+
+
+def bound(value: bytes, expected_type: str) -> dict[str, Any]:
+    """`dict_decoder`, called as `decode_dict` is."""
+    return dict_decoder(expected_type)(value)
 
 
 def mutations(document: dict[str, Any]) -> list[dict[str, Any]]:
@@ -66,9 +71,9 @@ def test_the_generated_log_decodes_the_same_both_ways(log):
         if record.topic not in TOPICS:
             continue
         seen.add(record.topic)
-        assert outcome(decode_dict, record.value, record.topic) == outcome(
-            decode, record.value, record.topic
-        )
+        expected = outcome(decode, record.value, record.topic)
+        assert outcome(decode_dict, record.value, record.topic) == expected
+        assert outcome(bound, record.value, record.topic) == expected
     assert seen == set(TOPICS)  # every topic of the contract was compared
 
 
@@ -85,9 +90,23 @@ def test_every_single_field_mutation_is_judged_the_same_both_ways(log):
             raw = orjson.dumps(document)
             expected = outcome(decode, raw, topic)
             assert outcome(decode_dict, raw, topic) == expected, (topic, document)
+            assert outcome(bound, raw, topic) == expected, (topic, document)
             compared += 1
             refused += expected[0] == "refused"
     assert refused > compared / 3  # the mutations really exercise the refusals
+
+
+def test_the_bound_decoder_refuses_what_decode_dict_refuses_before_parsing(log):
+    value = next(r.value for r in log if r.topic == "inference.logged")
+    one = dict_decoder("inference.logged", max_bytes=len(value))
+    assert one(value) == decode_dict(value, expected_type="inference.logged")
+    small = dict_decoder("inference.logged", max_bytes=len(value) - 1)
+    with pytest.raises(InvalidEvent, match="over the"):
+        small(value)
+    with pytest.raises(InvalidEvent, match="tombstone"):
+        one(None)
+    with pytest.raises(InvalidEvent, match="unknown event type"):
+        dict_decoder("no.such.topic")
 
 
 def test_fields_left_out_take_the_models_defaults_and_the_dict_is_plain():
