@@ -194,6 +194,88 @@ class EmbeddedBroker:
         self.stop()
 
 
+class Gate:
+    """The platform's front door: the Tansu binary's Kafka proxy on a fixed loopback port,
+    forwarding to the broker's own (private) port and advertising itself in metadata, so
+    every client's connections go through it. `mlbus up` closes it while it puts a new
+    broker in place (a restart after the broker died, a rotation for retention): no client
+    reaches the new broker before the journal is restored into it, then all reconnect to
+    the same address (docs/broker.md, "Broker loss"). Stateless: it is stopped with
+    SIGKILL and started again."""
+
+    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        if self.port is None:
+            raise BrokerError("the gate has not been opened")
+        return f"127.0.0.1:{self.port}"
+
+    def open(self, origin: str, *, broker_pid: int | None = None, timeout: float = 20.0) -> str:
+        """Start forwarding to the broker at `origin` (process `broker_pid`); returns the
+        public host:port once it answers metadata requests through the gate, and records it
+        in the data dir (`pid` is the gate's: a Tansu process that lives as long as the
+        address is served)."""
+        self.port = self.port or free_port()
+        url = f"tcp://{self.bootstrap}"
+        self._log = open(self.data_dir / LOG_FILE, "ab")  # noqa: SIM115 - closed in close()
+        binary = broker_binary()
+        self.process = subprocess.Popen(
+            [
+                *(binary, "proxy", "--listener-url", url, "--advertised-listener-url", url),
+                *("--origin-url", f"tcp://{origin}"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent_guard(),
+        )
+        deadline = time.monotonic() + timeout
+        while not answers_metadata(self.bootstrap, timeout=1.0):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise BrokerError(
+                    f"the broker's gate did not open at {url}: {_tail(self.data_dir / LOG_FILE)}"
+                )
+            time.sleep(0.02)
+        state = {"bootstrap": self.bootstrap, "pid": self.process.pid, "binary": binary}
+        _write_state(self.data_dir, state | {"broker_pid": broker_pid, "origin": origin})
+        return self.bootstrap
+
+    def close(self) -> None:
+        """Stop forwarding: every client connection drops, new ones are refused."""
+        process, self.process = self.process, None
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            if _read_state(self.data_dir).get("pid") == process.pid:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.data_dir / STATE_FILE).unlink()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def resident_bytes(pid: int) -> int:
+    """A process's resident memory (0 if it is gone, or not on Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def answers_metadata(bootstrap: str, timeout: float = 1.0) -> bool:
     """True when a Kafka-protocol broker at `bootstrap` answers a metadata request."""
     host, _, port = bootstrap.rpartition(":")
@@ -240,6 +322,11 @@ def _is_broker_process(pid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def is_gated(data_dir: Path) -> bool:
+    """True when the embedded broker of `data_dir` is behind `mlbus up`'s gate (Gate)."""
+    return "origin" in _read_state(data_dir)
 
 
 def resolve_bootstrap(settings: Settings) -> tuple[str, bool]:
