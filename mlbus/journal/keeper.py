@@ -17,7 +17,7 @@ from mlbus.broker import EmbeddedBroker, Gate, resident_bytes
 from mlbus.errors import JournalError
 from mlbus.journal.capture import Capture
 from mlbus.journal.restore import Restored, restore
-from mlbus.journal.retention import Trimmed, expirable, trim
+from mlbus.journal.retention import Trimmed, shortest_retention, trim
 from mlbus.kafka.admin import TopicStatus, apply_topics
 from mlbus.kafka.config import KafkaConfig
 from mlbus.settings import Settings
@@ -63,16 +63,24 @@ class Keeper:
         self._floor = 0
         """the broker's resident memory right after its restore"""
         self._last_check = 0.0
+        self._trimmed_at = time.monotonic()
 
     @property
     def bootstrap(self) -> str:
         return self.gate.bootstrap
 
     def start(self) -> tuple[list[TopicStatus], Restored]:
-        """The first broker: the catalog's topics, the journal restored, capture started,
-        then the gate opened and its address recorded for the services and commands."""
-        statuses, restored = self._bring_up()
-        return statuses, restored
+        """The first broker: the journal trimmed by retention, the catalog's topics, the
+        journal restored, capture started, then the gate opened and its address recorded
+        for the services and commands."""
+        trimmed = trim(self.directory)
+        self._trimmed_at = time.monotonic()
+        if trimmed.records:
+            self.report(
+                f"journal: retention dropped {trimmed.records:,} expired records "
+                f"({trimmed.seconds:.2f}s)"
+            )
+        return self._bring_up()
 
     def check(self) -> Cycle | None:
         """Restart a dead broker, or rotate one past its memory bound; JournalError if the
@@ -89,7 +97,7 @@ class Keeper:
         self._last_check = now
         assert self.broker.process is not None
         rss = resident_bytes(self.broker.process.pid)
-        if rss >= self.rotate_bytes and rss >= 2 * self._floor and expirable(self.directory):
+        if rss >= self.rotate_bytes and rss >= 2 * self._floor and self._expired_since():
             return self.cycle(
                 f"rotation: the broker holds {rss / 2**20:.0f} MB "
                 f"(bound {self.rotate_bytes / 2**20:.0f} MB)",
@@ -108,6 +116,7 @@ class Keeper:
         if self.broker is not None:
             self.broker.stop()
         trimmed = trim(self.directory)
+        self._trimmed_at = time.monotonic()
         _, restored = self._bring_up()
         done = Cycle(reason, trimmed, restored, time.monotonic() - started)
         self.cycles.append(done)
@@ -132,6 +141,12 @@ class Keeper:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _expired_since(self) -> bool:
+        """True once the shortest retention has passed since the last trim: what the broker
+        took in since then has begun to expire (a rotation sooner would free nothing)."""
+        shortest = shortest_retention(self.directory)
+        return shortest is not None and time.monotonic() - self._trimmed_at >= shortest / 1000
+
     def _bring_up(self) -> tuple[list[TopicStatus], Restored]:
         cfg = self.cfg
         self.broker = EmbeddedBroker(cfg.data_dir, record=False)
@@ -155,10 +170,51 @@ class Keeper:
         )  # only now may anyone else reach it
         return statuses, restored
 
+    def _caught_up(self, capture: Capture, timeout: float) -> bool:
+        """Wait until capture has read into the last batch of every partition of the broker:
+        its drain then has the rest locally. The broker's "latest" offset is the last
+        batch's base offset + 1 (docs/broker.md), so capture has reached a partition's last
+        batch once its position is at least that. Capture may need a second or more to
+        fetch a partition it was just assigned: stopping it sooner (its drain ends after
+        half a second without records) would leave the new partition's records out."""
+        assert self.kafka is not None
+        from confluent_kafka import Consumer, KafkaException, TopicPartition
+        from confluent_kafka.admin import AdminClient
+
+        deadline = time.monotonic() + timeout
+        admin = AdminClient(self.kafka.admin())
+        reader = Consumer(self.kafka.consumer(None))
+        try:
+            metadata = admin.list_topics(timeout=5.0)
+            partitions = [
+                TopicPartition(name, p)
+                for name, topic in metadata.topics.items()
+                if not name.startswith("__") and topic.error is None
+                for p in topic.partitions
+            ]
+            latest = {}
+            for tp in partitions:
+                _, high = reader.get_watermark_offsets(tp, timeout=5.0)
+                if high > 0:
+                    latest[(tp.topic, tp.partition)] = high
+        except KafkaException:
+            return False
+        finally:
+            reader.close()
+        while time.monotonic() < deadline:
+            if all(
+                capture.positions.get(t, {}).get(p, 0) >= high for (t, p), high in latest.items()
+            ):
+                return True
+            time.sleep(0.05)
+        return False
+
     def _stop_capture(self, *, lost: bool) -> None:
         capture, self.capture = self.capture, None
         if capture is None:
             return
+        if not lost and not self._caught_up(capture, timeout=15.0):
+            self.report("journal: capture did not reach every partition's end in 15s")
         # No timeout that could leave it writing while a restore reads the journal.
         if lost:
             capture.abandon(timeout=120.0)

@@ -69,10 +69,11 @@ def read_starts(directory: Path) -> Positions:
     return {t: {int(p): int(o) for p, o in ps.items()} for t, ps in starts.items()}
 
 
-def expirable(directory: Path) -> bool:
-    """True when some journaled topic has a finite retention: a trim may drop records."""
+def shortest_retention(directory: Path) -> int | None:
+    """The shortest finite retention (ms) of the journaled topics; None: all kept forever."""
     topics = read_json(directory / TOPICS_FILE).get("topics", {})
-    return any(retention_ms(spec) is not None for spec in topics.values())
+    finite = [ms for spec in topics.values() if (ms := retention_ms(spec)) is not None]
+    return min(finite) if finite else None
 
 
 def trim(directory: Path, *, now_ms: int | None = None) -> Trimmed:
