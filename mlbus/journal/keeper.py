@@ -91,6 +91,11 @@ class Keeper:
         if not self.broker.alive():
             code = self.broker.process.returncode if self.broker.process else None
             return self.cycle(f"the embedded broker exited (code {code})", lost=True)
+        if not self.gate.alive():  # stateless: opened again in front of the same broker
+            assert self.broker.process is not None
+            self.report("the broker's gate exited: opening it again")
+            self.gate.close()
+            self.gate.open(self.broker.bootstrap, broker_pid=self.broker.process.pid)
         now = time.monotonic()
         if now - self._last_check < self.check_seconds:
             return None
@@ -213,7 +218,7 @@ class Keeper:
         capture, self.capture = self.capture, None
         if capture is None:
             return
-        if not lost and not self._caught_up(capture, timeout=15.0):
+        if not lost and capture.alive() and not self._caught_up(capture, timeout=15.0):
             self.report("journal: capture did not reach every partition's end in 15s")
         # No timeout that could leave it writing while a restore reads the journal.
         if lost:
