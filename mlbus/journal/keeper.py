@@ -119,7 +119,7 @@ class Keeper:
         self.gate.close()
         self._stop_capture(lost=lost)
         if self.broker is not None:
-            self.broker.stop()
+            self.broker.stop(timeout=0.1)  # memory storage: nothing to flush, no grace needed
         trimmed = trim(self.directory)
         self._trimmed_at = time.monotonic()
         _, restored = self._bring_up()
