@@ -195,19 +195,24 @@ class EmbeddedBroker:
 
 
 class Gate:
-    """The platform's front door: the Tansu binary's Kafka proxy on a fixed loopback port,
-    forwarding to the broker's own (private) port and advertising itself in metadata, so
-    every client's connections go through it. `mlbus up` closes it while it puts a new
-    broker in place (a restart after the broker died, a rotation for retention): no client
-    reaches the new broker before the journal is restored into it, then all reconnect to
-    the same address (docs/broker.md, "Broker loss"). Stateless: it is stopped with
-    SIGKILL and started again."""
+    """The platform's front door: a TCP forwarder in the `mlbus up` process, on a loopback
+    port fixed for its life, to the broker's own port. Clients bootstrap through it; the
+    broker advertises its own address, so their other connections go to the broker directly
+    (no cost on the data path). `mlbus up` closes it while it puts a new broker, on a new
+    port nobody knows yet, in place: no client reaches the new broker before the journal is
+    restored into it; then clients, refused by the dead one, bootstrap through the gate
+    again and follow the broker's node id to its new address (librdkafka and aiokafka both
+    do; docs/broker.md, "Broker loss"). Tansu's own Kafka proxy was measured and rejected:
+    with a dozen group consumers behind it, metadata requests through it time out."""
 
     def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._origin: tuple[str, int] | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
 
     @property
     def bootstrap(self) -> str:
@@ -216,53 +221,82 @@ class Gate:
         return f"127.0.0.1:{self.port}"
 
     def open(self, origin: str, *, broker_pid: int | None = None, timeout: float = 20.0) -> str:
-        """Start forwarding to the broker at `origin` (process `broker_pid`); returns the
-        public host:port once it answers metadata requests through the gate, and records it
-        in the data dir (`pid` is the gate's: a Tansu process that lives as long as the
-        address is served)."""
-        self.port = self.port or free_port()
-        url = f"tcp://{self.bootstrap}"
-        self._log = open(self.data_dir / LOG_FILE, "ab")  # noqa: SIM115 - closed in close()
-        binary = broker_binary()
-        self.process = subprocess.Popen(
-            [
-                *(binary, "proxy", "--listener-url", url, "--advertised-listener-url", url),
-                *("--origin-url", f"tcp://{origin}"),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent_guard(),
-        )
+        """Forward to the broker at `origin` (process `broker_pid`); returns the public
+        host:port once it answers metadata requests through the gate, and records it in the
+        data dir (`pid` is the broker's, `origin` its own address)."""
+        host, _, port = origin.rpartition(":")
+        self._origin = (host, int(port))
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port or 0))
+        listener.listen(256)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        self._thread = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+        self._thread.start()
         deadline = time.monotonic() + timeout
         while not answers_metadata(self.bootstrap, timeout=1.0):
-            if self.process.poll() is not None or time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 self.close()
-                raise BrokerError(
-                    f"the broker's gate did not open at {url}: {_tail(self.data_dir / LOG_FILE)}"
-                )
+                raise BrokerError(f"the broker did not answer through its gate at {origin}")
             time.sleep(0.02)
-        state = {"bootstrap": self.bootstrap, "pid": self.process.pid, "binary": binary}
-        _write_state(self.data_dir, state | {"broker_pid": broker_pid, "origin": origin})
+        state: dict[str, object] = {"bootstrap": self.bootstrap, "pid": broker_pid}
+        state |= {"binary": broker_binary(), "broker_pid": broker_pid, "origin": origin}
+        _write_state(self.data_dir, state)
         return self.bootstrap
 
     def close(self) -> None:
-        """Stop forwarding: every client connection drops, new ones are refused."""
-        process, self.process = self.process, None
-        if process is not None:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            if _read_state(self.data_dir).get("pid") == process.pid:
+        """Stop forwarding: connections through the gate drop, new ones are refused."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+            if self._thread is not None:
+                self._thread.join(5)
+            if _read_state(self.data_dir).get("origin"):
                 with contextlib.suppress(FileNotFoundError):
                     (self.data_dir / STATE_FILE).unlink()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self._thread is not None and self._thread.is_alive()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed
+            assert self._origin is not None
+            try:
+                upstream = socket.create_connection(self._origin, timeout=5.0)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()  # the client retries, as with a refused connection
+                continue
+            with self._lock:
+                self._conns |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for conn in (source, sink):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        with self._lock:
+            self._conns -= {source, sink}
 
 
 def resident_bytes(pid: int) -> int:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mlbus.broker import EmbeddedBroker, Gate, resident_bytes
+from mlbus.broker import EmbeddedBroker, Gate, free_port, resident_bytes
 from mlbus.errors import JournalError
 from mlbus.journal.capture import Capture
 from mlbus.journal.restore import Restored, restore
@@ -64,6 +64,7 @@ class Keeper:
         """the broker's resident memory right after its restore"""
         self._last_check = 0.0
         self._trimmed_at = time.monotonic()
+        self._ports: set[int] = set()
 
     @property
     def bootstrap(self) -> str:
@@ -93,7 +94,7 @@ class Keeper:
             return self.cycle(f"the embedded broker exited (code {code})", lost=True)
         if not self.gate.alive():  # stateless: opened again in front of the same broker
             assert self.broker.process is not None
-            self.report("the broker's gate exited: opening it again")
+            self.report("the broker's gate stopped: opening it again")
             self.gate.close()
             self.gate.open(self.broker.bootstrap, broker_pid=self.broker.process.pid)
         now = time.monotonic()
@@ -117,9 +118,14 @@ class Keeper:
         started = time.monotonic()
         self.report(f"{reason}: closing the gate, restoring a new broker from the journal")
         self.gate.close()
-        self._stop_capture(lost=lost)
+        if not lost and self.capture is not None and self.capture.alive():
+            # Clients keep their direct connections to the old broker: capture is let catch
+            # up, then the broker goes at once; what it acknowledged after capture's last
+            # read is lost, as when a broker dies (docs/broker.md, "Retention").
+            self._caught_up(self.capture, timeout=15.0)
         if self.broker is not None:
-            self.broker.stop(timeout=0.1)  # memory storage: nothing to flush, no grace needed
+            self.broker.stop(timeout=0)  # memory storage: nothing to flush, no grace needed
+        self._stop_capture(lost=True)
         trimmed = trim(self.directory)
         self._trimmed_at = time.monotonic()
         _, restored = self._bring_up()
@@ -154,7 +160,12 @@ class Keeper:
 
     def _bring_up(self) -> tuple[list[TopicStatus], Restored]:
         cfg = self.cfg
-        self.broker = EmbeddedBroker(cfg.data_dir, record=False)
+        # A port no client has seen: clients reach a new broker only through the gate.
+        port = free_port()
+        while port in self._ports:
+            port = free_port()
+        self._ports.add(port)
+        self.broker = EmbeddedBroker(cfg.data_dir, port=port, record=False)
         self.broker.start()
         self.kafka = KafkaConfig.from_settings(cfg, bootstrap=self.broker.bootstrap)
         statuses = apply_topics(self.kafka)
