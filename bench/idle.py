@@ -102,14 +102,9 @@ def _wait_ready(up: subprocess.Popen[bytes], root: Path, log: Path) -> dict[str,
         except (FileNotFoundError, json.JSONDecodeError):
             status = None
         if status and all(s["state"] == "ready" for s in status["services"]):
-            # With a journal, broker.json's pid is the gate's, in front of the broker.
-            gate = {"gate": int(broker["pid"])} if broker.get("broker_pid") else {}
-            pid = int(broker.get("broker_pid") or broker["pid"])
-            return (
-                {"mlbus up": -int(status["pid"]), "broker": pid}
-                | gate
-                | {s["service"]: int(s["pid"]) for s in status["services"]}
-            )
+            return {"mlbus up": -int(status["pid"]), "broker": int(broker["pid"])} | {
+                s["service"]: int(s["pid"]) for s in status["services"]
+            }
         time.sleep(0.5)
     raise SystemExit(f"services not ready within 240s; see {log}")
 
