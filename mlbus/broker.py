@@ -194,6 +194,122 @@ class EmbeddedBroker:
         self.stop()
 
 
+class Gate:
+    """The platform's front door: a TCP forwarder in the `mlbus up` process, on a loopback
+    port fixed for its life, to the broker's own port. Clients bootstrap through it; the
+    broker advertises its own address, so their other connections go to the broker directly
+    (no cost on the data path). `mlbus up` closes it while it puts a new broker, on a new
+    port nobody knows yet, in place: no client reaches the new broker before the journal is
+    restored into it; then clients, refused by the dead one, bootstrap through the gate
+    again and follow the broker's node id to its new address (librdkafka and aiokafka both
+    do; docs/broker.md, "Broker loss"). Tansu's own Kafka proxy was measured and rejected:
+    with a dozen group consumers behind it, metadata requests through it time out."""
+
+    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._origin: tuple[str, int] | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def bootstrap(self) -> str:
+        if self.port is None:
+            raise BrokerError("the gate has not been opened")
+        return f"127.0.0.1:{self.port}"
+
+    def open(self, origin: str, *, broker_pid: int | None = None, timeout: float = 20.0) -> str:
+        """Forward to the broker at `origin` (process `broker_pid`); returns the public
+        host:port once it answers metadata requests through the gate, and records it in the
+        data dir (`pid` is the broker's, `origin` its own address)."""
+        host, _, port = origin.rpartition(":")
+        self._origin = (host, int(port))
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port or 0))
+        listener.listen(256)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        self._thread = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not answers_metadata(self.bootstrap, timeout=1.0):
+            if time.monotonic() > deadline:
+                self.close()
+                raise BrokerError(f"the broker did not answer through its gate at {origin}")
+            time.sleep(0.02)
+        state: dict[str, object] = {"bootstrap": self.bootstrap, "pid": broker_pid}
+        state |= {"binary": broker_binary(), "broker_pid": broker_pid, "origin": origin}
+        _write_state(self.data_dir, state)
+        return self.bootstrap
+
+    def close(self) -> None:
+        """Stop forwarding: connections through the gate drop, new ones are refused."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+            if self._thread is not None:
+                self._thread.join(5)
+            if _read_state(self.data_dir).get("origin"):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.data_dir / STATE_FILE).unlink()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed
+            assert self._origin is not None
+            try:
+                upstream = socket.create_connection(self._origin, timeout=5.0)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()  # the client retries, as with a refused connection
+                continue
+            with self._lock:
+                self._conns |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for conn in (source, sink):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        with self._lock:
+            self._conns -= {source, sink}
+
+
+def resident_bytes(pid: int) -> int:
+    """A process's resident memory (0 if it is gone, or not on Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def answers_metadata(bootstrap: str, timeout: float = 1.0) -> bool:
     """True when a Kafka-protocol broker at `bootstrap` answers a metadata request."""
     host, _, port = bootstrap.rpartition(":")
@@ -240,6 +356,11 @@ def _is_broker_process(pid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def is_gated(data_dir: Path) -> bool:
+    """True when the embedded broker of `data_dir` is behind `mlbus up`'s gate (Gate)."""
+    return "origin" in _read_state(data_dir)
 
 
 def resolve_bootstrap(settings: Settings) -> tuple[str, bool]:

@@ -87,6 +87,12 @@ class ServingSettings(_Section):
         description="a request with more input rows gets 413; larger ones than max_batch_size "
         "run in chunks, taking turns with other requests",
     )
+    log_buffer_records: int = Field(
+        default=10_000,
+        ge=1,
+        description="inference-log records held while the broker is away (in the log's queue "
+        "and in its producer each); more are dropped and counted",
+    )
     max_request_id_bytes: int = Field(
         default=256,
         ge=16,
@@ -156,6 +162,13 @@ class JournalSettings(_Section):
     )
     snapshot_seconds: float = Field(
         default=1.0, gt=0, description="interval of the consumer-group offset snapshots"
+    )
+    rotate_mb: int = Field(
+        default=512,
+        ge=16,
+        description="the embedded broker's resident memory (MB) past which `mlbus up` rotates "
+        "it (a new broker restored from the journal without what retention expired), once it "
+        "is also twice what it held after its last restore",
     )
 
 

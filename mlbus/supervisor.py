@@ -127,10 +127,20 @@ class Supervisor:
             self._spawn(running)
         self._write_status()
 
-    def watch(self, stop: threading.Event, tick: float = 0.25) -> None:
+    def watch(
+        self,
+        stop: threading.Event,
+        tick: float = 0.25,
+        *,
+        each_tick: Callable[[], object] | None = None,
+    ) -> None:
         """Restart crashed services until `stop` is set. Call from the main thread (the
-        children's parent-death signal is tied to the thread that forks them)."""
+        children's parent-death signal is tied to the thread that forks them). `each_tick`
+        runs first on every tick, on this thread: `mlbus up` restarts the embedded broker
+        there, the services running on; an exception from it ends the watch."""
         while not stop.wait(tick):
+            if each_tick is not None:
+                each_tick()
             changed = False
             now = time.monotonic()
             for running in self._running:

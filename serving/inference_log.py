@@ -1,7 +1,10 @@
 """The inference log: a sample (serving.log_sample_rate) of answered requests, published to
 `inference.logged` by a background thread, never on a request's critical path. A request
 only offers its record to a bounded queue; when the queue is full the record is dropped and
-counted (`mlbus_serve_inference_log_dropped`), so a slow broker never slows requests.
+counted (`mlbus_serve_inference_log_dropped`), so a slow broker never slows requests. While
+the broker is away (the embedded one is being replaced, docs/broker.md "Broker loss"), the
+producer's buffer holds up to serving.log_buffer_records records and the queue as many; past
+that, and for records the producer gives up on, samples are dropped and counted the same way.
 Delivery is at most once by design (a sample may be dropped, never sent twice: the producer
 is idempotent); the log is a sample for metrics and drift, not an audit record.
 
@@ -135,6 +138,7 @@ class InferenceLog:
                 first = self._queue.get(timeout=0.1)
             except queue.Empty:
                 self.producer.poll(0)  # delivery reports, in the background too
+                self._count_undelivered()
                 continue
             if self.gather and first is not None:
                 time.sleep(self.gather)
@@ -157,8 +161,12 @@ class InferenceLog:
                             MAX_RECORD_BYTES,
                         )
                         continue
-                    self.producer.produce(self.topic, value, sample.model)
-                    self.metrics.log_published.inc()
+                    # Never waits: while the broker is away the producer's bounded buffer
+                    # fills, then samples are dropped and counted.
+                    if self.producer.try_produce(self.topic, value, sample.model):
+                        self.metrics.log_published.inc()
+                    else:
+                        self.metrics.log_dropped.inc()
                 except MlbusError as e:
                     log.warning("inference log: sample lost: %s", e)
                 except Exception:
@@ -166,12 +174,29 @@ class InferenceLog:
             # Delivery reports once per drained burst, not after each record: a poll per
             # record was a quarter of this thread's time, and each gave up the GIL.
             self.producer.poll(0)
+            self._count_undelivered()
             if samples[-1] is None:
                 break
         try:
             self.producer.flush(5.0)
         except MlbusError as e:
             log.warning("inference log: %s", e)
+
+    def _count_undelivered(self) -> None:
+        # Records librdkafka gave up on (the broker away past message.timeout.ms): dropped.
+        lost = self.producer.discard_failed()
+        if lost:
+            self.metrics.log_dropped.inc(lost)
+            log.warning("inference log: %d samples not delivered (the broker is away)", lost)
+
+
+def producer_options(buffer_records: int) -> dict[str, int]:
+    """The inference log producer's local buffer: at most `buffer_records` records (and
+    64 MiB), so that a broker away for long costs bounded memory."""
+    return {
+        "queue.buffering.max.messages": buffer_records,
+        "queue.buffering.max.kbytes": 64 * 1024,
+    }
 
 
 def reduced(sample: Sample) -> tuple[list[str], np.ndarray] | None:

@@ -27,7 +27,7 @@ from mlbus.schemas.envelope import new_event_id
 from mlbus.services import service
 from mlbus.serving.deployer import Deployer
 from mlbus.serving.errors import NotReady
-from mlbus.serving.inference_log import InferenceLog, Sample
+from mlbus.serving.inference_log import InferenceLog, Sample, producer_options
 from mlbus.serving.metrics import NO_VERSION, UNKNOWN, ServingMetrics
 from mlbus.serving.registry import Deployment, Registry, Slot
 from mlbus.serving.stream import StreamInference
@@ -139,7 +139,9 @@ class ModelServer:
             on_change=self._on_change,
         )
         self._deploy_producer = EventProducer(kafka, source=SOURCE)
-        self._log_producer = EventProducer(kafka, source=SOURCE)
+        self._log_producer = EventProducer(
+            kafka, source=SOURCE, **producer_options(config.log_buffer_records)
+        )
         self.deployer = Deployer(
             kafka,
             store,
@@ -150,13 +152,12 @@ class ModelServer:
             load_attempts=config.load_attempts,
             load_retry_seconds=config.load_retry_seconds,
         )
-        extra = {} if log_queue_size is None else {"queue_size": log_queue_size}
         self.inference_log = InferenceLog(
             self._log_producer,
             self.metrics,
             replica=self.replica,
             sample_rate=config.log_sample_rate,
-            **extra,
+            queue_size=log_queue_size or config.log_buffer_records,
         )
         self.stream_group = stream_group
         self.stream: StreamInference | None = None

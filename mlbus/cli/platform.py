@@ -18,9 +18,9 @@ from mlbus.broker import EmbeddedBroker
 from mlbus.cli.common import app, console, kafka_config, settings, topics_app
 from mlbus.errors import MlbusError
 from mlbus.extras import require
-from mlbus.journal.capture import Capture
 from mlbus.journal.format import check_versions
-from mlbus.journal.restore import Restored, restore
+from mlbus.journal.keeper import Keeper
+from mlbus.journal.restore import Restored
 from mlbus.kafka.admin import (
     TopicStatus,
     apply_topics,
@@ -172,40 +172,41 @@ def up(
     lock = DataDirLock(cfg.data_dir)
     lock.acquire()  # one platform per data dir; released however this process ends
     journal_dir = cfg.data_dir / "journal"
-    if cfg.embedded and cfg.journal.enabled:
+    kept = cfg.embedded and cfg.journal.enabled
+    if kept:
         check_versions(journal_dir)  # a journal we cannot read refuses the start, untouched
-    broker = EmbeddedBroker(cfg.data_dir) if cfg.embedded else None
+    show = service_output([s.name for s in services])
+    # Embedded with a journal: the broker behind its gate, restarted from the journal when
+    # it dies or outgrows retention (mlbus/journal/keeper.py). Without a journal, a broker
+    # that dies stops the platform: nothing could be restored into a new one.
+    keeper = Keeper(cfg, report=lambda line: show("mlbus", line)) if kept else None
+    broker = EmbeddedBroker(cfg.data_dir) if cfg.embedded and not kept else None
     started = False
     supervisor: Supervisor | None = None
-    capture: Capture | None = None
     died = threading.Event()
-    show = service_output([s.name for s in services])
     try:
-        if broker is not None:
-            broker.start(announce=False)
+        if keeper is not None:
             started = True
-        kafka = KafkaConfig.from_settings(cfg, bootstrap=broker.bootstrap if broker else None)
-        statuses = apply_topics(kafka)
-        if broker is not None and cfg.journal.enabled:
-            # Before anyone can see the broker: the log as it was, then the journal resumes.
-            restored = restore(kafka, journal_dir)
+            statuses, restored = keeper.start()
             _report_restore(restored, journal_dir)
-            capture = Capture(
-                kafka,
-                journal_dir,
-                positions=restored.positions,
-                sync_seconds=cfg.journal.sync_ms / 1000,
-                snapshot_seconds=cfg.journal.snapshot_seconds,
-                fetch_wait_ms=cfg.journal.fetch_wait_ms,
-            )
-            capture.start()
-        if broker is not None:
-            broker.announce()  # only now may other commands find it: the topics exist
+            kafka = KafkaConfig.from_settings(cfg, bootstrap=keeper.bootstrap)
+        else:
+            if broker is not None:
+                broker.start()
+                started = True
+            kafka = KafkaConfig.from_settings(cfg, bootstrap=broker.bootstrap if broker else None)
+            statuses = apply_topics(kafka)
         console.print(topic_table(statuses))
         supervisor = Supervisor(services, env=service_env(cfg), output=show, data_dir=cfg.data_dir)
         supervisor.start()
         table = Table("service", "pid", "address", title="mlbus services")
-        if broker is not None and broker.process is not None:
+        if keeper is not None and keeper.broker is not None and keeper.broker.process:
+            table.add_row(
+                "broker (embedded)",
+                str(keeper.broker.process.pid),
+                f"{keeper.bootstrap} (gate) → {keeper.broker.bootstrap}",
+            )
+        elif broker is not None and broker.process is not None:
             table.add_row("broker (embedded)", str(broker.process.pid), broker.bootstrap)
         else:
             table.add_row("kafka (external)", "-", kafka.bootstrap)
@@ -213,11 +214,10 @@ def up(
             table.add_row(str(row["service"]), str(row["pid"]), str(row["url"] or "-"))
         console.print(table)
         console.print(f"[green]mlbus is up[/] (data dir {cfg.data_dir}); Ctrl-C stops it.")
-        watcher = threading.Thread(
-            target=_watch_broker, args=(broker, capture, stop, died), daemon=True
-        )
-        watcher.start()
-        supervisor.watch(stop)
+        if broker is not None:
+            watcher = threading.Thread(target=_watch_broker, args=(broker, stop, died), daemon=True)
+            watcher.start()
+        supervisor.watch(stop, each_tick=keeper.check if keeper is not None else None)
     finally:
         if supervisor is not None:
             show("mlbus", "stopping services…")
@@ -228,32 +228,27 @@ def up(
                 "all services stopped"
                 + (f"; unclean exits: {', '.join(unclean)}" if unclean else " cleanly"),
             )
-        if capture is not None:
-            capture.stop()  # after the services: their last records and offsets are kept
-            console.print(f"journal: {capture.records} records captured this run")
+        if keeper is not None and started:
+            keeper.stop()  # after the services: their last records and offsets are kept
+            replaced = len(keeper.cycles)
+            console.print(
+                f"journal: {keeper.records} records captured this run"
+                + (f"; the broker was replaced {replaced} time(s)" if replaced else "")
+            )
+            console.print("embedded broker stopped")
         if broker is not None and started:
             broker.stop()
             console.print("embedded broker stopped")
         lock.release()
     if broker is not None and died.is_set():
         raise typer.Exit(_broker_died(broker))
-    if capture is not None and capture.error is not None:
-        console.print(f"[red]the journal stopped:[/] {escape(repr(capture.error))}")
-        raise typer.Exit(1)
 
 
-def _watch_broker(
-    broker: EmbeddedBroker | None,
-    capture: Capture | None,
-    stop: threading.Event,
-    died: threading.Event,
-) -> None:
-    while broker is not None and not stop.wait(0.5):
+def _watch_broker(broker: EmbeddedBroker, stop: threading.Event, died: threading.Event) -> None:
+    while not stop.wait(0.5):
         if not broker.alive():
             died.set()
             stop.set()
-        if capture is not None and not capture.alive():
-            stop.set()  # no journal, no durability: stop rather than run without it
 
 
 def _report_restore(restored: Restored, journal_dir: Path) -> None:

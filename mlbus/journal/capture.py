@@ -71,6 +71,8 @@ class Capture:
         self._topics: dict[str, Any] = read_json(directory / TOPICS_FILE).get("topics", {})
         self._groups: dict[str, dict[str, dict[str, int]]] = {}
         self._assigned: set[tuple[str, int]] = set()
+        self._lost = False
+        """the broker died: stop without draining it (`abandon`)"""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -99,6 +101,12 @@ class Capture:
             self._thread.join(timeout)
             self._thread = None
 
+    def abandon(self, timeout: float = 10.0) -> None:
+        """Stop after the broker died: what was read is written and synced, without waiting
+        on the dead broker for more records or the groups' offsets."""
+        self._lost = True
+        self.stop(timeout)
+
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -123,10 +131,11 @@ class Capture:
                     last_snapshot = now
             # Stopping: take what the broker still has (the services stopped first), then
             # make it durable with the groups' final offsets.
-            while messages := self._consumer.consume(5000, timeout=0.5):
+            while not self._lost and (messages := self._consumer.consume(5000, timeout=0.5)):
                 self._write(messages)
             self._sync()
-            self._snapshot_groups()
+            if not self._lost:
+                self._snapshot_groups()
         except BaseException as e:  # reported by the supervisor, which stops the platform
             self.error = e
             log.exception("journal capture failed")

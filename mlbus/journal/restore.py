@@ -32,6 +32,7 @@ from mlbus.journal.format import (
     read_journal,
     read_json,
 )
+from mlbus.journal.retention import advance, read_starts
 from mlbus.kafka.config import KafkaConfig
 
 
@@ -181,6 +182,12 @@ def restore(kafka: KafkaConfig, directory: Path) -> Restored:
     out.topics = len(topics)
     replay = _Replay(kafka)
     nexts: Positions = out.positions
+    # Partitions whose older records retention dropped (retention.py) start where their kept
+    # records do: the broker's partition is moved there first.
+    starts = read_starts(directory)
+    advance(kafka.bootstrap, starts)
+    for topic, by_partition in starts.items():
+        nexts.setdefault(topic, {}).update(by_partition)
     # Each partition's last run of records is held back until the next batch shows whether
     # offsets are skipped after it: the records before a skip go out in transactions.
     held: dict[tuple[str, int], list[Run]] = {}

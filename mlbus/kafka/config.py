@@ -45,6 +45,9 @@ class KafkaConfig:
     stats_interval_ms: int = 0
     """how often group consumers report their lag to mlbus.kafka.lag (librdkafka
     statistics.interval.ms); 0: they do not"""
+    gated: bool = False
+    """the embedded broker sits behind `mlbus up`'s gate, which may put a new broker behind
+    the same address (docs/broker.md, "Broker loss")"""
 
     def __post_init__(self) -> None:
         masked = {
@@ -61,7 +64,7 @@ class KafkaConfig:
     def from_settings(cls, settings: Settings, *, bootstrap: str | None = None) -> KafkaConfig:
         """Connection for `settings`; with no cluster configured, the embedded broker at
         `bootstrap`, or else the one running in the data dir (`BrokerNotRunning` if none)."""
-        from mlbus.broker import resolve_bootstrap
+        from mlbus.broker import is_gated, resolve_bootstrap
 
         if bootstrap is not None and settings.embedded:
             embedded = True
@@ -79,6 +82,7 @@ class KafkaConfig:
                 else None
             ),
             stats_interval_ms=settings.metrics.lag_interval_ms,
+            gated=embedded and is_gated(settings.data_dir),
         )
 
     # -- topic naming: `type` equals the topic name, behind an optional prefix --------------
@@ -99,6 +103,10 @@ class KafkaConfig:
         if self.embedded:
             # The embedded broker is restarted often; connection-close logs are noise there.
             conf["log.connection.close"] = False
+            # `mlbus up` replaces a dead broker behind the same address (docs/broker.md,
+            # "Broker loss"): clients retry within a second of it opening, not librdkafka's
+            # default of up to 10 s.
+            conf["reconnect.backoff.max.ms"] = 1000
         conf.update(self.options())
         return conf
 
@@ -110,6 +118,14 @@ class KafkaConfig:
             "compression.type": "lz4",
             "message.max.bytes": MAX_RECORD_BYTES + 1024 * 1024,
         }
+        if self.gated:
+            # A broker put in place from the journal knows none of the old one's producer
+            # ids: librdkafka fails an idempotent producer fatally when a retried batch meets
+            # that, and a new producer could be handed an old id (and have records dropped as
+            # duplicates). So no idempotence here; one request in flight keeps the order, and
+            # a retry across a replacement may repeat a record, which consumers absorb (at
+            # least once, effects idempotent by event id).
+            conf |= {"enable.idempotence": False, "max.in.flight.requests.per.connection": 1}
         conf.update(overrides)
         return conf
 

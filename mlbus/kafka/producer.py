@@ -166,6 +166,26 @@ class EventProducer:
             except KafkaException as e:
                 raise DeliveryError(f"cannot produce to {topic}: {e.args[0].str()}") from None
 
+    def try_produce(self, topic: str, value: bytes, key: str | bytes | None) -> bool:
+        """Queue one raw record unless librdkafka's local queue is full: False then, and
+        nothing queued. For a producer that drops rather than waits (the inference log)."""
+        if self._outcomes.fatal:
+            raise DeliveryError(f"the producer is unusable: {self._outcomes.fatal}")
+        try:
+            self._producer.produce(topic, value, key, headers=_STRUCTURED)
+            return True
+        except BufferError:
+            return False
+        except KafkaException as e:
+            raise DeliveryError(f"cannot produce to {topic}: {e.args[0].str()}") from None
+
+    def discard_failed(self) -> int:
+        """Forget the records the broker did not take (librdkafka gave up on them) since
+        the last call; returns how many. For a producer whose records may be lost, counted,
+        but not kept: they would otherwise pile up until `flush()`."""
+        failed, self._outcomes.failed = self._outcomes.failed, []
+        return len(failed)
+
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until every queued record is confirmed; raise `DeliveryError` otherwise.
 

@@ -575,9 +575,9 @@ def test_verify_full_is_a_global_option_and_a_setting(tmp_path: Path) -> None:
 class Up:
     """An `mlbus up` subprocess on `data_dir` with no cluster configured."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, **env: str) -> None:
         self.data_dir = data_dir
-        self.env = clean_env(MLBUS_DATA_DIR=str(data_dir))
+        self.env = clean_env(MLBUS_DATA_DIR=str(data_dir), **env)
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self.broker_pid: int | None = None
@@ -639,8 +639,8 @@ class Up:
 def start_up(tmp_path: Path) -> Iterator[Any]:
     started: list[Up] = []
 
-    def start(data_dir: Path = tmp_path / "data") -> Up:
-        up = Up(data_dir)
+    def start(data_dir: Path = tmp_path / "data", **env: str) -> Up:
+        up = Up(data_dir, **env)
         started.append(up)
         return up
 
@@ -688,8 +688,10 @@ def test_up_stops_cleanly_on_a_signal(start_up: Any, sig: signal.Signals) -> Non
     wait_gone(up.broker_pid, what=f"the broker of an `mlbus up` stopped by {sig.name}")
 
 
-def test_up_exits_non_zero_when_its_broker_dies(start_up: Any) -> None:
-    up = start_up()
+def test_up_without_a_journal_exits_non_zero_when_its_broker_dies(start_up: Any) -> None:
+    """Nothing could be restored into a new broker: the platform stops (with a journal, a
+    new broker is put in place: tests/mlbus/journal/test_broker_loss.py)."""
+    up = start_up(MLBUS_JOURNAL__ENABLED="false")
     up.wait_up()
     os.kill(up.broker_pid, signal.SIGKILL)
     try:
@@ -701,6 +703,29 @@ def test_up_exits_non_zero_when_its_broker_dies(start_up: Any) -> None:
     assert code == 1, up.output()
     assert "broker exited" in " ".join("".join(up.stdout).split()), up.output()
     assert not (up.data_dir / "broker.json").exists()
+
+
+def test_a_killed_broker_is_replaced_behind_the_same_address(start_up: Any) -> None:
+    up = start_up()
+    state = up.wait_up()
+    os.kill(state["pid"], signal.SIGKILL)
+    wait_gone(state["pid"], what="the broker")
+    deadline = time.monotonic() + 30
+    while (again := _state(up.data_dir)).get("pid") in (None, state["pid"]):
+        if time.monotonic() > deadline or up.proc.poll() is not None:
+            pytest.fail(f"no new broker behind the gate\n{up.output()}")
+        time.sleep(0.1)
+    assert again["bootstrap"] == state["bootstrap"] and again["origin"] != state["origin"]
+    assert pid_alive(again["pid"])
+    assert {spec.name for spec in CATALOG} <= topic_names(again["bootstrap"])
+    assert up.stop(signal.SIGTERM) == 0, up.output()
+
+
+def _state(data_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((data_dir / "broker.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def test_sigkill_of_up_leaves_no_broker_and_a_new_up_starts(start_up: Any) -> None:

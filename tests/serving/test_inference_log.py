@@ -11,6 +11,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.codec import decode, encode_new
 from mlbus.schemas.serving import InferenceLogged
@@ -20,6 +21,7 @@ from mlbus.serving.inference_log import (
     InferenceLog,
     Sample,
     encode,
+    producer_options,
     record,
 )
 from mlbus.serving.metrics import ServingMetrics
@@ -135,6 +137,39 @@ def test_a_full_queue_drops_and_counts_without_blocking(kafka):
     logged = read_events(kafka, "inference.logged")
     assert sorted(e.data.request_id for e in logged) == [f"r{i}" for i in range(5)]
     assert metrics.registry.get_sample_value("mlbus_serve_inference_log_published_total") == 5
+
+
+def test_with_the_broker_away_the_log_holds_a_bounded_buffer_and_counts_the_rest():
+    """Nothing listens at the address (the broker is being replaced): the producer holds
+    `buffer` records, the queue as many, every other sample is dropped and counted, and the
+    publisher never blocks the requests."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections are refused
+    away = KafkaConfig(bootstrap=f"127.0.0.1:{port}", embedded=True)
+    buffer = 5
+    producer = EventProducer(away, source="test", **producer_options(buffer))
+    metrics = ServingMetrics()
+    log = InferenceLog(producer, metrics, replica="r", queue_size=buffer)
+    log.gather = 0
+    log.start()
+    offered = 0
+    for i in range(200):
+        offered += log.offer(_sample(i))
+        time.sleep(0.001)
+
+    def counted() -> float | None:
+        published = metrics.registry.get_sample_value("mlbus_serve_inference_log_published_total")
+        dropped = metrics.registry.get_sample_value("mlbus_serve_inference_log_dropped_total")
+        return published if published + dropped == 200 and log._queue.empty() else None
+
+    published = wait_until(counted, "every sample published or dropped")
+    assert published == buffer  # held by the producer, for when the broker is back
+    assert offered >= buffer
+    log._queue.put(None)  # stop without the close's flush wait
+    log._thread.join(15)  # type: ignore[union-attr]
 
 
 def test_more_records_than_a_burst_are_all_published(kafka):

@@ -13,6 +13,18 @@ def test_producer_guarantees_hold_everywhere():
         assert conf["acks"] == "all"
 
 
+def test_behind_the_gate_producers_keep_order_without_producer_ids():
+    """A broker replaced behind `mlbus up`'s gate knows no old producer id (docs/broker.md,
+    "Broker loss"): no idempotence there, one request in flight, acks=all."""
+    conf = KafkaConfig(bootstrap="h:9092", embedded=True, gated=True).producer()
+    assert conf["enable.idempotence"] is False
+    assert conf["max.in.flight.requests.per.connection"] == 1
+    assert conf["acks"] == "all"
+    assert (
+        KafkaConfig(bootstrap="h:9092", embedded=True).common()["reconnect.backoff.max.ms"] == 1000
+    )
+
+
 def test_consumer_commits_manually_and_tunes_only_the_embedded_broker():
     real = KafkaConfig(bootstrap="h:9092").consumer("g")
     embedded = KafkaConfig(bootstrap="h:9092", embedded=True).consumer("g")
