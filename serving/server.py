@@ -236,7 +236,7 @@ class ModelServer:
                 deployment.name, protocol, "model_error", started, deployment, x, e, request_id
             )
             raise
-        labels = deployment.classes[probabilities.argmax(axis=1)]
+        labels = deployment.labels(probabilities)
         latency = time.perf_counter() - started
         requests, latencies = self._answered(deployment, protocol)
         requests.inc()

@@ -2,15 +2,24 @@
 once into a preallocated float32 matrix, rows are split deterministically by seed
 (`mlbus.ml.split`), and features are standardised with the training split's mean and std
 (`mlbus.ml.preprocessing`; kept for the model card, so serving applies the same
-preprocessing)."""
+preprocessing).
+
+Inputs are numeric columns, or one tensor column: an Arrow fixed-size list, or a list whose
+shape is declared in the column's field metadata (`shape`: "[1, 8, 8]"), so an image dataset
+is [N, C, H, W]. A tensor is standardised by one mean and std over all its values. Targets
+are class labels (classification) or numbers (regression: standardised for training, the
+scaling kept for the card)."""
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from mlbus.errors import Invalid
@@ -29,19 +38,102 @@ class Prepared:
     label: str
     classes: list[str]
     standardisation: Standardisation  # fitted on the train split
-    x: dict[str, torch.Tensor]  # split name → features
-    y: dict[str, torch.Tensor]  # split name → class indices
+    x: dict[str, torch.Tensor]  # split name → features [rows, *feed shape]
+    y: dict[str, torch.Tensor]  # split name → class indices, or scaled targets [rows, 1]
+    task: str = "classification"
+    input_shape: list[int] = field(default_factory=list)  # one sample's shape
+    target_mean: float = 0.0  # regression: y = (target - mean) / std
+    target_std: float = 1.0
+
+
+def tensor_shape(schema: pa.Schema, features: Sequence[str]) -> list[int] | None:
+    """One sample's shape when the features are one tensor column, else None (numeric
+    columns). A fixed-size list is [size] unless its field metadata declares `shape`; a
+    list needs the declared shape."""
+    if len(features) != 1:
+        for name in features:
+            if pa.types.is_list(schema.field(name).type) or pa.types.is_fixed_size_list(
+                schema.field(name).type
+            ):
+                raise InvalidTrainingRequest(
+                    f"tensor column {name!r} must be the dataset's only feature column"
+                )
+        return None
+    column = schema.field(features[0])
+    kind = column.type
+    if not (pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind)):
+        return None
+    if not pa.types.is_integer(kind.value_type) and not pa.types.is_floating(kind.value_type):
+        raise InvalidTrainingRequest(f"tensor column {column.name!r} holds {kind.value_type}")
+    declared = (column.metadata or {}).get(b"shape")
+    if declared is not None:
+        try:
+            shape = [int(d) for d in json.loads(declared)]
+        except (ValueError, TypeError):
+            raise InvalidTrainingRequest(
+                f"tensor column {column.name!r}: shape metadata {declared!r} is not a list "
+                "of integers"
+            ) from None
+        if not shape or min(shape) < 1:
+            raise InvalidTrainingRequest(f"tensor column {column.name!r}: shape {shape}")
+    elif pa.types.is_fixed_size_list(kind):
+        shape = [kind.list_size]
+    else:
+        raise InvalidTrainingRequest(
+            f"tensor column {column.name!r} is a variable-size list: declare its shape in the "
+            'field metadata (shape: "[1, 8, 8]") or store it as a fixed-size list'
+        )
+    if pa.types.is_fixed_size_list(kind) and math.prod(shape) != kind.list_size:
+        raise InvalidTrainingRequest(
+            f"tensor column {column.name!r}: declared shape {shape} does not hold "
+            f"{kind.list_size} values"
+        )
+    return shape
+
+
+def _tensor_rows(column: pa.Array, name: str, size: int, n: int) -> np.ndarray:
+    """A list column's rows as [n, size] float32; rows of another length are refused."""
+    if column.null_count:
+        raise InvalidTrainingRequest(f"tensor column {name!r} has null rows")
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if not pa.types.is_fixed_size_list(column.type):
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        wrong = np.flatnonzero(lengths != size)
+        if len(wrong):
+            raise InvalidTrainingRequest(
+                f"tensor column {name!r}: rows have different lengths (row {int(wrong[0])} has "
+                f"{int(lengths[wrong[0]])} values, the shape needs {size})"
+            )
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    if values.size != n * size:  # nulls inside rows, or a sliced array
+        raise InvalidTrainingRequest(f"tensor column {name!r} has null values inside rows")
+    return values.reshape(n, size)
 
 
 def load_arrays(
-    batches: Iterable[pa.RecordBatch], *, num_rows: int, features: Sequence[str], label: str
+    batches: Iterable[pa.RecordBatch],
+    *,
+    num_rows: int,
+    features: Sequence[str],
+    label: str,
+    shape: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(X float32 [rows, features], raw labels) from batches holding those columns."""
-    x = np.empty((num_rows, len(features)), dtype=np.float32)
+    """(X float32 [rows, features], raw labels) from batches holding those columns; with
+    `shape`, the one feature is a tensor column and X is [rows, prod(shape)]."""
+    width = math.prod(shape) if shape else len(features)
+    x = np.empty((num_rows, width), dtype=np.float32)
     labels: list[np.ndarray] = []
     row = 0
     for batch in batches:
         n = batch.num_rows
+        if row + n > num_rows:
+            raise InvalidTrainingRequest(f"expected {num_rows} rows, read more")
+        if shape:
+            x[row : row + n] = _tensor_rows(batch.column(features[0]), features[0], width, n)
+            labels.append(batch.column(label).to_numpy(zero_copy_only=False))
+            row += n
+            continue
         for j, name in enumerate(features):
             column = batch.column(name)
             if column.null_count:
@@ -65,21 +157,52 @@ def prepare(
     seed: int,
     validation: float,
     test: float,
+    task: str = "classification",
+    input_shape: Sequence[int] | None = None,
+    feed_shape: Sequence[int] | None = None,
 ) -> Prepared:
-    classes, y = np.unique(raw_labels, return_inverse=True)
-    if len(classes) < 2:
-        raise InvalidTrainingRequest(f"label column {label!r} has fewer than two classes")
+    """Split, standardise and shape: X as [rows, *feed_shape] (default: flat rows), y as
+    class indices or, for regression, standardised targets [rows, 1]."""
     try:
         parts = split_indices(len(x), seed, validation, test)
     except InvalidSplit as e:
         raise InvalidTrainingRequest(str(e)) from None
-    standardisation = Standardisation.fit(x[parts["train"]])
+    target_mean, target_std = 0.0, 1.0
+    if task == "regression":
+        if raw_labels.dtype.kind not in "iuf":
+            raise InvalidTrainingRequest(
+                f"regression target {label!r} is not numeric ({raw_labels.dtype.name} values "
+                f"such as {raw_labels[:1].tolist()})"
+            )
+        target = raw_labels.astype(np.float64)
+        if not np.isfinite(target).all():
+            raise InvalidTrainingRequest(f"regression target {label!r} has NaN or infinite values")
+        train = target[parts["train"]]
+        target_mean, target_std = float(train.mean()), float(train.std()) or 1.0
+        scaled_y = ((target - target_mean) / target_std).astype(np.float32).reshape(-1, 1)
+        classes: list[str] = []
+        ys = {k: torch.from_numpy(np.ascontiguousarray(scaled_y[i])) for k, i in parts.items()}
+    else:
+        found, y = np.unique(raw_labels, return_inverse=True)
+        if len(found) < 2:
+            raise InvalidTrainingRequest(f"label column {label!r} has fewer than two classes")
+        classes = [str(c) for c in found]
+        ys = {k: torch.from_numpy(y[i].astype(np.int64)) for k, i in parts.items()}
+    # A tensor is standardised as a whole (one mean and std), columns one by one.
+    train = x[parts["train"]]
+    standardisation = Standardisation.fit(train.reshape(-1, 1) if input_shape else train)
     scaled = standardisation.apply(x)
+    if feed_shape is not None:
+        scaled = scaled.reshape(len(x), *feed_shape)
     return Prepared(
         features=list(features),
         label=label,
-        classes=[str(c) for c in classes],
+        classes=classes,
         standardisation=standardisation,
         x={k: torch.from_numpy(np.ascontiguousarray(scaled[i])) for k, i in parts.items()},
-        y={k: torch.from_numpy(y[i].astype(np.int64)) for k, i in parts.items()},
+        y=ys,
+        task=task,
+        input_shape=list(input_shape) if input_shape is not None else [len(features)],
+        target_mean=target_mean,
+        target_std=target_std,
     )
