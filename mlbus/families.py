@@ -32,10 +32,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from mlbus.errors import Invalid
-from mlbus.schemas.training import FamilyOrigin
+from mlbus.schemas.training import FamilyOrigin, Task
 
 if TYPE_CHECKING:
     from torch import nn
@@ -241,6 +241,18 @@ def task_of(name: str, task: str | None) -> str:
             f"family {name!r} does not support task {task!r}; it supports {', '.join(spec.tasks)}"
         )
     return task
+
+
+def check_request(
+    name: str, task: str | None, given: Mapping[str, Any]
+) -> tuple[Task, FamilyOrigin | None]:
+    """What the API and the CLI check before publishing a training request: the family
+    imports, supports the task, and takes these hyperparameters. Returns the task and the
+    family's origin, which the request records."""
+    spec = resolve(name)
+    chosen = cast("Task", task_of(name, task))  # one of TASKS: checked when resolved
+    hyperparameters(name, given)
+    return chosen, spec.origin
 
 
 def hyperparameters(name: str, given: Mapping[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import resource
 import socket
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -47,11 +47,13 @@ from mlbus.kafka.logview import LogView
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.transaction import Transactional
 from mlbus.ml.card import ModelCard
+from mlbus.ml.tensors import tensor_shape
 from mlbus.schemas.codec import wrap
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.training import (
     Artifact,
     CodeVersion,
+    Task,
     TrainingCompleted,
     TrainingFailed,
     TrainingProgress,
@@ -62,7 +64,7 @@ from mlbus.schemas.training import (
 from mlbus.storage import ObjectStore
 from mlbus.tables import DatasetReader
 from mlbus.trainer import checkpoint
-from mlbus.trainer.data import InvalidTrainingRequest, load_arrays, prepare, tensor_shape
+from mlbus.trainer.data import InvalidTrainingRequest, load_arrays, prepare
 from mlbus.trainer.lookup import DatasetLookup, Trainable
 from mlbus.trainer.training import Checkpoint, fit, inference_latency
 
@@ -249,7 +251,7 @@ class TrainingWorker:
                 f"model family {request.family!r} was requested from "
                 f"{request.family_origin.distribution}; this worker has it built in"
             )
-        task = task_of(request.family, request.task)
+        task = cast("Task", task_of(request.family, request.task))  # one of TASKS
         params = hyperparameters(request.family, request.hyperparameters)
         device = resolve_device(request.device)
         if not data.label_column:
@@ -337,7 +339,7 @@ class TrainingWorker:
             run_id=run_id,
             torch_version=torch.__version__,
             device=device,
-            task=task,  # type: ignore[arg-type]  # task_of returns one of TASKS
+            task=task,
             family_origin=family.origin,
             input_shape=shape,
             target_mean=prepared.target_mean,
@@ -365,7 +367,7 @@ class TrainingWorker:
             device=device,
             duration_seconds=time.perf_counter() - started,
             peak_memory_bytes=peak,
-            task=task,  # type: ignore[arg-type]  # task_of returns one of TASKS
+            task=task,
             family_origin=family.origin,
             input_shape=input_shape,
         )
