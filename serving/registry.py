@@ -72,7 +72,7 @@ class Deployment:
         self._feed = (-1, *resolve(self.card.family).feed_shape(self.sample_shape))
         # Built once: the hot path below is numpy on the card's arrays, no model objects.
         self._standardisation = self.card.standardisation
-        self._target = (self.card.target_mean, self.card.target_std)
+        self._target = (self.card.target_mean or 0.0, self.card.target_std or 1.0)
 
     @property
     def n_features(self) -> int:

@@ -342,8 +342,8 @@ class TrainingWorker:
             task=task,
             family_origin=family.origin,
             input_shape=shape,
-            target_mean=prepared.target_mean,
-            target_std=prepared.target_std,
+            target_mean=prepared.target_mean if task == "regression" else None,
+            target_std=prepared.target_std if task == "regression" else None,
         )
         saved = artifacts.save(self.store, f"models/{request.model}/{run_id}", result.model, card)
         return TrainingCompleted(

@@ -105,7 +105,7 @@ class ChampionEvaluator:
         if card.task == "regression":
             with torch.no_grad():
                 out = model(torch.from_numpy(x)).reshape(-1).double().numpy()
-            predicted_values = out * card.target_std + card.target_mean
+            predicted_values = out * (card.target_std or 1.0) + (card.target_mean or 0.0)
             truth = raw.astype(np.float64)
             error = predicted_values - truth
             total = float(((truth - truth.mean()) ** 2).sum())

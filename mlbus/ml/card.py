@@ -60,7 +60,7 @@ class ModelCard(BaseModel):
     torch_version: str | None = None
     device: str | None = None
     weights_sha256: str | None = Field(default=None, description="set when the card is saved")
-    task: Task = "classification"
+    task: Task | None = Field(default=None, description="None: classification")
     family_origin: FamilyOrigin | None = Field(
         default=None, description="the plugin family's distribution (None: built in)"
     )
@@ -68,12 +68,16 @@ class ModelCard(BaseModel):
         default=None,
         description="one sample's shape ([1, 8, 8] for a tensor column); None: [features]",
     )
-    target_mean: Finite = Field(default=0.0, description="regression: the target's scaling")
-    target_std: Annotated[Finite, Field(gt=0.0)] = 1.0
+    target_mean: Finite | None = Field(
+        default=None, description="regression: the target's mean (predictions are scaled back)"
+    )
+    target_std: Annotated[Finite, Field(gt=0.0)] | None = Field(
+        default=None, description="regression: the target's standard deviation"
+    )
 
     @model_validator(mode="after")
     def _outputs(self) -> ModelCard:
-        if self.task == "classification" and len(self.classes) < 2:
+        if self.task != "regression" and len(self.classes) < 2:
             raise ValueError(f"classes: a classifier needs at least 2, not {len(self.classes)}")
         return self
 
@@ -128,7 +132,7 @@ def _problems(error: ValidationError) -> str:
     """`std: 63 values for 64 features; family: Field required` (one per wrong field)."""
     parts = []
     for problem in error.errors(include_url=False):
-        where = ".".join(str(p) for p in problem["loc"]) or "card"
+        where = ".".join(str(p) for p in problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}")
+        parts.append(f"{where}: {message}" if where else message)  # a card-wide check names it
     return "; ".join(parts)
