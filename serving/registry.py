@@ -67,6 +67,9 @@ class Deployment:
         self.classes = np.asarray(self.card.classes, dtype=object)
         self.regression = self.card.task == "regression"
         self.sample_shape = self.card.sample_shape
+        # Inputs are named columns (logged for drift, one value per feature), not a tensor
+        # column whose values have no names of their own (its inputs are not logged).
+        self.columns = self.card.input_shape is None
         self.outputs = (PREDICTION,) if self.regression else (LABEL, PROBABILITIES)
         # What the module is fed: one sample's shape for a plugin family, flat otherwise.
         self._feed = (-1, *resolve(self.card.family).feed_shape(self.sample_shape))

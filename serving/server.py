@@ -251,7 +251,7 @@ class ModelServer:
                 None,
                 labels,
                 deployment.features,
-                x,
+                x if deployment.columns else None,
             )
         )
         return Answer(deployment, probabilities, labels)
@@ -284,7 +284,7 @@ class ModelServer:
                     message,
                     None,
                     deployment.features,
-                    x,
+                    x if deployment.columns else None,
                 )
             )
 
