@@ -11,12 +11,15 @@ install: $(STAMP)
 
 # Re-installs only when the dependency list or the pins change. torch goes first, at the
 # CPU build constraints.txt pins, so that no other package can pull a newer (CUDA) build.
-$(STAMP): pyproject.toml constraints.txt
+# The example plugin family goes last, installed as a user's package would be: the tests
+# train, promote and serve it through its entry point.
+$(STAMP): pyproject.toml constraints.txt examples/mlbus-resnet-family/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mlbus needs Python >= 3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -qq --upgrade pip
 	$(BIN)/python -m pip install -qq -c constraints.txt torch
 	$(BIN)/python -m pip install -qq -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -qq --no-deps -e examples/mlbus-resnet-family
 	touch $(STAMP)
 
 # kcat (a plain Kafka client) is what the interop tests publish and read with; Debian's

@@ -92,8 +92,8 @@ def check(
         raise InvalidEvent(
             f"num_rows: the event says {data.num_rows}, the file has {metadata.num_rows}"
         )
-    actual = [(f.name, str(f.type)) for f in schema]
-    claimed = [(c.name, c.type) for c in data.arrow_schema]
+    actual = [(f.name, _list_items(str(f.type))) for f in schema]
+    claimed = [(c.name, _list_items(c.type)) for c in data.arrow_schema]
     if actual != claimed:
         present = set(schema.names)
         missing = [name for name, _ in claimed if name not in present]
@@ -208,3 +208,10 @@ class Validator:
             subject=event.subject,
         )
         self.producer.flush()  # confirmed before the loop may commit the announcement
+
+
+def _list_items(arrow_type: str) -> str:
+    """A type as Arrow prints it, with a list's child named `item` as Arrow names it: the
+    Parquet schema calls it `element`, so a list column (a tensor column) read back from the
+    file prints `list<element: float>` for the announced `list<item: float>`."""
+    return arrow_type.replace("<element: ", "<item: ")

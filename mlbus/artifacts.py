@@ -5,7 +5,8 @@ deserialised, and validates the card before the model is built from it.
 
 This is the one place artifacts are loaded: what safetensors, torch and the JSON parser
 raise is translated here, so every caller gets an mlbus error naming the problem —
-`HashMismatch`, `InvalidModelCard`, `InvalidModelSpec` (a family this build does not have),
+`HashMismatch`, `InvalidModelCard`, `InvalidModelSpec` (a family this build does not have;
+`FamilyUnavailable` when a plugin family's distribution is missing or at another version),
 `InvalidArtifact` (bytes that are not safetensors, or weights that do not fit the card's
 model), `StorageError` or, for an object store that cannot be reached, `TransientError`."""
 
@@ -20,7 +21,7 @@ from safetensors.torch import save as save_weights
 from torch import nn
 
 from mlbus.errors import Invalid
-from mlbus.families import FAMILIES, InvalidModelSpec, build
+from mlbus.families import InvalidModelSpec, build, resolve
 from mlbus.ml.card import ModelCard
 from mlbus.storage import ObjectStore
 from mlbus.tables import HashMismatch
@@ -62,19 +63,14 @@ def load(store: ObjectStore, uri: str, sha256: str, card_uri: str) -> tuple[nn.M
     if actual != sha256:
         raise HashMismatch(f"{uri}: weights hash to {actual}, not the expected {sha256}")
     card = ModelCard.from_json(store.read_bytes(store.key_of(card_uri)), source=card_uri)
-    if card.family not in FAMILIES:
-        raise InvalidModelSpec(
-            f"model card {card_uri}: unknown model family {card.family!r}; "
-            f"known: {', '.join(sorted(FAMILIES))}"
-        )
     try:
-        model = build(card.family, len(card.features), len(card.classes), card.hyperparameters)
-    except InvalidModelSpec:
-        raise
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:  # the family's own checks
-        raise InvalidModelSpec(
-            f"model card {card_uri}: cannot build a {card.family}: {_detail(e)}"
-        ) from None
+        resolve(card.family, card.family_origin)
+    except InvalidModelSpec as e:
+        raise type(e)(f"model card {card_uri}: {e}") from None
+    try:
+        model = build(card.family, card.sample_shape, card.n_outputs, card.hyperparameters)
+    except InvalidModelSpec as e:  # the family's own checks, or its build failing
+        raise InvalidModelSpec(f"model card {card_uri}: cannot build it: {e}") from None
     try:
         tensors = load_weights(weights)
     except SafetensorError as e:  # a Parquet file, a pickle, a truncated upload...

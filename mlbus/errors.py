@@ -23,7 +23,11 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   ├── InvalidRef              400  refs.py: not `name` or `name@version`
     │   ├── StorageError            400  storage.py: an object-store operation that failed for
     │   │                                good (missing, forbidden, outside the allowed roots)
-    │   ├── InvalidModelSpec        400  families.py: unknown family, bad hyperparameters
+    │   ├── InvalidModelSpec        400  families.py: unknown family, bad hyperparameters, a
+    │   │   │                            plugin that fails to import or build, a task it lacks
+    │   │   └── FamilyUnavailable   400  families.py: a model's plugin family is not installed
+    │   │                                here, or at another distribution version
+    │   ├── InvalidTensorColumn     400  ml/tensors.py: ragged rows, nulls, no declared shape
     │   ├── InvalidSplit            400  ml/split.py: fractions that leave no row to train on
     │   ├── InvalidModelCard        400  ml/card.py: a card that lacks or mistypes a field
     │   ├── InvalidArtifact         400  artifacts.py: weights that are not safetensors or do

@@ -39,6 +39,23 @@ class SweepPoint(Part):
     )
 
 
+#: What a model learns: a class per row, or a number per row.
+Task = Literal["classification", "regression"]
+
+
+class FamilyOrigin(Part):
+    """Where a model family's code came from: the installed distribution that declared it
+    (entry-point group `mlbus.families`) or the `module:callable` it was named by. The
+    model server builds the family from the same distribution and version, or refuses."""
+
+    reference: NonEmpty = Field(description="entry point value or module:callable")
+    distribution: str | None = Field(default=None, description="installed distribution name")
+    version: str | None = Field(default=None, description="the distribution's version")
+    digest: str | None = Field(
+        default=None, description="sha256 of the family's source files (sha256:<hex>)"
+    )
+
+
 class TrainingRequested(Payload):
     model: Name
     dataset: DatasetRef
@@ -52,6 +69,15 @@ class TrainingRequested(Payload):
     requested_by: str | None = None
     pipeline: str | None = None
     sweep: SweepPoint | None = None
+    task: Task | None = Field(
+        default=None, description="None = the family's first task (classification if none)"
+    )
+    loss: Literal["mse", "huber"] | None = Field(
+        default=None, description="regression loss; None = mse (classification: cross-entropy)"
+    )
+    family_origin: FamilyOrigin | None = Field(
+        default=None, description="the plugin family's origin as the requester resolved it"
+    )
 
 
 class TrainingStarted(Payload):
@@ -107,6 +133,13 @@ class TrainingCompleted(Payload):
     device: str | None = None
     duration_seconds: float = Field(ge=0.0)
     peak_memory_bytes: int | None = None
+    task: Task | None = Field(default=None, description="None: classification")
+    family_origin: FamilyOrigin | None = Field(
+        default=None, description="the plugin family the trainer built (None: built in)"
+    )
+    input_shape: list[int] | None = Field(
+        default=None, description="one sample's input shape ([64], [1, 8, 8])"
+    )
 
 
 #: `error_type` of the `training.failed` the workflow publishes for a sweep's run that had no

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from mlbus.schemas.base import Name, NonEmpty, Part, Payload
-from mlbus.schemas.training import EarlyStopping, HyperValue, Split
+from mlbus.schemas.training import EarlyStopping, HyperValue, Split, Task
 
 
 class Threshold(Part):
@@ -68,5 +68,7 @@ class PipelineDefined(Payload):
     )
     policy: PromotionPolicy
     rollback: RollbackPolicy = RollbackPolicy()
+    task: Task | None = Field(default=None, description="None = the family's first task")
+    loss: Literal["mse", "huber"] | None = Field(default=None, description="regression loss")
     actor: NonEmpty = Field(description="who applied it")
     source: str | None = Field(default=None, description="the definition file as applied")

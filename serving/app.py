@@ -333,6 +333,8 @@ def model_metadata(name: str, deployments: list[Deployment]) -> dict[str, Any]:
             "feature_types": card.feature_types,
             "label": card.label,
             "classes": d.classes.tolist(),
+            "task": card.task or "classification",
+            "family_origin": card.family_origin.model_dump() if card.family_origin else None,
             "dataset": card.dataset.model_dump() if card.dataset else None,
             "run_id": card.run_id,
             "artifact_sha256": d.sha256,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from torch import nn
 
 from mlbus import artifacts
 from mlbus.errors import MlbusError, TransientError, UnknownModel
+from mlbus.families import resolve
 from mlbus.ml.card import ModelCard
 from mlbus.serving.batcher import MicroBatcher
 from mlbus.serving.errors import UnknownVersion, VerificationFailed
@@ -29,10 +31,13 @@ from mlbus.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-#: OIP name of the one input tensor every card-described model takes: [batch, features].
+#: OIP name of the one input tensor every card-described model takes: [batch, features],
+#: or [batch, *shape] for a model trained on a tensor column ([batch, 1, 8, 8]).
 INPUT = "input"
-#: OIP outputs: the class label of each row, and the class probabilities.
+#: OIP outputs of a classifier: the class label of each row, and the class probabilities.
 LABEL, PROBABILITIES = "label", "probabilities"
+#: OIP output of a regression model: one number per row.
+PREDICTION = "prediction"
 #: A model whose one-row forward takes at least this long runs its forward passes on the
 #: forward thread's share of the cores (`Registry.torch_threads`); a lighter one on one
 #: core: its operators are too small to split, and the idle intra-op threads only took CPU
@@ -60,23 +65,47 @@ class Deployment:
     def __post_init__(self) -> None:
         self.features = list(self.card.features)
         self.classes = np.asarray(self.card.classes, dtype=object)
+        self.regression = self.card.task == "regression"
+        self.sample_shape = self.card.sample_shape
+        # Inputs are named columns (logged for drift, one value per feature), not a tensor
+        # column whose values have no names of their own (its inputs are not logged).
+        self.columns = self.card.input_shape is None
+        self.outputs = (PREDICTION,) if self.regression else (LABEL, PROBABILITIES)
+        # What the module is fed: one sample's shape for a plugin family, flat otherwise.
+        self._feed = (-1, *resolve(self.card.family).feed_shape(self.sample_shape))
         # Built once: the hot path below is numpy on the card's arrays, no model objects.
         self._standardisation = self.card.standardisation
+        self._target = (self.card.target_mean or 0.0, self.card.target_std or 1.0)
 
     @property
     def n_features(self) -> int:
-        return len(self.features)
+        """Values per row of the flat input [rows, values] (a tensor's, flattened)."""
+        return math.prod(self.sample_shape)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Class probabilities [rows, classes] of raw inputs [rows, features] (float32)."""
-        scaled = self._standardisation.apply(x)
+        """Class probabilities [rows, classes] of raw inputs [rows, values] (float32), or a
+        regression model's predictions [rows, 1] in the target's units."""
+        scaled = self._standardisation.apply(x).reshape(self._feed)
         with torch.inference_mode():
-            logits = self.model(torch.from_numpy(scaled))
-            return torch.softmax(logits, dim=1).numpy()
+            out = self.model(torch.from_numpy(scaled))
+            if self.regression:
+                mean, std = self._target
+                return (out.reshape(-1, 1) * std + mean).numpy()
+            return torch.softmax(out, dim=1).numpy()
+
+    def labels(self, out: np.ndarray) -> np.ndarray:
+        """Each row's answer: its class label, or its predicted number."""
+        return out[:, 0] if self.regression else self.classes[out.argmax(axis=1)]
 
     def metadata(self) -> dict[str, Any]:
+        inputs = [{"name": INPUT, "datatype": "FP32", "shape": [-1, *self.sample_shape]}]
+        if self.regression:
+            return {
+                "inputs": inputs,
+                "outputs": [{"name": PREDICTION, "datatype": "FP32", "shape": [-1, 1]}],
+            }
         return {
-            "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, self.n_features]}],
+            "inputs": inputs,
             "outputs": [
                 {"name": LABEL, "datatype": "BYTES", "shape": [-1]},
                 {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(self.classes)]},
@@ -104,12 +133,14 @@ def load_verified(
     except MlbusError as e:  # artifacts.load translates what safetensors and torch raise
         raise VerificationFailed(f"{type(e).__name__}: {e}") from None
     deployment = Deployment(name, version, sha256, model, card)
-    typical = np.asarray([card.mean], dtype=np.float32)  # one row of the training means
+    # One row of the training means (a tensor's one mean, in every value).
+    row = np.asarray(card.mean, dtype=np.float32)
+    typical = np.ascontiguousarray(np.broadcast_to(row, (1, deployment.n_features)))
     try:
         probabilities = deployment.predict(typical)
     except Exception as e:  # whatever torch raises: the version must not serve
         raise VerificationFailed(f"warm-up inference failed: {type(e).__name__}: {e}") from None
-    if probabilities.shape != (1, len(card.classes)) or not np.isfinite(probabilities).all():
+    if probabilities.shape != (1, card.n_outputs) or not np.isfinite(probabilities).all():
         raise VerificationFailed(f"warm-up inference gave {probabilities.shape}, not finite")
     timed = time.perf_counter()
     deployment.predict(typical)

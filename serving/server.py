@@ -234,7 +234,7 @@ class ModelServer:
                 deployment.name, protocol, "model_error", started, deployment, x, e, request_id
             )
             raise
-        labels = deployment.classes[probabilities.argmax(axis=1)]
+        labels = deployment.labels(probabilities)
         latency = time.perf_counter() - started
         requests, latencies = self.metrics.answered(deployment.name, deployment.version, protocol)
         requests.inc()
@@ -249,7 +249,7 @@ class ModelServer:
                 None,
                 labels,
                 deployment.features,
-                x,
+                x if deployment.columns else None,
             )
         )
         return Answer(deployment, probabilities, labels)
@@ -284,7 +284,7 @@ class ModelServer:
                     message,
                     None,
                     deployment.features,
-                    x,
+                    x if deployment.columns else None,
                 )
             )
 

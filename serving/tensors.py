@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 
 from mlbus.serving.errors import InvalidInput, MalformedRequest, TooManyRows
-from mlbus.serving.registry import INPUT, LABEL, PROBABILITIES, Deployment
+from mlbus.serving.registry import INPUT, LABEL, PREDICTION, PROBABILITIES, Deployment
 
 #: Datatypes accepted for the input (all become float32 for the model).
 NUMERIC = frozenset(
@@ -151,7 +151,7 @@ def decode_request(
             raise MalformedRequest(f"input {show(name)} has both 'data' and {BINARY_DATA_SIZE!r}")
         x = from_binary(deployment, name, shape, datatype, binary, max_rows=max_rows)
     default = _parameter(doc, BINARY_DATA_OUTPUT, bool, "the request") or False
-    wanted, binary_outputs = requested_outputs(doc.get("outputs"), default)
+    wanted, binary_outputs = requested_outputs(doc.get("outputs"), default, deployment.outputs)
     return Request(request_id, x, wanted, binary_outputs)
 
 
@@ -189,32 +189,38 @@ def _parameter(obj: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
 _KIND_NAMES = {int: "non-negative integer", bool: "boolean"}
 
 
-def requested_outputs(outputs: Any, binary: bool = False) -> tuple[tuple[str, ...], frozenset[str]]:
-    """The outputs to answer, and those to answer as binary data (`binary`: the default of
-    an output without the `binary_data` parameter)."""
+def requested_outputs(
+    outputs: Any, binary: bool = False, known: tuple[str, ...] = OUTPUTS
+) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The outputs to answer (of the model's `known` ones), and those to answer as binary
+    data (`binary`: the default of an output without the `binary_data` parameter)."""
     if outputs is None:
-        return OUTPUTS, frozenset(OUTPUTS) if binary else frozenset()
+        return known, frozenset(known) if binary else frozenset()
     if not isinstance(outputs, list) or not all(
         isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
     ):
         raise MalformedRequest("'outputs' must be a list of objects with a 'name'")
     names = tuple(o["name"] for o in outputs)
-    unknown = [n for n in names if n not in OUTPUTS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise InvalidInput(f"unknown output {show(unknown[0])}; outputs are {', '.join(OUTPUTS)}")
+        raise InvalidInput(f"unknown output {show(unknown[0])}; outputs are {', '.join(known)}")
     chosen = {o["name"]: _parameter(o, BINARY_DATA, bool, f"output {o['name']!r}") for o in outputs}
     as_binary = frozenset(n for n, b in chosen.items() if (binary if b is None else b))
     if not names:
-        return OUTPUTS, frozenset(OUTPUTS) if binary else frozenset()
+        return known, frozenset(known) if binary else frozenset()
     return names, as_binary
 
 
 def _check_tensor(
     deployment: Deployment, name: Any, shape: Any, datatype: Any, max_rows: int | None
 ) -> tuple[int, int]:
-    """The rows and columns of an input tensor whose name, datatype and shape fit the card
-    (and `max_rows`, checked before its data is read)."""
+    """The rows and values per row of an input tensor whose name, datatype and shape fit
+    the card: [batch, features], or [batch, *shape] for a tensor model (and `max_rows`,
+    checked before its data is read)."""
     n = deployment.n_features
+    sample = deployment.sample_shape
+    if len(sample) > 1:
+        return _check_shaped(deployment, name, shape, datatype, max_rows)
     where = f"input {show(name)}"
     if name != INPUT:
         raise InvalidInput(f"{where}: model {deployment.name} takes one input named {INPUT!r}")
@@ -242,6 +248,37 @@ def _check_tensor(
     if rows == 0:
         raise InvalidInput(f"{where}: empty batch (shape {shape})")
     return rows, cols
+
+
+def _check_shaped(
+    deployment: Deployment, name: Any, shape: Any, datatype: Any, max_rows: int | None
+) -> tuple[int, int]:
+    """`_check_tensor` for a model trained on a tensor column: exactly [batch, *shape]."""
+    sample = deployment.sample_shape
+    where = f"input {show(name)}"
+    expected = f"[batch, {', '.join(map(str, sample))}]"
+    if name != INPUT:
+        raise InvalidInput(f"{where}: model {deployment.name} takes one input named {INPUT!r}")
+    if datatype not in NUMERIC:
+        raise InvalidInput(
+            f"{where}: datatype {show(datatype)} is not accepted; use FP32 (or FP64, INT*, UINT*)"
+        )
+    if (
+        not isinstance(shape, list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or shape[1:] != sample
+        or not shape
+    ):
+        raise InvalidInput(f"{where}: shape must be {expected}, got {show(shape)}")
+    rows = shape[0]
+    if max_rows is not None and rows > max_rows:
+        raise TooManyRows(
+            f"{where}: {rows} rows; a request carries at most {max_rows} "
+            "(serving.max_rows_per_request): split it"
+        )
+    if rows == 0:
+        raise InvalidInput(f"{where}: empty batch (shape {shape})")
+    return rows, deployment.n_features
 
 
 def to_array(
@@ -332,11 +369,16 @@ def outputs(
     names: Sequence[str] = OUTPUTS,
     labels: np.ndarray | None = None,
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """OIP output tensors (probabilities left as a numpy array for orjson) and the labels."""
+    """OIP output tensors (probabilities left as a numpy array for orjson) and the labels
+    (a regression model's `probabilities` are its predictions [rows, 1])."""
     if labels is None:
-        labels = deployment.classes[probabilities.argmax(axis=1)]
+        labels = deployment.labels(probabilities)
     rows, k = probabilities.shape
     out: list[dict[str, Any]] = []
+    if deployment.regression:  # one output, whatever was asked (checked on decoding)
+        data = probabilities.reshape(-1)
+        out.append({"name": PREDICTION, "datatype": "FP32", "shape": [rows, 1], "data": data})
+        return out, labels
     for name in names:
         if name == LABEL:
             out.append(

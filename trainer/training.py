@@ -1,7 +1,8 @@
 """The training loop proper: deterministic on CPU for a given seed, resumable from an epoch
 checkpoint (model, optimiser, both random generators, history, early-stopping state), one
 checkpoint callback and one progress callback per epoch, optional early stopping, final
-metrics per split with a confusion matrix, and single-sample inference latency on CPU."""
+metrics per split (classification: loss, accuracy and a confusion matrix; regression: loss,
+RMSE, MAE and R² in the target's own units), and single-sample inference latency on CPU."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from mlbus.families import build
+from mlbus.schemas.training import FamilyOrigin
 from mlbus.trainer.data import Prepared
 
 EpochCallback = Callable[[int, dict[str, float], float], None]  # epoch, metrics, samples/s
@@ -48,10 +50,41 @@ class Result:
     model: nn.Module
     epochs: int
     metrics: dict[str, dict[str, float]]
-    confusion_matrix: list[list[int]]
+    confusion_matrix: list[list[int]] | None
     history: list[dict[str, float]] = field(default_factory=list)
     samples_per_second: float = 0.0
     stopped: bool = False  # asked to stop before finishing: metrics are not final
+
+
+def loss_function(task: str, loss: str | None = None) -> Callable[..., torch.Tensor]:
+    """The training loss of a task: cross-entropy, or MSE (default) / Huber for regression."""
+    if task != "regression":
+        return nn.functional.cross_entropy
+    return nn.functional.huber_loss if loss == "huber" else nn.functional.mse_loss
+
+
+def evaluate_regression(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: Prepared, loss: str | None = None
+) -> dict[str, float]:
+    """Loss (on the scaled targets, as trained) and RMSE, MAE, R² in the target's units."""
+    model.eval()
+    if not len(x):
+        nan = float("nan")
+        return {"loss": nan, "rmse": nan, "mae": nan, "r2": nan}
+    with torch.no_grad():
+        predicted = model(x).reshape(-1, 1)
+        value = loss_function("regression", loss)(predicted, y).item()
+    p = predicted.double().cpu() * data.target_std + data.target_mean
+    t = y.double().cpu() * data.target_std + data.target_mean
+    error = p - t
+    total = ((t - t.mean()) ** 2).sum().item()
+    r2 = 1.0 - (error**2).sum().item() / total if total > 0 else float("nan")
+    return {
+        "loss": value,
+        "rmse": error.pow(2).mean().sqrt().item(),
+        "mae": error.abs().mean().item(),
+        "r2": r2,
+    }
 
 
 def evaluate(
@@ -90,14 +123,24 @@ def fit(
     on_checkpoint: CheckpointCallback | None = None,
     resume: Checkpoint | None = None,
     device: str = "cpu",
+    loss: str | None = None,
+    origin: FamilyOrigin | None = None,
 ) -> Result:
     """Train (or continue `resume`) up to `max_epochs`. After each epoch, `on_checkpoint`
     gets the state to save, then `on_epoch` the metrics: a published epoch is a saved one.
     `should_stop` is asked at every epoch boundary; a stopped run returns `stopped=True`."""
     torch.manual_seed(seed)
-    n_classes = len(data.classes)
+    regression = data.task == "regression"
+    n_classes = 1 if regression else len(data.classes)
     target = torch.device(device)
-    model = build(family, len(data.features), n_classes, params).to(target)
+    model = build(family, data.input_shape, n_classes, params, origin=origin).to(target)
+    criterion = loss_function(data.task, loss)
+
+    def scores_on(xs: torch.Tensor, ys: torch.Tensor) -> tuple[dict[str, float], Any]:
+        if regression:
+            return evaluate_regression(model, xs, ys, data, loss), None
+        return evaluate(model, xs, ys, n_classes)
+
     optimiser = torch.optim.Adam(
         model.parameters(), lr=float(params["lr"]), weight_decay=float(params["weight_decay"])
     )
@@ -133,13 +176,14 @@ def fit(
         for i in range(0, len(x), batch):
             index = order[i : i + batch]
             optimiser.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x[index]), y[index])
-            loss.backward()
+            out = model(x[index])
+            step = criterion(out.reshape(-1, 1) if regression else out, y[index])
+            step.backward()
             optimiser.step()
-            total += loss.detach() * len(index)
+            total += step.detach() * len(index)
         train_loss = total.item() / max(len(x), 1)
         rate = len(x) / max(time.perf_counter() - started, 1e-9)
-        scores, _ = evaluate(model, *validation, n_classes)
+        scores, _ = scores_on(*validation)
         metrics = {"train.loss": train_loss} | {f"validation.{k}": v for k, v in scores.items()}
         history.append(metrics)
         if early_stopping is not None:
@@ -160,11 +204,11 @@ def fit(
     confusion = None
     for split in ("train", "validation", "test"):
         xs, ys = data.x[split].to(target), data.y[split].to(target)
-        final[split], matrix = evaluate(model, xs, ys, n_classes)
+        final[split], matrix = scores_on(xs, ys)
         if split == "test":
             confusion = matrix
-    assert confusion is not None
-    return Result(model, done, final, confusion.tolist(), history, rate, stopped)
+    matrix_list = confusion.tolist() if confusion is not None else None
+    return Result(model, done, final, matrix_list, history, rate, stopped)
 
 
 def _snapshot(

@@ -33,25 +33,27 @@ import resource
 import socket
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 import mlbus
 from mlbus import artifacts
 from mlbus.errors import Abandon, MlbusError, TransientError
-from mlbus.families import hyperparameters
+from mlbus.families import FamilyUnavailable, hyperparameters, resolve, task_of
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Record
 from mlbus.kafka.logview import LogView
 from mlbus.kafka.producer import EventProducer
 from mlbus.kafka.transaction import Transactional
 from mlbus.ml.card import ModelCard
+from mlbus.ml.tensors import tensor_shape
 from mlbus.schemas.codec import wrap
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.training import (
     Artifact,
     CodeVersion,
+    Task,
     TrainingCompleted,
     TrainingFailed,
     TrainingProgress,
@@ -239,6 +241,17 @@ class TrainingWorker:
         identity: dict[str, Any],
     ) -> TrainingCompleted:
         started = time.perf_counter()
+        # The family as installed here; a request that recorded another distribution
+        # version of it is refused rather than trained on different code.
+        family = resolve(request.family)
+        if request.family_origin is not None and family.origin is not None:
+            resolve(request.family, request.family_origin)
+        elif request.family_origin is not None and request.family_origin.distribution:
+            raise FamilyUnavailable(
+                f"model family {request.family!r} was requested from "
+                f"{request.family_origin.distribution}; this worker has it built in"
+            )
+        task = cast("Task", task_of(request.family, request.task))  # one of TASKS
         params = hyperparameters(request.family, request.hyperparameters)
         device = resolve_device(request.device)
         if not data.label_column:
@@ -249,9 +262,15 @@ class TrainingWorker:
         columns = [*features, data.label_column]
         # The reader checks the columns are in the file (a StorageError naming them).
         with DatasetReader(self.store, data.uri, data.content_hash, columns=columns) as reader:
+            shape = tensor_shape(reader.schema, features)
             x, labels = load_arrays(
-                reader, num_rows=reader.num_rows, features=features, label=data.label_column
+                reader,
+                num_rows=reader.num_rows,
+                features=features,
+                label=data.label_column,
+                shape=shape,
             )
+        input_shape = shape or [len(features)]
         prepared = prepare(
             x,
             labels,
@@ -260,6 +279,9 @@ class TrainingWorker:
             seed=request.seed,
             validation=request.split.validation,
             test=request.split.test,
+            task=task,
+            input_shape=shape,
+            feed_shape=family.feed_shape(input_shape),
         )
         del x, labels
 
@@ -292,6 +314,8 @@ class TrainingWorker:
             on_checkpoint=save,
             resume=resume,
             device=device,
+            loss=request.loss,
+            origin=family.origin,
         )
         if result.stopped:  # shutting down: the checkpoint of the last epoch is on the store
             raise Abandon(f"run {run_id} stopped after epoch {result.epochs}")
@@ -315,6 +339,11 @@ class TrainingWorker:
             run_id=run_id,
             torch_version=torch.__version__,
             device=device,
+            task=task,
+            family_origin=family.origin,
+            input_shape=shape,
+            target_mean=prepared.target_mean if task == "regression" else None,
+            target_std=prepared.target_std if task == "regression" else None,
         )
         saved = artifacts.save(self.store, f"models/{request.model}/{run_id}", result.model, card)
         return TrainingCompleted(
@@ -327,7 +356,7 @@ class TrainingWorker:
             artifact=Artifact(**saved),
             metrics=metrics,
             confusion_matrix=result.confusion_matrix,
-            labels=prepared.classes,
+            labels=prepared.classes or None,
             hyperparameters=params,
             seed=request.seed,
             epochs=result.epochs,
@@ -338,6 +367,9 @@ class TrainingWorker:
             device=device,
             duration_seconds=time.perf_counter() - started,
             peak_memory_bytes=peak,
+            task=task,
+            family_origin=family.origin,
+            input_shape=input_shape,
         )
 
     def _completion(self, completed: TrainingCompleted, event: Event, run_id: str) -> Event:

@@ -21,7 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from mlbus.errors import Invalid
-from mlbus.families import FAMILIES, InvalidModelSpec, hyperparameters
+from mlbus.families import TASK_METRICS, InvalidModelSpec, hyperparameters, resolve, task_of
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.logview import LogView
 from mlbus.kafka.producer import EventProducer
@@ -29,13 +29,18 @@ from mlbus.schemas.envelope import Event
 from mlbus.schemas.workflow import PipelineDefined
 from mlbus.settings import LimitsSettings
 
-#: Metrics the trainer reports in `training.completed` (split → metric), as `split.metric`.
-KNOWN_METRICS = frozenset(
-    {
-        "train.loss", "train.accuracy", "validation.loss", "validation.accuracy",
-        "test.loss", "test.accuracy", "inference.latency_p50_ms", "inference.latency_p95_ms",
+_LATENCY = frozenset({"inference.latency_p50_ms", "inference.latency_p95_ms"})
+
+
+def task_metrics(task: str) -> frozenset[str]:
+    """Metrics the trainer reports in `training.completed` for a task, as `split.metric`."""
+    return _LATENCY | {
+        f"{split}.{m}" for split in ("train", "validation", "test") for m in TASK_METRICS[task]
     }
-)  # fmt: skip
+
+
+#: Every metric the trainer reports, whatever the task.
+KNOWN_METRICS = frozenset().union(*(task_metrics(t) for t in TASK_METRICS))
 #: Fields of the envelope of a revision, not of its content: equal content = no new revision.
 _NOT_CONTENT = {"revision", "actor", "source"}
 
@@ -159,8 +164,15 @@ def parse(
         if forbidden in raw:
             raise fail((forbidden,), "set by `mlbus pipelines apply`, not by the file")
     family = raw["family"]
-    if family not in FAMILIES:
-        raise fail(("family",), f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    try:
+        resolve(str(family))
+    except InvalidModelSpec as e:
+        raise fail(("family",), str(e)) from None
+    try:
+        task = task_of(str(family), raw.get("task"))
+    except InvalidModelSpec as e:
+        raise fail(("task",), str(e)) from None
+    known = task_metrics(task)
     params = raw.get("hyperparameters") or {}
     sweep = raw.get("sweep") or {}
     if not isinstance(params, dict):
@@ -188,15 +200,15 @@ def parse(
     policy = raw.get("policy")
     if not isinstance(policy, dict):
         raise fail(("policy",), "a mapping (name, metric, mode, margin, thresholds)")
-    if policy.get("metric", "test.accuracy") not in KNOWN_METRICS:
-        raise fail(("policy", "metric"), _unknown_metric(policy["metric"]))
+    if policy.get("metric", "test.accuracy") not in known:
+        raise fail(("policy", "metric"), _unknown_metric(policy.get("metric"), task, known))
     thresholds = policy.get("thresholds") or []
     if not isinstance(thresholds, list):
         raise fail(("policy", "thresholds"), "a list of {metric, op, value}")
     for i, threshold in enumerate(thresholds):
         metric = threshold.get("metric") if isinstance(threshold, dict) else None
-        if metric not in KNOWN_METRICS:
-            raise fail(("policy", "thresholds", i, "metric"), _unknown_metric(metric))
+        if metric not in known:
+            raise fail(("policy", "thresholds", i, "metric"), _unknown_metric(metric, task, known))
     fields = raw | {"revision": 1, "actor": actor, "source": text}
     try:
         return PipelineDefined.model_validate(fields)
@@ -209,9 +221,11 @@ def _offending(error: InvalidModelSpec, params: Mapping[str, Any]) -> str:
     return next((k for k in params if f"{k!r}" in str(error) or f"{k}=" in str(error)), "")
 
 
-def _unknown_metric(metric: object) -> str:
-    known = ", ".join(sorted(KNOWN_METRICS))
-    return f"the trainer does not report a metric {metric!r}; known: {known}"
+def _unknown_metric(metric: object, task: str, known: frozenset[str]) -> str:
+    return (
+        f"the trainer does not report a metric {metric!r} for a {task} model; known: "
+        f"{', '.join(sorted(known))}"
+    )
 
 
 def sweep_points(pipeline: PipelineDefined) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ without them.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from mlbus.errors import MlbusError
 from mlbus.kafka.config import KafkaConfig
@@ -20,12 +21,16 @@ from mlbus.schemas.datasets import DatasetCreated
 from mlbus.schemas.training import Split, TrainingCompleted
 from mlbus.storage import ObjectStore
 
+if TYPE_CHECKING:
+    from mlbus.ml.card import ModelCard
+
 log = logging.getLogger(__name__)
 
 
 class ChampionEvaluator:
-    """An `Evaluator` (policy.py): the champion's test.accuracy and test.loss on the
-    candidate's test rows, or None when that cannot be done (logged)."""
+    """An `Evaluator` (policy.py): the champion's test.accuracy and test.loss (a regression
+    model's test.rmse, test.mae, test.r2) on the candidate's test rows, or None when that
+    cannot be done (logged)."""
 
     def __init__(self, kafka: KafkaConfig, store: ObjectStore) -> None:
         self.kafka = kafka
@@ -52,6 +57,12 @@ class ChampionEvaluator:
             )
             return None
 
+    @staticmethod
+    def _feed(card: ModelCard) -> tuple[int, ...]:
+        from mlbus.families import resolve
+
+        return resolve(card.family).feed_shape(card.sample_shape)
+
     def _dataset(self, name: str, version: str) -> DatasetCreated:
         found = self.datasets.get((name, version))
         if found is None:
@@ -67,6 +78,7 @@ class ChampionEvaluator:
 
         from mlbus import artifacts
         from mlbus.ml.split import split_indices
+        from mlbus.ml.tensors import tensor_rows, tensor_shape
         from mlbus.tables import DatasetReader
 
         art = champion.artifact
@@ -82,9 +94,26 @@ class ChampionEvaluator:
         rows = split_indices(table.num_rows, candidate.seed, split.validation, split.test)["test"]
         if len(rows) == 0:
             raise MlbusError("the candidate's split has no test rows")
-        x = np.stack([table.column(f).to_numpy(zero_copy_only=False) for f in features], axis=1)
-        x = card.standardisation.apply(x[rows])
+        shape = tensor_shape(table.schema, features)
+        if shape:  # one tensor column, flat [rows, values]
+            width = int(np.prod(shape))
+            x = tensor_rows(table.column(features[0]), features[0], width, table.num_rows)
+        else:
+            x = np.stack([table.column(f).to_numpy(zero_copy_only=False) for f in features], axis=1)
+        x = card.standardisation.apply(x[rows]).reshape(-1, *self._feed(card))
         raw = table.column(label).to_numpy(zero_copy_only=False)[rows]
+        if card.task == "regression":
+            with torch.no_grad():
+                out = model(torch.from_numpy(x)).reshape(-1).double().numpy()
+            predicted_values = out * (card.target_std or 1.0) + (card.target_mean or 0.0)
+            truth = raw.astype(np.float64)
+            error = predicted_values - truth
+            total = float(((truth - truth.mean()) ** 2).sum())
+            return {
+                "test.rmse": float(np.sqrt((error**2).mean())),
+                "test.mae": float(np.abs(error).mean()),
+                "test.r2": 1.0 - float((error**2).sum()) / total if total > 0 else float("nan"),
+            }
         index = {c: i for i, c in enumerate(card.classes)}
         y = np.array([index.get(str(v), -1) for v in raw], dtype=np.int64)
         with torch.no_grad():

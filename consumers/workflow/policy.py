@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from mlbus.families import TASK_METRICS
 from mlbus.schemas.training import Split, TrainingCompleted
 from mlbus.schemas.workflow import PromotionPolicy, Threshold
 
@@ -135,6 +136,19 @@ def judge(
         "precision": f"{PRECISION} significant digits",
         "rule": TIE_RULE,
     }
+    task = candidate.task or "classification"
+    foreign = [
+        m
+        for m in [policy.metric, *(t.metric for t in policy.thresholds)]
+        if not m.startswith("inference.") and m.partition(".")[2] not in TASK_METRICS[task]
+    ]
+    if foreign:  # test.accuracy of a regression model: the policy cannot judge it
+        return Verdict(
+            False,
+            f"policy {policy.name} uses {foreign[0]}, which a {task} model does not report "
+            f"(its metrics: {', '.join(TASK_METRICS[task])})",
+            evidence,
+        )
     failed = [c for c in checks if not c["passed"]]
     if failed:
         first = failed[0]

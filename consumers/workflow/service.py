@@ -295,6 +295,8 @@ class WorkflowService:
                 split=spec.split,
                 requested_by=ACTOR,
                 pipeline=spec.name,
+                task=spec.task,
+                loss=spec.loss,
                 sweep=SweepPoint(
                     sweep_id=sweep_id, index=index, size=len(points), deadline=deadline
                 )

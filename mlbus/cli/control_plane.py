@@ -35,7 +35,7 @@ from prometheus_client import (
 from pydantic import BaseModel, ValidationError
 
 import mlbus
-from mlbus.families import FAMILIES, hyperparameters
+from mlbus.families import available, check_request
 from mlbus.http import REF, RequestGate, bearer_guard, document_api, install_error_handlers
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
@@ -108,7 +108,7 @@ def openapi_document(api: FastAPI, cfg: Settings) -> dict[str, Any]:
     training = _bounded(TrainingRequested.model_json_schema(ref_template=REF))
     schemas.update(training.pop("$defs", {}))
     schemas["TrainingRequested"] = training
-    training["properties"]["family"]["enum"] = sorted(FAMILIES)
+    training["properties"]["family"]["enum"] = available()
     token = _token(cfg)
     return document_api(
         doc,
@@ -176,11 +176,18 @@ def training_router(producer: SharedProducer, registry: Callable[[], Any]) -> AP
         def publish() -> str:
             typed = request.dataset
             found = registry().get(f"{typed.name}@{typed.version}").data
-            hyperparameters(request.family, request.hyperparameters)
+            task, origin = check_request(request.family, request.task, request.hyperparameters)
             dataset = typed.model_copy(update={"version": found.version})
             shared = producer.get()
             ref = shared.publish(
-                request.model_copy(update={"requested_by": "api", "dataset": dataset})
+                request.model_copy(
+                    update={
+                        "requested_by": "api",
+                        "dataset": dataset,
+                        "task": task,
+                        "family_origin": origin,
+                    }
+                )
             )
             shared.flush()
             return ref.id

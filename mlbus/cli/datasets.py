@@ -101,7 +101,11 @@ def register(
 @datasets_app.command("sample")
 def sample(
     sample_name: Annotated[
-        str, typer.Argument(metavar="SAMPLE", help="digits, iris, wine, breast_cancer")
+        str,
+        typer.Argument(
+            metavar="SAMPLE",
+            help="digits, digits_images, iris, wine, breast_cancer, diabetes (regression)",
+        ),
     ],
     name: Annotated[str | None, typer.Option(help="dataset name (default: the sample's)")] = None,
     json_out: Annotated[bool, typer.Option("--json")] = False,

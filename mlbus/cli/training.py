@@ -9,7 +9,7 @@ import queue
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, cast
 
 import orjson
 import typer
@@ -89,7 +89,16 @@ def train(
     dataset: Annotated[
         str, typer.Option(help="NAME@VERSION (a unique version prefix will do; resolved here)")
     ],
-    family: Annotated[str, typer.Option(help="model family: mlp, cnn, ...")] = "mlp",
+    family: Annotated[
+        str, typer.Option(help="model family: mlp, cnn, an installed plugin's, module:callable")
+    ] = "mlp",
+    task: Annotated[
+        str | None,
+        typer.Option(help="classification or regression (default: the family's first)"),
+    ] = None,
+    loss: Annotated[
+        str | None, typer.Option(help="regression loss: mse (default) or huber")
+    ] = None,
     param: Annotated[list[str], typer.Option(help="KEY=VALUE hyperparameter")] = [],  # noqa: B006
     sweep: Annotated[list[str], typer.Option(help="KEY=V1,V2,... one run per combination")] = [],  # noqa: B006
     epochs: Annotated[int, typer.Option(help="max epochs")] = 10,
@@ -123,6 +132,13 @@ def train(
         k: [_value(v) for v in vs.split(",") if v] for k, vs in key_values(sweep, "--sweep").items()
     }
     points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+    # Checked here as the trainer will check them: a request that can never run is not sent.
+    from mlbus.families import check_request
+
+    if loss not in (None, "mse", "huber"):
+        raise typer.BadParameter(f"--loss {loss!r}: use mse or huber")
+    for point in points:
+        chosen, origin = check_request(family, task, fixed | point)
     # The workflow declares the runs still missing then failed (the sweep then ends).
     seconds = deadline_seconds or settings().workflow.sweep_deadline_seconds
     deadline = datetime.now(UTC) + timedelta(seconds=seconds)
@@ -131,6 +147,9 @@ def train(
             model=model,
             dataset=DatasetRef(name=name, version=version),
             family=family,
+            task=chosen,
+            loss=cast(Literal["mse", "huber"] | None, loss),  # checked above
+            family_origin=origin,
             hyperparameters=fixed | point,
             seed=seed,
             max_epochs=epochs,

@@ -15,12 +15,20 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mlbus.errors import Invalid
 from mlbus.ml.preprocessing import Standardisation
 from mlbus.schemas.base import DatasetRef
-from mlbus.schemas.training import HyperValue
+from mlbus.schemas.training import FamilyOrigin, HyperValue, Task
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -39,7 +47,9 @@ class ModelCard(BaseModel):
     family: str = Field(min_length=1, description="model family (mlbus.families) to build")
     hyperparameters: dict[str, HyperValue]
     features: list[str] = Field(min_length=1, description="input columns, in input order")
-    classes: list[str] = Field(min_length=2, description="output class labels, in output order")
+    classes: list[str] = Field(
+        default=[], description="output class labels, in output order (classification: >= 2)"
+    )
     mean: list[Finite] = Field(description="standardisation: one per feature")
     std: list[Annotated[Finite, Field(ge=0.0)]] = Field(description="one per feature")
     label: str = Field(min_length=1, description="the dataset's label column")
@@ -50,6 +60,35 @@ class ModelCard(BaseModel):
     torch_version: str | None = None
     device: str | None = None
     weights_sha256: str | None = Field(default=None, description="set when the card is saved")
+    task: Task | None = Field(default=None, description="None: classification")
+    family_origin: FamilyOrigin | None = Field(
+        default=None, description="the plugin family's distribution (None: built in)"
+    )
+    input_shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None,
+        description="one sample's shape ([1, 8, 8] for a tensor column); None: [features]",
+    )
+    target_mean: Finite | None = Field(
+        default=None, description="regression: the target's mean (predictions are scaled back)"
+    )
+    target_std: Annotated[Finite, Field(gt=0.0)] | None = Field(
+        default=None, description="regression: the target's standard deviation"
+    )
+
+    @model_validator(mode="after")
+    def _outputs(self) -> ModelCard:
+        if self.task != "regression" and len(self.classes) < 2:
+            raise ValueError(f"classes: a classifier needs at least 2, not {len(self.classes)}")
+        return self
+
+    @property
+    def sample_shape(self) -> list[int]:
+        """One sample's shape as a client sends it (after the batch dimension)."""
+        return list(self.input_shape) if self.input_shape else [len(self.features)]
+
+    @property
+    def n_outputs(self) -> int:
+        return 1 if self.task == "regression" else len(self.classes)
 
     @field_validator("mean", "std")
     @classmethod
@@ -93,7 +132,7 @@ def _problems(error: ValidationError) -> str:
     """`std: 63 values for 64 features; family: Field required` (one per wrong field)."""
     parts = []
     for problem in error.errors(include_url=False):
-        where = ".".join(str(p) for p in problem["loc"]) or "card"
+        where = ".".join(str(p) for p in problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}")
+        parts.append(f"{where}: {message}" if where else message)  # a card-wide check names it
     return "; ".join(parts)

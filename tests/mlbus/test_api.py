@@ -6,6 +6,7 @@ status."""
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,24 @@ def test_a_training_request_for_an_unknown_family_is_refused_before_publishing(k
     bad = REQUEST | {"hyperparameters": {"layers": 99}}
     response = client.post("/training/requests", json=bad | {"family": "mlp"})
     assert response.status_code == 400 and "layers=99" in response.json()["error"]["message"]
+    # A plugin that does not import, and a task the family does not have: refused too.
+    broken = REQUEST | {"family": "no_such_module_here:build", "hyperparameters": {}}
+    response = client.post("/training/requests", json=broken)
+    assert response.status_code == 400
+    assert "cannot be imported: ModuleNotFoundError" in response.json()["error"]["message"]
+    quick = tmp_path / "api_quick_family.py"
+    quick.write_text("def build(s, n, p):\n    pass\n\nbuild.tasks = ('regression',)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        response = client.post(
+            "/training/requests",
+            json=REQUEST
+            | {"family": "api_quick_family:build", "task": "classification", "hyperparameters": {}},
+        )
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert response.status_code == 400
+    assert "does not support task 'classification'" in response.json()["error"]["message"]
     assert read_events(kafka, "training.requested") == []
     # A number without a fraction is the integer JSON says it is; a string is not.
     response = client.post("/training/requests", json=REQUEST | {"max_epochs": 3.0})

@@ -77,7 +77,7 @@ def test_wait_exits_non_zero_when_a_run_fails(worker):
         "--dataset",
         ref,
         "--family",
-        "nosuch",
+        "cnn",  # iris' 4 features are no square image: the run fails when it builds
         "--wait",
         "--json",
         env=worker,
@@ -85,6 +85,20 @@ def test_wait_exits_non_zero_when_a_run_fails(worker):
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout.strip() == ""  # no completed run to report
+
+
+def test_a_family_or_task_that_cannot_train_is_refused_before_anything_is_published(worker):
+    sample = json_lines(ok(mlbus("datasets", "sample", "iris", "--json", env=worker)).stdout)[0]
+    ref = f"iris@{sample['version'][:8]}"
+    for options, message in (
+        (("--family", "nosuch"), "unknown model family 'nosuch'"),
+        (("--family", "no_such_module:build"), "cannot be imported: ModuleNotFoundError"),
+        (("--family", "cnn", "--task", "ranking"), "does not support task 'ranking'"),
+        (("--family", "mlp", "--task", "regression", "--loss", "l1"), "--loss 'l1'"),
+    ):
+        result = mlbus("train", "iris", "--dataset", ref, *options, env=worker, timeout=60)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert "requested" not in result.stdout
 
 
 def test_an_unknown_dataset_version_is_refused_before_anything_is_published(worker):

@@ -137,3 +137,87 @@ def test_a_tampered_artifact_is_refused(digits, tmp_path):
     store.write_bytes("m/r/model.safetensors", bytes(raw))
     with pytest.raises(HashMismatch, match="weights hash to"):
         artifacts.load(store, saved["uri"], saved["sha256"], saved["model_card_uri"])
+
+
+# -- tensor inputs, a plugin family, regression ----------------------------------------------
+
+
+def _tensor_data(table, family, task="classification"):
+    from mlbus.families import resolve
+    from mlbus.ml.tensors import tensor_shape
+
+    features = [c for c in table.column_names if c != "label"]
+    shape = tensor_shape(table.schema, features)
+    x, labels = load_arrays(
+        table.to_batches(500), num_rows=table.num_rows, features=features, label="label",
+        shape=shape,
+    )  # fmt: skip
+    input_shape = shape or [len(features)]
+    return prepare(
+        x, labels, features=features, label="label", seed=3, validation=0.15, test=0.15,
+        task=task, input_shape=shape, feed_shape=resolve(family).feed_shape(input_shape),
+    )  # fmt: skip
+
+
+def test_images_as_a_tensor_column_train_the_plugin_family_and_its_artifact_loads(tmp_path):
+    data = _tensor_data(sample_table("digits_images"), "resnet")
+    assert data.input_shape == [1, 8, 8] and data.x["train"].shape[1:] == (1, 8, 8)
+    assert data.standardisation.n_features == 1  # one mean and std for the whole tensor
+    params = hyperparameters("resnet", {"width": 16, "blocks": 1, "lr": 0.01})
+    result = fit(data, "resnet", params, max_epochs=3, seed=3)
+    assert result.metrics["test"]["accuracy"] >= 0.8
+    from mlbus.families import resolve
+
+    mean, std = data.standardisation.to_lists()
+    card = ModelCard(
+        family="resnet", hyperparameters=params, features=["image"], classes=data.classes,
+        mean=mean, std=std, label="label", input_shape=[1, 8, 8],
+        family_origin=resolve("resnet").origin,
+    )  # fmt: skip
+    store = ObjectStore(tmp_path.as_uri())
+    saved = artifacts.save(store, "m/1", result.model, card)
+    model, loaded = artifacts.load(store, saved["uri"], saved["sha256"], saved["model_card_uri"])
+    assert loaded.sample_shape == [1, 8, 8] and loaded.family_origin == card.family_origin
+    test = data.x["test"]
+    with torch.no_grad():
+        assert torch.equal(model(test).argmax(1), result.model.eval()(test).argmax(1))
+
+
+def test_ragged_or_undeclared_tensor_columns_and_text_targets_are_refused():
+    import numpy as np
+    import pyarrow as pa
+
+    from mlbus.ml.tensors import InvalidTensorColumn, tensor_rows, tensor_shape
+
+    shaped = pa.field("image", pa.list_(pa.float32()), metadata={"shape": "[2, 2]"})
+    ragged = pa.table(
+        [pa.array([[1, 2, 3, 4], [1, 2, 3]], pa.list_(pa.float32())), pa.array([0, 1])],
+        schema=pa.schema([shaped, pa.field("label", pa.int64())]),
+    )
+    assert tensor_shape(ragged.schema, ["image"]) == [2, 2]
+    with pytest.raises(InvalidTensorColumn, match=r"rows have different lengths \(row 1 has 3"):
+        load_arrays(
+            ragged.to_batches(), num_rows=2, features=["image"], label="label", shape=[2, 2]
+        )
+    undeclared = pa.schema([pa.field("image", pa.list_(pa.float32()))])
+    with pytest.raises(InvalidTensorColumn, match="declare its shape"):
+        tensor_shape(undeclared, ["image"])
+    with pytest.raises(InvalidTensorColumn, match="null rows"):
+        tensor_rows(pa.array([[1.0], None], pa.list_(pa.float32())), "image", 1, 2)
+    with pytest.raises(InvalidTrainingRequest, match="regression target 'y' is not numeric"):
+        prepare(
+            np.zeros((20, 2), np.float32), np.array(["a", "b"] * 10), features=["a", "b"],
+            label="y", seed=0, validation=0.2, test=0.2, task="regression",
+        )  # fmt: skip
+
+
+def test_regression_on_diabetes_reports_rmse_mae_r2_in_the_targets_units():
+    data = _tensor_data(sample_table("diabetes"), "mlp", task="regression")
+    assert data.classes == [] and data.y["train"].shape[1:] == (1,)
+    params = hyperparameters("mlp", {"hidden": 32, "lr": 0.01, "dropout": 0.0})
+    for loss in ("mse", "huber"):
+        result = fit(data, "mlp", params, max_epochs=30, seed=3, loss=loss)
+        test = result.metrics["test"]
+        assert set(test) == {"loss", "rmse", "mae", "r2"} and result.confusion_matrix is None
+        assert 30 < test["rmse"] < 75 and test["mae"] < test["rmse"] and test["r2"] > 0.2
+        assert "validation.rmse" in result.history[-1]

@@ -17,7 +17,7 @@ from mlbus import artifacts
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.base import DatasetRef
-from mlbus.schemas.training import TrainingRequested
+from mlbus.schemas.training import FamilyOrigin, TrainingRequested
 from mlbus.storage import ObjectStore
 from mlbus.trainer.worker import TrainingWorker, run_id_for
 from tests.conftest import unique
@@ -196,11 +196,37 @@ def test_a_redelivered_request_neither_trains_nor_publishes_its_completion_again
     assert len(read_events(kafka, "training.started")) == 1  # trained once
 
 
-def test_bad_requests_fail_with_a_reason_and_are_not_retried(kafka, group, tmp_path):
+def test_bad_requests_fail_with_a_reason_and_are_not_retried(kafka, group, tmp_path, monkeypatch):
     store = ObjectStore(tmp_path.as_uri())
     dataset = _digits(kafka, store)
     good = DatasetRef(name="digits", version=dataset.version)
+    # Plugin families known only when a run builds them: one raises, one builds no module,
+    # one is another version of the installed example plugin.
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    plugins.joinpath("worker_quick_family.py").write_text(
+        "def raises(shape, n, p):\n    raise ValueError('needs colour images')\n\n"
+        "def nothing(shape, n, p):\n    return None\n"
+    )
+    monkeypatch.syspath_prepend(str(plugins))
+    other = FamilyOrigin(
+        reference="mlbus_resnet:family", distribution="mlbus-resnet-family", version="9.9"
+    )
     with EventProducer(kafka, source="test") as producer:
+        producer.publish(
+            TrainingRequested(model="f", family="worker_quick_family:raises", dataset=good)
+        )
+        producer.publish(
+            TrainingRequested(model="g", family="worker_quick_family:nothing", dataset=good)
+        )
+        producer.publish(
+            TrainingRequested(model="h", family="resnet", dataset=good, family_origin=other)
+        )
+        producer.publish(
+            TrainingRequested(
+                model="i", family="mlp", dataset=good, task="regression", max_epochs=1
+            )
+        )
         producer.publish(TrainingRequested(model="a", family="transformer", dataset=good))
         producer.publish(
             TrainingRequested(model="b", family="mlp", dataset=good, hyperparameters={"hidden": -1})
@@ -210,16 +236,21 @@ def test_bad_requests_fail_with_a_reason_and_are_not_retried(kafka, group, tmp_p
         producer.publish(TrainingRequested(model="d", family="mlp", dataset=good, device="cuda:99"))
         producer.publish(TrainingRequested(model="e", family="mlp", dataset=good, device="tpu"))
     stats = _run_worker(kafka, group, store)
-    assert stats.handled == 5 and stats.deadlettered == 0
+    assert stats.handled == 9 and stats.deadlettered == 0
     failed = {e.data.model: e.data for e in read_events(kafka, "training.failed")}
-    assert set(failed) == {"a", "b", "c", "d", "e"}
+    assert set(failed) == {"a", "b", "c", "d", "e", "f", "g", "h"}
+    assert "failed to build for input [64]: ValueError: needs colour images" in failed["f"].reason
+    assert "returned a NoneType, not a torch.nn.Module" in failed["g"].reason
+    assert "needs distribution mlbus-resnet-family 9.9" in failed["h"].reason
     assert all(not f.retryable for f in failed.values())
     assert "unknown model family 'transformer'" in failed["a"].reason
     assert "hidden=-1" in failed["b"].reason
     assert "digits@ffff" in failed["c"].reason
     assert "'cuda:99' requested but" in failed["d"].reason and "CUDA" in failed["d"].reason
     assert "unknown device 'tpu'" in failed["e"].reason
-    assert not read_events(kafka, "training.completed")
+    # Digits' int labels are numbers: a regression on them trains (the one completion).
+    (done,) = read_events(kafka, "training.completed")
+    assert done.data.model == "i" and done.data.task == "regression"
 
 
 def test_an_unreachable_object_store_is_retried_and_reported_retryable(kafka, group):

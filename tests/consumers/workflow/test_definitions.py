@@ -52,6 +52,10 @@ def test_the_shipped_digits_pipeline_is_valid():
         (("margin: 0.0 ", "margin: -1 "), "margin: -1", "policy.margin: Input should be"),
         (("debounce_seconds: 2", "debounce_seconds: soon"), "debounce_seconds: soon",
          "debounce_seconds: Input should be a valid number"),
+        (("family: cnn", "family: cnn\ntask: regression"), "metric: test.accuracy    #",
+         "policy.metric: the trainer does not report a metric 'test.accuracy' for a regression"),
+        (("family: cnn", "family: cnn\ntask: ranking"), "task: ranking",
+         "task: family 'cnn' does not support task 'ranking'"),
     ],
 )  # fmt: skip
 def test_a_bad_file_is_rejected_naming_the_line(change, where, message):

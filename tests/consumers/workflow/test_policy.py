@@ -106,3 +106,27 @@ def test_a_gain_of_exactly_the_margin_counts_and_thresholds_use_the_same_precisi
     assert at_bar.promote and at_bar.evidence["thresholds"][0]["passed"]
     below = judge(policy, completed(accuracy=0.899999), SPLIT, None)
     assert not below.promote
+
+
+def test_a_regression_model_is_judged_on_rmse_in_min_mode_and_never_on_accuracy():
+    rmse = PromotionPolicy(
+        name="r", metric="test.rmse", mode="min",
+        thresholds=[Threshold(metric="test.r2", value=0.2)],
+    )  # fmt: skip
+
+    def regression(value: float, r2: float = 0.4):
+        run = completed("m", "new", 0.0)
+        return run.model_copy(
+            update={"task": "regression", "metrics": {"test": {"rmse": value, "r2": r2}}}
+        )
+
+    verdict = judge(rmse, regression(55.0), SPLIT, None)
+    assert verdict.promote, verdict.reason
+    old = Champion("old", regression(60.0).model_copy(update={"version": "old"}), SPLIT)
+    assert judge(rmse, regression(55.0), SPLIT, old).promote
+    assert not judge(rmse, regression(65.0), SPLIT, old).promote
+    verdict = judge(POLICY, regression(55.0), SPLIT, None)
+    assert not verdict.promote
+    assert verdict.reason.startswith(
+        "policy p uses test.accuracy, which a regression model does not report"
+    )

@@ -61,7 +61,7 @@ def test_a_card_as_the_trainer_wrote_it_before_it_was_typed_still_loads():
     ({"mean": [0.0, 1.0, 2.0]}, "mean: 3 values for 2 features"),
     ({"std": [1.0, -1.0]}, "std.1: Input should be greater than or equal to 0"),
     ({"mean": [0.0, float("nan")]}, "mean.1: Input should be a finite number"),
-    ({"classes": ["only"]}, "classes: List should have at least 2 items"),
+    ({"classes": ["only"]}, "classes: a classifier needs at least 2, not 1"),
     ({"features": "a"}, "features: Input should be a valid list"),
     ({"hyperparameters": None}, "hyperparameters: Input should be a valid dictionary"),
 ])  # fmt: skip
