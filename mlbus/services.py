@@ -270,16 +270,18 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "streams",
         folder="streams/",
-        role="faust processors: windowed metrics, drift, alerts, Prometheus",
+        role="faust processors: windowed metrics, drift, alerts, online accuracy from "
+        "feedback, Prometheus",
         source="mlbus/streams",
         reads=(
             "inference.logged",
+            "inference.feedback",
             "dataset.created",
             "dataset.validated",
             "training.completed",
             "model.promoted",
         ),
-        writes=("serving.metrics", "serving.alert", DEADLETTER),
+        writes=("serving.metrics", "serving.accuracy", "serving.alert", DEADLETTER),
         build="mlbus.cli.streams:run_streams",
         deployment=Deployment(
             "up to inference.logged's partitions (6); windowed tables are partitioned by model "
@@ -293,7 +295,13 @@ SERVICES: tuple[Service, ...] = (
         role="model server (Open Inference Protocol v2, HTTP and Kafka)",
         source="mlbus/serving",
         reads=("model.promoted", "deployment.updated", "inference.requests"),
-        writes=("deployment.updated", "inference.results", "inference.logged", DEADLETTER),
+        writes=(
+            "deployment.updated",
+            "inference.results",
+            "inference.logged",
+            "inference.feedback",
+            DEADLETTER,
+        ),
         build="mlbus.cli.serving:run_serving",
         deployment=Deployment(
             "freely (horizontal pod autoscaler on CPU or request rate): each replica reads "

@@ -1,7 +1,8 @@
 """One serving replica, composed: the registry of loaded versions, the deployer that follows
 `model.promoted` (and publishes `deployment.updated`), the stream inference consumer of
 `inference.requests` (→ `inference.results`), the inference log (→ `inference.logged`) and
-the metrics. The HTTP app (serving/app.py) and the stream consumer share `infer()`.
+the metrics, and the feedback desk (→ `inference.feedback`, serving/feedback.py). The HTTP
+app (serving/app.py) and the stream consumer share `infer()`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mlbus.schemas.envelope import new_event_id
 from mlbus.services import service
 from mlbus.serving.deployer import Deployer
 from mlbus.serving.errors import NotReady
+from mlbus.serving.feedback import FeedbackDesk
 from mlbus.serving.inference_log import InferenceLog, Sample
 from mlbus.serving.metrics import UNKNOWN, ServingMetrics
 from mlbus.serving.registry import Deployment, Registry, Slot
@@ -161,6 +163,7 @@ class ModelServer:
             **extra,
         )
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self.feedback = FeedbackDesk(kafka, SOURCE)
         self.stream_group = stream_group
         self.stream: StreamInference | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -187,6 +190,7 @@ class ModelServer:
             self.stream.stop()
         self.deployer.stop()
         self.inference_log.close()
+        self.feedback.close()
         for producer in (self._deploy_producer, self._log_producer):
             try:
                 producer.close(5.0)
@@ -241,11 +245,15 @@ class ModelServer:
         requests, latencies = self._answered(deployment, protocol)
         requests.inc()
         latencies.observe(latency)
+        request_id = request_id or new_event_id()
+        self.feedback.answered.add(
+            request_id, deployment.name, deployment.version, deployment.classes
+        )
         self.inference_log.offer(
             Sample(
                 deployment.name,
                 deployment.version,
-                request_id or new_event_id(),
+                request_id,
                 latency,
                 True,
                 None,
@@ -285,6 +293,8 @@ class ModelServer:
                     None,
                     deployment.features,
                     x,
+                    # A refusal of the input (4xx) is the client's; anything else is ours.
+                    error.status if isinstance(error, MlbusError) else 500,
                 )
             )
 
