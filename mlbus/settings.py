@@ -164,7 +164,7 @@ class StreamsSettings(_Section):
         "not joined; predictions older than this (event time) are forgotten",
     )
     feedback_max_pending: int = Field(
-        default=1_000_000,
+        default=200_000,
         ge=1,
         description="logged predictions held for the feedback join; the oldest beyond it are "
         "forgotten (their feedback then counts as unmatched)",

@@ -15,6 +15,7 @@ the history of the model's other versions on the same metric: what a rollback co
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ class Drift:
     per feature, its identity (seeds the noise floor) and the rows binned in the window."""
 
     dataset: str
-    expected: Sequence[Sequence[float]]
+    expected: tuple[tuple[float, ...], ...]
     rows: int
 
 
@@ -119,9 +120,7 @@ def judge(metrics: ServingMetrics, t: Thresholds, drift: Drift | None = None) ->
         features = {k: v for k, v in metrics.psi.items() if not k.startswith("predicted_")}
         if features:
             worst = max(features, key=lambda k: features[k])
-            floor = psi_noise(
-                drift.expected, drift.rows, t.psi_quantile, f"{drift.dataset}|{drift.rows}"
-            )
+            floor = noise_floor(drift.dataset, drift.expected, drift.rows, t.psi_quantile)
             bar = max(t.max_psi, floor)
             out[DRIFT] = Verdict(
                 f"psi.{worst}",
@@ -135,6 +134,15 @@ def judge(metrics: ServingMetrics, t: Thresholds, drift: Drift | None = None) ->
                 f"quantile of the worst PSI of {drift.rows} rows drawn from the baseline",
             )
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def noise_floor(
+    dataset: str, expected: tuple[tuple[float, ...], ...], rows: int, quantile: float
+) -> float:
+    """`psi_noise` of a baseline at a window size, computed once per (baseline, size): a
+    replay closes thousands of windows of the same few sizes."""
+    return psi_noise(expected, rows, quantile, f"{dataset}|{rows}")
 
 
 def record(state: dict[str, Any], metrics: ServingMetrics, history: int) -> None:

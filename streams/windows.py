@@ -519,7 +519,7 @@ class Engine:
         if isinstance(baseline, str) or baseline.dataset != agg.dataset:
             return None
         rows = max((sum(counts) for counts in agg.bins.values()), default=0)
-        expected = [baseline.features[name].expected for name in sorted(agg.bins)]
+        expected = tuple(baseline.features[name].expected for name in sorted(agg.bins))
         return Drift(agg.dataset, expected, rows)
 
     def _emit(self, payload: Payload, eid: str, at_ms: int) -> None:

@@ -94,14 +94,15 @@ def test_fires_after_three_breached_windows_with_the_history_of_other_versions()
     assert resolved.status == "resolved"
 
 
-def digits_baseline() -> tuple[np.ndarray, list[list[float]], list[np.ndarray]]:
+def digits_baseline() -> tuple[np.ndarray, tuple[tuple[float, ...], ...], list[np.ndarray]]:
     x, _ = load_digits(return_X_y=True)
-    edges, expected = [], []
+    edges: list[np.ndarray] = []
+    expected: list[tuple[float, ...]] = []
     for j in range(x.shape[1]):
         counts, e = np.histogram(x[:, j], bins=10)
         edges.append(e)
-        expected.append((counts / counts.sum()).tolist())
-    return x, expected, edges
+        expected.append(tuple((counts / counts.sum()).tolist()))
+    return x, tuple(expected), edges
 
 
 def binned(rows: np.ndarray, edges: list[np.ndarray]) -> list[list[int]]:

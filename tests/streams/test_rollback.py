@@ -188,7 +188,10 @@ def test_rollback_only_on_evidence_that_the_previous_version_does_better(
             (m, v) for m in MODELS for v in ("v1", "v2")
         }
         v2_at = max(e.time for e in promoted)
-        v2_start = (math.floor(v2_at.timestamp()) + 1) * 1000
+        # v2's traffic starts a little ahead of the clock: an idle partition's stream time
+        # moves to the wall clock (streams/windows.py), and event times behind it, still
+        # being produced on a busy machine, would be late.
+        v2_start = (math.floor(max(v2_at.timestamp(), time.time())) + 5) * 1000
 
         # v2 serves: `good` answers nearly always right, `failing` fails every 10th request
         # on the server, `wrong` answers every 5th wrong, `garbage` is sound but a client
@@ -236,7 +239,10 @@ def test_rollback_only_on_evidence_that_the_previous_version_does_better(
         assert cause.data.alert == rule and evidence["alert"]["alert"] == rule
         # Within a bounded number of windows: the third breached window of v2 fires.
         assert cause.data.windows == 3
-        assert cause.data.window_end <= datetime.fromtimestamp((v2_start + 3000) / 1000, UTC)
+        assert cause.data.window_end <= datetime.fromtimestamp((v2_start + 3000) / 1000, UTC), [
+            (a.data.model, a.data.version, a.data.alert, a.data.status, a.data.window_end, a.time)
+            for a in alerts
+        ] + [(v2_start, [(e.data.model, e.data.version, e.time) for e in promotions])]
         comparison = evidence["comparison"]
         assert comparison["better"] is True and comparison["p_value"] < 0.01
         assert comparison["previous"]["version"] == "v1" and comparison["previous"]["n"] >= 1000
