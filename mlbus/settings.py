@@ -157,6 +157,11 @@ class StreamsSettings(_Section):
     max_rmse: float | None = Field(
         default=None, gt=0, description="alert threshold on online RMSE from feedback; None = off"
     )
+    feedback: bool = Field(
+        default=True,
+        description="join inference.feedback with inference.logged into serving.accuracy "
+        "(reads the inference log a second time, from its beginning at each start)",
+    )
     feedback_horizon_seconds: float = Field(
         default=3600.0,
         gt=0,

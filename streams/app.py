@@ -121,7 +121,7 @@ class StreamsApp:
         self.baselines = Baselines()
         self.exporter = Exporter()
         self.follower = baseline_view(kafka, self.baselines)
-        self.feedback = FeedbackProcessor(kafka, settings)
+        self.feedback = FeedbackProcessor(kafka, settings) if settings.feedback else None
         partitions = TOPICS[EVENT_TYPE].partitions
         options.data_dir.mkdir(parents=True, exist_ok=True)
         app_settings: dict[str, Any] = {
@@ -223,7 +223,8 @@ class StreamsApp:
             log.warning("streams: training baselines not read within %.0fs", baseline_timeout)
         if self.options.metrics_port:
             self.exporter.serve(self.options.metrics_port)
-        self.feedback.start()
+        if self.feedback is not None:
+            self.feedback.start()
 
     def run(self) -> int:
         """Run in the foreground until SIGTERM/SIGINT; the exit code."""
@@ -242,7 +243,8 @@ class StreamsApp:
             code = int(e.code or 0)
         finally:
             self.follower.stop()
-            self.feedback.stop()
+            if self.feedback is not None:
+                self.feedback.stop()
             self.processor.producer.close(10)
         return code
 

@@ -363,7 +363,7 @@ class FeedbackProcessor:
 
     def start(self) -> FeedbackProcessor:
         with LogView(self.kafka, WRITES, name="streams-feedback-outputs") as done:
-            self.published = {item.event.id for item in done.catch_up()}
+            self.published = {item.event.id for item in done.catch_up(timeout=60)}
         self.producer = EventProducer(self.kafka, source="mlbus/streams")
         self.view.start()
         self._thread = threading.Thread(target=self._run, name="streams-feedback", daemon=True)
