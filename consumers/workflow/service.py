@@ -526,7 +526,7 @@ class WorkflowService:
                 ", ".join(policy.alerts) or "none",
             )
             return
-        if alert.window_end < current.time:
+        if _aware(alert.window_end) < _aware(current.time):
             # An alert on windows before this promotion (a replayed stream, an earlier stint
             # of the same version) says nothing of the version serving now.
             log.info(
@@ -603,3 +603,8 @@ class WorkflowService:
             target.data.version,
             alert.alert,
         )
+
+
+def _aware(at: datetime) -> datetime:
+    """A time without a zone is UTC (the contract's times are; a hand-made event may omit it)."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
