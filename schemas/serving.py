@@ -147,3 +147,6 @@ class ServingAccuracy(Payload):
     mismatched: int = Field(
         default=0, ge=0, description="feedback whose label type does not fit the prediction"
     )
+    duplicates: int = Field(
+        default=0, ge=0, description="feedback for a request already labelled (the first counts)"
+    )

@@ -9,11 +9,13 @@ event time; feedback known later than the horizon after its prediction counts `l
 feedback whose window has already closed counts `late` in that version's next window.
 Feedback that arrives before its prediction waits for the inference log to pass it; feedback
 whose request id is not in the inference log (unknown, never sampled, or forgotten) counts
-`unmatched`; a label whose type does not fit the prediction counts `mismatched`. Nothing is
-dropped without being counted. A feedback label is compared with a request of one row.
+`unmatched`; a label whose type does not fit the prediction counts `mismatched`; feedback for
+a request already labelled counts `duplicates` (the first one counts). Nothing is dropped
+without being counted. A feedback label is compared with a request of one row.
 
 Windows are tumbling by the feedback's event time and close when both topics' stream time
-(the largest event time read) has passed their end + grace, or, once the log is read to its
+of the model (the largest event time read; both are keyed by the model) has passed their
+end + grace, or, once the log is read to its
 end, when the wall clock has (nothing older is coming). Reads inference.logged and
 inference.feedback with a group-less log view from the beginning (the state is the fold of
 the log, rebuilt the same at every start); writes serving.accuracy and serving.alert with
@@ -77,6 +79,7 @@ class Prediction:
     version: str
     time_ms: int
     value: float | int | str | None  # None: a request of several rows, or no prediction
+    joined: bool = False  # its first feedback was counted; later ones are duplicates
 
 
 @dataclass
@@ -90,6 +93,7 @@ class Window:
     late: int = 0
     unmatched: int = 0
     mismatched: int = 0
+    duplicates: int = 0
 
 
 @dataclass
@@ -123,9 +127,12 @@ class FeedbackJoin:
     def __init__(self, config: FeedbackConfig) -> None:
         self.config = config
         self.pending: OrderedDict[str, Prediction] = OrderedDict()
-        self.orphans: OrderedDict[str, tuple[InferenceFeedback, int]] = OrderedDict()
+        #: model → request id → feedback waiting for its prediction, in arrival order
+        self.orphans: dict[str, OrderedDict[str, list[tuple[InferenceFeedback, int]]]] = {}
         self.versions: dict[tuple[str, str], VersionState] = {}
-        self.watermarks = {topic: _NEVER for topic in READS}
+        #: topic → model → stream time. Per model: both topics are keyed by the model, so a
+        #: model's records are in order on each, whichever partitioner a producer used.
+        self.watermarks: dict[str, dict[str, int]] = {topic: {} for topic in READS}
         self.outbox: list[Output] = []
         self.forgotten = 0  # predictions dropped for `max_pending` before their horizon
 
@@ -138,9 +145,10 @@ class FeedbackJoin:
             self._feedback(data, time_ms)
         else:
             return
-        if time_ms > self.watermarks.get(topic, _NEVER):
-            self.watermarks[topic] = time_ms
-            self._close(min(self.watermarks.values()) - self.config.grace_ms)
+        marks = self.watermarks[topic]
+        if time_ms > marks.get(data.model, _NEVER):
+            marks[data.model] = time_ms
+            self._close(data.model)
 
     def _logged(self, data: InferenceLogged, time_ms: int) -> None:
         if not data.ok:
@@ -149,15 +157,16 @@ class FeedbackJoin:
         prediction = Prediction(data.model, data.version, time_ms, value)
         self.pending[data.request_id] = prediction
         self.pending.move_to_end(data.request_id)
-        waiting = self.orphans.pop(data.request_id, None)
-        if waiting is not None:
+        orphans = self.orphans.get(data.model)
+        for waiting in orphans.pop(data.request_id, ()) if orphans else ():
             self._join(prediction, *waiting)
         self._evict(time_ms)
 
     def _feedback(self, data: InferenceFeedback, time_ms: int) -> None:
         prediction = self.pending.get(data.request_id)
         if prediction is None:
-            self.orphans[data.request_id] = (data, time_ms)
+            waiting = self.orphans.setdefault(data.model, OrderedDict())
+            waiting.setdefault(data.request_id, []).append((data, time_ms))
             return
         self._join(prediction, data, time_ms)
 
@@ -165,6 +174,10 @@ class FeedbackJoin:
         window = self._window(data.model, prediction.version, time_ms)
         if window is None:
             return
+        if prediction.joined:  # a client's retry, or a second opinion: counted once
+            window.duplicates += 1
+            return
+        prediction.joined = True
         known = round(data.known_at.timestamp() * 1000) if data.known_at is not None else time_ms
         if known - prediction.time_ms > self.config.horizon_ms:
             window.late += 1
@@ -209,21 +222,30 @@ class FeedbackJoin:
 
     def idle(self, now_ms: int) -> None:
         """The log has been read to its end: the wall clock stands in for stream time."""
-        self._close(now_ms - self.config.grace_ms)
+        for model in {m for m, _ in self.versions} | set(self.orphans):
+            self._close(model, now_ms - self.config.grace_ms)
 
-    def _close(self, limit: int) -> None:
-        # Feedback still without its prediction once the inference log has passed it (plus
-        # grace) matched nothing: counted in its window, under the version it names.
-        logged = self.watermarks["inference.logged"] - self.config.grace_ms
-        while self.orphans:
-            _, (data, t) = next(iter(self.orphans.items()))
-            if t > max(logged, limit):
+    def _close(self, model: str, idle: int = _NEVER) -> None:
+        """Close the model's windows that both topics' stream time (or `idle`) has passed."""
+        grace = self.config.grace_ms
+        logged = self.watermarks["inference.logged"].get(model, _NEVER) - grace
+        labels = self.watermarks["inference.feedback"].get(model, _NEVER) - grace
+        limit = max(min(logged, labels), idle)
+        # Feedback still without its prediction once the model's inference log has passed it
+        # (plus grace) matched nothing: counted in its window, under the version it names.
+        orphans = self.orphans.get(model)
+        while orphans:
+            _, waiting = next(iter(orphans.items()))
+            if waiting[0][1] > max(logged, idle):
                 break
-            self.orphans.popitem(last=False)
-            window = self._window(data.model, data.version or UNKNOWN, t)
-            if window is not None:
-                window.unmatched += 1
-        for (model, version), state in self.versions.items():
+            orphans.popitem(last=False)
+            for data, t in waiting:
+                window = self._window(data.model, data.version or UNKNOWN, t)
+                if window is not None:
+                    window.unmatched += 1
+        for (m, version), state in list(self.versions.items()):
+            if m != model:
+                continue
             for start in sorted(s for s, w in state.windows.items() if w.end <= limit):
                 self._emit(model, version, state, state.windows.pop(start))
 
@@ -245,6 +267,7 @@ class FeedbackJoin:
             late=late,
             unmatched=w.unmatched,
             mismatched=w.mismatched,
+            duplicates=w.duplicates,
         )
         self.outbox.append((payload, event_id("accuracy", model, version, w.start), _ts(w.end)))
         t = self.config.thresholds

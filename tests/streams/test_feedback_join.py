@@ -1,7 +1,8 @@
 """The feedback join (pure): feedback meets its logged prediction whichever comes first, and
 what cannot be joined is counted, never dropped: known later than the horizon (late), for a
 window already closed (late, in the next one), an unknown request id (unmatched), a label
-that does not fit the prediction (mismatched). Regression values give RMSE."""
+that does not fit the prediction (mismatched), a second label for one request (duplicates).
+Regression values give RMSE."""
 
 from __future__ import annotations
 
@@ -44,12 +45,14 @@ def test_joined_either_way_round_and_everything_else_counted():
     j.apply("inference.logged", logged("a", "1"), BASE + 10)
     j.apply("inference.logged", logged("b", "2"), BASE + 20)
     j.apply("inference.logged", logged("c", "2"), BASE + 30)
+    j.apply("inference.logged", logged("g", "1"), BASE + 40)
     j.apply("inference.feedback", feedback("a", 1), BASE + 100)  # right
     j.apply("inference.feedback", feedback("b", 1), BASE + 110)  # wrong
     j.apply("inference.feedback", feedback("c", 2, known_ms=BASE + 90_000), BASE + 120)  # late
     j.apply("inference.feedback", feedback("d", 2), BASE + 130)  # before its prediction
     j.apply("inference.feedback", feedback("zz", 2), BASE + 140)  # never logged
-    j.apply("inference.feedback", feedback("a", 1.5), BASE + 150)  # not a class
+    j.apply("inference.feedback", feedback("a", 2), BASE + 150)  # a second opinion
+    j.apply("inference.feedback", feedback("g", 1.5), BASE + 160)  # not a class
     j.apply("inference.logged", logged("d", "2"), BASE + 200)
     j.apply("inference.logged", logged("e", "0"), BASE + 1500)
     j.apply("inference.feedback", feedback("e", 0), BASE + 1600)
@@ -57,6 +60,7 @@ def test_joined_either_way_round_and_everything_else_counted():
     by_version = {x.version: x for x in windows(j)}
     w = by_version["v1"]
     assert (w.labelled, w.correct, w.accuracy, w.late, w.mismatched) == (3, 2, 2 / 3, 1, 1)
+    assert w.duplicates == 1
     # The id never logged: unmatched once the inference log passed it, under no version.
     assert (by_version["unknown"].unmatched, by_version["unknown"].labelled) == (1, 0)
     j.idle(BASE + 10_000)

@@ -111,6 +111,14 @@ class Traffic:
                 (InferenceFeedback(request_id=rid, model=model, label=truth), known)
             )
 
+    def single(self, model: str, version: str, at_ms: int) -> None:
+        """One answered request and its label at `at_ms`: moves stream time past it."""
+        self.n += 1
+        rid = f"{model}-{version}-{self.n}"
+        at = datetime.fromtimestamp(at_ms / 1000, UTC)
+        self._log(rid, model, version, at, predictions=["0"], inputs=[self.x[0].tolist()])
+        self.feedback.append((InferenceFeedback(request_id=rid, model=model, label=0), at))
+
     def _log(self, rid: str, model: str, version: str, at: datetime, **fields: object) -> None:
         logged = InferenceLogged.model_validate(
             {
@@ -188,10 +196,11 @@ def test_rollback_only_on_evidence_that_the_previous_version_does_better(
             (m, v) for m in MODELS for v in ("v1", "v2")
         }
         v2_at = max(e.time for e in promoted)
-        # v2's traffic starts a little ahead of the clock: an idle partition's stream time
+        # v2's traffic is dated well ahead of the clock: an idle partition's stream time
         # moves to the wall clock (streams/windows.py), and event times behind it, still
-        # being produced on a busy machine, would be late.
-        v2_start = (math.floor(max(v2_at.timestamp(), time.time())) + 5) * 1000
+        # being produced on a busy machine, would be late. Its windows close on stream time:
+        # one last request and label per model, after them.
+        v2_start = (math.floor(max(v2_at.timestamp(), time.time())) + 60) * 1000
 
         # v2 serves: `good` answers nearly always right, `failing` fails every 10th request
         # on the server, `wrong` answers every 5th wrong, `garbage` is sound but a client
@@ -202,6 +211,9 @@ def test_rollback_only_on_evidence_that_the_previous_version_does_better(
             traffic.window("failing", "v2", start, wrong_every=100, fail_every=10)
             traffic.window("wrong", "v2", start, wrong_every=5)
             traffic.window("garbage", "v2", start, wrong_every=100, garbage=PER_WINDOW)
+        traffic.publish(kafka)
+        for model in MODELS:
+            traffic.single(model, "v2", v2_start + (V2_WINDOWS + 5) * 1000)
         traffic.publish(kafka)
 
         def rolled_back() -> list | None:
@@ -273,7 +285,7 @@ def test_rollback_only_on_evidence_that_the_previous_version_does_better(
     good = [
         e.data
         for e in read_events(kafka, "serving.accuracy")
-        if e.data.model == "good" and e.data.version == "v2"
+        if e.data.model == "good" and e.data.version == "v2" and e.data.window_end <= last_end
     ]
     assert len(good) == V2_WINDOWS and all(a.labelled == PER_WINDOW for a in good)
     assert all(a.accuracy >= 0.98 and a.unmatched == 0 and a.late == 0 for a in good)
