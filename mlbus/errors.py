@@ -15,6 +15,8 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   ├── UnknownModel            404  no such model or version in the log, or not served here
     │   ├── UnknownDataset          404  no such dataset or version in the log
     │   ├── UnknownVersion          404  serving/errors.py: the model has no such loaded version
+    │   ├── UnknownRequest          404  serving/errors.py: feedback for a request id this
+    │   │                                replica did not answer
     │   └── NotInLineage            404  consumers/lineage/store.py: not in the lineage store
     │                                    (also a LineageError)
     ├── Invalid                     400  can never succeed as given: retrying cannot fix it
@@ -46,6 +48,8 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   │                                id prefix naming several runs (also a LineageError)
     │   ├── InvalidInput            400  serving/errors.py: a tensor that does not fit the card
     │   ├── MalformedRequest        400  serving/errors.py: not JSON, or not an inference request
+    │   ├── InvalidFeedback         400  serving/errors.py: a label that is not a class of the
+    │   │                                version that answered
     │   ├── UndecodableBody         400  http.py: a gzip or deflate body that does not inflate
     │   │   └── UnsupportedEncoding 415  http.py: a Content-Encoding other than gzip, deflate or
     │   │                                identity

@@ -294,16 +294,18 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "streams",
         folder="streams/",
-        role="faust processors: windowed metrics, drift, alerts, Prometheus",
+        role="faust processors: windowed metrics, drift, alerts, online accuracy from "
+        "feedback, Prometheus",
         source="mlbus/streams",
         reads=(
             "inference.logged",
+            "inference.feedback",
             "dataset.created",
             "dataset.validated",
             "training.completed",
             "model.promoted",
         ),
-        writes=("serving.metrics", "serving.alert", DEADLETTER),
+        writes=("serving.metrics", "serving.accuracy", "serving.alert", DEADLETTER),
         build="mlbus.cli.streams:run_streams",
         metrics=Metrics(port="streams.metrics_port", own_server=False),
         deployment=Deployment(
@@ -318,7 +320,13 @@ SERVICES: tuple[Service, ...] = (
         role="model server (Open Inference Protocol v2, HTTP and Kafka)",
         source="mlbus/serving",
         reads=("model.promoted", "deployment.updated", "inference.requests"),
-        writes=("deployment.updated", "inference.results", "inference.logged", DEADLETTER),
+        writes=(
+            "deployment.updated",
+            "inference.results",
+            "inference.logged",
+            "inference.feedback",
+            DEADLETTER,
+        ),
         build="mlbus.cli.serving:run_serving",
         metrics=Metrics(port="serving.port", own_server=False),
         deployment=Deployment(

@@ -121,7 +121,65 @@ class StreamsSettings(_Section):
     alert_windows: int = Field(default=3, ge=1, description="consecutive breached windows")
     max_error_rate: float = Field(default=0.05, ge=0, le=1, description="alert threshold")
     max_latency_p99_seconds: float = Field(default=0.5, gt=0, description="alert threshold")
-    max_psi: float = Field(default=0.2, gt=0, description="alert threshold (input drift)")
+    max_psi: float = Field(
+        default=0.2,
+        gt=0,
+        description="alert threshold (input drift), raised to the PSI that sampling noise "
+        "alone gives at the window's sample size (streams.psi_noise_quantile); drift only alerts",
+    )
+    min_samples: int = Field(
+        default=100,
+        ge=1,
+        description="a window with fewer samples (requests not refused for their input; "
+        "labelled feedback) is not judged by any alert rule",
+    )
+    confidence: float = Field(
+        default=0.99,
+        gt=0.5,
+        lt=1,
+        description="one-sided confidence of the rules' intervals: an error ratio breaches when "
+        "the lower bound of its Wilson interval is above the threshold; also the level a "
+        "rollback's comparison with the previous version must reach",
+    )
+    psi_noise_quantile: float = Field(
+        default=0.99,
+        gt=0.5,
+        lt=1,
+        description="the quantile of the worst feature's PSI, over draws of the window's size "
+        "from the training baseline, below which drift is noise",
+    )
+    history_windows: int = Field(
+        default=60,
+        ge=1,
+        description="closed windows kept per version as the evidence a rollback compares with",
+    )
+    min_accuracy: float = Field(
+        default=0.9,
+        ge=0,
+        le=1,
+        description="alert threshold: online accuracy from feedback (inference.feedback); "
+        "breached when the upper bound of its Wilson interval is below it",
+    )
+    max_rmse: float | None = Field(
+        default=None, gt=0, description="alert threshold on online RMSE from feedback; None = off"
+    )
+    feedback: bool = Field(
+        default=True,
+        description="join inference.feedback with inference.logged into serving.accuracy "
+        "(reads the inference log a second time, from its beginning at each start)",
+    )
+    feedback_horizon_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="feedback known later than this after its prediction is counted late, "
+        "not joined; predictions older than this (event time) are forgotten",
+    )
+    feedback_max_pending: int = Field(
+        default=200_000,
+        ge=1,
+        description="logged predictions held for the feedback join; the oldest beyond it are "
+        "forgotten (their feedback then counts as unmatched)",
+    )
 
 
 class ArchiveSettings(_Section):

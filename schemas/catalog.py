@@ -17,9 +17,11 @@ from mlbus.schemas.envelope import Event
 from mlbus.schemas.errors import UnknownTopic
 from mlbus.schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
 from mlbus.schemas.serving import (
+    InferenceFeedback,
     InferenceLogged,
     InferenceRequest,
     InferenceResult,
+    ServingAccuracy,
     ServingAlert,
     ServingMetrics,
 )
@@ -112,6 +114,12 @@ CATALOG: tuple[TopicSpec, ...] = (
               "stream inference results", "serving", retention_ms=7 * DAY_MS),
     TopicSpec("inference.logged", InferenceLogged, "model", 6,
               "sampled prediction records", "serving", retention_ms=7 * DAY_MS),
+    TopicSpec("inference.feedback", InferenceFeedback, "model", 6,
+              "delayed labels: the true label or value of an answered request",
+              "clients, serving", retention_ms=7 * DAY_MS),
+    TopicSpec("serving.accuracy", ServingAccuracy, "model", 3,
+              "windowed online accuracy / RMSE per model version, from feedback", "streams",
+              retention_ms=90 * DAY_MS),
     TopicSpec("serving.metrics", ServingMetrics, "model", 3,
               "windowed metrics per model version", "streams", retention_ms=90 * DAY_MS),
     TopicSpec("serving.alert", ServingAlert, "model", 3,

@@ -1,12 +1,12 @@
-"""Payloads of the serving side: stream inference, the inference log, windowed metrics and
-alerts."""
+"""Payloads of the serving side: stream inference, the inference log, delayed labels
+(feedback), windowed metrics, online accuracy and alerts."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, JsonValue
 
 from mlbus.schemas.base import Name, NonEmpty, Part, Payload, Tensor
 
@@ -36,6 +36,14 @@ class InferenceLogged(Payload):
     latency_seconds: float = Field(ge=0.0)
     ok: bool = True
     error: str | None = None
+    status: int | None = Field(
+        default=None,
+        ge=100,
+        le=599,
+        description="a failed request's HTTP status: 4xx refused for the client's input (not "
+        "a serving error), 5xx failed on the server; absent when ok, and in records of older "
+        "servers (whose ok=false counts as a server error)",
+    )
     batch_size: int = Field(default=1, ge=0)
     predictions: list[float | int | str] = []
     feature_names: list[str] | None = None
@@ -60,7 +68,15 @@ class ServingMetrics(Payload):
     window: Literal["tumbling", "hopping"] = "tumbling"
     requests: int = Field(ge=0)
     errors: int = Field(ge=0)
-    error_rate: float = Field(ge=0.0, le=1.0)
+    error_rate: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="server-side errors over the requests not refused for their input "
+        "(requests - client_errors)",
+    )
+    client_errors: int = Field(
+        default=0, ge=0, description="requests refused for the client's input (4xx): not errors"
+    )
     latency_seconds: Quantiles | None = None
     class_distribution: dict[str, int] = {}
     psi: dict[str, float] | None = None
@@ -78,3 +94,59 @@ class ServingAlert(Payload):
     windows: int = Field(ge=1, description="consecutive windows the condition held")
     window_end: datetime
     reason: str | None = None
+    samples: int | None = Field(
+        default=None, ge=0, description="samples the firing windows held (after exclusions)"
+    )
+    rollback: bool = Field(
+        default=True,
+        description="false: this rule only alerts (drift), whatever a pipeline's rollback "
+        "policy names",
+    )
+    evidence: dict[str, JsonValue] = Field(
+        default={},
+        description="the test that fired (minimum samples, interval or noise floor, per-window "
+        "figures) and the recent history of the model's other versions on the same metric",
+    )
+
+
+class InferenceFeedback(Payload):
+    request_id: NonEmpty = Field(description="the id of the answered request (its response id)")
+    model: Name
+    label: float | int | str | bool = Field(
+        description="the true label (classification) or value (regression)"
+    )
+    known_at: datetime | None = Field(
+        default=None, description="when the truth became known; None = the event's time"
+    )
+    version: str | None = Field(
+        default=None, description="the version that answered, if the sender knows it"
+    )
+
+
+class ServingAccuracy(Payload):
+    model: Name
+    version: NonEmpty
+    window_start: datetime
+    window_end: datetime
+    labelled: int = Field(ge=0, description="feedback joined with a logged prediction")
+    correct: int = Field(default=0, ge=0, description="classification: prediction == label")
+    accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    rmse: float | None = Field(default=None, ge=0.0, description="regression: numeric labels")
+    late: int = Field(
+        default=0,
+        ge=0,
+        description="feedback known later than the join horizon after its prediction, or "
+        "arriving after its window closed: counted here, not in accuracy",
+    )
+    unmatched: int = Field(
+        default=0,
+        ge=0,
+        description="feedback whose request id was not in the inference log within the "
+        "horizon (unknown, or not sampled)",
+    )
+    mismatched: int = Field(
+        default=0, ge=0, description="feedback whose label type does not fit the prediction"
+    )
+    duplicates: int = Field(
+        default=0, ge=0, description="feedback for a request already labelled (the first counts)"
+    )

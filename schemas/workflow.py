@@ -33,7 +33,10 @@ class PromotionPolicy(Part):
 class RollbackPolicy(Part):
     enabled: bool = True
     alerts: list[NonEmpty] = Field(
-        default=[], description="alert names that trigger a rollback; empty = every alert"
+        default=[],
+        description="alert rules that may trigger a rollback, named explicitly (error_rate, "
+        "latency_p99, accuracy, rmse); empty = none. Drift (psi) only alerts, never rolls "
+        "back",
     )
     min_interval_seconds: float = Field(
         default=600.0, ge=0.0, description="at most one automatic rollback per model per interval"

@@ -1,6 +1,7 @@
 """The HTTP face of a serving replica: Open Inference Protocol v2 (health, server and model
 metadata, infer, versioned infer), the OIP model-repository control endpoints (bearer token
-when `api_token` is set), and `/metrics` for Prometheus.
+when `api_token` is set), `/metrics` for Prometheus, and `POST /v2/models/{name}/feedback`
+for delayed labels (serving/feedback.py).
 
 Every refusal is a 4xx with the OIP error body `{"error": message, "type": kind}`; the
 infer body is read with a size limit (on its inflated size when it comes gzip- or
@@ -44,6 +45,9 @@ from mlbus.http import (
 )
 from mlbus.schemas.envelope import new_event_id
 from mlbus.serving.errors import NotReady, VerificationFailed
+from mlbus.serving.feedback import FeedbackAccepted, FeedbackRequest
+from mlbus.serving.feedback import check as check_feedback
+from mlbus.serving.feedback import parse as parse_feedback
 from mlbus.serving.registry import Deployment
 from mlbus.serving.server import ModelServer
 from mlbus.serving.tensors import decode_request, dumps, encode_response, outputs, parse_body
@@ -514,6 +518,40 @@ def create_app(server: ModelServer) -> FastAPI:
         """Infer with a loaded version: the champion or the one it replaced."""
         return await infer_route(name, version, request)
 
+    # -- delayed labels --------------------------------------------------------------------
+
+    @app.post(
+        "/v2/models/{name}/feedback",
+        response_model=FeedbackAccepted,
+        status_code=202,
+        tags=["feedback"],
+        responses=_errors(400, 404, 413, 503),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/FeedbackRequest"}}
+                },
+            }
+        },
+    )
+    async def feedback(name: str, request: Request) -> dict[str, Any]:
+        """The true label of a request this replica answered (its response `id`), published
+        to `inference.feedback` once the broker confirms it. 404: an id this replica did not
+        answer for this model; 400: a label that is not one of the version's classes."""
+        body = await receive_body(request.scope, request.receive, limit)
+        checked = parse_feedback(body)
+        version, label = check_feedback(server.feedback.answered, name, checked)
+        ref = await asyncio.get_running_loop().run_in_executor(
+            None, server.feedback.publish, name, version, checked, label
+        )
+        return {
+            "request_id": checked.request_id,
+            "model": name,
+            "version": version,
+            "event_id": ref.id,
+        }
+
     # -- control (OIP model repository extension) ------------------------------------------
 
     @app.post(
@@ -585,6 +623,7 @@ def create_app(server: ModelServer) -> FastAPI:
             extra = InferRequest.model_json_schema(ref_template=REF)
             schemas.update(extra.pop("$defs", {}))
             schemas["InferRequest"] = extra
+            schemas["FeedbackRequest"] = FeedbackRequest.model_json_schema(ref_template=REF)
             for item in doc["paths"].values():
                 for operation in item.values():
                     # The parameters are path strings and the infer body is parsed by

@@ -6,9 +6,13 @@ replica), `Unauthorized` (401: a control endpoint without the bearer token) and
 `PayloadTooLarge` (413: the body is larger than serving.max_body_bytes).
 
     NotFound          UnknownVersion      404: the model has no such loaded version
+                      UnknownRequest      404: feedback for a request id this replica did not
+                                          answer (for that model)
     Invalid           InvalidInput        400: a tensor that does not match the model card
                       MalformedRequest    400: not JSON, or not an inference request (or a
                                           request id over serving.max_request_id_bytes)
+                      InvalidFeedback     400: a label that is not one of the answering
+                                          version's classes
     PayloadTooLarge   TooManyRows         413: more input rows than
                                           serving.max_rows_per_request
     TransientError    NotReady            503: the model is loading (or the server is catching
@@ -21,11 +25,13 @@ from __future__ import annotations
 from mlbus.errors import Invalid, MlbusError, NotFound, PayloadTooLarge, TransientError
 
 __all__ = [
+    "InvalidFeedback",
     "InvalidInput",
     "MalformedRequest",
     "NotReady",
     "PayloadTooLarge",
     "TooManyRows",
+    "UnknownRequest",
     "UnknownVersion",
     "VerificationFailed",
 ]
@@ -33,6 +39,14 @@ __all__ = [
 
 class UnknownVersion(NotFound):
     """The model is served here, but not in the version asked for."""
+
+
+class UnknownRequest(NotFound):
+    """Feedback for a request id this replica did not answer (for that model)."""
+
+
+class InvalidFeedback(Invalid):
+    """A feedback label that does not fit the version that answered."""
 
 
 class InvalidInput(Invalid):

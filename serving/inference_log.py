@@ -84,6 +84,7 @@ class Sample:
     predictions: np.ndarray | None  # class labels
     features: list[str]
     inputs: np.ndarray | None  # raw rows [batch, features]
+    status: int | None = None  # a failure's HTTP status: 4xx the client's input, 5xx ours
 
 
 class InferenceLog:
@@ -265,6 +266,8 @@ def encode(sample: Sample, replica: str, source: str, **envelope: Any) -> bytes:
     }
     if sample.error is not None:
         data["error"] = error_text(sample.error)
+    if sample.status is not None:
+        data["status"] = sample.status
     data["batch_size"] = _batch_size(sample)
     data["predictions"] = predictions(sample)
     kept = reduced(sample)
@@ -291,6 +294,7 @@ def record(sample: Sample, replica: str) -> InferenceLogged:
         latency_seconds=max(0.0, sample.latency_seconds),
         ok=sample.ok,
         error=error_text(sample.error),
+        status=sample.status,
         batch_size=_batch_size(sample),
         predictions=predictions(sample),
     )

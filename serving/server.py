@@ -1,7 +1,8 @@
 """One serving replica, composed: the registry of loaded versions, the deployer that follows
 `model.promoted` (and publishes `deployment.updated`), the stream inference consumer of
 `inference.requests` (→ `inference.results`), the inference log (→ `inference.logged`) and
-the metrics. The HTTP app (serving/app.py) and the stream consumer share `infer()`.
+the metrics, and the feedback desk (→ `inference.feedback`, serving/feedback.py). The HTTP
+app (serving/app.py) and the stream consumer share `infer()`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mlbus.schemas.envelope import new_event_id
 from mlbus.services import service
 from mlbus.serving.deployer import Deployer
 from mlbus.serving.errors import NotReady
+from mlbus.serving.feedback import FeedbackDesk
 from mlbus.serving.inference_log import InferenceLog, Sample, producer_options
 from mlbus.serving.metrics import NO_VERSION, UNKNOWN, ServingMetrics
 from mlbus.serving.registry import Deployment, Registry, Slot
@@ -159,6 +161,7 @@ class ModelServer:
             sample_rate=config.log_sample_rate,
             queue_size=log_queue_size or config.log_buffer_records,
         )
+        self.feedback = FeedbackDesk(kafka, SOURCE)
         self.stream_group = stream_group
         self.stream: StreamInference | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -185,6 +188,7 @@ class ModelServer:
             self.stream.stop()
         self.deployer.stop()
         self.inference_log.close()
+        self.feedback.close()
         for producer in (self._deploy_producer, self._log_producer):
             try:
                 producer.close(5.0)
@@ -239,11 +243,15 @@ class ModelServer:
         requests, latencies = self.metrics.answered(deployment.name, deployment.version, protocol)
         requests.inc()
         latencies.observe(latency)
+        request_id = request_id or new_event_id()
+        self.feedback.answered.add(
+            request_id, deployment.name, deployment.version, deployment.classes
+        )
         self.inference_log.offer(
             Sample(
                 deployment.name,
                 deployment.version,
-                request_id or new_event_id(),
+                request_id,
                 latency,
                 True,
                 None,
@@ -285,6 +293,8 @@ class ModelServer:
                     None,
                     deployment.features,
                     x if deployment.columns else None,
+                    # A refusal of the input (4xx) is the client's; anything else is ours.
+                    error.status if isinstance(error, MlbusError) else 500,
                 )
             )
 

@@ -3,7 +3,8 @@ a whole fetch at a time (streams/transport.py: faust's per-record stream is far 
 docs/streams.md), one changelog-backed table holding the engine's state per (model, version) and
 each partition's watermark, a timer that closes the windows of idle partitions, and the
 Prometheus exporter. Writes serving.metrics, serving.alert and mlbus.deadletter (through
-the processor).
+the processor). Beside it, the feedback join (streams/feedback.py) reads inference.logged and
+inference.feedback and writes serving.accuracy and its alerts.
 
 Why one table of per-series records rather than faust's windowed tables: faust closes its
 windows on the wall clock (`window.stale(ts, time.time())`), so a replay from offset 0 would
@@ -40,6 +41,7 @@ from mlbus.settings import StreamsSettings
 from mlbus.streams.connection import faust_broker_settings
 from mlbus.streams.drift import Baselines, baseline_view
 from mlbus.streams.exporter import Exporter
+from mlbus.streams.feedback import FeedbackProcessor
 from mlbus.streams.processor import EVENT_TYPE, StreamProcessor
 from mlbus.streams.transport import App
 from mlbus.streams.windows import Engine, WindowConfig
@@ -142,6 +144,7 @@ class StreamsApp:
         self.exporter = Exporter(retired=self.baselines.retired, lag=self._lag)
         self.baselines.on_promoted = self.exporter.sweep
         self.follower = baseline_view(kafka, self.baselines)
+        self.feedback = FeedbackProcessor(kafka, settings) if settings.feedback else None
         partitions = TOPICS[EVENT_TYPE].partitions
         options.data_dir.mkdir(parents=True, exist_ok=True)
         app_settings: dict[str, Any] = {
@@ -243,6 +246,8 @@ class StreamsApp:
             log.warning("streams: training baselines not read within %.0fs", baseline_timeout)
         if self.options.metrics_port:
             self.exporter.serve(self.options.metrics_port)
+        if self.feedback is not None:
+            self.feedback.start()
 
     def _lag(self) -> dict[tuple[str, str, int], int]:
         """The app's consumer lag per partition: faust reads with aiokafka, not librdkafka,
@@ -287,6 +292,8 @@ class StreamsApp:
             code = int(e.code or 0)
         finally:
             self.follower.stop()
+            if self.feedback is not None:
+                self.feedback.stop()
             self.processor.producer.close(10)
         return code
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import bisect
 import logging
-import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mlbus.kafka.config import KafkaConfig
@@ -23,13 +22,13 @@ from mlbus.schemas.datasets import DatasetCreated, DatasetValidated
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import ModelPromoted
 from mlbus.schemas.training import TrainingCompleted
+from mlbus.stats import EPSILON, psi
+
+__all__ = ["CLASS_KEY", "EPSILON", "Baseline", "Baselines", "baseline_view", "class_psi", "psi"]
 
 log = logging.getLogger(__name__)
 
 FOLLOWED = ("dataset.created", "dataset.validated", "training.completed", "model.promoted")
-#: Probability given to an empty bin on either side, so that PSI stays finite (the usual
-#: choice; it caps one empty bin's contribution at a few units).
-EPSILON = 1e-4
 #: `psi` key of the predicted-class distribution against the training label distribution.
 CLASS_KEY = "predicted_class"
 
@@ -56,19 +55,6 @@ class Baseline:
     label_column: str | None
     labels: FeatureBaseline | None  # numeric label histogram
     label_values: dict[str, float] | None  # categorical label distribution
-
-
-def psi(expected: Sequence[float], actual_counts: Sequence[int]) -> float | None:
-    """Population Stability Index of served counts against expected probabilities."""
-    total = sum(actual_counts)
-    if total == 0:
-        return None
-    out = 0.0
-    for e, count in zip(expected, actual_counts, strict=True):
-        a = max(count / total, EPSILON)
-        e = max(e, EPSILON)
-        out += (a - e) * math.log(a / e)
-    return out
 
 
 def class_psi(baseline: Baseline, classes: Mapping[str, int]) -> float | None:

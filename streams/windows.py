@@ -30,7 +30,7 @@ from mlbus.schemas.base import Payload
 from mlbus.schemas.serving import Quantiles, ServingAlert, ServingMetrics
 from mlbus.settings import StreamsSettings
 from mlbus.streams import sketch
-from mlbus.streams.alerts import Thresholds, evaluate
+from mlbus.streams.alerts import Drift, Thresholds, evaluate
 from mlbus.streams.drift import CLASS_KEY, Baseline, Baselines, class_psi, psi
 
 _MIN_LATENCY = sketch.MIN_VALUE
@@ -66,9 +66,7 @@ class WindowConfig:
             hopping_ms=hopping,
             grace_ms=grace,
             idle_ms=round(idle * 1000),
-            thresholds=Thresholds(
-                s.alert_windows, s.max_error_rate, s.max_latency_p99_seconds, s.max_psi
-            ),
+            thresholds=Thresholds.from_settings(s),
         )
 
 
@@ -105,6 +103,7 @@ class Agg:
         "_plan",
         "bins",
         "classes",
+        "client_errors",
         "dataset",
         "end",
         "errors",
@@ -122,6 +121,7 @@ class Agg:
         self.end = end
         self.n = 0
         self.errors = 0
+        self.client_errors = 0
         self.lat: dict[int, int] = {}
         self.zero = 0
         self.lat_sum = 0.0
@@ -146,7 +146,13 @@ class Agg:
         be missing: the contract's defaults apply)."""
         self.n += 1
         if not data.get("ok", True):
-            self.errors += 1
+            # A refusal of the client's input (4xx) is not the server's failure; a record
+            # of an older server has no status, and its failure counts as the server's.
+            status = data.get("status")
+            if status is not None and 400 <= status < 500:
+                self.client_errors += 1
+            else:
+                self.errors += 1
         latency = data["latency_seconds"]
         # sketch.bucket_of, inlined (once per record: the call was a visible share of apply)
         if latency <= _MIN_LATENCY:
@@ -187,6 +193,7 @@ class Agg:
     def merge(self, other: Agg) -> None:
         self.n += other.n
         self.errors += other.errors
+        self.client_errors += other.client_errors
         sketch.merge_into(self.lat, other.lat)
         self.zero += other.zero
         self.lat_sum += other.lat_sum
@@ -232,7 +239,8 @@ class Agg:
             window=kind,
             requests=self.n,
             errors=self.errors,
-            error_rate=self.errors / self.n if self.n else 0.0,
+            error_rate=self.errors / valid if (valid := self.n - self.client_errors) else 0.0,
+            client_errors=self.client_errors,
             latency_seconds=latency,
             class_distribution=dict(sorted(self.classes.items())),
             psi=drift,
@@ -267,6 +275,7 @@ class Agg:
             "e": self.end,
             "n": self.n,
             "x": self.errors,
+            "cx": self.client_errors,
             "l": {str(k): v for k, v in self.lat.items()},
             "z": self.zero,
             "ls": self.lat_sum,
@@ -281,6 +290,7 @@ class Agg:
     def from_json(cls, raw: dict[str, Any]) -> Agg:
         agg = cls(raw["s"], raw["e"])
         agg.n, agg.errors, agg.zero = raw["n"], raw["x"], raw["z"]
+        agg.client_errors = raw.get("cx", 0)  # absent in state written before it was counted
         agg.lat = {int(k): v for k, v in raw["l"].items()}
         agg.lat_sum, agg.lat_max = raw["ls"], raw["lm"]
         agg.classes, agg.bins = dict(raw["c"]), raw["b"]
@@ -485,7 +495,17 @@ class Engine:
             )
             if self.on_metrics is not None:
                 self.on_metrics(metrics)
-            for alert in evaluate(s.alerts, metrics, cfg.thresholds):
+            for alert in evaluate(
+                s.alerts,
+                metrics,
+                cfg.thresholds,
+                drift=self._drift_of(s, agg),
+                siblings={
+                    o.version: o.alerts
+                    for o in self.by_partition.get(s.partition, {}).values()
+                    if o.model == s.model and o is not s
+                },
+            ):
                 self._emit(
                     alert,
                     event_id("alert", s.model, s.version, alert.alert, alert.status, agg.end),
@@ -522,6 +542,17 @@ class Engine:
         s.hop_until = hop_limit
         s.recent = [w for w in s.recent if w.start + hopping > s.hop_until]
         return True
+
+    def _drift_of(self, s: Series, agg: Agg) -> Drift | None:
+        """What the psi rule needs of a closed window: its baseline and binned rows."""
+        if agg.bins is None or agg.dataset is None:
+            return None
+        baseline = self.baselines.resolve(s.model, s.version)
+        if isinstance(baseline, str) or baseline.dataset != agg.dataset:
+            return None
+        rows = max((sum(counts) for counts in agg.bins.values()), default=0)
+        expected = tuple(baseline.features[name].expected for name in sorted(agg.bins))
+        return Drift(agg.dataset, expected, rows)
 
     def _emit(self, payload: Payload, eid: str, at_ms: int) -> None:
         self.outbox.append((payload, eid, _ts(at_ms)))

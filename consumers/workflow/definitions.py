@@ -134,6 +134,10 @@ def _dotted(path: Iterable[str | int]) -> str:
     return out or "(document)"
 
 
+#: The alert rules of the streams that a pipeline may name in `rollback.alerts`.
+ROLLBACK_RULES = ("error_rate", "latency_p99", "accuracy", "rmse")
+
+
 def parse(
     text: str,
     *,
@@ -209,6 +213,15 @@ def parse(
         metric = threshold.get("metric") if isinstance(threshold, dict) else None
         if metric not in known:
             raise fail(("policy", "thresholds", i, "metric"), _unknown_metric(metric, task, known))
+    rollback = raw.get("rollback")
+    alerts = rollback.get("alerts") if isinstance(rollback, dict) else None
+    for i, rule in enumerate(alerts if isinstance(alerts, list) else []):
+        if rule not in ROLLBACK_RULES:
+            why = "drift only alerts, it never rolls back" if rule == "psi" else "unknown rule"
+            raise fail(
+                ("rollback", "alerts", i),
+                f"{rule!r}: {why}; rules that may roll back: {', '.join(ROLLBACK_RULES)}",
+            )
     fields = raw | {"revision": 1, "actor": actor, "source": text}
     try:
         return PipelineDefined.model_validate(fields)

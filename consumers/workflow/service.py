@@ -1,7 +1,9 @@
 """The workflow service (`mlbus workflow`): one consumer group that runs the training
 trigger (`dataset.validated` → `training.requested`, debounced by a timer), the promotion
 policy (`training.completed` / `training.failed` → `model.promoted` or `model.rejected`)
-and automatic rollback (`serving.alert` → `model.promoted` with `rollback: true`).
+and automatic rollback (`serving.alert` → `model.promoted` with `rollback: true`, only for a
+rule the pipeline names, never for drift, and only with evidence that the earlier version does
+better on the metric that fired: evidence.py).
 It also reads `pipeline.defined`, `training.requested` and `model.promoted` to keep its
 state (state.py) current; that state is rebuilt from the log when the service opens.
 
@@ -24,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from mlbus.consumers.workflow.definitions import sweep_points
+from mlbus.consumers.workflow.evidence import compare
 from mlbus.consumers.workflow.policy import Champion, Evaluator, judge, metric
 from mlbus.consumers.workflow.state import (
     ACTOR,
@@ -505,7 +508,35 @@ class WorkflowService:
             log.info("workflow: alert on %s: no pipeline, no automatic rollback", alert.model)
             return
         policy = pipeline.defined.rollback
-        if not policy.enabled or (policy.alerts and alert.alert not in policy.alerts):
+        if not policy.enabled:
+            return
+        if not alert.rollback or alert.alert == "psi":
+            log.info(
+                "workflow: alert %s on %s %s: drift only alerts, never rolls back",
+                alert.alert,
+                alert.model,
+                alert.version,
+            )
+            return
+        if alert.alert not in policy.alerts:
+            log.info(
+                "workflow: alert %s on %s %s: not named in the rollback policy of %s (%s)",
+                alert.alert,
+                alert.model,
+                alert.version,
+                pipeline.defined.name,
+                ", ".join(policy.alerts) or "none",
+            )
+            return
+        if _aware(alert.window_end) < _aware(current.time):
+            # An alert on windows before this promotion (a replayed stream, an earlier stint
+            # of the same version) says nothing of the version serving now.
+            log.info(
+                "workflow: alert %s on %s %s is on windows before its promotion; ignored",
+                alert.alert,
+                alert.model,
+                alert.version,
+            )
             return
         last = model.last_automatic_rollback()
         if (
@@ -530,6 +561,17 @@ class WorkflowService:
                 alert.version,
             )
             return
+        comparison = compare(alert, target.data.version)
+        if not comparison.better:
+            log.warning(
+                "workflow: alert %s on %s %s: no rollback to %s: %s",
+                alert.alert,
+                alert.model,
+                alert.version,
+                target.data.version,
+                comparison.reason,
+            )
+            return
         promotion = pipeline.defined.policy
         self._publish(
             ModelPromoted(
@@ -546,6 +588,7 @@ class WorkflowService:
                     "to": target.data.version,
                     "to_promoted_by": target.event_id,
                     "pipeline": pipeline.defined.name,
+                    "comparison": comparison.evidence(),
                 },
                 rollback=True,
                 cause=event.id,
@@ -562,3 +605,8 @@ class WorkflowService:
             target.data.version,
             alert.alert,
         )
+
+
+def _aware(at: datetime) -> datetime:
+    """A time without a zone is UTC (the contract's times are; a hand-made event may omit it)."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)

@@ -1,5 +1,5 @@
-"""`mlbus streams`: the stream processors (serving metrics, drift, alerts) in the foreground;
-exits 0 on SIGTERM/SIGINT."""
+"""`mlbus streams`: the stream processors (serving metrics, drift, alerts, online accuracy from
+feedback) in the foreground; exits 0 on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ def streams(
     ] = None,
 ) -> None:
     """Run the stream processors: windowed serving metrics, drift and alerts from
-    inference.logged into serving.metrics, serving.alert and Prometheus. Without options,
-    the same as `mlbus run streams`."""
+    inference.logged into serving.metrics, serving.alert and Prometheus, and online accuracy
+    from inference.feedback into serving.accuracy. Without options, the same as
+    `mlbus run streams`."""
     raise typer.Exit(_streams(service("streams"), settings(), metrics_port, app_id, idle_seconds))
 
 

@@ -112,6 +112,7 @@ def test_the_components_consume_what_their_manifests_say():
     from mlbus.consumers.workflow.state import TOPICS as WORKFLOW_STATE
     from mlbus.storage import ObjectStore
     from mlbus.streams.drift import FOLLOWED
+    from mlbus.streams.feedback import READS as FEEDBACK
     from mlbus.streams.processor import EVENT_TYPE
 
     kafka = KafkaConfig(bootstrap="127.0.0.1:1")  # nothing connects: constructors only
@@ -120,7 +121,7 @@ def test_the_components_consume_what_their_manifests_say():
     assert set(LINEAGE_TOPICS) == set(service("lineage").reads)
     archiver = Archiver(kafka, ObjectStore("memory://services-test"))
     assert set(archiver.topics) == set(service("archive").reads)
-    assert {EVENT_TYPE, *FOLLOWED} == set(service("streams").reads)
+    assert {EVENT_TYPE, *FOLLOWED, *FEEDBACK} == set(service("streams").reads)
     from mlbus.serving.deployer import OUTCOMES, TOPIC
 
     assert {TOPIC, OUTCOMES} <= set(service("serve").reads)

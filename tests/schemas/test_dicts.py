@@ -4,6 +4,7 @@ generated log covering every topic and over every single-field mutation of its e
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -13,8 +14,9 @@ from pydantic import BaseModel, field_validator
 from mlbus.errors import InvalidEvent
 from mlbus.schemas import dicts
 from mlbus.schemas.catalog import TOPICS
-from mlbus.schemas.codec import decode, decode_dict, dict_decoder
-from tests.consumers.lineage.generator import generate_log
+from mlbus.schemas.codec import decode, decode_dict, dict_decoder, encode_new
+from mlbus.schemas.serving import InferenceFeedback, ServingAccuracy
+from tests.consumers.lineage.generator import GenRecord, generate_log
 
 WRONG: list[Any] = [None, "", "x", -1, 0, 1.5, True, [], {}, ["x"], {"x": 1}, "2026-13-45"]
 
@@ -60,9 +62,40 @@ def mutations(document: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def feedback_records() -> list[GenRecord]:
+    """The feedback topics (not in the lineage generator, whose log other tests pin)."""
+    payloads = [
+        InferenceFeedback(request_id="r1", model="m", label="cat"),
+        InferenceFeedback(
+            request_id="r2",
+            model="m",
+            label=2.5,
+            known_at=datetime(2026, 3, 1, 12, tzinfo=UTC),
+            version="v1",
+        ),
+        InferenceFeedback(request_id="r3", model="m", label=7),
+        ServingAccuracy(
+            model="m",
+            version="v1",
+            window_start=datetime(2026, 3, 1, 12, tzinfo=UTC),
+            window_end=datetime(2026, 3, 1, 12, 0, 10, tzinfo=UTC),
+            labelled=10,
+            correct=8,
+            accuracy=0.8,
+            late=1,
+            unmatched=2,
+        ),
+    ]
+    out = []
+    for payload in payloads:
+        ref, value = encode_new(payload, source="tests")
+        out.append(GenRecord(ref.type, ref.key.encode() if ref.key else None, value))
+    return out
+
+
 @pytest.fixture(scope="module")
 def log() -> list[Any]:
-    return generate_log(3000, seed=7)
+    return generate_log(3000, seed=7) + feedback_records()
 
 
 def test_the_generated_log_decodes_the_same_both_ways(log):

@@ -13,6 +13,12 @@ CONTENT_CHECKED = """
 [[operations]]
 include-path-regex = "/infer$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404"]
+
+# Feedback names a request id this replica answered, and a label among that version's
+# classes: schema-valid data may earn a 404 (an id it did not answer) or a 400 (not a class).
+[[operations]]
+include-path-regex = "/feedback$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404"]
 """
 
 

@@ -89,6 +89,7 @@ def streams_env(kafka: KafkaConfig, tmp_path: Path) -> dict[str, str]:
         "MLBUS_STREAMS__MAX_ERROR_RATE": "0.05",
         "MLBUS_STREAMS__MAX_LATENCY_P99_SECONDS": "0.5",
         "MLBUS_STREAMS__MAX_PSI": "0.2",
+        "MLBUS_STREAMS__MIN_SAMPLES": "50",
     }
 
 

@@ -41,6 +41,7 @@ policy:
     - {{metric: test.accuracy, op: ">=", value: 0.9}}
     - {{metric: inference.latency_p95_ms, op: "<=", value: 20}}
 rollback:
+  alerts: [error_rate, accuracy]
   min_interval_seconds: {interval}
 """
 
@@ -129,7 +130,19 @@ def failed(model: str, request_id: str) -> TrainingFailed:
     )
 
 
-def alert(model: str, version: str, status: str = "firing", name: str = "error_rate") -> Any:
+def alert(
+    model: str,
+    version: str,
+    status: str = "firing",
+    name: str = "error_rate",
+    *,
+    others: dict[str, tuple[int, int]] | None = None,
+) -> Any:
+    """A firing alert as the streams publish it: 20 % server errors over 3 windows of 200
+    requests, with the history of `others` (version → (errors, requests); default: every
+    other version of a..e at 2 errors in 1000)."""
+    if others is None:
+        others = {v: (2, 1000) for v in "abcde" if v != version}
     return ServingAlert(
         model=model,
         version=version,
@@ -140,6 +153,13 @@ def alert(model: str, version: str, status: str = "firing", name: str = "error_r
         threshold=0.05,
         windows=3,
         window_end=datetime.now(UTC),
+        samples=600,
+        evidence={
+            "confidence": 0.99,
+            "min_samples": 100,
+            "pooled": {"n": 600, "errors": 120},
+            "others": {v: {"windows": 10, "n": n, "k": k} for v, (k, n) in others.items()},
+        },
     )
 
 

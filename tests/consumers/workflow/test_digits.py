@@ -141,7 +141,7 @@ def test_digits_pipeline_from_registration_to_rollback(kafka, group, tmp_path):
                 "user:ann",
                 a.version,
             )
-            (fired,) = send(kafka, alert("digits", "worse-run"))
+            (fired,) = send(kafka, alert("digits", "worse-run", others={a.version: (2, 1000)}))
             rollback = at_least(kafka, "model.promoted", 3)[-1]
             assert rollback.causationid == fired.id and rollback.data.rollback
             back = rollback.data

@@ -5,6 +5,8 @@ decide nothing twice."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from mlbus.consumers.workflow import commands
 from mlbus.consumers.workflow.state import decision_id, read_state
 from mlbus.settings import LimitsSettings
@@ -221,3 +223,22 @@ def test_a_sweep_over_the_cap_in_the_log_requests_nothing(kafka, group, caplog):
         ("p2", 1),
     ]
     assert "p1 revision 1 sweeps 6 runs, over the limit of 5" in caplog.text
+
+
+def test_no_rollback_without_a_named_rule_evidence_or_for_drift_then_one_with_them(kafka, group):
+    define(kafka, pipeline_text())
+    send(kafka, completed("m1", "a", 0.95), completed("m1", "b", 0.97))
+    catch_up(kafka, group)
+    drift = alert("m1", "b", name="psi").model_copy(update={"metric": "psi.f0", "rollback": False})
+    latency = alert("m1", "b", name="latency_p99")  # not named in the pipeline's rollback
+    unproven = alert("m1", "b", others={"a": (110, 600)})  # a did as badly
+    stale = alert("m1", "b").model_copy(update={"window_end": datetime(2020, 1, 1, tzinfo=UTC)})
+    send(kafka, drift, latency, unproven, stale)
+    catch_up(kafka, group)
+    assert [e.data.version for e in read_events(kafka, "model.promoted")] == ["a", "b"]
+    (cause,) = send(kafka, alert("m1", "b"))
+    catch_up(kafka, group)
+    *_, back = read_events(kafka, "model.promoted")
+    assert back.data.rollback and back.data.cause == cause.id
+    comparison = back.data.evidence["comparison"]
+    assert comparison["better"] is True and comparison["previous"]["version"] == "a"
