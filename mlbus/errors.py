@@ -15,6 +15,7 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   ├── UnknownModel            404  no such model or version in the log, or not served here
     │   ├── UnknownDataset          404  no such dataset or version in the log
     │   ├── UnknownVersion          404  serving/errors.py: the model has no such loaded version
+    │   ├── UnknownSearch           404  consumers/tuning/api.py: no such search on the log
     │   └── NotInLineage            404  consumers/lineage/store.py: not in the lineage store
     │                                    (also a LineageError)
     ├── Invalid                     400  can never succeed as given: retrying cannot fix it

@@ -20,7 +20,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from mlbus.consumers.tuning.state import Book, Search, Trial
+from mlbus.consumers.tuning.state import READS, Book, Search, Trial
 from mlbus.consumers.tuning.study import propose, should_prune
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.logview import LogView
@@ -34,14 +34,6 @@ from mlbus.signals import install_stop_handlers
 
 log = logging.getLogger(__name__)
 
-READS = (
-    "search.requested",
-    "search.pruned",
-    "training.requested",
-    "training.progress",
-    "training.completed",
-    "training.failed",
-)
 SOURCE = "mlbus/tuning"
 ACTOR = "tuning"
 _PRUNED = uuid.UUID("2f0b9d77-5a43-4c47-8e0e-1c7c9a2b4d10")

@@ -22,6 +22,16 @@ from mlbus.schemas.training import (
 )
 from mlbus.search import trial_run_id
 
+#: What a search's state is folded from (the tuning service, the API and `mlbus tune`).
+READS = (
+    "search.requested",
+    "search.pruned",
+    "training.requested",
+    "training.progress",
+    "training.completed",
+    "training.failed",
+)
+
 Outcome = Literal["running", "completed", "failed", "pruned"]
 
 

@@ -47,7 +47,10 @@ def sampler(search: Search, number: int) -> optuna.samplers.BaseSampler:
     if r.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if r.sampler == "grid":
-        return optuna.samplers.GridSampler(grid(r.space), seed=seed)
+        # One seed per search: the grid's shuffled order is then fixed, and Optuna gives
+        # trial n the n-th point of it, so no point is asked twice while any is left.
+        fixed = seed_of(r.search_id, 0, r.seed)
+        return optuna.samplers.GridSampler(grid(r.space), seed=fixed)
     # A small budget starts modelling sooner than Optuna's 10 random trials; constant liar
     # keeps parallel trials apart.
     startup = max(3, min(10, r.trials // 4))

@@ -130,8 +130,7 @@ def _direction(text: str) -> Literal["max", "min"]:
 
 def follow(search_id: str, *, live: bool = True, poll: float = 0.5) -> dict[str, Any] | None:
     """Read the search's events until it is finished; a live table meanwhile."""
-    from mlbus.consumers.tuning.service import READS
-    from mlbus.consumers.tuning.state import Book
+    from mlbus.consumers.tuning.state import READS, Book
     from mlbus.kafka.logview import LogView
 
     book = Book()
