@@ -135,23 +135,23 @@ def follow(search_id: str, *, live: bool = True, poll: float = 0.5) -> dict[str,
 
     book = Book()
     view = LogView(kafka_config(), READS, name="mlbus tune")
+    screen = Live(console=console, refresh_per_second=4) if live else None
     summary: dict[str, Any] | None = None
     try:
-        with Live(console=console, refresh_per_second=4, transient=False) as screen:
-            if not live:
-                screen.stop()
-            while True:
-                for item in sorted(
-                    view.poll(poll), key=lambda i: i.event.type != "search.requested"
-                ):
-                    book.apply(item.event)
-                summary = book.summary(search_id, datetime.now(UTC))
-                if summary is not None and live:
-                    screen.update(_table(summary))
-                if summary is not None and summary["finished"]:
-                    return summary
-                time.sleep(0.05)
+        if screen is not None:
+            screen.start()
+        while True:
+            for item in sorted(view.poll(poll), key=lambda i: i.event.type != "search.requested"):
+                book.apply(item.event)
+            summary = book.summary(search_id, datetime.now(UTC))
+            if summary is not None and screen is not None:
+                screen.update(_table(summary))
+            if summary is not None and summary["finished"]:
+                return summary
+            time.sleep(0.05)
     finally:
+        if screen is not None:
+            screen.stop()
         view.stop()
 
 

@@ -6,6 +6,7 @@ the best trial promoted through the pipeline's policy."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -28,11 +29,12 @@ from mlbus.storage import ObjectStore
 from mlbus.trainer.worker import TrainingWorker
 from tests.consumers.workflow.support import at_least, define, running
 from tests.mlbus.kafka.support import LoopThread, read_events, wait_until
-from tests.mlbus.test_cli import MLBUS, clean_env, mlbus, ok
+from tests.mlbus.test_cli import MLBUS, clean_env
 
 pytestmark = pytest.mark.integration
 
 TRIALS = 12
+EPOCHS = 6
 
 SPACE = """\
 lr: {type: float, low: 1.0e-5, high: 3.0e-1, log: true}
@@ -65,6 +67,7 @@ def outcomes(kafka: KafkaConfig, runs: set[str]) -> list:
     return done + failed
 
 
+@pytest.mark.timeout(900)  # twelve real trainings on a machine that may be shared
 def test_search_survives_a_sigkill_of_the_tuning_service(
     kafka: KafkaConfig, group: str, tmp_path: Path
 ) -> None:
@@ -116,15 +119,21 @@ def test_search_survives_a_sigkill_of_the_tuning_service(
             )
 
         tuning = start_tuning()
-        out = ok(
-            mlbus(
-                "tune", "digits", "--dataset", f"digits@{dataset.version}", "--family", "mlp",
-                "--space", str(space), "--trials", str(TRIALS), "--parallel", "2",
-                "--pruner", "median", "--sampler", "tpe", "--epochs", "8",
-                "--pipeline", "tune-digits", env=env,
-            )
-        ).stdout  # fmt: skip
-        search_id = out.split()[1]
+        # `mlbus tune --wait --json` publishes the search and follows it to its end.
+        tune = subprocess.Popen(
+            [
+                MLBUS, "tune", "digits", "--dataset", f"digits@{dataset.version}", "--family",
+                "mlp", "--space", str(space), "--trials", str(TRIALS), "--parallel", "2",
+                "--pruner", "median", "--sampler", "tpe", "--epochs", str(EPOCHS),
+                "--pipeline", "tune-digits", "--wait", "--json",
+            ],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        processes.append(tune)
+        (search,) = wait_until(
+            lambda: read_events(kafka, "search.requested"), "the search on the log", timeout=60
+        )
+        search_id = search.data.search_id
         expected = {trial_request_id(search_id, n) for n in range(TRIALS)}
 
         def requested_trials() -> list:
@@ -139,6 +148,7 @@ def test_search_survives_a_sigkill_of_the_tuning_service(
             lambda: finished() >= 4,
             lambda: "4 trial outcomes; the tuning log:\n" + log_path.read_text()[-3000:],
             timeout=300,
+            interval=0.5,
         )
         tuning.send_signal(signal.SIGKILL)
         tuning.wait(10)
@@ -151,8 +161,11 @@ def test_search_survives_a_sigkill_of_the_tuning_service(
             lambda: finished() >= TRIALS,
             lambda: f"{TRIALS} outcomes; the tuning log:\n" + log_path.read_text()[-3000:],
             timeout=600,
+            interval=1.0,
         )
         (promoted,) = at_least(kafka, "model.promoted", 1, timeout=60)
+        stdout, stderr = tune.communicate(timeout=120)
+        assert tune.returncode == 0, stderr.decode()[-3000:]
         time.sleep(1.0)  # anything published twice would be on the log by now
         final.send_signal(signal.SIGTERM)
         assert final.wait(30) == 0, log_path.read_text()[-3000:]
@@ -175,12 +188,19 @@ def test_search_survives_a_sigkill_of_the_tuning_service(
     assert pruned, "median pruning stopped no trial of 12"
     for p in pruned:
         assert p.pruned and p.error_type == PRUNED and p.epoch is not None
-        assert progress[p.run_id] == p.epoch < 8, "stopped at another epoch than it says"
+        assert progress[p.run_id] == p.epoch < EPOCHS, "stopped at another epoch than it says"
         assert decisions[p.run_id].epoch <= p.epoch
     completed = [e.data for e in final_outcomes if e.type == "training.completed"]
-    assert all(progress[c.run_id] == 8 for c in completed)
+    assert all(progress[c.run_id] == EPOCHS for c in completed)
 
     best = max(c.metrics["validation"]["accuracy"] for c in completed)
+    followed = json.loads(stdout)  # what `mlbus tune --wait --json` saw at the end
+    assert followed["search_id"] == search_id and followed["finished"]
+    assert followed["counts"] == {
+        "requested": TRIALS, "running": 0, "completed": len(completed),
+        "pruned": len(pruned), "failed": 0,
+    }  # fmt: skip
+    assert followed["best"]["value"] == best
     assert promoted.data.evidence["sweep_runs"] == len(completed)
     winner = next(c for c in completed if c.run_id == promoted.data.run_id)
     assert winner.metrics["validation"]["accuracy"] == best
