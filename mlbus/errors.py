@@ -17,6 +17,7 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   ├── UnknownVersion          404  serving/errors.py: the model has no such loaded version
     │   ├── UnknownRequest          404  serving/errors.py: feedback for a request id this
     │   │                                replica did not answer
+    │   ├── UnknownSearch           404  consumers/tuning/api.py: no such search on the log
     │   └── NotInLineage            404  consumers/lineage/store.py: not in the lineage store
     │                                    (also a LineageError)
     ├── Invalid                     400  can never succeed as given: retrying cannot fix it
@@ -40,6 +41,8 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   │   └── DatasetNotValidated 400  trainer/lookup.py: a version the validator refused,
     │   │                                or did not validate in time: never trained
     │   ├── InvalidPipeline         400  consumers/workflow/definitions.py: names the line
+    │   ├── InvalidSearch           400  search.py: an empty or contradictory search space, a
+    │   │                                budget of zero, a name the family does not have
     │   ├── InvalidPath             400  a path, URI or key with a NUL byte (storage.py, http.py)
     │   ├── InvalidTime             422  consumers/lineage/store.py: an as-of time that is not
     │   │                                ISO 8601; 422 as FastAPI answers for the other query
@@ -57,6 +60,8 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │       │                            api.max_upload_bytes, serving.max_body_bytes)
     │       └── TooManyRows         413  serving/errors.py: more input rows than
     │                                    serving.max_rows_per_request
+    ├── Pruned                      500  trainer/pruning.py: a search's pruner stopped the run
+    │                                    (the worker ends it with a pruned training.failed)
     ├── Conflict                    409  well formed, but contradicts the current state
     │   ├── PlatformRunning         409  lock.py: another `mlbus up` holds the data dir
     │   ├── NothingToRollBack       409  consumers/workflow/commands.py: no earlier good version

@@ -202,6 +202,7 @@ SERVICES: tuple[Service, ...] = (
             "dataset.created",
             "dataset.validated",
             "training.requested",
+            "search.requested",
             "training.completed",
             "training.failed",
             "model.promoted",
@@ -210,6 +211,7 @@ SERVICES: tuple[Service, ...] = (
         ),
         writes=(
             "training.requested",
+            "search.requested",
             "training.failed",
             "model.promoted",
             "model.rejected",
@@ -222,6 +224,31 @@ SERVICES: tuple[Service, ...] = (
             "second replica only takes over partitions on failure."
         ),
         fetch_wait_ms=250,  # a decision within a quarter second of a completion
+    ),
+    Service(
+        "tuning",
+        folder="consumers/tuning/",
+        role="hyperparameter searches on Optuna: trials requested, epochs pruned; the study "
+        "is the log",
+        source="mlbus/tuning",
+        reads=(
+            "search.requested",
+            "search.pruned",
+            "training.requested",
+            "training.progress",
+            "training.completed",
+            "training.failed",
+        ),
+        writes=("training.requested", "search.pruned"),
+        build="mlbus.cli.tuning:run_tuning",
+        metrics=Metrics(port="metrics.tuning_port"),
+        deployment=Deployment(
+            "exactly 1: it replays the search topics on start (no group, no store) and decides "
+            "for every search; a second replica only repeats decisions (same event ids).",
+            cpu="200m",
+            memory="512Mi",
+        ),
+        group=False,
     ),
     Service(
         "lineage",

@@ -295,6 +295,7 @@ class MetricsSettings(_Section):
     lineage_port: int = Field(default=9204, ge=0, lt=65536, description="lineage; 0 = off")
     archive_port: int = Field(default=9205, ge=0, lt=65536, description="archive; 0 = off")
     openlineage_port: int = Field(default=9206, ge=0, lt=65536, description="openlineage; 0 = off")
+    tuning_port: int = Field(default=9207, ge=0, lt=65536, description="tuning; 0 = off")
     lag_interval_ms: int = Field(
         default=5000,
         ge=0,

@@ -16,6 +16,7 @@ from mlbus.schemas.deadletter import DeadLetter
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.errors import UnknownTopic
 from mlbus.schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
+from mlbus.schemas.search import SearchRequested, TrialPruned
 from mlbus.schemas.serving import (
     InferenceFeedback,
     InferenceLogged,
@@ -99,6 +100,11 @@ CATALOG: tuple[TopicSpec, ...] = (
               "artifact, metrics and provenance of a finished run", "trainer"),
     TopicSpec("training.failed", TrainingFailed, "model", 6,
               "a run failed (reason, retryable)", "trainer"),
+    TopicSpec("search.requested", SearchRequested, "model", 3,
+              "a hyperparameter search (space, sampler, pruner, objective, budget)",
+              "CLI/API, workflow"),
+    TopicSpec("search.pruned", TrialPruned, "model", 6,
+              "the pruner stopped a search's trial after an epoch", "tuning"),
     TopicSpec("pipeline.defined", PipelineDefined, "name", 1,
               "a pipeline definition (trigger, sweep, promotion policy) as applied",
               "workflow CLI/API"),

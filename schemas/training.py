@@ -56,6 +56,13 @@ class FamilyOrigin(Part):
     )
 
 
+class SearchTrial(Part):
+    """The trial of a hyperparameter search a request is (search.requested names the search)."""
+
+    search_id: NonEmpty
+    number: int = Field(ge=0)
+
+
 class TrainingRequested(Payload):
     model: Name
     dataset: DatasetRef
@@ -78,6 +85,7 @@ class TrainingRequested(Payload):
     family_origin: FamilyOrigin | None = Field(
         default=None, description="the plugin family's origin as the requester resolved it"
     )
+    trial: SearchTrial | None = None
 
 
 class TrainingStarted(Payload):
@@ -147,6 +155,9 @@ class TrainingCompleted(Payload):
 #: replace it.
 DEADLINE_EXCEEDED = "DeadlineExceeded"
 
+#: `error_type` of the `training.failed` that ends a trial its search's pruner stopped.
+PRUNED = "Pruned"
+
 _RUNS = uuid.UUID("0d6f3b8e-3c1e-4a7e-9a55-7f2d8c1b6e42")
 
 
@@ -164,3 +175,8 @@ class TrainingFailed(Payload):
     retryable: bool
     error_type: str | None = None
     epoch: int | None = None
+    pruned: bool = Field(
+        default=False,
+        description="the run was stopped by its search's pruner (error_type Pruned); `epoch` "
+        "is the last epoch it trained",
+    )

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from mlbus.schemas.base import Name, NonEmpty, Part, Payload
+from mlbus.schemas.search import SearchPlan
 from mlbus.schemas.training import EarlyStopping, HyperValue, Split, Task
 
 
@@ -54,6 +55,11 @@ class PipelineDefined(Payload):
     hyperparameters: dict[str, HyperValue] = {}
     sweep: dict[str, list[HyperValue]] = Field(
         default={}, description="hyperparameter → values; one request per point of the grid"
+    )
+    search: SearchPlan | None = Field(
+        default=None,
+        description="a hyperparameter search per new version (search.requested) instead of "
+        "one run or a grid sweep; its best trial goes through the policy",
     )
     seed: int = 0
     max_epochs: int = Field(default=10, ge=1)

@@ -51,6 +51,7 @@ from mlbus.ml.tensors import tensor_shape
 from mlbus.schemas.codec import wrap
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.training import (
+    PRUNED,
     Artifact,
     CodeVersion,
     Task,
@@ -66,6 +67,7 @@ from mlbus.tables import DatasetReader
 from mlbus.trainer import checkpoint
 from mlbus.trainer.data import InvalidTrainingRequest, load_arrays, prepare
 from mlbus.trainer.lookup import DatasetLookup, Trainable
+from mlbus.trainer.pruning import Pruned, PruneWatch
 from mlbus.trainer.training import Checkpoint, fit, inference_latency
 
 log = logging.getLogger(__name__)
@@ -145,12 +147,14 @@ class TrainingWorker:
             kafka, ["training.completed", "training.failed"], name="published run outcomes"
         )
         self._published: set[str] = set()
+        self._prunes = PruneWatch(kafka)
 
     def close(self) -> None:
         """Stop the log views of the datasets and the transactional producer (the worker's
         owner calls this)."""
         self.datasets.close()
         self._outcomes.stop()
+        self._prunes.close()
         if self.transactions is not None:
             self.transactions.close()
 
@@ -161,6 +165,11 @@ class TrainingWorker:
             self._handle(request, event, run_id, record)
         except Abandon:
             raise  # given back unfinished: not a failure of the run
+        except Pruned as e:  # its search stopped it: a final outcome that says so
+            failed = self._failure(
+                request, event, run_id, str(e), PRUNED, pruned=True, epoch=e.epoch
+            )
+            self._finish(failed, record)
         except TransientError as e:
             # The loop retries the request with backoff (staying in its group); say so on
             # the bus, with an id per retry so the notices are not taken for duplicates.
@@ -302,6 +311,9 @@ class TrainingWorker:
             )
             self.producer.poll(0)  # delivery is confirmed with the final event, not per epoch
 
+        def pruned() -> int | None:  # a search's trial: has its pruner stopped it?
+            return None if request.trial is None else self._prunes.decision(run_id)
+
         result = fit(
             prepared,
             request.family,
@@ -310,13 +322,16 @@ class TrainingWorker:
             seed=request.seed,
             early_stopping=request.early_stopping,
             on_epoch=progress,
-            should_stop=lambda: record.stopping,
+            should_stop=lambda: record.stopping or pruned() is not None,
             on_checkpoint=save,
             resume=resume,
             device=device,
             loss=request.loss,
             origin=family.origin,
         )
+        decided = pruned() if result.stopped else None
+        if decided is not None:
+            raise Pruned(run_id, result.epochs, decided)
         if result.stopped:  # shutting down: the checkpoint of the last epoch is on the store
             raise Abandon(f"run {run_id} stopped after epoch {result.epochs}")
         metrics = result.metrics | {
@@ -382,7 +397,15 @@ class TrainingWorker:
         )
 
     def _failure(
-        self, request: TrainingRequested, event: Event, run_id: str, reason: str, error_type: str
+        self,
+        request: TrainingRequested,
+        event: Event,
+        run_id: str,
+        reason: str,
+        error_type: str,
+        *,
+        pruned: bool = False,
+        epoch: int | None = None,
     ) -> Event:
         """The final `training.failed` of a run (not retryable; one id per run)."""
         return wrap(
@@ -393,6 +416,8 @@ class TrainingWorker:
                 reason=reason,
                 retryable=False,
                 error_type=error_type,
+                epoch=epoch,
+                pruned=pruned,
             ),
             source=self.producer.source,
             causation=event,

@@ -25,8 +25,11 @@ from mlbus.families import TASK_METRICS, InvalidModelSpec, hyperparameters, reso
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.logview import LogView
 from mlbus.kafka.producer import EventProducer
+from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.envelope import Event
+from mlbus.schemas.search import SearchPlan, SearchRequested
 from mlbus.schemas.workflow import PipelineDefined
+from mlbus.search import InvalidSearch, check_search, parse_space
 from mlbus.settings import LimitsSettings
 
 _LATENCY = frozenset({"inference.latency_p50_ms", "inference.latency_p95_ms"})
@@ -201,6 +204,8 @@ def parse(
                 hyperparameters(family, params | {name: value})
             except InvalidModelSpec as e:
                 raise fail(("sweep", name, i), str(e)) from None
+    if raw.get("search") is not None:
+        _check_search(raw, family, params, sweep, fail, task, known)
     policy = raw.get("policy")
     if not isinstance(policy, dict):
         raise fail(("policy",), "a mapping (name, metric, mode, margin, thresholds)")
@@ -228,6 +233,49 @@ def parse(
     except ValidationError as e:
         first = e.errors(include_url=False)[0]
         raise fail(first["loc"], first["msg"]) from None
+
+
+def _check_search(
+    raw: Mapping[str, Any],
+    family: str,
+    params: Mapping[str, Any],
+    sweep: Any,
+    fail: Any,
+    task: str,
+    known: frozenset[str],
+) -> None:
+    """A `search:` block, checked as `mlbus tune` checks a search (space, budget, names)."""
+    block = raw["search"]
+    if sweep:
+        raise fail(("search",), "a pipeline has a sweep or a search, not both")
+    if not isinstance(block, dict):
+        raise fail(("search",), "a mapping (space, trials, parallel, sampler, pruner, ...)")
+    if block.get("trials") in (None, 0):
+        raise fail(("search", "trials"), "a budget of at least one trial")
+    try:
+        space = parse_space(block.get("space"), where="space")
+        plan = SearchPlan.model_validate(block | {"space": space})
+        check_search(
+            SearchRequested(
+                search_id="check",
+                model=str(raw["model"]),
+                dataset=DatasetRef(name="check", version="check"),
+                family=family,
+                space=plan.space,
+                hyperparameters=dict(params),
+                sampler=plan.sampler,
+                trials=plan.trials,
+            )
+        )
+    except InvalidSearch as e:
+        raise fail(("search",), str(e)) from None
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        raise fail(("search", *first["loc"]), first["msg"]) from None
+    if plan.objective.metric not in known:
+        raise fail(
+            ("search", "objective", "metric"), _unknown_metric(plan.objective.metric, task, known)
+        )
 
 
 def _offending(error: InvalidModelSpec, params: Mapping[str, Any]) -> str:

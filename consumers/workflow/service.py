@@ -49,6 +49,7 @@ from mlbus.schemas.codec import wrap
 from mlbus.schemas.datasets import DatasetValidated
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import ModelPromoted, ModelRejected
+from mlbus.schemas.search import SearchRequested
 from mlbus.schemas.serving import ServingAlert
 from mlbus.schemas.training import (
     DEADLINE_EXCEEDED,
@@ -159,6 +160,7 @@ class WorkflowService:
             "pipeline.defined": self._on_defined,
             "dataset.validated": self._on_validated,
             "training.requested": self._on_state,
+            "search.requested": self._on_state,
             "training.completed": self._on_outcome,
             "training.failed": self._on_outcome,
             "model.promoted": self._on_state,
@@ -279,6 +281,12 @@ class WorkflowService:
                 data.version[:12],
             )
             return
+        if spec.search is not None:
+            self._search(spec, cause)
+            self.state.last_trigger[spec.name] = max(
+                position, self.state.last_trigger.get(spec.name, position)
+            )
+            return
         points = sweep_points(spec)
         sweep_id = request_id(spec.name, cause.id, -1) if spec.sweep else None
         seconds = spec.deadline_seconds or self.settings.sweep_deadline_seconds
@@ -321,6 +329,42 @@ class WorkflowService:
             )
         self.state.last_trigger[spec.name] = max(
             position, self.state.last_trigger.get(spec.name, position)
+        )
+
+    def _search(self, spec: PipelineDefined, cause: Event[DatasetValidated]) -> None:
+        """A pipeline with a `search:` block starts one search per version (its id derived
+        from pipeline and dataset event); the tuning service runs it."""
+        assert spec.search is not None
+        sid = request_id(spec.name, cause.id, -2)
+        if sid in self.state.decided:
+            return
+        plan, data = spec.search, cause.data
+        self._publish(
+            SearchRequested(
+                search_id=sid,
+                model=spec.model,
+                dataset=DatasetRef(name=data.name, version=data.version),
+                family=spec.family,
+                space=plan.space,
+                hyperparameters=spec.hyperparameters,
+                sampler=plan.sampler,
+                pruner=plan.pruner,
+                objective=plan.objective,
+                trials=plan.trials,
+                parallel=plan.parallel,
+                timeout_seconds=plan.timeout_seconds,
+                seed=spec.seed,
+                max_epochs=spec.max_epochs,
+                split=spec.split,
+                pipeline=spec.name,
+                requested_by=ACTOR,
+            ),
+            cause=cause,
+            event_id=sid,
+            subject=f"{spec.name}@{spec.revision}",
+        )
+        log.info(
+            "workflow: %s started search %s on %s@%s", spec.name, sid, data.name, data.version[:12]
         )
 
     # -- deadlines --------------------------------------------------------------------------

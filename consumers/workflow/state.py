@@ -32,8 +32,8 @@ from mlbus.schemas.workflow import PipelineDefined
 _NAMESPACE = uuid.UUID("3c9a1f52-8f0e-4b0a-b7b5-2f6f4f1f9c21")
 #: Topics the state is built from, in the order a rebuild applies them.
 TOPICS = (
-    "pipeline.defined", "dataset.validated", "training.requested", "training.completed",
-    "training.failed", "model.promoted", "model.rejected",
+    "pipeline.defined", "dataset.validated", "training.requested", "search.requested",
+    "training.completed", "training.failed", "model.promoted", "model.rejected",
 )  # fmt: skip
 #: The workflow's own actor name in decisions (manual ones carry the user's).
 ACTOR = "mlbus/workflow"
@@ -217,6 +217,14 @@ class State:
             self.requests[event.id] = data
             if data.sweep is not None:
                 self._requested(event, data)
+            trigger = self.validated.get(event.causationid or "")
+            if data.pipeline and trigger is not None:
+                before = self.last_trigger.get(data.pipeline)
+                if before is None or trigger[0] > before:
+                    self.last_trigger[data.pipeline] = trigger[0]
+        elif event.type == "search.requested":
+            # A pipeline's search is its trigger of that version, like a run request.
+            self.decided.add(event.id)
             trigger = self.validated.get(event.causationid or "")
             if data.pipeline and trigger is not None:
                 before = self.last_trigger.get(data.pipeline)

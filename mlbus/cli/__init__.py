@@ -46,6 +46,7 @@ from mlbus.cli import (  # noqa: E402, F401
     serving,
     streams,
     training,
+    tuning,
     workflow,
 )
 

@@ -80,7 +80,7 @@ class TrainingAccepted(BaseModel):
 
 
 #: Operations that read the log or a store: the broker or store may be out of reach (503).
-_BACKED = ("/datasets", "/training", "/pipelines", "/models/", "/lineage", "/runs")
+_BACKED = ("/datasets", "/training", "/pipelines", "/models/", "/lineage", "/runs", "/searches")
 
 
 def _answered_by_the_app(method: str, path: str, operation: dict[str, Any]) -> set[int]:
@@ -375,6 +375,7 @@ def create_app(cfg: Settings) -> FastAPI:
     from mlbus.cli.ui import create_router as ui_router
     from mlbus.consumers.lineage.api import create_router as lineage_router
     from mlbus.consumers.lineage.api import models_router, runs_router
+    from mlbus.consumers.tuning.api import create_router as tuning_router
     from mlbus.consumers.workflow.api import create_router as workflow_router
 
     def kafka() -> KafkaConfig:
@@ -384,6 +385,7 @@ def create_app(cfg: Settings) -> FastAPI:
     api.include_router(datasets_router(registry, cfg.limits))
     api.include_router(training_router(producer, registry))
     api.include_router(workflow_router(kafka, cfg.limits))
+    api.include_router(tuning_router(kafka))
     api.include_router(lineage_router(lineage_store))
     api.include_router(models_router(lineage_store))
     api.include_router(runs_router(lineage_store))

@@ -15,6 +15,7 @@ from mlbus.errors import InvalidEvent
 from mlbus.schemas import dicts
 from mlbus.schemas.catalog import TOPICS
 from mlbus.schemas.codec import decode, decode_dict, dict_decoder, encode_new
+from mlbus.schemas.search import SearchRequested, TrialPruned
 from mlbus.schemas.serving import InferenceFeedback, ServingAccuracy
 from tests.consumers.lineage.generator import GenRecord, generate_log
 
@@ -93,9 +94,36 @@ def feedback_records() -> list[GenRecord]:
     return out
 
 
+def search_records() -> list[GenRecord]:
+    """A search and a prune decision (the generated log has runs, not searches)."""
+    search = SearchRequested.model_validate(
+        {
+            "search_id": "s1",
+            "model": "m",
+            "dataset": {"name": "d", "version": "v1"},
+            "family": "mlp",
+            "space": {
+                "lr": {"type": "float", "low": 1e-4, "high": 0.1, "log": True},
+                "dropout": {"type": "categorical", "choices": [0.0, 0.1]},
+            },
+            "trials": 4,
+            "parallel": 2,
+            "timeout_seconds": 60.0,
+        }
+    )
+    pruned = TrialPruned(
+        search_id="s1", trial=1, model="m", run_id="r", request_id="q", epoch=2, pruner="median"
+    )
+    out = []
+    for payload in (search, pruned):
+        ref, value = encode_new(payload, source="tests")
+        out.append(GenRecord(ref.type, ref.key.encode() if ref.key else None, value))
+    return out
+
+
 @pytest.fixture(scope="module")
 def log() -> list[Any]:
-    return generate_log(3000, seed=7) + feedback_records()
+    return generate_log(3000, seed=7) + feedback_records() + search_records()
 
 
 def test_the_generated_log_decodes_the_same_both_ways(log):
