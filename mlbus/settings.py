@@ -157,6 +157,13 @@ class JournalSettings(_Section):
     snapshot_seconds: float = Field(
         default=1.0, gt=0, description="interval of the consumer-group offset snapshots"
     )
+    nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="CPU niceness of the journal's capture thread: on a busy machine it "
+        "lags producers during a burst instead of slowing them",
+    )
 
 
 class TrainerSettings(_Section):

@@ -197,6 +197,7 @@ def up(
                 sync_seconds=cfg.journal.sync_ms / 1000,
                 snapshot_seconds=cfg.journal.snapshot_seconds,
                 fetch_wait_ms=cfg.journal.fetch_wait_ms,
+                nice=cfg.journal.nice,
             )
             capture.start()
         if broker is not None:
