@@ -152,7 +152,12 @@ class JournalSettings(_Section):
         description="longest wait before journaled records are synced to disk",
     )
     fetch_wait_ms: int = Field(
-        default=100, ge=1, le=1000, description="longest wait of the journal's fetches"
+        default=500,
+        ge=1,
+        le=1000,
+        description="longest wait of the journal's fetches: with the sync interval, the loss "
+        "bound of a crash (a waiting fetch over every partition costs the embedded broker "
+        "~6% of a core at 100 ms, ~2% at 500 ms)",
     )
     snapshot_seconds: float = Field(
         default=1.0, gt=0, description="interval of the consumer-group offset snapshots"

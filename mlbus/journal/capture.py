@@ -57,7 +57,7 @@ class Capture:
         positions: Positions | None = None,
         sync_seconds: float = 0.2,
         snapshot_seconds: float = 1.0,
-        fetch_wait_ms: int = 100,
+        fetch_wait_ms: int = 500,
         nice: int = 10,
     ) -> None:
         self.kafka = kafka
