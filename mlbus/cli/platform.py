@@ -203,7 +203,10 @@ def up(
         if broker is not None:
             broker.announce()  # only now may other commands find it: the topics exist
         console.print(topic_table(statuses))
-        supervisor = Supervisor(services, env=service_env(cfg), output=show, data_dir=cfg.data_dir)
+        env = service_env(cfg)
+        if capture is not None and restored.scan.segments:
+            env = _rebuild_on_lost_tail(cfg, env)
+        supervisor = Supervisor(services, env=env, output=show, data_dir=cfg.data_dir)
         supervisor.start()
         table = Table("service", "pid", "address", title="mlbus services")
         if broker is not None and broker.process is not None:
@@ -241,6 +244,16 @@ def up(
     if capture is not None and capture.error is not None:
         console.print(f"[red]the journal stopped:[/] {escape(repr(capture.error))}")
         raise typer.Exit(1)
+
+
+def _rebuild_on_lost_tail(cfg: Settings, env: dict[str, str]) -> dict[str, str]:
+    """On a restored log the one way a store's positions (lineage, archive, the stream
+    processors' tables) can name a record that is not there is the journal's lost tail: a
+    record the store took in the last moments before a crash. The store is then rebuilt
+    from the log, its source of truth, unless the user chose otherwise."""
+    if "on_new_log" in cfg.positions.model_fields_set:
+        return env
+    return env | {"MLBUS_POSITIONS__ON_NEW_LOG": "rebuild"}
 
 
 def _watch_broker(
