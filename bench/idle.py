@@ -70,6 +70,20 @@ def _sample(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
+#: Shared libraries that show a heavy module was imported (mapped in /proc/<pid>/maps).
+HEAVY = {"torch": "libtorch", "pyarrow": "libarrow", "pandas": "pandas/_libs", "sklearn": "sklearn"}
+
+
+def heavy(pid: int) -> str:
+    """The heavy modules the process tree of `pid` has loaded."""
+    found = set()
+    for p in [-pid] if pid < 0 else _tree(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
+            maps = Path(f"/proc/{p}/maps").read_text()
+            found |= {name for name, marker in HEAVY.items() if marker in maps}
+    return ", ".join(sorted(found))
+
+
 def measure(procs: dict[str, int], seconds: float) -> list[tuple[str, float, float]]:
     """(name, RSS MB, CPU % of one core) per process tree over `seconds`."""
     start = {name: _sample(pid) for name, pid in procs.items()}
@@ -109,14 +123,16 @@ def _wait_ready(up: subprocess.Popen[bytes], root: Path, log: Path) -> dict[str,
     raise SystemExit(f"services not ready within 240s; see {log}")
 
 
-def report(title: str, rows: list[tuple[str, float, float]], seconds: float) -> list[str]:
+def report(
+    title: str, rows: list[tuple[str, float, float]], seconds: float, loaded: dict[str, str]
+) -> list[str]:
     total_rss = sum(r[1] for r in rows)
     total_cpu = sum(r[2] for r in rows)
     lines = [f"{title} ({seconds:.0f} s window)", ""]
     lines += render_table(
-        ["process", "RSS MB", "CPU % of a core"],
-        [[n, f"{rss:,.0f}", f"{cpu:.1f}"] for n, rss, cpu in rows]
-        + [["total", f"{total_rss:,.0f}", f"{total_cpu:.1f}"]],
+        ["process", "RSS MB", "CPU % of a core", "heavy modules loaded"],
+        [[n, f"{rss:,.0f}", f"{cpu:.1f}", loaded.get(n, "")] for n, rss, cpu in rows]
+        + [["total", f"{total_rss:,.0f}", f"{total_cpu:.1f}", ""]],
         right=frozenset({1, 2}),
     )
     return lines
@@ -156,6 +172,7 @@ def main() -> int:
         procs = _wait_ready(up, root, log)
         time.sleep(args.settle)
         rows = measure(procs, args.seconds)
+        loaded = {name: heavy(pid) for name, pid in procs.items()}
         total_rss = sum(r[1] for r in rows)
         total_cpu = sum(r[2] for r in rows)
         ok = total_rss < RSS_TARGET_MB and total_cpu < CPU_TARGET
@@ -163,7 +180,9 @@ def main() -> int:
             print(
                 json.dumps(
                     {
-                        "processes": {n: {"rss_mb": m, "cpu_pct": c} for n, m, c in rows},
+                        "processes": {
+                            n: {"rss_mb": m, "cpu_pct": c, "heavy": loaded[n]} for n, m, c in rows
+                        },
                         "total_rss_mb": total_rss,
                         "total_cpu_pct": total_cpu,
                         "ok": ok,
@@ -171,7 +190,8 @@ def main() -> int:
                 )
             )
         else:
-            print("\n".join(report("mlbus up, idle", rows, args.seconds)))
+            print("\n".join(report("mlbus up, idle", rows, args.seconds, loaded)))
+            print("load average over 1/5/15 min: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
             print(
                 f"\ntarget: < {RSS_TARGET_MB} MB and < {CPU_TARGET:.0f}% of a core: "
                 + ("met" if ok else "NOT met")

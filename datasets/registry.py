@@ -21,7 +21,7 @@ from typing import Any
 
 from mlbus.datasets.sources import InvalidDataset, Source, open_source
 from mlbus.datasets.writer import write_canonical
-from mlbus.errors import MlbusError, UnknownDataset
+from mlbus.errors import UnknownDataset
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.logview import dataset_versions
 from mlbus.kafka.producer import EventProducer
@@ -149,12 +149,12 @@ class DatasetRegistry:
                 parents=parent_refs,
                 created_by=created_by,
             )
-            try:
-                ref = producer.publish(payload, subject=f"{payload.name}@sha256:{payload.version}")
-                producer.flush()
-            except MlbusError:
-                self.store.delete(key)  # nothing announced: leave nothing behind
-                raise
+            # The data stays even if the announcement fails: a record the broker took just
+            # before it died may be confirmed to nobody and still be in the log (restored
+            # from the journal), and an announced version without its data is broken for
+            # good, while an unannounced file is only disk (registering again reuses it).
+            ref = producer.publish(payload, subject=f"{payload.name}@sha256:{payload.version}")
+            producer.flush()
             return Registered.of(payload, created=True, event_id=ref.id)
 
     def _resolve_parent(self, text: str, known: list[Event]) -> DatasetRef:

@@ -15,19 +15,19 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from mlbus import artifacts
 from mlbus.errors import MlbusError, TransientError, UnknownModel
 from mlbus.families import resolve
 from mlbus.ml.card import ModelCard
 from mlbus.serving.batcher import MicroBatcher
 from mlbus.serving.errors import UnknownVersion, VerificationFailed
 from mlbus.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class Deployment:
         """Class probabilities [rows, classes] of raw inputs [rows, values] (float32), or a
         regression model's predictions [rows, 1] in the target's units."""
         scaled = self._standardisation.apply(x).reshape(self._feed)
+        import torch  # imported with the first model: a server with none holds no torch
+
         with torch.inference_mode():
             out = self.model(torch.from_numpy(scaled))
             if self.regression:
@@ -126,6 +128,8 @@ def load_verified(
     started = time.perf_counter()
     if not card_uri:
         raise VerificationFailed("the promotion's artifact has no model_card_uri")
+    from mlbus import artifacts  # torch and Arrow, loaded with the first model
+
     try:
         model, card = artifacts.load(store, uri, sha256, card_uri)
     except TransientError:
@@ -227,6 +231,8 @@ class Registry:
             on_batch = self.on_batch
             heavy = deployment.row_seconds >= PARALLEL_ROW_SECONDS
             threads = self.torch_threads if heavy else 1
+
+            import torch
 
             def forward(x: np.ndarray) -> np.ndarray:
                 if on_batch is not None:

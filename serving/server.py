@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from mlbus.errors import MlbusError, NotFound
 from mlbus.kafka.config import KafkaConfig
@@ -78,6 +77,14 @@ def tune_gc() -> None:
         gc.freeze()
 
 
+def _torch_threads(n: int) -> None:
+    # A forward thread starts with the first inference: torch is loaded by then (a model
+    # is), and a server without a model never imports it.
+    import torch
+
+    torch.set_num_threads(n)
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     deployment: Deployment
@@ -127,7 +134,7 @@ class ModelServer:
         self.executor = ThreadPoolExecutor(
             self.forward_workers,
             thread_name_prefix="mlbus-forward",
-            initializer=torch.set_num_threads,
+            initializer=_torch_threads,
             initargs=(self.torch_threads,),
         )
         self.registry = Registry(

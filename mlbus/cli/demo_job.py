@@ -6,12 +6,15 @@ the model promoted and loaded, asks it for predictions over HTTP and over
 `inference.requests`, shows the serving metrics the stream processors computed, registers a
 second version of the dataset (the digits plus shifted copies), sees the retrain and the
 second promotion, and prints the serving model's lineage (a tree, and a graph written to the
-data dir) and its audit trail. It stops everything it started and exits 1 if a step failed.
+data dir) and its audit trail. Then it stops the platform and starts it again on the same
+data dir: the journal restores the log, and the same champion is served with the same
+lineage. It stops everything it started and exits 1 if a step failed.
 The command itself is mlbus/cli/demo.py, which imports this module when it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -22,6 +25,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +192,40 @@ def _wait_ready(up: subprocess.Popen[bytes], data_dir: Path, names: set[str], lo
     raise DemoFailed(f"services not ready within 180s; see {log}")
 
 
+def _start_up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mlbus", "up"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent_guard(),
+        )
+
+
+def _stop(up: subprocess.Popen[bytes], log: Path) -> bool:
+    """Ctrl-C to `mlbus up`; True if it stopped cleanly."""
+    console.print("\n[bold]stopping `mlbus up`…[/]")
+    up.send_signal(signal.SIGINT)
+    try:
+        code = up.wait(90)
+    except subprocess.TimeoutExpired:
+        os.killpg(up.pid, signal.SIGKILL)
+        code = up.wait()
+    console.print(f"   `mlbus up` exited with code {code}; service logs: {log}")
+    return code == 0
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the demo ended with: the version served and its lineage."""
+
+    version: str
+    lineage: Any
+
+
 def run_demo(pipeline: Path) -> None:
     """The main job end to end (see the module doc); SystemExit(1) if a step failed."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -209,31 +247,25 @@ def run_demo(pipeline: Path) -> None:
     env.pop("MLBUS_KAFKA_BOOTSTRAP_SERVERS", None)
     up_log = root / "up.log"
     console.rule("[bold]mlbus demo")
-    with up_log.open("wb") as sink:
-        up = subprocess.Popen(
-            [sys.executable, "-m", "mlbus", "up"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent_guard(),
-        )
+    up = _start_up(env, up_log)
     ok = False
+    served: Served | None = None
     try:
-        ok = _run(up, root, ports, up_log, pipeline.resolve())
+        served = _run(up, root, ports, up_log, pipeline.resolve())
     except (DemoFailed, MlbusError, httpx.HTTPError) as e:
         console.print(f"\n[bold red]demo failed:[/] {e}")
     finally:
-        console.print("\n[bold]stopping `mlbus up`…[/]")
-        up.send_signal(signal.SIGINT)
+        ok = _stop(up, up_log) and served is not None
+    if ok and served is not None:
+        restart_log = root / "up-restart.log"
+        up = _start_up(env, restart_log)
         try:
-            code = up.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            code = up.wait()
-        console.print(f"   `mlbus up` exited with code {code}; service logs: {up_log}")
-        ok = ok and code == 0
+            ok = _restarted(up, root, ports, restart_log, served)
+        except (DemoFailed, MlbusError, httpx.HTTPError) as e:
+            console.print(f"\n[bold red]demo failed:[/] {e}")
+            ok = False
+        finally:
+            ok = _stop(up, restart_log) and ok
     elapsed = time.monotonic() - started
     if not ok:
         console.rule(f"[red]demo failed after {elapsed:.0f}s")
@@ -243,7 +275,7 @@ def run_demo(pipeline: Path) -> None:
 
 def _run(
     up: subprocess.Popen[bytes], root: Path, ports: dict[str, int], up_log: Path, pipeline: Path
-) -> bool:
+) -> Served | None:
     from mlbus.consumers.workflow.definitions import apply
     from mlbus.datasets.registry import DatasetRegistry
     from mlbus.datasets.samples import SAMPLES, sample_table
@@ -384,7 +416,8 @@ def _run(
         console.print(f"   the server now answers with version {version}: {labels}")
 
         _step(10, f"lineage of the serving model {MODEL}@{v2}, from the lineage store")
-        return _lineage(cfg, kafka, root, v2) and version == v2
+        lineage = _lineage(cfg, kafka, root, v2)
+        return Served(v2, lineage) if lineage is not None and version == v2 else None
     finally:
         log.stop()
         if registry is not None:
@@ -432,9 +465,10 @@ def _await_loaded(log: Log, version: str, serve: str) -> None:
         time.sleep(0.1)
 
 
-def _lineage(cfg: Settings, kafka: KafkaConfig, root: Path, version: str) -> bool:
+def _lineage(cfg: Settings, kafka: KafkaConfig, root: Path, version: str) -> Any:
     """The lineage of the serving version, as the projector rebuilt it from the log (a tree,
-    and SVG/DOT files in the data dir), then its audit trail verified against the log."""
+    and SVG/DOT files in the data dir), then its audit trail verified against the log: the
+    lineage, or None if the audit found something amiss."""
     from mlbus.cli.lineage import _upstream_tree
     from mlbus.cli.svg import render_svg
     from mlbus.consumers.lineage.audit import plan, topics_of, verify
@@ -465,4 +499,53 @@ def _lineage(cfg: Settings, kafka: KafkaConfig, root: Path, version: str) -> boo
         console.print(f"   {mark} {e.time} {e.type:<20} {e.event_id}", highlight=False)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(report.counts.items()))
     console.print(f"   {len(report.events)} events ({counts})")
-    return bool(report.ok)
+    return up if report.ok else None
+
+
+def _restarted(
+    up: subprocess.Popen[bytes], root: Path, ports: dict[str, int], log: Path, served: Served
+) -> bool:
+    """The platform started again on the same data dir: the journal brings the log back, and
+    the same champion is served with the same lineage — no run, decision or row redone."""
+    from mlbus.consumers.lineage.queries import LineageQueries
+    from mlbus.consumers.lineage.store import LineageStore
+
+    _step(12, "restart the platform on the same data dir: the journal brings the log back")
+    _wait_ready(up, root, {"serve", "api", "lineage"}, log)
+    broker = orjson.loads((root / "broker.json").read_bytes())
+    console.print(f"   {'broker':<10} pid {broker['pid']:<7} {broker['bootstrap']} (embedded)")
+    for s in (read_status(root) or {}).get("services", []):
+        console.print(f"   {s['service']:<10} pid {s['pid']:<7} {s['url'] or ''}")
+    for line in log.read_text(errors="replace").splitlines():
+        if "journal: restored" in line:
+            console.print(f"   {line.strip()}", highlight=False)
+    serve = f"http://127.0.0.1:{ports['serve']}"
+    deadline = time.monotonic() + 60
+    while True:  # the server loads the champion again from the restored log
+        with contextlib.suppress(httpx.HTTPError):
+            version = _predict(serve, np.zeros((1, 64), np.float32))[0]
+            if version == served.version:
+                break
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"after the restart the server does not answer with {served.version}")
+        time.sleep(0.25)
+    console.print(f"   the server answers with version {version} again (the same champion)")
+    cfg = load_settings(data_dir=root)
+    queries = LineageQueries(LineageStore.open(cfg.metadata_url))
+    again = queries.upstream(MODEL, served.version)
+    before = served.lineage
+    # Deployments differ by design: the restarted server is a new replica and reports its
+    # load; the rest (the run, its datasets, decisions, provenance) must be as it was.
+    same = (again.run, again.datasets, again.decisions, again.provenance) == (
+        before.run,
+        before.datasets,
+        before.decisions,
+        before.provenance,
+    )
+    if not same:
+        raise DemoFailed(f"the lineage of {MODEL}@{served.version} changed across the restart")
+    console.print(
+        f"   the same lineage: run {again.run.run_id}, {len(again.datasets)} dataset "
+        f"version(s), {len(again.decisions)} decision(s), as before the restart"
+    )
+    return True

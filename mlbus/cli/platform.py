@@ -197,7 +197,10 @@ def up(
             kafka = KafkaConfig.from_settings(cfg, bootstrap=broker.bootstrap if broker else None)
             statuses = apply_topics(kafka)
         console.print(topic_table(statuses))
-        supervisor = Supervisor(services, env=service_env(cfg), output=show, data_dir=cfg.data_dir)
+        env = service_env(cfg)
+        if keeper is not None:  # a restored log, at start or after the broker's replacement
+            env = _rebuild_on_lost_tail(cfg, env)
+        supervisor = Supervisor(services, env=env, output=show, data_dir=cfg.data_dir)
         supervisor.start()
         table = Table("service", "pid", "address", title="mlbus services")
         if keeper is not None and keeper.broker is not None and keeper.broker.process:
@@ -242,6 +245,17 @@ def up(
         lock.release()
     if broker is not None and died.is_set():
         raise typer.Exit(_broker_died(broker))
+
+
+def _rebuild_on_lost_tail(cfg: Settings, env: dict[str, str]) -> dict[str, str]:
+    """On a restored log (at start, or in a broker that replaced a dead one) the one way a
+    store's positions (lineage, archive, the stream processors' tables) can name a record
+    that is not there is the journal's lost tail: a record the store took in the last
+    moments before a crash. The store is then rebuilt from the log, its source of truth,
+    unless the user chose otherwise."""
+    if "on_new_log" in cfg.positions.model_fields_set:
+        return env
+    return env | {"MLBUS_POSITIONS__ON_NEW_LOG": "rebuild"}
 
 
 def _watch_broker(broker: EmbeddedBroker, stop: threading.Event, died: threading.Event) -> None:

@@ -42,7 +42,6 @@ def trainer() -> None:
 def run_trainer(manifest: Service, cfg: Settings) -> None:
     """A training worker in the foreground (`mlbus run trainer`)."""
     from mlbus.kafka.transaction import Transactional
-    from mlbus.trainer.worker import TrainingWorker
 
     kafka = kafka_config(cfg)
     group = manifest.group_id(cfg.topic_prefix)
@@ -52,26 +51,51 @@ def run_trainer(manifest: Service, cfg: Settings) -> None:
     if wanted is None:
         wanted = not kafka.embedded
     transactions = Transactional(kafka, prefix=group) if wanted else None
-    with (
-        EventProducer(kafka, source=manifest.source) as producer,
-        contextlib.closing(
-            TrainingWorker(
+    with EventProducer(kafka, source=manifest.source) as producer:
+
+        def build() -> Any:
+            from mlbus.trainer.worker import TrainingWorker  # torch and Arrow: ~200 MB
+
+            return TrainingWorker(
                 kafka,
                 ObjectStore.from_settings(cfg),
                 producer,
                 validation_wait_seconds=cfg.trainer.validation_wait_seconds,
                 transactions=transactions,
             )
-        ) as worker,
-    ):
-        console.print(f"training worker {worker.worker} waiting for training.requested")
-        ConsumerLoop(
-            kafka,
-            group=group,
-            name=manifest.name,
-            long_running=True,
-            handlers={"training.requested": worker},
-        ).run()
+
+        unbuilt = transactions.close if transactions is not None else None
+        with contextlib.closing(_OnFirstRequest(build, unbuilt)) as worker:
+            console.print("training worker waiting for training.requested")
+            ConsumerLoop(
+                kafka,
+                group=group,
+                name=manifest.name,
+                long_running=True,
+                handlers={"training.requested": worker},
+            ).run()
+
+
+class _OnFirstRequest:
+    """The training worker, built when the first request arrives: a worker that waits
+    holds neither torch nor Arrow (about 200 MB resident) nor the worker's log views."""
+
+    def __init__(self, build: Any, unbuilt: Any = None) -> None:
+        self._build = build
+        self._unbuilt = unbuilt  # what closing stops when no worker was built
+        self._worker: Any = None
+
+    def __call__(self, event: Any, record: Any) -> None:
+        if self._worker is None:
+            self._worker = self._build()
+            console.print(f"training worker {self._worker.worker} loaded")
+        self._worker(event, record)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+        elif self._unbuilt is not None:
+            self._unbuilt()
 
 
 def _value(text: str) -> float | int | str | bool:

@@ -10,6 +10,7 @@ producer's acknowledgement, and the disk (a power cut) within `sync_seconds` mor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -56,7 +57,8 @@ class Capture:
         positions: Positions | None = None,
         sync_seconds: float = 0.2,
         snapshot_seconds: float = 1.0,
-        fetch_wait_ms: int = 100,
+        fetch_wait_ms: int = 500,
+        nice: int = 10,
     ) -> None:
         self.kafka = kafka
         self.directory = directory
@@ -64,6 +66,7 @@ class Capture:
         self.sync_seconds = sync_seconds
         self.snapshot_seconds = snapshot_seconds
         self.fetch_wait_ms = fetch_wait_ms
+        self.nice = nice
         self.records = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -76,9 +79,29 @@ class Capture:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, timeout: float = 30.0) -> None:
+        """Returns once every partition is assigned (nothing written from now on is missed);
+        the capture's error if it could not get there."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._writer = SegmentWriter(self.directory)
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="journal-capture", daemon=True
+        )
+        self._thread.start()
+        ready.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        if not ready.is_set():
+            raise TimeoutError(f"the journal capture did not start within {timeout:.0f}s")
+
+    def _open(self) -> None:
+        # The capture yields the CPU to the platform it copies: its thread, and librdkafka's
+        # threads it starts (they inherit the value), run at a lower priority. On a busy
+        # machine the journal then lags producers during a burst rather than slowing them.
+        if self.nice:
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
         conf = self.kafka.consumer(
             None,
             **{
@@ -90,10 +113,8 @@ class Capture:
         )
         self._consumer = Consumer(conf)
         self._admin = AdminClient(self.kafka.admin())
-        self._discover()  # assigned before the thread starts: nothing written is missed
+        self._discover()  # assigned before start() returns: nothing written is missed
         self._sync()  # durable.json names this process: publishers wait for it from now on
-        self._thread = threading.Thread(target=self._run, name="journal-capture", daemon=True)
-        self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -112,9 +133,13 @@ class Capture:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        last_sync = last_discover = last_snapshot = time.monotonic()
+    def _run(self, ready: threading.Event) -> None:
+        opened = False
         try:
+            self._open()
+            opened = True
+            ready.set()
+            last_sync = last_discover = last_snapshot = time.monotonic()
             while not self._stop.is_set():
                 messages = self._consumer.consume(5000, timeout=self.fetch_wait_ms / 1000)
                 if messages:
@@ -140,8 +165,10 @@ class Capture:
             self.error = e
             log.exception("journal capture failed")
         finally:
+            ready.set()
             self._writer.close()
-            self._consumer.close()
+            if opened:
+                self._consumer.close()
 
     def _write(self, messages: list[Any]) -> None:
         by_partition: dict[tuple[str, int], list[Any]] = defaultdict(list)

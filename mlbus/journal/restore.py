@@ -55,25 +55,36 @@ class Restored:
         return self.records / self.seconds if self.seconds else 0.0
 
 
+_PRODUCERS = 4
+
 Run = tuple[Batch, int, int]
 """records i..j-1 of a batch"""
 
 
 class _Replay:
-    """Produces records in order; a wrong offset anywhere fails the restore."""
+    """Produces records in order; a record landing at any offset but its own fails the
+    restore."""
 
     def __init__(self, kafka: KafkaConfig) -> None:
         self.kafka = kafka
         self.errors: list[str] = []
-        self.producer = Producer(self._conf())
+        # Partitions are spread over a few producers (connections): with one request in
+        # flight per connection, a single one would wait on every round trip.
+        self.producers = [Producer(self._conf()) for _ in range(_PRODUCERS)]
+
+    def producer(self, topic: str, partition: int) -> Producer:
+        return self.producers[hash((topic, partition)) % len(self.producers)]
 
     def _conf(self, **extra: Any) -> dict[str, Any]:
         return (
             self.kafka.common()
             | {
-                # Idempotence keeps each partition's order and drops retried duplicates: the
-                # offsets come back as they were.
-                "enable.idempotence": True,
+                # Not idempotent: the embedded broker takes a third of the records per second
+                # from an idempotent producer. One request in flight keeps each partition's
+                # order through retries; a retry that duplicates a record (a lost response)
+                # moves every later offset, which the check on each run's last record catches.
+                "enable.idempotence": False,
+                "max.in.flight.requests.per.connection": 1,
                 "acks": "all",
                 "linger.ms": 20,
                 "batch.size": 1_000_000,
@@ -91,6 +102,19 @@ class _Replay:
         if error is not None:
             self.errors.append(f"{message.topic()}[{message.partition()}]: {error.str()}")
 
+    def _landed(self, expected: int) -> Any:
+        """A delivery report checking that a record landed at `expected`."""
+
+        def check(error: KafkaError | None, message: Any) -> None:
+            if error is None and message.offset() != expected:
+                self.errors.append(
+                    f"{message.topic()}[{message.partition()}]: offset {expected} landed at "
+                    f"{message.offset()}"
+                )
+            self._delivered(error, message)
+
+        return check
+
     def produce(self, producer: Producer, topic: str, partition: int, r: Record) -> None:
         while True:
             try:
@@ -101,16 +125,32 @@ class _Replay:
                     partition=partition,
                     timestamp=r.timestamp if r.timestamp > 0 else 0,
                     headers=r.headers,
+                    on_delivery=self._landed(r.offset),
                 )
                 return
             except BufferError:
                 producer.poll(0.05)
 
     def produce_run(self, run: Run) -> None:
-        """The hot path: a slice of a batch, one `produce` call per record."""
+        """The hot path: a slice of a batch, one `produce` call per record; the last one's
+        offset is checked (an earlier one out of place moves it too)."""
         batch, i, j = run
+        if j - i > 1:
+            self._produce_slice(batch, i, j - 1)
+        r = Record(
+            batch.offsets[j - 1],
+            batch.timestamps[j - 1],
+            batch.timestamp_types[j - 1],
+            batch.keys[j - 1],
+            batch.values[j - 1],
+            batch.headers[j - 1],
+        )
+        self.produce(self.producer(batch.topic, batch.partition), batch.topic, batch.partition, r)
+
+    def _produce_slice(self, batch: Batch, i: int, j: int) -> None:
         topic, partition = batch.topic, batch.partition
-        produce = self.producer.produce
+        producer = self.producer(topic, partition)
+        produce = producer.produce
         for value, key, ts, headers in zip(
             batch.values[i:j],
             batch.keys[i:j],
@@ -130,13 +170,16 @@ class _Replay:
                     )
                     break
                 except BufferError:
-                    self.producer.poll(0.05)
+                    producer.poll(0.05)
 
     def flush(self) -> None:
-        if self.producer.flush(60.0):
+        if sum(producer.flush(60.0) for producer in self.producers):
             raise JournalError("restore: the broker did not take every record within 60s")
         if self.errors:
-            raise JournalError(f"restore: {len(self.errors)} record(s) refused: {self.errors[0]}")
+            raise JournalError(
+                f"restore: {len(self.errors)} record(s) refused or misplaced: {self.errors[0]}. "
+                "The journal is left untouched; start again"
+            )
 
     def emit(self, runs: list[Run], skipped: int) -> None:
         """Produce consecutive records (slices of batches) followed by `skipped` offsets. A
@@ -155,11 +198,19 @@ class _Replay:
                 "re-created, and not this many here. The journal is left untouched"
             )
         for r in records[:-skipped]:
-            self.produce(self.producer, topic, partition, r)
+            self.produce(self.producer(topic, partition), topic, partition, r)
         self.flush()
         producers = []
         for n in range(skipped):
-            producer = Producer(self._conf(**{"transactional.id": f"mlbus-restore-{n}"}))
+            producer = Producer(
+                self._conf(
+                    **{
+                        "transactional.id": f"mlbus-restore-{n}",
+                        "enable.idempotence": True,  # transactions require it
+                        "max.in.flight.requests.per.connection": 5,
+                    }
+                )
+            )
             producer.init_transactions(30.0)
             producer.begin_transaction()
             producers.append(producer)

@@ -77,11 +77,19 @@ def test_the_demo_flow_runs_on_s3_and_postgres_and_stops_everything(tmp_path, s3
     serving = re.search(r"the server now answers with version (\S+):", out)
     assert serving and serving.group(1) == promoted[-1]
     assert re.search(r"\d+ events \(\d+ verified\)", out), out  # the audit found nothing amiss
+    # Restarted on the same data dir: the journal restored the log, the same champion is
+    # served and its lineage (run, datasets, decisions) is what it was.
+    restart = out[out.index("restart the platform on the same data dir") :]
+    assert re.search(r"journal: restored [\d,]+ records of \d+ topics", restart), restart
+    again = re.search(r"the server answers with version (\S+) again", restart)
+    assert again and again.group(1) == promoted[-1], restart
+    assert "the same lineage: run " in restart, restart
+    assert "demo failed" not in out
     # The artifacts and the archive are on S3; the graph file in the data dir.
     assert fs.glob(f"{bucket}/mlbus/models/digits/*/model.safetensors")
     assert fs.glob(f"{bucket}/mlbus/archive/model.promoted/*/*.parquet")  # flushed at the stop
     assert (tmp_path / "data" / "demo" / "lineage-digits.svg").read_text().startswith("<svg")
     # Nothing the demo started is still running.
     pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
-    assert len(pids) >= 9, out  # the broker and the eight services
+    assert len(pids) >= 18, out  # the broker and the eight services, twice
     assert [p for p in pids if not _gone(p)] == []
