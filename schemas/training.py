@@ -52,6 +52,13 @@ class TrainingRequested(Payload):
     requested_by: str | None = None
     pipeline: str | None = None
     sweep: SweepPoint | None = None
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="trainer workers that train this run together (data parallel); "
+        "docs/distributed.md",
+    )
 
 
 class TrainingStarted(Payload):
@@ -62,6 +69,10 @@ class TrainingStarted(Payload):
     worker: NonEmpty
     attempt: int = Field(default=1, ge=1)
     resumed_from_epoch: int | None = None
+    rendezvous: str | None = Field(
+        default=None,
+        description="host:port of the run's c10d store when it trains on several workers",
+    )
 
 
 class TrainingProgress(Payload):
@@ -107,6 +118,7 @@ class TrainingCompleted(Payload):
     device: str | None = None
     duration_seconds: float = Field(ge=0.0)
     peak_memory_bytes: int | None = None
+    world_size: int = Field(default=1, ge=1, description="workers that trained the run")
 
 
 #: `error_type` of the `training.failed` the workflow publishes for a sweep's run that had no
