@@ -14,6 +14,7 @@ in distribution only.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
@@ -41,6 +42,11 @@ from mlbus.trainer.training import (
 class MemberLost(TransientError):
     """A member of the process group went away (killed, cut off) or a collective timed out:
     the run restarts from its last checkpoint with the members that remain."""
+
+
+#: torch.distributed's default group is one per process: a worker is in at most one run's
+#: group at a time (the host takes it blocking, a would-be member skips when it is taken).
+GROUP = threading.Lock()
 
 
 def backend_for(device: str) -> str:

@@ -42,6 +42,8 @@ def trainer() -> None:
 def run_trainer(manifest: Service, cfg: Settings) -> None:
     """A training worker in the foreground (`mlbus run trainer`)."""
     from mlbus.kafka.transaction import Transactional
+    from mlbus.trainer.member import train_member
+    from mlbus.trainer.rendezvous import Joiner, Timeouts
     from mlbus.trainer.worker import TrainingWorker
 
     kafka = kafka_config(cfg)
@@ -52,26 +54,43 @@ def run_trainer(manifest: Service, cfg: Settings) -> None:
     if wanted is None:
         wanted = not kafka.embedded
     transactions = Transactional(kafka, prefix=group) if wanted else None
+    store = ObjectStore.from_settings(cfg)
+    timeouts = Timeouts(
+        join=cfg.trainer.rendezvous_timeout_seconds,
+        collective=cfg.trainer.collective_timeout_seconds,
+    )
     with (
         EventProducer(kafka, source=manifest.source) as producer,
         contextlib.closing(
             TrainingWorker(
                 kafka,
-                ObjectStore.from_settings(cfg),
+                store,
                 producer,
                 validation_wait_seconds=cfg.trainer.validation_wait_seconds,
                 transactions=transactions,
+                rendezvous=timeouts,
+                advertise=cfg.trainer.advertise_address,
             )
         ) as worker,
     ):
         console.print(f"training worker {worker.worker} waiting for training.requested")
-        ConsumerLoop(
+        # Joins the data-parallel runs other workers host (docs/distributed.md).
+        joiner = Joiner(
             kafka,
-            group=group,
-            name=manifest.name,
-            long_running=True,
-            handlers={"training.requested": worker},
-        ).run()
+            worker.worker,
+            lambda plan, rank, world: train_member(store, plan, rank, world),
+            timeouts,
+        ).start()
+        try:
+            ConsumerLoop(
+                kafka,
+                group=group,
+                name=manifest.name,
+                long_running=True,
+                handlers={"training.requested": worker},
+            ).run()
+        finally:
+            joiner.stop()
 
 
 def _value(text: str) -> float | int | str | bool:
@@ -94,6 +113,12 @@ def train(
     sweep: Annotated[list[str], typer.Option(help="KEY=V1,V2,... one run per combination")] = [],  # noqa: B006
     epochs: Annotated[int, typer.Option(help="max epochs")] = 10,
     seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, max=64, help="trainer workers that train each run together (data parallel)"
+        ),
+    ] = 1,
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if present, else cpu)")
     ] = None,
@@ -135,6 +160,7 @@ def train(
             seed=seed,
             max_epochs=epochs,
             device=device,
+            workers=workers,
             requested_by="cli",
             sweep=SweepPoint(sweep_id=correlation, index=i, size=len(points), deadline=deadline)
             if axes
