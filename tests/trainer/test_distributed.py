@@ -113,3 +113,26 @@ def test_killed_member_surfaces_as_member_lost(tmp_path) -> None:  # type: ignor
     with open(outs[0]) as f:
         assert f.read().startswith("lost:")
     assert not os.path.exists(outs[1])
+
+
+def test_unreachable_rendezvous_is_a_clear_error() -> None:
+    from mlbus.trainer.rendezvous import RendezvousUnreachable, connect
+
+    port = _free_port()  # nobody listens there
+    with pytest.raises(RendezvousUnreachable, match=f"cannot reach rendezvous 127.0.0.1:{port}"):
+        connect(f"127.0.0.1:{port}", timeout=1)
+
+
+def test_host_without_members_fails_and_frees_the_group() -> None:
+    from mlbus.trainer.distributed import GROUP
+    from mlbus.trainer.rendezvous import Host, Timeouts, WorkersUnavailable
+
+    host = Host("127.0.0.1", Timeouts(join=0.5, collective=5))
+    try:
+        with pytest.raises(WorkersUnavailable, match="run needs 3 trainer workers; 1 joined"):
+            host.gather({"run_id": "r"}, 3, 3, "cpu")
+        assert host.store.get("world") == b"0"  # members waiting for the word leave
+    finally:
+        host.close()
+    assert GROUP.acquire(blocking=False)  # the next run can form a group
+    GROUP.release()
