@@ -1,7 +1,7 @@
 """Data-parallel speed-up of mlbus's training loop: `fit` in one process with one thread
 against `fit_distributed` in two processes (gloo, one thread each), in one run.
 
-    .venv/bin/python bench/distributed.py [--rows N] [--epochs E] [--batch B] [--json]
+    .venv/bin/python bench/distributed.py [--rows N] [--epochs E] [--batch B] [--repeat R]
 
 A compute-bound model (an MLP 256 → 1024 → 1024 → 10, global batch --batch rows) on
 synthetic float32 data (numpy, fixed seed); the script first checks that forward + backward
@@ -10,8 +10,10 @@ train the same rows, seed and global batch for --epochs epochs; samples/s = epoc
 training rows / wall time of `fit` or `fit_distributed` (both include one validation pass
 per epoch). The all-reduce time per step is measured in the same two-process group: an
 all-reduce of a buffer the size of the model's gradients, timed over as many steps as one
-epoch has. Target: ratio ≥ 1.7 with 2 cores; the machine's load (`os.getloadavg`) is
-printed with the figures, since other processes take cores away from both runs.
+epoch has. The two runs alternate --repeat times and each figure is the best, so drift of
+the shared machine's load hits both alike. Target: ratio ≥ 1.7 with 2 cores; the machine's
+load (`os.getloadavg`) is printed with the figures, since other processes take cores away
+from both runs.
 """
 
 from __future__ import annotations
@@ -83,16 +85,37 @@ def _member(rank: int, port: int, rows: int, epochs: int, params: dict, out: Any
     leave_group()
 
 
-def run(rows: int, epochs: int, batch: int) -> dict[str, Any]:
+def run(rows: int, epochs: int, batch: int, repeat: int) -> dict[str, Any]:
     params = PARAMS | {"batch_size": batch, "dropout": 0.0}
     torch.set_num_threads(1)
     per_step = step_ms(params)
     prepared = data(rows)
     trained = len(prepared.x["train"]) * epochs
     load_before = os.getloadavg()
-    started = time.perf_counter()
-    fit(prepared, "mlp", params, max_epochs=epochs, seed=0)
-    single = time.perf_counter() - started
+    single, result = float("inf"), {"wall": float("inf")}
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fit(prepared, "mlp", params, max_epochs=epochs, seed=0)
+        single = min(single, time.perf_counter() - started)
+        ddp = _ddp(rows, epochs, params)
+        result = ddp if ddp["wall"] < result["wall"] else result
+    return {
+        "rows_trained_per_epoch": len(prepared.x["train"]),
+        "epochs": epochs,
+        "global_batch": batch,
+        "repeat": repeat,
+        "forward_backward_ms_one_thread": per_step,
+        "single_samples_per_s": trained / single,
+        "ddp2_samples_per_s": trained / result["wall"],
+        "ratio": single / result["wall"],
+        "allreduce_ms_per_step": result["allreduce_ms"],
+        "steps_per_epoch": result["steps_per_epoch"],
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+    }
+
+
+def _ddp(rows: int, epochs: int, params: dict[str, Any]) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     with socket.socket() as s:
@@ -106,19 +129,7 @@ def run(rows: int, epochs: int, batch: int) -> dict[str, Any]:
     result = out.get(timeout=3600)
     for m in members:
         m.join(60)
-    return {
-        "rows_trained_per_epoch": len(prepared.x["train"]),
-        "epochs": epochs,
-        "global_batch": batch,
-        "forward_backward_ms_one_thread": per_step,
-        "single_samples_per_s": trained / single,
-        "ddp2_samples_per_s": trained / result["wall"],
-        "ratio": single / result["wall"],
-        "allreduce_ms_per_step": result["allreduce_ms"],
-        "steps_per_epoch": result["steps_per_epoch"],
-        "load_before": load_before,
-        "load_after": os.getloadavg(),
-    }
+    return dict(result)
 
 
 def main() -> None:
@@ -126,9 +137,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=40_000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    figures = run(args.rows, args.epochs, args.batch)
+    figures = run(args.rows, args.epochs, args.batch, args.repeat)
     if args.json:
         print(json.dumps(figures))
         return
