@@ -38,6 +38,10 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   ├── InvalidDataset          400  datasets/sources.py: unreadable or malformed input
     │   ├── InvalidTrainingRequest  400  trainer/data.py: nulls, one class, bad split
     │   │   ├── DeviceUnavailable   400  trainer/worker.py: a device this worker does not have
+    │   │   ├── WorkersUnavailable  400  trainer/rendezvous.py: fewer workers joined a
+    │   │   │                            `workers: N` run than it needs, in time
+    │   │   ├── RendezvousUnreachable 400 trainer/rendezvous.py: a run's announced address
+    │   │   │                            does not answer
     │   │   └── DatasetNotValidated 400  trainer/lookup.py: a version the validator refused,
     │   │                                or did not validate in time: never trained
     │   ├── InvalidPipeline         400  consumers/workflow/definitions.py: names the line
@@ -71,6 +75,8 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     ├── Unauthorized                401  without the bearer token (mlbus/http.py `bearer_guard`)
     ├── TransientError              503  may succeed if retried (broker or store down): backoff
     │   ├── DeliveryError           503  the broker did not confirm a produced record
+    │   ├── MemberLost              503  trainer/distributed.py: a data-parallel member went
+    │   │                                away: the run restarts from its checkpoint
     │   └── NotReady                503  serving/errors.py: the model is loading, or the server
     │                                    is stopping
     ├── ConfigError                 500  a setting is wrong; the CLI prints one line and exits 2

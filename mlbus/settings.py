@@ -257,6 +257,22 @@ class TrainerSettings(_Section):
         "transaction; empty = on against a configured cluster, off on the embedded broker "
         "(which never ends a dead worker's transaction)",
     )
+    rendezvous_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="a `workers: N` run waits this long for its members to join, then fails "
+        "(or, restarting after a lost member, goes on with those that came)",
+    )
+    collective_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="a data-parallel collective or rendezvous connection with a member "
+        "gone fails after this; the run then restarts from its last checkpoint",
+    )
+    advertise_address: str = Field(
+        default="127.0.0.1",
+        description="the address other trainer workers dial to join a run this worker hosts",
+    )
 
 
 class WorkflowSettings(_Section):

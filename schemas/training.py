@@ -86,6 +86,13 @@ class TrainingRequested(Payload):
         default=None, description="the plugin family's origin as the requester resolved it"
     )
     trial: SearchTrial | None = None
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="trainer workers that train this run together (data parallel); "
+        "docs/distributed.md",
+    )
 
 
 class TrainingStarted(Payload):
@@ -96,6 +103,10 @@ class TrainingStarted(Payload):
     worker: NonEmpty
     attempt: int = Field(default=1, ge=1)
     resumed_from_epoch: int | None = None
+    rendezvous: str | None = Field(
+        default=None,
+        description="host:port of the run's c10d store when it trains on several workers",
+    )
 
 
 class TrainingProgress(Payload):
@@ -148,6 +159,7 @@ class TrainingCompleted(Payload):
     input_shape: list[int] | None = Field(
         default=None, description="one sample's input shape ([64], [1, 8, 8])"
     )
+    world_size: int = Field(default=1, ge=1, description="workers that trained the run")
 
 
 #: `error_type` of the `training.failed` the workflow publishes for a sweep's run that had no

@@ -20,15 +20,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mlbus.errors import Invalid
 from mlbus.ml.preprocessing import Standardisation
 from mlbus.ml.split import InvalidSplit, split_indices
 from mlbus.ml.tensors import tensor_rows
-
-
-class InvalidTrainingRequest(Invalid):
-    """A request that can never succeed on its data (nulls, one class, bad split): not
-    retryable."""
+from mlbus.trainer.errors import InvalidTrainingRequest
 
 
 @dataclass

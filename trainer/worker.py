@@ -66,8 +66,10 @@ from mlbus.storage import ObjectStore
 from mlbus.tables import DatasetReader
 from mlbus.trainer import checkpoint
 from mlbus.trainer.data import InvalidTrainingRequest, load_arrays, prepare
+from mlbus.trainer.distributed import fit_distributed
 from mlbus.trainer.lookup import DatasetLookup, Trainable
 from mlbus.trainer.pruning import Pruned, PruneWatch
+from mlbus.trainer.rendezvous import Host, Timeouts
 from mlbus.trainer.training import Checkpoint, fit, inference_latency
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,8 @@ class TrainingWorker:
         *,
         validation_wait_seconds: float = 120.0,
         transactions: Transactional | None = None,
+        rendezvous: Timeouts | None = None,
+        advertise: str = "127.0.0.1",
     ) -> None:
         self.kafka = kafka
         self.store = store
@@ -148,6 +152,9 @@ class TrainingWorker:
         )
         self._published: set[str] = set()
         self._prunes = PruneWatch(kafka)
+        #: A `workers: N` run: how long to wait for members, and the address they dial.
+        self.rendezvous, self.advertise = rendezvous or Timeouts(), advertise
+        self._host: Host | None = None
 
     def close(self) -> None:
         """Stop the log views of the datasets and the transactional producer (the worker's
@@ -209,20 +216,27 @@ class TrainingWorker:
             "dataset": request.dataset.model_dump(mode="json"),
         }
         resume = checkpoint.load(self.store, run_id, identity)
-        self.producer.publish(
-            TrainingStarted(
-                run_id=run_id,
-                model=request.model,
-                request_id=event.id,
-                dataset=request.dataset,
-                worker=self.worker,
-                attempt=attempt,
-                resumed_from_epoch=resume.epoch if resume else None,
-            ),
-            causation=event,
-        )
-        self.producer.flush()
-        completed = self._train(request, event, run_id, record, data, resume, identity)
+        # Data parallel: this worker is rank 0 and announces its store (docs/distributed.md).
+        self._host = Host(self.advertise, self.rendezvous) if request.workers > 1 else None
+        try:
+            self.producer.publish(
+                TrainingStarted(
+                    run_id=run_id,
+                    model=request.model,
+                    request_id=event.id,
+                    dataset=request.dataset,
+                    worker=self.worker,
+                    attempt=attempt,
+                    resumed_from_epoch=resume.epoch if resume else None,
+                    rendezvous=self._host.address if self._host else None,
+                ),
+                causation=event,
+            )
+            self.producer.flush()
+            completed = self._train(request, event, run_id, record, data, resume, identity)
+        finally:
+            if self._host is not None:
+                self._host.close()
         self.store.write_bytes(marker, completed.model_dump_json().encode())
         self._finish(self._completion(completed, event, run_id), record)
 
@@ -314,7 +328,27 @@ class TrainingWorker:
         def pruned() -> int | None:  # a search's trial: has its pruner stopped it?
             return None if request.trial is None else self._prunes.decision(run_id)
 
-        result = fit(
+        train = fit
+        if self._host is not None:
+            plan = {
+                "run_id": run_id,
+                "request": request.model_dump(mode="json"),
+                "identity": identity,
+                "data": {"uri": data.uri, "content_hash": data.content_hash},
+                "features": features,
+                "label": data.label_column,
+                "device": device,
+                # what the members need to read and shape the data as this worker did
+                "task": task,
+                "shape": shape,
+                "feed_shape": list(family.feed_shape(input_shape)),
+            }
+            # The first attempt needs every member; a restart after a loss goes on with those
+            # that come back (the global batch, hence the result, does not depend on them).
+            minimum = request.workers if resume is None else 1
+            self._host.gather(plan, request.workers, minimum, device)
+            train = fit_distributed
+        result = train(
             prepared,
             request.family,
             params,
@@ -385,6 +419,7 @@ class TrainingWorker:
             task=task,
             family_origin=family.origin,
             input_shape=input_shape,
+            world_size=self._host.world if self._host else 1,
         )
 
     def _completion(self, completed: TrainingCompleted, event: Event, run_id: str) -> Event:

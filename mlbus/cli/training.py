@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import queue
+import socket
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
@@ -42,6 +44,7 @@ def trainer() -> None:
 def run_trainer(manifest: Service, cfg: Settings) -> None:
     """A training worker in the foreground (`mlbus run trainer`)."""
     from mlbus.kafka.transaction import Transactional
+    from mlbus.trainer.rendezvous import Joiner, Timeouts
 
     kafka = kafka_config(cfg)
     group = manifest.group_id(cfg.topic_prefix)
@@ -51,6 +54,13 @@ def run_trainer(manifest: Service, cfg: Settings) -> None:
     if wanted is None:
         wanted = not kafka.embedded
     transactions = Transactional(kafka, prefix=group) if wanted else None
+    store = ObjectStore.from_settings(cfg)
+    timeouts = Timeouts(
+        join=cfg.trainer.rendezvous_timeout_seconds,
+        collective=cfg.trainer.collective_timeout_seconds,
+    )
+    # The name the worker publishes as (TrainingWorker.worker): the joiner skips its own runs.
+    name = f"{socket.gethostname()}:{os.getpid()}"
     with EventProducer(kafka, source=manifest.source) as producer:
 
         def build() -> Any:
@@ -58,22 +68,34 @@ def run_trainer(manifest: Service, cfg: Settings) -> None:
 
             return TrainingWorker(
                 kafka,
-                ObjectStore.from_settings(cfg),
+                store,
                 producer,
                 validation_wait_seconds=cfg.trainer.validation_wait_seconds,
                 transactions=transactions,
+                rendezvous=timeouts,
+                advertise=cfg.trainer.advertise_address,
             )
+
+        def member(plan: dict[str, Any], rank: int, world: int) -> None:
+            from mlbus.trainer.member import train_member  # torch with the first run joined
+
+            train_member(store, plan, rank, world)
 
         unbuilt = transactions.close if transactions is not None else None
         with contextlib.closing(_OnFirstRequest(build, unbuilt)) as worker:
-            console.print("training worker waiting for training.requested")
-            ConsumerLoop(
-                kafka,
-                group=group,
-                name=manifest.name,
-                long_running=True,
-                handlers={"training.requested": worker},
-            ).run()
+            console.print(f"training worker {name} waiting for training.requested")
+            # Joins the data-parallel runs other workers host (docs/distributed.md).
+            joiner = Joiner(kafka, name, member, timeouts).start()
+            try:
+                ConsumerLoop(
+                    kafka,
+                    group=group,
+                    name=manifest.name,
+                    long_running=True,
+                    handlers={"training.requested": worker},
+                ).run()
+            finally:
+                joiner.stop()
 
 
 class _OnFirstRequest:
@@ -127,6 +149,12 @@ def train(
     sweep: Annotated[list[str], typer.Option(help="KEY=V1,V2,... one run per combination")] = [],  # noqa: B006
     epochs: Annotated[int, typer.Option(help="max epochs")] = 10,
     seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, max=64, help="trainer workers that train each run together (data parallel)"
+        ),
+    ] = 1,
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda if present, else cpu)")
     ] = None,
@@ -178,6 +206,7 @@ def train(
             seed=seed,
             max_epochs=epochs,
             device=device,
+            workers=workers,
             requested_by="cli",
             sweep=SweepPoint(sweep_id=correlation, index=i, size=len(points), deadline=deadline)
             if axes

@@ -1,0 +1,118 @@
+"""Data parallel through the broker: two `mlbus trainer` processes train one `workers: 2`
+run (rendezvous announced on `training.started`); its metrics are the 1-worker run's; a run
+whose member is SIGKILLed finishes exactly once; more workers than can join fail clearly."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import pytest
+
+from mlbus.kafka.producer import EventProducer
+from mlbus.schemas.base import DatasetRef
+from mlbus.schemas.training import TrainingRequested
+from tests.mlbus.kafka.support import wait_until
+from tests.mlbus.test_cli import env, json_lines, mlbus, ok  # noqa: F401 - env: a fixture
+from tests.trainer.test_workers import Events, _worker_id, workers  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.integration
+
+PARAMS = {"batch_size": 64, "hidden": 32, "dropout": 0.0}
+TIMEOUTS = {
+    "MLBUS_TRAINER__RENDEZVOUS_TIMEOUT_SECONDS": "8",
+    "MLBUS_TRAINER__COLLECTIVE_TIMEOUT_SECONDS": "20",
+}
+
+
+def _request(dataset, workers_wanted, epochs, model):  # type: ignore[no-untyped-def]
+    return TrainingRequested(
+        model=model,
+        family="mlp",
+        dataset=dataset,
+        seed=3,
+        max_epochs=epochs,
+        device="cpu",
+        hyperparameters=PARAMS,
+        workers=workers_wanted,
+    )
+
+
+def _start(kafka, workers):  # type: ignore[no-untyped-def]  # noqa: F811
+    cli_env, start = workers
+    sample = json_lines(ok(mlbus("datasets", "sample", "digits", "--json", env=cli_env)).stdout)[0]
+    start("validator", "datasets", "validate")
+    return DatasetRef(name="digits", version=sample["version"]), start
+
+
+def test_two_workers_train_one_run_like_one(kafka, workers):  # noqa: F811
+    workers[0].update(TIMEOUTS)
+    dataset, start = _start(kafka, workers)
+    first, second = start("a"), start("b")
+    events = Events(kafka)
+    try:
+        with EventProducer(kafka, source="test") as producer:
+            single = producer.publish(_request(dataset, 1, 3, "ddp-one")).id
+        wait_until(lambda: events.of("training.completed", {single}), "the 1-worker run", 240)
+        with EventProducer(kafka, source="test") as producer:
+            double = producer.publish(_request(dataset, 2, 3, "ddp-two")).id
+            too_many = producer.publish(_request(dataset, 3, 1, "ddp-three")).id
+        wait_until(
+            lambda: (
+                events.of("training.completed", {double})
+                and events.of("training.failed", {too_many})
+            ),
+            "the 2-worker run and the refusal",
+            300,
+        )
+        (one,) = events.of("training.completed", {single})
+        (two,) = events.of("training.completed", {double})
+        assert (one.data.world_size, two.data.world_size) == (1, 2)
+        for split in ("train", "validation", "test"):
+            scores = one.data.metrics[split]
+            for key in ("loss", "accuracy"):
+                assert math.isclose(scores[key], two.data.metrics[split][key], abs_tol=1e-4)
+        (failed,) = events.of("training.failed", {too_many})
+        assert not failed.data.retryable
+        assert failed.data.error_type == "WorkersUnavailable"
+        assert "needs 3 trainer workers" in failed.data.reason
+        assert first.poll() is None and second.poll() is None
+    finally:
+        events.stop()
+
+
+def test_member_killed_mid_run_finishes_once(kafka, workers):  # noqa: F811
+    workers[0].update(TIMEOUTS)
+    dataset, start = _start(kafka, workers)
+    first, second = start("a"), start("b")
+    events = Events(kafka)
+    try:
+        with EventProducer(kafka, source="test") as producer:
+            request = producer.publish(_request(dataset, 2, 8, "ddp-kill")).id
+        (started,) = wait_until(
+            lambda: events.of("training.started", {request}), "the run to start", 120
+        )
+        host = first if _worker_id(first)(started.data.worker) else second
+        member = second if host is first else first
+        wait_until(lambda: events.of("training.progress"), "a first epoch", 240, interval=0.1)
+        member.send_signal(signal.SIGKILL)
+        member.wait(10)
+        wait_until(
+            lambda: (
+                events.of("training.completed", {request})
+                or [e for e in events.of("training.failed") if not e.data.retryable]
+            ),
+            "the run to end",
+            300,
+        )
+        time.sleep(3)  # room for a second completion, were one to come
+        completed = events.of("training.completed", {request})
+        assert len(completed) == 1
+        assert not [e for e in events.of("training.failed", {request}) if not e.data.retryable]
+        attempts = [e.data for e in events.of("training.started", {request})]
+        assert attempts[-1].attempt >= 2 and attempts[-1].resumed_from_epoch is not None
+        assert completed[0].data.world_size == 1 and completed[0].data.epochs == 8
+        assert host.poll() is None
+    finally:
+        events.stop()
