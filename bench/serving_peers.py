@@ -152,7 +152,7 @@ class Peer:
         self.log = open(tmp / f"{name}.log", "w+b")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
             cmd,
-            cwd=PEERS_DIR,
+            cwd=tmp,  # what a peer writes in its working directory (MLServer: .metrics/)
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -186,10 +186,8 @@ class Peer:
         group = self.process.pid  # the leader of its own process group
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)  # workers left behind by the leader
         self.process.wait(10)

@@ -45,7 +45,9 @@ class Heavy(kserve.Model):
         probs = InferOutput(name="probabilities", shape=list(p.shape), datatype="FP32")
         probs.set_data_from_numpy(p, binary_data=False)
         return InferResponse(
-            model_name=self.name, infer_outputs=[label, probs], response_id=payload.id or str(uuid.uuid4())
+            model_name=self.name,
+            infer_outputs=[label, probs],
+            response_id=payload.id or str(uuid.uuid4()),
         )
 
 
