@@ -107,7 +107,18 @@ $(PEERS)/quix/.installed: bench/peers/requirements-quix.txt
 	$(PEERS)/quix/bin/python -m pip install -qq -r bench/peers/requirements-quix.txt
 	touch $@
 
-bench-peers: $(PEERS)/quix/.installed  ## quixstreams for bench/streams.py
+$(PEERS)/serving/.installed: bench/peers/requirements-serving.txt constraints.txt
+	test -x $(PEERS)/serving/bin/python || $(PYTHON) -m venv $(PEERS)/serving
+	$(PEERS)/serving/bin/python -m pip install -qq -c constraints.txt -r bench/peers/requirements-serving.txt
+	touch $@
+
+$(PEERS)/mlserver/.installed: bench/peers/requirements-mlserver.txt constraints.txt
+	test -x $(PEERS)/mlserver/bin/python || $(PYTHON) -m venv $(PEERS)/mlserver
+	$(PEERS)/mlserver/bin/python -m pip install -qq -c constraints.txt -r bench/peers/requirements-mlserver.txt
+	touch $@
+
+# quixstreams for bench/streams.py; kserve, litserve and MLServer for bench/serving_peers.py
+bench-peers: $(PEERS)/quix/.installed $(PEERS)/serving/.installed $(PEERS)/mlserver/.installed
 
 clean:
 	rm -rf $(VENV) .mlbus .pytest_cache
