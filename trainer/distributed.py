@@ -24,7 +24,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from mlbus.errors import TransientError
-from mlbus.families import build
 from mlbus.schemas.training import FamilyOrigin
 from mlbus.trainer import rendezvous
 from mlbus.trainer.data import Prepared
@@ -35,9 +34,7 @@ from mlbus.trainer.training import (
     Result,
     _better,
     _snapshot,
-    evaluate,
-    evaluate_regression,
-    loss_function,
+    task_parts,
 )
 
 
@@ -147,16 +144,10 @@ def _fit(
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(seed)
     regression = data.task == "regression"
-    n_classes = 1 if regression else len(data.classes)
     target = torch.device(device)
-    model = build(family, data.input_shape, n_classes, params, origin=origin).to(target)
-    criterion = loss_function(data.task, loss)
-
-    def scores_on(xs: torch.Tensor, ys: torch.Tensor) -> tuple[dict[str, float], Any]:
-        if regression:
-            return evaluate_regression(model, xs, ys, data, loss), None
-        return evaluate(model, xs, ys, n_classes)
-
+    model, criterion, scores_on = task_parts(
+        data, family, params, loss=loss, origin=origin, target=target
+    )
     optimiser = torch.optim.Adam(
         model.parameters(), lr=float(params["lr"]), weight_decay=float(params["weight_decay"])
     )

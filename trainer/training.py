@@ -21,6 +21,8 @@ from mlbus.schemas.training import FamilyOrigin
 from mlbus.trainer.data import Prepared
 
 EpochCallback = Callable[[int, dict[str, float], float], None]  # epoch, metrics, samples/s
+#: Scores a split [inputs, targets]: its metrics, and a classifier's confusion matrix (else None).
+Scorer = Callable[[torch.Tensor, torch.Tensor], tuple[dict[str, float], Any]]
 
 
 @dataclass
@@ -102,6 +104,29 @@ def evaluate(
     return {"loss": loss, "accuracy": accuracy}, confusion.cpu()
 
 
+def task_parts(
+    data: Prepared,
+    family: str,
+    params: Mapping[str, Any],
+    *,
+    loss: str | None,
+    origin: FamilyOrigin | None,
+    target: torch.device,
+) -> tuple[nn.Module, Callable[..., torch.Tensor], Scorer]:
+    """What a run of `data`'s task trains: the model on `target`, its loss function, and how
+    a split is scored (metrics, and a classifier's confusion matrix)."""
+    regression = data.task == "regression"
+    n_classes = 1 if regression else len(data.classes)
+    model = build(family, data.input_shape, n_classes, params, origin=origin).to(target)
+
+    def scores_on(xs: torch.Tensor, ys: torch.Tensor) -> tuple[dict[str, float], Any]:
+        if regression:
+            return evaluate_regression(model, xs, ys, data, loss), None
+        return evaluate(model, xs, ys, n_classes)
+
+    return model, loss_function(data.task, loss), scores_on
+
+
 def _better(value: float, best: float | None, rule: Any) -> bool:
     if best is None:
         return True
@@ -131,15 +156,10 @@ def fit(
     `should_stop` is asked at every epoch boundary; a stopped run returns `stopped=True`."""
     torch.manual_seed(seed)
     regression = data.task == "regression"
-    n_classes = 1 if regression else len(data.classes)
     target = torch.device(device)
-    model = build(family, data.input_shape, n_classes, params, origin=origin).to(target)
-    criterion = loss_function(data.task, loss)
-
-    def scores_on(xs: torch.Tensor, ys: torch.Tensor) -> tuple[dict[str, float], Any]:
-        if regression:
-            return evaluate_regression(model, xs, ys, data, loss), None
-        return evaluate(model, xs, ys, n_classes)
+    model, criterion, scores_on = task_parts(
+        data, family, params, loss=loss, origin=origin, target=target
+    )
 
     optimiser = torch.optim.Adam(
         model.parameters(), lr=float(params["lr"]), weight_decay=float(params["weight_decay"])

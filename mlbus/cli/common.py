@@ -77,6 +77,16 @@ def key_values(items: list[str], option: str) -> dict[str, str]:
     return out
 
 
+def scalar(text: str) -> float | int | str | bool:
+    """A `--param` value as the number or boolean it spells, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def settings() -> Settings:
     return load_settings(**_overrides)
 

@@ -18,7 +18,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from mlbus.cli.common import app, console, kafka_config, key_values, settings
+from mlbus.cli.common import app, console, kafka_config, key_values, scalar, settings
 from mlbus.errors import MlbusError
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import DurableProducer, EventProducer
@@ -120,15 +120,6 @@ class _OnFirstRequest:
             self._unbuilt()
 
 
-def _value(text: str) -> float | int | str | bool:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 @app.command("train")
 def train(
     model: Annotated[str, typer.Argument(help="model name")],
@@ -179,9 +170,9 @@ def train(
     kafka = kafka_config()
     found = DatasetRegistry(ObjectStore.from_settings(settings()), kafka).get(str(ref)).data
     name, version = found.name, found.version
-    fixed = {k: _value(v) for k, v in key_values(param, "--param").items()}
+    fixed = {k: scalar(v) for k, v in key_values(param, "--param").items()}
     axes = {
-        k: [_value(v) for v in vs.split(",") if v] for k, vs in key_values(sweep, "--sweep").items()
+        k: [scalar(v) for v in vs.split(",") if v] for k, vs in key_values(sweep, "--sweep").items()
     }
     points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
     # Checked here as the trainer will check them: a request that can never run is not sent.

@@ -14,7 +14,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from mlbus.cli.common import app, console, kafka_config, key_values, settings
+from mlbus.cli.common import app, console, kafka_config, key_values, scalar, settings
 from mlbus.kafka.producer import DurableProducer
 from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.search import Objective, SearchRequested
@@ -29,15 +29,6 @@ def run_tuning(manifest: Service, cfg: Settings) -> None:
     from mlbus.consumers.tuning.service import TuningService
 
     TuningService(kafka_config(cfg), source=manifest.source).run()
-
-
-def _value(text: str) -> float | int | str | bool:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 @app.command("tune")
@@ -93,7 +84,7 @@ def tune(
         dataset=DatasetRef(name="pending", version="pending"),
         family=family,
         space=parse_space(text, where=str(space)),
-        hyperparameters={k: _value(v) for k, v in key_values(param, "--param").items()},
+        hyperparameters={k: scalar(v) for k, v in key_values(param, "--param").items()},
         sampler=sampler,  # type: ignore[arg-type]  # checked above
         pruner=pruner,  # type: ignore[arg-type]  # checked above
         objective=Objective(metric=objective, direction=_direction(direction)),
