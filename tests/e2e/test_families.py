@@ -19,6 +19,9 @@ import numpy as np
 import pytest
 
 from mlbus import artifacts
+from mlbus.consumers.lineage.rebuild import rebuild
+from mlbus.consumers.lineage.runs import RunQueries
+from mlbus.consumers.lineage.store import LineageStore, staging_for, swap_in
 from mlbus.datasets.registry import DatasetRegistry
 from mlbus.datasets.samples import sample_table
 from mlbus.datasets.sources import from_table
@@ -26,6 +29,7 @@ from mlbus.datasets.validator import Validator
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import EventProducer
+from mlbus.kafka.reader import LogRecord, TopicReader
 from mlbus.ml.card import ModelCard
 from mlbus.schemas.training import Artifact
 from mlbus.storage import ObjectStore
@@ -147,6 +151,23 @@ def test_a_plugin_family_trains_on_image_tensors_is_promoted_and_served(kafka, g
     card = json.loads(store.read_bytes(store.key_of(done.data.artifact.model_card_uri)))
     assert card["family_origin"]["distribution"] == "mlbus-resnet-family"
     assert card["family_origin"]["version"] == "0.1.0" and card["input_shape"] == [1, 8, 8]
+
+    # The lineage store, folded from this log as `mlbus lineage rebuild` does, names the
+    # plugin's distribution and version on the run.
+    lineage = LineageStore.open(f"sqlite:///{tmp_path / 'lineage.db'}")
+    staging = staging_for(lineage)
+    topics = [kafka.topic(t) for t in ("dataset.created", "training.requested")]
+    topics += [kafka.topic(t) for t in ("training.started", "training.completed")]
+    rebuild(
+        staging,
+        (LogRecord.from_message(m, kafka) for m in TopicReader(kafka, topics, start="beginning")),
+    )
+    swap_in(staging, lineage)
+    lineage.close()
+    with closing(LineageStore.open(lineage.url)) as projected:
+        run = RunQueries(projected).show(done.data.run_id)
+    assert run.details["family_origin"]["distribution"] == "mlbus-resnet-family"
+    assert run.details["family_origin"]["version"] == "0.1.0"
 
     images = sample_table("digits_images")
     x = np.asarray(images.column("image").combine_chunks().flatten(), dtype=np.float32)
