@@ -10,7 +10,7 @@ from pydantic import Field
 
 from mlbus.schemas.base import Name, NonEmpty, Part, Payload
 from mlbus.schemas.search import SearchPlan
-from mlbus.schemas.training import EarlyStopping, HyperValue, Split, Task
+from mlbus.schemas.training import EarlyStopping, FamilyOrigin, HyperValue, Split, Task
 
 
 class Threshold(Part):
@@ -78,6 +78,11 @@ class PipelineDefined(Payload):
     policy: PromotionPolicy
     rollback: RollbackPolicy = RollbackPolicy()
     task: Task | None = Field(default=None, description="None = the family's first task")
+    family_origin: FamilyOrigin | None = Field(
+        default=None,
+        description="a plugin family's origin as `pipelines apply` resolved it; the workflow "
+        "copies it into each training request",
+    )
     loss: Literal["mse", "huber"] | None = Field(default=None, description="regression loss")
     actor: NonEmpty = Field(description="who applied it")
     source: str | None = Field(default=None, description="the definition file as applied")

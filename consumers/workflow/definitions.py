@@ -167,12 +167,12 @@ def parse(
                 f"{source} line {lines.of(())}: {required}: missing (required; the pipeline "
                 "starts on this line)"
             )
-    for forbidden in ("revision", "actor", "source"):
+    for forbidden in ("revision", "actor", "source", "family_origin"):
         if forbidden in raw:
             raise fail((forbidden,), "set by `mlbus pipelines apply`, not by the file")
     family = raw["family"]
     try:
-        resolve(str(family))
+        origin = resolve(str(family)).origin
     except InvalidModelSpec as e:
         raise fail(("family",), str(e)) from None
     try:
@@ -227,7 +227,7 @@ def parse(
                 ("rollback", "alerts", i),
                 f"{rule!r}: {why}; rules that may roll back: {', '.join(ROLLBACK_RULES)}",
             )
-    fields = raw | {"revision": 1, "actor": actor, "source": text}
+    fields = raw | {"revision": 1, "actor": actor, "source": text, "family_origin": origin}
     try:
         return PipelineDefined.model_validate(fields)
     except ValidationError as e:

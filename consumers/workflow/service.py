@@ -308,6 +308,7 @@ class WorkflowService:
                 pipeline=spec.name,
                 task=spec.task,
                 loss=spec.loss,
+                family_origin=spec.family_origin,
                 sweep=SweepPoint(
                     sweep_id=sweep_id, index=index, size=len(points), deadline=deadline
                 )

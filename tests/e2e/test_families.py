@@ -20,7 +20,7 @@ import pytest
 
 from mlbus import artifacts
 from mlbus.consumers.lineage.rebuild import rebuild
-from mlbus.consumers.lineage.runs import RunQueries
+from mlbus.consumers.lineage.runs import RunDetail, RunQueries
 from mlbus.consumers.lineage.store import LineageStore, staging_for, swap_in
 from mlbus.datasets.registry import DatasetRegistry
 from mlbus.datasets.samples import sample_table
@@ -142,6 +142,9 @@ def test_a_plugin_family_trains_on_image_tensors_is_promoted_and_served(kafka, g
     (request,) = read_events(kafka, "training.requested")
     (done,) = read_events(kafka, "training.completed")
     assert request.data.family == "resnet" and promoted.data.version == done.data.version
+    # The workflow's request names the plugin as `pipelines apply` resolved it.
+    assert request.data.family_origin is not None
+    assert request.data.family_origin.distribution == "mlbus-resnet-family"
     origin = done.data.family_origin
     assert origin is not None
     assert (origin.distribution, origin.version) == ("mlbus-resnet-family", "0.1.0")
@@ -154,18 +157,7 @@ def test_a_plugin_family_trains_on_image_tensors_is_promoted_and_served(kafka, g
 
     # The lineage store, folded from this log as `mlbus lineage rebuild` does, names the
     # plugin's distribution and version on the run.
-    lineage = LineageStore.open(f"sqlite:///{tmp_path / 'lineage.db'}")
-    staging = staging_for(lineage)
-    topics = [kafka.topic(t) for t in ("dataset.created", "training.requested")]
-    topics += [kafka.topic(t) for t in ("training.started", "training.completed")]
-    rebuild(
-        staging,
-        (LogRecord.from_message(m, kafka) for m in TopicReader(kafka, topics, start="beginning")),
-    )
-    swap_in(staging, lineage)
-    lineage.close()
-    with closing(LineageStore.open(lineage.url)) as projected:
-        run = RunQueries(projected).show(done.data.run_id)
+    run = _run_in_lineage(kafka, tmp_path, done.data.run_id)
     assert run.details["family_origin"]["distribution"] == "mlbus-resnet-family"
     assert run.details["family_origin"]["version"] == "0.1.0"
 
@@ -228,6 +220,8 @@ def test_a_regression_model_on_diabetes_is_promoted_by_rmse_and_served(kafka, gr
     assert set(test) == {"loss", "rmse", "mae", "r2"} and test["rmse"] <= 75
     assert promoted.data.evidence["mode"] == "min"
     assert promoted.data.evidence["metric"] == "test.rmse"
+    shown = _run_in_lineage(kafka, tmp_path, done.data.run_id)  # what `mlbus runs show` reads
+    assert shown.metrics["test.rmse"] == test["rmse"] and shown.status == "completed"
 
     table = sample_table("diabetes")
     features = [c for c in table.column_names if c != "label"]
@@ -246,6 +240,20 @@ def test_a_regression_model_on_diabetes_is_promoted_by_rmse_and_served(kafka, gr
         # Predictions in the target's units (25-346), better than the mean on these rows.
         assert 25 <= predicted.mean() <= 346
         assert np.sqrt(np.mean((predicted - y[:100]) ** 2)) < np.std(y[:100])
+
+
+def _run_in_lineage(kafka: KafkaConfig, tmp_path: Path, run_id: str) -> RunDetail:
+    """The run as the lineage store shows it, folded from this test's log the way `mlbus
+    lineage rebuild` does."""
+    lineage = LineageStore.open(f"sqlite:///{tmp_path / 'lineage.db'}")
+    staging = staging_for(lineage)
+    topics = ("dataset.created", "training.requested", "training.started", "training.completed")
+    reader = TopicReader(kafka, [kafka.topic(t) for t in topics], start="beginning")
+    rebuild(staging, (LogRecord.from_message(m, kafka) for m in reader))
+    swap_in(staging, lineage)
+    lineage.close()
+    with closing(LineageStore.open(lineage.url)) as projected:
+        return RunQueries(projected).show(run_id)
 
 
 def _infer(c: httpx.Client, model: str, x: np.ndarray) -> httpx.Response:
