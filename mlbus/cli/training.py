@@ -43,7 +43,10 @@ def trainer() -> None:
 
 def run_trainer(manifest: Service, cfg: Settings) -> None:
     """A training worker in the foreground (`mlbus run trainer`)."""
+    from mlbus.extras import require
     from mlbus.kafka.transaction import Transactional
+
+    require("platform")  # torch is imported with the first request: say now if it is missing
     from mlbus.trainer.rendezvous import Joiner, Timeouts
 
     kafka = kafka_config(cfg)

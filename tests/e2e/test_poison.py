@@ -60,7 +60,14 @@ READ_GROUPLESS: dict[str, frozenset[str]] = {
     "workflow": frozenset({"dataset.created", "model.rejected"}),
     "serve": frozenset({"model.promoted", "deployment.updated"}),
     "streams": frozenset(
-        {"dataset.created", "dataset.validated", "training.completed", "model.promoted"}
+        {
+            "dataset.created",
+            "dataset.validated",
+            "training.completed",
+            "model.promoted",
+            # the feedback join folds it from the beginning (streams/feedback.py)
+            "inference.feedback",
+        }
     ),
     "openlineage": frozenset({"training.requested"}),
 }

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 #: Completions published at once before each kill: the workflow decides them one by one
 #: (each confirmed before its cause's offset may be committed), so the kill lands mid-burst.
-BURST = 80
+BURST = 240
 
 
 def completions(rng: random.Random, first: int, n: int) -> list[TrainingCompleted]:
@@ -119,7 +119,7 @@ def test_sigkill_while_runs_complete_then_restart_decides_each_run_exactly_once(
                 timeout=120,
                 interval=0.01,
             )
-            time.sleep(rng.uniform(0.0, 0.2))  # between, or in the middle of, decisions
+            time.sleep(rng.uniform(0.0, 0.1))  # between, or in the middle of, decisions
             process.send_signal(signal.SIGKILL)
             process.wait(10)
             time.sleep(0.2)  # what it had published is readable

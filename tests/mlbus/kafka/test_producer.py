@@ -46,6 +46,7 @@ def test_published_event_is_a_structured_cloudevent_keyed_by_its_entity(kafka):
             "seed": 7,
             "max_epochs": 10,
             "split": {"validation": 0.15, "test": 0.15},
+            "workers": 1,
         },
     }
     assert (ref.type, ref.key, ref.correlationid) == ("training.requested", "digits-mlp", "run-1")
