@@ -103,3 +103,19 @@ def publish_summary(benchmark: str, report: Figures) -> None:
             target=f.target,
             ok=f.ok,
         )
+
+
+def print_report(report: Any, table: str, as_json: bool, stopped: str) -> None:
+    """What a benchmark with `figures` and `setup` prints at the end: one JSON object, or its
+    table and a last line with the wall time and what was stopped."""
+    if as_json:
+        import json
+
+        figures = {
+            k: {"value": f.value, "ratio": report.ratio(f), "ok": f.ok, **f.detail}
+            for k, f in report.figures.items()
+        }
+        print(json.dumps({"setup": report.setup, "figures": figures}))
+    else:
+        print(table)
+        print(f"total wall time {report.setup['wall_seconds']} s; {stopped}")

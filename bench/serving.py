@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import multiprocessing
 import socket
@@ -64,14 +63,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
-from bench.common import Figure, Figures, publish_summary, render_table
+from bench.common import Figure, Figures, print_report, publish_summary, render_table
 
 WIDE = "wide-cnn"
 DIGITS = "digits"
 
 
 def register_wide_family() -> None:
-    import torch
     from torch import nn
 
     from mlbus.families import FAMILIES, family
@@ -79,32 +77,7 @@ def register_wide_family() -> None:
     if WIDE in FAMILIES:
         return
 
-    class WideCNN(nn.Module):
-        """VGG-style: a small convolutional stem and a wide fully connected head. A single
-        sample's forward pass is bound by reading the head's weights (~45 MB), which a batch
-        reads once for all its rows."""
-
-        def __init__(self, side: int, n_classes: int, channels: int, hidden: int) -> None:
-            super().__init__()
-            self.side = side
-            c = channels
-            self.body = nn.Sequential(
-                nn.Conv2d(1, c, 3, padding=1),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-                nn.Conv2d(c, c * 2, 3, padding=1),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-                nn.Flatten(),
-                nn.Linear(c * 2 * (side // 4) ** 2, hidden),
-                nn.ReLU(),
-                nn.Linear(hidden, hidden),
-                nn.ReLU(),
-                nn.Linear(hidden, n_classes),
-            )
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.body(x.view(-1, 1, self.side, self.side))
+    from bench.peers.heavy_model import WideCNN
 
     @family(
         WIDE,
@@ -605,21 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args, log)
     publish_summary("serving", report)
     report.setup["wall_seconds"] = round(time.perf_counter() - started, 1)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "setup": report.setup,
-                    "figures": {
-                        k: {"value": f.value, "ratio": report.ratio(f), "ok": f.ok, **f.detail}
-                        for k, f in report.figures.items()
-                    },
-                }
-            )
-        )
-    else:
-        print(table(report))
-        print(f"total wall time {report.setup['wall_seconds']} s; embedded broker stopped")
+    print_report(report, table(report), args.json, "embedded broker stopped")
     return 0
 
 

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.common import Figure, Figures, publish_summary, render_table  # noqa: E402
+from bench.common import Figure, Figures, print_report, publish_summary, render_table  # noqa: E402
 from bench.serving import (  # noqa: E402
     Running,
     free_port,
@@ -416,15 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args, log)
     publish_summary("serving_peers", report)
     report.setup["wall_seconds"] = round(time.perf_counter() - started, 1)
-    if args.json:
-        figures = {
-            k: {"value": f.value, "ratio": report.ratio(f), "ok": f.ok, **f.detail}
-            for k, f in report.figures.items()
-        }
-        print(json.dumps({"setup": report.setup, "figures": figures}))
-    else:
-        print(table(report))
-        print(f"total wall time {report.setup['wall_seconds']} s; every server stopped")
+    print_report(report, table(report), args.json, "every server stopped")
     return 0
 
 
