@@ -195,7 +195,7 @@ SERVICES: tuple[Service, ...] = (
     Service(
         "workflow",
         folder="consumers/workflow/",
-        role="pipelines, triggers, promotion policy, rollback",
+        role="pipelines, triggers, promotion policy, rollouts (canary steps), rollback",
         source="mlbus/workflow",
         reads=(
             "pipeline.defined",
@@ -207,7 +207,10 @@ SERVICES: tuple[Service, ...] = (
             "training.failed",
             "model.promoted",
             "model.rejected",
+            "model.traffic",
             "serving.alert",
+            "serving.metrics",
+            "serving.accuracy",
         ),
         writes=(
             "training.requested",
@@ -215,6 +218,7 @@ SERVICES: tuple[Service, ...] = (
             "training.failed",
             "model.promoted",
             "model.rejected",
+            "model.traffic",
             DEADLETTER,
         ),
         build="mlbus.cli.workflow:run_workflow",
@@ -346,7 +350,7 @@ SERVICES: tuple[Service, ...] = (
         folder="serving/",
         role="model server (Open Inference Protocol v2, HTTP and Kafka)",
         source="mlbus/serving",
-        reads=("model.promoted", "deployment.updated", "inference.requests"),
+        reads=("model.promoted", "model.traffic", "deployment.updated", "inference.requests"),
         writes=(
             "deployment.updated",
             "inference.results",
@@ -387,8 +391,15 @@ SERVICES: tuple[Service, ...] = (
             "training.failed",
             "model.promoted",
             "model.rejected",
+            "model.traffic",
         ),
-        writes=("dataset.created", "pipeline.defined", "training.requested", "model.promoted"),
+        writes=(
+            "dataset.created",
+            "pipeline.defined",
+            "training.requested",
+            "model.promoted",
+            "model.traffic",
+        ),
         build="mlbus.cli.api:run_api",
         metrics=Metrics(port="api.port", own_server=False),
         deployment=Deployment("freely; stateless (reads the log and the metadata store)."),

@@ -50,6 +50,20 @@ class InferenceLogged(Payload):
     inputs: list[list[float]] | None = Field(
         default=None, description="compact per-sample input summary used for drift"
     )
+    shadow: bool | None = Field(
+        default=None,
+        description="true: answered by a shadow candidate (model.traffic) on a copy of the "
+        "request, logged and compared, never returned to the caller; absent otherwise",
+    )
+    answered_by: str | None = Field(
+        default=None, description="a shadow record's: the version whose answer the caller got"
+    )
+    agreement: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="a shadow record's: the share of rows where its answer equals the one returned",
+    )
 
 
 class Quantiles(Part):
