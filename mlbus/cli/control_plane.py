@@ -384,7 +384,7 @@ def create_app(cfg: Settings) -> FastAPI:
     lineage_store = _lazy_lineage_store(cfg)
     api.include_router(datasets_router(registry, cfg.limits))
     api.include_router(training_router(producer, registry))
-    api.include_router(workflow_router(kafka, cfg.limits))
+    api.include_router(workflow_router(kafka, cfg.limits, cfg.workflow))
     api.include_router(tuning_router(kafka))
     api.include_router(lineage_router(lineage_store))
     api.include_router(models_router(lineage_store))
