@@ -208,6 +208,7 @@ SERVICES: tuple[Service, ...] = (
             "model.promoted",
             "model.rejected",
             "model.traffic",
+            "deployment.updated",
             "serving.alert",
             "serving.metrics",
             "serving.accuracy",

@@ -10,9 +10,10 @@ served `criteria.min_samples` requests (not counting requests refused for their 
 the step. Then the step aborts when the candidate does worse than the stable version:
 
 - error ratio: the lower bound of the candidate's Wilson interval above `max_error_ratio`,
-  or a one-sided two-proportion test shows its ratio higher than the stable version's;
+  or a one-sided Fisher exact test shows its ratio higher than the stable version's (exact:
+  error counts are small, where a z-test's normal approximation calls one error evidence);
 - latency p99: the candidate's above `max_latency_ratio` times the stable version's;
-- accuracy (only once both have `min_labelled` labels): a one-sided two-proportion test
+- accuracy (only once both have `min_labelled` labels): a one-sided Fisher exact test
   shows the candidate wrong more often.
 
 Otherwise it advances to the next step; the step to 100% completes the rollout, and a
@@ -33,7 +34,7 @@ from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import ModelPromoted
 from mlbus.schemas.serving import ServingAccuracy, ServingMetrics
 from mlbus.schemas.traffic import ModelTraffic
-from mlbus.stats import wilson, worse_proportion
+from mlbus.stats import fisher_worse, wilson
 
 _NAMESPACE = uuid.UUID("0b6f2a4e-9d1c-4f3e-8a27-5c4e1d2b3f60")
 
@@ -251,19 +252,26 @@ def following(step: Step, decided: ModelTraffic) -> Step | None:
     return Step(decided, step.until)
 
 
-def window_order(item: Any) -> tuple[datetime, int, str]:
-    """The order windows read from the log are counted in (a `Positioned` or an event): by
-    window end, an accuracy window before a metrics window that ends at the same time."""
-    event = getattr(item, "event", item)
-    accuracy = event.type == "serving.accuracy"
-    return (_aware(event.data.window_end), 0 if accuracy else 1, event.id)
+def merge(metrics: list[Event], accuracy: list[Event]) -> list[Event]:
+    """The order windows read back from the log are counted in, as the workflow meets them
+    live: metrics windows in log order (one model's are on one partition: a total order;
+    they trigger decisions), each accuracy window before the first metrics window that ends
+    no earlier than it. A live accuracy window that arrives after that metrics window is
+    counted in the next decision instead; each decision names the windows it counted."""
+    waiting = sorted(accuracy, key=lambda e: _aware(e.data.window_end))  # stable: log order
+    out: list[Event] = []
+    for window in metrics:
+        end = _aware(window.data.window_end)
+        while waiting and _aware(waiting[0].data.window_end) <= end:
+            out.append(waiting.pop(0))
+        out.append(window)
+    return out + waiting
 
 
 def replay(started: Event[ModelTraffic], windows: list[Event], actor: str) -> list[ModelTraffic]:
     """Every decision a canary's windows lead to, from its first traffic event: what the
     workflow publishes, computed again from the log alone. `windows` are `serving.metrics`
-    and `serving.accuracy` events in the order the workflow met them (accuracy windows
-    before metrics windows that end no earlier: a metrics window triggers a decision)."""
+    and `serving.accuracy` events in the order the workflow meets them (`merge`)."""
     step: Step | None = step_of(started)
     out: list[ModelTraffic] = []
     for window in windows:
@@ -285,15 +293,14 @@ def _error_check(
     candidate: Figures, stable: Figures, confidence: float, limit: float
 ) -> dict[str, Any]:
     low, high = wilson(candidate.errors, candidate.served, confidence)
-    z, p = worse_proportion(candidate.errors, candidate.served, stable.errors, stable.served)
+    p = fisher_worse(candidate.errors, candidate.served, stable.errors, stable.served)
     check: dict[str, Any] = {
         "metric": "error_ratio",
         "candidate": _round(candidate.error_ratio),
         "stable": _round(stable.error_ratio),
         "wilson": [round(low, 6), round(high, 6)],
         "max_error_ratio": limit,
-        "test": "one-sided two-proportion z-test: the candidate's rate is higher",
-        "z": round(z, 4),
+        "test": "one-sided Fisher exact test: the candidate's rate is higher",
         "p_value": p,
     }
     if low > limit:
@@ -351,10 +358,9 @@ def _accuracy_check(
         }
     wrong_c = candidate.labelled - candidate.correct
     wrong_s = stable.labelled - stable.correct
-    z, p = worse_proportion(wrong_c, candidate.labelled, wrong_s, stable.labelled)
+    p = fisher_worse(wrong_c, candidate.labelled, wrong_s, stable.labelled)
     check |= {
-        "test": "one-sided two-proportion z-test: the candidate is wrong more often",
-        "z": round(z, 4),
+        "test": "one-sided Fisher exact test: the candidate is wrong more often",
         "p_value": p,
     }
     if p < 1 - confidence:

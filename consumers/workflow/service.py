@@ -54,7 +54,7 @@ from mlbus.schemas.base import DatasetRef, Payload, PolicyRef
 from mlbus.schemas.codec import wrap
 from mlbus.schemas.datasets import DatasetValidated
 from mlbus.schemas.envelope import Event
-from mlbus.schemas.models import ModelPromoted, ModelRejected
+from mlbus.schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
 from mlbus.schemas.search import SearchRequested
 from mlbus.schemas.serving import ServingAccuracy, ServingAlert, ServingMetrics
 from mlbus.schemas.traffic import ModelTraffic, TrafficCriteria
@@ -178,6 +178,7 @@ class WorkflowService:
             "serving.alert": self._on_alert,
             "serving.metrics": self._on_window,
             "serving.accuracy": self._on_window,
+            "deployment.updated": self._on_deployment,
         }
 
     # -- publishing -------------------------------------------------------------------------
@@ -240,6 +241,44 @@ class WorkflowService:
                 step.add_accuracy(cast("Event[ServingAccuracy]", event))
             elif step.add_metrics(cast("Event[ServingMetrics]", event)):
                 self._decide_step(step, event)
+
+    def _on_deployment(self, event: Event[DeploymentUpdated], record: Record) -> None:
+        """A replica could not load the candidate of a rollout in progress (its report of
+        the rollout's first event): the rollout is aborted, so that no replica goes on
+        splitting traffic the others cannot. Id derived from the rollout."""
+        update = event.data
+        if update.status != "failed":
+            return
+        with self._lock:
+            model = self.state.models.get(update.model)
+            rollout = model.rollout if model else None
+            if rollout is None:
+                return
+            traffic = rollout.data
+            if traffic.candidate != update.version or event.causationid != traffic.rollout_id:
+                return
+            aid = rollouts.step_id(traffic.rollout_id, traffic.step, "load-failed")
+            if aid in self.state.decided:
+                return
+            self._publish(
+                rollouts.aborted(
+                    traffic,
+                    reason=f"{traffic.candidate} failed to load on replica {update.replica}: "
+                    f"{update.error or 'failed'}",
+                    actor=ACTOR,
+                    analysis={"deployment": update.model_dump(mode="json")},
+                    cause=event.id,
+                ),
+                cause=event,
+                event_id=aid,
+            )
+            self.steps.pop(update.model, None)
+            log.warning(
+                "workflow: %s rollout of %s aborted: replica %s cannot load it",
+                update.model,
+                traffic.candidate,
+                update.replica,
+            )
 
     def _on_alert(self, event: Event[ServingAlert], record: Record) -> None:
         """Rollback on a firing alert for the champion; id derived from the alert's."""
@@ -603,15 +642,17 @@ class WorkflowService:
         with LogView(
             self.kafka, ["serving.accuracy", "serving.metrics"], name="workflow rollouts"
         ) as view:
-            items = view.catch_up()
-        for item in sorted(items, key=rollouts.window_order):
-            step = self.steps.get(item.event.data.model)
+            items = sorted(view.catch_up(), key=lambda i: i.position)
+        metrics = [i.event for i in items if i.topic == "serving.metrics"]
+        accuracy = [i.event for i in items if i.topic == "serving.accuracy"]
+        for window in rollouts.merge(metrics, accuracy):
+            step = self.steps.get(window.data.model)
             if step is None:
                 continue
-            if item.topic == "serving.accuracy":
-                step.add_accuracy(item.event)
-            elif step.add_metrics(item.event):
-                self._decide_step(step, item.event)
+            if window.type == "serving.accuracy":
+                step.add_accuracy(window)
+            elif step.add_metrics(window):
+                self._decide_step(step, window)
 
     def _decide_step(self, step: rollouts.Step, window: Event) -> None:
         """Publish what the step's windows lead to, if anything: the next step, the rollout

@@ -247,3 +247,34 @@ def test_bad_rollouts_are_refused_whole_and_change_no_weights(kafka, store, digi
     assert (promoted.data.version, promoted.data.previous_version) == ("2", "1")
     loads = [(e.data.version, e.data.status) for e in read_events(kafka, "deployment.updated")]
     assert ("2", "failed") not in loads
+
+
+def test_the_cli_starts_shows_and_aborts_a_rollout_and_refuses_bad_ones(kafka, versions, tmp_path):
+    from tests.mlbus.test_cli import clean_env, mlbus, ok, one_line_error
+
+    env = clean_env(
+        MLBUS_KAFKA_BOOTSTRAP_SERVERS=kafka.bootstrap,
+        MLBUS_TOPIC_PREFIX=kafka.topic_prefix,
+        MLBUS_DATA_DIR=str(tmp_path / "data"),
+        COLUMNS="250",
+    )
+    promote = ("models", "promote", MODEL, "2", "--reason", "try")
+    one_line_error(mlbus(*promote, "--canary", "10", "--shadow", env=env), "one strategy")
+    one_line_error(
+        mlbus(*promote, "--ab", "50", "--weights", "1=60,2=30", env=env), "sum to 90, not 100"
+    )
+    one_line_error(
+        mlbus("models", "promote", MODEL, "1", "--shadow", "--reason", "r", env=env),
+        "serving now",
+    )
+    assert read_events(kafka, "model.traffic") == []
+    started = ok(mlbus(*promote, "--steps", "5,50,100", "--min-samples", "300", env=env))
+    assert "canary rollout of digits 2 against 1" in started.stdout
+    (event,) = read_events(kafka, "model.traffic")
+    assert (event.data.weights, event.data.steps) == ({"1": 95, "2": 5}, [5, 50, 100])
+    assert event.data.criteria.min_samples == 300 and event.data.actor.startswith("user:")
+    one_line_error(mlbus(*promote, "--ab", "20", env=env), "in progress")
+    shown = ok(mlbus("models", "traffic", MODEL, "--json", env=env))
+    assert '"status": "started"' in shown.stdout
+    ok(mlbus("models", "abort", MODEL, "--reason", "enough", env=env))
+    assert [e.data.status for e in read_events(kafka, "model.traffic")] == ["started", "aborted"]

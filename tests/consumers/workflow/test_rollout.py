@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from mlbus.consumers.workflow import rollout as rollouts
 from mlbus.consumers.workflow.state import ACTOR
+from mlbus.schemas.models import DeploymentUpdated
 from mlbus.schemas.serving import Quantiles, ServingAccuracy, ServingMetrics
 from tests.consumers.workflow.support import (
     catch_up,
@@ -136,8 +137,10 @@ def test_a_canary_steps_after_its_minimum_samples_and_ends_in_a_promotion(kafka,
     assert promoted.causationid == read_events(kafka, "model.traffic")[-1].id
 
     # Replaying the log decides the same, and a service reading it all again adds nothing.
-    windows = [e for t in ("serving.metrics", "serving.accuracy") for e in read_events(kafka, t)]
-    replayed = rollouts.replay(event, sorted(windows, key=rollouts.window_order), ACTOR)
+    windows = rollouts.merge(
+        read_events(kafka, "serving.metrics"), read_events(kafka, "serving.accuracy")
+    )
+    replayed = rollouts.replay(event, windows, ACTOR)
     assert [t.model_dump() for t in replayed] == [t.model_dump() for t in traffic(kafka)[1:]]
     catch_up(kafka, group + "-again")
     assert len(read_events(kafka, "model.traffic")) == 3
@@ -157,8 +160,7 @@ def test_a_candidate_with_more_server_errors_is_aborted_with_the_evidence(kafka,
     assert check["passed"] is False and check["wilson"][0] > 0.05
     assert aborted.analysis["versions"]["a"]["served"] == 700
     assert [e.data.version for e in read_events(kafka, "model.promoted")] == ["a"]
-    windows = read_events(kafka, "serving.metrics")
-    replayed = rollouts.replay(event, sorted(windows, key=rollouts.window_order), ACTOR)
+    replayed = rollouts.replay(event, read_events(kafka, "serving.metrics"), ACTOR)
     assert [t.model_dump() for t in replayed] == [aborted.model_dump()]
     # A later window changes nothing: the rollout has ended.
     send(kafka, window("b", t0 + timedelta(seconds=10), 100))
@@ -177,3 +179,17 @@ def test_a_restart_mid_step_counts_the_windows_already_in_the_log(kafka, group):
     catch_up(kafka, group)  # a new process: the first window is counted again from the log
     _, advanced = traffic(kafka)
     assert advanced.status == "advanced" and advanced.analysis["versions"]["b"]["served"] == 100
+
+
+def test_a_candidate_a_replica_cannot_load_aborts_the_rollout(kafka, group):
+    event = started(kafka, group)
+    failure = DeploymentUpdated(
+        model="m1", version="b", replica="r1", status="failed", error="hash mismatch"
+    )
+    send(kafka, failure.model_copy(update={"version": "a"}), causation=event)  # not the candidate
+    send(kafka, failure, causation=event)
+    catch_up(kafka, group)
+    _, aborted = traffic(kafka)
+    assert (aborted.status, aborted.weights) == ("aborted", {"a": 100})
+    assert aborted.reason == "b failed to load on replica r1: hash mismatch"
+    assert aborted.analysis["deployment"]["replica"] == "r1"
