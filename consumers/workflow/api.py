@@ -150,8 +150,8 @@ def create_router(
     @router.post(
         "/models/{model}/promote",
         status_code=201,
-        summary="Promote a version by hand",
-        responses={404: {}, 409: {}, 422: {}},
+        summary="Promote a version by hand, or start its rollout (canary, shadow, A/B)",
+        responses={400: {}, 404: {}, 409: {}, 422: {}},
     )
     def promote(model: str, body: Promote) -> Any:
         criteria = None

@@ -211,11 +211,12 @@ def start_rollout(
     split = {stable: 100 - candidate_weight, full: candidate_weight}
     if weights:
         split = _weights(weights, model, stable, full, strategy)
-        if strategy == "canary" and planned and split[full] != planned[0]:
-            raise InvalidRollout(
-                f"the weights give {full} {split[full]}%, the first step is {planned[0]}%"
-            )
-        if strategy == "canary" and not planned:
+        if strategy == "canary" and (steps or weight is not None):
+            if split[full] != planned[0]:
+                raise InvalidRollout(
+                    f"the weights give {full} {split[full]}%, the first step is {planned[0]}%"
+                )
+        elif strategy == "canary":  # the weights give the first step
             planned = [split[full], 100]
     artifact, dataset, run_id = _origin(run, promoted, model_name, full)
     failure = _load_failure(kafka, model_name, full, artifact.sha256)
