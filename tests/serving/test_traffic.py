@@ -231,6 +231,10 @@ def test_bad_rollouts_are_refused_whole_and_change_no_weights(kafka, store, digi
         slot = srv.server.registry.find_slot(MODEL)
         assert slot.route.candidate_weight == 30 and slot.current.version == "1"
         candidate = slot.candidate
+        # A replica started mid-rollout catches up with it: champion, candidate and split.
+        with running(kafka, store, replica="late-replica") as late:
+            routed(late, 30)
+            assert late.server.registry.find_slot(MODEL).current.version == "1"
         assert api.get(f"/models/{MODEL}/traffic").json()["status"] == "started"
 
         # Promoting the candidate completes the experiment: the candidate becomes champion
