@@ -268,6 +268,7 @@ SERVICES: tuple[Service, ...] = (
             "pipeline.defined",
             "model.promoted",
             "model.rejected",
+            "model.traffic",
             "deployment.updated",
             "serving.alert",
         ),

@@ -386,7 +386,7 @@ def create_app(cfg: Settings) -> FastAPI:
     api.include_router(training_router(producer, registry))
     api.include_router(workflow_router(kafka, cfg.limits, cfg.workflow))
     api.include_router(tuning_router(kafka))
-    api.include_router(lineage_router(lineage_store))
+    api.include_router(lineage_router(lineage_store, kafka))
     api.include_router(models_router(lineage_store))
     api.include_router(runs_router(lineage_store))
     api.include_router(ui_router(lineage_store))
