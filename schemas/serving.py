@@ -95,6 +95,19 @@ class ServingMetrics(Payload):
     class_distribution: dict[str, int] = {}
     psi: dict[str, float] | None = None
     drift_note: str | None = None
+    shadowed: int | None = Field(
+        default=None,
+        ge=0,
+        description="a shadow candidate's window: its answers compared with the ones "
+        "returned (inference.logged records with an agreement); absent otherwise",
+    )
+    agreement: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="a shadow candidate's window: the mean share of rows it answered as the "
+        "returned version did, over `shadowed` records",
+    )
 
 
 class ServingAlert(Payload):

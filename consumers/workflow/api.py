@@ -8,7 +8,10 @@ POST /models/{model}/promote         JSON {"version", "reason", "actor"?, and fo
                                      "steps"?, "min_samples"?}: 201
 POST /models/{model}/rollback        JSON {"reason", "to"?, "actor"?}: 201
 POST /models/{model}/abort           JSON {"reason", "actor"?}: 201, the rollout aborted
-GET  /models/{model}/traffic         the newest model.traffic event (404: none)
+GET  /models/{model}/traffic         the newest model.traffic event (404: none), and while its
+                                     rollout is in progress, `comparison`: each version's
+                                     figures so far in the current step by the canary's
+                                     analysis (nothing is decided or published from it)
 
 `GET /models` is not here: the listing is a query of the lineage store, which the control
 plane mounts next to these routes.
@@ -102,6 +105,12 @@ def _event(event: Any) -> dict[str, Any]:
     return {"event_id": event.id, "type": event.type, **event.data.model_dump(mode="json")}
 
 
+def comparison_json(decision: Any) -> dict[str, Any]:
+    """A rollout's comparison so far: what the step's analysis finds (`verdict` is what a
+    canary's step would do; a shadow or an A/B experiment ends only by hand) and the figures."""
+    return {"verdict": decision.verdict, "reason": decision.reason, **decision.analysis}
+
+
 def create_router(
     kafka: Callable[[], KafkaConfig],
     limits: LimitsSettings | None = None,
@@ -188,10 +197,14 @@ def create_router(
         responses={404: {}},
     )
     def traffic(model: str) -> Any:
-        event = commands.traffic(kafka(), model)
+        config = kafka()
+        event = commands.traffic(config, model)
         if event is None:
             raise UnknownModel(f"model {model} has never had a rollout")
-        return _event(event)
+        compared = commands.comparison(config, event)
+        body = _event(event)
+        body["comparison"] = None if compared is None else comparison_json(compared)
+        return body
 
     @router.post(
         "/models/{model}/rollback",

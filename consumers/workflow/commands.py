@@ -353,6 +353,19 @@ def traffic(kafka: KafkaConfig, model_name: str) -> Event[ModelTraffic] | None:
     return _model(state, model_name).traffic
 
 
+def comparison(kafka: KafkaConfig, current: Event[ModelTraffic]) -> rollouts.Decision | None:
+    """How the versions of a rollout in progress compare so far on the streams' windows of
+    its current step (`rollout.compare`: the canary's analysis, nothing published); None once
+    the rollout ended (its last event carries the analysis that ended it)."""
+    if not current.data.active:
+        return None
+    with LogView(kafka, ["serving.accuracy", "serving.metrics"], name="traffic comparison") as view:
+        items = sorted(view.catch_up(), key=lambda i: i.position)
+    metrics = [i.event for i in items if i.topic == "serving.metrics"]
+    accuracy = [i.event for i in items if i.topic == "serving.accuracy"]
+    return rollouts.compare(current, rollouts.merge(metrics, accuracy))
+
+
 def rollback(
     kafka: KafkaConfig, model_name: str, *, to: str | None, reason: str, actor: str
 ) -> Event:

@@ -70,6 +70,8 @@ class Figures:
     accuracy_windows: list[str] = field(default_factory=list)
     labelled: int = 0
     correct: int = 0
+    shadowed: int = 0  # a shadow's answers compared with the ones returned
+    agree_sum: float = 0.0  # their agreements (share of rows answered alike), summed
 
     @property
     def served(self) -> int:
@@ -90,8 +92,13 @@ class Figures:
     def accuracy(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
 
+    @property
+    def agreement(self) -> float | None:
+        """A shadow's mean agreement with the answers returned."""
+        return min(1.0, self.agree_sum / self.shadowed) if self.shadowed else None
+
     def summary(self) -> dict[str, JsonValue]:
-        return {
+        out: dict[str, JsonValue] = {
             "windows": len(self.windows),
             "requests": self.requests,
             "served": self.served,
@@ -105,6 +112,9 @@ class Figures:
             "window_ids": list(self.windows),
             "accuracy_window_ids": list(self.accuracy_windows),
         }
+        if self.shadowed:  # a shadow's windows only: a canary's analysis stays as it was
+            out |= {"shadowed": self.shadowed, "agreement": _round(self.agreement)}
+        return out
 
 
 def _round(value: float | None) -> float | None:
@@ -152,6 +162,9 @@ class Step:
         figures.requests += m.requests
         figures.errors += m.errors
         figures.client_errors += m.client_errors
+        if m.shadowed and m.agreement is not None:
+            figures.shadowed += m.shadowed
+            figures.agree_sum += m.agreement * m.shadowed
         if m.latency_seconds is not None and m.requests - m.client_errors > 0:
             weight = m.requests - m.client_errors
             figures.latency_weight += weight
@@ -266,6 +279,19 @@ def merge(metrics: list[Event], accuracy: list[Event]) -> list[Event]:
             out.append(waiting.pop(0))
         out.append(window)
     return out + waiting
+
+
+def compare(current: Event[ModelTraffic], windows: list[Event]) -> Decision:
+    """The comparison of a rollout in progress so far, by the analysis that decides a
+    canary's steps (the current step's windows; `windows` in `merge` order): a shadow's or an
+    A/B experiment's figures, which end only by hand. Nothing is published from it."""
+    step = step_of(current)
+    for window in windows:
+        if window.type == "serving.accuracy":
+            step.add_accuracy(window)
+        else:
+            step.add_metrics(window)
+    return step.decide()
 
 
 def replay(started: Event[ModelTraffic], windows: list[Event], actor: str) -> list[ModelTraffic]:

@@ -7,7 +7,7 @@ import getpass
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -267,16 +267,22 @@ def models_traffic(
     model: Annotated[str, typer.Argument(help="model name")],
     json_out: Annotated[bool, typer.Option("--json", help="as JSON")] = False,
 ) -> None:
-    """The model's newest traffic split (model.traffic) and the analysis behind it."""
-    from mlbus.consumers.workflow.commands import traffic
+    """The model's newest traffic split (model.traffic) and the analysis behind it; while a
+    rollout is in progress, each version's figures so far in its current step (samples, error
+    ratio, p99, accuracy when labelled, a shadow's agreement), by the canary's analysis."""
+    from mlbus.consumers.workflow.api import comparison_json
+    from mlbus.consumers.workflow.commands import comparison, traffic
 
-    event = traffic(kafka_config(), model)
+    config = kafka_config()
+    event = traffic(config, model)
     if event is None:
         err_console.print(f"model {model} has never had a rollout", highlight=False)
         raise typer.Exit(1)
     t = event.data
+    compared = comparison(config, event)
     if json_out:
-        _json({"event_id": event.id, **t.model_dump(mode="json")})
+        found = None if compared is None else comparison_json(compared)
+        _json({"event_id": event.id, **t.model_dump(mode="json"), "comparison": found})
         return
     split = "shadow" if t.shadow else ", ".join(f"{v}: {w}%" for v, w in t.weights.items())
     console.print(
@@ -285,6 +291,31 @@ def models_traffic(
         f"{escape(t.reason)}",
         highlight=False,
     )
+    if compared is None:
+        return
+    table = Table("version", "samples", "server errors", "error ratio", "p99 ms", "labelled",
+                  "accuracy", "agreement", title="so far in this step")  # fmt: skip
+    versions = compared.analysis.get("versions")
+    for version, f in (versions if isinstance(versions, dict) else {}).items():
+        assert isinstance(f, dict)
+        role = "candidate" if version == t.candidate else "stable"
+        p99 = f.get("latency_p99")
+        table.add_row(
+            f"{version} ({role})",
+            str(f.get("served")),
+            str(f.get("errors")),
+            _ratio(f.get("error_ratio")),
+            "-" if not isinstance(p99, float | int) else f"{p99 * 1000:.1f}",
+            str(f.get("labelled")),
+            _ratio(f.get("accuracy")),
+            _ratio(f.get("agreement")),
+        )
+    console.print(table)
+    console.print(f"{compared.verdict}: {escape(compared.reason)}", highlight=False)
+
+
+def _ratio(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float | int) else "-"
 
 
 @models_app.command("rollback")
