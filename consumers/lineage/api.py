@@ -3,7 +3,8 @@
 GET /lineage/models/{model}/upstream?version=&as_of=&format=json|dot|mermaid
 GET /lineage/models/{model}/serving?as_of=          which version served (at a time)
 GET /lineage/models/{model}/history?as_of=          promotions, rejections, rollbacks
-GET /lineage/models/{model}/versions/{version}/why  decisions with policy and evidence
+GET /lineage/models/{model}/versions/{version}/why  decisions with policy and evidence, and
+                                                    its rollouts as a candidate
 GET /lineage/models/{model}/rollouts?as_of=         rollouts: each change of the split, why
 GET /lineage/models/{model}/split?as_of=            the weights by version in force (at a time)
 GET /lineage/requests/{request_id}?model=&since=&verify=   which version answered a request,
@@ -184,8 +185,16 @@ def create_router(
         responses=ERRORS,
     )
     async def why(request: Request, model: str, version: str, as_of: AsOf = None) -> dict[str, Any]:
-        q = queries(request)
-        return asdict(await answer(lambda: q.why(model, version, parse_time(as_of))))
+        store = opened(request)
+        when = parse_time(as_of)
+
+        def both() -> dict[str, Any]:
+            found = LineageQueries(store).why(model, version, when)
+            rolled = RolloutQueries(store).rollouts(model, when)
+            mine = [rollout_json(r) for r in rolled if r.candidate == version]
+            return asdict(found) | {"rollouts": mine}
+
+        return await answer(both)
 
     @router.get(
         "/models/{model}/rollouts",

@@ -302,22 +302,34 @@ def why(
     json_out: Json = False,
     schema: Schema = None,
 ) -> None:
-    """The promotion and rejection decisions of a version, with their policy and evidence."""
+    """The promotion and rejection decisions of a version, with their policy and evidence,
+    and the rollouts of it as a candidate, each change with its reason."""
+    from mlbus.consumers.lineage.api import rollout_json
     from mlbus.consumers.lineage.queries import LineageQueries, parse_time
+    from mlbus.consumers.lineage.rollouts import RolloutQueries
 
     store = _store(schema)
     model, version = _ref(store, ref, "MODEL", need_version=True)
     assert version is not None
-    result = LineageQueries(store).why(model, version, parse_time(as_of))
+    when = parse_time(as_of)
+    result = LineageQueries(store).why(model, version, when)
+    rolled = [r for r in RolloutQueries(store).rollouts(model, when) if r.candidate == version]
     if json_out:
-        print(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2).decode())
+        document = asdict(result) | {"rollouts": [rollout_json(r) for r in rolled]}
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         return
-    if not result.decisions:
+    if not result.decisions and not rolled:
         console.print(f"{model}@{version}: trained, but no promotion or rejection recorded")
     for d in result.decisions:
         console.print(_decision_line(d))
         for key, value in sorted(d.evidence.items()):
             console.print(f"    evidence {key} = {orjson.dumps(value).decode()}")
+    for r in rolled:
+        console.print(
+            f"[bold]{r.strategy}[/] rollout {r.rollout_id} beside {escape(r.stable)}: {r.status}"
+        )
+        for c in r.changes:
+            console.print("  " + escape(change_line(c)))
 
 
 @lineage_app.command("history")

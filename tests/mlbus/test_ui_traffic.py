@@ -47,6 +47,7 @@ def test_the_model_page_shows_the_split_and_the_rollout_history(tmp_path: Path) 
     assert "<tr><th>step</th><td>2 of 3 (10%, 50%, 100%)</td></tr>" in page
     assert "try v2 on a tenth" in page and "step 1 passed: error ratio 0 within 0.05" in page
     assert "&quot;verdict&quot;: &quot;advance&quot;" in page  # the analysis in brief
+    assert "<td>model.traffic</td>" in client.get("/ui").text  # among the recent events
     store.close()
 
     store = LineageStore.open(f"sqlite:///{tmp_path / 'lineage.db'}")

@@ -229,6 +229,9 @@ def test_a_request_answered_by_a_canary_is_audited_from_the_log(
     assert rollouts[0]["changes"][1]["summary"]["verdict"] == "advance"
     then = client.get("/lineage/models/m/split", params={"as_of": at(3).isoformat()}).json()
     assert then["weights"] == {"1": 90, "2": 10}
+    why = client.get("/lineage/models/m/versions/2/why").json()
+    assert [r["rollout_id"] for r in why["rollouts"]] == [CANARY]
+    assert why["decisions"][0]["reason"] == f"rollout {CANARY} done"
 
 
 def test_the_cli_audits_a_request_and_lists_rollouts(kafka: KafkaConfig, tmp_path: Path) -> None:
@@ -245,5 +248,7 @@ def test_the_cli_audits_a_request_and_lists_rollouts(kafka: KafkaConfig, tmp_pat
     listed = ok(mlbus("lineage", "rollouts", "m", env=env)).stdout
     assert CANARY in listed and "step 2/3 [1 50%, 2 50%] by workflow" in listed
     assert "split 2 100%" in listed
+    why = ok(mlbus("lineage", "why", "m@2", env=env)).stdout
+    assert f"canary rollout {CANARY} beside 1: completed" in why and "by alice: try v2" in why
     missing = mlbus("audit", "--request", "nobody", env=env)
     assert missing.returncode == 1
