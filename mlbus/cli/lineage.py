@@ -518,7 +518,10 @@ def audit(
     schema: Schema = None,
 ) -> None:
     """Every event in a model version's lineage, in time order with ids, each verified to
-    still be in the log (or the archive) with the same content hash. Exit 1 if any is not."""
+    still be in the log (or the archive) with the same content hash. Exit 1 if any is not.
+    With --request: which version answered that request (from inference.logged), as what
+    part of the split, the rollout and its weights then, the promotion behind it, and the
+    events of all that, verified the same way."""
     from mlbus.consumers.lineage.audit import plan, topics_of, verify
 
     store = _store(schema)
