@@ -152,20 +152,21 @@ class RolloutQueries:
         """The split in force at `as_of`: the newest change's weights while its rollout is in
         progress, else all to the champion."""
         queries = LineageQueries(self.store)
-        champion = queries.champion(model, as_of)
+        promoted = _promoted(queries.history(model, as_of))
         changes = self.changes(model, as_of)
-        if champion is None and not changes and not queries.model_versions(model):
+        if promoted is None and not changes and not queries.model_versions(model):
             raise NotInLineage(f"model {model!r} is not known" + _at(as_of))
-        return _split(model, as_of, champion, changes[-1] if changes else None)
+        return _split(model, as_of, promoted, changes[-1] if changes else None)
 
     def served(self, model: str, version: str, at: datetime, *, shadow: bool = False) -> Served:
         """What `version` was when it answered a request of `model` at `at` (a shadow's
         answer when `shadow`), with the rollout and the promotion behind it."""
         queries = LineageQueries(self.store)
-        champion = queries.champion(model, at)
+        history = queries.history(model, at)
+        promoted = _promoted(history)
         changes = self.changes(model, at)
         newest = changes[-1] if changes else None
-        split = _split(model, at, champion, newest)
+        split = _split(model, at, promoted, newest)
         rollout = None
         if newest is not None and newest.active:
             rollout = _rollout([c for c in changes if c.rollout_id == newest.rollout_id])
@@ -173,17 +174,12 @@ class RolloutQueries:
             role = "shadow"
         elif rollout is not None and version == rollout.candidate:
             role = "candidate"
-        elif version == champion or (rollout is not None and version == rollout.stable):
+        elif version in split.weights or (rollout is not None and version == rollout.stable):
             role = "stable"
         else:
             role = "unknown"
         promotion = next(
-            (
-                d
-                for d in reversed(queries.history(model, at))
-                if d.kind == "promoted" and d.version == version
-            ),
-            None,
+            (d for d in reversed(history) if d.kind == "promoted" and d.version == version), None
         )
         events = [c.provenance for c in rollout.changes] if rollout else []
         if promotion is not None:
@@ -192,9 +188,16 @@ class RolloutQueries:
 
 
 def _split(
-    model: str, as_of: datetime | None, champion: str | None, newest: RolloutChange | None
+    model: str, as_of: datetime | None, promoted: Decision | None, newest: RolloutChange | None
 ) -> Split:
+    champion = promoted.version if promoted is not None else None
     when = iso(_cut(as_of)) if as_of is not None else None
+    if (
+        newest is not None
+        and newest.status == "completed"
+        and (promoted is None or (promoted.provenance.time or "") < (newest.provenance.time or ""))
+    ):  # the candidate took all traffic; the promotion of it that follows is not known yet
+        return Split(model, when, champion, {newest.candidate: 100})
     if newest is None or not newest.active:
         return Split(model, when, champion, {champion: 100} if champion else {})
     weights = {v: w for v, w in newest.weights.items() if w}
@@ -206,6 +209,11 @@ def _split(
         shadow=newest.candidate if newest.shadow else None,
         change=newest,
     )
+
+
+def _promoted(history: list[Decision]) -> Decision | None:
+    """The newest promotion (the champion's), of a model's decisions oldest first."""
+    return next((d for d in reversed(history) if d.kind == "promoted"), None)
 
 
 def _rollout(changes: list[RolloutChange]) -> Rollout:

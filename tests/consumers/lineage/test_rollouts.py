@@ -160,6 +160,9 @@ def _check(store: LineageStore) -> None:
     assert (early.weights, early.change and early.change.actor) == ({"1": 90, "2": 10}, "alice")
     assert q.split("m", at(5)).weights == {"1": 50, "2": 50}
     assert q.split("m", at(7)).weights == {"2": 100} and q.split("m", at(7)).change is None
+    # completed, its promotion not yet in the log: the candidate takes all the same
+    assert q.split("m", at(6.05)).weights == {"2": 100}
+    assert q.served("m", "2", at(6.05)).role == "stable"
     mirrored = q.split("m", at(8.5))
     assert (mirrored.weights, mirrored.shadow) == ({"2": 100}, "3")
     assert q.split("m").weights == {"2": 100}
