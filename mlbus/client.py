@@ -111,11 +111,25 @@ class Client:
         return self._call("GET", "/models")
 
     def promote(
-        self, model: str, version: str, *, reason: str, actor: str | None = None
+        self,
+        model: str,
+        version: str,
+        *,
+        reason: str,
+        actor: str | None = None,
+        **rollout: Any,
     ) -> dict[str, Any]:
-        """Promote a version by hand: the model.promoted event published."""
+        """Promote a version by hand: the model.promoted event published; with `strategy`
+        (canary, shadow, ab) and its `weight`, `weights`, `steps`, `min_samples`, the
+        model.traffic event that starts its rollout."""
         body = {"version": version, "reason": reason} | ({"actor": actor} if actor else {})
+        body |= {k: v for k, v in rollout.items() if v is not None}
         return self._call("POST", f"/models/{model}/promote", json=body)
+
+    def abort(self, model: str, *, reason: str, actor: str | None = None) -> dict[str, Any]:
+        """Abort the model's rollout in progress: the model.traffic event published."""
+        body = {"reason": reason} | ({"actor": actor} if actor else {})
+        return self._call("POST", f"/models/{model}/abort", json=body)
 
     def rollback(
         self, model: str, *, reason: str, to: str | None = None, actor: str | None = None

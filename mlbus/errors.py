@@ -45,6 +45,9 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     │   │   └── DatasetNotValidated 400  trainer/lookup.py: a version the validator refused,
     │   │                                or did not validate in time: never trained
     │   ├── InvalidPipeline         400  consumers/workflow/definitions.py: names the line
+    │   ├── InvalidRollout          400  consumers/workflow/commands.py: weights that do not
+    │   │                                sum to 100, steps out of order, a strategy's options
+    │   │                                mixed up
     │   ├── InvalidSearch           400  search.py: an empty or contradictory search space, a
     │   │                                budget of zero, a name the family does not have
     │   ├── InvalidPath             400  a path, URI or key with a NUL byte (storage.py, http.py)
@@ -69,6 +72,9 @@ The consumer loop acts on two: `TransientError` (retry with backoff) and `Invali
     ├── Conflict                    409  well formed, but contradicts the current state
     │   ├── PlatformRunning         409  lock.py: another `mlbus up` holds the data dir
     │   ├── NothingToRollBack       409  consumers/workflow/commands.py: no earlier good version
+    │   ├── RolloutConflict         409  consumers/workflow/commands.py: a rollout in progress,
+    │   │                                a candidate that is the serving version, failed to
+    │   │                                load, or no champion to roll out against
     │   ├── TargetNotEmpty          409  consumers/archive/restore.py: the topic holds records
     │   └── NewLog                  409  kafka/anchor.py: a partition's log is not the one a
     │                                    store's positions belong to (positions.on_new_log)

@@ -284,6 +284,37 @@ class WorkflowSettings(_Section):
         description="a sweep's runs still missing this long after it was requested are "
         "declared failed (a pipeline's `deadline_seconds` overrides it)",
     )
+    rollout_min_samples: int = Field(
+        default=200,
+        ge=1,
+        description="a canary step is decided once the candidate served this many requests "
+        "in it (a rollout's `min_samples` overrides it)",
+    )
+    rollout_confidence: float = Field(
+        default=0.99,
+        gt=0.5,
+        lt=1.0,
+        description="confidence of a canary step's tests (candidate worse on error ratio or "
+        "accuracy than the stable version)",
+    )
+    rollout_max_error_ratio: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="a canary step aborts when the lower bound of the candidate's server-error "
+        "ratio is above this",
+    )
+    rollout_max_latency_ratio: float = Field(
+        default=1.5,
+        gt=0.0,
+        description="a canary step aborts when the candidate's latency p99 is above this "
+        "multiple of the stable version's",
+    )
+    rollout_min_labelled: int = Field(
+        default=50,
+        ge=1,
+        description="labelled feedback each version needs in a step before accuracy is compared",
+    )
 
 
 class LimitsSettings(_Section):

@@ -52,6 +52,27 @@ def worse_proportion(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
     return z, 1 - NormalDist().cdf(z)
 
 
+def fisher_worse(k1: int, n1: int, k2: int, n2: int) -> float:
+    """One-sided Fisher exact test that rate 1 (k1/n1) is higher than rate 2 (k2/n2): the
+    p-value, P(X >= k1) for X hypergeometric (n1 draws from n1 + n2 with k1 + k2 marked).
+    Exact where the z-test's normal approximation is not: a single error among a hundred
+    requests against none among a thousand is not evidence. 1 when either side is empty."""
+    if n1 <= 0 or n2 <= 0:
+        return 1.0
+    total, marked = n1 + n2, k1 + k2
+
+    def log_comb(n: int, k: int) -> float:
+        return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+    denominator = log_comb(total, n1)
+    p = 0.0
+    for x in range(k1, min(marked, n1) + 1):
+        if marked - x > n2:
+            continue
+        p += math.exp(log_comb(marked, x) + log_comb(total - marked, n1 - x) - denominator)
+    return min(1.0, p)
+
+
 def psi(expected: Sequence[float], actual_counts: Sequence[int]) -> float | None:
     """Population Stability Index of served counts against expected probabilities."""
     total = sum(actual_counts)

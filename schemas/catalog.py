@@ -26,6 +26,7 @@ from mlbus.schemas.serving import (
     ServingAlert,
     ServingMetrics,
 )
+from mlbus.schemas.traffic import ModelTraffic
 from mlbus.schemas.training import (
     TrainingCompleted,
     TrainingFailed,
@@ -112,6 +113,9 @@ CATALOG: tuple[TopicSpec, ...] = (
               "this version now serves (policy, evidence; rollbacks too)", "workflow, CLI/API"),
     TopicSpec("model.rejected", ModelRejected, "model", 3,
               "a candidate failed the policy", "workflow"),
+    TopicSpec("model.traffic", ModelTraffic, "model", 3,
+              "how requests are split between a stable version and a candidate (canary, "
+              "shadow, A/B), with the analysis that changed it", "workflow, CLI/API"),
     TopicSpec("deployment.updated", DeploymentUpdated, "model", 3,
               "a replica loaded (or failed to load) a version", "serving"),
     TopicSpec("inference.requests", InferenceRequest, "request_id", 6,

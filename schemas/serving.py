@@ -50,6 +50,20 @@ class InferenceLogged(Payload):
     inputs: list[list[float]] | None = Field(
         default=None, description="compact per-sample input summary used for drift"
     )
+    shadow: bool | None = Field(
+        default=None,
+        description="true: answered by a shadow candidate (model.traffic) on a copy of the "
+        "request, logged and compared, never returned to the caller; absent otherwise",
+    )
+    answered_by: str | None = Field(
+        default=None, description="a shadow record's: the version whose answer the caller got"
+    )
+    agreement: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="a shadow record's: the share of rows where its answer equals the one returned",
+    )
 
 
 class Quantiles(Part):
@@ -81,6 +95,19 @@ class ServingMetrics(Payload):
     class_distribution: dict[str, int] = {}
     psi: dict[str, float] | None = None
     drift_note: str | None = None
+    shadowed: int | None = Field(
+        default=None,
+        ge=0,
+        description="a shadow candidate's window: its answers compared with the ones "
+        "returned (inference.logged records with an agreement); absent otherwise",
+    )
+    agreement: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="a shadow candidate's window: the mean share of rows it answered as the "
+        "returned version did, over `shadowed` records",
+    )
 
 
 class ServingAlert(Payload):

@@ -4,7 +4,7 @@ any time is itself in the log."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -44,6 +44,27 @@ class RollbackPolicy(Part):
     )
 
 
+class RolloutPlan(Part):
+    """How a pipeline's promoted candidate reaches traffic when a champion serves: a canary
+    stepped by analysis of the streams' windows, a shadow, or an A/B experiment (both held
+    until ended by hand). Without a plan a promotion takes all traffic at once."""
+
+    strategy: Literal["canary", "shadow", "ab"] = "canary"
+    steps: list[Annotated[int, Field(gt=0, le=100)]] = Field(
+        default=[10, 50, 100],
+        description="canary: the candidate's weights, ascending, ending at 100",
+    )
+    weight: int | None = Field(
+        default=None, gt=0, lt=100, description="ab: the candidate's percent of requests"
+    )
+    min_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="candidate requests a canary step needs; None = the workflow's default "
+        "(MLBUS_WORKFLOW__ROLLOUT_MIN_SAMPLES)",
+    )
+
+
 class PipelineDefined(Payload):
     name: Name
     revision: int = Field(ge=1, description="1 for the first definition, +1 per change")
@@ -77,6 +98,11 @@ class PipelineDefined(Payload):
     )
     policy: PromotionPolicy
     rollback: RollbackPolicy = RollbackPolicy()
+    rollout: RolloutPlan | None = Field(
+        default=None,
+        description="roll a promoted candidate out (canary, shadow, A/B) instead of giving it "
+        "all traffic at once; used when a champion serves",
+    )
     task: Task | None = Field(default=None, description="None = the family's first task")
     family_origin: FamilyOrigin | None = Field(
         default=None,

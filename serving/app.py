@@ -44,7 +44,7 @@ from mlbus.http import (
     install_error_handlers,
 )
 from mlbus.schemas.envelope import new_event_id
-from mlbus.serving.errors import NotReady, VerificationFailed
+from mlbus.serving.errors import MalformedRequest, NotReady, VerificationFailed
 from mlbus.serving.feedback import FeedbackAccepted, FeedbackRequest
 from mlbus.serving.feedback import check as check_feedback
 from mlbus.serving.feedback import parse as parse_feedback
@@ -106,6 +106,11 @@ class RequestParameters(BaseModel):
     binary_data_output: bool | None = Field(
         default=None,
         description="answer every output without its own binary_data parameter as binary data",
+    )
+    routing_key: str | None = Field(
+        default=None,
+        description="during a rollout (model.traffic), requests with one key always land on "
+        "one version (as the header X-Mlbus-Routing-Key; default: the request id)",
     )
 
 
@@ -237,18 +242,56 @@ async def receive_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 
 class Payload(NamedTuple):
-    """An infer request's body, inflated, and its `Inference-Header-Content-Length`."""
+    """An infer request's body, inflated, its `Inference-Header-Content-Length`, and its
+    routing key header (`X-Mlbus-Routing-Key`)."""
 
     content: bytes
     json_length: bytes | None = None
+    routing_key: bytes | None = None
+
+
+#: The header that names the caller during a rollout: requests with one key always land on
+#: one version (the request parameter `routing_key` does the same inside the JSON object).
+ROUTING_HEADER = "X-Mlbus-Routing-Key"
+ROUTING_PARAMETER = "routing_key"
 
 
 async def receive_payload(scope: Scope, receive: Receive, limit: int) -> Payload:
     """The body (`receive_body`) with its Content-Encoding undone, the inflated size under
-    the same limit, and the binary tensor extension's header."""
+    the same limit, the binary tensor extension's header and the routing key."""
     raw = await receive_body(scope, receive, limit)
     content = decode_content(raw, header(scope, b"content-encoding"), limit)
-    return Payload(content, header(scope, b"inference-header-content-length"))
+    return Payload(
+        content,
+        header(scope, b"inference-header-content-length"),
+        header(scope, ROUTING_HEADER.lower().encode()),
+    )
+
+
+def routing_key(doc: Any, payload: Payload, max_bytes: int) -> tuple[str, str | None]:
+    """The key a request is routed by during a rollout, and the request id when the request
+    names one: the routing header, else the `routing_key` request parameter, else the
+    request id; a request with none gets a new id, which is then its key and its id."""
+    given = doc.get("id") if isinstance(doc, dict) else None
+    request_id = given if isinstance(given, str) else None
+    key: str | None = None
+    if payload.routing_key is not None:
+        key = payload.routing_key.decode("utf-8", "replace")
+    else:
+        parameters = doc.get("parameters") if isinstance(doc, dict) else None
+        value = parameters.get(ROUTING_PARAMETER) if isinstance(parameters, dict) else None
+        if value is not None and not isinstance(value, str):
+            raise MalformedRequest(f"the request parameter {ROUTING_PARAMETER!r} must be a string")
+        key = value
+    if key is None:  # the request id (checked with the request), or a new one
+        if request_id is None:
+            request_id = new_event_id()
+        return request_id, request_id
+    if len(key) * 4 > max_bytes and len(key.encode("utf-8", "replace")) > max_bytes:
+        raise MalformedRequest(
+            f"the routing key is over {max_bytes} bytes (serving.max_request_id_bytes)"
+        )
+    return key, request_id
 
 
 class Answer(NamedTuple):
@@ -403,7 +446,7 @@ def create_app(server: ModelServer) -> FastAPI:
     )
     def metadata(name: str) -> dict[str, Any]:
         slot = server.registry.slot(name)
-        return model_metadata(name, [d for d in (slot.current, slot.previous) if d])
+        return model_metadata(name, slot.deployments())
 
     @app.get(
         "/v2/models/{name}/versions/{version}",
@@ -446,7 +489,8 @@ def create_app(server: ModelServer) -> FastAPI:
         try:
             payload = await read()
             doc, binary = parse_body(payload.content, payload.json_length)
-            deployment = server.deployment(name, version)
+            key, request_id = routing_key(doc, payload, server.config.max_request_id_bytes)
+            deployment, shadow = server.route(name, version, key)
             decoded = decode_request(
                 doc,
                 deployment,
@@ -455,9 +499,14 @@ def create_app(server: ModelServer) -> FastAPI:
                 max_id_bytes=server.config.max_request_id_bytes,
             )
             # One id for the response and the inference log, so the two can be joined.
-            x, request_id = decoded.x, decoded.id or new_event_id()
+            x, request_id = decoded.x, decoded.id or request_id or new_event_id()
             answer = await server.infer(
-                deployment, x, protocol="http", request_id=request_id, started=started
+                deployment,
+                x,
+                protocol="http",
+                request_id=request_id,
+                started=started,
+                shadow=shadow,
             )
         except MlbusError as e:  # a refusal (unknown model, bad input, too large, not ready)
             server.failed(name, "http", type(e).__name__, started, deployment, x, e, request_id)
@@ -564,9 +613,8 @@ def create_app(server: ModelServer) -> FastAPI:
         out = []
         for name in server.registry.names():
             slot = server.registry.slot(name)
-            for d in (slot.current, slot.previous):
-                if d is not None:
-                    out.append({"name": name, "version": d.version, "state": "READY"})
+            for d in slot.deployments():
+                out.append({"name": name, "version": d.version, "state": "READY"})
         return out
 
     @app.post(
@@ -589,7 +637,7 @@ def create_app(server: ModelServer) -> FastAPI:
                 f"model {name!r} version {champion.data.version} cannot load: {reason}"
             )
         slot = server.registry.slot(name)
-        return model_metadata(name, [d for d in (slot.current, slot.previous) if d])
+        return model_metadata(name, slot.deployments())
 
     @app.post(
         "/v2/repository/models/{name}/unload",

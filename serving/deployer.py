@@ -1,8 +1,15 @@
-"""Model lifecycle from the log: a log view of `model.promoted` (mlbus/kafka/logview.py) read
-from the beginning (newest promotion per model = its champion), loads what it can, then
-follows the topic group-less, so every replica sees every promotion. Reads `deployment.updated`
-once at start (what this replica already reported); publishes `deployment.updated` for each
-load (loaded or failed).
+"""Model lifecycle from the log: a log view of `model.promoted` and `model.traffic`
+(mlbus/kafka/logview.py) read from the beginning (newest promotion per model = its champion;
+newest traffic event per model = its rollout, if one is in progress), loads what it can, then
+follows both topics group-less, so every replica sees every promotion and every change of
+weights. Reads `deployment.updated` once at start (what this replica already reported);
+publishes `deployment.updated` for each load (loaded or failed).
+
+A rollout's candidate (`model.traffic`) is loaded and verified beside the champion, then the
+route that splits requests is set in one swap (serving/registry.py); a candidate that cannot
+load is reported failed and the split is not applied: every request stays on the champion.
+A completed rollout leaves its candidate loaded for the `model.promoted` that follows it (a
+swap, not a reload); an aborted one retires it.
 
 A promoted version is loaded and verified beside the serving one and swapped in only when
 it passed (serving/registry.py). A version that cannot load (not safetensors, hash mismatch,
@@ -26,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, cast
 
 from mlbus.errors import Abandon, MlbusError, TransientError
 from mlbus.kafka.config import KafkaConfig
@@ -34,15 +41,17 @@ from mlbus.kafka.logview import LogView, Positioned
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import DeploymentUpdated, ModelPromoted
+from mlbus.schemas.traffic import ModelTraffic, inconsistency
 from mlbus.schemas.training import Artifact
 from mlbus.serving.errors import VerificationFailed
-from mlbus.serving.registry import Deployment, Registry, load_verified
+from mlbus.serving.registry import Deployment, Registry, Route, load_verified
 from mlbus.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
 _NAMESPACE = uuid.UUID("6a0d0f0e-8f53-4c55-9a1d-2b36c1e0b7a1")
 TOPIC = "model.promoted"
+TRAFFIC = "model.traffic"
 OUTCOMES = "deployment.updated"
 #: The longest wait between two tries of a load while the object store is out of reach.
 MAX_RETRY_SECONDS = 30.0
@@ -84,11 +93,13 @@ class Deployer:
         # model → its promotions, one per version, oldest first (a re-promoted version moves
         # to the end): what a restart walks back through when the champion cannot load.
         self._history: dict[str, list[Event[ModelPromoted]]] = {}
-        self._following = False  # promotions folded from now on are new: handled as they come
-        self._pending: list[Event[ModelPromoted]] = []
+        # model → its newest model.traffic event (in progress or ended)
+        self._traffic: dict[str, Event[ModelTraffic]] = {}
+        self._following = False  # events folded from now on are new: handled as they come
+        self._pending: list[Event[ModelPromoted] | Event[ModelTraffic]] = []
         self._failed: dict[str, str] = {}  # promotion event id → why it cannot serve here
         self._loading: set[str] = set()  # models with a load under way
-        self.view = LogView(kafka, [TOPIC], on_event=self._fold, name="deployer")
+        self.view = LogView(kafka, [TOPIC, TRAFFIC], on_event=self._fold, name="deployer")
 
     # -- control ---------------------------------------------------------------------------
 
@@ -108,6 +119,11 @@ class Deployer:
         with self._lock:
             events = self._history.get(name)
             return events[-1] if events else None
+
+    def traffic(self, name: str) -> Event[ModelTraffic] | None:
+        """The newest `model.traffic` event of `name` as this replica has read it."""
+        with self._lock:
+            return self._traffic.get(name)
 
     def loading(self, name: str) -> bool:
         """Whether a version of `name` is being loaded now (the server answers 503, not 404,
@@ -136,7 +152,10 @@ class Deployer:
                             if not self._pending:
                                 break
                             event = self._pending.pop(0)
-                        self.handle(event)
+                        if event.type == TRAFFIC:
+                            self.handle_traffic(cast("Event[ModelTraffic]", event))
+                        else:
+                            self.handle(cast("Event[ModelPromoted]", event))
                 return
             except MlbusError as e:  # broker or store away: retry from where we are
                 log.warning("deployer: %s (retrying in %.1fs)", e, delay)
@@ -146,6 +165,13 @@ class Deployer:
             delay = min(delay * 2, 10.0)
 
     def _fold(self, item: Positioned) -> None:
+        if item.event.type == TRAFFIC:
+            traffic: Event[ModelTraffic] = item.event
+            with self._lock:
+                self._traffic[traffic.data.model] = traffic
+                if self._following:
+                    self._pending.append(traffic)
+            return
         event: Event[ModelPromoted] = item.event
         with self._lock:
             versions = self._history.setdefault(event.data.model, [])
@@ -161,6 +187,7 @@ class Deployer:
         self.view.catch_up()
         with self._lock:  # what came after this is handled by the following loop
             history = {name: list(events) for name, events in self._history.items()}
+            rollouts = [e for e in self._traffic.values() if e.data.active]
             self._following = True
         for name, events in history.items():
             serving = self._serve_newest(events)
@@ -170,6 +197,10 @@ class Deployer:
                 log.warning("deployer: %s caught up, no promoted version loads", name)
             else:
                 log.info("deployer: %s caught up at version %s", name, serving.version)
+        for traffic in rollouts:  # each rollout in progress, beside its champion
+            if self._stop.is_set():
+                return
+            self.handle_traffic(traffic)
 
     def _serve_newest(self, events: list[Event[ModelPromoted]]) -> Deployment | None:
         """Walk back from the champion: the first version that loads serves, the next one
@@ -262,6 +293,80 @@ class Deployer:
         self._report(event, "loaded", sha256=artifact.sha256, seconds=seconds)
         return deployment
 
+    # -- one change of weights -------------------------------------------------------------
+
+    def handle_traffic(self, event: Event[ModelTraffic]) -> Deployment | None:
+        """Apply a `model.traffic` event: load and verify its candidate beside the champion
+        (reported like a promotion's load), then set the route in one swap. An ended rollout
+        clears the route (a completed one keeps its candidate loaded for the promotion that
+        follows). The candidate loaded, or None when no split applies."""
+        traffic: ModelTraffic = event.data
+        name = traffic.model
+        problem = inconsistency(traffic)
+        if problem is not None:  # published by other means than mlbus's checks
+            log.warning("deployer: %s: model.traffic %s ignored: %s", name, event.id, problem)
+            return None
+        slot = self.registry.find_slot(name)
+        if not traffic.active:
+            if slot is not None and slot.route is not None:
+                # completed: loaded beside the champion, unrouted, until it is promoted
+                keep = slot.candidate if traffic.status == "completed" else None
+                self.registry.route(name, None, keep)
+                log.info("deployer: %s rollout %s %s", name, traffic.rollout_id, traffic.status)
+            return None
+        if event.id in self._failed:
+            return None
+        if slot is None:
+            log.warning(
+                "deployer: %s rollout of %s: the model is not served here; nothing to split",
+                name,
+                traffic.candidate,
+            )
+            return None
+        artifact = traffic.artifact
+        if artifact is None:
+            self._fail(event, "the rollout carries no artifact of its candidate to load")
+            return None
+        existing = self.registry.find(name, traffic.candidate, artifact.sha256)
+        started = time.perf_counter()
+        if existing is None:
+            self._loading.add(name)
+            try:
+                existing = self._load(name, traffic.candidate, artifact)
+            except Abandon:
+                return None
+            except VerificationFailed as e:
+                self._fail(event, str(e), sha256=artifact.sha256, started=started)
+                return None
+            except Exception as e:  # untranslated: final, as for a promotion
+                log.exception(
+                    "deployer: %s candidate %s: unexpected error", name, traffic.candidate
+                )
+                reason = f"unexpected error: {type(e).__name__}: {e}"
+                self._fail(event, reason, sha256=artifact.sha256, started=started)
+                return None
+            finally:
+                self._loading.discard(name)
+            seconds = time.perf_counter() - started
+            self._report(event, "loaded", sha256=artifact.sha256, seconds=seconds)
+        route = Route(
+            rollout_id=traffic.rollout_id,
+            strategy=traffic.strategy,
+            stable=traffic.stable,
+            candidate=traffic.candidate,
+            candidate_weight=0 if traffic.shadow else traffic.weight(traffic.candidate),
+            shadow=traffic.shadow,
+        )
+        self.registry.route(name, route, existing)
+        log.info(
+            "deployer: %s %s rollout %s: %s",
+            name,
+            traffic.strategy,
+            traffic.rollout_id,
+            "shadow" if traffic.shadow else traffic.weights,
+        )
+        return existing
+
     def _load(self, name: str, version: str, artifact: Artifact) -> Deployment:
         """`load_verified`, tried again with backoff while the object store is out of reach;
         `VerificationFailed` once `load_attempts` tries met a `TransientError`."""
@@ -296,17 +401,15 @@ class Deployer:
 
     def _fail(
         self,
-        event: Event[ModelPromoted],
+        event: Event[ModelPromoted] | Event[ModelTraffic],
         reason: str,
         *,
         sha256: str | None = None,
         started: float | None = None,
     ) -> None:
-        """Remember that the promotion cannot serve here and report it, once."""
-        promoted: ModelPromoted = event.data
-        log.warning(
-            "deployer: %s version %s cannot serve: %s", promoted.model, promoted.version, reason
-        )
+        """Remember that the promotion (or rollout) cannot serve here and report it, once."""
+        model, version = _target(event)
+        log.warning("deployer: %s version %s cannot serve: %s", model, version, reason)
         self._failed[event.id] = reason
         seconds = None if started is None else time.perf_counter() - started
         self._report(event, "failed", error=reason, sha256=sha256, seconds=seconds)
@@ -326,19 +429,19 @@ class Deployer:
 
     def _report(
         self,
-        event: Event[ModelPromoted],
+        event: Event[ModelPromoted] | Event[ModelTraffic],
         status: Literal["loaded", "failed"],
         *,
         error: str | None = None,
         sha256: str | None = None,
         seconds: float | None = None,
     ) -> None:
-        promoted: ModelPromoted = event.data
+        model, version = _target(event)
         if self.on_outcome:
-            self.on_outcome(promoted.model, status)
+            self.on_outcome(model, status)
         update = DeploymentUpdated(
-            model=promoted.model,
-            version=promoted.version,
+            model=model,
+            version=version,
             replica=self.replica,
             status=status,
             load_seconds=seconds,
@@ -351,3 +454,11 @@ class Deployer:
             self.producer.flush(10.0)
         except MlbusError as e:  # the load itself stands; the report is best effort
             log.warning("deployer: cannot publish deployment.updated: %s", e)
+
+
+def _target(event: Event[ModelPromoted] | Event[ModelTraffic]) -> tuple[str, str]:
+    """The model and the version an event asks this replica to load."""
+    data = event.data
+    if isinstance(data, ModelTraffic):
+        return data.model, data.candidate
+    return data.model, data.version

@@ -85,6 +85,9 @@ class Sample:
     features: list[str]
     inputs: np.ndarray | None  # raw rows [batch, features]
     status: int | None = None  # a failure's HTTP status: 4xx the client's input, 5xx ours
+    shadow: bool = False  # answered by a shadow candidate on a copy: never returned
+    answered_by: str | None = None  # a shadow's: the version whose answer was returned
+    agreement: float | None = None  # a shadow's: share of rows answered alike
 
 
 class InferenceLog:
@@ -273,6 +276,12 @@ def encode(sample: Sample, replica: str, source: str, **envelope: Any) -> bytes:
     kept = reduced(sample)
     if kept is not None:
         data["feature_names"], data["inputs"] = kept
+    if sample.shadow:
+        data["shadow"] = True
+        if sample.answered_by is not None:
+            data["answered_by"] = sample.answered_by
+        if sample.agreement is not None:
+            data["agreement"] = sample.agreement
     envelope.setdefault("partitionkey", sample.model)
     event = attributes(TOPIC, source=source, **envelope)
     event["data"] = data
@@ -297,6 +306,9 @@ def record(sample: Sample, replica: str) -> InferenceLogged:
         status=sample.status,
         batch_size=_batch_size(sample),
         predictions=predictions(sample),
+        shadow=True if sample.shadow else None,
+        answered_by=sample.answered_by if sample.shadow else None,
+        agreement=sample.agreement if sample.shadow else None,
     )
     if names is None:
         return logged

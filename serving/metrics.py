@@ -64,7 +64,7 @@ class ServingMetrics:
         )
         self.loaded = Gauge(
             "mlbus_serve_model_loaded",
-            "1 for each loaded version; role current|previous",
+            "1 for each loaded version; role current|previous|candidate (a rollout's)",
             ["model", "version", "role"],
             registry=r,
         )
@@ -82,6 +82,11 @@ class ServingMetrics:
         self.log_dropped = Counter(
             "mlbus_serve_inference_log_dropped",
             "inference.logged samples dropped because the log queue was full",
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "mlbus_serve_shadow_dropped",
+            "copies of requests not sent to a shadow candidate: too many already in flight",
             registry=r,
         )
         # The label sets of each (model, version), so that its retirement removes them all;

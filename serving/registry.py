@@ -1,13 +1,16 @@
 """The versions a replica serves: a `Deployment` is one loaded, verified model version
 (weights, card, its micro-batcher); the `Registry` maps each model to its current and
-previous deployment and swaps them atomically.
+previous deployment, and during a rollout to a candidate beside them with the `Route` that
+splits requests between the current (stable) version and the candidate; it swaps them
+atomically.
 
-No topics here: serving/deployer.py feeds it from `model.promoted`.
+No topics here: serving/deployer.py feeds it from `model.promoted` and `model.traffic`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import threading
@@ -153,10 +156,52 @@ def load_verified(
     return deployment
 
 
+#: Requests are split in buckets of 1/BUCKETS: a weight in percent is weight * BUCKETS / 100
+#: of them.
+BUCKETS = 10_000
+
+
+def bucket(rollout_id: str, key: str) -> int:
+    """The bucket (0 to BUCKETS - 1) of a routing key in one rollout: a stable hash, the same
+    on every replica and after a restart, so a caller with one key always lands on one
+    version. Salted with the rollout, so each rollout draws its own cohort; within one, the
+    candidate's buckets are the lowest, so a caller on the candidate at 10% stays on it at
+    50%."""
+    digest = hashlib.blake2b(f"{rollout_id}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % BUCKETS
+
+
+@dataclass(frozen=True)
+class Route:
+    """A model's split between its stable version and a candidate (model.traffic), as this
+    replica applies it: `candidate_weight` percent of routing keys answered by the candidate,
+    or, with `shadow`, every request answered by the stable version and copied to the
+    candidate."""
+
+    rollout_id: str
+    strategy: str
+    stable: str
+    candidate: str
+    candidate_weight: int
+    shadow: bool = False
+
+    def to_candidate(self, key: str) -> bool:
+        weight = self.candidate_weight
+        if weight <= 0:
+            return False
+        return weight >= 100 or bucket(self.rollout_id, key) < weight * BUCKETS // 100
+
+
 @dataclass(frozen=True)
 class Slot:
     current: Deployment
     previous: Deployment | None = None
+    #: a rollout's candidate, loaded beside the champion while `route` splits requests
+    candidate: Deployment | None = None
+    route: Route | None = None
+
+    def deployments(self) -> list[Deployment]:
+        return [d for d in (self.current, self.previous, self.candidate) if d is not None]
 
 
 class Registry:
@@ -199,6 +244,9 @@ class Registry:
         except KeyError:
             raise UnknownModel(f"model {name!r} is not served here") from None
 
+    def find_slot(self, name: str) -> Slot | None:
+        return self._slots.get(name)
+
     def current(self, name: str) -> Deployment | None:
         slot = self._slots.get(name)
         return slot.current if slot else None
@@ -207,25 +255,79 @@ class Registry:
         slot = self.slot(name)
         if version is None or version == slot.current.version:
             return slot.current
-        if slot.previous is not None and version == slot.previous.version:
-            return slot.previous
-        loaded = [slot.current.version] + ([slot.previous.version] if slot.previous else [])
+        for d in (slot.previous, slot.candidate):
+            if d is not None and version == d.version:
+                return d
+        loaded = [d.version for d in slot.deployments()]
         raise UnknownVersion(
             f"model {name!r} has no version {version!r} loaded (loaded: {', '.join(loaded)})"
         )
 
+    def choose(self, name: str, key: str) -> tuple[Deployment, Deployment | None]:
+        """The deployment that answers a request for `name` with routing key `key`, and the
+        one a copy goes to (a shadow candidate), from the slot's route; without a rollout,
+        the champion and None."""
+        slot = self.slot(name)
+        route, candidate = slot.route, slot.candidate
+        if route is None or candidate is None:
+            return slot.current, None
+        if route.shadow:
+            return slot.current, candidate
+        return (candidate if route.to_candidate(key) else slot.current), None
+
     def find(self, name: str, version: str, sha256: str) -> Deployment | None:
         """A loaded deployment of exactly that version and artifact (a rollback to the
-        previous version is then a swap, not a reload)."""
+        previous version, or the promotion of a rollout's candidate, is then a swap, not a
+        reload)."""
         slot = self._slots.get(name)
-        for d in (slot.current, slot.previous) if slot else ():
-            if d is not None and d.version == version and d.sha256 == sha256:
+        for d in slot.deployments() if slot else ():
+            if d.version == version and d.sha256 == sha256:
                 return d
         return None
 
     def install(self, deployment: Deployment, *, as_previous: bool = False) -> None:
         """Make `deployment` current (the current one becomes previous); with `as_previous`,
-        put it behind the current one (loading a replica's history at start)."""
+        put it behind the current one (loading a replica's history at start). A rollout
+        whose candidate becomes current has ended: its route goes; a new champion that is
+        not the route's stable version ends it too (the candidate is retired)."""
+        self._batcher(deployment)
+        with self._lock:
+            old = self._slots.get(deployment.name)
+            if as_previous and old is not None:
+                new = Slot(old.current, deployment, old.candidate, old.route)
+            elif old is None:
+                new = Slot(deployment)
+            else:
+                keep = old.current if old.current is not deployment else old.previous
+                route, candidate = old.route, old.candidate
+                if candidate is deployment or route is None or route.stable != deployment.version:
+                    route, candidate = None, None
+                new = Slot(deployment, keep, candidate, route)
+            self._slots[deployment.name] = new
+        self._retire_dropped(old, new)
+        if self.on_change:
+            self.on_change(deployment.name, old, new)
+
+    def route(self, name: str, route: Route | None, candidate: Deployment | None) -> None:
+        """Set (or, with None, end) the rollout of `name`: its candidate loaded beside the
+        champion and the route that splits requests. A candidate left out is retired."""
+        if candidate is not None:
+            self._batcher(candidate)
+        with self._lock:
+            old = self.slot(name)
+            new = Slot(old.current, old.previous, candidate, route if candidate else None)
+            self._slots[name] = new
+        self._retire_dropped(old, new)
+        if self.on_change:
+            self.on_change(name, old, new)
+
+    def _retire_dropped(self, old: Slot | None, new: Slot) -> None:
+        kept = new.deployments()
+        for d in old.deployments() if old else ():
+            if not any(d is k for k in kept):
+                self._retire(d)
+
+    def _batcher(self, deployment: Deployment) -> None:
         if deployment.batcher is None:
             run = deployment.predict
             on_batch = self.on_batch
@@ -249,30 +351,12 @@ class Registry:
                 batching=self.batching,
                 max_in_flight=self.max_in_flight,
             )
-        with self._lock:
-            old = self._slots.get(deployment.name)
-            if as_previous and old is not None:
-                new = Slot(old.current, deployment)
-                retired = old.previous
-            elif old is None:
-                new = Slot(deployment)
-                retired = None
-            else:
-                keep = old.current if old.current is not deployment else old.previous
-                new = Slot(deployment, keep)
-                retired = old.previous if old.previous not in (deployment, keep) else None
-            self._slots[deployment.name] = new
-        if retired is not None:
-            self._retire(retired)
-        if self.on_change:
-            self.on_change(deployment.name, old, new)
 
     def remove(self, name: str) -> Slot | None:
         with self._lock:
             old = self._slots.pop(name, None)
-        for d in (old.current, old.previous) if old else ():
-            if d is not None:
-                self._retire(d)
+        for d in old.deployments() if old else ():
+            self._retire(d)
         if old is not None and self.on_change:
             self.on_change(name, old, None)
         return old

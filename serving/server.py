@@ -1,5 +1,8 @@
 """One serving replica, composed: the registry of loaded versions, the deployer that follows
-`model.promoted` (and publishes `deployment.updated`), the stream inference consumer of
+`model.promoted` and `model.traffic` (and publishes `deployment.updated`), the routing of a
+request between a model's champion and a rollout's candidate (`route`: by a stable hash of
+its routing key; a shadow candidate answers a copy, logged, never returned), the stream
+inference consumer of
 `inference.requests` (→ `inference.results`), the inference log (→ `inference.logged`) and
 the metrics, and the feedback desk (→ `inference.feedback`, serving/feedback.py). The HTTP
 app (serving/app.py) and the stream consumer share `infer()`.
@@ -59,6 +62,10 @@ GC_THRESHOLD = 10_000
 #: batch taking both cores beside an idle second thread oversubscribed them once another
 #: batch started; switching between the two by load lost at 64 clients (docs/serving.md).
 PIPELINE = 1
+#: Shadow copies in flight at most (each waits for the candidate's forward pass beside the
+#: champion's): past this, a copy is dropped and counted, so that a slow candidate never
+#: holds memory or delays the answers callers wait for.
+MAX_SHADOW_IN_FLIGHT = 256
 _gc_frozen = False
 
 
@@ -172,6 +179,7 @@ class ModelServer:
         self.stream_group = stream_group
         self.stream: StreamInference | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._shadows: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -225,6 +233,20 @@ class ModelServer:
                 raise NotReady(f"model {name!r} is being loaded") from None
             raise
 
+    def route(
+        self, name: str, version: str | None, key: str
+    ) -> tuple[Deployment, Deployment | None]:
+        """The deployment that answers a request (a version asked for by name, else the
+        champion or a rollout's candidate as the model's route has it for routing key
+        `key`), and a shadow candidate that gets a copy (None without one)."""
+        if version is not None:
+            return self.deployment(name, version), None
+        try:
+            return self.registry.choose(name, key)
+        except NotFound:
+            self.deployment(name)  # NotReady while catching up or loading; else not found
+            return self.registry.choose(name, key)
+
     # -- inference -------------------------------------------------------------------------
 
     async def infer(
@@ -235,8 +257,10 @@ class ModelServer:
         protocol: str,
         request_id: str | None,
         started: float,
+        shadow: Deployment | None = None,
     ) -> Answer:
-        """Run rows `x` through `deployment` (micro-batched), count and log the request."""
+        """Run rows `x` through `deployment` (micro-batched), count and log the request; a
+        `shadow` deployment gets a copy once it is answered (`mirror`)."""
         assert deployment.batcher is not None
         try:
             probabilities = await deployment.batcher.infer(x)
@@ -267,7 +291,72 @@ class ModelServer:
                 x if deployment.columns else None,
             )
         )
-        return Answer(deployment, probabilities, labels)
+        answer = Answer(deployment, probabilities, labels)
+        if shadow is not None:
+            self.mirror(shadow, x, request_id, answer)
+        return answer
+
+    def mirror(self, shadow: Deployment, x: np.ndarray, request_id: str, answer: Answer) -> None:
+        """Send a copy of an answered request to a shadow candidate, in the background (on
+        the event loop): its answer is logged (`shadow`, with its agreement with the answer
+        returned), never returned. Dropped and counted past MAX_SHADOW_IN_FLIGHT."""
+        if len(self._shadows) >= MAX_SHADOW_IN_FLIGHT:
+            self.metrics.shadow_dropped.inc()
+            return
+        task = asyncio.get_running_loop().create_task(self._shadow(shadow, x, request_id, answer))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(
+        self, deployment: Deployment, x: np.ndarray, request_id: str, answer: Answer
+    ) -> None:
+        assert deployment.batcher is not None
+        started = time.perf_counter()
+        inputs = x if deployment.columns else None
+        try:
+            probabilities = await deployment.batcher.infer(x)
+            labels = deployment.labels(probabilities)
+        except Exception as e:  # the candidate's failure: logged as its own, never the caller's
+            latency = time.perf_counter() - started
+            self.metrics.refused(deployment.name, deployment.version, "shadow", "500", latency)
+            self.inference_log.offer(
+                Sample(
+                    deployment.name,
+                    deployment.version,
+                    request_id,
+                    latency,
+                    False,
+                    repr(e),
+                    None,
+                    deployment.features,
+                    inputs,
+                    500,
+                    shadow=True,
+                    answered_by=answer.deployment.version,
+                )
+            )
+            return
+        latency = time.perf_counter() - started
+        requests, latencies = self.metrics.answered(deployment.name, deployment.version, "shadow")
+        requests.inc()
+        latencies.observe(latency)
+        agreement = float(np.mean(labels == answer.labels)) if len(labels) else None
+        self.inference_log.offer(
+            Sample(
+                deployment.name,
+                deployment.version,
+                request_id,
+                latency,
+                True,
+                None,
+                labels,
+                deployment.features,
+                inputs,
+                shadow=True,
+                answered_by=answer.deployment.version,
+                agreement=agreement,
+            )
+        )
 
     def failed(
         self,
@@ -317,7 +406,11 @@ class ModelServer:
         def roles(slot: Slot | None) -> dict[str, str]:
             if slot is None:
                 return {}
-            pairs = (("current", slot.current), ("previous", slot.previous))
+            pairs = (
+                ("current", slot.current),
+                ("previous", slot.previous),
+                ("candidate", slot.candidate),
+            )
             return {d.version: role for role, d in pairs if d is not None}
 
         before, after = roles(old), roles(new)

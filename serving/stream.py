@@ -71,6 +71,10 @@ class Server(Protocol):
 
     def deployment(self, name: str, version: str | None = None) -> Deployment: ...
 
+    def route(
+        self, name: str, version: str | None, key: str
+    ) -> tuple[Deployment, Deployment | None]: ...
+
     async def infer(
         self,
         deployment: Deployment,
@@ -79,6 +83,7 @@ class Server(Protocol):
         protocol: str,
         request_id: str | None,
         started: float,
+        shadow: Deployment | None = None,
     ) -> Any: ...
 
     def failed(
@@ -208,14 +213,21 @@ class StreamInference:
         deployment: Deployment | None = None
         x: np.ndarray | None = None
         try:
-            deployment = server.deployment(request.model, request.version)
+            # During a rollout the request id is the routing key: a redelivered request
+            # lands on the version that answered it the first time.
+            deployment, shadow = server.route(request.model, request.version, request.request_id)
             x = self._rows(request.inputs, deployment, self.config.max_rows_per_request)
             loop = server.loop
             if loop is None:
                 raise NotReady("the server is not running")
             answer = asyncio.run_coroutine_threadsafe(
                 server.infer(
-                    deployment, x, protocol="kafka", request_id=request.request_id, started=started
+                    deployment,
+                    x,
+                    protocol="kafka",
+                    request_id=request.request_id,
+                    started=started,
+                    shadow=shadow,
                 ),
                 loop,
             ).result(TIMEOUT)

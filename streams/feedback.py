@@ -51,6 +51,9 @@ READS = ("inference.logged", "inference.feedback")
 WRITES = ("serving.accuracy", "serving.alert")
 #: Version of feedback that matched no logged prediction and names none.
 UNKNOWN = "unknown"
+#: Prefix of a shadow candidate's prediction among the pending ones (its request id is the
+#: answered request's; a NUL never starts an id a client sends in JSON text it means).
+SHADOW = "\x00shadow\x00"
 _NEVER = -(2**62)
 
 
@@ -80,6 +83,9 @@ class Prediction:
     time_ms: int
     value: float | int | str | None  # None: a request of several rows, or no prediction
     joined: bool = False  # its first feedback was counted; later ones are duplicates
+    #: the first feedback joined with it, for a shadow's answer to the same request that is
+    #: read after it
+    feedback: tuple[InferenceFeedback, int] | None = None
 
 
 @dataclass
@@ -155,14 +161,27 @@ class FeedbackJoin:
             return  # nothing was answered: no label can be right or wrong
         value = data.predictions[0] if len(data.predictions) == 1 else None
         prediction = Prediction(data.model, data.version, time_ms, value)
-        self.pending[data.request_id] = prediction
-        self.pending.move_to_end(data.request_id)
+        # A shadow candidate's answer to the same request is joined too, under its own
+        # version (online accuracy of both, on the same labels), beside the answer returned.
+        key = SHADOW + data.request_id if data.shadow else data.request_id
+        self.pending[key] = prediction
+        self.pending.move_to_end(key)
         orphans = self.orphans.get(data.model)
-        for waiting in orphans.pop(data.request_id, ()) if orphans else ():
-            self._join(prediction, *waiting)
+        if data.shadow:  # the returned answer's record takes the orphans; a shadow joins them
+            answered = self.pending.get(data.request_id)
+            if answered is not None and answered.feedback is not None:
+                self._join(prediction, *answered.feedback)
+            for waiting in orphans.get(data.request_id, ()) if orphans else ():
+                self._join(prediction, *waiting)
+        else:
+            for waiting in orphans.pop(data.request_id, ()) if orphans else ():
+                self._join(prediction, *waiting)
         self._evict(time_ms)
 
     def _feedback(self, data: InferenceFeedback, time_ms: int) -> None:
+        shadow = self.pending.get(SHADOW + data.request_id)
+        if shadow is not None:
+            self._join(shadow, data, time_ms)
         prediction = self.pending.get(data.request_id)
         if prediction is None:
             waiting = self.orphans.setdefault(data.model, OrderedDict())
@@ -178,6 +197,7 @@ class FeedbackJoin:
             window.duplicates += 1
             return
         prediction.joined = True
+        prediction.feedback = (data, time_ms)
         known = round(data.known_at.timestamp() * 1000) if data.known_at is not None else time_ms
         if known - prediction.time_ms > self.config.horizon_ms:
             window.late += 1

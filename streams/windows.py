@@ -101,6 +101,7 @@ class Agg:
 
     __slots__ = (
         "_plan",
+        "agree_sum",
         "bins",
         "classes",
         "client_errors",
@@ -112,6 +113,7 @@ class Agg:
         "lat_sum",
         "n",
         "note",
+        "shadowed",
         "start",
         "zero",
     )
@@ -130,6 +132,8 @@ class Agg:
         self.bins: dict[str, list[int]] | None = None
         self.dataset: str | None = None
         self.note: str | None = None
+        self.shadowed = 0  # a shadow's records that carry their agreement with the answer
+        self.agree_sum = 0.0
         # How add() bins a record's inputs, for the (baseline, bins, feature names) it was
         # made for: rebuilt when any of them changes, so it never outlives what it reads.
         self._plan: tuple[Baseline, dict[str, list[int]], Sequence[str], _Binning] | None = None
@@ -164,6 +168,10 @@ class Agg:
         self.lat_sum += latency
         if latency > self.lat_max:
             self.lat_max = latency
+        agreement = data.get("agreement")
+        if agreement is not None:
+            self.shadowed += 1
+            self.agree_sum += agreement
         predictions = data.get("predictions")
         if predictions:
             classes = self.classes
@@ -198,6 +206,8 @@ class Agg:
         self.zero += other.zero
         self.lat_sum += other.lat_sum
         self.lat_max = max(self.lat_max, other.lat_max)
+        self.shadowed += other.shadowed
+        self.agree_sum += other.agree_sum
         for label, count in other.classes.items():
             self.classes[label] = self.classes.get(label, 0) + count
         if other.bins is not None and (self.dataset in (None, other.dataset)):
@@ -245,6 +255,8 @@ class Agg:
             class_distribution=dict(sorted(self.classes.items())),
             psi=drift,
             drift_note=note,
+            shadowed=self.shadowed or None,
+            agreement=min(1.0, self.agree_sum / self.shadowed) if self.shadowed else None,
         )
 
     def _drift(
@@ -284,6 +296,8 @@ class Agg:
             "b": self.bins,
             "d": self.dataset,
             "note": self.note,
+            "sh": self.shadowed,
+            "ag": self.agree_sum,
         }
 
     @classmethod
@@ -295,6 +309,7 @@ class Agg:
         agg.lat_sum, agg.lat_max = raw["ls"], raw["lm"]
         agg.classes, agg.bins = dict(raw["c"]), raw["b"]
         agg.dataset, agg.note = raw["d"], raw["note"]
+        agg.shadowed, agg.agree_sum = raw.get("sh", 0), raw.get("ag", 0.0)  # absent: older state
         return agg
 
 

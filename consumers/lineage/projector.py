@@ -1,7 +1,8 @@
 """The projection core: log records in, lineage rows out, whatever the records come from
 (the live Kafka consumer, an in-memory list, the archive).
 
-Reads dataset.*, training.*, pipeline.defined, model.*, deployment.updated, serving.alert.
+Reads dataset.*, training.*, pipeline.defined, model.* (model.traffic: rollouts),
+deployment.updated, serving.alert.
 Exactly-once effect: each batch is one transaction holding its rows *and* the position of
 every topic-partition it read; rows are inserted with ON CONFLICT DO NOTHING on the event id,
 so a record delivered again (a crash before the commit, a duplicate publish) changes nothing.
@@ -47,6 +48,7 @@ TOPICS: tuple[str, ...] = (
     "pipeline.defined",
     "model.promoted",
     "model.rejected",
+    "model.traffic",
     "deployment.updated",
     "serving.alert",
 )
@@ -292,6 +294,34 @@ def _rejected(e: Event, p: tuple, rows: Rows) -> None:
     )
 
 
+def _traffic(e: Event, p: tuple, rows: Rows) -> None:
+    d = e["data"]
+    policy = d["policy"]
+    rows[t.rollouts].append(
+        (
+            *p,
+            d["rollout_id"],
+            d["model"],
+            d["strategy"],
+            d["status"],
+            d["stable"],
+            d["candidate"],
+            _j(d["weights"]),
+            d["shadow"],
+            d["step"],
+            _j(d["steps"]),
+            _j(d["criteria"]),
+            _j(d["analysis"]),
+            d["reason"],
+            d["actor"],
+            policy["name"] if policy else None,
+            policy["version"] if policy else None,
+            d["run_id"],
+            d["cause"],
+        )
+    )
+
+
 def _deployment_updated(e: Event, p: tuple, rows: Rows) -> None:
     d = e["data"]
     model, version, replica, status = d["model"], d["version"], d["replica"], d["status"]
@@ -350,6 +380,7 @@ PROJECTIONS: dict[str, Callable[[Event, tuple, Rows], None]] = {
     "pipeline.defined": _pipeline_defined,
     "model.promoted": _promoted,
     "model.rejected": _rejected,
+    "model.traffic": _traffic,
     "deployment.updated": _deployment_updated,
     "serving.alert": _serving_alert,
 }

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 #: Bump when a table or the meaning of a column changes: a store with another version is
 #: dropped and rebuilt from the log, never migrated.
-PROJECTION_VERSION = "2"
+PROJECTION_VERSION = "3"
 
 metadata = sa.MetaData()
 
@@ -224,6 +224,32 @@ alerts = _table(
     sa.Column("threshold", sa.Float, nullable=False),
 )
 
+rollouts = _table(
+    "rollouts",  # model.traffic: one row per change of a model's split (started, advanced,
+    # completed, aborted), with the weights then in force and the analysis that caused it
+    sa.Column("rollout_id", sa.String, nullable=False),
+    sa.Column("model", sa.String, nullable=False),
+    sa.Column("strategy", sa.String, nullable=False),
+    sa.Column("status", sa.String, nullable=False),
+    sa.Column("stable", sa.String, nullable=False),
+    sa.Column("candidate", sa.String, nullable=False),
+    sa.Column("weights", sa.JSON, nullable=False),
+    sa.Column("shadow", sa.Boolean, nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("steps", sa.JSON, nullable=False),
+    sa.Column("criteria", sa.JSON, nullable=False),
+    sa.Column("analysis", sa.JSON, nullable=False),
+    sa.Column("reason", sa.String, nullable=False),
+    sa.Column("actor", sa.String, nullable=False),
+    sa.Column("policy_name", sa.String),
+    sa.Column("policy_version", sa.Integer),
+    sa.Column("run_id", sa.String),
+    sa.Column("cause", sa.String),
+    # "which split was in force at T": the newest traffic event of a model, off this index
+    sa.Index("ix_rollouts_model", "model", "time", "offset", "event_id"),
+    sa.Index("ix_rollouts_rollout", "rollout_id", "time", "offset"),
+)
+
 #: dataset version → dataset version (derived_from), dataset version → run (trained_on),
 #: run → model version (produced), model version → replica (deployed). Nodes are
 #: "kind:name@version" strings; the edge exists as soon as one event states it.
@@ -286,6 +312,7 @@ PROJECTED = (
     deployments,
     pipelines,
     alerts,
+    rollouts,
     lineage_edges,
     skipped,
 )

@@ -227,6 +227,18 @@ def parse(
                 ("rollback", "alerts", i),
                 f"{rule!r}: {why}; rules that may roll back: {', '.join(ROLLBACK_RULES)}",
             )
+    plan = raw.get("rollout")
+    if isinstance(plan, dict) and plan.get("strategy", "canary") == "canary":
+        steps = plan.get("steps", [10, 50, 100])
+        numbers = isinstance(steps, list) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in steps
+        )
+        if not numbers or len(steps) < 2 or steps != sorted(set(steps)) or steps[-1] != 100:
+            raise fail(
+                ("rollout", "steps"),
+                f"{steps!r}: a canary's weights, ascending, at least one below 100, ending at "
+                "100 (e.g. [10, 50, 100])",
+            )
     fields = raw | {"revision": 1, "actor": actor, "source": text, "family_origin": origin}
     try:
         return PipelineDefined.model_validate(fields)

@@ -1,14 +1,18 @@
 """The workflow service (`mlbus workflow`): one consumer group that runs the training
 trigger (`dataset.validated` → `training.requested`, debounced by a timer), the promotion
-policy (`training.completed` / `training.failed` → `model.promoted` or `model.rejected`)
-and automatic rollback (`serving.alert` → `model.promoted` with `rollback: true`, only for a
-rule the pipeline names, never for drift, and only with evidence that the earlier version does
-better on the metric that fired: evidence.py).
+policy (`training.completed` / `training.failed` → `model.promoted` or `model.rejected`, or
+`model.traffic` starting a rollout when the pipeline has a `rollout:` plan and a champion
+serves), canary steps (`serving.metrics` / `serving.accuracy` windows of both versions →
+`model.traffic` advanced, aborted or completed, then `model.promoted` of the candidate:
+rollout.py) and automatic rollback (`serving.alert` → `model.promoted` with `rollback: true`,
+only for a rule the pipeline names, never for drift, and only with evidence that the earlier
+version does better on the metric that fired: evidence.py).
 It also reads `pipeline.defined`, `training.requested` and `model.promoted` to keep its
 state (state.py) current; that state is rebuilt from the log when the service opens.
 
 Exactly-once effects: every decision has an id derived from the event that caused it
-(uuid5 of the completion, the alert, or pipeline + dataset event + sweep point) and is
+(uuid5 of the completion, the alert, pipeline + dataset event + sweep point, or rollout +
+step + verdict) and is
 skipped when that id is already in the log (read at start) or was published by this
 process; each decision is confirmed by the broker (flush) before its cause's offset can be
 committed. A debounced trigger whose cause was committed before it fired is found again at
@@ -25,9 +29,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
+from mlbus.consumers.workflow import rollout as rollouts
 from mlbus.consumers.workflow.definitions import sweep_points
 from mlbus.consumers.workflow.evidence import compare
-from mlbus.consumers.workflow.policy import Champion, Evaluator, judge, metric
+from mlbus.consumers.workflow.policy import Champion, Evaluator, Verdict, judge, metric
 from mlbus.consumers.workflow.state import (
     ACTOR,
     Pipeline,
@@ -43,14 +48,16 @@ from mlbus.consumers.workflow.state import (
 )
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import ConsumerLoop, Handler, Record
+from mlbus.kafka.logview import LogView
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.base import DatasetRef, Payload, PolicyRef
 from mlbus.schemas.codec import wrap
 from mlbus.schemas.datasets import DatasetValidated
 from mlbus.schemas.envelope import Event
-from mlbus.schemas.models import ModelPromoted, ModelRejected
+from mlbus.schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
 from mlbus.schemas.search import SearchRequested
-from mlbus.schemas.serving import ServingAlert
+from mlbus.schemas.serving import ServingAccuracy, ServingAlert, ServingMetrics
+from mlbus.schemas.traffic import ModelTraffic, TrafficCriteria
 from mlbus.schemas.training import (
     DEADLINE_EXCEEDED,
     SweepPoint,
@@ -105,6 +112,8 @@ class WorkflowService:
         self.tick = tick
         self.state = State()
         self.pending: dict[str, Pending] = {}
+        #: model → the canary step in progress, with the windows counted in it
+        self.steps: dict[str, rollouts.Step] = {}
         self._lock = threading.RLock()
         self._closed = threading.Event()
         self._timer: threading.Thread | None = None
@@ -125,6 +134,7 @@ class WorkflowService:
         with self._lock:
             for pipeline in list(self.state.pipelines.values()):
                 self._schedule(pipeline)
+            self._refill()
         self._closed.clear()
         self._timer = threading.Thread(target=self._run_timer, name="workflow-timer", daemon=True)
         self._timer.start()
@@ -164,7 +174,11 @@ class WorkflowService:
             "training.completed": self._on_outcome,
             "training.failed": self._on_outcome,
             "model.promoted": self._on_state,
+            "model.traffic": self._on_traffic,
             "serving.alert": self._on_alert,
+            "serving.metrics": self._on_window,
+            "serving.accuracy": self._on_window,
+            "deployment.updated": self._on_deployment,
         }
 
     # -- publishing -------------------------------------------------------------------------
@@ -208,6 +222,63 @@ class WorkflowService:
         with self._lock:
             self.state.apply(event, (record.partition, record.offset))
             self.decide(event)
+
+    def _on_traffic(self, event: Event[ModelTraffic], record: Record) -> None:
+        """A rollout started, stepped or ended (by hand, or by this service): the step whose
+        windows are counted follows the model's newest traffic event (idempotent)."""
+        with self._lock:
+            if self.state.apply(event, (record.partition, record.offset)):
+                self._track(event.data.model)
+
+    def _on_window(self, event: Event[ServingMetrics | ServingAccuracy], record: Record) -> None:
+        """A window of a version in a canary step: counted; a metrics window then decides the
+        step (rollout.py). Decision ids derive from rollout, step and verdict."""
+        with self._lock:
+            step = self.steps.get(event.data.model)
+            if step is None:
+                return
+            if event.type == "serving.accuracy":
+                step.add_accuracy(cast("Event[ServingAccuracy]", event))
+            elif step.add_metrics(cast("Event[ServingMetrics]", event)):
+                self._decide_step(step, event)
+
+    def _on_deployment(self, event: Event[DeploymentUpdated], record: Record) -> None:
+        """A replica could not load the candidate of a rollout in progress (its report of
+        the rollout's first event): the rollout is aborted, so that no replica goes on
+        splitting traffic the others cannot. Id derived from the rollout."""
+        update = event.data
+        if update.status != "failed":
+            return
+        with self._lock:
+            model = self.state.models.get(update.model)
+            rollout = model.rollout if model else None
+            if rollout is None:
+                return
+            traffic = rollout.data
+            if traffic.candidate != update.version or event.causationid != traffic.rollout_id:
+                return
+            aid = rollouts.step_id(traffic.rollout_id, traffic.step, "load-failed")
+            if aid in self.state.decided:
+                return
+            self._publish(
+                rollouts.aborted(
+                    traffic,
+                    reason=f"{traffic.candidate} failed to load on replica {update.replica}: "
+                    f"{update.error or 'failed'}",
+                    actor=ACTOR,
+                    analysis={"deployment": update.model_dump(mode="json")},
+                    cause=event.id,
+                ),
+                cause=event,
+                event_id=aid,
+            )
+            self.steps.pop(update.model, None)
+            log.warning(
+                "workflow: %s rollout of %s aborted: replica %s cannot load it",
+                update.model,
+                traffic.candidate,
+                update.replica,
+            )
 
     def _on_alert(self, event: Event[ServingAlert], record: Record) -> None:
         """Rollback on a firing alert for the champion; id derived from the alert's."""
@@ -497,6 +568,22 @@ class WorkflowService:
         if sweep is not None:
             evidence["sweep_runs"] = sweep
         ref = PolicyRef(name=policy.name, version=policy.version)
+        rollout = model.rollout
+        if verdict.promote and rollout is not None:  # one rollout at a time
+            verdict = Verdict(
+                False,
+                f"{verdict.reason}; but a {rollout.data.strategy} rollout of "
+                f"{rollout.data.candidate} is in progress (rollout {rollout.data.rollout_id})",
+                evidence,
+            )
+        if verdict.promote and current is not None and pipeline.defined.rollout is not None:
+            self._start_rollout(
+                pipeline, event, current.data.version, verdict.reason, evidence, did
+            )
+            log.info(
+                "workflow: %s %s: rollout started: %s", data.model, data.version, verdict.reason
+            )
+            return
         if verdict.promote:
             decision: Payload = ModelPromoted(
                 model=data.model,
@@ -530,6 +617,126 @@ class WorkflowService:
             "promoted" if verdict.promote else "rejected",
             verdict.reason,
         )
+
+    # -- rollouts ---------------------------------------------------------------------------
+
+    def _track(self, model: str) -> rollouts.Step | None:
+        """Follow the model's newest traffic event: a canary in progress has a step whose
+        windows are counted (a new one when the event begins another step)."""
+        found = self.state.models.get(model)
+        current = found.traffic if found else None
+        if current is None or not rollouts.analysed(current.data):
+            self.steps.pop(model, None)
+            return None
+        step = self.steps.get(model)
+        if step is None or step.traffic != current.data:
+            step = self.steps[model] = rollouts.step_of(current)
+        return step
+
+    def _refill(self) -> None:
+        """At start, count again the windows of each canary step in progress: they are in
+        the log (read group-less), and the consumer group may have committed past them."""
+        tracked = [m for m in self.state.models if self._track(m) is not None]
+        if not tracked:
+            return
+        with LogView(
+            self.kafka, ["serving.accuracy", "serving.metrics"], name="workflow rollouts"
+        ) as view:
+            items = sorted(view.catch_up(), key=lambda i: i.position)
+        metrics = [i.event for i in items if i.topic == "serving.metrics"]
+        accuracy = [i.event for i in items if i.topic == "serving.accuracy"]
+        for window in rollouts.merge(metrics, accuracy):
+            step = self.steps.get(window.data.model)
+            if step is None:
+                continue
+            if window.type == "serving.accuracy":
+                step.add_accuracy(window)
+            elif step.add_metrics(window):
+                self._decide_step(step, window)
+
+    def _decide_step(self, step: rollouts.Step, window: Event) -> None:
+        """Publish what the step's windows lead to, if anything: the next step, the rollout
+        aborted, or completed followed by the `model.promoted` of its candidate."""
+        decided = rollouts.decide(step, window.id, ACTOR)
+        if decided is None:
+            return
+        traffic = step.traffic
+        eid = rollouts.step_id(traffic.rollout_id, traffic.step, decided.status)
+        if eid in self.state.decided:
+            return
+        event = self._publish(decided, cause=window, event_id=eid)
+        log.warning(
+            "workflow: %s %s rollout of %s at step %d: %s (%s)",
+            traffic.model,
+            traffic.strategy,
+            traffic.candidate,
+            traffic.step + 1,
+            decided.status,
+            decided.reason,
+        )
+        nxt = rollouts.following(step, decided)
+        if nxt is not None:
+            self.steps[traffic.model] = nxt
+        else:
+            self.steps.pop(traffic.model, None)
+        if decided.status == "completed":
+            pid = rollouts.promotion_id(traffic.rollout_id)
+            if pid not in self.state.decided:
+                self._publish(rollouts.promotion(decided, event.id), cause=event, event_id=pid)
+
+    def _start_rollout(
+        self,
+        pipeline: Pipeline,
+        run: Event[TrainingCompleted],
+        champion: str,
+        reason: str,
+        evidence: dict[str, Any],
+        event_id: str,
+    ) -> None:
+        """A candidate the policy promoted, rolled out as the pipeline's plan says."""
+        spec = pipeline.defined
+        plan = spec.rollout
+        assert plan is not None
+        data: TrainingCompleted = run.data
+        criteria = TrafficCriteria(
+            min_samples=plan.min_samples or self.settings.rollout_min_samples,
+            confidence=self.settings.rollout_confidence,
+            max_error_ratio=self.settings.rollout_max_error_ratio,
+            max_latency_ratio=self.settings.rollout_max_latency_ratio,
+            min_labelled=self.settings.rollout_min_labelled,
+        )
+        if plan.strategy == "canary":
+            weight, steps, shadow = plan.steps[0], list(plan.steps), False
+        elif plan.strategy == "ab":
+            weight, steps, shadow = plan.weight or 50, [], False
+        else:
+            weight, steps, shadow = 0, [], True
+        weights = {champion: 100 - weight} | ({data.version: weight} if weight else {})
+        self._publish(
+            ModelTraffic(
+                model=data.model,
+                rollout_id=event_id,
+                strategy=plan.strategy,
+                status="started",
+                stable=champion,
+                candidate=data.version,
+                weights=weights,
+                shadow=shadow,
+                steps=steps,
+                criteria=criteria,
+                analysis={"policy": evidence},
+                reason=reason,
+                actor=ACTOR,
+                policy=PolicyRef(name=spec.policy.name, version=spec.policy.version),
+                run_id=data.run_id,
+                artifact=data.artifact,
+                dataset=data.dataset,
+                cause=run.id,
+            ),
+            cause=run,
+            event_id=event_id,
+        )
+        self._track(data.model)
 
     # -- rollback ---------------------------------------------------------------------------
 
@@ -618,6 +825,22 @@ class WorkflowService:
             )
             return
         promotion = pipeline.defined.policy
+        rollout = model.rollout
+        if rollout is not None:  # the champion is rolled back: its rollout ends first
+            aid = rollouts.step_id(rollout.data.rollout_id, rollout.data.step, "rollback")
+            if aid not in self.state.decided:
+                self._publish(
+                    rollouts.aborted(
+                        rollout.data,
+                        reason=f"the stable version {current.data.version} is rolled back "
+                        f"(alert {alert.alert})",
+                        actor=ACTOR,
+                        cause=event.id,
+                    ),
+                    cause=event,
+                    event_id=aid,
+                )
+                self.steps.pop(alert.model, None)
         self._publish(
             ModelPromoted(
                 model=alert.model,

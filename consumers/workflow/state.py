@@ -20,6 +20,7 @@ from mlbus.kafka.logview import LogView
 from mlbus.schemas.datasets import DatasetValidated
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import ModelPromoted
+from mlbus.schemas.traffic import ModelTraffic
 from mlbus.schemas.training import (
     DEADLINE_EXCEEDED,
     Split,
@@ -33,7 +34,7 @@ _NAMESPACE = uuid.UUID("3c9a1f52-8f0e-4b0a-b7b5-2f6f4f1f9c21")
 #: Topics the state is built from, in the order a rebuild applies them.
 TOPICS = (
     "pipeline.defined", "dataset.validated", "training.requested", "search.requested",
-    "training.completed", "training.failed", "model.promoted", "model.rejected",
+    "training.completed", "training.failed", "model.promoted", "model.rejected", "model.traffic",
 )  # fmt: skip
 #: The workflow's own actor name in decisions (manual ones carry the user's).
 ACTOR = "mlbus/workflow"
@@ -93,6 +94,13 @@ class Model:
     promotions: list[Promotion] = field(default_factory=list)  # in log order
     last_position: Position | None = None
     rejected: dict[str, str] = field(default_factory=dict)  # version → reason
+    #: its newest model.traffic event (a rollout in progress, or the last one, ended)
+    traffic: Event[ModelTraffic] | None = None
+
+    @property
+    def rollout(self) -> Event[ModelTraffic] | None:
+        """The rollout in progress (None: none)."""
+        return self.traffic if self.traffic is not None and self.traffic.data.active else None
 
     @property
     def champion(self) -> Promotion | None:
@@ -235,6 +243,9 @@ class State:
         elif event.type == "model.rejected":
             self.decided.add(event.id)
             self.model(data.model).rejected[data.version] = data.reason
+        elif event.type == "model.traffic":
+            self.decided.add(event.id)
+            self.model(data.model).traffic = event
         return True
 
     def _defined(self, event: Event, data: PipelineDefined) -> None:

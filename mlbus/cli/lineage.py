@@ -1,5 +1,6 @@
 """`mlbus lineage …` and `mlbus audit`: the metadata and lineage store (a projection of the
-log), its rebuild, lineage questions, and the audit of a model version against the log."""
+log), its rebuild, lineage questions, and the audit of a model version, or of one request,
+against the log."""
 
 from __future__ import annotations
 
@@ -301,22 +302,34 @@ def why(
     json_out: Json = False,
     schema: Schema = None,
 ) -> None:
-    """The promotion and rejection decisions of a version, with their policy and evidence."""
+    """The promotion and rejection decisions of a version, with their policy and evidence,
+    and the rollouts of it as a candidate, each change with its reason."""
+    from mlbus.consumers.lineage.api import rollout_json
     from mlbus.consumers.lineage.queries import LineageQueries, parse_time
+    from mlbus.consumers.lineage.rollouts import RolloutQueries
 
     store = _store(schema)
     model, version = _ref(store, ref, "MODEL", need_version=True)
     assert version is not None
-    result = LineageQueries(store).why(model, version, parse_time(as_of))
+    when = parse_time(as_of)
+    result = LineageQueries(store).why(model, version, when)
+    rolled = [r for r in RolloutQueries(store).rollouts(model, when) if r.candidate == version]
     if json_out:
-        print(orjson.dumps(asdict(result), option=orjson.OPT_INDENT_2).decode())
+        document = asdict(result) | {"rollouts": [rollout_json(r) for r in rolled]}
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         return
-    if not result.decisions:
+    if not result.decisions and not rolled:
         console.print(f"{model}@{version}: trained, but no promotion or rejection recorded")
     for d in result.decisions:
         console.print(_decision_line(d))
         for key, value in sorted(d.evidence.items()):
             console.print(f"    evidence {key} = {orjson.dumps(value).decode()}")
+    for r in rolled:
+        console.print(
+            f"[bold]{r.strategy}[/] rollout {r.rollout_id} beside {escape(r.stable)}: {r.status}"
+        )
+        for c in r.changes:
+            console.print("  " + escape(change_line(c)))
 
 
 @lineage_app.command("history")
@@ -335,6 +348,54 @@ def history(
         return
     for d in result:
         console.print(f"{d.provenance.time}  " + _decision_line(d))
+
+
+@lineage_app.command("rollouts")
+def rollouts(
+    model: Annotated[str, typer.Argument()],
+    as_of: AsOf = None,
+    json_out: Json = False,
+    schema: Schema = None,
+) -> None:
+    """The split in force and every rollout of a model (canary, shadow, A/B): each change of
+    weights with who decided it, why, and the analysis in brief."""
+    from mlbus.consumers.lineage.api import rollout_json, split_json
+    from mlbus.consumers.lineage.queries import parse_time
+    from mlbus.consumers.lineage.rollouts import RolloutQueries
+
+    q = RolloutQueries(_store(schema))
+    when = parse_time(as_of)
+    split, found = q.split(model, when), q.rollouts(model, when)
+    if json_out:
+        document = {"split": split_json(split), "rollouts": [rollout_json(r) for r in found]}
+        print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+        return
+    console.print(f"{escape(model)}: " + escape(split_line(split)))
+    for r in found:
+        console.print(
+            f"[bold]{r.strategy}[/] rollout {r.rollout_id} of {escape(r.candidate)} beside "
+            f"{escape(r.stable)}: {r.status} [dim]({r.started} → {r.ended or 'in progress'})[/]"
+        )
+        for c in r.changes:
+            console.print("  " + escape(change_line(c)))
+
+
+def split_line(split: Any) -> str:
+    weights = ", ".join(f"{v} {w}%" for v, w in split.weights.items()) or "nothing serves"
+    line = f"split {weights}"
+    if split.shadow:
+        line += f", shadow {split.shadow}"
+    c = split.change
+    if c is not None:
+        step = f" step {c.step + 1}/{len(c.steps)}" if c.steps else ""
+        line += f" ({c.strategy} rollout {c.rollout_id}{step}, {c.status} by {c.actor})"
+    return line
+
+
+def change_line(c: Any) -> str:
+    weights = ", ".join(f"{v} {w}%" for v, w in c.weights.items())
+    step = f" step {c.step + 1}/{len(c.steps)}" if c.steps else ""
+    return f"{c.provenance.time} {c.status}{step} [{weights}] by {c.actor}: {c.reason}"
 
 
 def _decision_line(d: Any) -> str:
@@ -438,16 +499,37 @@ def _downstream_tree(down: Any) -> Tree:
 
 @app.command("audit")
 def audit(
-    ref: Annotated[str, typer.Argument(metavar="MODEL@VERSION")],
+    ref: Annotated[str | None, typer.Argument(metavar="MODEL@VERSION | MODEL")] = None,
+    request: Annotated[
+        str | None,
+        typer.Option(
+            "--request",
+            help="audit one request id instead: which version answered it, as what part of "
+            "the split (stable, a rollout's candidate, a shadow), and who decided that "
+            "(MODEL, if given, narrows the search)",
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(help="with --request: read inference.logged from this time (ISO 8601)"),
+    ] = None,
     source: Annotated[str, typer.Option(help="verify against kafka or archive")] = "kafka",
     json_out: Json = False,
     schema: Schema = None,
 ) -> None:
     """Every event in a model version's lineage, in time order with ids, each verified to
-    still be in the log (or the archive) with the same content hash. Exit 1 if any is not."""
+    still be in the log (or the archive) with the same content hash. Exit 1 if any is not.
+    With --request: which version answered that request (from inference.logged), as what
+    part of the split, the rollout and its weights then, the promotion behind it, and the
+    events of all that, verified the same way."""
     from mlbus.consumers.lineage.audit import plan, topics_of, verify
 
     store = _store(schema)
+    if request is not None:
+        _audit_request(store, request, ref, since, source, json_out)
+        return
+    if ref is None:
+        raise MlbusError("name MODEL@VERSION, or --request ID")
     model, version = _ref(store, ref, "MODEL", need_version=True)
     assert version is not None
     report = plan(store, model, version)
@@ -460,16 +542,7 @@ def audit(
             ).decode()
         )
     else:
-        for e in report.events:
-            mark = {
-                "verified": "[green]✓[/]",
-                "missing": "[red]✗ missing[/]",
-                "changed": "[red]✗ changed[/]",
-            }.get(e.status, "?")
-            console.print(
-                f"{mark} {e.time} {e.type:<20} {e.event_id} [dim]{e.topic}/{e.partition}@"
-                f"{e.offset} sha256:{e.sha256[:12]}…[/]" + (f" ({e.detail})" if e.detail else "")
-            )
+        _print_events(report)
         for name in report.unknown_upstream:
             console.print(f"[bold red]unknown upstream:[/] {name} (no dataset.created for it)")
         counts = ", ".join(f"{v} {k}" for k, v in sorted(report.counts.items()))
@@ -477,4 +550,68 @@ def audit(
             f"{model}@{version}: {len(report.events)} events ({counts}) against {source}"
         )
     if not report.ok:
+        raise typer.Exit(1)
+
+
+def _print_events(report: Any) -> None:
+    for e in report.events:
+        mark = {
+            "verified": "[green]✓[/]",
+            "missing": "[red]✗ missing[/]",
+            "changed": "[red]✗ changed[/]",
+        }.get(e.status, "?")
+        console.print(
+            f"{mark} {e.time} {e.type:<20} {e.event_id} [dim]{e.topic}/{e.partition}@"
+            f"{e.offset} sha256:{e.sha256[:12]}…[/]" + (f" ({e.detail})" if e.detail else "")
+        )
+
+
+def _audit_request(
+    store: Any, request_id: str, model: str | None, since: str | None, source: str, json_out: bool
+) -> None:
+    from mlbus.consumers.lineage.api import request_json
+    from mlbus.consumers.lineage.audit import REQUEST_TOPICS, request_plan, topics_of, verify
+    from mlbus.consumers.lineage.queries import parse_time
+
+    start = parse_time(since)
+    if start is not None and source == "kafka":
+        from mlbus.kafka.reader import read_log
+
+        logged: Any = read_log(
+            kafka_config(), REQUEST_TOPICS, since_ms=int(start.timestamp() * 1000)
+        )
+    else:
+        logged = _records(source, REQUEST_TOPICS)
+    done = request_plan(store, request_id, logged, model)
+    if not done.answers:
+        err_console.print(f"no inference.logged record of request {request_id} (it is sampled)")
+        raise typer.Exit(1)
+    assert done.report is not None
+    verify(done.report, _records(source, topics_of(done.report)))
+    if json_out:
+        print(orjson.dumps(request_json(done), option=orjson.OPT_INDENT_2).decode())
+    else:
+        for a in done.answers:
+            s = a.served
+            answer = (
+                "answered (a shadow's copy, never returned)"
+                if s.role == "shadow"
+                else ("answered" if a.ok else f"failed ({a.status or 'error'})")
+            )
+            console.print(
+                f"request {escape(request_id)} {answer} by [bold]{escape(s.model)}@"
+                f"{escape(s.version)}[/] on {escape(a.replica)} at {s.at}, as {s.role}"
+            )
+            console.print("  " + escape(split_line(s.split)))
+            if s.rollout is not None:
+                for c in s.rollout.changes:
+                    console.print("  " + escape(change_line(c)))
+            if s.promotion is not None:
+                console.print("  " + _decision_line(s.promotion))
+        _print_events(done.report)
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(done.report.counts.items()))
+        (console if done.ok else err_console).print(
+            f"request {request_id}: {len(done.report.events)} events ({counts}) against {source}"
+        )
+    if not done.ok:
         raise typer.Exit(1)

@@ -38,7 +38,7 @@ nav a{margin-right:1rem}.filters{margin:1rem 0}.filters label{margin-right:.8rem
 """
 RECENT_TOPICS = (
     "dataset.validated", "training.requested", "training.completed", "training.failed",
-    "model.promoted", "model.rejected", "deployment.updated", "serving.alert",
+    "model.promoted", "model.rejected", "model.traffic", "deployment.updated", "serving.alert",
 )  # fmt: skip
 
 

@@ -259,7 +259,11 @@ def _evidence(evidence: dict[str, Any]) -> str:
 
 
 def model_page(
-    m: ModelSummary, decisions: list[Decision], runs: dict[str, str], headline: str | None
+    m: ModelSummary,
+    decisions: list[Decision],
+    runs: dict[str, str],
+    headline: str | None,
+    traffic: str = "",
 ) -> str:
     name = escape(m.model)
     lineage = f"/ui/lineage/{_q(m.model)}"
@@ -300,6 +304,7 @@ def model_page(
         "<th>by</th><th>policy</th><th>reason</th><th>run</th><th>evidence</th></tr>"
         + ("".join(rows) or "<tr><td colspan='8'>no decisions</td></tr>")
         + "</table>"
+        + traffic
     )
 
 
@@ -345,17 +350,23 @@ def create_router(lineage: Callable[[], Any]) -> APIRouter:
 
     @router.get("/ui/models/{model}", response_class=HTMLResponse)
     async def model(model: str) -> HTMLResponse:
+        from mlbus.cli.ui_traffic import traffic_section
         from mlbus.consumers.lineage.queries import LineageQueries
+        from mlbus.consumers.lineage.rollouts import RolloutQueries
         from mlbus.consumers.lineage.store import NotInLineage
 
-        q = LineageQueries(lineage())
-        models, history = await run_in_threadpool(lambda: (q.models(), q.history(model)))
+        store = lineage()
+        q, r = LineageQueries(store), RolloutQueries(store)
+        models, history, split, rollouts = await run_in_threadpool(
+            lambda: (q.models(), q.history(model), r.split(model), r.rollouts(model))
+        )
         found = next((m for m in models if m.model == model), None)
         if found is None:
             raise NotInLineage(f"model {model!r} is not known")
         metrics = [n for v in found.versions for n in v.metrics]
         headline = next((n for n in metrics if n.startswith("test.")), None)
         by_version = {v.version: v.run_id for v in found.versions if v.run_id}
-        return page(f"model {model}", model_page(found, history, by_version, headline))
+        traffic = traffic_section(split, rollouts)
+        return page(f"model {model}", model_page(found, history, by_version, headline, traffic))
 
     return router

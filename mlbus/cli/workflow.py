@@ -1,5 +1,5 @@
-"""`mlbus pipelines apply|list`, `mlbus models promote|rollback|list` and `mlbus workflow`
-(the trigger, policy and rollback service)."""
+"""`mlbus pipelines apply|list`, `mlbus models promote|rollback|abort|traffic|list` and
+`mlbus workflow` (the trigger, policy, rollout and rollback service)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import getpass
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
@@ -139,22 +139,183 @@ def models_list(
     console.print(table)
 
 
+def _numbers(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what}: comma-separated integers, e.g. 10,50,100") from None
+
+
+def _split(text: str | None) -> dict[str, int] | None:
+    if text is None:
+        return None
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        version, sep, weight = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[version.strip()] = int(weight)
+        except ValueError:
+            raise typer.BadParameter(
+                f"--weights: VERSION=PERCENT pairs, e.g. 1=90,2=10; not {part!r}"
+            ) from None
+    return out
+
+
 @models_app.command("promote")
 def models_promote(
     model: Annotated[str, typer.Argument(help="model name")],
     version: Annotated[str, typer.Argument(help="version (a unique prefix will do)")],
     reason: Annotated[str, typer.Option(help="why (recorded in the event)")],
     actor: Annotated[str | None, typer.Option(help="who [default: user:$USER]")] = None,
+    canary: Annotated[
+        int | None,
+        typer.Option(help="roll out as a canary: this percent of requests first, then --steps"),
+    ] = None,
+    shadow: Annotated[
+        bool, typer.Option("--shadow", help="roll out as a shadow: a copy of every request")
+    ] = False,
+    ab: Annotated[
+        int | None, typer.Option("--ab", help="an A/B experiment: this percent, held")
+    ] = None,
+    steps: Annotated[
+        str | None,
+        typer.Option(help="a canary's weights, e.g. 10,50,100 [default: the canary's, 100]"),
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="percent by version, e.g. 1=90,2=10 (sums to 100)")
+    ] = None,
+    min_samples: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="candidate requests a canary step needs [default: workflow settings]"
+        ),
+    ] = None,
 ) -> None:
-    """Promote a version by hand: publishes model.promoted with you as the actor."""
-    from mlbus.consumers.workflow.commands import promote
+    """Promote a version by hand: publishes model.promoted with you as the actor. With
+    --canary, --shadow or --ab, starts a rollout of it instead (model.traffic); promoting
+    the candidate of a rollout in progress completes it."""
+    from mlbus.consumers.workflow.api import criteria_of
+    from mlbus.consumers.workflow.commands import InvalidRollout, promote
 
-    event = promote(kafka_config(), model, version, reason=reason, actor=actor or _user())
+    chosen = [
+        name
+        for name, given in (
+            ("canary", canary is not None),
+            ("shadow", shadow),
+            ("ab", ab is not None),
+        )
+        if given
+    ]
+    if len(chosen) > 1:
+        raise InvalidRollout(f"one strategy at a time, not {' and '.join(chosen)}")
+    strategy = chosen[0] if chosen else ("canary" if steps else None)
+    criteria = criteria_of(settings().workflow, min_samples) if strategy else None
+    if min_samples is not None and strategy is None:
+        raise InvalidRollout("--min-samples needs a strategy: --canary, --shadow or --ab")
+    event = promote(
+        kafka_config(),
+        model,
+        version,
+        reason=reason,
+        actor=actor or _user(),
+        strategy=strategy,  # type: ignore[arg-type]  # one of the three literals, chosen above
+        weight=canary if canary is not None else ab,
+        weights=_split(weights),
+        steps=_numbers(steps, "--steps"),
+        criteria=criteria,
+    )
+    if event.type == "model.traffic":
+        t = event.data
+        split = "shadow (a copy of every request)" if t.shadow else t.weights
+        console.print(
+            f"{t.strategy} rollout of {model} {t.candidate} against {t.stable}: {split}"
+            + (f", steps {t.steps}" if t.steps else "")
+            + f"; rollout {t.rollout_id}",
+            highlight=False,
+        )
+        return
     console.print(
         f"promoted {model} {event.data.version} (was {event.data.previous_version}); "
         f"event {event.id}",
         highlight=False,
     )
+
+
+@models_app.command("abort")
+def models_abort(
+    model: Annotated[str, typer.Argument(help="model name")],
+    reason: Annotated[str, typer.Option(help="why (recorded in the event)")],
+    actor: Annotated[str | None, typer.Option(help="who [default: user:$USER]")] = None,
+) -> None:
+    """Abort the model's rollout in progress: all traffic back to its serving version."""
+    from mlbus.consumers.workflow.commands import abort
+
+    event = abort(kafka_config(), model, reason=reason, actor=actor or _user())
+    console.print(
+        f"aborted the rollout of {model} {event.data.candidate}: all traffic on "
+        f"{event.data.stable}; event {event.id}",
+        highlight=False,
+    )
+
+
+@models_app.command("traffic")
+def models_traffic(
+    model: Annotated[str, typer.Argument(help="model name")],
+    json_out: Annotated[bool, typer.Option("--json", help="as JSON")] = False,
+) -> None:
+    """The model's newest traffic split (model.traffic) and the analysis behind it; while a
+    rollout is in progress, each version's figures so far in its current step (samples, error
+    ratio, p99, accuracy when labelled, a shadow's agreement), by the canary's analysis."""
+    from mlbus.consumers.workflow.api import comparison_json
+    from mlbus.consumers.workflow.commands import comparison, traffic
+
+    config = kafka_config()
+    event = traffic(config, model)
+    if event is None:
+        err_console.print(f"model {model} has never had a rollout", highlight=False)
+        raise typer.Exit(1)
+    t = event.data
+    compared = comparison(config, event)
+    if json_out:
+        found = None if compared is None else comparison_json(compared)
+        _json({"event_id": event.id, **t.model_dump(mode="json"), "comparison": found})
+        return
+    split = "shadow" if t.shadow else ", ".join(f"{v}: {w}%" for v, w in t.weights.items())
+    console.print(
+        f"{model}: {t.strategy} rollout {t.rollout_id} {t.status}, {t.candidate} against "
+        f"{t.stable} ({split}); step {t.step + 1} of {len(t.steps) or 1}; {t.actor}: "
+        f"{escape(t.reason)}",
+        highlight=False,
+    )
+    if compared is None:
+        return
+    table = Table("version", "samples", "server errors", "error ratio", "p99 ms", "labelled",
+                  "accuracy", "agreement", title="so far in this step")  # fmt: skip
+    versions = compared.analysis.get("versions")
+    for version, f in (versions if isinstance(versions, dict) else {}).items():
+        assert isinstance(f, dict)
+        role = "candidate" if version == t.candidate else "stable"
+        p99 = f.get("latency_p99")
+        table.add_row(
+            f"{version} ({role})",
+            str(f.get("served")),
+            str(f.get("errors")),
+            _ratio(f.get("error_ratio")),
+            "-" if not isinstance(p99, float | int) else f"{p99 * 1000:.1f}",
+            str(f.get("labelled")),
+            _ratio(f.get("accuracy")),
+            _ratio(f.get("agreement")),
+        )
+    console.print(table)
+    console.print(f"{compared.verdict}: {escape(compared.reason)}", highlight=False)
+
+
+def _ratio(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float | int) else "-"
 
 
 @models_app.command("rollback")

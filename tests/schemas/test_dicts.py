@@ -17,6 +17,7 @@ from mlbus.schemas.catalog import TOPICS
 from mlbus.schemas.codec import decode, decode_dict, dict_decoder, encode_new
 from mlbus.schemas.search import SearchRequested, TrialPruned
 from mlbus.schemas.serving import InferenceFeedback, ServingAccuracy
+from mlbus.schemas.traffic import ModelTraffic
 from tests.consumers.lineage.generator import GenRecord, generate_log
 
 WRONG: list[Any] = [None, "", "x", -1, 0, 1.5, True, [], {}, ["x"], {"x": 1}, "2026-13-45"]
@@ -121,9 +122,39 @@ def search_records() -> list[GenRecord]:
     return out
 
 
+def traffic_records() -> list[GenRecord]:
+    """A canary step and a shadow (the generated log has no rollout)."""
+    canary = ModelTraffic.model_validate(
+        {
+            "model": "m",
+            "rollout_id": "r1",
+            "strategy": "canary",
+            "status": "advanced",
+            "stable": "1",
+            "candidate": "2",
+            "weights": {"1": 50, "2": 50},
+            "step": 1,
+            "steps": [10, 50, 100],
+            "criteria": {"min_samples": 100},
+            "analysis": {"verdict": "advance", "versions": {"2": {"requests": 120}}},
+            "reason": "passed",
+            "actor": "mlbus/workflow",
+            "artifact": {"uri": "file:///m/2", "sha256": "sha256:" + "ab" * 32},
+        }
+    )
+    shadow = canary.model_copy(
+        update={"strategy": "shadow", "status": "started", "weights": {"1": 100}, "shadow": True}
+    )
+    out = []
+    for payload in (canary, shadow):
+        ref, value = encode_new(payload, source="tests")
+        out.append(GenRecord(ref.type, ref.key.encode() if ref.key else None, value))
+    return out
+
+
 @pytest.fixture(scope="module")
 def log() -> list[Any]:
-    return generate_log(3000, seed=7) + feedback_records() + search_records()
+    return generate_log(3000, seed=7) + feedback_records() + search_records() + traffic_records()
 
 
 def test_the_generated_log_decodes_the_same_both_ways(log):

@@ -111,3 +111,25 @@ def test_hopping_must_be_a_multiple_of_the_window():
 
     with pytest.raises(ConfigError, match="multiple"):
         WindowConfig.from_settings(StreamsSettings(window_seconds=10, hopping_seconds=25))
+
+
+def test_a_shadows_windows_carry_its_agreement_with_the_answers_returned():
+    from mlbus.streams.windows import Agg
+
+    e = engine()
+    for i in range(40):
+        shadow = {"shadow": True, "answered_by": "v1", "agreement": 1.0 if i % 4 else 0.0}
+        for version, extra in (("v1", {}), ("v2", shadow)):
+            data = {"request_id": f"r{i}", "model": "plain", "version": version,
+                    "replica": "r", "latency_seconds": 0.01, **extra}  # fmt: skip
+            e.apply(0, 2 * i + (version == "v2"), BASE_MS + i * 10, data)
+    e.idle(0, NOW_MS)
+    tumbling = {p.version: p for p, _, _ in e.outbox if getattr(p, "window", None) == "tumbling"}
+    assert (tumbling["v2"].shadowed, tumbling["v2"].agreement) == (40, 0.75)
+    assert (tumbling["v1"].shadowed, tumbling["v1"].agreement) == (None, None)
+    hopping = [p for p, _, _ in e.outbox if getattr(p, "window", None) == "hopping"]
+    assert any(p.version == "v2" and p.agreement == 0.75 for p in hopping)  # merged too
+    agg = Agg(0, 1000)
+    agg.add({"latency_seconds": 0.01, "agreement": 0.5}, "no baseline")
+    again = Agg.from_json(agg.to_json())
+    assert (again.shadowed, again.agree_sum) == (1, 0.5)

@@ -81,3 +81,24 @@ def test_regression_values_give_rmse():
     (w,) = windows(j)
     assert w.labelled == 3 and w.accuracy is None
     assert abs(w.rmse - (2 / 3) ** 0.5) < 1e-9
+
+
+def test_a_shadow_answer_is_joined_under_its_own_version_beside_the_one_returned():
+    j = join()
+    j.apply("inference.logged", logged("a", "1"), BASE + 10)
+    shadow = logged("a", "2", version="v2").model_copy(update={"shadow": True})
+    j.apply("inference.logged", shadow, BASE + 11)
+    j.apply("inference.feedback", feedback("b", 2), BASE + 15)  # before both its records
+    j.apply("inference.logged", logged("b", "2"), BASE + 20)
+    j.apply(
+        "inference.logged",
+        logged("b", "2", version="v2").model_copy(update={"shadow": True}),
+        BASE + 21,
+    )
+    j.apply("inference.feedback", feedback("a", 1), BASE + 100)
+    j.apply("inference.logged", logged("z", "0"), BASE + 1500)
+    j.apply("inference.feedback", feedback("z", 0), BASE + 1600)
+    by_version = {x.version: x for x in windows(j) if x.window_start.timestamp() * 1000 == BASE}
+    assert (by_version["v1"].labelled, by_version["v1"].correct) == (2, 2)
+    assert (by_version["v2"].labelled, by_version["v2"].correct) == (2, 1)
+    assert by_version["v1"].duplicates == by_version["v2"].duplicates == 0
