@@ -8,6 +8,7 @@ any order across topics: a restart replays the same events into the same state.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -33,6 +34,10 @@ READS = (
 )
 
 Outcome = Literal["running", "completed", "failed", "pruned"]
+
+#: Within one batch read from several topics: searches, then their trials' requests, then
+#: everything else (the topics are read in no common order).
+_ORDER = {"search.requested": 0, "training.requested": 1}
 
 
 @dataclass
@@ -132,6 +137,11 @@ class Book:
             return None
         search = self.searches[where[0]]
         return search.trials.setdefault(where[1], Trial(where[1], run_id))
+
+    def fold(self, events: Iterable[Event]) -> None:
+        """Apply a batch read from the log, searches and requests first."""
+        for event in sorted(events, key=lambda e: _ORDER.get(e.type, 2)):
+            self.apply(event)
 
     def apply(self, event: Event) -> None:
         data = event.data
