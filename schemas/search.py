@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from mlbus.schemas.base import DatasetRef, Name, NonEmpty, Part, Payload
-from mlbus.schemas.training import HyperValue, Split
+from mlbus.schemas.training import FamilyOrigin, HyperValue, Split
 
 
 class Param(Part):
@@ -69,6 +69,11 @@ class SearchRequested(Payload):
         default=None, description="the pipeline whose promotion policy judges the best trial"
     )
     requested_by: str | None = None
+    family_origin: FamilyOrigin | None = Field(
+        default=None,
+        description="the plugin family's origin as the requester resolved it (None: built "
+        "in); every trial's training.requested carries it",
+    )
 
 
 class TrialPruned(Payload):

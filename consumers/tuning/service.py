@@ -38,9 +38,6 @@ SOURCE = "mlbus/tuning"
 ACTOR = "tuning"
 _PRUNED = uuid.UUID("2f0b9d77-5a43-4c47-8e0e-1c7c9a2b4d10")
 
-#: within one batch, searches before their trials' requests before everything else
-_ORDER = {"search.requested": 0, "training.requested": 1}
-
 
 def prune_id(request_id: str) -> str:
     return str(uuid.uuid5(_PRUNED, request_id))
@@ -81,8 +78,7 @@ class TuningService:
             self._producer.flush()
 
     def fold(self, items: list[Any]) -> None:
-        for item in sorted(items, key=lambda i: _ORDER.get(i.event.type, 2)):
-            self.book.apply(item.event)
+        self.book.fold(item.event for item in items)
 
     def _resume(self) -> None:
         """After a restart only the newest epoch of a running trial is judged: the earlier
@@ -148,6 +144,7 @@ class TuningService:
             model=r.model,
             dataset=r.dataset,
             family=r.family,
+            family_origin=r.family_origin,
             hyperparameters=r.hyperparameters | params,
             seed=r.seed,
             max_epochs=r.max_epochs,

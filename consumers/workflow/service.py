@@ -346,6 +346,7 @@ class WorkflowService:
                 model=spec.model,
                 dataset=DatasetRef(name=data.name, version=data.version),
                 family=spec.family,
+                family_origin=spec.family_origin,
                 space=plan.space,
                 hyperparameters=spec.hyperparameters,
                 sampler=plan.sampler,
