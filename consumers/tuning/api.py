@@ -68,6 +68,8 @@ class SearchView(BaseModel):
     pipeline: str | None
     requested_at: str
     finished: bool
+    ended: Literal["trials", "timeout"] | None = None
+    """the budget that ended it (its `search.completed`); None while it runs"""
     counts: dict[str, int]
     best: Best | None
     trials: list[TrialView]

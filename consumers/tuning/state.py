@@ -1,8 +1,9 @@
 """What the log says about each search: its request, and per trial the parameters asked,
 the objective at every epoch, the pruner's decision and the outcome. Built by folding
 `search.requested`, `search.pruned`, `training.requested`, `training.progress`,
-`training.completed` and `training.failed` (only the runs of known searches are kept), in
-any order across topics: a restart replays the same events into the same state.
+`training.completed`, `training.failed` and `search.completed` (only the runs of known
+searches are kept), in any order across topics: a restart replays the same events into the
+same state.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from mlbus.schemas.envelope import Event
-from mlbus.schemas.search import SearchRequested, TrialPruned
+from mlbus.schemas.search import SearchCompleted, SearchRequested, TrialPruned
 from mlbus.schemas.training import (
     TrainingCompleted,
     TrainingFailed,
@@ -27,6 +28,7 @@ from mlbus.search import trial_run_id
 READS = (
     "search.requested",
     "search.pruned",
+    "search.completed",
     "training.requested",
     "training.progress",
     "training.completed",
@@ -67,6 +69,7 @@ class Trial:
 class Search:
     event: Event[SearchRequested]
     trials: dict[int, Trial] = field(default_factory=dict)
+    ended: SearchCompleted | None = None  # the search's end, once on the log
 
     @property
     def request(self) -> SearchRequested:
@@ -99,7 +102,8 @@ class Search:
         return len(self.asked()) >= self.request.trials or self.timed_out(now)
 
     def finished(self, now: datetime) -> bool:
-        return self.exhausted(now) and not self.running()
+        """Over: ended on the log, or no trial will be requested and none is running."""
+        return self.ended is not None or (self.exhausted(now) and not self.running())
 
     def best(self) -> Trial | None:
         done = [t for t in self.asked() if t.outcome == "completed" and t.value is not None]
@@ -155,6 +159,11 @@ class Book:
                 search.trials[n] = Trial(n, run)
                 for late in self.early.pop(run, []):
                     self.apply(late)
+            return
+        if isinstance(data, SearchCompleted):
+            ended = self.searches.get(data.search_id)
+            if ended is not None and ended.ended is None:
+                ended.ended = data
             return
         run_id = self._run_of(data)
         if run_id is None:
@@ -216,6 +225,7 @@ class Book:
             "pipeline": r.pipeline,
             "requested_at": search.started.isoformat(),
             "finished": search.finished(now),
+            "ended": search.ended.reason if search.ended is not None else None,
             "counts": search.counts(),
             "best": None
             if best is None

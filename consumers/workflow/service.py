@@ -49,7 +49,7 @@ from mlbus.schemas.codec import wrap
 from mlbus.schemas.datasets import DatasetValidated
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import ModelPromoted, ModelRejected
-from mlbus.schemas.search import SearchRequested
+from mlbus.schemas.search import SearchCompleted, SearchRequested
 from mlbus.schemas.serving import ServingAlert
 from mlbus.schemas.training import (
     DEADLINE_EXCEEDED,
@@ -161,6 +161,7 @@ class WorkflowService:
             "dataset.validated": self._on_validated,
             "training.requested": self._on_state,
             "search.requested": self._on_state,
+            "search.completed": self._on_search_completed,
             "training.completed": self._on_outcome,
             "training.failed": self._on_outcome,
             "model.promoted": self._on_state,
@@ -208,6 +209,16 @@ class WorkflowService:
         with self._lock:
             self.state.apply(event, (record.partition, record.offset))
             self.decide(event)
+
+    def _on_search_completed(self, event: Event[SearchCompleted], record: Record) -> None:
+        """A search's end says how many trials it requested: its sweep is decided once they
+        all have outcomes (now, or at the last one's outcome)."""
+        with self._lock:
+            self.state.apply(event, (record.partition, record.offset))
+            sweep = self.state.sweeps.get(event.data.search_id)
+            if sweep is not None and sweep.finished and sweep.requests:
+                first = min(sweep.requests.values(), key=lambda e: e.data.sweep.index)
+                self._decide_sweep(sweep, first.data)
 
     def _on_alert(self, event: Event[ServingAlert], record: Record) -> None:
         """Rollback on a firing alert for the champion; id derived from the alert's."""
