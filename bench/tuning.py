@@ -431,9 +431,18 @@ def summary(results: list[Searched], grids: list[Searched], target: float) -> li
             )
     grid_ratios = [(g.reaching(target) or 0) / grid_epochs for g in grids]
     lines.append(
-        f"{'grid':<14} (shuffled order) reaches its own best at median "
-        f"{statistics.median(grid_ratios):.1%} of its epochs"
+        f"{'grid':<14} in its shuffled order (a random search without pruning) reaches its "
+        f"best at median {statistics.median(grid_ratios):.1%} of its epochs"
     )
+    lines.append("")
+    names = " / ".join(by_name)
+    lines.append(f"per seed, epochs to the grid's best: grid (shuffled order) / {names}")
+    for g in grids:
+        row = [g.reaching(target)] + [
+            next(s.reaching(target) for s in runs if s.seed == g.seed) for runs in by_name.values()
+        ]
+        shown = " / ".join("never" if r is None else str(r) for r in row)
+        lines.append(f"  seed {g.seed}: {shown}")
     return lines
 
 
@@ -477,13 +486,14 @@ def main() -> None:
             r = request(f"tpe-{pruner}", "tpe", pruner, seed, args.epochs, points, ref)
             results.append(replay(r, table, f"tpe+{pruner}", seed))
         log(f"seed {seed}: " + ", ".join(f"{s.name} {s.reaching(target)}" for s in results[-2:]))
-    platform = None
+    platform, platform_seconds = None, 0.0
     if args.platform:
         r = request("tpe-median", "tpe", "median", 0, args.epochs, points, ref)
         log("seed 0, TPE + median on the platform")
         t0 = time.perf_counter()
         platform = platform_search(r, args.rows, args.timeout)
-        log(f"platform search done in {time.perf_counter() - t0:.0f}s")
+        platform_seconds = time.perf_counter() - t0
+        log(f"platform search done in {platform_seconds:.0f}s")
 
     grid_epochs = grids[0].epochs
     poor = sum(1 for f in finals if f < target - 0.05)
@@ -514,13 +524,14 @@ def main() -> None:
         f"(majority of seeds)"
     )
     if platform is not None:
-        replayed = med[0]
+        replayed, at = med[0], platform.reaching(target)
+        share = f"{(at or 0) / grid_epochs:.1%}"
         lines += [
             "",
-            f"seed 0 on the platform (broker, tuning service, training worker): "
-            f"{platform.trials} trials ({platform.pruned} pruned), {platform.epochs} epochs, "
-            f"best {platform.best}, reached the grid's best at "
-            f"{platform.reaching(target)} epochs; replayed: {replayed.trials} trials "
+            f"seed 0 on the platform (broker, tuning service, training worker), "
+            f"{platform_seconds:.0f} s: {platform.trials} trials ({platform.pruned} pruned), "
+            f"{platform.epochs} epochs, best {platform.best or 0:.4f}, the grid's best reached "
+            f"at {at} epochs ({share} of the grid's); replayed: {replayed.trials} trials "
             f"({replayed.pruned} pruned), {replayed.epochs} epochs, reached at "
             f"{replayed.reaching(target)}",
         ]
