@@ -135,14 +135,12 @@ def build_table(rows: int, epochs: int) -> tuple[dict[str, list[float]], float]:
     started = time.process_time()
     for i, point in enumerate(points):
         curve: list[float] = []
-        fit(
-            prepared,
-            "mlp",
-            hyperparameters("mlp", point),
-            max_epochs=epochs,
-            seed=0,
-            on_epoch=lambda _e, metrics, _r, curve=curve: curve.append(metrics[METRIC]),
-        )
+
+        def record(_epoch: int, metrics: dict[str, float], _rate: float, curve=curve) -> None:
+            curve.append(metrics[METRIC])
+
+        fit(prepared, "mlp", hyperparameters("mlp", point), max_epochs=epochs, seed=0,
+            on_epoch=record)  # fmt: skip
         table[key_of(point)] = curve
         log(f"table {i + 1}/{len(points)} {point}: {curve[-1]:.4f}")
     return table, time.process_time() - started
@@ -305,7 +303,7 @@ def platform_search(r: SearchRequested, rows: int, timeout: float) -> Searched:
             handlers={"training.requested": worker},
         )  # fmt: skip
         service = TuningService(kafka)
-        runners: list[Callable[..., None]] = [validator.run, trainer.run, service.run]
+        runners: list[Callable[..., object]] = [validator.run, trainer.run, service.run]
         threads = [
             threading.Thread(target=run, kwargs={"install_signal_handlers": False})
             for run in runners
