@@ -157,6 +157,8 @@ def _table(s: dict[str, Any]) -> Table:
     )
     if best is not None:
         title += f" · best {s['objective']['metric']} {best['value']:.4f} (trial {best['trial']})"
+    if s.get("ended") == "timeout":
+        title += " · ended by its wall-clock budget"
     table = Table(
         "trial", "hyperparameters", "epochs", s["objective"]["metric"], "state", title=title
     )
