@@ -117,15 +117,6 @@ class Searches:
         self._view.stop()
 
 
-def read_search(kafka: KafkaConfig, search_id: str) -> dict[str, Any]:
-    """One search's summary, read from the log's start (a one-off lookup)."""
-    searches = Searches(kafka)
-    try:
-        return searches.summary(search_id)
-    finally:
-        searches.close()
-
-
 class LazySearches:
     """A `Searches` made on first use and kept until `close()` (the control plane's
     shutdown): call it for the instance."""

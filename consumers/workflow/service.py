@@ -5,7 +5,8 @@ and automatic rollback (`serving.alert` → `model.promoted` with `rollback: tru
 rule the pipeline names, never for drift, and only with evidence that the earlier version does
 better on the metric that fired: evidence.py).
 It also reads `pipeline.defined`, `training.requested` and `model.promoted` to keep its
-state (state.py) current; that state is rebuilt from the log when the service opens.
+state (state.py) current, and `search.completed` to size a search's sweep by the trials it
+requested; that state is rebuilt from the log when the service opens.
 
 Exactly-once effects: every decision has an id derived from the event that caused it
 (uuid5 of the completion, the alert, or pipeline + dataset event + sweep point) and is
