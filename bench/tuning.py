@@ -2,7 +2,7 @@
 epochs (the compute a search spends).
 
     .venv/bin/python bench/tuning.py [--seeds N] [--epochs E] [--rows R] [--table FILE]
-                                     [--platform] [--out bench/results/tuning.txt]
+                                     [--platform N] [--out bench/results/tuning.txt]
 
 Task: a generated 5-class problem (scikit-learn `make_classification`: R rows, 40 features
 of which 12 informative and 8 redundant, 3 clusters per class, 2 % flipped labels; nothing
@@ -31,10 +31,10 @@ rate of 0.1 does not learn, 1e-4 learns slowly, a weight decay of 0.1 stops it):
    Each search id seeds the samplers (and the grid's order), so seeds 0..N-1 are N
    independent searches on the same table.
 
-`--platform` also runs seed 0's TPE + median search through the whole platform (embedded
-broker, tuning service, training worker, validator) and prints its curve beside the replay's:
-there the trainer checks for a prune decision between epochs, so a pruned trial can train
-an epoch past the decision.
+`--platform N` also runs the TPE + median searches of seeds 0..N-1 through the whole
+platform (embedded broker, tuning service, training worker, validator), each beside its
+replay (seed 0's curve too): there the trainer checks for a prune decision between epochs,
+so a pruned trial can train an epoch past the decision.
 
 The figure: the cumulative epochs a search needed until a completed trial first reached the
 grid's best validation accuracy, as a fraction of the grid's epochs (target <= 40 %).
@@ -267,11 +267,11 @@ def replay(r: SearchRequested, table: dict[str, list[float]], name: str, seed: i
     return Searched(name, seed, curve, counts["requested"], counts["pruned"])
 
 
-# -- the whole platform (--platform) ---------------------------------------------------------
+# -- the whole platform (--platform N) -------------------------------------------------------
 
 
-def platform_search(r: SearchRequested, rows: int, timeout: float) -> Searched:
-    """Seed 0's search on an embedded broker with the tuning service and a training worker."""
+def platform_search(r: SearchRequested, rows: int, timeout: float, seed: int) -> Searched:
+    """One search on an embedded broker with the tuning service and a training worker."""
     import pyarrow as pa
 
     from mlbus.broker import EmbeddedBroker
@@ -353,7 +353,7 @@ def platform_search(r: SearchRequested, rows: int, timeout: float) -> Searched:
             best = trial.value if best is None else max(best, trial.value)
         curve.append((used, best, trial.outcome))
     counts = search.counts()
-    return Searched("tpe+median (platform)", 0, curve, counts["requested"], counts["pruned"])
+    return Searched("tpe+median (platform)", seed, curve, counts["requested"], counts["pruned"])
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -450,7 +450,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--table", type=Path, default=None, help="reuse or keep the table here")
-    parser.add_argument("--platform", action="store_true", help="also seed 0 on the platform")
+    parser.add_argument(
+        "--platform", type=int, default=0, help="also seeds 0..N-1 of TPE + median on the platform"
+    )
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--svg", type=Path, default=None, help="seed 0's curves as SVG")
@@ -484,14 +486,14 @@ def main() -> None:
             r = request(f"tpe-{pruner}", "tpe", pruner, seed, args.epochs, points, ref)
             results.append(replay(r, table, f"tpe+{pruner}", seed))
         log(f"seed {seed}: " + ", ".join(f"{s.name} {s.reaching(target)}" for s in results[-2:]))
-    platform, platform_seconds = None, 0.0
-    if args.platform:
-        r = request("tpe-median", "tpe", "median", 0, args.epochs, points, ref)
-        log("seed 0, TPE + median on the platform")
+    platforms: list[tuple[Searched, float]] = []  # (search, wall-clock seconds)
+    for seed in range(args.platform):
+        r = request("tpe-median", "tpe", "median", seed, args.epochs, points, ref)
+        log(f"seed {seed}, TPE + median on the platform")
         t0 = time.perf_counter()
-        platform = platform_search(r, args.rows, args.timeout)
-        platform_seconds = time.perf_counter() - t0
-        log(f"platform search done in {platform_seconds:.0f}s")
+        found = platform_search(r, args.rows, args.timeout, seed)
+        platforms.append((found, time.perf_counter() - t0))
+        log(f"platform search done in {platforms[-1][1]:.0f}s")
 
     grid_epochs = grids[0].epochs
     poor = sum(1 for f in finals if f < target - 0.05)
@@ -521,26 +523,29 @@ def main() -> None:
         f"grid's epochs: {ok}/{len(med)} seeds  {'ok' if ok * 2 > len(med) else 'FAIL'} "
         f"(majority of seeds)"
     )
-    if platform is not None:
-        replayed, at = med[0], platform.reaching(target)
-        share = f"{(at or 0) / grid_epochs:.1%}"
+    if platforms:
         lines += [
             "",
-            f"seed 0 on the platform (broker, tuning service, training worker), "
-            f"{platform_seconds:.0f} s: {platform.trials} trials ({platform.pruned} pruned), "
-            f"{platform.epochs} epochs, best {platform.best or 0:.4f}, the grid's best reached "
-            f"at {at} epochs ({share} of the grid's); replayed: {replayed.trials} trials "
-            f"({replayed.pruned} pruned), {replayed.epochs} epochs, reached at "
-            f"{replayed.reaching(target)}",
+            "on the platform (broker, tuning service, training worker), beside the replay:",
         ]
+    for platform, seconds in platforms:
+        replayed = next(m for m in med if m.seed == platform.seed)
+        at = platform.reaching(target)
+        share = f"{(at or 0) / grid_epochs:.1%}"
+        lines.append(
+            f"  seed {platform.seed}, {seconds:.0f} s: {platform.trials} trials "
+            f"({platform.pruned} pruned), {platform.epochs} epochs, best {platform.best or 0:.4f}, "
+            f"the grid's best reached at {at} epochs ({share} of the grid's); replayed: "
+            f"{replayed.trials} trials ({replayed.pruned} pruned), {replayed.epochs} epochs, "
+            f"reached at {replayed.reaching(target)}"
+        )
     lines += [
         "",
         "curves, seed 0: cumulative epochs -> best validation accuracy so far (where it "
         "changes, and the end)",
     ]
     shown = [grids[0], *(s for s in results if s.seed == 0)]
-    if platform is not None:
-        shown.append(platform)
+    shown += [platform for platform, _ in platforms if platform.seed == 0]
     for s in shown:
         lines.append(f"{s.name:>22}  {text_curve(s.curve)}")
     report = "\n".join(lines)
