@@ -16,9 +16,9 @@ import yaml
 from pydantic import ValidationError
 
 from mlbus.errors import Invalid
-from mlbus.families import FAMILIES, InvalidModelSpec, hyperparameters
+from mlbus.families import InvalidModelSpec, hyperparameters, resolve
 from mlbus.schemas.search import Param, SearchRequested
-from mlbus.schemas.training import HyperValue, run_id_for
+from mlbus.schemas.training import FamilyOrigin, HyperValue, run_id_for
 
 #: Points of a grid search at most (each one is a whole training run).
 MAX_GRID = 10_000
@@ -105,12 +105,13 @@ def _in_family(at: str, family: str, name: str, value: HyperValue) -> None:
         raise InvalidSearch(f"{at}: {e}") from None
 
 
-def check_search(request: SearchRequested) -> None:
-    """Everything that can be known before the search is published."""
-    if request.family not in FAMILIES:
-        raise InvalidSearch(
-            f"unknown model family {request.family!r}; known: {', '.join(sorted(FAMILIES))}"
-        )
+def check_search(request: SearchRequested) -> FamilyOrigin | None:
+    """Everything that can be known before the search is published. Returns the family's
+    origin (None: built in), which the request records as its trials' do."""
+    try:
+        origin = resolve(request.family, request.family_origin).origin
+    except InvalidModelSpec as e:
+        raise InvalidSearch(str(e)) from None
     if not request.space:
         raise InvalidSearch("the search space is empty: name at least one hyperparameter")
     if request.trials < 1:
@@ -128,6 +129,7 @@ def check_search(request: SearchRequested) -> None:
         size = math.prod(len(v) for v in grid(request.space).values())
         if size > MAX_GRID:
             raise InvalidSearch(f"the grid has {size} points, over {MAX_GRID}")
+    return origin
 
 
 def grid(space: Mapping[str, Param]) -> dict[str, list[HyperValue]]:

@@ -203,6 +203,7 @@ SERVICES: tuple[Service, ...] = (
             "dataset.validated",
             "training.requested",
             "search.requested",
+            "search.completed",
             "training.completed",
             "training.failed",
             "model.promoted",
@@ -239,12 +240,13 @@ SERVICES: tuple[Service, ...] = (
         reads=(
             "search.requested",
             "search.pruned",
+            "search.completed",
             "training.requested",
             "training.progress",
             "training.completed",
             "training.failed",
         ),
-        writes=("training.requested", "search.pruned"),
+        writes=("training.requested", "search.pruned", "search.completed"),
         build="mlbus.cli.tuning:run_tuning",
         metrics=Metrics(port="metrics.tuning_port"),
         deployment=Deployment(

@@ -16,7 +16,7 @@ from mlbus.schemas.deadletter import DeadLetter
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.errors import UnknownTopic
 from mlbus.schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
-from mlbus.schemas.search import SearchRequested, TrialPruned
+from mlbus.schemas.search import SearchCompleted, SearchRequested, TrialPruned
 from mlbus.schemas.serving import (
     InferenceFeedback,
     InferenceLogged,
@@ -106,6 +106,8 @@ CATALOG: tuple[TopicSpec, ...] = (
               "CLI/API, workflow"),
     TopicSpec("search.pruned", TrialPruned, "model", 6,
               "the pruner stopped a search's trial after an epoch", "tuning"),
+    TopicSpec("search.completed", SearchCompleted, "model", 3,
+              "a search is over: trials requested, their outcomes, the best trial", "tuning"),
     TopicSpec("pipeline.defined", PipelineDefined, "name", 1,
               "a pipeline definition (trigger, sweep, promotion policy) as applied",
               "workflow CLI/API"),

@@ -1,6 +1,6 @@
 """Payloads of the `search.*` topics: a hyperparameter search as requested (its space,
-sampler, pruner, objective and budget) and the pruner's decisions. The search's trials are
-ordinary `training.*` runs whose requests carry a `SearchTrial`."""
+sampler, pruner, objective and budget), the pruner's decisions, and the search's end. The
+search's trials are ordinary `training.*` runs whose requests carry a `SearchTrial`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from mlbus.schemas.base import DatasetRef, Name, NonEmpty, Part, Payload
-from mlbus.schemas.training import HyperValue, Split
+from mlbus.schemas.training import FamilyOrigin, HyperValue, Split
 
 
 class Param(Part):
@@ -69,6 +69,11 @@ class SearchRequested(Payload):
         default=None, description="the pipeline whose promotion policy judges the best trial"
     )
     requested_by: str | None = None
+    family_origin: FamilyOrigin | None = Field(
+        default=None,
+        description="the plugin family's origin as the requester resolved it (None: built "
+        "in); every trial's training.requested carries it",
+    )
 
 
 class TrialPruned(Payload):
@@ -83,3 +88,24 @@ class TrialPruned(Payload):
     epoch: int = Field(ge=1, description="the last epoch the decision saw")
     value: float | None = Field(default=None, description="the objective at that epoch")
     pruner: NonEmpty
+
+
+class SearchCompleted(Payload):
+    """A search is over: no trial will be requested any more and every requested trial has
+    an outcome. `trials` is how many were requested, fewer than the budget when the
+    wall-clock budget ran out first; the workflow decides the search on those."""
+
+    search_id: NonEmpty
+    model: Name
+    reason: Literal["trials", "timeout"] = Field(
+        description="the budget that ended it: every trial requested, or the wall clock"
+    )
+    trials: int = Field(ge=0, description="trials requested")
+    budget: int = Field(ge=1, description="the trials the search could have requested")
+    completed: int = Field(default=0, ge=0)
+    pruned: int = Field(default=0, ge=0)
+    failed: int = Field(default=0, ge=0)
+    best_trial: int | None = Field(default=None, description="None: no trial completed")
+    best_run_id: str | None = None
+    best_value: float | None = Field(default=None, description="the best trial's objective")
+    pipeline: str | None = None

@@ -1,8 +1,11 @@
 """The tuning service (`mlbus run tuning`): follows `search.requested` and the runs of each
 search (`training.requested/progress/completed/failed`, `search.pruned`), asks Optuna for
 the next trial while the budget allows and fewer than `parallel` run, and judges every
-reported epoch with the search's pruner. Writes `training.requested` (one per trial) and
-`search.pruned` (one per pruned trial).
+reported epoch with the search's pruner. Writes `training.requested` (one per trial),
+`search.pruned` (one per pruned trial) and `search.completed` (once per search, when no
+trial will be requested any more and every requested one has an outcome: after the trials
+budget, or after the wall-clock budget with the trials running then finished; it says how
+many were requested, which the workflow decides the search on).
 
 Its state is the log: it reads the topics from the beginning on every start (no consumer
 group, no store), so a restart rebuilds every study as it was. Effects are idempotent by
@@ -27,7 +30,7 @@ from mlbus.kafka.logview import LogView
 from mlbus.kafka.producer import EventProducer
 from mlbus.schemas.codec import wrap
 from mlbus.schemas.envelope import Event
-from mlbus.schemas.search import TrialPruned
+from mlbus.schemas.search import SearchCompleted, TrialPruned
 from mlbus.schemas.training import SearchTrial, SweepPoint, TrainingRequested
 from mlbus.search import trial_request_id
 from mlbus.signals import install_stop_handlers
@@ -37,13 +40,16 @@ log = logging.getLogger(__name__)
 SOURCE = "mlbus/tuning"
 ACTOR = "tuning"
 _PRUNED = uuid.UUID("2f0b9d77-5a43-4c47-8e0e-1c7c9a2b4d10")
-
-#: within one batch, searches before their trials' requests before everything else
-_ORDER = {"search.requested": 0, "training.requested": 1}
+_COMPLETED = uuid.UUID("8d3e6c1a-0b7f-4e52-9a64-5f2d1c0e7b93")
 
 
 def prune_id(request_id: str) -> str:
     return str(uuid.uuid5(_PRUNED, request_id))
+
+
+def completed_id(search_id: str) -> str:
+    """The event id of a search's `search.completed`."""
+    return str(uuid.uuid5(_COMPLETED, search_id))
 
 
 class TuningService:
@@ -81,8 +87,7 @@ class TuningService:
             self._producer.flush()
 
     def fold(self, items: list[Any]) -> None:
-        for item in sorted(items, key=lambda i: _ORDER.get(i.event.type, 2)):
-            self.book.apply(item.event)
+        self.book.fold(item.event for item in items)
 
     def _resume(self) -> None:
         """After a restart only the newest epoch of a running trial is judged: the earlier
@@ -97,21 +102,42 @@ class TuningService:
     def step(self, now: datetime | None = None) -> None:
         now = now or datetime.now(UTC)
         for search in list(self.book.searches.values()):
-            if search.finished(now):
+            if search.ended is not None:
                 continue
             for trial in search.running():
                 self._judge(search, trial)
             while not search.exhausted(now) and len(search.running()) < search.request.parallel:
                 self._ask(search)
             if search.finished(now):
-                best = search.best()
-                log.info(
-                    "tuning: search %s finished: %s; best trial %s (%s)",
-                    search.id,
-                    search.counts(),
-                    best.number if best else None,
-                    best.value if best else None,
-                )
+                self._complete(search)
+
+    def _complete(self, search: Search) -> None:
+        r, counts, best = search.request, search.counts(), search.best()
+        self._publish(
+            SearchCompleted(
+                search_id=search.id,
+                model=r.model,
+                reason="trials" if counts["requested"] >= r.trials else "timeout",
+                trials=counts["requested"],
+                budget=r.trials,
+                completed=counts["completed"],
+                pruned=counts["pruned"],
+                failed=counts["failed"],
+                best_trial=best.number if best else None,
+                best_run_id=best.run_id if best else None,
+                best_value=best.value if best else None,
+                pipeline=r.pipeline,
+            ),
+            cause=search.event,
+            event_id=completed_id(search.id),
+        )
+        log.info(
+            "tuning: search %s finished: %s; best trial %s (%s)",
+            search.id,
+            counts,
+            best.number if best else None,
+            best.value if best else None,
+        )
 
     def _judge(self, search: Search, trial: Trial) -> None:
         if trial.pruned_at is not None or trial.request_id is None:
@@ -148,6 +174,7 @@ class TuningService:
             model=r.model,
             dataset=r.dataset,
             family=r.family,
+            family_origin=r.family_origin,
             hyperparameters=r.hyperparameters | params,
             seed=r.seed,
             max_epochs=r.max_epochs,

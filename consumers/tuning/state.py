@@ -1,19 +1,21 @@
 """What the log says about each search: its request, and per trial the parameters asked,
 the objective at every epoch, the pruner's decision and the outcome. Built by folding
 `search.requested`, `search.pruned`, `training.requested`, `training.progress`,
-`training.completed` and `training.failed` (only the runs of known searches are kept), in
-any order across topics: a restart replays the same events into the same state.
+`training.completed`, `training.failed` and `search.completed` (only the runs of known
+searches are kept), in any order across topics: a restart replays the same events into the
+same state.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from mlbus.schemas.envelope import Event
-from mlbus.schemas.search import SearchRequested, TrialPruned
+from mlbus.schemas.search import SearchCompleted, SearchRequested, TrialPruned
 from mlbus.schemas.training import (
     TrainingCompleted,
     TrainingFailed,
@@ -26,6 +28,7 @@ from mlbus.search import trial_run_id
 READS = (
     "search.requested",
     "search.pruned",
+    "search.completed",
     "training.requested",
     "training.progress",
     "training.completed",
@@ -33,6 +36,10 @@ READS = (
 )
 
 Outcome = Literal["running", "completed", "failed", "pruned"]
+
+#: Within one batch read from several topics: searches, then their trials' requests, then
+#: everything else (the topics are read in no common order).
+_ORDER = {"search.requested": 0, "training.requested": 1}
 
 
 @dataclass
@@ -62,6 +69,7 @@ class Trial:
 class Search:
     event: Event[SearchRequested]
     trials: dict[int, Trial] = field(default_factory=dict)
+    ended: SearchCompleted | None = None  # the search's end, once on the log
 
     @property
     def request(self) -> SearchRequested:
@@ -94,7 +102,8 @@ class Search:
         return len(self.asked()) >= self.request.trials or self.timed_out(now)
 
     def finished(self, now: datetime) -> bool:
-        return self.exhausted(now) and not self.running()
+        """Over: ended on the log, or no trial will be requested and none is running."""
+        return self.ended is not None or (self.exhausted(now) and not self.running())
 
     def best(self) -> Trial | None:
         done = [t for t in self.asked() if t.outcome == "completed" and t.value is not None]
@@ -133,6 +142,11 @@ class Book:
         search = self.searches[where[0]]
         return search.trials.setdefault(where[1], Trial(where[1], run_id))
 
+    def fold(self, events: Iterable[Event]) -> None:
+        """Apply a batch read from the log, searches and requests first."""
+        for event in sorted(events, key=lambda e: _ORDER.get(e.type, 2)):
+            self.apply(event)
+
     def apply(self, event: Event) -> None:
         data = event.data
         if isinstance(data, SearchRequested):
@@ -145,6 +159,11 @@ class Book:
                 search.trials[n] = Trial(n, run)
                 for late in self.early.pop(run, []):
                     self.apply(late)
+            return
+        if isinstance(data, SearchCompleted):
+            ended = self.searches.get(data.search_id)
+            if ended is not None and ended.ended is None:
+                ended.ended = data
             return
         run_id = self._run_of(data)
         if run_id is None:
@@ -206,6 +225,7 @@ class Book:
             "pipeline": r.pipeline,
             "requested_at": search.started.isoformat(),
             "finished": search.finished(now),
+            "ended": search.ended.reason if search.ended is not None else None,
             "counts": search.counts(),
             "best": None
             if best is None

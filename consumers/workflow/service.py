@@ -8,7 +8,8 @@ rollout.py) and automatic rollback (`serving.alert` → `model.promoted` with `r
 only for a rule the pipeline names, never for drift, and only with evidence that the earlier
 version does better on the metric that fired: evidence.py).
 It also reads `pipeline.defined`, `training.requested` and `model.promoted` to keep its
-state (state.py) current; that state is rebuilt from the log when the service opens.
+state (state.py) current, and `search.completed` to size a search's sweep by the trials it
+requested; that state is rebuilt from the log when the service opens.
 
 Exactly-once effects: every decision has an id derived from the event that caused it
 (uuid5 of the completion, the alert, pipeline + dataset event + sweep point, or rollout +
@@ -55,7 +56,7 @@ from mlbus.schemas.codec import wrap
 from mlbus.schemas.datasets import DatasetValidated
 from mlbus.schemas.envelope import Event
 from mlbus.schemas.models import DeploymentUpdated, ModelPromoted, ModelRejected
-from mlbus.schemas.search import SearchRequested
+from mlbus.schemas.search import SearchCompleted, SearchRequested
 from mlbus.schemas.serving import ServingAccuracy, ServingAlert, ServingMetrics
 from mlbus.schemas.traffic import ModelTraffic, TrafficCriteria
 from mlbus.schemas.training import (
@@ -171,6 +172,7 @@ class WorkflowService:
             "dataset.validated": self._on_validated,
             "training.requested": self._on_state,
             "search.requested": self._on_state,
+            "search.completed": self._on_search_completed,
             "training.completed": self._on_outcome,
             "training.failed": self._on_outcome,
             "model.promoted": self._on_state,
@@ -279,6 +281,16 @@ class WorkflowService:
                 traffic.candidate,
                 update.replica,
             )
+
+    def _on_search_completed(self, event: Event[SearchCompleted], record: Record) -> None:
+        """A search's end says how many trials it requested: its sweep is decided once they
+        all have outcomes (now, or at the last one's outcome)."""
+        with self._lock:
+            self.state.apply(event, (record.partition, record.offset))
+            sweep = self.state.sweeps.get(event.data.search_id)
+            if sweep is not None and sweep.finished and sweep.requests:
+                first = min(sweep.requests.values(), key=lambda e: e.data.sweep.index)
+                self._decide_sweep(sweep, first.data)
 
     def _on_alert(self, event: Event[ServingAlert], record: Record) -> None:
         """Rollback on a firing alert for the champion; id derived from the alert's."""
@@ -417,6 +429,7 @@ class WorkflowService:
                 model=spec.model,
                 dataset=DatasetRef(name=data.name, version=data.version),
                 family=spec.family,
+                family_origin=spec.family_origin,
                 space=plan.space,
                 hyperparameters=spec.hyperparameters,
                 sampler=plan.sampler,

@@ -34,7 +34,8 @@ _NAMESPACE = uuid.UUID("3c9a1f52-8f0e-4b0a-b7b5-2f6f4f1f9c21")
 #: Topics the state is built from, in the order a rebuild applies them.
 TOPICS = (
     "pipeline.defined", "dataset.validated", "training.requested", "search.requested",
-    "training.completed", "training.failed", "model.promoted", "model.rejected", "model.traffic",
+    "search.completed", "training.completed", "training.failed", "model.promoted",
+    "model.rejected", "model.traffic",
 )  # fmt: skip
 #: The workflow's own actor name in decisions (manual ones carry the user's).
 ACTOR = "mlbus/workflow"
@@ -238,6 +239,11 @@ class State:
                 before = self.last_trigger.get(data.pipeline)
                 if before is None or trigger[0] > before:
                     self.last_trigger[data.pipeline] = trigger[0]
+        elif event.type == "search.completed":
+            # A search's sweep is as large as the trials it requested: fewer than its budget
+            # when the wall clock ended it.
+            sweep = self.sweeps.setdefault(data.search_id, Sweep(data.trials))
+            sweep.size = data.trials
         elif event.type in ("training.completed", "training.failed"):
             self._outcome(event, data)
         elif event.type == "model.rejected":

@@ -13,6 +13,7 @@ set -eu
 "$KAFKA_TOPICS" --bootstrap-server "$BOOTSTRAP" --create --if-not-exists --topic training.failed --partitions 6 --replication-factor 3 --config retention.ms=-1 --config cleanup.policy=delete --config min.insync.replicas=2
 "$KAFKA_TOPICS" --bootstrap-server "$BOOTSTRAP" --create --if-not-exists --topic search.requested --partitions 3 --replication-factor 3 --config retention.ms=-1 --config cleanup.policy=delete --config min.insync.replicas=2
 "$KAFKA_TOPICS" --bootstrap-server "$BOOTSTRAP" --create --if-not-exists --topic search.pruned --partitions 6 --replication-factor 3 --config retention.ms=-1 --config cleanup.policy=delete --config min.insync.replicas=2
+"$KAFKA_TOPICS" --bootstrap-server "$BOOTSTRAP" --create --if-not-exists --topic search.completed --partitions 3 --replication-factor 3 --config retention.ms=-1 --config cleanup.policy=delete --config min.insync.replicas=2
 "$KAFKA_TOPICS" --bootstrap-server "$BOOTSTRAP" --create --if-not-exists --topic pipeline.defined --partitions 1 --replication-factor 3 --config retention.ms=-1 --config cleanup.policy=delete --config min.insync.replicas=2
 "$KAFKA_TOPICS" --bootstrap-server "$BOOTSTRAP" --create --if-not-exists --topic model.promoted --partitions 3 --replication-factor 3 --config retention.ms=-1 --config cleanup.policy=delete --config min.insync.replicas=2
 "$KAFKA_TOPICS" --bootstrap-server "$BOOTSTRAP" --create --if-not-exists --topic model.rejected --partitions 3 --replication-factor 3 --config retention.ms=-1 --config cleanup.policy=delete --config min.insync.replicas=2

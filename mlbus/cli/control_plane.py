@@ -301,10 +301,13 @@ def _lazy_lineage_store(cfg: Settings) -> Any:
 
 
 def create_app(cfg: Settings) -> FastAPI:
+    from mlbus.consumers.tuning.api import LazySearches
     from mlbus.datasets.api import create_router as datasets_router
     from mlbus.datasets.registry import DatasetRegistry
 
     producer = SharedProducer(KafkaConfig.from_settings(cfg), source=service("api").source)
+    # the searches on the log, kept current by one view (GET /searches/{id} and /ui)
+    searches = LazySearches(lambda: KafkaConfig.from_settings(cfg))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -312,6 +315,7 @@ def create_app(cfg: Settings) -> FastAPI:
             yield
         finally:
             await run_in_threadpool(producer.close)
+            await run_in_threadpool(searches.close)
             for opened in registries:
                 await run_in_threadpool(opened.close)
 
@@ -385,11 +389,11 @@ def create_app(cfg: Settings) -> FastAPI:
     api.include_router(datasets_router(registry, cfg.limits))
     api.include_router(training_router(producer, registry))
     api.include_router(workflow_router(kafka, cfg.limits, cfg.workflow))
-    api.include_router(tuning_router(kafka))
+    api.include_router(tuning_router(searches))
     api.include_router(lineage_router(lineage_store, kafka))
     api.include_router(models_router(lineage_store))
     api.include_router(runs_router(lineage_store))
-    api.include_router(ui_router(lineage_store))
+    api.include_router(ui_router(lineage_store, searches))
 
     install_error_handlers(api)
 

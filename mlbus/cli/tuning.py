@@ -96,12 +96,15 @@ def tune(
         pipeline=pipeline,
         requested_by="cli",
     )
-    check_search(request)  # before anything is looked up or published
+    origin = check_search(request)  # before anything is looked up or published
     ref = parse(dataset, what="--dataset NAME", need_version=True)
     kafka = kafka_config()
     found = DatasetRegistry(ObjectStore.from_settings(settings()), kafka).get(str(ref)).data
     request = request.model_copy(
-        update={"dataset": DatasetRef(name=found.name, version=found.version)}
+        update={
+            "dataset": DatasetRef(name=found.name, version=found.version),
+            "family_origin": origin,
+        }
     )
     with DurableProducer(kafka, source="mlbus/cli") as producer:
         # The search's id is its event's: every trial's correlation id.
@@ -132,8 +135,7 @@ def follow(search_id: str, *, live: bool = True, poll: float = 0.5) -> dict[str,
         if screen is not None:
             screen.start()
         while True:
-            for item in sorted(view.poll(poll), key=lambda i: i.event.type != "search.requested"):
-                book.apply(item.event)
+            book.fold(item.event for item in view.poll(poll))
             summary = book.summary(search_id, datetime.now(UTC))
             if summary is not None and screen is not None:
                 screen.update(_table(summary))
@@ -155,6 +157,8 @@ def _table(s: dict[str, Any]) -> Table:
     )
     if best is not None:
         title += f" · best {s['objective']['metric']} {best['value']:.4f} (trial {best['trial']})"
+    if s.get("ended") == "timeout":
+        title += " · ended by its wall-clock budget"
     table = Table(
         "trial", "hyperparameters", "epochs", s["objective"]["metric"], "state", title=title
     )

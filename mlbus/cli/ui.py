@@ -3,7 +3,8 @@ version (loaded by a replica; a champion that is not is named beside it), the mo
 events of the log, and a model's lineage graph as a picture (SVG drawn on the server: no
 JavaScript, nothing fetched from the internet); the experiment and model pages are in
 ui_runs.py. Everything on them is a query of the lineage store (the projector has already
-read and checked the log): a page view does not re-read the log."""
+read and checked the log): a page view does not re-read the log (searches come from the
+tuning state the control plane keeps current, reading only what is new)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ nav a{margin-right:1rem}.filters{margin:1rem 0}.filters label{margin-right:.8rem
 .compare td.best{background:#dcfce7;color:#166534;font-weight:bold}
 .swatch{display:inline-block;width:.8rem;height:.8rem;margin-right:.3rem;border-radius:2px}
 .status-completed{color:#166534}.status-failed{color:#b91c1c}.status-running{color:#92400e}
+.status-pruned{color:#9a3412}.search-head th{background:#eef2ff;font-weight:normal}
 .decision-promoted{color:#166534}.decision-rejected{color:#92400e}pre{font-size:.8rem}
 .graph{overflow-x:auto}
 """
@@ -96,7 +98,11 @@ def _event_row(e: RecentEvent) -> str:
     )
 
 
-def create_router(lineage: Callable[[], Any]) -> APIRouter:
+def create_router(
+    lineage: Callable[[], Any], searches: Callable[[], Any] | None = None
+) -> APIRouter:
+    """The pages; `searches` (a `consumers.tuning.api.Searches` provider) adds the searches
+    to the runs page and their own pages."""
     router = APIRouter(tags=["ui"], include_in_schema=False)
 
     @router.get("/ui", response_class=HTMLResponse)
@@ -131,7 +137,7 @@ def create_router(lineage: Callable[[], Any]) -> APIRouter:
 
     from mlbus.cli.ui_runs import create_router as runs_pages
 
-    router.include_router(runs_pages(lineage))
+    router.include_router(runs_pages(lineage, searches))
     return router
 
 

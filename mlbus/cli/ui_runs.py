@@ -1,8 +1,12 @@
 """The experiment pages of `/ui`: runs (filtered by model and status, sorted by a metric,
-selected for comparison), one run, runs compared (hyperparameters and metrics side by side,
-learning curves overlaid), and a model (its versions, the decisions on them with policy and
-evidence, links to runs and lineage). Queries of the lineage store, drawn on the server:
-plain HTML forms and SVG, no JavaScript, nothing fetched from the internet."""
+selected for comparison; a search's trials grouped under their search, with its objective
+plotted by trial), one run, runs compared (hyperparameters and metrics side by side,
+learning curves overlaid), a search (its trials, the objective by trial, the epoch each
+pruned one stopped after), and a model (its versions, the decisions on them with policy and
+evidence, links to runs and lineage). Runs and models are queries of the lineage store;
+searches come from the tuning state the control plane keeps from the log (`Searches`,
+caught up per page view). Drawn on the server: plain HTML forms and SVG, no JavaScript,
+nothing fetched from the internet."""
 
 from __future__ import annotations
 
@@ -16,12 +20,14 @@ from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
-from mlbus.cli.charts import Series, color, line_chart
+from mlbus.cli.charts import Series, TrialPoint, color, line_chart, trial_chart
 from mlbus.cli.ui import page
+from mlbus.errors import MlbusError
 
 if TYPE_CHECKING:
     from mlbus.consumers.lineage.entities import Decision, ModelSummary
     from mlbus.consumers.lineage.runs import Comparison, RunDetail, RunSummary
+    from mlbus.consumers.tuning.api import Searches
 
 STATUSES = ("requested", "running", "completed", "failed")
 
@@ -60,12 +66,58 @@ def _options(values: Sequence[str], chosen: str | None, empty: str) -> str:
     return "".join(out)
 
 
+def search_link(search_id: str) -> str:
+    return f"<a href='/ui/searches/{_q(search_id)}'><code>{escape(search_id[:12])}</code></a>"
+
+
+def _last_value(trial: dict[str, Any]) -> float | None:
+    """A completed trial's objective; otherwise its newest epoch's (None: none reported)."""
+    if trial["value"] is not None:
+        return float(trial["value"])
+    epochs = trial["intermediate"]
+    return float(epochs[max(epochs, key=int)]) if epochs else None
+
+
+def search_chart(s: dict[str, Any]) -> str:
+    """The objective by trial number of one search (its summary, as GET /searches/{id})."""
+    objective = s["objective"]
+    points = [TrialPoint(t["number"], t["state"], _last_value(t), t["run_id"]) for t in s["trials"]]
+    return trial_chart(
+        f"{objective['metric']} by trial ({objective['direction']})",
+        points,
+        maximize=objective["direction"] == "max",
+    )
+
+
+def _search_line(s: dict[str, Any]) -> str:
+    c, best = s["counts"], s["best"]
+    shown = f"best {_num(best['value'])} (trial {best['trial']})" if best else "no completed trial"
+    state = "finished" if s["finished"] else "running"
+    return (
+        f"{search_link(s['search_id'])} · {model_link(s['model'])} · {escape(s['sampler'])} + "
+        f"{escape(s['pruner'])} · {c['requested']}/{s['budget']['trials']} trials: "
+        f"{c['completed']} completed, {c['pruned']} pruned, {c['failed']} failed, "
+        f"{c['running']} running · {shown} · {state}"
+    )
+
+
+def _trial_state(trial: dict[str, Any]) -> str:
+    if trial["state"] == "pruned":
+        return (
+            f"<span class='status-pruned'>pruned</span> <span class='muted'>after epoch "
+            f"{_num(trial['epochs'] or trial['pruned_at_epoch'])}</span>"
+        )
+    return _status(trial["state"])
+
+
 def runs_page(
     runs: list[RunSummary],
     every: list[RunSummary],
     model: str | None,
     status: str | None,
     sort: str | None,
+    searches: Sequence[dict[str, Any]] = (),
+    unavailable: str | None = None,
 ) -> str:
     models = sorted({r.model for r in every})
     metrics = sorted({m for r in every for m in r.metrics})
@@ -77,28 +129,122 @@ def runs_page(
         f"<label>sort by <select name='sort'>{_options(metrics, sort, 'newest first')}</select>"
         "</label> <button type='submit'>apply</button></form>"
     )
-    rows = []
+    trials = {t["run_id"]: (s, t) for s in searches for t in s["trials"]}
+    # A search's trials stay together, under a row naming the search, where its first
+    # listed trial is; other runs keep their place.
+    groups: dict[str, list[str]] = {}
+    order: list[tuple[str, str]] = []  # ("run", its row) or ("search", its id)
     for r in runs:
+        found = trials.get(r.run_id)
         model_cell = model_link(r.model)
         if r.version:
             model_cell += f" <span class='muted'>@{escape(r.version[:10])}</span>"
-        rows.append(
+        run_cell, status_cell = run_link(r.run_id), _status(r.status)
+        if found is not None:
+            run_cell += f" <span class='muted'>trial {found[1]['number']}</span>"
+            status_cell = _trial_state(found[1])
+        row = (
             f"<tr><td><input type='checkbox' name='ids' value='{escape(r.run_id)}' "
-            f"aria-label='select {escape(r.run_id)}'></td><td>{run_link(r.run_id)}</td>"
-            f"<td>{model_cell}</td><td>{_status(r.status)}</td><td>{escape(r.family or '-')}</td>"
+            f"aria-label='select {escape(r.run_id)}'></td><td>{run_cell}</td>"
+            f"<td>{model_cell}</td><td>{status_cell}</td><td>{escape(r.family or '-')}</td>"
             f"<td>{_params(r.hyperparameters)}</td>"
             f"<td>{_num(r.epochs)}/{_num(r.max_epochs)}</td>"
             f"<td>{_num(r.metrics.get(shown)) if shown else ''}</td>"
             f"<td class='muted'>{escape((r.requested_at or '')[:19])}</td></tr>"
         )
+        if found is None:
+            order.append(("run", row))
+            continue
+        sid = found[0]["search_id"]
+        if sid not in groups:
+            groups[sid] = []
+            order.append(("search", sid))
+        groups[sid].append(row)
+    by_id = {s["search_id"]: s for s in searches}
+    body, plain = [], []
+    for kind, item in order:
+        if kind == "run":
+            plain.append(item)
+            continue
+        if plain:
+            body.append(f"<tbody>{''.join(plain)}</tbody>")
+            plain = []
+        body.append(
+            f"<tbody class='search' data-search='{escape(item)}'><tr class='search-head'>"
+            f"<th colspan='9'>search {_search_line(by_id[item])}</th></tr>"
+            f"{''.join(groups[item])}</tbody>"
+        )
+    if plain:
+        body.append(f"<tbody>{''.join(plain)}</tbody>")
     table = (
-        "<form method='get' action='/ui/runs/compare'><table class='runs'><tr><th></th>"
+        "<form method='get' action='/ui/runs/compare'><table class='runs'><thead><tr><th></th>"
         "<th>run</th><th>model</th><th>status</th><th>family</th><th>hyperparameters</th>"
-        f"<th>epochs</th><th>{escape(shown or '')}</th><th>requested</th></tr>"
-        + ("".join(rows) or "<tr><td colspan='9'>no runs</td></tr>")
+        f"<th>epochs</th><th>{escape(shown or '')}</th><th>requested</th></tr></thead>"
+        + ("".join(body) or "<tbody><tr><td colspan='9'>no runs</td></tr></tbody>")
         + "</table><p><button type='submit'>compare selected</button></p></form>"
     )
-    return f"<h1>Runs</h1>{filters}{table}"
+    listed = [by_id[sid] for sid in groups]
+    section = ""
+    if listed:
+        charts = "".join(
+            f"<div class='search-chart' data-search='{escape(s['search_id'])}'>"
+            f"<p>{_search_line(s)}</p>{search_chart(s)}</div>"
+            for s in listed
+        )
+        section = f"<h2>Searches</h2><div class='charts'>{charts}</div><h2>Runs</h2>"
+    note = f"<p class='muted'>searches not shown: {escape(unavailable)}</p>" if unavailable else ""
+    return f"<h1>Runs</h1>{filters}{note}{section}{table}"
+
+
+def search_page(s: dict[str, Any]) -> str:
+    objective, budget, best = s["objective"], s["budget"], s["best"]
+    dataset = f"{s['dataset'].get('name')}@{s['dataset'].get('version')}"
+    timeout = budget["timeout_seconds"]
+    facts = _facts(
+        [
+            ("model", model_link(s["model"])),
+            ("dataset", escape(dataset)),
+            ("family", escape(s["family"])),
+            ("sampler", escape(s["sampler"])),
+            ("pruner", escape(s["pruner"])),
+            ("objective", escape(f"{objective['metric']} ({objective['direction']})")),
+            (
+                "budget",
+                escape(
+                    f"{budget['trials']} trials, {budget['parallel']} at once"
+                    + (f", {timeout:g} s" if timeout else "")
+                ),
+            ),
+            ("pipeline", escape(s["pipeline"] or "")),
+            ("requested at", escape(s["requested_at"][:19])),
+            ("state", "finished" if s["finished"] else "running"),
+            (
+                "best",
+                f"{_num(best['value'])}: trial {best['trial']} ({run_link(best['run_id'])}) "
+                f"{_params(best['params'])}"
+                if best
+                else None,
+            ),
+        ]
+    )
+    rows = "".join(
+        f"<tr data-trial='{t['number']}'><td>{t['number']}</td><td>{run_link(t['run_id'])}</td>"
+        f"<td>{_trial_state(t)}</td><td>{_params(t['params'])}</td>"
+        f"<td>{_num(_last_value(t))}</td><td>{_num(t['epochs'] or len(t['intermediate']))}</td>"
+        "</tr>"
+        for t in s["trials"]
+    )
+    table = (
+        "<table class='trials'><tr><th>trial</th><th>run</th><th>state</th>"
+        f"<th>hyperparameters</th><th>{escape(objective['metric'])}</th><th>epochs</th></tr>"
+        + (rows or "<tr><td colspan='6'>no trial requested yet</td></tr>")
+        + "</table>"
+    )
+    return (
+        f"<h1>Search <code>{escape(s['search_id'])}</code></h1>{facts}"
+        f"<h2>Objective by trial</h2><div class='charts'>{search_chart(s)}</div>"
+        f"<h2>Trials</h2>{table}"
+    )
 
 
 def _facts(pairs: Sequence[tuple[str, str | None]]) -> str:
@@ -308,8 +454,18 @@ def model_page(
     )
 
 
-def create_router(lineage: Callable[[], Any]) -> APIRouter:
+def create_router(
+    lineage: Callable[[], Any], searches: Callable[[], Searches] | None = None
+) -> APIRouter:
     router = APIRouter(tags=["ui"], include_in_schema=False)
+
+    def searches_of(model: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        if searches is None:
+            return [], None
+        try:
+            return searches().summaries(model), None
+        except MlbusError as e:  # the log unreachable: the runs are shown without them
+            return [], str(e)
 
     @router.get("/ui/runs", response_class=HTMLResponse)
     async def runs(
@@ -322,7 +478,18 @@ def create_router(lineage: Callable[[], Any]) -> APIRouter:
         every, found = await run_in_threadpool(
             lambda: (q.list(), q.list(model or None, chosen, sort=sort or None))
         )
-        return page("runs", runs_page(found, every, model or None, chosen, sort or None))
+        listed, unavailable = await run_in_threadpool(lambda: searches_of(model or None))
+        body = runs_page(found, every, model or None, chosen, sort or None, listed, unavailable)
+        return page("runs", body)
+
+    @router.get("/ui/searches/{search_id}", response_class=HTMLResponse)
+    async def search(search_id: str) -> HTMLResponse:
+        from mlbus.consumers.tuning.api import UnknownSearch
+
+        if searches is None:
+            raise UnknownSearch(f"no search {search_id!r}: searches are not read here")
+        found = await run_in_threadpool(lambda: searches().summary(search_id))
+        return page(f"search {search_id[:12]}", search_page(found))
 
     # Declared before `/ui/runs/{run_id}`, which would otherwise take "compare" for an id.
     @router.get("/ui/runs/compare", response_class=HTMLResponse)

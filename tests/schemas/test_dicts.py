@@ -15,7 +15,7 @@ from mlbus.errors import InvalidEvent
 from mlbus.schemas import dicts
 from mlbus.schemas.catalog import TOPICS
 from mlbus.schemas.codec import decode, decode_dict, dict_decoder, encode_new
-from mlbus.schemas.search import SearchRequested, TrialPruned
+from mlbus.schemas.search import SearchCompleted, SearchRequested, TrialPruned
 from mlbus.schemas.serving import InferenceFeedback, ServingAccuracy
 from mlbus.schemas.traffic import ModelTraffic
 from tests.consumers.lineage.generator import GenRecord, generate_log
@@ -96,7 +96,8 @@ def feedback_records() -> list[GenRecord]:
 
 
 def search_records() -> list[GenRecord]:
-    """A search and a prune decision (the generated log has runs, not searches)."""
+    """A search, a prune decision and the search's end (the generated log has runs, not
+    searches)."""
     search = SearchRequested.model_validate(
         {
             "search_id": "s1",
@@ -115,8 +116,12 @@ def search_records() -> list[GenRecord]:
     pruned = TrialPruned(
         search_id="s1", trial=1, model="m", run_id="r", request_id="q", epoch=2, pruner="median"
     )
+    ended = SearchCompleted(
+        search_id="s1", model="m", reason="timeout", trials=3, budget=4, completed=2,
+        pruned=1, best_trial=0, best_run_id="r0", best_value=0.9,
+    )  # fmt: skip
     out = []
-    for payload in (search, pruned):
+    for payload in (search, pruned, ended):
         ref, value = encode_new(payload, source="tests")
         out.append(GenRecord(ref.type, ref.key.encode() if ref.key else None, value))
     return out

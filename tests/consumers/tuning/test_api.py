@@ -8,7 +8,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from mlbus.consumers.tuning.api import create_router
+from mlbus.consumers.tuning.api import Searches, create_router
 from mlbus.http import install_error_handlers
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.producer import EventProducer
@@ -88,7 +88,8 @@ def test_a_search_is_read_from_the_log(kafka: KafkaConfig) -> None:
 
     app = FastAPI()
     install_error_handlers(app)
-    app.include_router(create_router(lambda: kafka))
+    searches = Searches(kafka)
+    app.include_router(create_router(lambda: searches))
     client = TestClient(app)
     answer = client.get("/searches/s-1")
     assert answer.status_code == 200, answer.text
@@ -104,3 +105,4 @@ def test_a_search_is_read_from_the_log(kafka: KafkaConfig) -> None:
 
     missing = client.get("/searches/nope")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "UnknownSearch"
+    searches.close()

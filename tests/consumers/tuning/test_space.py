@@ -162,3 +162,38 @@ def test_the_rebuilt_study_asks_the_same_trial_and_prunes_a_laggard() -> None:
     assert summary["counts"] == {
         "requested": 4, "running": 1, "completed": 3, "pruned": 0, "failed": 0,
     }  # fmt: skip
+
+
+class _Kept:
+    """The tuning service's producer in a unit test: what it publishes is kept."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, event: object) -> None:
+        self.sent.append(event)
+
+    def flush(self, timeout: float | None = None) -> int:
+        return 0
+
+
+def test_a_search_of_a_plugin_family_records_its_origin_and_each_trial_carries_it() -> None:
+    from mlbus.consumers.tuning.service import TuningService
+    from mlbus.families import resolve
+    from mlbus.kafka.config import KafkaConfig
+
+    s = search("width: {type: int, low: 4, high: 8}", family="resnet", trials=2, parallel=2)
+    origin = check_search(s)
+    assert origin is not None and origin == resolve("resnet").origin
+    assert origin.distribution == "mlbus-resnet-family"
+    assert check_search(search()) is None  # a built-in family has no origin
+
+    service = TuningService(KafkaConfig(bootstrap="127.0.0.1:9"))
+    kept = _Kept()
+    service._producer = kept  # type: ignore[assignment]  # decisions only, no broker
+    recorded = s.model_copy(update={"family_origin": origin})
+    service.book.apply(wrap(recorded, source="t", event_id=s.search_id))
+    service.step()
+    requests = [e.data for e in kept.sent]
+    assert len(requests) == 2
+    assert all(isinstance(r, TrainingRequested) and r.family_origin == origin for r in requests)
