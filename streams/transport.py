@@ -31,10 +31,15 @@ partitions that had nothing (at their end, or without records at all), and waits
 waiting fetch only when its wait is over (docs/broker.md), and on Kafka too when those
 partitions get nothing. Every partition with records to read then stays unfetched until
 that wait ends, although the app is done with its records long before: in a catching-up
-run most of the app's wall time was that wait (docs/streams.md, "Fetching"). So a fetch
-sent while fetched records are still waiting to be handed out waits at most
-`BUSY_FETCH_WAIT_MS`; with nothing waiting, the configured wait stands (what idle polling
-costs the broker is unchanged).
+run the app waited so for about half of its wall time (docs/streams.md, "Fetching"). So:
+
+- a fetch sent while fetched records are still waiting to be handed out waits at most
+  `BUSY_FETCH_WAIT_MS`; with nothing waiting, the configured wait stands (what idle polling
+  costs the broker is unchanged);
+- records waiting to be handed out hold back a fetch of their broker's other partitions for
+  up to `PREFETCH_BACKOFF_S` (aiokafka: 0.1 s): the app takes a fetch whole, so the next
+  fetch, of every partition, goes out as soon as it has, and is answered while the app
+  works; in between the consumer's thread does not wake (each wake-up takes the GIL).
 
 Group membership, assignment, table recovery and standby logic, the producer, timers and
 the web server stay faust's. This subclasses faust internals and is tied to the
@@ -59,6 +64,9 @@ from mode import Service, ServiceT
 #: handed out to the app: the embedded profile's wait (mlbus/kafka/config.py), what the
 #: kernel's consumers wait there.
 BUSY_FETCH_WAIT_MS = 10
+#: How long (s) records fetched and not yet handed out keep aiokafka from fetching the other
+#: partitions of their broker (aiokafka: 0.1 s).
+PREFETCH_BACKOFF_S = 0.5
 
 
 class _Fetcher(AIOKafkaFetcher):
@@ -89,6 +97,7 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # partition is assigned, so it takes the subclass's rule from the first fetch.
         if type(fetcher) is AIOKafkaFetcher:
             fetcher.__class__ = _Fetcher
+            fetcher._prefetch_backoff = PREFETCH_BACKOFF_S
 
 
 class _Rest:
