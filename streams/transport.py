@@ -95,7 +95,7 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         fetcher = getattr(self._consumer, "_fetcher", None)
         # The fetcher is made by aiokafka's start(); its loop only sends fetches once a
         # partition is assigned, so it takes the subclass's rule from the first fetch.
-        if type(fetcher) is AIOKafkaFetcher:
+        if fetcher is not None and type(fetcher) is AIOKafkaFetcher:
             fetcher.__class__ = _Fetcher
             fetcher._prefetch_backoff = PREFETCH_BACKOFF_S
 
