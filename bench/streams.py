@@ -65,12 +65,13 @@ from confluent_kafka import Producer
 from bench.common import Figure, Figures, publish_summary, render_table
 from mlbus.broker import EmbeddedBroker
 from mlbus.kafka.admin import apply_topics
-from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.config import EMBEDDED_FETCH_WAIT_MS, KafkaConfig
 from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.codec import STRUCTURED_HEADERS, decode_dict, encode_new, wrap
 from mlbus.schemas.datasets import ColumnSchema, ColumnStats, DatasetCreated, Histogram
 from mlbus.schemas.models import ModelPromoted
 from mlbus.schemas.serving import InferenceLogged
+from mlbus.services import service
 from mlbus.settings import StreamsSettings
 from mlbus.streams import sketch
 from mlbus.streams.drift import Baselines
@@ -267,7 +268,16 @@ def faust_rate(
             os.kill(os.getpid(), signal.SIGTERM)  # the worker's own graceful stop
 
     processor.handle = timed  # type: ignore[method-assign]  # the bench times the app from inside
-    sa.run()
+    # The app's own librdkafka readers (the baselines, the feedback join) poll the embedded
+    # broker at the streams service's pace, as under `mlbus run streams` (mlbus/cli/services.py
+    # `polling`), not at this process's 10 ms: each poll costs the broker, on this machine.
+    wait = EMBEDDED_FETCH_WAIT_MS[0]
+    if service("streams").fetch_wait_ms is not None:
+        EMBEDDED_FETCH_WAIT_MS[0] = service("streams").fetch_wait_ms
+    try:
+        sa.run()
+    finally:
+        EMBEDDED_FETCH_WAIT_MS[0] = wait
     if "last" not in marks:
         raise SystemExit("the faust app stopped before processing every record")
     rate = (n - marks["first_n"]) / (marks["last"] - marks["first"])
