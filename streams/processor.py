@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 EVENT_TYPE = "inference.logged"
 NAME = "streams"
+#: Records applied between two turns of the event loop (see `StreamProcessor.handle`).
+CHUNK = 5000
 
 
 class StateTable(Protocol):
@@ -189,6 +191,7 @@ class StreamProcessor:
         self._verified: set[int] = set()  # partitions whose log was checked since assigned
         self.new_logs = 0  # partitions found on a new log and restarted
         self._pending = False
+        self._revocations = 0  # revocations seen: a batch being applied stops at one
         self.processed = 0
         self.deadlettered = 0
         self._decode = dict_decoder(EVENT_TYPE, kafka.max_event_bytes)
@@ -259,8 +262,24 @@ class StreamProcessor:
         return False
 
     async def handle(self, messages: Sequence[RawMessage]) -> None:
+        """Apply `messages` (one fetch, in offset order per partition), then make the effects
+        durable once: outputs, then the changelog; the caller commits the offsets after.
+
+        A catching-up fetch holds tens of thousands of records: they are applied CHUNK at a
+        time, with the event loop let run between chunks (faust's timers, the idle tick, the
+        exporter's callbacks), so that none of them waits for the whole fetch. If partitions
+        are revoked meanwhile, the rest is not applied: the revoked partitions' state is
+        forgotten (their new owner restores it from the changelog and reads again from the
+        committed offset, which this fetch does not move: faust stops the flow before it
+        revokes, and the transport commits only while the flow runs)."""
         async with self.lock:
-            self.apply(messages)
+            revocations = self._revocations
+            for start in range(0, len(messages), CHUNK):
+                if start:
+                    await asyncio.sleep(0)
+                    if self._revocations != revocations:
+                        break
+                self.apply(messages[start : start + CHUNK])
             await self.commit_effects()
 
     def apply(self, messages: Iterable[RawMessage]) -> None:
@@ -331,6 +350,7 @@ class StreamProcessor:
             await self.commit_effects()
 
     def revoked(self, partitions: Iterable[int]) -> None:
+        self._revocations += 1
         for partition in partitions:
             self.engine.forget(partition)
             self._restored.discard(partition)

@@ -23,6 +23,24 @@ What changes, in the fetch loop only:
   (a full stream buffer, flow control); only then is the rest of it raced against
   `suspend_flow` as faust does, so a rebalance still interrupts a blocked delivery.
 
+And in the fetcher (aiokafka's, in faust's consumer thread): aiokafka keeps one fetch in
+flight per broker and leaves out of it the partitions whose fetched records are not handed
+out yet. While the app works through a large fetch, the next fetch therefore names only the
+partitions that had nothing (at their end, or without records at all), and waits
+`fetch_max_wait_ms` for them: 1.5 s in faust, whole on the embedded broker, which answers a
+waiting fetch only when its wait is over (docs/broker.md), and on Kafka too when those
+partitions get nothing. Every partition with records to read then stays unfetched until
+that wait ends, although the app is done with its records long before: in a catching-up
+run the app waited so for about half of its wall time (docs/streams.md, "Fetching"). So:
+
+- a fetch sent while fetched records are still waiting to be handed out waits at most
+  `BUSY_FETCH_WAIT_MS`; with nothing waiting, the configured wait stands (what idle polling
+  costs the broker is unchanged);
+- records waiting to be handed out hold back a fetch of their broker's other partitions for
+  up to `PREFETCH_BACKOFF_S` (aiokafka: 0.1 s): the app takes a fetch whole, so the next
+  fetch, of every partition, goes out as soon as it has, and is answered while the app
+  works; in between the consumer's thread does not wake (each wake-up takes the GIL).
+
 Group membership, assignment, table recovery and standby logic, the producer, timers and
 the web server stay faust's. This subclasses faust internals and is tied to the
 faust-streaming version range in pyproject.toml; tests/streams cover delivery, a restart
@@ -36,10 +54,50 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, cast
 
 import faust
+from aiokafka.consumer.fetcher import Fetcher as AIOKafkaFetcher  # type: ignore[import-untyped]
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, TransportT
 from mode import Service, ServiceT
+
+#: How long a fetch waits (ms) when sent while records fetched before are still waiting to be
+#: handed out to the app: the embedded profile's wait (mlbus/kafka/config.py), what the
+#: kernel's consumers wait there.
+BUSY_FETCH_WAIT_MS = 10
+#: How long (s) records fetched and not yet handed out keep aiokafka from fetching the other
+#: partitions of their broker (aiokafka: 0.1 s).
+PREFETCH_BACKOFF_S = 0.5
+
+
+class _Fetcher(AIOKafkaFetcher):
+    """aiokafka's fetcher whose fetches wait at most BUSY_FETCH_WAIT_MS while fetched records
+    are waiting to be handed out (module docstring)."""
+
+    _fetch_max_wait_ms: int
+    _records: dict[Any, Any]
+
+    def _get_actions_per_node(self, assignment: Any) -> Any:  # pragma: no cover - aiokafka's
+        if not self._records:
+            return super()._get_actions_per_node(assignment)
+        wait = self._fetch_max_wait_ms
+        self._fetch_max_wait_ms = min(wait, BUSY_FETCH_WAIT_MS)
+        try:
+            return super()._get_actions_per_node(assignment)
+        finally:
+            self._fetch_max_wait_ms = wait
+
+
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """faust's thread of the aiokafka consumer, with the fetcher above."""
+
+    async def on_start(self) -> None:  # pragma: no cover - faust's
+        await super().on_start()
+        fetcher = getattr(self._consumer, "_fetcher", None)
+        # The fetcher is made by aiokafka's start(); its loop only sends fetches once a
+        # partition is assigned, so it takes the subclass's rule from the first fetch.
+        if fetcher is not None and type(fetcher) is AIOKafkaFetcher:
+            fetcher.__class__ = _Fetcher
+            fetcher._prefetch_backoff = PREFETCH_BACKOFF_S
 
 
 class _Rest:
@@ -81,7 +139,11 @@ BatchHandler = Callable[[dict[TP, list[Any]]], Awaitable[None]]
 class Consumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer; its fetch loop hands the records of the topics in
     `app.batch_handlers` over a whole fetch at a time, and every other record (table
-    changelogs during recovery, other agents' topics) one at a time as faust does."""
+    changelogs during recovery, other agents' topics) one at a time as faust does; its
+    fetcher does not hold back partitions with records behind a long fetch wait."""
+
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover - faust's
         handlers: dict[str, BatchHandler] = getattr(self.app, "batch_handlers", {})
