@@ -41,6 +41,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, TransportT
 from mode import Service, ServiceT
 
+from mlbus.streams.clients import ConsumerThread, Producer
+
 
 class _Rest:
     """The remainder of a coroutine that was stepped once by hand and suspended on
@@ -82,6 +84,10 @@ class Consumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer; its fetch loop hands the records of the topics in
     `app.batch_handlers` over a whole fetch at a time, and every other record (table
     changelogs during recovery, other agents' topics) one at a time as faust does."""
+
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        # Its client follows a replaced broker, and its stop finishes (streams/clients.py).
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover - faust's
         handlers: dict[str, BatchHandler] = getattr(self.app, "batch_handlers", {})
@@ -201,6 +207,7 @@ class Consumer(faust_aiokafka.Consumer):
 
 class Transport(faust_aiokafka.Transport):
     Consumer = Consumer
+    Producer = Producer
 
 
 class App(faust.App):
