@@ -11,7 +11,10 @@ recovery of KIP-899, which the Java client has and aiokafka has not). And aiokaf
 `Fetcher.close()` cancels its fetch tasks and awaits them unguarded: a fetch that failed and
 sleeps its retry backoff (any fetch while the broker is unreachable) raises `CancelledError`
 out of `AIOKafkaConsumer.stop()`, the client's connections stay open, and faust's consumer
-thread dies without telling the worker, whose shutdown then waits until it is killed.
+thread dies without telling the worker, whose shutdown then waits until it is killed. Once
+the consumer is back, the new broker does not know its member id: while it re-joins, its
+assignment is empty, and faust's commit of a batch read just before would be an empty commit,
+which aiokafka refuses with ValueError and faust takes for a crash of the consumer.
 
 Tied to aiokafka's client internals (`_metadata_update`, the connection settings it keeps) and
 faust's aiokafka driver; pyproject.toml bounds both versions.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import aiokafka
@@ -30,6 +34,7 @@ from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.metadata import MetadataRequest
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +149,23 @@ async def _finish_stop(consumer: aiokafka.AIOKafkaConsumer) -> None:
 
 
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """faust's aiokafka consumer thread on a RebootstrapClient, stopped by `stop_consumer`."""
+    """faust's aiokafka consumer thread on a RebootstrapClient, stopped by `stop_consumer`,
+    that commits nothing rather than crash when none of the offsets is assigned any more."""
 
     def _create_consumer(self, loop: asyncio.AbstractEventLoop) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_consumer(loop)
         rebootstrapping(consumer._client)
         return consumer
+
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        # faust drops the partitions no longer assigned and hands aiokafka the rest; none
+        # left (a re-join emptied the assignment, as after a broker's replacement) is an empty
+        # commit, which aiokafka refuses with ValueError and faust takes for a crash of the
+        # consumer. Nothing is committed, as faust does for a revoked partition: its new
+        # owner reads the records again.
+        if not any(tp in self.assignment() for tp in offsets):
+            return False
+        return bool(await super()._commit(offsets))
 
     async def on_thread_stop(self) -> None:
         # faust's: stop the method queue (its parent's on_thread_stop), then the consumer.
