@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml constraints.txt examples/mlbus-resnet-family/pyproject.
 # kcat (a plain Kafka client) is what the interop tests publish and read with; Debian's
 # chromium is what Playwright drives in the /ui browser tests (never `playwright install`,
 # which downloads a browser from a CDN); the AsyncAPI parser (npm, under MLBUS_NODE_TOOLS) is
-# what validates schemas/asyncapi.yaml; promtool (Prometheus's checker, at MLBUS_PROMTOOL)
-# checks every /metrics, the rules and the config. promtool comes out of Debian's prometheus
+# what validates schemas/asyncapi.yaml; kubectl's kustomize builds infra/k8s; promtool
+# (Prometheus's checker, at MLBUS_PROMTOOL) checks every /metrics, the rules and the config. promtool comes out of Debian's prometheus
 # package, unpacked rather than installed: the package would pull in a Prometheus server and
 # its web assets, and start it.
 export MLBUS_NODE_TOOLS ?= $(HOME)/.cache/mlbus/node
@@ -45,6 +45,8 @@ tools:
 	  || { mkdir -p $(MLBUS_NODE_TOOLS) && npm install -s --no-audit --no-fund \
 	       --prefix $(MLBUS_NODE_TOOLS) $(ASYNCAPI_PARSER); } \
 	  || { echo "cannot install $(ASYNCAPI_PARSER) from the npm registry into $(MLBUS_NODE_TOOLS)"; exit 1; }
+	@command -v kubectl >/dev/null || { apt-get update -qq && apt-get install -y -qq kubernetes-client >/dev/null; } \
+	  || { echo "kubectl is needed by the tests (its kustomize builds infra/k8s): install it (Debian/Ubuntu: apt-get install kubernetes-client)"; exit 1; }
 	@test -x $(MLBUS_PROMTOOL) || command -v promtool >/dev/null \
 	  || { dir=$$(mktemp -d) && cd $$dir && { apt-get download prometheus >/dev/null 2>&1 \
 	         || { apt-get update -qq && apt-get download prometheus >/dev/null; }; } \

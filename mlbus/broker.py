@@ -201,9 +201,10 @@ class Gate:
     (no cost on the data path). `mlbus up` closes it while it puts a new broker, on a new
     port nobody knows yet, in place: no client reaches the new broker before the journal is
     restored into it; then clients, refused by the dead one, bootstrap through the gate
-    again and follow the broker's node id to its new address (librdkafka and aiokafka both
-    do; docs/broker.md, "Broker loss"). Tansu's own Kafka proxy was measured and rejected:
-    with a dozen group consumers behind it, metadata requests through it time out."""
+    again and follow the broker's node id to its new address (librdkafka by itself, the
+    streams service's aiokafka through streams/clients.py; docs/broker.md, "Broker loss").
+    Tansu's own Kafka proxy was measured and rejected: with a dozen group consumers behind
+    it, metadata requests through it time out."""
 
     def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
         self.data_dir = Path(data_dir)

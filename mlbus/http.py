@@ -3,8 +3,9 @@
 bearer-token guard, and the body limit: a declared length checked before anything is read
 (`check_length`) and the bytes counted as they arrive (`counted`), which the model server's
 infer path and the control plane's `RequestGate` both use. A compressed body
-(`Content-Encoding: gzip` or `deflate`) is inflated by `decode_content` under the same
-limit, counted on the inflated bytes.
+(`Content-Encoding: gzip` or `deflate`) is inflated under the same limit, counted on the
+inflated bytes: whole by `decode_content` (the model server's infer path), as it arrives by
+`RequestGate` (the control plane, whose uploads are streamed), both with `Inflater`.
 `document_api` makes an app's OpenAPI document say what these answer: the app's error
 body on every error status, bearer security only where the token is enforced. Only API
 apps import this module: it is where the kernel needs FastAPI.
@@ -168,52 +169,115 @@ def counted(receive: Receive, limit: int) -> Receive:
     return receive_counted
 
 
+def decoded(receive: Receive, decoder: ContentDecoder) -> Receive:
+    """`receive` whose body chunks are `decoder`'s output: a body sent compressed reaches
+    the app inflated, as it arrives."""
+
+    async def receive_decoded() -> Message:
+        message = await receive()
+        if message["type"] == "http.request":
+            body = decoder.feed(message.get("body", b""))
+            if not message.get("more_body", False):
+                body += decoder.finish()
+            message = {**message, "body": body}
+        return message
+
+    return receive_decoded
+
+
 #: zlib's window bits for each content coding (RFC 9110): gzip, and "deflate", which is the
 #: zlib format (some clients send raw deflate: tried when the zlib header is missing).
 _CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-def decode_content(body: bytes, encoding: bytes | str | None, limit: int) -> bytes:
-    """`body` with its `Content-Encoding` undone; `PayloadTooLarge` as soon as the inflated
-    bytes exceed `limit` (a few kilobytes of gzip can inflate to gigabytes: zlib is never
-    asked for more than the limit), `UnsupportedEncoding` for a coding other than gzip,
-    deflate or identity, `UndecodableBody` for data that does not inflate."""
+class Inflater:
+    """One content coding undone as the body arrives (`feed` each chunk, then `finish`),
+    never holding more than `limit` inflated bytes: `PayloadTooLarge` as soon as they exceed
+    it (a few kilobytes of gzip can inflate to gigabytes: zlib is never asked for more than
+    the limit), `UndecodableBody` for data that does not inflate or stops short."""
+
+    def __init__(self, coding: str, limit: int) -> None:
+        self.coding, self.limit = coding, limit
+        self.size = 0  # inflated bytes so far
+        self._wbits = _CODINGS[coding]
+        self._zlib = zlib.decompressobj(self._wbits)
+        self._head = b""  # what was fed before any output: retried as raw deflate
+
+    def feed(self, data: bytes) -> bytes:
+        out = bytearray()
+        while data:
+            if self._zlib.eof:  # a gzip body may hold several members, one after the other
+                if self.coding == "deflate":
+                    raise UndecodableBody(f"{len(data)} bytes follow the end of the deflate data")
+                self._zlib = zlib.decompressobj(self._wbits)
+            try:
+                chunk = self._zlib.decompress(data, self.limit + 1 - self.size)
+            except zlib.error as e:
+                if self.coding == "deflate" and self._wbits > 0 and not self.size:
+                    self._wbits = -zlib.MAX_WBITS  # raw deflate, without the zlib header
+                    self._zlib = zlib.decompressobj(self._wbits)
+                    data, self._head = self._head + data, b""
+                    continue
+                raise UndecodableBody(f"the body is not valid {self.coding} data: {e}") from None
+            if not self.size and self._wbits > 0 and self.coding == "deflate":
+                self._head += data[: len(data) - len(self._zlib.unconsumed_tail)]
+            self.size += len(chunk)
+            if self.size > self.limit:
+                raise PayloadTooLarge(f"request body inflates to more than {self.limit} bytes")
+            out += chunk
+            # Output under the limit means every byte was taken: what is left, if anything,
+            # follows the end of a member.
+            data = self._zlib.unused_data if self._zlib.eof else b""
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        if not self._zlib.eof:
+            raise UndecodableBody(f"the {self.coding} body is truncated")
+        return b""
+
+
+class ContentDecoder:
+    """A body's `Content-Encoding` undone chunk by chunk: its codings' inflaters, last
+    applied first, each bounded by `limit`."""
+
+    def __init__(self, codings: list[str], limit: int) -> None:
+        self._inflaters = [Inflater(coding, limit) for coding in reversed(codings)]
+
+    def feed(self, data: bytes) -> bytes:
+        for inflater in self._inflaters:
+            data = inflater.feed(data)
+        return data
+
+    def finish(self) -> bytes:
+        data = b""
+        for inflater in self._inflaters:
+            data = inflater.feed(data) + inflater.finish()
+        return data
+
+
+def content_decoder(encoding: bytes | str | None, limit: int) -> ContentDecoder | None:
+    """The decoder of a body sent with this `Content-Encoding` header, None when there is
+    nothing to undo (no header, identity); `UnsupportedEncoding` for a coding other than
+    gzip, deflate or identity, before any of the body is read."""
     if not encoding:
-        return body
+        return None
     text = encoding.decode("latin-1") if isinstance(encoding, bytes) else encoding
     codings = [c.strip().lower() for c in text.split(",") if c.strip()]
-    for coding in reversed(codings):  # listed in the order they were applied
-        if coding == "identity":
-            continue
+    codings = [c for c in codings if c != "identity"]
+    for coding in codings:
         if coding not in _CODINGS:
             raise UnsupportedEncoding(
                 f"Content-Encoding {coding!r} is not supported: send gzip, deflate or identity"
             )
-        body = _inflate(body, coding, limit)
-    return body
+    return ContentDecoder(codings, limit) if codings else None
 
 
-def _inflate(data: bytes, coding: str, limit: int) -> bytes:
-    wbits = _CODINGS[coding]
-    out = bytearray()
-    while True:  # a gzip body may hold several members, one after the other
-        inflater = zlib.decompressobj(wbits)
-        try:
-            out += inflater.decompress(data, limit + 1 - len(out))
-        except zlib.error as e:
-            if coding == "deflate" and wbits > 0 and not out:
-                wbits = -zlib.MAX_WBITS  # raw deflate, without the zlib header
-                continue
-            raise UndecodableBody(f"the body is not valid {coding} data: {e}") from None
-        if len(out) > limit:
-            raise PayloadTooLarge(f"request body inflates to more than {limit} bytes")
-        if not inflater.eof:
-            raise UndecodableBody(f"the {coding} body is truncated")
-        data = inflater.unused_data
-        if not data or coding == "deflate":
-            if data:
-                raise UndecodableBody(f"{len(data)} bytes follow the end of the {coding} data")
-            return bytes(out)
+def decode_content(body: bytes, encoding: bytes | str | None, limit: int) -> bytes:
+    """`body` with its `Content-Encoding` undone, whole (`content_decoder`'s errors)."""
+    decoder = content_decoder(encoding, limit)
+    if decoder is None:
+        return body
+    return decoder.feed(body) + decoder.finish()
 
 
 # -- what an app's OpenAPI document says ----------------------------------------------------
@@ -307,7 +371,11 @@ class RequestGate:
     path or query is a 400. A body is refused with 413 when its declared length exceeds
     its limit, and otherwise as soon as the bytes received do; a `multipart/form-data`
     body (an upload, which the app streams to disk) has `max_upload_bytes`, any other
-    `max_body_bytes`. The refusal is `body(kind, message)`, as `install_error_handlers`."""
+    `max_body_bytes`. A body sent with `Content-Encoding: gzip` or `deflate` reaches the app
+    inflated, as it arrives (an upload stays streamed), its inflated size under the same
+    limit (413), data that does not inflate a 400 and another coding a 415, refused before
+    the body is read; the app sees neither the coding nor the compressed length. The
+    refusal is `body(kind, message)`, as `install_error_handlers`."""
 
     def __init__(
         self,
@@ -345,6 +413,15 @@ class RequestGate:
             raise InvalidPath("the request's path or query contains a NUL byte (%00)")
         check_length(header(scope, b"content-length"), self.limit(scope))
 
+    def decoder(self, scope: Scope) -> ContentDecoder | None:
+        """The body's decoder (`content_decoder`), and the scope's headers without what
+        describes the encoded body: the app reads the inflated one."""
+        decoder = content_decoder(header(scope, b"content-encoding"), self.limit(scope))
+        if decoder is not None:
+            encoded = (b"content-encoding", b"content-length")
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in encoded]
+        return decoder
+
     async def refuse(self, send: Send, error: MlbusError) -> None:
         content = orjson.dumps(self.body(type(error).__name__, str(error)))
         headers = [
@@ -360,16 +437,19 @@ class RequestGate:
             return await self.app(scope, receive, send)
         try:
             self.check(scope)
+            decoder = self.decoder(scope)
         except MlbusError as e:
             return await self.refuse(send, e)
-        exceeded: list[PayloadTooLarge] = []
+        exceeded: list[PayloadTooLarge | UndecodableBody] = []
         started = False
         limited = counted(receive, self.limit(scope))
+        if decoder is not None:
+            limited = decoded(limited, decoder)
 
         async def receive_limited() -> Message:
             try:
                 return await limited()
-            except PayloadTooLarge as e:
+            except (PayloadTooLarge, UndecodableBody) as e:
                 exceeded.append(e)
                 raise
 

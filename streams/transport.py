@@ -60,6 +60,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, TransportT
 from mode import Service, ServiceT
 
+from mlbus.streams.clients import ConsumerThread, Producer
+
 #: How long a fetch waits (ms) when sent while records fetched before are still waiting to be
 #: handed out to the app: the embedded profile's wait (mlbus/kafka/config.py), what the
 #: kernel's consumers wait there.
@@ -87,8 +89,9 @@ class _Fetcher(AIOKafkaFetcher):
             self._fetch_max_wait_ms = wait
 
 
-class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """faust's thread of the aiokafka consumer, with the fetcher above."""
+class _ConsumerThread(ConsumerThread):
+    """faust's thread of the aiokafka consumer: a client that follows a replaced broker and a
+    stop that finishes (streams/clients.py), with the fetcher above."""
 
     async def on_start(self) -> None:  # pragma: no cover - faust's
         await super().on_start()
@@ -263,6 +266,7 @@ class Consumer(faust_aiokafka.Consumer):
 
 class Transport(faust_aiokafka.Transport):
     Consumer = Consumer
+    Producer = Producer
 
 
 class App(faust.App):

@@ -3,7 +3,8 @@ components under one app, with one error body for every failure: {"error": {"typ
 "message": ...}} (mlbus/http.py, with the status each error's class carries), optional
 bearer-token auth on every mutating endpoint (`MLBUS_API_TOKEN`), and `/metrics`. The token,
 a NUL byte in the path and the body's size (`api.max_body_bytes`, `api.max_upload_bytes`)
-are checked by `RequestGate` before any body is read.
+are checked by `RequestGate` before any body is read; a gzip or deflate body
+(`Content-Encoding`) is inflated by it as it arrives, under the same limits.
 
 The OpenAPI document says what the app answers (`document_api`): the token only on the
 mutating operations and only when it is set, the error body and the gate's 400/413 where
@@ -86,13 +87,13 @@ _BACKED = ("/datasets", "/training", "/pipelines", "/models/", "/lineage", "/run
 def _answered_by_the_app(method: str, path: str, operation: dict[str, Any]) -> set[int]:
     """The statuses the app's middleware and handlers can answer an operation with, beside
     those the route declares: `RequestGate`'s 400 (a NUL byte in the path or query) where
-    there are parameters, its 413 where there is a body, 503 where the broker or a store is
-    used."""
+    there are parameters, its 413 where there is a body, and the 400 and 415 of a body whose
+    Content-Encoding it cannot undo, 503 where the broker or a store is used."""
     statuses = set()
     if operation.get("parameters"):
         statuses.add(400)
     if "requestBody" in operation:
-        statuses.add(413)
+        statuses |= {400, 413, 415}
     if path.startswith(_BACKED):
         statuses.add(503)
     return statuses

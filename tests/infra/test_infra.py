@@ -11,6 +11,7 @@ import base64
 import copy
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -330,6 +331,68 @@ def test_topics_are_strimzi_v1_kafka_topics():
         assert topic["kind"] == "KafkaTopic"
         assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "mlbus"
         assert {"topicName", "partitions", "replicas", "config"} <= set(topic["spec"])
+
+
+KUBECTL = shutil.which("kubectl")
+
+
+def _kustomize(directory: Path) -> subprocess.CompletedProcess[str]:
+    assert KUBECTL, "kubectl (with its kustomize) is missing: make tools"
+    return subprocess.run(
+        [KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_example_secrets_file_holds_no_value():
+    example = (K8S / "secrets.env.example").read_text()
+    lines = [line for line in example.splitlines() if line.strip()]
+    assert all(line.startswith("#") for line in lines), "secrets.env.example sets a value"
+    keys = re.findall(r"^# ([A-Z][A-Z0-9_]+)=", example, re.MULTILINE)
+    assert {"MLBUS_API_TOKEN", "AWS_SECRET_ACCESS_KEY", "MLBUS_METADATA_URL"} <= set(keys)
+    assert {"MLBUS_KAFKA__SASL_USERNAME", "MLBUS_KAFKA__SASL_PASSWORD"} <= set(keys)
+    assert "infra/k8s/secrets.env" in (INFRA.parent / ".gitignore").read_text().splitlines()
+
+
+def test_the_kustomization_makes_the_secret_every_pod_reads(tmp_path):
+    """`kubectl kustomize` (what `kubectl apply -k` applies) on a copy of infra/k8s with a
+    secrets.env made from the example: one Secret holding what secrets.env sets, named with
+    its content's hash, which every Deployment's envFrom names; the whole output (but
+    Strimzi's resources) passes kubernetes-validate --strict. Without secrets.env the build
+    fails naming it: a platform is never deployed without its Secret."""
+    k8s = tmp_path / "k8s"
+    shutil.copytree(K8S, k8s, ignore=shutil.ignore_patterns("secrets.env"))
+    missing = _kustomize(k8s)
+    assert missing.returncode != 0 and "secrets.env" in missing.stderr, missing.stderr
+
+    example = (K8S / "secrets.env.example").read_text()
+    (k8s / "secrets.env").write_text(
+        example.replace("# MLBUS_API_TOKEN=", "MLBUS_API_TOKEN=not-a-real-token")
+        .replace("# AWS_ACCESS_KEY_ID=", "AWS_ACCESS_KEY_ID=example")
+        .replace("# MLBUS_KAFKA__SASL_PASSWORD=", "MLBUS_KAFKA__SASL_PASSWORD=p@ss=word")
+    )
+    built = _kustomize(k8s)
+    assert built.returncode == 0, built.stderr
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d]
+    [secret] = [d for d in docs if d["kind"] == "Secret"]
+    name = secret["metadata"]["name"]
+    assert name.startswith("mlbus-secrets-") and secret["metadata"]["namespace"] == "mlbus"
+    assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == {
+        "MLBUS_API_TOKEN": "not-a-real-token",
+        "AWS_ACCESS_KEY_ID": "example",
+        "MLBUS_KAFKA__SASL_PASSWORD": "p@ss=word",
+    }
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    assert {d["metadata"]["name"] for d in deployments} == {f"mlbus-{n}" for n in SERVICES}
+    for deployment in deployments:
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        refs = [e["secretRef"] for e in container["envFrom"] if "secretRef" in e]
+        assert refs == [{"name": name}], deployment["metadata"]["name"]
+
+    core = [d for d in docs if not d["apiVersion"].startswith("kafka.strimzi.io")]
+    path = tmp_path / "built.yaml"
+    path.write_text(yaml.safe_dump_all(core))
+    done = _validate(path)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_every_pod_is_annotated_for_prometheus_with_its_metrics_port():

@@ -23,7 +23,13 @@ from mlbus.errors import (
     UndecodableBody,
     UnsupportedEncoding,
 )
-from mlbus.http import bearer_guard, decode_content, document_api, install_error_handlers
+from mlbus.http import (
+    bearer_guard,
+    content_decoder,
+    decode_content,
+    document_api,
+    install_error_handlers,
+)
 
 BASES: dict[type[MlbusError], int] = {
     NotFound: 404, Invalid: 400, Conflict: 409, Unauthorized: 401, TransientError: 503,
@@ -146,6 +152,37 @@ def test_gzip_and_deflate_bodies_are_inflated():
         (None, data),
     ]:
         assert decode_content(body, encoding, limit=len(data)) == data, encoding
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 4096])
+def test_a_body_fed_in_chunks_inflates_as_it_does_whole(size):
+    """The streamed decoder (RequestGate's) gives what `decode_content` gives, however the
+    body is cut: a zlib header split across chunks, members split across chunks."""
+    data = b'{"inputs": []}' * 300
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    for encoding, body in [
+        ("gzip", gzip.compress(data)),
+        ("deflate", zlib.compress(data)),
+        ("deflate", raw.compress(data) + raw.flush()),
+        ("gzip", gzip.compress(data[:70]) + gzip.compress(data[70:])),
+        ("deflate, gzip", gzip.compress(zlib.compress(data))),
+    ]:
+        decoder = content_decoder(encoding, limit=len(data))
+        assert decoder is not None
+        out = b"".join(decoder.feed(body[i : i + size]) for i in range(0, len(body), size))
+        assert out + decoder.finish() == data, (encoding, size)
+    assert content_decoder("identity", 10) is None and content_decoder(None, 10) is None
+    bomb = content_decoder("gzip", limit=1000)
+    assert bomb is not None
+    packed = gzip.compress(b"\0" * 1_000_000)
+    with pytest.raises(PayloadTooLarge, match="inflates to more than 1000 bytes"):
+        for i in range(0, len(packed), size):
+            bomb.feed(packed[i : i + size])
+    truncated = content_decoder("gzip", limit=1000)
+    assert truncated is not None
+    truncated.feed(gzip.compress(b"x" * 100)[:-12])
+    with pytest.raises(UndecodableBody, match="truncated"):
+        truncated.finish()
 
 
 def test_a_zip_bomb_is_refused_at_the_limit_without_inflating_it():

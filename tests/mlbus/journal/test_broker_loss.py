@@ -40,9 +40,9 @@ def free_port() -> int:
 
 
 class Platform:
-    """`mlbus up --only serve,validator,streams` on a data dir of its own."""
+    """`mlbus up --only serve,validator,streams` (or `only`) on a data dir of its own."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, only: str = "serve,validator,streams") -> None:
         self.data_dir = data_dir
         self.serve_port = free_port()
         self.env = clean_env(
@@ -53,7 +53,7 @@ class Platform:
         )
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [MLBUS, "up", "--only", "serve,validator,streams"],
+            [MLBUS, "up", "--only", only],
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -233,3 +233,5 @@ def test_a_sigkilled_broker_is_restored_while_services_and_http_inference_run_on
     finally:
         up.close()
     assert up.proc.returncode == 0, up.output()
+    # Every service stopped by itself, the streams service too (docs/broker.md).
+    assert "all services stopped cleanly" in "".join(up.lines), up.output()
