@@ -54,7 +54,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, cast
 
 import faust
-from aiokafka.consumer.fetcher import Fetcher as AIOKafkaFetcher  # type: ignore[import-untyped]
+from aiokafka.consumer.fetcher import Fetcher as AIOKafkaFetcher
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, TransportT
