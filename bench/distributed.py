@@ -23,6 +23,8 @@ Each repeat runs, in this order (so drift of the shared machine's load hits all 
   ddp member  `fit_distributed`, two processes, B rows per member (global batch 2B): the
               usual data-parallel throughput comparison, per-member batch held (weak
               scaling); half the steps per epoch
+Every run is in fresh spawned processes (the single one too, so that all pay the same
+first-use costs: oneDNN kernels built per shape, memory first touched).
 samples/s = epochs x training rows / wall time of the `fit` or `fit_distributed` call (each
 includes one validation pass per epoch and the final scoring of every split, which members
 share out as the trainer does). A ratio is taken against the same repeat's `single`; the
@@ -151,6 +153,26 @@ def _member(
         leave_group()
 
 
+def _solo(family: str, rows: int, epochs: int, batch: int, out: Any) -> None:
+    torch.set_num_threads(1)
+    prepared, params = data(family, rows), params_of(family, batch)
+    out.put((0, _timed(lambda: fit(prepared, family, params, max_epochs=epochs, seed=0))))
+
+
+def _single(family: str, rows: int, epochs: int, batch: int) -> dict[str, Any]:
+    """`fit` in a fresh process, as each member is: both pay the same first-use costs
+    (oneDNN kernels built per shape, memory first touched)."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    solo = ctx.Process(target=_solo, args=(family, rows, epochs, batch, out))
+    solo.start()
+    _, figures = out.get(timeout=3600)
+    solo.join(120)
+    if solo.exitcode != 0:
+        raise SystemExit(f"the single process exited with code {solo.exitcode}")
+    return dict(figures)
+
+
 def _ddp(family: str, rows: int, epochs: int, batch: int, reduce: bool) -> dict[str, Any]:
     """Two members; rank 0's wall time (both start after a barrier and end together), both
     members' CPU."""
@@ -188,12 +210,11 @@ def run(family: str, rows: int, epochs: int, batch: int, repeat: int) -> dict[st
     torch.set_num_threads(1)
     prepared = data(family, rows)
     trained = len(prepared.x["train"]) * epochs
-    params = params_of(family, batch)
     per_step, per_step_cpu = step_ms(family, batch)
     rounds: list[dict[str, Any]] = []
     for _ in range(repeat):
         load = _load()
-        single = _timed(lambda: fit(prepared, family, params, max_epochs=epochs, seed=0))
+        single = _single(family, rows, epochs, batch)
         same_global = _ddp(family, rows, epochs, batch, reduce=True)
         per_member = _ddp(family, rows, epochs, 2 * batch, reduce=False)
         rounds.append(

@@ -122,8 +122,9 @@ def quiesce_gloo(limit: float = 5.0) -> None:
     """Wait (without the GIL) until gloo's work threads in this process are idle; run at
     interpreter exit.
 
-    A group that DistributedDataParallel wrapped outlives `destroy_process_group` (DDP keeps
-    a reference to it), and with it gloo's work threads. Such a thread drops its reference
+    A group that DistributedDataParallel wrapped outlives `destroy_process_group` (what DDP
+    builds keeps it alive, even once the DDP module and the model are gone), and with it
+    gloo's work threads. Such a thread drops its reference
     to a finished collective a moment after the caller's wait returns; when that reference
     is the last one to a tensor Python created, the drop needs the GIL. If the interpreter
     is already finalising, the thread exits inside a C++ destructor and the process aborts
