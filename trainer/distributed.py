@@ -14,6 +14,8 @@ in distribution only.
 
 from __future__ import annotations
 
+import atexit
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
@@ -34,6 +36,7 @@ from mlbus.trainer.training import (
     Result,
     _better,
     _snapshot,
+    scorer,
     task_parts,
 )
 
@@ -68,9 +71,36 @@ class GlobalBatches:
             yield whole[self.rank :: self.world], len(whole)
 
 
+class SharedForward(torch.nn.Module):
+    """The trained model's forward pass over a whole split, shared out: member `rank` runs
+    rows rank, rank + world, … and the outputs are all-gathered back into the split's order,
+    so every member scores the same outputs (and agrees on early stopping) for 1/world of
+    the work. Modules the optimiser sees are not touched."""
+
+    def __init__(self, model: torch.nn.Module, rank: int, world: int) -> None:
+        super().__init__()
+        self.model, self.rank, self.world = model, rank, world
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x[self.rank :: self.world]
+        # A member with no row of a tiny split still takes part in the gather.
+        mine = self.model(rows if len(rows) else x[:1])[: len(rows)]
+        per = -(-len(x) // self.world)
+        padded = mine.new_zeros((per, *mine.shape[1:]))
+        padded[: len(mine)] = mine
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        # parts[r][i] is row i * world + r: interleave, then drop the padding at the end
+        return torch.stack(parts, dim=1).reshape(per * self.world, *mine.shape[1:])[: len(x)]
+
+
 def join_group(store: dist.Store, rank: int, world: int, *, device: str, timeout: float) -> None:
     """Join the process group on `store`; every collective then fails after `timeout`
     seconds instead of waiting forever for a member that is gone."""
+    global _quiesce_registered
+    if not _quiesce_registered:
+        atexit.register(quiesce_gloo)
+        _quiesce_registered = True
     dist.init_process_group(
         backend_for(device),
         store=store,
@@ -83,6 +113,50 @@ def join_group(store: dist.Store, rank: int, world: int, *, device: str, timeout
 def leave_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+_quiesce_registered = False
+
+
+def quiesce_gloo(limit: float = 5.0) -> None:
+    """Wait (without the GIL) until gloo's work threads in this process are idle; run at
+    interpreter exit.
+
+    A group that DistributedDataParallel wrapped outlives `destroy_process_group` (what DDP
+    builds keeps it alive, even once the DDP module and the model are gone), and with it
+    gloo's work threads. Such a thread drops its reference
+    to a finished collective a moment after the caller's wait returns; when that reference
+    is the last one to a tensor Python created, the drop needs the GIL. If the interpreter
+    is already finalising, the thread exits inside a C++ destructor and the process aborts
+    with "terminate called without an active exception" (exit code -6). A script that
+    ends right after training loses that race on a busy machine; waiting here until every
+    such thread sleeps, which it does only with no work in hand, closes it."""
+    deadline = time.monotonic() + limit
+    quiet = 0
+    while quiet < 3 and time.monotonic() < deadline:
+        states = _thread_states("pt_gloo_runloop")
+        if not states:
+            return
+        quiet = quiet + 1 if all(s in "SD" for s in states) else 0
+        time.sleep(0.005)
+
+
+def _thread_states(name: str) -> list[str]:
+    """The scheduler states (R, S, D, …) of this process's threads called `name` (Linux)."""
+    states = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                head, _, tail = f.read().rpartition(")")
+        except OSError:
+            continue
+        if head.partition("(")[2] == name:
+            states.append(tail.split()[0])
+    return states
 
 
 def fit_distributed(
@@ -145,9 +219,8 @@ def _fit(
     torch.manual_seed(seed)
     regression = data.task == "regression"
     target = torch.device(device)
-    model, criterion, scores_on = task_parts(
-        data, family, params, loss=loss, origin=origin, target=target
-    )
+    model, criterion, _ = task_parts(data, family, params, loss=loss, origin=origin, target=target)
+    scores_on = scorer(data, SharedForward(model, rank, world), loss)
     optimiser = torch.optim.Adam(
         model.parameters(), lr=float(params["lr"]), weight_decay=float(params["weight_decay"])
     )
@@ -163,7 +236,12 @@ def _fit(
         history, best, stale = list(resume.history), resume.best, resume.stale
         done, finished = resume.epoch, resume.finished
     # DDP broadcasts rank 0's parameters when it wraps the model: members start equal.
-    ddp = DistributedDataParallel(model, device_ids=[target.index] if target.index else None)
+    # Gradients as views of DDP's all-reduce buckets: no copy into and out of them per step.
+    ddp = DistributedDataParallel(
+        model,
+        device_ids=[target.index] if target.index else None,
+        gradient_as_bucket_view=True,
+    )
     x, y = data.x["train"].to(target), data.y["train"].to(target)
     validation = data.x["validation"].to(target), data.y["validation"].to(target)
     batches = GlobalBatches(len(x), int(params["batch_size"]), rank, world)

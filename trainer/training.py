@@ -115,16 +115,24 @@ def task_parts(
 ) -> tuple[nn.Module, Callable[..., torch.Tensor], Scorer]:
     """What a run of `data`'s task trains: the model on `target`, its loss function, and how
     a split is scored (metrics, and a classifier's confusion matrix)."""
+    n_classes = 1 if data.task == "regression" else len(data.classes)
+    model = build(family, data.input_shape, n_classes, params, origin=origin).to(target)
+    return model, loss_function(data.task, loss), scorer(data, model, loss)
+
+
+def scorer(data: Prepared, model: nn.Module, loss: str | None) -> Scorer:
+    """How a split of `data` is scored with `model`'s outputs (any module that maps a split's
+    inputs to the trained model's outputs: data-parallel members pass one that shares out
+    the forward pass)."""
     regression = data.task == "regression"
     n_classes = 1 if regression else len(data.classes)
-    model = build(family, data.input_shape, n_classes, params, origin=origin).to(target)
 
     def scores_on(xs: torch.Tensor, ys: torch.Tensor) -> tuple[dict[str, float], Any]:
         if regression:
             return evaluate_regression(model, xs, ys, data, loss), None
         return evaluate(model, xs, ys, n_classes)
 
-    return model, loss_function(data.task, loss), scores_on
+    return scores_on
 
 
 def _better(value: float, best: float | None, rule: Any) -> bool:

@@ -46,7 +46,15 @@ def _start(kafka, workers):  # type: ignore[no-untyped-def]  # noqa: F811
     return DatasetRef(name="digits", version=sample["version"]), start
 
 
-def test_two_workers_train_one_run_like_one(kafka, workers):  # noqa: F811
+def _stop_cleanly(process, log):  # type: ignore[no-untyped-def]
+    """SIGTERM a worker that took part in a run: it exits with code 0, and gloo's threads,
+    alive past the group's end, do not abort it on the way out."""
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0
+    assert "terminate called" not in log.read_text()
+
+
+def test_two_workers_train_one_run_like_one(kafka, workers, tmp_path):  # noqa: F811
     workers[0].update(TIMEOUTS)
     dataset, start = _start(kafka, workers)
     first, second = start("a"), start("b")
@@ -78,6 +86,8 @@ def test_two_workers_train_one_run_like_one(kafka, workers):  # noqa: F811
         assert failed.data.error_type == "WorkersUnavailable"
         assert "needs 3 trainer workers" in failed.data.reason
         assert first.poll() is None and second.poll() is None
+        _stop_cleanly(first, tmp_path / "a.log")
+        _stop_cleanly(second, tmp_path / "b.log")
     finally:
         events.stop()
 
@@ -114,5 +124,46 @@ def test_member_killed_mid_run_finishes_once(kafka, workers):  # noqa: F811
         assert attempts[-1].attempt >= 2 and attempts[-1].resumed_from_epoch is not None
         assert completed[0].data.world_size == 1 and completed[0].data.epochs == 8
         assert host.poll() is None
+    finally:
+        events.stop()
+
+
+def test_host_killed_mid_run_finishes_once(kafka, workers, tmp_path):  # noqa: F811
+    # Rank 0 holds the store and publishes the run's events: with it gone, its member's
+    # collectives fail (the member goes back to idle) and the request, never committed, is
+    # redelivered to the worker that remains, which hosts the run from the last checkpoint.
+    workers[0].update(TIMEOUTS)
+    dataset, start = _start(kafka, workers)
+    first, second = start("a"), start("b")
+    events = Events(kafka)
+    try:
+        with EventProducer(kafka, source="test") as producer:
+            request = producer.publish(_request(dataset, 2, 8, "ddp-host-kill")).id
+        (started,) = wait_until(
+            lambda: events.of("training.started", {request}), "the run to start", 120
+        )
+        host = first if _worker_id(first)(started.data.worker) else second
+        member = second if host is first else first
+        wait_until(lambda: events.of("training.progress"), "a first epoch", 240, interval=0.1)
+        host.send_signal(signal.SIGKILL)
+        host.wait(10)
+        wait_until(
+            lambda: (
+                events.of("training.completed", {request})
+                or [e for e in events.of("training.failed") if not e.data.retryable]
+            ),
+            "the run to end",
+            300,
+        )
+        time.sleep(3)  # room for a second completion, were one to come
+        completed = events.of("training.completed", {request})
+        assert len(completed) == 1
+        assert not [e for e in events.of("training.failed", {request}) if not e.data.retryable]
+        attempts = [e.data for e in events.of("training.started", {request})]
+        assert attempts[-1].attempt >= 2 and attempts[-1].resumed_from_epoch is not None
+        assert _worker_id(member)(attempts[-1].worker)
+        assert completed[0].data.world_size == 1 and completed[0].data.epochs == 8
+        assert member.poll() is None
+        _stop_cleanly(member, tmp_path / ("a.log" if member is first else "b.log"))
     finally:
         events.stop()

@@ -3,16 +3,25 @@ run has (same seed, same global batch), and a lost member surfaces as MemberLost
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from mlbus.trainer.data import prepare
-from mlbus.trainer.distributed import GlobalBatches, MemberLost, fit_distributed, join_group
+from mlbus.trainer.distributed import (
+    GlobalBatches,
+    MemberLost,
+    fit_distributed,
+    join_group,
+    leave_group,
+)
 from mlbus.trainer.training import fit
 
 pytestmark = pytest.mark.unit
@@ -65,7 +74,18 @@ def _member(rank: int, world: int, port: int, out: str, die_at: int | None) -> N
         with open(out, "w") as f:
             f.write(f"lost: {e}")
         return
-    torch.save({k: v.clone() for k, v in result.model.state_dict().items()}, out)
+    finally:
+        leave_group()
+    weights = {k: v.clone() for k, v in result.model.state_dict().items()}
+    torch.save(
+        {
+            "weights": weights,
+            "metrics": result.metrics,
+            "confusion": result.confusion_matrix,
+            "history": result.history,
+        },
+        out,
+    )
 
 
 def _run(world: int, tmp_path, die_at: int | None = None) -> list[str]:  # type: ignore[no-untyped-def]
@@ -80,6 +100,8 @@ def _run(world: int, tmp_path, die_at: int | None = None) -> list[str]:  # type:
     for m in members:
         m.join(120)
         assert not m.is_alive(), "a member hung"
+    # a member that ends its run exits cleanly (rank 1 of a `die_at` run is killed)
+    assert [m.exitcode for m in members] == [0, 9 if die_at is not None else 0][:world]
     return outs
 
 
@@ -96,16 +118,66 @@ def test_global_batches_cover_each_batch_once() -> None:
 
 def test_two_members_match_single_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.set_num_threads(1)
-    single = fit(_data(), "mlp", PARAMS, max_epochs=4, seed=7).model.state_dict()
+    result = fit(_data(), "mlp", PARAMS, max_epochs=4, seed=7)
+    single = result.model.state_dict()
     outs = _run(2, tmp_path)
     for out in outs:
-        weights = torch.load(out)
+        member = torch.load(out)
+        weights = member["weights"]
         assert weights.keys() == single.keys()
         for name, value in single.items():
             torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5)
+        # Members share out the scoring of each split (odd sizes: 211, 60, 30 rows) and
+        # every member reports the single process's metrics, per epoch and final.
+        assert member["confusion"] == result.confusion_matrix
+        for split, scores in result.metrics.items():
+            for key, value in scores.items():
+                assert math.isclose(member["metrics"][split][key], value, abs_tol=1e-4)
+        assert len(member["history"]) == len(result.history) == 4
+        for theirs, ours in zip(member["history"], result.history, strict=True):
+            for key, value in ours.items():
+                assert math.isclose(theirs[key], value, abs_tol=1e-4)
     # and training did move the weights (the comparison is not of two initialisations)
     initial = fit(_data(), "mlp", PARAMS, max_epochs=1, seed=7).model.state_dict()
     assert not torch.allclose(initial["0.weight"], single["0.weight"])
+
+
+def _exit_member(rank: int, port: int) -> None:
+    """A member process that ends right after its run, as a script would."""
+    torch.set_num_threads(1)
+    store = torch.distributed.TCPStore("127.0.0.1", port, 2, rank == 0, wait_for_workers=False)
+    join_group(store, rank, 2, device="cpu", timeout=30)
+    try:
+        fit_distributed(_data(), "mlp", PARAMS, max_epochs=1, seed=7)
+        # a last collective on a tensor Python made, released by gloo after the wait returns
+        torch.distributed.all_reduce(torch.ones(1000))
+    finally:
+        leave_group()
+
+
+def test_member_processes_exit_cleanly_after_a_run() -> None:
+    # gloo's threads outlive the group that DDP wrapped; a process that exits right after
+    # its last collective must not abort ("terminate called without an active exception")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = os.environ | {"PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    for _ in range(4):
+        port = _free_port()
+        code = "from tests.trainer.test_distributed import _exit_member; _exit_member({}, {})"
+        members = [
+            subprocess.Popen(
+                [sys.executable, "-c", code.format(rank, port)],
+                env=env,
+                cwd=root,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in range(2)
+        ]
+        for member in members:
+            _, err = member.communicate(timeout=120)
+            assert member.returncode == 0, err
+            assert "terminate called" not in err
 
 
 def test_killed_member_surfaces_as_member_lost(tmp_path) -> None:  # type: ignore[no-untyped-def]
