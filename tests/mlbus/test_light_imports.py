@@ -14,7 +14,7 @@ import pytest
 import mlbus.cli.services as services_cli
 from mlbus.cli.services import polling
 from mlbus.kafka import config
-from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.config import LOOKUP_FETCH_WAIT_MS, KafkaConfig
 from mlbus.services import SERVICES, service
 
 pytestmark = pytest.mark.unit
@@ -81,10 +81,13 @@ def test_each_service_polls_the_embedded_broker_at_its_own_pace(monkeypatch) -> 
     monkeypatch.delenv("MLBUS_KAFKA__FETCH_WAIT_MAX_MS", raising=False)
     embedded = KafkaConfig("127.0.0.1:9092", embedded=True)
     assert embedded.consumer("g")["fetch.wait.max.ms"] == 10  # the tests' profile
-    polling(service("archive"))
-    assert embedded.consumer("g")["fetch.wait.max.ms"] == 1000
+    polling(service("lineage"))
+    assert embedded.consumer("g")["fetch.wait.max.ms"] == 2000
     polling(service("serve"))
-    assert embedded.consumer(None)["fetch.wait.max.ms"] == service("serve").fetch_wait_ms == 500
+    assert embedded.consumer(None)["fetch.wait.max.ms"] == service("serve").fetch_wait_ms == 1000
+    # A lookup (a view read to its end, then left) sees the end within a short wait.
+    assert embedded.lookup()["fetch.wait.max.ms"] == LOOKUP_FETCH_WAIT_MS
     assert "fetch.wait.max.ms" not in KafkaConfig("kafka:9092").consumer("g")  # Kafka's
     mine = KafkaConfig("127.0.0.1:9092", embedded=True, extra={"fetch.wait.max.ms": "5"})
     assert mine.consumer("g")["fetch.wait.max.ms"] == "5"  # the user's choice wins
+    assert mine.lookup()["fetch.wait.max.ms"] == "5"
