@@ -6,8 +6,9 @@ the journal's wake-up (mlbus/kafka/quiet.py) — in one run, on one broker.
 A journal capture runs as under `mlbus up` (its default fetch wait). Then, for each mode:
 N consumer loops (each its own group, reading training.progress, six partitions) at the
 services' default fetch wait (mlbus/services.py) sit idle for S seconds — the broker's CPU
-over that window is the idle cost — and then R records are published one at a time at
-random moments, each timed from its acknowledgement to the first loop's handler.
+over that window is the idle cost, the journal's capture included — and then R records are
+published one at a time, far enough apart for the loops to be idle again (`--spacing`),
+each timed from its acknowledgement to the first loop's handler.
 
 - fetching: the loops fetch all the time (no journal known to them: a real cluster's case);
 - quiet:    the loops know the journal: idle, they stop fetching until it has a record.
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import render_table
 from mlbus.broker import EmbeddedBroker
 from mlbus.journal.capture import Capture
-from mlbus.kafka import config
+from mlbus.kafka import config, quiet
 from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import ConsumerLoop
@@ -68,14 +69,14 @@ def run(kafka: KafkaConfig, broker_pid: int, args: argparse.Namespace, mode: str
     ]
     for thread in threads:
         thread.start()
-    time.sleep(8)  # joined and, for the quiet mode, quiet
+    time.sleep(3 + quiet.QUIET_AFTER)  # joined and, for the quiet mode, quiet
     before, start = _cpu(broker_pid), time.monotonic()
     time.sleep(args.seconds)
     idle = 100 * (_cpu(broker_pid) - before) / (time.monotonic() - start)
     latencies = []
     with EventProducer(kafka, source="bench/quiet") as producer:
         for i in range(args.records):
-            time.sleep(random.uniform(2.5, 4.0))  # long enough for the loops to go quiet
+            time.sleep(random.uniform(1.0, 3.0) + args.spacing)  # quiet by then, in that mode
             event = TrainingProgress(
                 run_id=f"{mode}-{i}",
                 model="bench",
@@ -107,13 +108,16 @@ def run(kafka: KafkaConfig, broker_pid: int, args: argparse.Namespace, mode: str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--consumers", type=int, default=4)
-    parser.add_argument("--records", type=int, default=20)
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--records", type=int, default=10)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--spacing", type=float, default=quiet.QUIET_AFTER, help="seconds between records, +1-3"
+    )
     args = parser.parse_args()
     config.EMBEDDED_FETCH_WAIT_MS[0] = Service.__dataclass_fields__["fetch_wait_ms"].default
     journal_settings = JournalSettings()
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(Path(tmp), record=False) as broker:
-        kafka = KafkaConfig(broker.start(), embedded=True)
+        kafka = KafkaConfig(broker.bootstrap, embedded=True)
         apply_topics(kafka)
         journal = Path(tmp) / "journal"
         capture = Capture(
@@ -134,10 +138,13 @@ def main() -> int:
         finally:
             capture.stop()
     print(
-        f"{args.consumers} idle consumer loops of {TOPIC} (6 partitions), fetch wait "
-        f"{config.EMBEDDED_FETCH_WAIT_MS[0]} ms; journal fetch wait "
+        f"{args.consumers} idle consumer loops of {TOPIC} (6 partitions); fetch wait "
+        f"{KafkaConfig('', embedded=True).consumer('g')['fetch.wait.max.ms']} ms fetching, "
+        f"{KafkaConfig('', embedded=True, journal='j').consumer('g')['fetch.wait.max.ms']} ms "
+        f"quiet (after {quiet.QUIET_AFTER:.0f} s idle); journal fetch wait "
         f"{journal_settings.fetch_wait_ms} ms, sync {journal_settings.sync_ms} ms; "
-        f"{args.records} records at random moments"
+        f"{args.records} records, {args.spacing:.0f}-{args.spacing + 3:.0f} s apart; broker CPU "
+        "idle includes the journal's capture"
     )
     print(
         "\n".join(

@@ -131,9 +131,10 @@ class Service:
     times more near its end (docs/broker.md), so a record waits at most half of it (from
     500 ms up): a wait of 2 s means a reaction within a second. Each look costs the broker
     time per partition the fetch names, so this is what the service's idle polling costs.
-    Lookups (views read to the end, then left) wait only briefly whatever this says
-    (mlbus/kafka/config.py). None: the embedded profile's 10 ms. (faust's aiokafka consumer
-    waits its own 1.5 s.)"""
+    Lookups (views read to the end, then left) wait only briefly whatever this says, and
+    where `mlbus up` keeps a journal its idle consumers stop fetching (mlbus/kafka/quiet.py)
+    and wait at most 500 ms while records flow (mlbus/kafka/config.py). None: the embedded
+    profile's 10 ms. (faust's aiokafka consumer waits its own 1.5 s.)"""
 
     def enabled(self, cfg: Settings) -> bool:
         return self.enabled_by is None or bool(_setting(cfg, self.enabled_by))

@@ -33,6 +33,10 @@ EMBEDDED_FETCH_WAIT_MS = [10]
 #: broker, so the end of a partition is seen a wait after the last record. Such a reader is
 #: idle only between reads, when it fetches nothing at all, so a short wait costs nothing then.
 LOOKUP_FETCH_WAIT_MS = 10
+#: fetch.wait.max.ms, at most, of consumers on an embedded broker that keeps a journal: idle,
+#: they do not fetch at all (mlbus/kafka/quiet.py), so their wait only matters while records
+#: flow and just after they pause (a fetch in flight then delays the next one).
+QUIET_FETCH_WAIT_MS = 500
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,11 @@ class KafkaConfig:
             conf |= {
                 "session.timeout.ms": 2000,
                 "heartbeat.interval.ms": 500,
-                "fetch.wait.max.ms": EMBEDDED_FETCH_WAIT_MS[0],
+                "fetch.wait.max.ms": (
+                    min(EMBEDDED_FETCH_WAIT_MS[0], QUIET_FETCH_WAIT_MS)
+                    if self.journal is not None
+                    else EMBEDDED_FETCH_WAIT_MS[0]
+                ),
             }
         conf.update(self.options())  # what the user configured wins over mlbus's tuning
         conf.update(overrides)

@@ -265,7 +265,7 @@ class ConsumerLoop:
             if self._backlog:
                 batch, self._backlog = self._backlog, []
             else:
-                batch = next_batch(consumer, self.batch_size, 0.5)
+                batch = next_batch(consumer, self.batch_size, self._quiet.poll_timeout(0.5))
             for message in batch:
                 if self._stopping.is_set():
                     break

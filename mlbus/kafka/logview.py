@@ -168,7 +168,7 @@ class LogView:
             consumer = self._consumer if self._assigned else self._assign()
             assert consumer is not None
             items: list[Positioned] = []
-            wait = self.poll_timeout if timeout is None else timeout
+            wait = self._quiet.poll_timeout(self.poll_timeout if timeout is None else timeout)
             batch = next_batch(consumer, BATCH, wait)
             for message in batch:
                 self._take(message, items)

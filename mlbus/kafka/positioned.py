@@ -252,7 +252,8 @@ class PositionedLoop:
             taken = 0
             size = 0
             restarted: set[tuple[str, int]] = set()  # this batch's rest of them is stale
-            batch = next_batch(consumer, self.batch_size, self.poll_timeout)
+            wait = self._quiet.poll_timeout(self.poll_timeout)
+            batch = next_batch(consumer, self.batch_size, wait)
             for message in batch:
                 error = message.error()
                 if error is not None:

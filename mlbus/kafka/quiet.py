@@ -4,12 +4,15 @@ On the embedded broker an idle fetch is not free: the broker looks at every part
 names a few times a second (docs/broker.md, "What an idle consumer costs"). The journal's
 capture (mlbus/journal/capture.py) already looks at every partition, and publishes where it
 has each one on disk (durable.json). So a consumer that has read nothing for `QUIET_AFTER`
-seconds pauses its partitions and, while it keeps polling (heartbeats, rebalances), checks
-that file — a stat per poll when nothing changed — and resumes as soon as the journal has a
-record at or past one of its positions. A record then reaches it within the journal's loss
-bound (half its fetch wait plus a sync) and one poll: under a second. With no journal (a
-real cluster, the tests' broker) nothing changes. `QUIET_AT_MOST` bounds the pause anyway,
-so a journal that stops being written costs latency, never a record.
+seconds (in a burst of work it fetches as always) pauses its partitions and, while it keeps
+polling (heartbeats, rebalances), checks that file — a stat per poll while nothing changes —
+and resumes as soon as the journal has a record at or past one of its positions. A record
+then reaches it within the journal's loss bound (half its fetch wait plus a sync), a poll
+(`QUIET_POLL`) and, right after it paused, the end of a fetch still in flight: about a
+second at most. So its fetch wait only matters while records flow: at most
+`QUIET_FETCH_WAIT_MS` (mlbus/kafka/config.py). `QUIET_AT_MOST` bounds a pause anyway, so a
+journal that stops being written costs latency, never a record. With no journal (a real
+cluster, the tests' broker) nothing changes.
 
 Used by the log view, the consumer loop and the positioned loop, each with its own idea of
 its positions.
@@ -17,18 +20,25 @@ its positions.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from mlbus.journal.format import Captured
 
-#: Seconds without a record after which a consumer stops fetching.
-QUIET_AFTER = 2.0
+#: Seconds without a record after which a consumer stops fetching: until then it fetches as
+#: always (a record waits at most half its fetch wait), as it will in a burst of work.
+QUIET_AFTER = 10.0
+#: Seconds a consumer fetches after a wake-up by time before it is quiet again.
+QUIET_LOOK = 1.0
 #: Seconds after which a quiet consumer fetches again whatever the journal says.
-QUIET_AT_MOST = 10.0
+QUIET_AT_MOST = 30.0
+#: Seconds a quiet consumer's poll waits (it checks the journal after each): a record's
+#: wake-up waits up to this on top of the journal's loss bound.
+QUIET_POLL = 0.5
 
 Positions = Mapping[tuple[str, int], int]
 
@@ -50,6 +60,10 @@ class Quiet:
     @property
     def quiet(self) -> bool:
         return self._since is not None
+
+    def poll_timeout(self, timeout: float) -> float:
+        """How long the owner's next poll may wait: at most QUIET_POLL while quiet."""
+        return min(timeout, QUIET_POLL) if self._since is not None else timeout
 
     def step(
         self,
@@ -81,11 +95,12 @@ class Quiet:
             consumer.pause(self._paused)
             self._since = now
         elif now - self._since >= QUIET_AT_MOST:
-            self._resume(consumer)
+            self._resume(consumer, positions())
+            self._active = now - QUIET_AFTER + QUIET_LOOK  # a look, then quiet again
         elif self._captured.refresh():
             known = positions()
             if known is None or self._captured.beyond(known):
-                self._resume(consumer)
+                self._resume(consumer, known)
 
     def woken(self) -> None:
         """The consumer fetches again, resumed or assigned afresh by its owner."""
@@ -98,7 +113,14 @@ class Quiet:
         if self._since is not None:
             self._resume(consumer)
 
-    def _resume(self, consumer: Consumer) -> None:
+    def _resume(self, consumer: Consumer, positions: Positions | None = None) -> None:
         if self._paused:
             consumer.resume(self._paused)
+            # A resumed partition is fetched again only after a delay of librdkafka's (about
+            # 0.7 s, measured); a seek to where it stands starts its fetch at once.
+            for tp in self._paused if positions else ():
+                offset = positions.get((tp.topic, tp.partition)) if positions else None
+                if offset is not None:
+                    with contextlib.suppress(KafkaException):
+                        consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
         self.woken()

@@ -14,7 +14,7 @@ import pytest
 import mlbus.cli.services as services_cli
 from mlbus.cli.services import polling
 from mlbus.kafka import config
-from mlbus.kafka.config import LOOKUP_FETCH_WAIT_MS, KafkaConfig
+from mlbus.kafka.config import LOOKUP_FETCH_WAIT_MS, QUIET_FETCH_WAIT_MS, KafkaConfig
 from mlbus.services import SERVICES, service
 
 pytestmark = pytest.mark.unit
@@ -83,6 +83,9 @@ def test_each_service_polls_the_embedded_broker_at_its_own_pace(monkeypatch) -> 
     assert embedded.consumer("g")["fetch.wait.max.ms"] == 10  # the tests' profile
     polling(service("lineage"))
     assert embedded.consumer("g")["fetch.wait.max.ms"] == 2000
+    # Where `mlbus up` keeps a journal, idle consumers do not fetch: a short wait then.
+    journaled = KafkaConfig("127.0.0.1:9092", embedded=True, journal="/data/journal")
+    assert journaled.consumer("g")["fetch.wait.max.ms"] == QUIET_FETCH_WAIT_MS
     polling(service("serve"))
     assert embedded.consumer(None)["fetch.wait.max.ms"] == service("serve").fetch_wait_ms == 1000
     # A lookup (a view read to its end, then left) sees the end within a short wait.

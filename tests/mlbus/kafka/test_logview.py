@@ -126,6 +126,7 @@ def test_a_quiet_view_stops_fetching_and_the_journal_wakes_it(kafka, tmp_path, m
     # pauses its partitions (an idle fetch costs the broker) and resumes when the journal
     # has a record past its positions (only then, here: no wake-up by time).
     monkeypatch.setattr(quiet, "QUIET_AT_MOST", 3600.0)
+    monkeypatch.setattr(quiet, "QUIET_AFTER", 1.0)
     journal = tmp_path / "journal"
     capture = Capture(kafka, journal, sync_seconds=0.05)
     capture.start()

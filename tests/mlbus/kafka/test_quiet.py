@@ -25,8 +25,9 @@ TOPIC = "training.progress"
 @pytest.fixture
 def journaled(kafka: KafkaConfig, tmp_path: Path, monkeypatch) -> Iterator[KafkaConfig]:
     """`kafka` with a journal capture running, as under `mlbus up`; a quiet consumer wakes
-    only through the journal here (no wake-up by time)."""
+    only through the journal here (no wake-up by time), and is quiet after a second idle."""
     monkeypatch.setattr(quiet, "QUIET_AT_MOST", 3600.0)
+    monkeypatch.setattr(quiet, "QUIET_AFTER", 1.0)
     journal = tmp_path / "journal"
     capture = Capture(kafka, journal, sync_seconds=0.05)
     capture.start()
