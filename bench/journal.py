@@ -41,8 +41,17 @@ TOPIC = "inference.logged"
 
 def _capture(kafka: KafkaConfig, directory: str, ready: Any, stop: Any) -> None:
     from mlbus.journal.capture import Capture
+    from mlbus.settings import JournalSettings
 
-    capture = Capture(kafka, Path(directory))
+    cfg = JournalSettings()  # `mlbus up`'s defaults
+    capture = Capture(
+        kafka,
+        Path(directory),
+        sync_seconds=cfg.sync_ms / 1000,
+        snapshot_seconds=cfg.snapshot_seconds,
+        fetch_wait_ms=cfg.fetch_wait_ms,
+        nice=cfg.nice,
+    )
     capture.start()
     ready.set()
     stop.wait()

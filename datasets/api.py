@@ -17,8 +17,8 @@ from fastapi import APIRouter, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from mlbus.datasets.formats import FORMATS, InvalidDataset
 from mlbus.datasets.registry import DatasetRegistry, Registered
-from mlbus.datasets.sources import FORMATS, InvalidDataset, open_source, open_stream
 from mlbus.settings import LimitsSettings
 
 
@@ -124,6 +124,8 @@ def create_router(
                 raise InvalidDataset(f"{upload.filename}: unknown format (parquet, csv or npz)")
 
             def run() -> Registered:
+                from mlbus.datasets.sources import open_stream  # pyarrow, on first use
+
                 source = open_stream(
                     upload.file,
                     upload.size,
@@ -143,6 +145,8 @@ def create_router(
                 raise InvalidDataset("JSON body needs 'uri' and 'name'")
 
             def run() -> Registered:
+                from mlbus.datasets.sources import open_source  # pyarrow, on first use
+
                 reg = registry()
                 fs, path = reg.store.resolve(str(fields["uri"]))
                 source = open_source(

@@ -17,10 +17,9 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlbus.datasets.sources import InvalidDataset, Source, open_source
-from mlbus.datasets.writer import write_canonical
+from mlbus.datasets.formats import InvalidDataset
 from mlbus.errors import UnknownDataset
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.logview import dataset_versions
@@ -30,6 +29,9 @@ from mlbus.schemas.base import DatasetRef
 from mlbus.schemas.datasets import ColumnSchema, DatasetCreated
 from mlbus.schemas.envelope import Event
 from mlbus.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from mlbus.datasets.sources import Source
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SOURCE = "mlbus/datasets"
@@ -91,6 +93,8 @@ class DatasetRegistry:
 
     def register_path(self, path: str | Path, *, name: str, **options: Any) -> Registered:
         """Register a local file or a URI inside the store or an allowed root."""
+        from mlbus.datasets.sources import open_source  # pyarrow: only when registering
+
         fs, resolved = self.store.resolve(str(path))
         return self.register(open_source(resolved, fs), name=name, **options)
 
@@ -106,6 +110,8 @@ class DatasetRegistry:
         created_by: str | None = None,
         progress: Progress | None = None,
     ) -> Registered:
+        from mlbus.datasets.writer import write_canonical  # pyarrow: only when registering
+
         if not _NAME.match(name):
             raise InvalidDataset(
                 f"dataset name {name!r}: use letters, digits, '.', '_' or '-' (at most 128)"

@@ -19,17 +19,20 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from mlbus.errors import Invalid
+from mlbus.datasets.formats import FORMATS, READ_BATCH_ROWS, InvalidDataset
 from mlbus.settings import LimitsSettings
 from mlbus.tables import check_row_groups, iter_row_groups
 
-#: Rows per batch read from inputs: the writer's row-group size, so that re-cutting input
-#: into canonical row groups is zero-copy.
-READ_BATCH_ROWS = 131_072
-
-
-class InvalidDataset(Invalid):
-    """The input cannot become a dataset version (unreadable, empty, malformed)."""
+__all__ = [
+    "FORMATS",
+    "READ_BATCH_ROWS",
+    "InvalidDataset",
+    "Source",
+    "from_table",
+    "npz_table",
+    "open_source",
+    "open_stream",
+]
 
 
 @dataclass
@@ -78,9 +81,6 @@ def open_source(
         max_archive_bytes=max_archive_bytes,
         max_row_group_bytes=max_row_group_bytes,
     )
-
-
-FORMATS = ("parquet", "pq", "csv", "txt", "npz")
 
 
 def open_stream(

@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from mlbus.datasets.sources import READ_BATCH_ROWS
-from mlbus.datasets.stats import StatsBuilder
+from mlbus.datasets.formats import READ_BATCH_ROWS
 from mlbus.errors import InvalidEvent
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Record
@@ -36,8 +33,10 @@ from mlbus.schemas.datasets import ColumnStats, DatasetCreated, DatasetValidated
 from mlbus.schemas.envelope import Event
 from mlbus.settings import LimitsSettings
 from mlbus.storage import ObjectStore, StorageError, translated
-from mlbus.tables import DatasetReader, HashMismatch, check_row_groups, sha256_of
 from mlbus.verified import object_identity
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 _NAMESPACE = uuid.UUID("6f1c7d1e-5a8b-4c55-9d52-0d3f1f7a9a11")
 CHECKS = ["readable", "num_rows", "schema", "label_column", "content_hash", "version"]
@@ -71,6 +70,12 @@ def check(
 ) -> dict[str, ColumnStats] | None:
     """Raise `InvalidEvent` naming the first thing that does not match the bytes. Returns
     the column statistics computed from the bytes when the event has none (else None)."""
+    # pyarrow is loaded by the first dataset checked: an idle validator stays light.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mlbus.tables import check_row_groups, sha256_of
+
     check_version(data)
     limit = max_row_group_bytes or LimitsSettings().max_row_group_bytes
     try:
@@ -127,6 +132,11 @@ def _hash_with_stats(
     store: ObjectStore, data: DatasetCreated, schema: pa.Schema
 ) -> dict[str, ColumnStats]:
     """One verified streaming read: the hash is checked and the statistics computed."""
+    import pyarrow as pa
+
+    from mlbus.datasets.stats import StatsBuilder
+    from mlbus.tables import DatasetReader, HashMismatch
+
     stats = StatsBuilder(schema)
     try:
         with DatasetReader(

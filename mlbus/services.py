@@ -124,12 +124,17 @@ class Service:
     enabled_by: str | None = None
     """setting (dotted path) that must be true for `mlbus up` to start it; None: always.
     `mlbus run <name>` starts it regardless (and fails clearly if it is not configured)."""
-    fetch_wait_ms: int | None = 1000
-    """on the embedded broker, how long a fetch of its librdkafka consumers waits
-    (fetch.wait.max.ms, unless MLBUS_KAFKA__FETCH_WAIT_MAX_MS is set): the broker answers a
-    waiting fetch only when the wait is over (docs/broker.md), so this is both the latency
-    of the service's reaction and what its idle polling costs the broker. None: the
-    embedded profile's 10 ms. (faust's aiokafka consumer waits its own 1.5 s.)"""
+    fetch_wait_ms: int | None = 2000
+    """on the embedded broker, how long a fetch of its following librdkafka consumers waits
+    (fetch.wait.max.ms, unless MLBUS_KAFKA__FETCH_WAIT_MAX_MS is set). The broker looks for
+    new records at the start of a waiting fetch, then halfway through the wait and a few
+    times more near its end (docs/broker.md), so a record waits at most half of it (from
+    500 ms up): a wait of 2 s means a reaction within a second. Each look costs the broker
+    time per partition the fetch names, so this is what the service's idle polling costs.
+    Lookups (views read to the end, then left) wait only briefly whatever this says, and
+    where `mlbus up` keeps a journal its idle consumers stop fetching (mlbus/kafka/quiet.py)
+    and wait at most 500 ms while records flow (mlbus/kafka/config.py). None: the embedded
+    profile's 10 ms. (faust's aiokafka consumer waits its own 1.5 s.)"""
 
     def enabled(self, cfg: Settings) -> bool:
         return self.enabled_by is None or bool(_setting(cfg, self.enabled_by))
@@ -229,7 +234,7 @@ SERVICES: tuple[Service, ...] = (
             "1. Decisions (debounce, sweeps, champion comparison) need one view per model; a "
             "second replica only takes over partitions on failure."
         ),
-        fetch_wait_ms=500,  # a decision within half a second of a completion
+        fetch_wait_ms=2000,  # a decision within a second of a completion
     ),
     Service(
         "tuning",
@@ -297,6 +302,9 @@ SERVICES: tuple[Service, ...] = (
             "up to the contract topics' partitions; each replica archives its partitions "
             "exactly once."
         ),
+        # Files are cut by size or by age (archive.flush_seconds, a minute): its fetch over
+        # every partition need not look often, and it is the one that names the most.
+        fetch_wait_ms=5000,
     ),
     Service(
         "openlineage",
@@ -379,7 +387,7 @@ SERVICES: tuple[Service, ...] = (
         ),
         # Kafka inference requests and swaps within half a second (HTTP is not waiting on
         # it); at 100 ms its consumers cost the idle broker ~3% of a core.
-        fetch_wait_ms=500,
+        fetch_wait_ms=1000,
     ),
     Service(
         "api",
@@ -409,7 +417,6 @@ SERVICES: tuple[Service, ...] = (
         deployment=Deployment("freely; stateless (reads the log and the metadata store)."),
         health=HttpCheck(port="api.port", path="/health", host="api.host"),
         group=False,
-        fetch_wait_ms=1000,  # what it answers follows the log within a second
     ),
 )
 

@@ -22,38 +22,49 @@ Readers see the current log unless asked for a retired one (`list_files(..., log
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING
 
 import orjson
-import pyarrow as pa
 
 from mlbus.storage import ObjectStore
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ROOT = "archive"
 #: The date directory of records without a timestamp (Kafka's CreateTime is optional).
 NO_DATE = "none"
 
-HEADER = pa.struct([pa.field("key", pa.string()), pa.field("value", pa.binary())])
 
-#: Columns of every archive file. `value` is the record's bytes unchanged (the CloudEvent
-#: JSON in structured mode); `event_id`/`event_type` are null when the record is not a
-#: decodable event (it is archived all the same: the archive keeps the log, not opinions).
-SCHEMA = pa.schema(
-    [
-        pa.field("topic", pa.string(), nullable=False),
-        pa.field("partition", pa.int32(), nullable=False),
-        pa.field("offset", pa.int64(), nullable=False),
-        pa.field("timestamp", pa.timestamp("ms", tz="UTC")),
-        pa.field("key", pa.binary()),
-        pa.field("headers", pa.list_(HEADER)),
-        pa.field("value", pa.binary()),
-        pa.field("event_id", pa.string()),
-        pa.field("event_type", pa.string()),
-    ]
-)
+@functools.cache
+def archive_schema() -> pa.Schema:
+    """Columns of every archive file. `value` is the record's bytes unchanged (the CloudEvent
+    JSON in structured mode); `event_id`/`event_type` are null when the record is not a
+    decodable event (it is archived all the same: the archive keeps the log, not opinions).
+    Built on first use: pyarrow loads with the first file written or read, so an idle
+    archiver stays light."""
+    import pyarrow as pa
+
+    header = pa.struct([pa.field("key", pa.string()), pa.field("value", pa.binary())])
+    return pa.schema(
+        [
+            pa.field("topic", pa.string(), nullable=False),
+            pa.field("partition", pa.int32(), nullable=False),
+            pa.field("offset", pa.int64(), nullable=False),
+            pa.field("timestamp", pa.timestamp("ms", tz="UTC")),
+            pa.field("key", pa.binary()),
+            pa.field("headers", pa.list_(header)),
+            pa.field("value", pa.binary()),
+            pa.field("event_id", pa.string()),
+            pa.field("event_type", pa.string()),
+        ]
+    )
+
 
 _NAME = re.compile(
     r"^(?P<topic>[^/]+)/(?:log=(?P<log>[0-9a-z]+)/)?"
@@ -179,24 +190,27 @@ def archive_table(
     headers: Sequence[Sequence[tuple[str, bytes | None]] | None],
     values: Sequence[bytes | None],
 ) -> pa.Table:
-    """Records (column by column) as a table of the archive's `SCHEMA`."""
+    """Records (column by column) as a table of the archive's columns (`archive_schema`)."""
+    import pyarrow as pa
+
+    schema = archive_schema()
     found = [identity(v, h) for v, h in zip(values, headers, strict=True)]
     return pa.table(
         {
             "topic": pa.array(topics, pa.string()),
             "partition": pa.array(partitions, pa.int32()),
             "offset": pa.array(offsets, pa.int64()),
-            "timestamp": pa.array(timestamps_ms, pa.int64()).cast(SCHEMA.field("timestamp").type),
+            "timestamp": pa.array(timestamps_ms, pa.int64()).cast(schema.field("timestamp").type),
             "key": pa.array(keys, pa.binary()),
             "headers": pa.array(
                 [[{"key": k, "value": v} for k, v in h] if h else [] for h in headers],
-                SCHEMA.field("headers").type,
+                schema.field("headers").type,
             ),
             "value": pa.array(values, pa.binary()),
             "event_id": pa.array([f[0] for f in found], pa.string()),
             "event_type": pa.array([f[1] for f in found], pa.string()),
         },
-        schema=SCHEMA,
+        schema=schema,
     )
 
 

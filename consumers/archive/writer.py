@@ -33,11 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any
 
 from mlbus.consumers.archive import DEFAULT_GROUP
 from mlbus.consumers.archive.layout import (
@@ -56,6 +52,9 @@ from mlbus.kafka.consumer import Backoff, Consumed
 from mlbus.kafka.positioned import Batch, Partition, PositionedLoop
 from mlbus.schemas.catalog import TOPICS, topic
 from mlbus.storage import ObjectStore, StorageError, translated
+
+if TYPE_CHECKING:  # pyarrow loads with the first file written or read: an idle archiver is light
+    import pyarrow as pa
 
 DAY_MS = 24 * 3600 * 1000
 #: Retries of a failing object store: patient, the records wait in Kafka meanwhile.
@@ -131,6 +130,9 @@ def pieces(topic: str, partition: int, messages: Sequence[Consumed]) -> list[_Pi
 
 def write_piece(store: ObjectStore, table: pa.Table, key: str) -> int:
     """Write one archive file atomically (staged, then moved into place); its size."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     data = sink.getvalue()
@@ -142,6 +144,10 @@ def write_piece(store: ObjectStore, table: pa.Table, key: str) -> int:
 def last_record(store: ObjectStore, f: ArchiveFile) -> Anchor:
     """The anchor of the last record of `f` (the row at offset `f.last`), read from its last
     row group only."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
     with translated(f"reading {store.uri(f.key)}"), store.open(f.key) as handle:
         parquet = pq.ParquetFile(handle)
         group = parquet.read_row_group(

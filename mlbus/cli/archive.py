@@ -304,11 +304,11 @@ def write_parquet(records: Iterable[LogRecord], path: Path) -> int:
     """Records into one Parquet file with the archive's columns; how many."""
     import pyarrow.parquet as pq
 
-    from mlbus.consumers.archive.layout import SCHEMA, archive_table
+    from mlbus.consumers.archive.layout import archive_schema, archive_table
 
     count = 0
     try:
-        with pq.ParquetWriter(str(path), SCHEMA, compression="zstd") as writer:
+        with pq.ParquetWriter(str(path), archive_schema(), compression="zstd") as writer:
             for chunk in _chunks(records, 50_000):
                 table = archive_table(
                     [r.topic for r in chunk],

@@ -4,8 +4,9 @@ written; every `snapshot_seconds` it records every consumer group's committed of
 
 Reads every topic of the broker (the contract topics and what services create, such as the
 streams changelog); writes none. The loss bound this gives is in docs/broker.md: a record
-reaches the file (and survives the death of every process) about one fetch wait after its
-producer's acknowledgement, and the disk (a power cut) within `sync_seconds` more.
+reaches the file (and survives the death of every process) at most about half a fetch wait
+after its producer's acknowledgement (the broker looks for new records halfway through a
+wait), and the disk (a power cut) within `sync_seconds` more.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from mlbus.journal.format import (
     write_json,
 )
 from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.consumer import next_batch
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +143,9 @@ class Capture:
             ready.set()
             last_sync = last_discover = last_snapshot = time.monotonic()
             while not self._stop.is_set():
-                messages = self._consumer.consume(5000, timeout=self.fetch_wait_ms / 1000)
+                # As soon as a record is there: `consume(n, timeout)` would hold it until the
+                # timeout is over, adding up to a fetch wait to the loss bound.
+                messages = next_batch(self._consumer, 5000, self.fetch_wait_ms / 1000)
                 if messages:
                     self._write(messages)
                 now = time.monotonic()
@@ -156,8 +160,8 @@ class Capture:
                     last_snapshot = now
             # Stopping: take what the broker still has (the services stopped first), then
             # make it durable with the groups' final offsets.
-            while not self._lost and (messages := self._consumer.consume(5000, timeout=0.5)):
-                self._write(messages)
+            while not self._lost and (rest := self._consumer.consume(5000, timeout=0.5)):
+                self._write(rest)
             self._sync()
             if not self._lost:
                 self._snapshot_groups()

@@ -18,7 +18,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -449,6 +449,43 @@ def wait_durable(directory: Path, offsets: dict[tuple[str, int], int], timeout: 
                 f"{topic}[{partition}] on disk within {timeout:.0f}s"
             )
         time.sleep(0.01)
+
+
+class Captured:
+    """Where the journal of `directory` has every partition on disk (durable.json), re-read
+    only when the file is replaced: the sign of new records a consumer that stopped fetching
+    while idle waits for (mlbus/kafka/logview.py). A stat per look when nothing changes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / DURABLE_FILE
+        self._stamp: tuple[int, int] | None = None
+        self._positions: dict[str, dict[str, int]] = {}
+
+    def refresh(self) -> bool:
+        """Read the file again if it was replaced since; True if it was."""
+        try:
+            info = self.path.stat()
+        except OSError:
+            return False
+        stamp = (info.st_ino, info.st_mtime_ns)  # replaced atomically: a new inode each time
+        if stamp == self._stamp:
+            return False
+        try:
+            state = json.loads(self.path.read_bytes())
+        except (OSError, ValueError):
+            return False
+        self._stamp = stamp
+        positions = state.get("positions", {}) if isinstance(state, dict) else {}
+        self._positions = positions if isinstance(positions, dict) else {}
+        return True
+
+    def beyond(self, positions: Mapping[tuple[str, int], int]) -> bool:
+        """True if the journal has a record at or after one of `positions` ((topic,
+        partition) → the next offset a reader will read)."""
+        return any(
+            self._positions.get(topic, {}).get(str(partition), 0) > offset
+            for (topic, partition), offset in positions.items()
+        )
 
 
 def _alive(pid: object) -> bool:

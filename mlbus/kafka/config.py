@@ -24,10 +24,19 @@ LIBRDKAFKA_LOGGER = "mlbus.librdkafka"
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 
 
-#: fetch.wait.max.ms of this process's consumers on the embedded broker (short: it answers a
-#: waiting fetch only when the wait is over, docs/broker.md). `mlbus run` sets its service's
-#: (`Service.fetch_wait_ms`, mlbus/services.py); MLBUS_KAFKA__FETCH_WAIT_MAX_MS wins.
+#: fetch.wait.max.ms of this process's consumers on the embedded broker (short: it looks for
+#: new records only a few times during a wait, docs/broker.md). `mlbus run` sets its
+#: service's (`Service.fetch_wait_ms`, mlbus/services.py); MLBUS_KAFKA__FETCH_WAIT_MAX_MS wins.
 EMBEDDED_FETCH_WAIT_MS = [10]
+#: fetch.wait.max.ms of a reader that reads to the end of its partitions and stops (a lookup:
+#: `KafkaConfig.lookup`): an empty fetch is answered only when its wait is over, on any
+#: broker, so the end of a partition is seen a wait after the last record. Such a reader is
+#: idle only between reads, when it fetches nothing at all, so a short wait costs nothing then.
+LOOKUP_FETCH_WAIT_MS = 10
+#: fetch.wait.max.ms, at most, of consumers on an embedded broker that keeps a journal: idle,
+#: they do not fetch at all (mlbus/kafka/quiet.py), so their wait only matters while records
+#: flow and just after they pause (a fetch in flight then delays the next one).
+QUIET_FETCH_WAIT_MS = 500
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,9 @@ class KafkaConfig:
             # "Broker loss"): clients retry within a second of it opening, not librdkafka's
             # default of up to 10 s.
             conf["reconnect.backoff.max.ms"] = 1000
+            # It has no client-metrics push (KIP-714): without this every client asks for a
+            # telemetry subscription every few seconds, for nothing.
+            conf["enable.metrics.push"] = False
         conf.update(self.options())
         return conf
 
@@ -153,10 +165,22 @@ class KafkaConfig:
             conf |= {
                 "session.timeout.ms": 2000,
                 "heartbeat.interval.ms": 500,
-                "fetch.wait.max.ms": EMBEDDED_FETCH_WAIT_MS[0],
+                "fetch.wait.max.ms": (
+                    min(EMBEDDED_FETCH_WAIT_MS[0], QUIET_FETCH_WAIT_MS)
+                    if self.journal is not None
+                    else EMBEDDED_FETCH_WAIT_MS[0]
+                ),
             }
         conf.update(self.options())  # what the user configured wins over mlbus's tuning
         conf.update(overrides)
+        return conf
+
+    def lookup(self, **overrides: Any) -> dict[str, Any]:
+        """A group-less reader that reads to the end of its partitions and stops: its fetches
+        wait only briefly (LOOKUP_FETCH_WAIT_MS) unless the user set a wait."""
+        conf = self.consumer(None, **overrides)
+        if "fetch.wait.max.ms" not in self.extra and "fetch.wait.max.ms" not in overrides:
+            conf["fetch.wait.max.ms"] = LOOKUP_FETCH_WAIT_MS
         return conf
 
     def admin(self, **overrides: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from mlbus.kafka import observed
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.deadletter import dead_letter, dead_letter_headers
 from mlbus.kafka.producer import EventProducer
+from mlbus.kafka.quiet import Quiet
 from mlbus.schemas.base import Payload
 from mlbus.schemas.catalog import TOPICS
 from mlbus.schemas.codec import decode
@@ -203,6 +204,7 @@ class ConsumerLoop:
         self._consumer: Consumer | None = None
         self._deadletters: EventProducer | None = None
         self._pending: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset
+        self._quiet = Quiet(kafka.journal)  # no fetching while idle (mlbus/kafka/quiet.py)
         self._uncommitted = 0
         self._last_commit = time.monotonic()
         self._assigned: set[tuple[str, int]] = set()
@@ -211,6 +213,11 @@ class ConsumerLoop:
         self._stopping = threading.Event()
 
     # -- control ---------------------------------------------------------------------------
+
+    @property
+    def quiet(self) -> bool:
+        """True while it polls without fetching, idle (mlbus/kafka/quiet.py)."""
+        return self._quiet.quiet
 
     def stop(self) -> None:
         """Ask the loop to stop after the current record (safe from signals and threads)."""
@@ -258,7 +265,7 @@ class ConsumerLoop:
             if self._backlog:
                 batch, self._backlog = self._backlog, []
             else:
-                batch = next_batch(consumer, self.batch_size, 0.5)
+                batch = next_batch(consumer, self.batch_size, self._quiet.poll_timeout(0.5))
             for message in batch:
                 if self._stopping.is_set():
                     break
@@ -286,6 +293,8 @@ class ConsumerLoop:
                 self._commit(asynchronous=True)
             if stop_at_end and self._assigned and self._at_end >= self._assigned:
                 return
+            if not stop_at_end:
+                self._quiet.step(consumer, bool(batch), lambda: list(self._assigned), self._next)
 
     def _process(self, message: Consumed, topic: str, event_type: str, tp: tuple[str, int]) -> bool:
         """Handle one record; True when it is done (handled or dead-lettered)."""
@@ -488,7 +497,25 @@ class ConsumerLoop:
         if error is not None:
             log.warning("%s: asynchronous commit failed: %s", self.name, error.str())
 
+    def _next(self) -> dict[tuple[str, int], int] | None:
+        """The next offset this member reads of each assigned partition: after the last
+        record handed out, else the group's committed offset (the start if none); None if
+        the group's offsets cannot be read now."""
+        consumer = self._consumer
+        assert consumer is not None
+        assigned = [TopicPartition(t, p) for t, p in self._assigned]
+        try:
+            found = {(tp.topic, tp.partition): tp.offset for tp in consumer.position(assigned)}
+            unknown = [TopicPartition(t, p) for (t, p), o in found.items() if o < 0]
+            if unknown:
+                for tp in consumer.committed(unknown, timeout=5):
+                    found[(tp.topic, tp.partition)] = max(tp.offset, 0)
+        except KafkaException:
+            return None
+        return found
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._quiet.resume(consumer)
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self._assigned.add(key)
@@ -496,11 +523,13 @@ class ConsumerLoop:
         log.debug("%s: assigned %s", self.name, [(p.topic, p.partition) for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._quiet.resume(consumer)  # the partitions it keeps fetch again
         keys = [(tp.topic, tp.partition) for tp in partitions]
         self._commit(asynchronous=False, only=keys)  # hand over what is done
         self._forget(keys)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._quiet.resume(consumer)
         keys = [(tp.topic, tp.partition) for tp in partitions]
         for key in keys:  # another member owns them already: committing would be wrong
             self._pending.pop(key, None)

@@ -20,7 +20,12 @@ consumer of that topic dead-letters it; a view must not, or each replica would).
 The fold (`on_event`) sees each record once, in log order within a partition, whichever
 thread reads (calls are serialised); the position moves past a record before its fold runs,
 so a fold that raises loses that record for this view. A view that is not followed hands its
-partitions back between catch-ups, so an idle lookup view costs the broker nothing.
+partitions back between catch-ups, so an idle lookup view costs the broker nothing, and its
+fetches wait only briefly (`LOOKUP_FETCH_WAIT_MS`): a fetch at the end of a partition is
+answered when its wait is over, so a catch-up takes about one fetch wait. A followed view
+waits the process's fetch wait (what its idle polling costs; `mlbus run` sets it per
+service), and where `mlbus up` keeps a journal it stops fetching while idle until the journal
+has a record for it (mlbus/kafka/quiet.py).
 
 The end of a partition is found with `enable.partition.eof` (the fetch response's high-water
 mark): right on Apache Kafka and on the embedded broker, whose list-offsets answer is wrong
@@ -42,6 +47,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from mlbus.errors import MlbusError, TransientError
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Consumed, next_batch
+from mlbus.kafka.quiet import Quiet
 from mlbus.kafka.reader import all_partitions
 from mlbus.schemas.codec import decode
 from mlbus.schemas.datasets import DatasetCreated
@@ -97,6 +103,7 @@ class LogView:
         self.error: BaseException | None = None
         self._lock = threading.Lock()  # one reader of the client at a time; folds run under it
         self._consumer: Consumer | None = None
+        self._lookup_client = False  # the client was made for catch-ups only
         self._partitions: list[tuple[str, int]] = []
         self._assigned = False
         self._following = False
@@ -106,6 +113,7 @@ class LogView:
         self._stopping = threading.Event()
         self._failed = False
         self._thread: threading.Thread | None = None
+        self._quiet = Quiet(kafka.journal)  # a followed view stops fetching while idle
 
     # -- state ------------------------------------------------------------------------------
 
@@ -160,18 +168,37 @@ class LogView:
             consumer = self._consumer if self._assigned else self._assign()
             assert consumer is not None
             items: list[Positioned] = []
-            wait = self.poll_timeout if timeout is None else timeout
-            for message in next_batch(consumer, BATCH, wait):
+            wait = self._quiet.poll_timeout(self.poll_timeout if timeout is None else timeout)
+            batch = next_batch(consumer, BATCH, wait)
+            for message in batch:
                 self._take(message, items)
+            self._quiet.step(consumer, bool(batch), lambda: self._partitions, self._unread)
             return items
+
+    @property
+    def quiet(self) -> bool:
+        """True while the view follows without fetching (mlbus/kafka/quiet.py)."""
+        return self._quiet.quiet
+
+    def _unread(self) -> dict[tuple[str, int], int]:
+        return {tp: self._positions.get(tp, 0) for tp in self._partitions}
 
     def _assign(self) -> Consumer:
         """The client, assigned every partition at this view's positions. Called with the
         lock held; re-assigning resets the fetch state, so each end is reported again."""
         if self._stopping.is_set():
             raise TransientError(f"{self.name}: stopped")
+        lookup = not self._following
+        if self._consumer is not None and self._lookup_client != lookup:
+            # A lookup's client waits briefly per fetch; one that follows waits the process's
+            # fetch wait, which is what its idle polling costs the broker.
+            self._consumer.close()
+            self._consumer = None
         if self._consumer is None:
-            consumer = Consumer(self.kafka.consumer(None, **{"enable.partition.eof": True}))
+            eof = {"enable.partition.eof": True}
+            conf = self.kafka.lookup(**eof) if lookup else self.kafka.consumer(None, **eof)
+            consumer = Consumer(conf)
+            self._lookup_client = lookup
             try:
                 topics = [self.kafka.topic(t) for t in self.event_types]
                 found = all_partitions(consumer, self.kafka, topics)
@@ -180,6 +207,8 @@ class LogView:
                 raise
             self._consumer = consumer
             self._partitions = [(tp.topic, tp.partition) for tp in found]
+        self._quiet.resume(self._consumer)  # a catch-up of a quiet view: fetching again
+        self._quiet.woken()
         self._consumer.assign(
             [
                 TopicPartition(t, p, self._positions.get((t, p), OFFSET_BEGINNING))
@@ -274,6 +303,7 @@ class LogView:
                 self._consumer.close()
                 self._consumer = None
                 self._assigned = False
+                self._quiet.woken()
 
     # -- lifecycle --------------------------------------------------------------------------
 

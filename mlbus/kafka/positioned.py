@@ -53,6 +53,7 @@ from mlbus.kafka import observed
 from mlbus.kafka.anchor import Anchor, NewLog, Position
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Backoff, Consumed, next_batch
+from mlbus.kafka.quiet import Quiet
 from mlbus.signals import install_stop_handlers
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,14 @@ class PositionedLoop:
         self._logged_caught_up = False  # once per assignment
         self._verifying = False  # some partition's anchor is still to be checked
         self._stopping = threading.Event()
+        self._quiet = Quiet(kafka.journal)  # no fetching while idle (mlbus/kafka/quiet.py)
 
     # -- control ---------------------------------------------------------------------------
+
+    @property
+    def quiet(self) -> bool:
+        """True while it polls without fetching, idle (mlbus/kafka/quiet.py)."""
+        return self._quiet.quiet
 
     def stop(self) -> None:
         """Stop after the current batch: write, commit, leave (safe from signals/threads)."""
@@ -245,7 +252,9 @@ class PositionedLoop:
             taken = 0
             size = 0
             restarted: set[tuple[str, int]] = set()  # this batch's rest of them is stale
-            for message in next_batch(consumer, self.batch_size, self.poll_timeout):
+            wait = self._quiet.poll_timeout(self.poll_timeout)
+            batch = next_batch(consumer, self.batch_size, wait)
+            for message in batch:
                 error = message.error()
                 if error is not None:
                     self._on_message_error(message, error, restarted)
@@ -291,6 +300,16 @@ class PositionedLoop:
                 self.caught_up.set()
                 if stop_at_end:
                     return  # run() writes what is buffered
+            if not self._paused:  # a failing sink holds the partitions paused itself
+                self._quiet.step(consumer, bool(batch), lambda: list(parts), self._next)
+
+    def _next(self) -> dict[tuple[str, int], int] | None:
+        """The next offset of each assigned partition, once every one is read to its end
+        and its anchor checked (None before: the loop keeps fetching)."""
+        parts = self._parts
+        if self._verifying or not parts or not all(p.at_end for p in parts.values()):
+            return None
+        return {tp: p.next for tp, p in parts.items()}
 
     def _due(self) -> bool:
         if not self._buffered:
@@ -314,6 +333,7 @@ class PositionedLoop:
                 assert self._consumer is not None
                 self._consumer.pause([TopicPartition(*p.tp) for p in self._parts.values()])
                 self._paused = True
+                self._quiet.woken()  # paused by the sink now: resumed when it writes again
             return
         self._commit(written, asynchronous=True)
         self._failures = 0
@@ -442,6 +462,7 @@ class PositionedLoop:
     # -- rebalances: positions come from the sink ------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._quiet.resume(consumer)
         keys = [(self.kafka.event_type(tp.topic), tp.partition) for tp in partitions]
         found = self._positions(keys)
         starts: dict[Partition, int] = {}
@@ -496,6 +517,7 @@ class PositionedLoop:
                 time.sleep(delay)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._quiet.resume(consumer)  # the partitions it keeps fetch again
         parts = self._owned(partitions)
         try:
             self._commit(self._write(parts), asynchronous=False)  # hand over what is buffered
@@ -506,6 +528,7 @@ class PositionedLoop:
         self._forget(consumer, partitions, parts, lost=False)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._quiet.resume(consumer)
         # Another member owns them already: writing them now could only overlap its writes.
         self._forget(consumer, partitions, self._owned(partitions), lost=True)
 

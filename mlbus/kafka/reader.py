@@ -90,7 +90,11 @@ class TopicReader:
         self._stop.set()
 
     def __iter__(self) -> Iterator[Consumed]:
-        consumer = Consumer(self.kafka.consumer(None, **{"enable.partition.eof": True}))
+        eof = {"enable.partition.eof": True}
+        # A read to the end sees each end a fetch wait after its last record: a short one
+        # unless it follows (and then polls while idle).
+        conf = self.kafka.consumer(None, **eof) if self.follow else self.kafka.lookup(**eof)
+        consumer = Consumer(conf)
         try:
             partitions = all_partitions(consumer, self.kafka, self.topics)
             skipping: set[tuple[str, int]] = set()

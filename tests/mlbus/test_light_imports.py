@@ -1,6 +1,7 @@
 """The services that never run a model idle without torch: importing what their entry point
 builds (mlbus/services.py `build`) must not import it, so a quiet `mlbus up` stays light
-(bench/idle.py)."""
+(bench/idle.py). Those that read or write Parquet only when a dataset or a record comes (the
+validator, the archiver, the API) load pyarrow then, not at start."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import mlbus.cli.services as services_cli
 from mlbus.cli.services import polling
 from mlbus.kafka import config
-from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.config import LOOKUP_FETCH_WAIT_MS, QUIET_FETCH_WAIT_MS, KafkaConfig
 from mlbus.services import SERVICES, service
 
 pytestmark = pytest.mark.unit
@@ -30,7 +31,14 @@ LIGHT = {
     "lineage": ["mlbus.cli.lineage", "mlbus.consumers.lineage.live"],
     "archive": ["mlbus.cli.archive", "mlbus.consumers.archive.writer"],
     "streams": ["mlbus.cli.streams", "mlbus.streams.app"],
-    "api": ["mlbus.cli.api", "mlbus.cli.control_plane"],
+    "api": ["mlbus.cli.api", "mlbus.cli.control_plane", "mlbus.datasets.api"],
+}
+
+#: service → the heavy modules it must start without (besides torch).
+WITHOUT = {
+    "validator": ["pyarrow", "numpy"],
+    "archive": ["pyarrow", "numpy"],
+    "api": ["pyarrow", "numpy"],
 }
 
 
@@ -42,8 +50,9 @@ def test_every_light_service_is_a_service() -> None:
 
 @pytest.mark.parametrize("name", sorted(LIGHT))
 def test_a_light_service_starts_without_torch(name: str) -> None:
+    heavy = ["torch", *WITHOUT.get(name, [])]
     imports = "; ".join(f"import {m}" for m in LIGHT[name])
-    code = f"import sys; {imports}; print('torch' in sys.modules)"
+    code = f"import sys; {imports}; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -51,7 +60,7 @@ def test_a_light_service_starts_without_torch(name: str) -> None:
         check=True,
         env=os.environ | {"PYTHONPATH": os.getcwd()},
     )
-    assert out.stdout.strip() == "False", f"{name} imports torch at start"
+    assert out.stdout.strip() == "[]", f"{name} imports {out.stdout.strip()} at start"
 
 
 def test_families_check_hyperparameters_without_torch_and_build_with_it() -> None:
@@ -72,10 +81,16 @@ def test_each_service_polls_the_embedded_broker_at_its_own_pace(monkeypatch) -> 
     monkeypatch.delenv("MLBUS_KAFKA__FETCH_WAIT_MAX_MS", raising=False)
     embedded = KafkaConfig("127.0.0.1:9092", embedded=True)
     assert embedded.consumer("g")["fetch.wait.max.ms"] == 10  # the tests' profile
-    polling(service("archive"))
-    assert embedded.consumer("g")["fetch.wait.max.ms"] == 1000
+    polling(service("lineage"))
+    assert embedded.consumer("g")["fetch.wait.max.ms"] == 2000
+    # Where `mlbus up` keeps a journal, idle consumers do not fetch: a short wait then.
+    journaled = KafkaConfig("127.0.0.1:9092", embedded=True, journal="/data/journal")
+    assert journaled.consumer("g")["fetch.wait.max.ms"] == QUIET_FETCH_WAIT_MS
     polling(service("serve"))
-    assert embedded.consumer(None)["fetch.wait.max.ms"] == service("serve").fetch_wait_ms == 500
+    assert embedded.consumer(None)["fetch.wait.max.ms"] == service("serve").fetch_wait_ms == 1000
+    # A lookup (a view read to its end, then left) sees the end within a short wait.
+    assert embedded.lookup()["fetch.wait.max.ms"] == LOOKUP_FETCH_WAIT_MS
     assert "fetch.wait.max.ms" not in KafkaConfig("kafka:9092").consumer("g")  # Kafka's
     mine = KafkaConfig("127.0.0.1:9092", embedded=True, extra={"fetch.wait.max.ms": "5"})
     assert mine.consumer("g")["fetch.wait.max.ms"] == "5"  # the user's choice wins
+    assert mine.lookup()["fetch.wait.max.ms"] == "5"

@@ -1,15 +1,19 @@
 """The log view against the real broker: a catch-up reads every partition of every topic to
 its end with each event's position, a later catch-up reads only what came since, a started
-view follows, a record that does not decode is skipped (not fatal, not dead-lettered), and
-stop joins the thread."""
+view follows, a lookup view that starts following keeps its positions, a quiet view stops
+fetching until the journal has a record for it, a record that does not decode is skipped
+(not fatal, not dead-lettered), and stop joins the thread."""
 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 
 from mlbus.errors import TransientError
+from mlbus.journal.capture import Capture
+from mlbus.kafka import quiet
 from mlbus.kafka.logview import LogView, Positioned
 from tests.mlbus.kafka.support import (
     dataset,
@@ -92,6 +96,58 @@ def test_a_started_view_catches_up_then_follows(kafka):
     finally:
         view.stop()
     assert len(seen) == len(set(seen)) == 11
+
+
+def test_a_lookup_view_that_starts_following_keeps_its_positions(kafka):
+    # Catch-ups alone use a client that waits briefly per fetch; following needs another
+    # (the process's fetch wait): the switch loses and repeats nothing.
+    before = publish(kafka, _progress(5))
+    seen: list[str] = []
+    with LogView(kafka, ["training.progress"], on_event=lambda i: seen.append(i.event.id)) as view:
+        assert sorted(i.event.id for i in view.catch_up()) == sorted(r.id for r in before)
+        between = publish(kafka, _progress(3, start=20))
+        items: list[Positioned] = []
+
+        def polled(n: int) -> bool:
+            items.extend(view.poll(0.2))
+            return len(items) >= n
+
+        wait_until(lambda: polled(3), lambda: f"polled events ({len(items)} of 3)")
+        assert sorted(i.event.id for i in items) == sorted(r.id for r in between)
+        after = publish(kafka, _progress(2, start=40))
+        wait_until(lambda: polled(5), lambda: f"followed events ({len(items)} of 5)")
+        assert view.catch_up() == []
+    assert sorted(seen) == sorted(r.id for r in before + between + after)
+    assert len(seen) == len(set(seen))
+
+
+def test_a_quiet_view_stops_fetching_and_the_journal_wakes_it(kafka, tmp_path, monkeypatch):
+    # Where `mlbus up` keeps a journal, a followed view that has read nothing for a while
+    # pauses its partitions (an idle fetch costs the broker) and resumes when the journal
+    # has a record past its positions (only then, here: no wake-up by time).
+    monkeypatch.setattr(quiet, "QUIET_AT_MOST", 3600.0)
+    monkeypatch.setattr(quiet, "QUIET_AFTER", 1.0)
+    journal = tmp_path / "journal"
+    capture = Capture(kafka, journal, sync_seconds=0.05)
+    capture.start()
+    seen: list[str] = []
+    view = LogView(
+        replace(kafka, journal=str(journal)),
+        ["training.progress"],
+        on_event=lambda i: seen.append(i.event.id),
+    )
+    view.start()
+    try:
+        assert view.wait(30), "the view never caught up"
+        for expected in (3, 6):
+            wait_until(lambda: view.quiet, "the view to go quiet")
+            sent = publish(kafka, _progress(3, start=expected))
+            wait_until(lambda n=expected: len(seen) == n, lambda: f"events seen: {seen}")
+            assert sorted(seen[-3:]) == sorted(r.id for r in sent)
+    finally:
+        view.stop()
+        capture.stop()
+    assert len(seen) == len(set(seen)) == 6
 
 
 def test_a_record_that_does_not_decode_is_skipped_not_fatal_and_not_dead_lettered(kafka):

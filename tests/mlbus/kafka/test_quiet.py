@@ -1,0 +1,110 @@
+"""Idle consumers where `mlbus up` keeps a journal (mlbus/kafka/quiet.py), against the real
+broker and a real journal capture: the consumer loop and the positioned loop stop fetching
+once idle, and the journal wakes them for the next records, which they handle once each
+(the log view's case is in test_logview.py)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mlbus.journal.capture import Capture
+from mlbus.kafka import quiet
+from mlbus.kafka.config import KafkaConfig
+from mlbus.kafka.consumer import ConsumerLoop
+from mlbus.kafka.positioned import Batch, Partition, PositionedLoop
+from tests.mlbus.kafka.support import DEADLINE, progress, publish, wait_until
+
+TOPIC = "training.progress"
+
+
+@pytest.fixture
+def journaled(kafka: KafkaConfig, tmp_path: Path, monkeypatch) -> Iterator[KafkaConfig]:
+    """`kafka` with a journal capture running, as under `mlbus up`; a quiet consumer wakes
+    only through the journal here (no wake-up by time), and is quiet after a second idle."""
+    monkeypatch.setattr(quiet, "QUIET_AT_MOST", 3600.0)
+    monkeypatch.setattr(quiet, "QUIET_AFTER", 1.0)
+    journal = tmp_path / "journal"
+    capture = Capture(kafka, journal, sync_seconds=0.05)
+    capture.start()
+    try:
+        yield replace(kafka, journal=str(journal))
+    finally:
+        capture.stop()
+
+
+def _events(n: int, start: int) -> list:
+    return [progress(run_id=f"r{i}", model=f"m{i}", epoch=1) for i in range(start, start + n)]
+
+
+def _in_thread(run) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run(install_signal_handlers=False)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_an_idle_consumer_loop_stops_fetching_and_the_journal_wakes_it(journaled, group):
+    seen: list[str] = []
+    loop = ConsumerLoop(
+        journaled, group=group, name="quiet", handlers={TOPIC: lambda e, r: seen.append(e.id)}
+    )
+    thread, errors = _in_thread(loop.run)
+    try:
+        for total in (4, 8):
+            wait_until(lambda: loop.quiet, "the loop to go quiet")
+            sent = publish(journaled, _events(4, total))
+            wait_until(lambda n=total: len(seen) >= n, lambda: f"handled: {len(seen)}")
+            assert sorted(seen[-4:]) == sorted(r.id for r in sent)
+    finally:
+        loop.stop()
+        thread.join(DEADLINE)
+    assert not errors, errors
+    assert len(seen) == len(set(seen)) == 8
+
+
+class Rows:
+    """A sink that keeps rows and positions in memory."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Partition, int]] = []
+        self.stored: dict[Partition, int] = {}
+
+    def positions(self, partitions: list[Partition]) -> Mapping[Partition, int]:
+        return {p: self.stored[p] for p in partitions if p in self.stored}
+
+    def write(self, batch: Batch, positions: Mapping[Partition, int]) -> None:
+        self.rows += [(p, m.offset()) for p, ms in batch.items() for m in ms]
+        self.stored.update(positions)
+
+    def release(self, partitions: list[Partition], *, lost: bool) -> None:
+        pass
+
+
+def test_an_idle_positioned_loop_stops_fetching_and_the_journal_wakes_it(journaled, group):
+    publish(journaled, _events(5, 0))  # read before it goes quiet
+    sink = Rows()
+    loop = PositionedLoop(journaled, sink, group=group, topics=[TOPIC], name="quiet")
+    thread, errors = _in_thread(loop.run)
+    try:
+        for total in (5, 10):
+            wait_until(lambda: loop.quiet, "the loop to go quiet")
+            assert len(sink.rows) == total
+            publish(journaled, _events(5, total))
+            wait_until(lambda n=total: len(sink.rows) >= n + 5, lambda: f"rows: {len(sink.rows)}")
+    finally:
+        loop.stop()
+        thread.join(DEADLINE)
+    assert not errors, errors
+    assert len(sink.rows) == len(set(sink.rows)) == 15
