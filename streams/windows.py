@@ -149,10 +149,11 @@ class Agg:
         """One `inference.logged` payload, as `decode_dict` gives it (optional fields may
         be missing: the contract's defaults apply)."""
         self.n += 1
-        if not data.get("ok", True):
+        get = data.get
+        if not get("ok", True):
             # A refusal of the client's input (4xx) is not the server's failure; a record
             # of an older server has no status, and its failure counts as the server's.
-            status = data.get("status")
+            status = get("status")
             if status is not None and 400 <= status < 500:
                 self.client_errors += 1
             else:
@@ -168,21 +169,21 @@ class Agg:
         self.lat_sum += latency
         if latency > self.lat_max:
             self.lat_max = latency
-        agreement = data.get("agreement")
+        agreement = get("agreement")
         if agreement is not None:
             self.shadowed += 1
             self.agree_sum += agreement
-        predictions = data.get("predictions")
+        predictions = get("predictions")
         if predictions:
             classes = self.classes
             for p in predictions:
                 label = p if isinstance(p, str) else str(p)
                 classes[label] = classes.get(label, 0) + 1
         bins = self.bins
-        inputs = data.get("inputs")
+        inputs = get("inputs")
         if bins is None or not inputs or isinstance(baseline, str):
             return
-        names = data.get("feature_names") or baseline.positional
+        names = get("feature_names") or baseline.positional
         plan = self._plan
         if plan is None or plan[0] is not baseline or plan[1] is not bins or plan[2] != names:
             plan = self._plan = (baseline, bins, names, _binning(names, baseline, bins))
