@@ -146,8 +146,9 @@ class Agg:
         self.bins = {name: [0] * len(f.expected) for name, f in baseline.features.items()}
 
     def add(self, data: Mapping[str, Any], baseline: Baseline | str) -> None:
-        """One `inference.logged` payload, as `decode_dict` gives it (optional fields may
-        be missing: the contract's defaults apply)."""
+        """One `inference.logged` payload, as the processor's decode gives it
+        (streams/logged.py: the fields in its `READ` validated by the contract's rules;
+        optional fields may be missing, and the contract's defaults apply)."""
         self.n += 1
         get = data.get
         if not get("ok", True):
@@ -430,7 +431,8 @@ class Engine:
     # -- the stream ------------------------------------------------------------------------
 
     def apply(self, partition: int, offset: int, time_ms: int, data: Mapping[str, Any]) -> None:
-        """One record: `data` is its `inference.logged` payload as `decode_dict` gives it."""
+        """One record: `data` is its `inference.logged` payload as the processor's decode
+        gives it (streams/logged.py)."""
         key = (data["model"], data["version"])
         s = self.series.get(key)
         if s is None:
