@@ -224,6 +224,23 @@ class Agg:
         if self.note is None:
             self.note = other.note
 
+    def add_counts(self, other: Agg, sign: int) -> None:
+        """Add (`sign` 1) or take away (-1) `other`'s counts: the integer parts of `merge`,
+        which `_hopping_view` slides; keys whose count comes back to 0 are removed, so that
+        the result holds what a `merge` of the remaining windows holds."""
+        self.n += sign * other.n
+        self.errors += sign * other.errors
+        self.client_errors += sign * other.client_errors
+        self.zero += sign * other.zero
+        self.shadowed += sign * other.shadowed
+        _add_counts(self.lat, other.lat, sign)
+        _add_counts(self.classes, other.classes, sign)
+        if self.bins is not None and other.bins is not None:
+            for name, counts in other.bins.items():
+                row = self.bins[name]
+                for i, c in enumerate(counts):
+                    row[i] += sign * c
+
     def metrics(
         self,
         model: str,
@@ -322,6 +339,7 @@ class Series:
         "alerts",
         "closed_until",
         "hop_until",
+        "hopping",
         "model",
         "offset",
         "open",
@@ -339,6 +357,10 @@ class Series:
         self.recent: list[Agg] = []  # closed tumbling windows the hopping view still needs
         self.hop_until = _NEVER
         self.closed_until = _NEVER
+        # The last hopping view merged and its members (in memory only: rebuilt by a full
+        # merge after a restore), so that the next one adds and removes the windows that
+        # differ instead of merging all of them again.
+        self.hopping: tuple[list[Agg], Agg] | None = None
         self.alerts: dict[str, Any] = {}
 
     @property
@@ -552,9 +574,7 @@ class Engine:
             members = [w for w in s.recent if w.start >= b - hopping and w.end <= b]
             if not members:
                 continue
-            merged = Agg(b - hopping, b)
-            for w in members:
-                merged.merge(w)
+            merged = _hopping_view(s, members, b - hopping, b)
             metrics = merged.metrics(s.model, s.version, "hopping", self.baselines)
             self._emit(metrics, event_id("metrics", s.model, s.version, "hopping", b - hopping), b)
         s.hop_until = hop_limit
@@ -574,3 +594,61 @@ class Engine:
 
     def _emit(self, payload: Payload, eid: str, at_ms: int) -> None:
         self.outbox.append((payload, eid, _ts(at_ms)))
+
+
+def _add_counts(mine: dict[Any, int], theirs: Mapping[Any, int], sign: int) -> None:
+    for key, count in theirs.items():
+        total = mine.get(key, 0) + sign * count
+        if total:
+            mine[key] = total
+        else:
+            mine.pop(key, None)
+
+
+def _hopping_view(s: Series, members: list[Agg], start: int, end: int) -> Agg:
+    """The merge of `members` (closed tumbling windows, in order) as one hopping window.
+    Where the series' last view had the same kind of members (every one with bins for one
+    dataset, over the same features: then `merge` is a plain sum), it is slid: the windows
+    that left are taken away, those that came added. The float sums are added again from
+    the members in order, as `merge` adds them, so the figures are the same to the bit."""
+    previous = s.hopping
+    if previous is not None and _summable(previous[1], members):
+        old, merged = previous
+        kept = {id(w) for w in members}
+        gone = [w for w in old if id(w) not in kept]
+        had = {id(w) for w in old}
+        new = [w for w in members if id(w) not in had]
+        if [w for w in old if id(w) in kept] == [w for w in members if id(w) in had]:
+            for w in gone:
+                merged.add_counts(w, -1)
+            for w in new:
+                merged.add_counts(w, 1)
+            merged.start, merged.end = start, end
+            merged.lat_sum = merged.agree_sum = 0.0
+            merged.lat_max = 0.0
+            for w in members:
+                merged.lat_sum += w.lat_sum
+                merged.lat_max = max(merged.lat_max, w.lat_max)
+                merged.agree_sum += w.agree_sum
+            s.hopping = (members, merged)
+            return merged
+    merged = Agg(start, end)
+    for w in members:
+        merged.merge(w)
+    s.hopping = (members, merged) if _summable(merged, members) else None
+    return merged
+
+
+def _summable(merged: Agg, members: list[Agg]) -> bool:
+    """Every member has bins of `merged`'s dataset over `merged`'s features and no note:
+    what `merge` then does is a sum."""
+    bins, dataset = merged.bins, merged.dataset
+    if bins is None or dataset is None or merged.note is not None:
+        return False
+    return all(
+        w.bins is not None
+        and w.dataset == dataset
+        and w.note is None
+        and w.bins.keys() == bins.keys()
+        for w in members
+    )
