@@ -145,14 +145,15 @@ def test_what_is_not_an_event_is_refused_with_the_codecs_reason(value: bytes | N
     assert ours.value.reason == codec.value.reason
 
 
-def test_fields_the_engine_does_not_read_do_not_stop_a_record() -> None:
-    """An empty request_id cannot change a window: the record is counted, as it would be
-    were the field valid."""
-    event = record(request_id="", replica="")
-    with pytest.raises(InvalidEvent):
-        decode_dict(orjson.dumps(event), expected_type=TYPE)
-    data = logged_decoder()(orjson.dumps(event))["data"]
-    assert (data["model"], data["version"], data["latency_seconds"]) == ("clf", "v1", 0.02)
+def test_a_record_broken_where_the_engine_does_not_read_is_refused_too() -> None:
+    """An empty request_id cannot change a window, but the record is invalid: dead-lettered
+    with the codec's reason, never aggregated."""
+    event = orjson.dumps(record(request_id="", replica=""))
+    with pytest.raises(InvalidEvent) as codec:
+        decode_dict(event, expected_type=TYPE)
+    with pytest.raises(InvalidEvent) as ours:
+        logged_decoder()(event)
+    assert ours.value.reason == codec.value.reason
 
 
 def _keys_read(function: Any) -> set[str]:
@@ -185,7 +186,8 @@ def test_read_covers_every_payload_field_the_engine_reads() -> None:
     assert {"model", "version", "latency_seconds", "inputs"} <= read  # the walk finds them
     assert read <= READ
     assert set(READ) <= set(InferenceLogged.model_fields)
-    assert {"type", "time"} == ENVELOPE_READ
+    assert {"type", "time", "id", "source"} <= ENVELOPE_READ
+    assert set(READ) == set(InferenceLogged.model_fields)
 
 
 def test_the_processor_dead_letters_a_broken_record_with_its_reason_and_goes_on() -> None:
