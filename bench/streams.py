@@ -13,7 +13,9 @@ one at MLBUS_BENCH_BOOTSTRAP), over the same pre-produced `inference.logged` top
                     against the training histogram): the baseline of the faust app
 3. faust app        `streams.app.StreamsApp` in this process: faust app whose transport hands
                     the agent's topic over a fetch at a time (streams/transport.py), the
-                    codec's validated decode (`decode_dict`), the window engine, its table
+                    decode of what the engine reads (streams/logged.py: the contract's
+                    rules for those fields; refused records to the codec's decode and the
+                    dead letters), the window engine, its table
                     changelog (producer_max_batch_size=1), outputs through the EventProducer;
                     the feedback join off (`streams.feedback=false`): the windowed
                     aggregation alone, what the hand loop and quixstreams compute
@@ -25,8 +27,9 @@ one at MLBUS_BENCH_BOOTSTRAP), over the same pre-produced `inference.logged` top
                     of a separate environment (`make bench-peers`, bench/peers/README.md; found
                     through --quix-python or MLBUS_BENCH_QUIX_PYTHON); skipped, and said so,
                     when that environment is missing
-5. breakdown        without a broker: codec decode_dict alone, engine apply alone (where the
-                    faust app's time goes)
+5. breakdown        without a broker: the codec's decode_dict (every field validated), the
+                    app's decode (streams/logged.py), engine apply alone (where the faust
+                    app's time goes)
 
 Rates are timed from the first batch in hand to the last record processed, so the group
 join and table recovery are excluded. Raw, hand loop and app are run `--repeat` times (the
@@ -338,12 +341,18 @@ def quix_rate(
 
 
 def breakdown(data: list[tuple[str, bytes]]) -> dict[str, float]:
+    from mlbus.streams.logged import logged_decoder
     from mlbus.streams.windows import Engine, WindowConfig
 
     values = [v for _, v in data]
     t0 = time.perf_counter()
     events = [decode_dict(v, expected_type="inference.logged") for v in values]
     decode_rate = len(values) / (time.perf_counter() - t0)
+    read = logged_decoder()
+    t0 = time.perf_counter()
+    for v in values:
+        read(v)
+    read_rate = len(values) / (time.perf_counter() - t0)
     baselines = Baselines()
     for payload in baseline():
         baselines.add(wrap(payload, source="bench"))
@@ -357,7 +366,12 @@ def breakdown(data: list[tuple[str, bytes]]) -> dict[str, float]:
     for v in values:
         _aggregate(windows, v)
     hand_rate = len(values) / (time.perf_counter() - t0)
-    return {"codec_decode": decode_rate, "engine_apply": apply_rate, "hand_aggregate": hand_rate}
+    return {
+        "codec_decode": decode_rate,
+        "app_decode": read_rate,
+        "engine_apply": apply_rate,
+        "hand_aggregate": hand_rate,
+    }
 
 
 class Report(Figures):

@@ -39,8 +39,9 @@ from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import Consumed
 from mlbus.kafka.deadletter import dead_letter, dead_letter_headers
 from mlbus.kafka.producer import EventProducer
-from mlbus.schemas.codec import decode_dict, dict_decoder
+from mlbus.schemas.codec import decode_dict
 from mlbus.streams.exporter import Exporter
+from mlbus.streams.logged import logged_decoder
 from mlbus.streams.windows import Engine
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class StreamProcessor:
         self._revocations = 0  # revocations seen: a batch being applied stops at one
         self.processed = 0
         self.deadlettered = 0
-        self._decode = dict_decoder(EVENT_TYPE, kafka.max_event_bytes)
+        self._decode = logged_decoder(kafka.max_event_bytes)
 
     # -- the agent's batches ---------------------------------------------------------------
 
@@ -290,16 +291,18 @@ class StreamProcessor:
         max_bytes = self.kafka.max_event_bytes
         last_record, last_offset = self._last_record, self._last_offset
         last_message = self._last_message
+        restored = self._restored
+        processed = 0
         for message in messages:
             partition = message.partition
-            if partition not in self._restored:
+            if partition not in restored:
                 self._restore(partition)
             last_record[partition] = now
             last_offset[partition] = message.offset
             last_message[partition] = message
             try:
                 try:
-                    event = decode(message.value)  # decode_dict, structured mode
+                    event = decode(message.value)  # structured mode: what the engine reads
                 except InvalidEvent:
                     if not message.headers:
                         raise
@@ -317,7 +320,8 @@ class StreamProcessor:
             at = event.get("time")
             time_ms = round(at.timestamp() * 1000) if at is not None else _record_ms(message)
             apply(partition, message.offset, time_ms, event["data"])
-            self.processed += 1
+            processed += 1
+        self.processed += processed
         self.exporter.records.inc(len(messages) if isinstance(messages, Sequence) else 0)
 
     def highwater(self, partition: int) -> int | None:

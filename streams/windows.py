@@ -146,13 +146,15 @@ class Agg:
         self.bins = {name: [0] * len(f.expected) for name, f in baseline.features.items()}
 
     def add(self, data: Mapping[str, Any], baseline: Baseline | str) -> None:
-        """One `inference.logged` payload, as `decode_dict` gives it (optional fields may
-        be missing: the contract's defaults apply)."""
+        """One `inference.logged` payload, as the processor's decode gives it
+        (streams/logged.py: the fields in its `READ` validated by the contract's rules;
+        optional fields may be missing, and the contract's defaults apply)."""
         self.n += 1
-        if not data.get("ok", True):
+        get = data.get
+        if not get("ok", True):
             # A refusal of the client's input (4xx) is not the server's failure; a record
             # of an older server has no status, and its failure counts as the server's.
-            status = data.get("status")
+            status = get("status")
             if status is not None and 400 <= status < 500:
                 self.client_errors += 1
             else:
@@ -168,21 +170,21 @@ class Agg:
         self.lat_sum += latency
         if latency > self.lat_max:
             self.lat_max = latency
-        agreement = data.get("agreement")
+        agreement = get("agreement")
         if agreement is not None:
             self.shadowed += 1
             self.agree_sum += agreement
-        predictions = data.get("predictions")
+        predictions = get("predictions")
         if predictions:
             classes = self.classes
             for p in predictions:
                 label = p if isinstance(p, str) else str(p)
                 classes[label] = classes.get(label, 0) + 1
         bins = self.bins
-        inputs = data.get("inputs")
+        inputs = get("inputs")
         if bins is None or not inputs or isinstance(baseline, str):
             return
-        names = data.get("feature_names") or baseline.positional
+        names = get("feature_names") or baseline.positional
         plan = self._plan
         if plan is None or plan[0] is not baseline or plan[1] is not bins or plan[2] != names:
             plan = self._plan = (baseline, bins, names, _binning(names, baseline, bins))
@@ -221,6 +223,23 @@ class Agg:
                         mine[i] += c
         if self.note is None:
             self.note = other.note
+
+    def add_counts(self, other: Agg, sign: int) -> None:
+        """Add (`sign` 1) or take away (-1) `other`'s counts: the integer parts of `merge`,
+        which `_hopping_view` slides; keys whose count comes back to 0 are removed, so that
+        the result holds what a `merge` of the remaining windows holds."""
+        self.n += sign * other.n
+        self.errors += sign * other.errors
+        self.client_errors += sign * other.client_errors
+        self.zero += sign * other.zero
+        self.shadowed += sign * other.shadowed
+        _add_counts(self.lat, other.lat, sign)
+        _add_counts(self.classes, other.classes, sign)
+        if self.bins is not None and other.bins is not None:
+            for name, counts in other.bins.items():
+                row = self.bins[name]
+                for i, c in enumerate(counts):
+                    row[i] += sign * c
 
     def metrics(
         self,
@@ -320,6 +339,7 @@ class Series:
         "alerts",
         "closed_until",
         "hop_until",
+        "hopping",
         "model",
         "offset",
         "open",
@@ -337,6 +357,10 @@ class Series:
         self.recent: list[Agg] = []  # closed tumbling windows the hopping view still needs
         self.hop_until = _NEVER
         self.closed_until = _NEVER
+        # The last hopping view merged and its members (in memory only: rebuilt by a full
+        # merge after a restore), so that the next one adds and removes the windows that
+        # differ instead of merging all of them again.
+        self.hopping: tuple[list[Agg], Agg] | None = None
         self.alerts: dict[str, Any] = {}
 
     @property
@@ -429,7 +453,8 @@ class Engine:
     # -- the stream ------------------------------------------------------------------------
 
     def apply(self, partition: int, offset: int, time_ms: int, data: Mapping[str, Any]) -> None:
-        """One record: `data` is its `inference.logged` payload as `decode_dict` gives it."""
+        """One record: `data` is its `inference.logged` payload as the processor's decode
+        gives it (streams/logged.py)."""
         key = (data["model"], data["version"])
         s = self.series.get(key)
         if s is None:
@@ -549,9 +574,7 @@ class Engine:
             members = [w for w in s.recent if w.start >= b - hopping and w.end <= b]
             if not members:
                 continue
-            merged = Agg(b - hopping, b)
-            for w in members:
-                merged.merge(w)
+            merged = _hopping_view(s, members, b - hopping, b)
             metrics = merged.metrics(s.model, s.version, "hopping", self.baselines)
             self._emit(metrics, event_id("metrics", s.model, s.version, "hopping", b - hopping), b)
         s.hop_until = hop_limit
@@ -571,3 +594,61 @@ class Engine:
 
     def _emit(self, payload: Payload, eid: str, at_ms: int) -> None:
         self.outbox.append((payload, eid, _ts(at_ms)))
+
+
+def _add_counts(mine: dict[Any, int], theirs: Mapping[Any, int], sign: int) -> None:
+    for key, count in theirs.items():
+        total = mine.get(key, 0) + sign * count
+        if total:
+            mine[key] = total
+        else:
+            mine.pop(key, None)
+
+
+def _hopping_view(s: Series, members: list[Agg], start: int, end: int) -> Agg:
+    """The merge of `members` (closed tumbling windows, in order) as one hopping window.
+    Where the series' last view had the same kind of members (every one with bins for one
+    dataset, over the same features: then `merge` is a plain sum), it is slid: the windows
+    that left are taken away, those that came added. The float sums are added again from
+    the members in order, as `merge` adds them, so the figures are the same to the bit."""
+    previous = s.hopping
+    if previous is not None and _summable(previous[1], members):
+        old, merged = previous
+        kept = {id(w) for w in members}
+        gone = [w for w in old if id(w) not in kept]
+        had = {id(w) for w in old}
+        new = [w for w in members if id(w) not in had]
+        if [w for w in old if id(w) in kept] == [w for w in members if id(w) in had]:
+            for w in gone:
+                merged.add_counts(w, -1)
+            for w in new:
+                merged.add_counts(w, 1)
+            merged.start, merged.end = start, end
+            merged.lat_sum = merged.agree_sum = 0.0
+            merged.lat_max = 0.0
+            for w in members:
+                merged.lat_sum += w.lat_sum
+                merged.lat_max = max(merged.lat_max, w.lat_max)
+                merged.agree_sum += w.agree_sum
+            s.hopping = (members, merged)
+            return merged
+    merged = Agg(start, end)
+    for w in members:
+        merged.merge(w)
+    s.hopping = (members, merged) if _summable(merged, members) else None
+    return merged
+
+
+def _summable(merged: Agg, members: list[Agg]) -> bool:
+    """Every member has bins of `merged`'s dataset over `merged`'s features and no note:
+    what `merge` then does is a sum."""
+    bins, dataset = merged.bins, merged.dataset
+    if bins is None or dataset is None or merged.note is not None:
+        return False
+    return all(
+        w.bins is not None
+        and w.dataset == dataset
+        and w.note is None
+        and w.bins.keys() == bins.keys()
+        for w in members
+    )

@@ -8,7 +8,7 @@ import random
 
 from mlbus.schemas.codec import wrap
 from mlbus.settings import StreamsSettings
-from mlbus.streams import sketch
+from mlbus.streams import sketch, windows
 from mlbus.streams.drift import Baselines
 from mlbus.streams.windows import Engine, WindowConfig
 from tests.streams.support import BASE_MS, baseline_events, history, lower_quantile
@@ -133,3 +133,28 @@ def test_a_shadows_windows_carry_its_agreement_with_the_answers_returned():
     agg.add({"latency_seconds": 0.01, "agreement": 0.5}, "no baseline")
     again = Agg.from_json(agg.to_json())
     assert (again.shadowed, again.agree_sum) == (1, 0.5)
+
+
+def test_the_slid_hopping_view_is_the_full_merge_to_the_bit(monkeypatch):
+    """Each hopping view after the first takes away the windows that left and adds the new
+    ones (windows._hopping_view): the same figures, float sums included, as merging all of
+    its windows again."""
+    h = history(total=6000, windows=16)
+
+    def run() -> list[str]:
+        e = engine()
+        for offset, (payload, t) in enumerate(h.payloads):
+            e.apply(0, offset, t, payload.model_dump())
+        e.idle(0, NOW_MS)
+        return outputs(e)
+
+    slid_calls = []
+    add_counts = windows.Agg.add_counts
+    monkeypatch.setattr(
+        windows.Agg, "add_counts", lambda self, o, s: slid_calls.append(s) or add_counts(self, o, s)
+    )
+    slid = run()
+    assert slid_calls.count(-1) > 10  # windows left views that were slid, not merged again
+    monkeypatch.setattr(windows, "_summable", lambda *_: False)  # every view merged in full
+    assert run() == slid
+    assert any('"hopping"' in line for line in slid)
