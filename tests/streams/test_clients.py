@@ -153,23 +153,32 @@ def test_mlbus_up_streams_reads_on_after_a_broker_replacement_and_stops_cleanly(
 
         os.kill(int(first["broker_pid"]), signal.SIGKILL)
         wait_gone(int(first["broker_pid"]))
+        # The restore and the re-join take several times longer on a loaded machine (a
+        # restore of this journal took 10-11 s at load 6-10): the waits are generous.
         up.wait_for(
             lambda: up.state().get("broker_pid") not in (None, first["broker_pid"]),
             "a new broker behind the gate",
+            timeout=120,
         )
         produce(gated, records[half:])
+        seen: list[int] = []
         up.wait_for(
-            lambda: committed(gated) == len(records),
-            "every record committed by the streams service on the new broker",
-            timeout=120,
+            lambda: seen.append(committed(gated)) or seen[-1] == len(records),
+            lambda: (
+                f"all {len(records)} records committed by the streams service on the new "
+                f"broker (last committed sums: {seen[-5:]})"
+            ),
+            timeout=300,
         )
         assert up.services()["streams"]["pid"] == before, "the streams service was restarted"
 
         up.proc.send_signal(signal.SIGTERM)
         try:
-            code = up.proc.wait(15)  # the supervisor's grace is 20 s
+            # A service the supervisor had to kill (after its 20 s grace) is caught below by
+            # the output; the wait itself allows for a loaded machine.
+            code = up.proc.wait(60)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"mlbus up still stopping 15 s after SIGTERM:\n{up.output()}")
+            pytest.fail(f"mlbus up still stopping 60 s after SIGTERM:\n{up.output()}")
         up._reader.join(5)
         assert code == 0, up.output()
         out = "".join(up.lines)

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +72,19 @@ class Platform:
     def output(self) -> str:
         return "".join(self.lines)[-6000:]
 
-    def wait_for(self, condition: Any, what: str, timeout: float = 60.0) -> Any:
+    def wait_for(self, condition: Any, what: str | Callable[[], str], timeout: float = 60.0) -> Any:
+        """Poll `condition` until it is true; `what` (or what it returns, for a message that
+        says where things stood) names it in the failure."""
         deadline = time.monotonic() + timeout
         while not (found := condition()):
             if self.proc.poll() is not None:
                 pytest.fail(
-                    f"mlbus up exited ({self.proc.returncode}) waiting for {what}:\n{self.output()}"
+                    f"mlbus up exited ({self.proc.returncode}) waiting for "
+                    f"{what() if callable(what) else what}:\n{self.output()}"
                 )
             if time.monotonic() > deadline:
-                pytest.fail(f"{what} within {timeout:.0f}s\n{self.output()}")
+                said = what() if callable(what) else what
+                pytest.fail(f"{said} within {timeout:.0f}s\n{self.output()}")
             time.sleep(0.1)
         return found
 
