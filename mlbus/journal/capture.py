@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -236,16 +237,28 @@ class Capture:
     def _configs(self, topic: str) -> dict[str, str]:
         resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
         try:
-            entries = self._admin.describe_configs([resource])[resource].result(timeout=5.0)
+            entries = self._result(self._admin.describe_configs([resource])[resource])
         except (KafkaException, TimeoutError):
             return {}
         # The embedded broker answers with the configs the topic was created with (and flags
         # them all as defaults): kept as they are.
         return {k: v.value for k, v in entries.items() if v.value is not None}
 
+    def _result(self, future: Future[Any], timeout: float = 5.0) -> Any:
+        """An admin request's answer, waited for in short slices: when the broker dies the
+        wait ends at once (`abandon`), instead of holding the broker's replacement for the
+        rest of the request's timeout. TimeoutError when there is none."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except TimeoutError:
+                if self._lost or time.monotonic() >= deadline:
+                    raise
+
     def _snapshot_groups(self) -> None:
         try:
-            listed = self._admin.list_consumer_groups().result(timeout=5.0)
+            listed = self._result(self._admin.list_consumer_groups())
         except (KafkaException, TimeoutError) as e:
             log.warning("journal: cannot list consumer groups: %s", e)
             return
@@ -254,7 +267,7 @@ class Capture:
             request = [ConsumerGroupTopicPartitions(listing.group_id)]
             try:
                 future = self._admin.list_consumer_group_offsets(request)[listing.group_id]
-                result = future.result(timeout=5.0)
+                result = self._result(future)
             except (KafkaException, TimeoutError) as e:
                 log.warning("journal: offsets of group %s: %s", listing.group_id, e)
                 old = self._groups.get(listing.group_id)
