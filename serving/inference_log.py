@@ -139,7 +139,10 @@ class InferenceLog:
     def _run(self) -> None:
         while True:
             try:
-                first = self._queue.get(timeout=0.1)
+                # A sample wakes the thread at once; the timeout only paces the delivery
+                # reports: every 100 ms while records are in flight, every second when
+                # none are (a quiet server then wakes once a second, not ten times).
+                first = self._queue.get(timeout=0.1 if self.producer.in_flight() else 1.0)
             except queue.Empty:
                 self.producer.poll(0)  # delivery reports, in the background too
                 self._count_undelivered()

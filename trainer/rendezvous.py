@@ -142,6 +142,7 @@ class Joiner:
         self._pending: list[TrainingStarted] = []
         self._view = LogView(kafka, ["training.started"], name="rendezvous", on_event=self._see)
         self._stop = threading.Event()
+        self._seen = threading.Event()  # an announcement to join, or the stop
         self._thread = threading.Thread(target=self._run, name="rendezvous", daemon=True)
 
     def start(self) -> Joiner:
@@ -151,6 +152,7 @@ class Joiner:
 
     def stop(self) -> None:
         self._stop.set()
+        self._seen.set()
         self._view.stop()
         self._thread.join(10)
 
@@ -161,10 +163,16 @@ class Joiner:
         )
         if started.rendezvous and started.worker != self.worker and fresh:
             self._pending.append(started)
+            self._seen.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            while self._pending:
+        # Wakes on an announcement (or the stop), not on a timer: a waiting worker sleeps.
+        while True:
+            self._seen.wait()
+            self._seen.clear()
+            if self._stop.is_set():
+                return
+            while self._pending and not self._stop.is_set():
                 announced = self._pending.pop(0)
                 if not GROUP.acquire(blocking=False):
                     continue  # training a run of its own: not idle

@@ -32,7 +32,9 @@ def _api(cfg: Settings, host: str | None, port: int | None) -> None:
     import uvicorn
 
     from mlbus.cli.control_plane import create_app
+    from mlbus.cli.web import server
 
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(cfg), host=host or cfg.api.host, port=port or cfg.api.port, log_level="info"
     )
+    server(config).run()

@@ -4,13 +4,12 @@ requests in flight; the log reader, stream consumer and producers are closed) an
 
 from __future__ import annotations
 
-import signal
-from types import FrameType
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from mlbus.cli.common import app, kafka_config, settings
+from mlbus.cli.web import server as server_of
 from mlbus.services import Service, service
 from mlbus.settings import Settings
 
@@ -60,19 +59,6 @@ def _serve(manifest: Service, cfg: Settings, host: str | None, port: int | None)
         log_level="warning",
         timeout_graceful_shutdown=10,
     )
-    _graceful(uv).run()
-
-
-def _graceful(config: Any) -> Any:
-    """uvicorn's server, except that SIGTERM/SIGINT is a clean stop (exit 0): uvicorn
-    re-raises the signal once it has shut down, which makes the process die by it."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True  # a second Ctrl-C: do not wait any longer
-            else:
-                self.should_exit = True
-
-    return Server(config)
+    # SIGTERM/SIGINT is a clean stop (exit 0): uvicorn re-raises the signal once it has
+    # shut down, which would make the process die by it.
+    server_of(uv, clean_exit=True).run()

@@ -222,6 +222,10 @@ class EventProducer:
     def poll(self, timeout: float = 0.0) -> None:
         self._producer.poll(timeout)
 
+    def in_flight(self) -> int:
+        """Records queued or sent whose delivery report has not been served yet."""
+        return len(self._producer)
+
     def close(self, timeout: float = 30.0) -> None:
         """Confirm what is queued, then release the connections."""
         try:
