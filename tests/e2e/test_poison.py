@@ -58,7 +58,7 @@ READ_GROUPLESS: dict[str, frozenset[str]] = {
     "validator": frozenset({"dataset.validated"}),
     "trainer": frozenset({"dataset.created", "dataset.validated"}),
     "workflow": frozenset({"dataset.created", "model.rejected"}),
-    "serve": frozenset({"model.promoted", "deployment.updated"}),
+    "serve": frozenset({"model.promoted", "model.traffic", "deployment.updated"}),
     "streams": frozenset(
         {
             "dataset.created",
