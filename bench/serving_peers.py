@@ -209,7 +209,7 @@ def peer_versions(python: str) -> str:
 def find_python(peer: str, given: Mapping[str, str]) -> str | None:
     """The peer's environment's python: `--peer-python PEER=PATH`, else
     MLBUS_BENCH_<PEER>_PYTHON, else .bench-peers/<its environment>/bin/python."""
-    default = f".bench-peers/{ENVIRONMENTS[peer]}/bin/python"
+    default = str(ROOT / ".bench-peers" / ENVIRONMENTS[peer] / "bin" / "python")
     for candidate in (
         given.get(peer),
         os.environ.get(f"MLBUS_BENCH_{peer.upper()}_PYTHON"),
