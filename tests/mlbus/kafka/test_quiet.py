@@ -29,7 +29,10 @@ def journaled(kafka: KafkaConfig, tmp_path: Path, monkeypatch) -> Iterator[Kafka
     monkeypatch.setattr(quiet, "QUIET_AT_MOST", 3600.0)
     monkeypatch.setattr(quiet, "QUIET_AFTER", 1.0)
     journal = tmp_path / "journal"
-    capture = Capture(kafka, journal, sync_seconds=0.05)
+    # No snapshots of the groups' offsets: on the session broker, which holds every group
+    # the session's tests made, one snapshot (a request per group, in the capture's loop)
+    # can hold the capture away from fetching for longer than these tests wait.
+    capture = Capture(kafka, journal, sync_seconds=0.05, snapshot_seconds=3600.0)
     capture.start()
     try:
         yield replace(kafka, journal=str(journal))
