@@ -271,26 +271,12 @@ class ModelServer:
             raise
         labels = deployment.labels(probabilities)
         latency = time.perf_counter() - started
-        requests, latencies = self.metrics.answered(deployment.name, deployment.version, protocol)
-        requests.inc()
-        latencies.observe(latency)
+        self._answered(deployment, protocol, latency)
         request_id = request_id or new_event_id()
         self.feedback.answered.add(
             request_id, deployment.name, deployment.version, deployment.classes
         )
-        self.inference_log.offer(
-            Sample(
-                deployment.name,
-                deployment.version,
-                request_id,
-                latency,
-                True,
-                None,
-                labels,
-                deployment.features,
-                x if deployment.columns else None,
-            )
-        )
+        self._log(deployment, request_id, latency, x, True, labels=labels)
         answer = Answer(deployment, probabilities, labels)
         if shadow is not None:
             self.mirror(shadow, x, request_id, answer)
@@ -312,48 +298,63 @@ class ModelServer:
     ) -> None:
         assert deployment.batcher is not None
         started = time.perf_counter()
-        inputs = x if deployment.columns else None
+        returned = answer.deployment.version
         try:
             probabilities = await deployment.batcher.infer(x)
             labels = deployment.labels(probabilities)
         except Exception as e:  # the candidate's failure: logged as its own, never the caller's
             latency = time.perf_counter() - started
             self.metrics.refused(deployment.name, deployment.version, "shadow", "500", latency)
-            self.inference_log.offer(
-                Sample(
-                    deployment.name,
-                    deployment.version,
-                    request_id,
-                    latency,
-                    False,
-                    repr(e),
-                    None,
-                    deployment.features,
-                    inputs,
-                    500,
-                    shadow=True,
-                    answered_by=answer.deployment.version,
-                )
-            )
+            self._log(
+                deployment, request_id, latency, x, False, error=repr(e), status=500,
+                shadow=True, answered_by=returned,
+            )  # fmt: skip
             return
         latency = time.perf_counter() - started
-        requests, latencies = self.metrics.answered(deployment.name, deployment.version, "shadow")
+        self._answered(deployment, "shadow", latency)
+        agreement = float(np.mean(labels == answer.labels)) if len(labels) else None
+        self._log(
+            deployment, request_id, latency, x, True, labels=labels,
+            shadow=True, answered_by=returned, agreement=agreement,
+        )  # fmt: skip
+
+    def _answered(self, deployment: Deployment, protocol: str, latency: float) -> None:
+        """Count an answered request and its latency."""
+        requests, latencies = self.metrics.answered(deployment.name, deployment.version, protocol)
         requests.inc()
         latencies.observe(latency)
-        agreement = float(np.mean(labels == answer.labels)) if len(labels) else None
+
+    def _log(
+        self,
+        deployment: Deployment,
+        request_id: str,
+        latency: float,
+        x: np.ndarray | None,
+        ok: bool,
+        *,
+        labels: np.ndarray | None = None,
+        error: str | None = None,
+        status: int | None = None,
+        shadow: bool = False,
+        answered_by: str | None = None,
+        agreement: float | None = None,
+    ) -> None:
+        """Offer a request's sample to the inference log (its inputs only where they are
+        named columns: a tensor column's values have no names to watch for drift)."""
         self.inference_log.offer(
             Sample(
                 deployment.name,
                 deployment.version,
                 request_id,
                 latency,
-                True,
-                None,
+                ok,
+                error,
                 labels,
                 deployment.features,
-                inputs,
-                shadow=True,
-                answered_by=answer.deployment.version,
+                x if deployment.columns else None,
+                status,
+                shadow=shadow,
+                answered_by=answered_by,
                 agreement=agreement,
             )
         )
@@ -378,21 +379,12 @@ class ModelServer:
         self.metrics.refused(label, version, protocol, code, latency)
         if deployment is not None:
             message = str(error) if isinstance(error, MlbusError) else repr(error)
-            self.inference_log.offer(
-                Sample(
-                    deployment.name,
-                    deployment.version,
-                    request_id or new_event_id(),
-                    latency,
-                    False,
-                    message,
-                    None,
-                    deployment.features,
-                    x if deployment.columns else None,
-                    # A refusal of the input (4xx) is the client's; anything else is ours.
-                    error.status if isinstance(error, MlbusError) else 500,
-                )
-            )
+            # A refusal of the input (4xx) is the client's; anything else is ours.
+            status = error.status if isinstance(error, MlbusError) else 500
+            self._log(
+                deployment, request_id or new_event_id(), latency, x, False,
+                error=message, status=status,
+            )  # fmt: skip
 
     # -- metrics hooks ---------------------------------------------------------------------
 
