@@ -5,7 +5,7 @@ the internet."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
 
@@ -64,36 +64,7 @@ def line_chart(title: str, series: Sequence[Series], *, x_label: str = "epoch") 
         x0, x1 = x0 - 1, x1 + 1
     if y1 == y0:
         y0, y1 = y0 - abs(y0) * 0.05 - 0.5, y1 + abs(y1) * 0.05 + 0.5
-    pad = (y1 - y0) * 0.05
-    y0, y1 = y0 - pad, y1 + pad
-    plot_w, plot_h = W - LEFT - RIGHT, H - TOP - BOTTOM
-
-    def sx(x: float) -> float:
-        return round(LEFT + (x - x0) / (x1 - x0) * plot_w, 2)
-
-    def sy(y: float) -> float:
-        return round(TOP + (1 - (y - y0) / (y1 - y0)) * plot_h, 2)
-
-    out.append(
-        f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" '
-        f'stroke="#d1d5db"/>'
-    )
-    for y in _ticks(y0, y1):
-        out.append(
-            f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{sy(y)}" y2="{sy(y)}" stroke="#f3f4f6"/>'
-            f'<text x="{LEFT - 6}" y="{sy(y) + 4}" text-anchor="end" fill="#4b5563">'
-            f"{_fmt(y)}</text>"
-        )
-    for x in _ticks(x0, x1, 8):
-        if float(x).is_integer():
-            out.append(
-                f'<text x="{sx(x)}" y="{TOP + plot_h + 16}" text-anchor="middle" '
-                f'fill="#4b5563">{int(x)}</text>'
-            )
-    out.append(
-        f'<text x="{LEFT + plot_w / 2}" y="{TOP + plot_h + 32}" text-anchor="middle" '
-        f'fill="#4b5563">{escape(x_label)}</text>'
-    )
+    sx, sy = _frame(out, x0, x1, y0, y1, x0, x_label)
     for i, s in enumerate(series):
         finite = [(x, y) for x, y in s.points if math.isfinite(y)]
         stroke = color(i)
@@ -163,36 +134,7 @@ def trial_chart(title: str, trials: Sequence[TrialPoint], *, maximize: bool = Tr
     y0, y1 = min(values), max(values)
     if y1 == y0:
         y0, y1 = y0 - abs(y0) * 0.05 - 0.05, y1 + abs(y1) * 0.05 + 0.05
-    pad = (y1 - y0) * 0.05
-    y0, y1 = y0 - pad, y1 + pad
-    plot_w, plot_h = W - LEFT - RIGHT, H - TOP - BOTTOM
-
-    def sx(x: float) -> float:
-        return round(LEFT + (x - x0) / (x1 - x0) * plot_w, 2)
-
-    def sy(y: float) -> float:
-        return round(TOP + (1 - (y - y0) / (y1 - y0)) * plot_h, 2)
-
-    out.append(
-        f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" '
-        f'stroke="#d1d5db"/>'
-    )
-    for y in _ticks(y0, y1):
-        out.append(
-            f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{sy(y)}" y2="{sy(y)}" stroke="#f3f4f6"/>'
-            f'<text x="{LEFT - 6}" y="{sy(y) + 4}" text-anchor="end" fill="#4b5563">'
-            f"{_fmt(y)}</text>"
-        )
-    for x in _ticks(max(x0, 0), x1, 8):
-        if float(x).is_integer():
-            out.append(
-                f'<text x="{sx(x)}" y="{TOP + plot_h + 16}" text-anchor="middle" '
-                f'fill="#4b5563">{int(x)}</text>'
-            )
-    out.append(
-        f'<text x="{LEFT + plot_w / 2}" y="{TOP + plot_h + 32}" text-anchor="middle" '
-        f'fill="#4b5563">trial</text>'
-    )
+    sx, sy = _frame(out, x0, x1, y0, y1, max(x0, 0), "trial")
     # the best completed value so far, as a step after each trial that improved it
     steps: list[tuple[float, float]] = []
     best: float | None = None
@@ -234,3 +176,42 @@ def trial_chart(title: str, trials: Sequence[TrialPoint], *, maximize: bool = Tr
     )
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+def _frame(
+    out: list[str], x0: float, x1: float, y0: float, y1: float, x_from: float, x_label: str
+) -> tuple[Callable[[float], float], Callable[[float], float]]:
+    """The plot's frame, its y grid with labels (the y range padded by 5% each way), the
+    integer x labels from `x_from` and the x axis title, appended to `out`; returns the
+    scales of x and y to the page."""
+    pad = (y1 - y0) * 0.05
+    y0, y1 = y0 - pad, y1 + pad
+    plot_w, plot_h = W - LEFT - RIGHT, H - TOP - BOTTOM
+
+    def sx(x: float) -> float:
+        return round(LEFT + (x - x0) / (x1 - x0) * plot_w, 2)
+
+    def sy(y: float) -> float:
+        return round(TOP + (1 - (y - y0) / (y1 - y0)) * plot_h, 2)
+
+    out.append(
+        f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" '
+        f'stroke="#d1d5db"/>'
+    )
+    for y in _ticks(y0, y1):
+        out.append(
+            f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{sy(y)}" y2="{sy(y)}" stroke="#f3f4f6"/>'
+            f'<text x="{LEFT - 6}" y="{sy(y) + 4}" text-anchor="end" fill="#4b5563">'
+            f"{_fmt(y)}</text>"
+        )
+    for x in _ticks(x_from, x1, 8):
+        if float(x).is_integer():
+            out.append(
+                f'<text x="{sx(x)}" y="{TOP + plot_h + 16}" text-anchor="middle" '
+                f'fill="#4b5563">{int(x)}</text>'
+            )
+    out.append(
+        f'<text x="{LEFT + plot_w / 2}" y="{TOP + plot_h + 32}" text-anchor="middle" '
+        f'fill="#4b5563">{escape(x_label)}</text>'
+    )
+    return sx, sy
