@@ -197,18 +197,30 @@ class InferenceLog:
             log.warning("inference log: %d samples not delivered (the broker is away)", lost)
 
 
+#: How long the inference log's producer holds records to send them in one request. The log
+#: feeds 10 s metric windows, so a tenth of a second costs nothing there, and it turns a
+#: produce request per answered request (each one work for the broker, on the cores the model
+#: runs on) into a few requests a second.
+LINGER_MS = 100
+
+
 def producer_options(buffer_records: int) -> dict[str, int]:
     """The inference log producer's local buffer: at most `buffer_records` records (and
-    64 MiB), so that a broker away for long costs bounded memory."""
+    64 MiB), so that a broker away for long costs bounded memory; records sent in batches
+    (LINGER_MS)."""
     return {
         "queue.buffering.max.messages": buffer_records,
         "queue.buffering.max.kbytes": 64 * 1024,
+        "linger.ms": LINGER_MS,
     }
 
 
 def reduced(sample: Sample) -> tuple[list[str], np.ndarray] | None:
-    """The logged feature names and input rows (float64, C order) of a sample, reduced as
-    the module doc says; None when the sample has no inputs."""
+    """The logged feature names and input rows (C order) of a sample, reduced as the module
+    doc says; None when the sample has no inputs. float32 rows (what every request becomes,
+    serving/tensors.py) stay float32, so that each value is written as the shortest decimal
+    that reads back as the float32 the model saw ("0.1", not the "0.10000000149011612" of
+    its float64 widening): a third fewer bytes to encode, send and store."""
     if sample.inputs is None or not sample.inputs.size:
         return None
     x = sample.inputs
@@ -221,7 +233,8 @@ def reduced(sample: Sample) -> tuple[list[str], np.ndarray] | None:
     if sum(len(n) for n in names) * 6 + 3 * len(names) > NAMES_BYTES:
         return None
     rows = max(1, MAX_VALUES // x.shape[1])
-    return names, np.ascontiguousarray(x[:rows], dtype=np.float64)
+    dtype = np.float32 if x.dtype == np.float32 else np.float64
+    return names, np.ascontiguousarray(x[:rows], dtype=dtype)
 
 
 def predictions(sample: Sample) -> list[Any]:
@@ -297,7 +310,8 @@ def record(sample: Sample, replica: str) -> InferenceLogged:
     inputs: list[list[float]] | None = None
     kept = reduced(sample)
     if kept is not None:
-        names, inputs = kept[0], kept[1].tolist()
+        # The values `encode` writes (float32 rows as their shortest decimals), as floats.
+        names, inputs = kept[0], orjson.loads(orjson.dumps(kept[1], option=_OPTIONS))
     logged = InferenceLogged(
         request_id=sample.request_id,
         model=sample.model,
