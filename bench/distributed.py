@@ -23,6 +23,9 @@ Each repeat runs, in this order (so drift of the shared machine's load hits all 
   ddp member  `fit_distributed`, two processes, B rows per member (global batch 2B): the
               usual data-parallel throughput comparison, per-member batch held (weak
               scaling); half the steps per epoch
+  2 singles   two `fit` processes side by side with no group between them (batch B each):
+              what two processes of this work get from the machine, the ceiling of the
+              2-worker runs; a data-parallel run is measured against it too
 Every run is in fresh spawned processes (the single one too, so that all pay the same
 first-use costs: oneDNN kernels built per shape, memory first touched).
 samples/s = epochs x training rows / wall time of the `fit` or `fit_distributed` call (each
@@ -173,6 +176,27 @@ def _single(family: str, rows: int, epochs: int, batch: int) -> dict[str, Any]:
     return dict(figures)
 
 
+def _pair(family: str, rows: int, epochs: int, batch: int) -> dict[str, Any]:
+    """Two `fit` processes side by side, no group between them: what two processes of this
+    work get from the machine (cores that share caches, memory bandwidth and a hypervisor),
+    the ceiling of a 2-worker run. Its `rate` is both processes' samples/s together."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    solos = [ctx.Process(target=_solo, args=(family, rows, epochs, batch, out)) for _ in range(2)]
+    for solo in solos:
+        solo.start()
+    results = [out.get(timeout=3600)[1] for _ in solos]
+    for solo in solos:
+        solo.join(120)
+    if any(solo.exitcode != 0 for solo in solos):
+        raise SystemExit(f"a single process exited with {[p.exitcode for p in solos]}")
+    trained = len(data(family, rows).x["train"]) * epochs
+    return {
+        "rate": sum(trained / r["wall"] for r in results),
+        "cpu": sum(r["cpu"] for r in results) / 2,  # per run of `trained` rows
+    }
+
+
 def _ddp(family: str, rows: int, epochs: int, batch: int, reduce: bool) -> dict[str, Any]:
     """Two members; rank 0's wall time (both start after a barrier and end together), both
     members' CPU."""
@@ -217,8 +241,11 @@ def run(family: str, rows: int, epochs: int, batch: int, repeat: int) -> dict[st
         single = _single(family, rows, epochs, batch)
         same_global = _ddp(family, rows, epochs, batch, reduce=True)
         per_member = _ddp(family, rows, epochs, 2 * batch, reduce=False)
+        pair = _pair(family, rows, epochs, batch)
         rounds.append(
             {
+                "pair": pair,
+                "ratio_pair": pair["rate"] * single["wall"] / trained,
                 "load_before": load,
                 "load_after": _load(),
                 "single": single,
@@ -248,7 +275,10 @@ def run(family: str, rows: int, epochs: int, batch: int, repeat: int) -> dict[st
         "ratio_global_best": max(r["ratio_global"] for r in rounds),
         "ratio_member_median": statistics.median(r["ratio_member"] for r in rounds),
         "ratio_member_best": max(r["ratio_member"] for r in rounds),
-        "cpu_s_per_1000_rows": {k: cpu_per_1000(k) for k in ("single", "ddp_global", "ddp_member")},
+        "ratio_pair_median": statistics.median(r["ratio_pair"] for r in rounds),
+        "cpu_s_per_1000_rows": {
+            k: cpu_per_1000(k) for k in ("single", "ddp_global", "ddp_member", "pair")
+        },
         "gloo_threads_cpu_share": sum(r["ddp_global"]["other_threads_ticks"] for r in rounds)
         / max(sum(r["ddp_global"]["all_ticks"] for r in rounds), 1),
         "allreduce_ms_per_step": statistics.median(r["ddp_global"]["allreduce_ms"] for r in rounds),
@@ -284,14 +314,17 @@ def main() -> None:
         f"forward+backward of one batch of {b}, 1 thread: {cpu_ms:.1f} ms CPU ({ms:.1f} ms wall)"
         + ("" if cpu_ms >= 5 else "  (< 5 ms: not compute-bound)")
     )
-    print("repeat  load before -> after        single   ddp global  ddp member   (samples/s)")
+    print(
+        "repeat  load before -> after        single   ddp global  ddp member   "
+        "2 singles side by side   (samples/s)"
+    )
     trained = f["rows_trained_per_epoch"] * f["epochs"]
     for i, r in enumerate(f["rounds"], 1):
         print(
             f"{i:>6}  {r['load_before']:>14} -> {r['load_after']:<14}"
             f"{trained / r['single']['wall']:7.0f} {trained / r['ddp_global']['wall']:10.0f} "
             f"({r['ratio_global']:.2f}x) {trained / r['ddp_member']['wall']:8.0f} "
-            f"({r['ratio_member']:.2f}x)"
+            f"({r['ratio_member']:.2f}x) {r['pair']['rate']:8.0f} ({r['ratio_pair']:.2f}x)"
         )
     cpu = f["cpu_s_per_1000_rows"]
     print(
@@ -306,7 +339,13 @@ def main() -> None:
     print(
         f"CPU-seconds per 1000 rows (all processes): single {cpu['single']:.3f}, "
         f"ddp global {cpu['ddp_global']:.3f} ({cpu['ddp_global'] / cpu['single']:.2f}x), "
-        f"ddp member {cpu['ddp_member']:.3f} ({cpu['ddp_member'] / cpu['single']:.2f}x)"
+        f"ddp member {cpu['ddp_member']:.3f} ({cpu['ddp_member'] / cpu['single']:.2f}x), "
+        f"2 singles side by side {cpu['pair']:.3f} ({cpu['pair'] / cpu['single']:.2f}x)"
+    )
+    share = f["ratio_member_median"] / f["ratio_pair_median"]
+    print(
+        f"the machine's ceiling, 2 singles side by side (no group) vs 1 alone: median "
+        f"{f['ratio_pair_median']:.2f}x; ddp member at {share:.0%} of it"
     )
     print(
         f"all-reduce per step: {f['allreduce_ms_per_step']:.2f} ms for "

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from mlbus.errors import TransientError
+from mlbus.runtime import steady_allocations
 from mlbus.schemas.training import FamilyOrigin
 from mlbus.trainer import rendezvous
 from mlbus.trainer.data import Prepared
@@ -159,6 +160,7 @@ def _thread_states(name: str) -> list[str]:
     return states
 
 
+@steady_allocations()
 def fit_distributed(
     data: Prepared,
     family: str,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mlbus.families import build
+from mlbus.runtime import steady_allocations
 from mlbus.schemas.training import FamilyOrigin
 from mlbus.trainer.data import Prepared
 
@@ -143,6 +144,7 @@ def _better(value: float, best: float | None, rule: Any) -> bool:
     return value > best + rule.min_delta
 
 
+@steady_allocations()
 def fit(
     data: Prepared,
     family: str,
