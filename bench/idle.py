@@ -145,6 +145,13 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the data dir")
     parser.add_argument("--only", help="`mlbus up --only`: the services to run (default all)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MLBUS_X=V",
+        help="a setting for `mlbus up` (the caller's own MLBUS_ variables are not passed on)",
+    )
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="mlbus-idle-"))
@@ -155,7 +162,7 @@ def main() -> int:
         "MLBUS_API__PORT": str(ports["api"]),
         "MLBUS_STREAMS__METRICS_PORT": str(ports["metrics"]),
         "PYTHONPATH": str(ROOT),
-    }
+    } | dict(item.split("=", 1) for item in args.set)
     log = root / "up.log"
     with log.open("wb") as sink:
         up = subprocess.Popen(
