@@ -81,7 +81,16 @@ class Host:
         from mlbus.trainer.distributed import join_group
 
         self.store.set("plan", json.dumps(plan))
-        deadline = time.monotonic() + self.timeouts.join
+        run = plan.get("run_id", "?")
+        log.info(
+            "trainer: run %s: waiting up to %gs for %d member(s) at %s",
+            run,
+            self.timeouts.join,
+            wanted - 1,
+            self.address,
+        )
+        waited = time.monotonic()
+        deadline = waited + self.timeouts.join
         joined = 0
         while time.monotonic() < deadline:
             joined = self.store.add("joined", 0)
@@ -89,6 +98,13 @@ class Host:
                 break
             time.sleep(0.2)
         world = min(joined, wanted - 1) + 1
+        log.info(
+            "trainer: run %s: %d of %d member(s) joined in %.1fs",
+            run,
+            min(joined, wanted - 1),
+            wanted - 1,
+            time.monotonic() - waited,
+        )
         if world < minimum:
             self.store.set("world", "0")  # members waiting for the word go back to idle
             raise WorkersUnavailable(
@@ -161,9 +177,13 @@ class Joiner:
         fresh = item.event.time is None or item.event.time > datetime.now(UTC) - timedelta(
             seconds=self.timeouts.join
         )
-        if started.rendezvous and started.worker != self.worker and fresh:
+        if not started.rendezvous or started.worker == self.worker:
+            return
+        if fresh:
             self._pending.append(started)
             self._seen.set()
+        elif self._view.caught_up:  # an old announcement read at start is no news
+            log.info("trainer: run %s: announced too long ago to join", started.run_id)
 
     def _run(self) -> None:
         # Wakes on an announcement (or the stop), not on a timer: a waiting worker sleeps.
@@ -175,9 +195,18 @@ class Joiner:
             while self._pending and not self._stop.is_set():
                 announced = self._pending.pop(0)
                 if not GROUP.acquire(blocking=False):
+                    log.info("trainer: run %s: busy, not joining", announced.run_id)
                     continue  # training a run of its own: not idle
                 # torch with the first run to join: a waiting worker holds none
+                began = time.monotonic()
                 from mlbus.trainer.distributed import leave_group
+
+                log.info(
+                    "trainer: run %s: joining at %s (torch ready in %.1fs)",
+                    announced.run_id,
+                    announced.rendezvous,
+                    time.monotonic() - began,
+                )
 
                 try:
                     self.join(announced.rendezvous or "")
@@ -193,13 +222,22 @@ class Joiner:
 
         from mlbus.trainer.distributed import join_group
 
+        began = time.monotonic()
         store = connect(address, self.timeouts.collective)
         rank = store.add("joined", 1)
+        log.info(
+            "trainer: rendezvous %s: joined as member %d in %.1fs",
+            address,
+            rank,
+            time.monotonic() - began,
+        )
         store.wait(["world"], timedelta(seconds=self.timeouts.join + self.timeouts.collective))
         world = int(store.get("world"))
         if rank >= world:  # late, surplus, or the run was cancelled
+            log.info("trainer: rendezvous %s: not needed (rank %d, world %d)", address, rank, world)
             return
         plan = json.loads(store.get("plan"))
+        log.info("trainer: run %s: rank %d of %d", plan.get("run_id"), rank, world)
         join_group(
             dist.PrefixStore("group/", store),
             rank,

@@ -65,6 +65,16 @@ class Events:
                 if e.type == event_type and (requests is None or e.data.request_id in requests)
             ]
 
+    def of_request(self, request, run_id):
+        """Every event of one request (its run's progress included), in the order read."""
+        with self._lock:
+            return [
+                e
+                for e in self._events
+                if getattr(e.data, "request_id", None) == request
+                or getattr(e.data, "run_id", None) == run_id
+            ]
+
     def stop(self):
         self._reader.stop()
         self._thread.join(10)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from mlbus.journal.capture import Capture
+from mlbus.kafka import quiet
+from mlbus.kafka.config import KafkaConfig
 from tests.mlbus.kafka.support import Script
 
 
@@ -32,3 +36,23 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Script]]:
     yield start
     for script in started:
         script.kill()
+
+
+@pytest.fixture
+def journaled(kafka: KafkaConfig, tmp_path: Path, monkeypatch) -> Iterator[KafkaConfig]:
+    """`kafka` with a journal capture running, as under `mlbus up`; a quiet consumer wakes
+    only through the journal here (no wake-up by time), and is quiet after a second idle."""
+    monkeypatch.setattr(quiet, "QUIET_AT_MOST", 3600.0)
+    monkeypatch.setattr(quiet, "QUIET_AFTER", 1.0)
+    journal = tmp_path / "journal"
+    # No snapshots of the groups' offsets: on the session broker, which holds every group
+    # the session's tests made, one snapshot (a request per group, in the capture's loop)
+    # can hold the capture away from fetching for longer than these tests wait. And no
+    # lower priority: next to the other test workers' processes a niced capture can be kept
+    # off the CPU for longer than that too (the priority is not what these tests check).
+    capture = Capture(kafka, journal, sync_seconds=0.05, snapshot_seconds=3600.0, nice=0)
+    capture.start()
+    try:
+        yield replace(kafka, journal=str(journal))
+    finally:
+        capture.stop()

@@ -7,13 +7,10 @@ fetching until the journal has a record for it, a record that does not decode is
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 
 import pytest
 
 from mlbus.errors import TransientError
-from mlbus.journal.capture import Capture
-from mlbus.kafka import quiet
 from mlbus.kafka.logview import LogView, Positioned
 from tests.mlbus.kafka.support import (
     dataset,
@@ -121,32 +118,22 @@ def test_a_lookup_view_that_starts_following_keeps_its_positions(kafka):
     assert len(seen) == len(set(seen))
 
 
-def test_a_quiet_view_stops_fetching_and_the_journal_wakes_it(kafka, tmp_path, monkeypatch):
+def test_a_quiet_view_stops_fetching_and_the_journal_wakes_it(journaled):
     # Where `mlbus up` keeps a journal, a followed view that has read nothing for a while
     # pauses its partitions (an idle fetch costs the broker) and resumes when the journal
     # has a record past its positions (only then, here: no wake-up by time).
-    monkeypatch.setattr(quiet, "QUIET_AT_MOST", 3600.0)
-    monkeypatch.setattr(quiet, "QUIET_AFTER", 1.0)
-    journal = tmp_path / "journal"
-    capture = Capture(kafka, journal, sync_seconds=0.05)
-    capture.start()
     seen: list[str] = []
-    view = LogView(
-        replace(kafka, journal=str(journal)),
-        ["training.progress"],
-        on_event=lambda i: seen.append(i.event.id),
-    )
+    view = LogView(journaled, ["training.progress"], on_event=lambda i: seen.append(i.event.id))
     view.start()
     try:
         assert view.wait(30), "the view never caught up"
         for expected in (3, 6):
             wait_until(lambda: view.quiet, "the view to go quiet")
-            sent = publish(kafka, _progress(3, start=expected))
+            sent = publish(journaled, _progress(3, start=expected))
             wait_until(lambda n=expected: len(seen) == n, lambda: f"events seen: {seen}")
             assert sorted(seen[-3:]) == sorted(r.id for r in sent)
     finally:
         view.stop()
-        capture.stop()
     assert len(seen) == len(set(seen)) == 6
 
 

@@ -6,38 +6,13 @@ once idle, and the journal wakes them for the next records, which they handle on
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
-from dataclasses import replace
-from pathlib import Path
+from collections.abc import Mapping
 
-import pytest
-
-from mlbus.journal.capture import Capture
-from mlbus.kafka import quiet
-from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.positioned import Batch, Partition, PositionedLoop
 from tests.mlbus.kafka.support import DEADLINE, progress, publish, wait_until
 
 TOPIC = "training.progress"
-
-
-@pytest.fixture
-def journaled(kafka: KafkaConfig, tmp_path: Path, monkeypatch) -> Iterator[KafkaConfig]:
-    """`kafka` with a journal capture running, as under `mlbus up`; a quiet consumer wakes
-    only through the journal here (no wake-up by time), and is quiet after a second idle."""
-    monkeypatch.setattr(quiet, "QUIET_AT_MOST", 3600.0)
-    monkeypatch.setattr(quiet, "QUIET_AFTER", 1.0)
-    journal = tmp_path / "journal"
-    # No snapshots of the groups' offsets: on the session broker, which holds every group
-    # the session's tests made, one snapshot (a request per group, in the capture's loop)
-    # can hold the capture away from fetching for longer than these tests wait.
-    capture = Capture(kafka, journal, sync_seconds=0.05, snapshot_seconds=3600.0)
-    capture.start()
-    try:
-        yield replace(kafka, journal=str(journal))
-    finally:
-        capture.stop()
 
 
 def _events(n: int, start: int) -> list:
