@@ -156,13 +156,17 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="mlbus-idle-"))
     ports = {"serve": _free_port(), "api": _free_port(), "metrics": _free_port()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLBUS_")} | {
-        "MLBUS_DATA_DIR": str(root),
-        "MLBUS_SERVING__PORT": str(ports["serve"]),
-        "MLBUS_API__PORT": str(ports["api"]),
-        "MLBUS_STREAMS__METRICS_PORT": str(ports["metrics"]),
-        "PYTHONPATH": str(ROOT),
-    } | dict(item.split("=", 1) for item in args.set)
+    env = (
+        {k: v for k, v in os.environ.items() if not k.startswith("MLBUS_")}
+        | {
+            "MLBUS_DATA_DIR": str(root),
+            "MLBUS_SERVING__PORT": str(ports["serve"]),
+            "MLBUS_API__PORT": str(ports["api"]),
+            "MLBUS_STREAMS__METRICS_PORT": str(ports["metrics"]),
+            "PYTHONPATH": str(ROOT),
+        }
+        | dict(item.split("=", 1) for item in args.set)
+    )
     log = root / "up.log"
     with log.open("wb") as sink:
         up = subprocess.Popen(

@@ -7,6 +7,14 @@ streams changelog); writes none. The loss bound this gives is in docs/broker.md:
 reaches the file (and survives the death of every process) at most about half a fetch wait
 after its producer's acknowledgement (the broker looks for new records halfway through a
 wait), and the disk (a power cut) within `sync_seconds` more.
+
+Idle, it stops fetching: a fetch that waits names every partition and costs the embedded
+broker ~50 times a request that does not (docs/broker.md). Once a fetch wait brought nothing
+and the consumer's position has reached every partition's end (the broker's "latest"
+offset: past the last batch's base, so a position inside or past the last batch), the
+capture pauses every partition and asks for the ends once every `watch_ms` instead (one
+ListOffsets request); the first end that moves resumes the fetch at once. While idle a
+record then reaches the file within `watch_ms` (plus a fetch and the sync).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    OFFSET_END,
     Consumer,
     ConsumerGroupTopicPartitions,
     KafkaException,
@@ -61,6 +70,7 @@ class Capture:
         sync_seconds: float = 0.2,
         snapshot_seconds: float = 1.0,
         fetch_wait_ms: int = 500,
+        watch_ms: int = 400,
         nice: int = 10,
     ) -> None:
         self.kafka = kafka
@@ -69,14 +79,19 @@ class Capture:
         self.sync_seconds = sync_seconds
         self.snapshot_seconds = snapshot_seconds
         self.fetch_wait_ms = fetch_wait_ms
+        self.watch_ms = watch_ms
         self.nice = nice
         self.records = 0
+        #: ListOffsets requests made while idle (each one look at every partition's end).
+        self.watch_looks = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._topics: dict[str, Any] = read_json(directory / TOPICS_FILE).get("topics", {})
         self._groups: dict[str, dict[str, dict[str, int]]] = {}
         self._assigned: set[tuple[str, int]] = set()
+        #: Idle: every partition paused, and the ends it had then (a move is a wake-up).
+        self._resting: dict[tuple[str, int], int] | None = None
         self._lost = False
         """the broker died: stop without draining it (`abandon`)"""
 
@@ -111,7 +126,9 @@ class Capture:
                 "isolation.level": "read_uncommitted",  # every record, as the broker has it
                 "fetch.wait.max.ms": self.fetch_wait_ms,
                 "queued.min.messages": 100000,
-                "enable.partition.eof": False,
+                # An end reached is reported: it moves the consumer's position past a
+                # transaction's marker even when a fetch brings the marker alone (idle).
+                "enable.partition.eof": True,
             },
         )
         self._consumer = Consumer(conf)
@@ -134,6 +151,11 @@ class Capture:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def idle(self) -> bool:
+        """True while it watches the partitions' ends instead of fetching."""
+        return self._resting is not None
+
     # -- the loop -------------------------------------------------------------------------
 
     def _run(self, ready: threading.Event) -> None:
@@ -142,13 +164,20 @@ class Capture:
             self._open()
             opened = True
             ready.set()
-            last_sync = last_discover = last_snapshot = time.monotonic()
+            last_sync = last_discover = last_snapshot = last_record = time.monotonic()
             while not self._stop.is_set():
-                # As soon as a record is there: `consume(n, timeout)` would hold it until the
-                # timeout is over, adding up to a fetch wait to the loss bound.
-                messages = next_batch(self._consumer, 5000, self.fetch_wait_ms / 1000)
-                if messages:
-                    self._write(messages)
+                if self._resting is not None:
+                    self._stop.wait(self.watch_ms / 1000)
+                    self._watch()
+                else:
+                    # As soon as a record is there: `consume(n, timeout)` would hold it until
+                    # the timeout is over, adding up to a fetch wait to the loss bound.
+                    messages = next_batch(self._consumer, 5000, self.fetch_wait_ms / 1000)
+                    now = time.monotonic()
+                    if self._write(messages):
+                        last_record = now
+                    elif self.watch_ms and now - last_record >= self.fetch_wait_ms / 1000:
+                        self._rest()  # a fetch wait without records
                 now = time.monotonic()
                 if self._writer.dirty and now - last_sync >= self.sync_seconds:
                     self._sync()
@@ -161,6 +190,8 @@ class Capture:
                     last_snapshot = now
             # Stopping: take what the broker still has (the services stopped first), then
             # make it durable with the groups' final offsets.
+            if not self._lost:
+                self._wake(None)
             while not self._lost and (rest := self._consumer.consume(5000, timeout=0.5)):
                 self._write(rest)
             self._sync()
@@ -175,18 +206,88 @@ class Capture:
             if opened:
                 self._consumer.close()
 
-    def _write(self, messages: list[Any]) -> None:
+    # -- idle ---------------------------------------------------------------------------
+
+    def _ends(self) -> dict[tuple[str, int], int] | None:
+        """Every assigned partition's end as the broker reports it (one ListOffsets request
+        for the latest offsets, read-uncommitted as the consumer is), or None if it did not
+        answer."""
+        if not self._assigned:
+            return {}
+        asked = [TopicPartition(t, p, OFFSET_END) for t, p in self._assigned]
+        try:
+            found = self._consumer.offsets_for_times(asked, timeout=2.0)
+        except KafkaException as e:
+            log.debug("journal: cannot list the partitions' ends: %s", e)
+            return None
+        if any(tp.error is not None for tp in found):
+            return None
+        return {(tp.topic, tp.partition): tp.offset for tp in found}
+
+    def _rest(self) -> None:
+        """After a fetch wait without records: pause every partition if the consumer has
+        read into the last batch of each (a transaction's marker included: the consumer's
+        position passes markers, the records' offsets do not)."""
+        ends = self._ends()
+        if ends is None:
+            return
+        tps = [TopicPartition(t, p) for t, p in ends]
+        for tp in self._consumer.position(tps):
+            key = (tp.topic, tp.partition)
+            # No position: nothing read since the partition was assigned; it was assigned
+            # past the last record written (or at the start).
+            at = tp.offset
+            if at < 0:
+                at = self.positions.get(tp.topic, {}).get(tp.partition, 0)
+            if at < ends[key]:
+                return  # a record not read yet (or on its way)
+        self._consumer.pause(tps)
+        self._resting = ends
+
+    def _watch(self) -> None:
+        """While idle: fetch again as soon as one partition's end moved."""
+        ends = self._ends()
+        self.watch_looks += 1
+        resting = self._resting or {}
+        if ends is None:
+            self._wake(None)
+        elif moved := {key for key, end in ends.items() if resting.get(key) != end}:
+            self._wake(moved)
+
+    def _wake(self, moved: set[tuple[str, int]] | None) -> None:
+        """Fetch again, from where the consumer stands. A resumed partition is fetched again
+        only after a delay of librdkafka's (about 0.7 s, measured); a seek to where it stands
+        starts its fetch at once, so the partitions in `moved` (None: all) are sought. Only
+        those: a seek forgets the consumer's position until its next record."""
+        if self._resting is None:
+            return
+        tps = [TopicPartition(t, p) for t, p in self._resting]
+        self._resting = None
+        self._consumer.resume(tps)
+        wanted = [tp for tp in tps if moved is None or (tp.topic, tp.partition) in moved]
+        for tp in self._consumer.position(wanted) if wanted else ():
+            if tp.offset < 0:  # nothing read since it was assigned: where that was
+                tp.offset = self.positions.get(tp.topic, {}).get(tp.partition, OFFSET_BEGINNING)
+            with contextlib.suppress(KafkaException):
+                self._consumer.seek(tp)
+
+    def _write(self, messages: list[Any]) -> int:
+        """Append the records among `messages` (not the ends reached); how many."""
         by_partition: dict[tuple[str, int], list[Any]] = defaultdict(list)
         for m in messages:
             if m.error() is not None:
-                continue  # transient fetch errors; librdkafka retries the partition
+                continue  # an end reached, or a transient fetch error librdkafka retries
             by_partition[(m.topic(), m.partition())].append(m)
         frames = []
+        written = 0
         for (topic, partition), batch in by_partition.items():
             frames.append(encode_batch(topic, partition, batch))
             self.positions.setdefault(topic, {})[partition] = batch[-1].offset() + 1
-            self.records += len(batch)
-        self._writer.write(b"".join(frames))
+            written += len(batch)
+        if frames:
+            self._writer.write(b"".join(frames))
+        self.records += written
+        return written
 
     def _sync(self) -> None:
         self._writer.sync()
@@ -232,6 +333,7 @@ class Capture:
         if changed:  # before any of the topic's records is written
             write_json(self.directory / TOPICS_FILE, {"format": VERSION, "topics": self._topics})
         if new:
+            self._wake(set())  # a new partition is read from its start: fetch again, all of them
             self._consumer.incremental_assign(new)
 
     def _configs(self, topic: str) -> dict[str, str]:

@@ -177,6 +177,7 @@ class Keeper:
             sync_seconds=cfg.journal.sync_ms / 1000,
             snapshot_seconds=cfg.journal.snapshot_seconds,
             fetch_wait_ms=cfg.journal.fetch_wait_ms,
+            watch_ms=cfg.journal.watch_ms,
             nice=cfg.journal.nice,
         )
         self.capture.start()

@@ -7,7 +7,8 @@ has each one on disk (durable.json). So a consumer that has read nothing for `QU
 seconds (in a burst of work it fetches as always) pauses its partitions and, while it keeps
 polling (heartbeats, rebalances), checks that file — a stat per poll while nothing changes —
 and resumes as soon as the journal has a record at or past one of its positions. A record
-then reaches it within the journal's loss bound (half its fetch wait plus a sync), a poll
+then reaches it within the journal's loss bound (half its fetch wait, or its watch interval
+while it is idle, plus a sync), a poll
 (`QUIET_POLL`) and, right after it paused, the end of a fetch still in flight: about a
 second at most. So its fetch wait only matters while records flow: at most
 `QUIET_FETCH_WAIT_MS` (mlbus/kafka/config.py). `QUIET_AT_MOST` bounds a pause anyway, so a

@@ -5,7 +5,6 @@ a plain confluent-kafka consumer and admin client."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ import pytest
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from mlbus.broker import EmbeddedBroker
 from mlbus.errors import JournalTooNew
 from mlbus.journal.capture import Capture
 from mlbus.journal.format import (
@@ -26,30 +24,10 @@ from mlbus.journal.format import (
     write_json,
 )
 from mlbus.journal.restore import restore
-from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
+from tests.mlbus.journal.conftest import PREFIX
 
 pytestmark = pytest.mark.integration
-
-PREFIX = "j."
-
-
-@pytest.fixture
-def brokers(tmp_path: Path) -> Iterator[Any]:
-    """Start fresh embedded brokers (each with the catalog's topics); all stopped at the end."""
-    started: list[EmbeddedBroker] = []
-
-    def start() -> tuple[EmbeddedBroker, KafkaConfig]:
-        broker = EmbeddedBroker(tmp_path / f"broker{len(started)}", record=False)
-        started.append(broker)
-        broker.start()
-        kafka = KafkaConfig(bootstrap=broker.bootstrap, embedded=True, topic_prefix=PREFIX)
-        apply_topics(kafka)
-        return broker, kafka
-
-    yield start
-    for broker in started:
-        broker.stop()
 
 
 Row = tuple[str, int, int, tuple[int, int], bytes | None, bytes | None, Any]

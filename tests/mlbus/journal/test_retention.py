@@ -22,11 +22,9 @@ from mlbus.journal.restore import restore
 from mlbus.journal.retention import STARTS_FILE, read_starts, trim
 from mlbus.kafka.config import KafkaConfig
 from mlbus.settings import Settings
-from tests.mlbus.journal.test_restore import brokers
 
 pytestmark = pytest.mark.integration
 
-__all__ = ["brokers"]  # the fixture, used by name
 NOW = 1_800_000_000_000
 HOUR = 3_600_000
 
