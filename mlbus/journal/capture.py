@@ -92,6 +92,8 @@ class Capture:
         self._assigned: set[tuple[str, int]] = set()
         #: Idle: every partition paused, and the ends it had then (a move is a wake-up).
         self._resting: dict[tuple[str, int], int] | None = None
+        #: Where each partition was last sought to: its position until a record comes.
+        self._sought: dict[tuple[str, int], int] = {}
         self._lost = False
         """the broker died: stop without draining it (`abandon`)"""
 
@@ -191,7 +193,7 @@ class Capture:
             # Stopping: take what the broker still has (the services stopped first), then
             # make it durable with the groups' final offsets.
             if not self._lost:
-                self._wake(None)
+                self._wake()
             while not self._lost and (rest := self._consumer.consume(5000, timeout=0.5)):
                 self._write(rest)
             self._sync()
@@ -234,11 +236,15 @@ class Capture:
         tps = [TopicPartition(t, p) for t, p in ends]
         for tp in self._consumer.position(tps):
             key = (tp.topic, tp.partition)
-            # No position: nothing read since the partition was assigned; it was assigned
-            # past the last record written (or at the start).
+            # No position: nothing read since the partition was assigned or sought (the
+            # end it reached is reported once per offset, and a seek forgets it): where it
+            # was sought to, or past its last record written.
             at = tp.offset
             if at < 0:
-                at = self.positions.get(tp.topic, {}).get(tp.partition, 0)
+                at = max(
+                    self.positions.get(tp.topic, {}).get(tp.partition, 0),
+                    self._sought.get(key, 0),
+                )
             if at < ends[key]:
                 return  # a record not read yet (or on its way)
         self._consumer.pause(tps)
@@ -249,27 +255,31 @@ class Capture:
         ends = self._ends()
         self.watch_looks += 1
         resting = self._resting or {}
-        if ends is None:
-            self._wake(None)
-        elif moved := {key for key, end in ends.items() if resting.get(key) != end}:
-            self._wake(moved)
+        if ends is None or any(resting.get(key) != end for key, end in ends.items()):
+            self._wake()
 
-    def _wake(self, moved: set[tuple[str, int]] | None) -> None:
-        """Fetch again, from where the consumer stands. A resumed partition is fetched again
-        only after a delay of librdkafka's (about 0.7 s, measured); a seek to where it stands
-        starts its fetch at once, so the partitions in `moved` (None: all) are sought. Only
-        those: a seek forgets the consumer's position until its next record."""
+    def _wake(self) -> None:
+        """Fetch again, from where the consumer stands: each paused partition is sought
+        there (a resumed partition is otherwise fetched again only after about 0.7 s,
+        measured), then resumed."""
         if self._resting is None:
             return
         tps = [TopicPartition(t, p) for t, p in self._resting]
         self._resting = None
-        self._consumer.resume(tps)
-        wanted = [tp for tp in tps if moved is None or (tp.topic, tp.partition) in moved]
-        for tp in self._consumer.position(wanted) if wanted else ():
-            if tp.offset < 0:  # nothing read since it was assigned: where that was
-                tp.offset = self.positions.get(tp.topic, {}).get(tp.partition, OFFSET_BEGINNING)
+        for tp in self._consumer.position(tps) if tps else ():
+            if tp.offset < 0:  # nothing read since it was assigned: where that was (an
+                # offset, not the logical "beginning", which would cost a lookup first; a
+                # start past 0 is out of range, and "earliest" is where that resets to)
+                tp.offset = self.positions.get(tp.topic, {}).get(tp.partition, 0)
             with contextlib.suppress(KafkaException):
                 self._consumer.seek(tp)
+                self._sought[(tp.topic, tp.partition)] = tp.offset
+        self._consumer.resume(tps)
+        # librdkafka's broker thread notices a resume or a seek only when it next wakes up:
+        # up to about a second later (measured). A request on its connection wakes it now.
+        if tps:
+            with contextlib.suppress(KafkaException):
+                self._consumer.get_watermark_offsets(tps[0], timeout=2.0)
 
     def _write(self, messages: list[Any]) -> int:
         """Append the records among `messages` (not the ends reached); how many."""
@@ -333,7 +343,7 @@ class Capture:
         if changed:  # before any of the topic's records is written
             write_json(self.directory / TOPICS_FILE, {"format": VERSION, "topics": self._topics})
         if new:
-            self._wake(set())  # a new partition is read from its start: fetch again, all of them
+            self._wake()  # a new partition is read from its start: fetch again, all of them
             self._consumer.incremental_assign(new)
 
     def _configs(self, topic: str) -> dict[str, str]:
