@@ -112,14 +112,17 @@ def test_two_workers_train_one_run_like_one(kafka, workers, tmp_path):  # noqa: 
         events.stop()
 
 
-def test_member_killed_mid_run_finishes_once(kafka, workers, tmp_path):  # noqa: F811
+def _kill_mid_run(kafka, workers, tmp_path, model, victim):  # type: ignore[no-untyped-def]  # noqa: F811
+    """A 2-worker run of 8 epochs whose `victim` ("host" or "member") is SIGKILLed after
+    its first epoch: exactly one completion, by a later attempt that resumed from a
+    checkpoint with one worker. Returns the surviving worker, its log and the last attempt."""
     workers[0].update(TIMEOUTS)
     dataset, start = _start(kafka, workers)
     first, second = start("a"), start("b")
     events = Events(kafka)
     try:
         with EventProducer(kafka, source="test") as producer:
-            request = producer.publish(_request(dataset, 2, 8, "ddp-kill")).id
+            request = producer.publish(_request(dataset, 2, 8, model)).id
         (started,) = wait_until(
             lambda: events.of("training.started", {request}), "the run to start", 120
         )
@@ -133,8 +136,9 @@ def test_member_killed_mid_run_finishes_once(kafka, workers, tmp_path):  # noqa:
             240,
             interval=0.1,
         )
-        member.send_signal(signal.SIGKILL)
-        member.wait(10)
+        killed, survivor = (host, member) if victim == "host" else (member, host)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
         wait_until(
             lambda: (
                 events.of("training.completed", {request})
@@ -150,54 +154,22 @@ def test_member_killed_mid_run_finishes_once(kafka, workers, tmp_path):  # noqa:
         attempts = [e.data for e in events.of("training.started", {request})]
         assert attempts[-1].attempt >= 2 and attempts[-1].resumed_from_epoch is not None
         assert completed[0].data.world_size == 1 and completed[0].data.epochs == 8
-        assert host.poll() is None
+        assert survivor.poll() is None
+        log = tmp_path / ("a.log" if survivor is first else "b.log")
+        return survivor, log, attempts[-1]
     finally:
         events.stop()
+
+
+def test_member_killed_mid_run_finishes_once(kafka, workers, tmp_path):  # noqa: F811
+    # The host's next collective fails; the request, redelivered to it, goes on alone.
+    _kill_mid_run(kafka, workers, tmp_path, "ddp-kill", "member")
 
 
 def test_host_killed_mid_run_finishes_once(kafka, workers, tmp_path):  # noqa: F811
     # Rank 0 holds the store and publishes the run's events: with it gone, its member's
     # collectives fail (the member goes back to idle) and the request, never committed, is
     # redelivered to the worker that remains, which hosts the run from the last checkpoint.
-    workers[0].update(TIMEOUTS)
-    dataset, start = _start(kafka, workers)
-    first, second = start("a"), start("b")
-    events = Events(kafka)
-    try:
-        with EventProducer(kafka, source="test") as producer:
-            request = producer.publish(_request(dataset, 2, 8, "ddp-host-kill")).id
-        (started,) = wait_until(
-            lambda: events.of("training.started", {request}), "the run to start", 120
-        )
-        host = first if _worker_id(first)(started.data.worker) else second
-        member = second if host is first else first
-        wait_until(
-            lambda: [
-                e for e in events.of("training.progress") if e.data.run_id == started.data.run_id
-            ],
-            _state("a first epoch", events, request, tmp_path),
-            240,
-            interval=0.1,
-        )
-        host.send_signal(signal.SIGKILL)
-        host.wait(10)
-        wait_until(
-            lambda: (
-                events.of("training.completed", {request})
-                or [e for e in events.of("training.failed") if not e.data.retryable]
-            ),
-            _state("the run to end", events, request, tmp_path),
-            300,
-        )
-        time.sleep(3)  # room for a second completion, were one to come
-        completed = events.of("training.completed", {request})
-        assert len(completed) == 1
-        assert not [e for e in events.of("training.failed", {request}) if not e.data.retryable]
-        attempts = [e.data for e in events.of("training.started", {request})]
-        assert attempts[-1].attempt >= 2 and attempts[-1].resumed_from_epoch is not None
-        assert _worker_id(member)(attempts[-1].worker)
-        assert completed[0].data.world_size == 1 and completed[0].data.epochs == 8
-        assert member.poll() is None
-        _stop_cleanly(member, tmp_path / ("a.log" if member is first else "b.log"))
-    finally:
-        events.stop()
+    member, log, last = _kill_mid_run(kafka, workers, tmp_path, "ddp-host-kill", "host")
+    assert _worker_id(member)(last.worker)
+    _stop_cleanly(member, log)
