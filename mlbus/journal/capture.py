@@ -235,20 +235,22 @@ class Capture:
             return
         tps = [TopicPartition(t, p) for t, p in ends]
         for tp in self._consumer.position(tps):
-            key = (tp.topic, tp.partition)
-            # No position: nothing read since the partition was assigned or sought (the
-            # end it reached is reported once per offset, and a seek forgets it): where it
-            # was sought to, or past its last record written.
-            at = tp.offset
-            if at < 0:
-                at = max(
-                    self.positions.get(tp.topic, {}).get(tp.partition, 0),
-                    self._sought.get(key, 0),
-                )
-            if at < ends[key]:
+            if self._standing(tp) < ends[(tp.topic, tp.partition)]:
                 return  # a record not read yet (or on its way)
         self._consumer.pause(tps)
         self._resting = ends
+
+    def _standing(self, tp: TopicPartition) -> int:
+        """Where the consumer stands in a partition: its position (`tp` as `position()`
+        returned it) or, with none (nothing read since the partition was assigned or
+        sought: the end it reached is reported once per offset, and a seek forgets it),
+        where it was sought to or past its last record written, whichever is further."""
+        if tp.offset >= 0:
+            return int(tp.offset)
+        return max(
+            self.positions.get(tp.topic, {}).get(tp.partition, 0),
+            self._sought.get((tp.topic, tp.partition), 0),
+        )
 
     def _watch(self) -> None:
         """While idle: fetch again as soon as one partition's end moved."""
@@ -267,10 +269,9 @@ class Capture:
         tps = [TopicPartition(t, p) for t, p in self._resting]
         self._resting = None
         for tp in self._consumer.position(tps) if tps else ():
-            if tp.offset < 0:  # nothing read since it was assigned: where that was (an
-                # offset, not the logical "beginning", which would cost a lookup first; a
-                # start past 0 is out of range, and "earliest" is where that resets to)
-                tp.offset = self.positions.get(tp.topic, {}).get(tp.partition, 0)
+            # An offset, not the logical "beginning", which would cost a lookup first (a
+            # start past 0 is out of range, and "earliest" is where that resets to).
+            tp.offset = self._standing(tp)
             with contextlib.suppress(KafkaException):
                 self._consumer.seek(tp)
                 self._sought[(tp.topic, tp.partition)] = tp.offset
