@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,6 +74,32 @@ def kafka(broker: KafkaConfig) -> KafkaConfig:
 @pytest.fixture
 def group() -> str:
     return unique("g-")
+
+
+#: The topic prefix on a test's own brokers (`brokers`).
+OWN_BROKER_PREFIX = "j."
+
+
+@pytest.fixture
+def brokers(tmp_path: Path) -> Iterator[Any]:
+    """Start fresh embedded brokers of the test's own (each with the catalog's topics, under
+    `OWN_BROKER_PREFIX`), for what the session broker's other tests would disturb; all
+    stopped at the end."""
+    started: list[EmbeddedBroker] = []
+
+    def start() -> tuple[EmbeddedBroker, KafkaConfig]:
+        broker = EmbeddedBroker(tmp_path / f"broker{len(started)}", record=False)
+        started.append(broker)
+        broker.start()
+        kafka = KafkaConfig(
+            bootstrap=broker.bootstrap, embedded=True, topic_prefix=OWN_BROKER_PREFIX
+        )
+        apply_topics(kafka)
+        return broker, kafka
+
+    yield start
+    for broker in started:
+        broker.stop()
 
 
 # -- S3 -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from mlbus.journal.format import (
 )
 from mlbus.journal.restore import restore
 from mlbus.kafka.config import KafkaConfig
-from tests.mlbus.journal.conftest import PREFIX
+from tests.conftest import OWN_BROKER_PREFIX as PREFIX
 
 pytestmark = pytest.mark.integration
 

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mlbus.broker import EmbeddedBroker
 from mlbus.journal.capture import Capture
 from mlbus.kafka import quiet
-from mlbus.kafka.admin import apply_topics
 from mlbus.kafka.config import KafkaConfig
 from tests.mlbus.kafka.support import Script
 
@@ -41,22 +39,20 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Script]]:
 
 
 @pytest.fixture
-def journaled(tmp_path: Path, monkeypatch) -> Iterator[KafkaConfig]:
+def journaled(brokers, tmp_path: Path, monkeypatch) -> Iterator[KafkaConfig]:  # type: ignore[no-untyped-def]
     """A broker of its own (with the catalog's topics) and a journal capture of it running,
     as under `mlbus up`; a quiet consumer wakes only through the journal here (no wake-up by
     time), and is quiet after a second idle. Not the session broker: its capture would read
     every topic every test of the session made, and the records they keep writing."""
     monkeypatch.setattr(quiet, "QUIET_AT_MOST", 3600.0)
     monkeypatch.setattr(quiet, "QUIET_AFTER", 1.0)
+    _, kafka = brokers()
     journal = tmp_path / "journal"
-    with EmbeddedBroker(tmp_path / "broker", record=False) as broker:
-        kafka = KafkaConfig(bootstrap=broker.bootstrap, embedded=True, topic_prefix="q.")
-        apply_topics(kafka)
-        # No lower priority: beside the other test workers' processes a niced capture can
-        # be kept off the CPU for longer than these tests wait (priority is not the point).
-        capture = Capture(kafka, journal, sync_seconds=0.05, nice=0)
-        capture.start()
-        try:
-            yield replace(kafka, journal=str(journal))
-        finally:
-            capture.stop()
+    # No lower priority: beside the other test workers' processes a niced capture can be
+    # kept off the CPU for longer than these tests wait (priority is not the point).
+    capture = Capture(kafka, journal, sync_seconds=0.05, nice=0)
+    capture.start()
+    try:
+        yield replace(kafka, journal=str(journal))
+    finally:
+        capture.stop()
