@@ -92,7 +92,9 @@ CATALOG: tuple[TopicSpec, ...] = (
               "a dataset.created checked against its bytes (hash, schema, rows, version), with "
               "its column statistics", "datasets"),
     TopicSpec("training.requested", TrainingRequested, "model", 6,
-              "train this spec on this dataset version", "workflow, CLI/API"),
+              "train this spec on this dataset version (a search's trial is keyed by its own "
+              "request id, so that a search's trials spread over the trainer workers)",
+              "workflow, CLI/API, tuning"),
     TopicSpec("training.started", TrainingStarted, "model", 6,
               "a worker took a request", "trainer"),
     TopicSpec("training.progress", TrainingProgress, "model", 6,

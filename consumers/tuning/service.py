@@ -186,11 +186,16 @@ class TuningService:
             sweep=SweepPoint(sweep_id=search.id, index=number, size=r.trials),
             trial=SearchTrial(search_id=search.id, number=number),
         )
+        event_id = trial_request_id(search.id, number)
         self._publish(
             request,
             cause=search.event,
-            event_id=trial_request_id(search.id, number),
+            event_id=event_id,
             subject=f"{search.id}/trial/{number}",
+            # Keyed by the trial, not the model: a search's trials spread over the topic's
+            # partitions, hence over the trainer workers, and `parallel` trials train at once
+            # (keyed by model they would all queue on one partition, for one worker).
+            partitionkey=event_id,
         )
         log.info("tuning: search %s trial %d requested: %s", search.id, number, params)
 

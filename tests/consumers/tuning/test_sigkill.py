@@ -23,12 +23,13 @@ from mlbus.datasets.validator import Validator
 from mlbus.kafka.config import KafkaConfig
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.producer import EventProducer
+from mlbus.schemas.codec import decode
 from mlbus.schemas.training import PRUNED
 from mlbus.search import trial_request_id
 from mlbus.storage import ObjectStore
 from mlbus.trainer.worker import TrainingWorker
 from tests.consumers.workflow.support import at_least, define, running
-from tests.mlbus.kafka.support import LoopThread, read_events, wait_until
+from tests.mlbus.kafka.support import LoopThread, read_events, read_raw, wait_until
 from tests.mlbus.test_cli import MLBUS, clean_env
 
 pytestmark = pytest.mark.integration
@@ -172,6 +173,15 @@ def test_search_survives_a_sigkill_of_the_tuning_service(
 
     requests = requested_trials()
     assert sorted(e.data.trial.number for e in requests) == list(range(TRIALS))
+    # Each trial's record is keyed by its own request id (not the model): the trials spread
+    # over the topic's partitions, so that both workers of the group get some.
+    records = {
+        decode(m.value(), m.headers()).id: m
+        for m in read_raw(kafka, kafka.topic("training.requested"))
+    }
+    trial_records = [records[e.id] for e in requests]
+    assert [m.key().decode() for m in trial_records] == [e.id for e in requests]
+    assert len({m.partition() for m in trial_records}) > 1, "every trial on one partition"
     assert len(requests) == len({e.id for e in requests}) == TRIALS, "a trial requested twice"
     runs = {e.data.run_id for e in read_events(kafka, "training.started")}
     started = Counter(
