@@ -82,11 +82,13 @@ def events(kafka: KafkaConfig, event_type: str) -> list[tuple[Any, int]]:
 def platform(tmp: Path, workers: int) -> Iterator[tuple[KafkaConfig, ObjectStore]]:
     """A fresh broker with the validator, the tuning service and `workers` trainers."""
     with ExitStack() as stack:
-        broker = stack.enter_context(EmbeddedBroker(tmp / "broker", record=False))
+        # Recorded in the data dir: the services find it there and use the embedded
+        # broker's client settings, as under `mlbus up` (a configured bootstrap would give
+        # them a cluster's, whose 45 s session timeout makes a group join take ~20 s here).
+        broker = stack.enter_context(EmbeddedBroker(tmp / "data", record=True))
         kafka = KafkaConfig(bootstrap=broker.bootstrap, embedded=True)
         apply_topics(kafka)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLBUS_")} | {
-            "MLBUS_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
             "MLBUS_DATA_DIR": str(tmp / "data"),
             "OMP_NUM_THREADS": "1",
         }

@@ -279,6 +279,13 @@ class TrainerSettings(_Section):
         description="a data-parallel collective or rendezvous connection with a member "
         "gone fails after this; the run then restarts from its last checkpoint",
     )
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="intra-op threads of each training run (and of each data-parallel "
+        "member); 0 = torch's default, the usable cores. Several trainer workers on one "
+        "machine each take their share of the cores",
+    )
     advertise_address: str = Field(
         default="127.0.0.1",
         description="the address other trainer workers dial to join a run this worker hosts",

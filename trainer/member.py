@@ -13,10 +13,15 @@ from mlbus.tables import DatasetReader
 from mlbus.trainer import checkpoint
 from mlbus.trainer.data import load_arrays, prepare
 from mlbus.trainer.distributed import fit_distributed
+from mlbus.trainer.training import use_threads
 
 
-def train_member(store: ObjectStore, plan: dict[str, Any], rank: int, world: int) -> None:
-    """Train `plan`'s run as member `rank` of `world` (the group is formed already)."""
+def train_member(
+    store: ObjectStore, plan: dict[str, Any], rank: int, world: int, *, torch_threads: int = 0
+) -> None:
+    """Train `plan`'s run as member `rank` of `world` (the group is formed already), on
+    `torch_threads` intra-op threads (0: torch's default)."""
+    use_threads(torch_threads)
     request = TrainingRequested.model_validate(plan["request"])
     features, label = list(plan["features"]), str(plan["label"])
     data = plan["data"]

@@ -59,6 +59,14 @@ class Result:
     stopped: bool = False  # asked to stop before finishing: metrics are not final
 
 
+def use_threads(threads: int) -> int:
+    """Train on `threads` intra-op threads in the calling thread (torch keeps the count per
+    thread); 0 keeps torch's default. The count in force, returned."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def loss_function(task: str, loss: str | None = None) -> Callable[..., torch.Tensor]:
     """The training loss of a task: cross-entropy, or MSE (default) / Huber for regression."""
     if task != "regression":

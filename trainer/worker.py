@@ -70,7 +70,7 @@ from mlbus.trainer.distributed import fit_distributed
 from mlbus.trainer.lookup import DatasetLookup, Trainable
 from mlbus.trainer.pruning import Pruned, PruneWatch
 from mlbus.trainer.rendezvous import Host, Timeouts
-from mlbus.trainer.training import Checkpoint, fit, inference_latency
+from mlbus.trainer.training import Checkpoint, fit, inference_latency, use_threads
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,13 @@ class TrainingWorker:
         transactions: Transactional | None = None,
         rendezvous: Timeouts | None = None,
         advertise: str = "127.0.0.1",
+        torch_threads: int = 0,
     ) -> None:
         self.kafka = kafka
         self.store = store
         self.producer = producer
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.torch_threads = torch_threads  # per run; 0 = torch's default
         self._retries: dict[str, int] = {}  # run id → transient failures seen by this process
         self.datasets = DatasetLookup(kafka, wait_seconds=validation_wait_seconds)
         #: Finishes a request (its outcome and its offset) in one transaction; None: the
@@ -264,6 +266,8 @@ class TrainingWorker:
         identity: dict[str, Any],
     ) -> TrainingCompleted:
         started = time.perf_counter()
+        threads = use_threads(self.torch_threads)
+        log.info("trainer: run %s on %d intra-op thread(s)", run_id, threads)
         # The family as installed here; a request that recorded another distribution
         # version of it is refused rather than trained on different code.
         family = resolve(request.family)

@@ -77,12 +77,13 @@ def run_trainer(manifest: Service, cfg: Settings) -> None:
                 transactions=transactions,
                 rendezvous=timeouts,
                 advertise=cfg.trainer.advertise_address,
+                torch_threads=cfg.trainer.torch_threads,
             )
 
         def member(plan: dict[str, Any], rank: int, world: int) -> None:
             from mlbus.trainer.member import train_member  # torch with the first run joined
 
-            train_member(store, plan, rank, world)
+            train_member(store, plan, rank, world, torch_threads=cfg.trainer.torch_threads)
 
         unbuilt = transactions.close if transactions is not None else None
         with contextlib.closing(_OnFirstRequest(build, unbuilt)) as worker:

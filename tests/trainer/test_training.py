@@ -15,7 +15,7 @@ from mlbus.schemas.training import EarlyStopping
 from mlbus.storage import ObjectStore
 from mlbus.tables import HashMismatch
 from mlbus.trainer.data import InvalidTrainingRequest, load_arrays, prepare
-from mlbus.trainer.training import evaluate, fit
+from mlbus.trainer.training import evaluate, fit, use_threads
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +221,22 @@ def test_regression_on_diabetes_reports_rmse_mae_r2_in_the_targets_units():
         assert set(test) == {"loss", "rmse", "mae", "r2"} and result.confusion_matrix is None
         assert 30 < test["rmse"] < 75 and test["mae"] < test["rmse"] and test["r2"] > 0.2
         assert "validation.rmse" in result.history[-1]
+
+
+def test_use_threads_sets_the_calling_threads_count_and_zero_keeps_the_default():
+    import threading
+
+    seen: dict[str, int] = {}
+
+    def train() -> None:
+        before = torch.get_num_threads()
+        seen["zero"], seen["after zero"] = use_threads(0), torch.get_num_threads()
+        seen["before"] = before
+        seen["two"], seen["after two"] = use_threads(2), torch.get_num_threads()
+        use_threads(before)  # as the rest of the session expects
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    thread.join()
+    assert seen["zero"] == seen["after zero"] == seen["before"]
+    assert seen["two"] == seen["after two"] == 2

@@ -59,8 +59,10 @@ def validate(kafka, store):
 
 
 @contextlib.contextmanager
-def _loop(kafka, group, store, producer):
-    with contextlib.closing(TrainingWorker(kafka, store, producer)) as worker:
+def _loop(kafka, group, store, producer, torch_threads=0):
+    with contextlib.closing(
+        TrainingWorker(kafka, store, producer, torch_threads=torch_threads)
+    ) as worker:
         yield ConsumerLoop(
             kafka,
             group=group,
@@ -70,10 +72,10 @@ def _loop(kafka, group, store, producer):
         )
 
 
-def _run_worker(kafka, group, store):
+def _run_worker(kafka, group, store, torch_threads=0):
     with (
         EventProducer(kafka, source="mlbus/trainer") as producer,
-        _loop(kafka, group, store, producer) as loop,
+        _loop(kafka, group, store, producer, torch_threads) as loop,
     ):
         return run_to_end(loop, timeout=120)
 
@@ -174,7 +176,7 @@ def test_a_stopped_worker_checkpoints_and_the_next_resumes_to_the_same_metrics(
 
 
 def test_a_redelivered_request_neither_trains_nor_publishes_its_completion_again(
-    kafka, group, tmp_path
+    kafka, group, tmp_path, caplog
 ):
     store = ObjectStore(tmp_path.as_uri())
     dataset = _digits(kafka, store)
@@ -186,10 +188,15 @@ def test_a_redelivered_request_neither_trains_nor_publishes_its_completion_again
     )
     with EventProducer(kafka, source="test") as producer:
         ref = producer.publish(payload)
-    _run_worker(kafka, group, store)
+    caplog.set_level("INFO", logger="mlbus.trainer.worker")
+    # MLBUS_TRAINER__TORCH_THREADS: the run trains on 2 intra-op threads (the tests' default
+    # is 1, OMP_NUM_THREADS in tests/conftest.py)
+    _run_worker(kafka, group, store, torch_threads=2)
     with EventProducer(kafka, source="test") as producer:  # the same request again
         producer.publish(payload, event_id=ref.id)
-    _run_worker(kafka, group, store)
+    _run_worker(kafka, group, store, torch_threads=2)
+    trained = [r.getMessage() for r in caplog.records if "intra-op" in r.getMessage()]
+    assert trained == [f"trainer: run {run_id_for(ref.id)} on 2 intra-op thread(s)"]
     # The run is finished (its marker) and its completion is on the log: nothing is redone.
     completed = read_events(kafka, "training.completed")
     assert len(completed) == 1 and completed[0].data.run_id == run_id_for(ref.id)
