@@ -26,6 +26,7 @@ from typing import Any
 
 from mlbus.broker import die_with_parent_guard
 from mlbus.errors import ConfigError
+from mlbus.runtime import usable_cores
 from mlbus.services import SERVICES
 from mlbus.settings import Settings
 
@@ -42,21 +43,29 @@ class Process:
     url: str | None = None
     health: str | None = None
     """URL that answers 200 once the service is ready"""
+    env: tuple[tuple[str, str], ...] = ()
+    """settings of this process alone, over the supervisor's environment"""
 
 
 def catalog(cfg: Settings, *, trainers: int = 1) -> list[Process]:
     """Every service of the manifests (mlbus/services.py) as a `mlbus run <service>` process,
-    in start order (stopped in reverse); `trainers` training workers, named trainer-1…N."""
+    in start order (stopped in reverse); `trainers` training workers, named trainer-1…N.
+    Several trainers share the machine's cores: unless MLBUS_TRAINER__TORCH_THREADS is set,
+    each trains on its share of them (torch's default would give every one all the cores)."""
     processes = []
+    env: tuple[tuple[str, str], ...]
+    share: tuple[tuple[str, str], ...] = ()
+    if trainers > 1 and cfg.trainer.torch_threads == 0:
+        share = (("MLBUS_TRAINER__TORCH_THREADS", str(max(1, usable_cores() // trainers))),)
     for service in SERVICES:
         if not service.enabled(cfg):
             continue
         base = service.health.base_url(cfg) if service.health else None
         health = f"{base}{service.health.ready_path}" if base and service.health else None
-        names = [service.name]
+        names, env = [service.name], ()
         if service.name == "trainer":  # `mlbus up --trainers N`
-            names = [f"trainer-{i}" for i in range(1, trainers + 1)]
-        processes += [Process(name, ("run", service.name), base, health) for name in names]
+            names, env = [f"trainer-{i}" for i in range(1, trainers + 1)], share
+        processes += [Process(name, ("run", service.name), base, health, env) for name in names]
     return processes
 
 
@@ -234,7 +243,7 @@ class Supervisor:
             text=True,
             errors="replace",
             bufsize=1,
-            env=self.env,
+            env=self.env | dict(service.env) if service.env else self.env,
             # Its own session: Ctrl-C reaches only the supervisor, which stops the services
             # in order (a service stopping before its consumers' upstream is harmless, but
             # the API should go first and the broker last).

@@ -111,3 +111,34 @@ def test_select_picks_services_by_name_and_every_trainer_by_kind(tmp_path):
     assert [s.name for s in select(services, None)] == [s.name for s in services]
     with pytest.raises(ConfigError, match="unknown service 'servr'"):
         select(services, "servr")
+
+
+def test_several_trainers_each_train_on_their_share_of_the_cores_unless_set(tmp_path):
+    from mlbus.runtime import usable_cores
+
+    def trainers(services):
+        return [dict(s.env) for s in services if s.name.startswith("trainer")]
+
+    share = str(max(1, usable_cores() // 2))
+    cfg = Settings(data_dir=tmp_path)
+    assert trainers(catalog(cfg, trainers=2)) == [{"MLBUS_TRAINER__TORCH_THREADS": share}] * 2
+    assert trainers(catalog(cfg, trainers=1)) == [{}]  # alone: torch's default
+    assert all(not s.env for s in catalog(cfg, trainers=2) if not s.name.startswith("trainer"))
+    mine = Settings(data_dir=tmp_path, trainer={"torch_threads": 3})
+    assert trainers(catalog(mine, trainers=2)) == [{}, {}]  # the user's setting stands
+
+
+def test_a_process_gets_its_own_settings_over_the_supervisors(tmp_path):
+    show = (
+        "import os, time; print('threads', os.environ.get('X_THREADS'), flush=True); "
+        "time.sleep(600)"
+    )
+    supervisor, out = supervise(
+        tmp_path, [Process("own", (show,), env=(("X_THREADS", "1"),)), Process("plain", (show,))]
+    )
+    supervisor.start()
+    try:
+        wait_for(lambda: out.of("own") and out.of("plain"))
+    finally:
+        supervisor.stop()
+    assert out.of("own") == ["threads 1"] and out.of("plain") == ["threads None"]
