@@ -460,6 +460,7 @@ class Captured:
         self.path = directory / DURABLE_FILE
         self._stamp: tuple[int, int] | None = None
         self._positions: dict[str, dict[str, int]] = {}
+        self._pid: object = None
 
     def refresh(self) -> bool:
         """Read the file again if it was replaced since; True if it was."""
@@ -475,9 +476,16 @@ class Captured:
         except (OSError, ValueError):
             return False
         self._stamp = stamp
+        self._pid = state.get("pid") if isinstance(state, dict) else None
         positions = state.get("positions", {}) if isinstance(state, dict) else {}
         self._positions = positions if isinstance(positions, dict) else {}
         return True
+
+    def live(self) -> bool:
+        """True if the file was read and the `mlbus up` that writes it still runs: else no
+        journal will show new records (a broker started without one, or a journal left by an
+        earlier `mlbus up`)."""
+        return self._stamp is not None and _alive(self._pid)
 
     def beyond(self, positions: Mapping[tuple[str, int], int]) -> bool:
         """True if the journal has a record at or after one of `positions` ((topic,

@@ -13,7 +13,9 @@ while it is idle, plus a sync), a poll
 second at most. So its fetch wait only matters while records flow: at most
 `QUIET_FETCH_WAIT_MS` (mlbus/kafka/config.py). `QUIET_AT_MOST` bounds a pause anyway, so a
 journal that stops being written costs latency, never a record. With no journal (a real
-cluster, the tests' broker) nothing changes.
+cluster, the tests' broker) nothing changes, and neither does it where the journal's file
+is missing or its `mlbus up` is gone (an embedded broker started by other means in the
+same data dir): a consumer goes quiet only while a live capture writes the file.
 
 Used by the log view, the consumer loop and the positioned loop, each with its own idea of
 its positions.
@@ -88,6 +90,9 @@ class Quiet:
             if now - self._active < QUIET_AFTER:
                 return
             self._captured.refresh()
+            if not self._captured.live():
+                self._active = now  # no journal is kept here now: nothing would wake it
+                return
             known = positions()
             if known is None or self._captured.beyond(known):
                 self._active = now  # the client is about to bring what the journal has

@@ -5,9 +5,18 @@ once idle, and the journal wakes them for the next records, which they handle on
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Mapping
+from dataclasses import replace
 
+import pytest
+
+from mlbus.journal.format import DURABLE_FILE
+from mlbus.kafka import quiet
 from mlbus.kafka.consumer import ConsumerLoop
 from mlbus.kafka.positioned import Batch, Partition, PositionedLoop
 from tests.mlbus.kafka.support import DEADLINE, progress, publish, wait_until
@@ -86,3 +95,37 @@ def test_an_idle_positioned_loop_stops_fetching_and_the_journal_wakes_it(journal
         thread.join(DEADLINE)
     assert not errors, errors
     assert len(sink.rows) == len(set(sink.rows)) == 15
+
+
+@pytest.mark.parametrize("journal", ["missing", "its mlbus up gone"])
+def test_a_loop_stays_fetching_where_no_live_capture_keeps_the_journal(
+    kafka, group, tmp_path, monkeypatch, journal
+):
+    # An embedded broker in a data dir whose journal no running `mlbus up` writes (started by
+    # other means, or a journal an earlier `mlbus up` left): nothing there would wake a
+    # quiet consumer, so none goes quiet.
+    monkeypatch.setattr(quiet, "QUIET_AT_MOST", 3600.0)
+    monkeypatch.setattr(quiet, "QUIET_AFTER", 0.5)
+    folder = tmp_path / "journal"
+    folder.mkdir()
+    if journal == "its mlbus up gone":
+        ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+        state = {"format": 1, "pid": int(ended.stdout), "positions": {}}
+        (folder / DURABLE_FILE).write_text(json.dumps(state))
+    seen: list[str] = []
+    loop = ConsumerLoop(
+        replace(kafka, journal=str(folder)), group=group, name="fetching",
+        handlers={TOPIC: lambda e, r: seen.append(e.id)},
+    )  # fmt: skip
+    thread, errors = _in_thread(loop.run)
+    try:
+        time.sleep(2.0)  # four times QUIET_AFTER without a record
+        assert not loop.quiet
+        sent = publish(kafka, _events(3, 0))
+        wait_until(lambda: len(seen) >= 3, lambda: f"handled: {len(seen)}", timeout=20)
+        assert sorted(seen) == sorted(r.id for r in sent)
+    finally:
+        loop.stop()
+        thread.join(DEADLINE)
+    assert not errors, errors
