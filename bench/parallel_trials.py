@@ -178,8 +178,9 @@ def one_side(workers: int, args: argparse.Namespace) -> dict[str, Any]:
             kept.mkdir(parents=True, exist_ok=True)
             for service in ("validator", "tuning", "trainer"):
                 shutil.copy(tmp / f"{service}.log", kept / f"{service}.log")
-    busy = sum((ended[r] - started[r]).total_seconds() for r in ended if r in started)
+    # each trial by its run id: when it was requested, started and completed
     asked = {run_id_for(e.id): e.time for e, _ in requested}
+    took = {r: (ended[r] - started[r]).total_seconds() for r in ended if r in started}
     to_start = [(started[r] - asked[r]).total_seconds() for r in asked if r in started]
     # from a trial's completion to the next trial's request (the tuning service's turn)
     ends, asks = sorted(ended.values()), sorted(asked.values())
@@ -189,28 +190,28 @@ def one_side(workers: int, args: argparse.Namespace) -> dict[str, Any]:
         if any(a >= t for a in asks)
     ]
     first = min(asked.values())
-    timeline = [
-        {
-            "trial": e.data.trial.number,
-            "partition": p,
-            "requested": (asked[run_id_for(e.id)] - first).total_seconds(),
-            "started": _since(started.get(run_id_for(e.id)), first),
-            "completed": _since(ended.get(run_id_for(e.id)), first),
-        }
-        for e, p in sorted(requested, key=lambda item: item[0].data.trial.number)
-    ]
+    timeline = []
+    for e, p in sorted(requested, key=lambda item: item[0].data.trial.number):
+        run = run_id_for(e.id)
+        timeline.append(
+            {
+                "trial": e.data.trial.number,
+                "partition": p,
+                "requested": (asked[run] - first).total_seconds(),
+                "started": _since(started.get(run), first),
+                "completed": _since(ended.get(run), first),
+            }
+        )
     return {
         "timeline": timeline,
         "request_to_start_s": statistics.median(to_start),
         "completion_to_next_request_s": statistics.median(turn) if turn else None,
-        "training_s": statistics.median(
-            (ended[r] - started[r]).total_seconds() for r in ended if r in started
-        ),
+        "training_s": statistics.median(took.values()),
         "workers": workers,
         "wall_s": wall,
         "trials_completed": len(ended),
         "partitions": sorted(p for _, p in requested),
-        "trials_at_once": busy / wall,
+        "trials_at_once": sum(took.values()) / wall,
     }
 
 
